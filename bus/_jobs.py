@@ -1,0 +1,100 @@
+"""The job delivery policy both buses share, so jobs behave the same on either.
+
+One delivery ends in exactly one of: ``ack`` (done, or already done earlier),
+``nak`` with a delay (failed, attempts remain), ``term`` (dead-lettered). The outcome
+is recorded *before* the ack, and recorded with create-only semantics, so a
+redelivery after a crash finds the record and acks: each job's record is written once.
+
+The consumer allows one delivery more than ``max_deliver``: a delivery past the limit
+means a worker died during the last attempt, and it is dead-lettered instead of being
+silently dropped by the server.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import msgspec
+
+from kernel import metrics
+from kernel.errors import BadMessage, SchemaMismatch
+
+from .base import JobCall, JobOptions, JobRunner
+from .codec import JobRecord
+
+log = logging.getLogger("aiwfe.jobs")
+
+EV_DONE = "job.done"
+EV_FAILED = "job.failed"
+EV_RETRYING = "job.retrying"
+_enc = msgspec.msgpack.Encoder()
+
+
+class _Store(Protocol):
+    async def job_record(self, job_id: str) -> JobRecord | None: ...
+    async def put_record(self, rec: JobRecord) -> bool: ...
+    async def emit(self, job_id: str, type: str, data: bytes) -> int: ...
+    async def dead_letter(self, call: JobCall, reason: dict[str, Any]) -> None: ...
+
+
+def backoff_for(options: JobOptions, attempt: int) -> float:
+    """Delay before attempt ``attempt + 1`` (the last configured value repeats)."""
+    if not options.backoff_s:
+        return 0.0
+    return options.backoff_s[min(attempt - 1, len(options.backoff_s) - 1)]
+
+
+def _reason(e: BaseException) -> dict[str, Any]:
+    return {
+        "type": getattr(e, "type", None) or type(e).__name__,
+        "message": getattr(e, "message", None) or str(e),
+        "retryable": bool(getattr(e, "retryable", False)),
+    }
+
+
+async def process(store: _Store, runner: JobRunner, call: JobCall, options: JobOptions) -> tuple[str, float]:
+    """Run one delivery; return ``("ack"|"nak"|"term", nak_delay_s)``.
+
+    Raises:
+        Exception: recording the outcome failed (bus down); the caller leaves the job
+        unacked so that it is redelivered.
+    """
+    kind = call.kind
+    if call.attempt > 1:
+        metrics.REDELIVERIES.labels(kind).inc()
+    if await store.job_record(call.job_id) is not None:
+        metrics.JOBS.labels(kind, "duplicate").inc()
+        return "ack", 0.0
+    if call.attempt > options.max_deliver:
+        reason = {"type": "WorkerLost", "message": f"no outcome after {options.max_deliver} attempts", "retryable": False}
+        await _fail(store, call, reason)
+        return "term", 0.0
+    try:
+        result = await runner(call)
+    except Exception as e:
+        reason = _reason(e)
+        final = call.attempt >= options.max_deliver or isinstance(e, (BadMessage, SchemaMismatch))
+        if final:
+            log.warning("job %s (%s) dead-lettered after %d attempts: %s", call.job_id, kind, call.attempt, reason["message"])
+            await _fail(store, call, reason)
+            return "term", 0.0
+        metrics.JOBS.labels(kind, "retry").inc()
+        await store.emit(call.job_id, EV_RETRYING, _enc.encode({"attempt": call.attempt, **reason}))
+        return "nak", backoff_for(options, call.attempt)
+    rec = JobRecord(job_id=call.job_id, kind=kind, status="done", result=result, attempts=call.attempt)
+    if await store.put_record(rec):
+        metrics.JOBS.labels(kind, "done").inc()
+        await store.emit(call.job_id, EV_DONE, result)
+    else:
+        metrics.JOBS.labels(kind, "duplicate").inc()
+    return "ack", 0.0
+
+
+async def _fail(store: _Store, call: JobCall, reason: dict[str, Any]) -> None:
+    await store.dead_letter(call, reason)
+    metrics.DEAD_LETTERS.labels(call.kind).inc()
+    rec = JobRecord(job_id=call.job_id, kind=call.kind, status="failed", error=reason, attempts=call.attempt)
+    if await store.put_record(rec):
+        metrics.JOBS.labels(call.kind, "failed").inc()
+        await store.emit(call.job_id, EV_FAILED, _enc.encode(reason))

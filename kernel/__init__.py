@@ -1,0 +1,52 @@
+"""The AIWFE kernel: contracts, plugins, manifests, routing and pods.
+
+The kernel never imports a plugin; plugins import the kernel.
+"""
+
+from .contract import Event, Job, Message, Reply, Request, address_of, kind_of, reply_type, schema_hash
+from .errors import (
+    AiwfeError,
+    BadMessage,
+    ConfigError,
+    DeadlineExceeded,
+    Overloaded,
+    RemoteError,
+    SchemaMismatch,
+    Unavailable,
+    UndeclaredCall,
+)
+from .manifest import Manifest, load_manifest, parse_manifest
+from .plugin import HandlerOptions, Plugin, serves
+from .runtime import Caller, JobContext, Kernel, current_deadline, current_job
+
+__all__ = [
+    "Event",
+    "Job",
+    "Message",
+    "Reply",
+    "Request",
+    "address_of",
+    "kind_of",
+    "reply_type",
+    "schema_hash",
+    "AiwfeError",
+    "BadMessage",
+    "ConfigError",
+    "DeadlineExceeded",
+    "Overloaded",
+    "RemoteError",
+    "SchemaMismatch",
+    "Unavailable",
+    "UndeclaredCall",
+    "Manifest",
+    "load_manifest",
+    "parse_manifest",
+    "HandlerOptions",
+    "Plugin",
+    "serves",
+    "Caller",
+    "JobContext",
+    "Kernel",
+    "current_deadline",
+    "current_job",
+]

@@ -1,0 +1,153 @@
+"""The ``aiwfe`` command line. Run ``aiwfe --help`` or ``aiwfe COMMAND --help``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_MANIFEST = "manifests/monolith.toml"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .manifest import load_manifest
+    from .registry import Problem, check_manifests
+
+    problems: list[Problem] = []
+    manifests = []
+    for path in args.manifests:
+        try:
+            manifests.append(load_manifest(path))
+        except ConfigError as e:
+            problems.append(Problem(path, e.message, "fix the manifest file"))
+    problems.extend(check_manifests(manifests))
+    if problems:
+        print(f"{len(problems)} problem(s):", file=sys.stderr)
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    pods = sum(len(m.pods) for m in manifests)
+    print(f"ok: {len(manifests)} manifest(s), {pods} pod(s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .manifest import load_manifest
+    from .pod import PodRunner, make_bus
+
+    manifest = load_manifest(args.manifest)
+    pod_name = args.pod
+    if pod_name is None:
+        if len(manifest.pods) != 1:
+            print(f"--pod is required: {args.manifest} has pods {', '.join(manifest.pods)}", file=sys.stderr)
+            return 2
+        pod_name = next(iter(manifest.pods))
+
+    async def run() -> None:
+        bus = make_bus(manifest, name=f"{manifest.system.name}-{pod_name}", connect_timeout_s=None)
+        runner = PodRunner(manifest, pod_name, bus, ops_port=args.ops_port)
+        await runner.serve_forever()
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import up
+
+    return up(args.manifest, data_dir=Path(args.data_dir))
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .publish import publish
+
+    try:
+        payload = json.loads(args.json)
+    except json.JSONDecodeError as e:
+        print(f"JSON argument is not valid JSON: {e}", file=sys.stderr)
+        return 2
+    url = args.url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
+    return asyncio.run(publish(url, args.subject, payload, wait=args.wait, timeout_s=args.timeout, prefix=args.prefix))
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    name = args.name.replace("-", "_")
+    try:
+        mod = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError:
+        available = sorted(p.stem for p in Path(__file__).resolve().parent.parent.joinpath("bench").glob("[a-z]*.py"))
+        print(f"unknown benchmark {args.name!r}; available: {', '.join(available)}", file=sys.stderr)
+        return 2
+    return int(mod.main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aiwfe", description="AIWFE: a message-bus microkernel for AI workflows")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("up", help="development: embedded services where no URL is set, then every pod of the manifest")
+    s.add_argument("-m", "--manifest", default=DEFAULT_MANIFEST, help=f"manifest (default {DEFAULT_MANIFEST})")
+    s.add_argument("--data-dir", default=".aiwfe", help="where embedded services keep their data (default .aiwfe)")
+    s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("run", help="production: run one pod of a manifest (what a container runs)")
+    s.add_argument("-m", "--manifest", required=True)
+    s.add_argument("--pod", help="pod name (optional for a one-pod manifest)")
+    s.add_argument("--ops-port", type=int, default=None, help="ops port for /health /ready /metrics (default: the manifest's)")
+    s.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("check", help="validate manifests; lists every problem with a hint; non-zero exit on any")
+    s.add_argument("manifests", nargs="+")
+    s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("publish", help="submit a job (SUBJECT <prefix>.jobs.<kind>) or an RPC from the shell")
+    s.add_argument("subject", help="e.g. aiwfe.jobs.probe.crunch or aiwfe.perception.perceive")
+    s.add_argument("json", help="the message as JSON")
+    s.add_argument("--wait", action="store_true", help="jobs: wait for the result and print it")
+    s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply or result (default 30)")
+    s.add_argument("--url", help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
+    s.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
+    s.set_defaults(fn=cmd_publish)
+
+    s = sub.add_parser("bench", help="run a benchmark in bench/; its last output line is one JSON object")
+    s.add_argument("name", help="rpc, ...")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see aiwfe bench NAME --help)")
+    s.set_defaults(fn=cmd_bench)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``aiwfe`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from .errors import ConfigError
+
+    try:
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Error types shared by the local and the remote call paths.
+
+Every error a caller can see is an :class:`AiwfeError` with a ``code`` and a
+``retryable`` flag. On the wire an error travels in the ``Aiwfe-Error`` header as JSON
+``{"type", "message", "retryable"}`` and is rebuilt into the same class by
+:func:`from_wire`, so a caller cannot tell whether the handler ran in-process.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+__all__ = [
+    "AiwfeError",
+    "DeadlineExceeded",
+    "Unavailable",
+    "Overloaded",
+    "RemoteError",
+    "SchemaMismatch",
+    "BadMessage",
+    "UndeclaredCall",
+    "ConfigError",
+    "to_wire",
+    "from_wire",
+]
+
+
+class AiwfeError(Exception):
+    """Base class. ``retryable`` says whether the same call may succeed later."""
+
+    code: ClassVar[str] = "error"
+    retryable: bool = False
+
+    def __init__(self, message: str = "", *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class DeadlineExceeded(AiwfeError):
+    """The call's deadline passed before a reply arrived."""
+
+    code = "deadline_exceeded"
+    retryable = True
+
+
+class Unavailable(AiwfeError):
+    """Nobody serves the subject (no plugin in this pod, no responder on NATS)."""
+
+    code = "unavailable"
+    retryable = True
+
+
+class Overloaded(AiwfeError):
+    """The handler is at its concurrency limit and its queue is full. Retry later."""
+
+    code = "overloaded"
+    retryable = True
+
+
+class SchemaMismatch(AiwfeError):
+    """Caller and server disagree on the contract's schema (different versions)."""
+
+    code = "schema_mismatch"
+
+
+class BadMessage(AiwfeError):
+    """The payload could not be decoded as the contract."""
+
+    code = "bad_message"
+
+
+class UndeclaredCall(AiwfeError):
+    """A plugin called a contract it did not list in ``calls``."""
+
+    code = "undeclared_call"
+
+
+class ConfigError(AiwfeError):
+    """A manifest or plugin configuration problem."""
+
+    code = "config_error"
+
+
+class RemoteError(AiwfeError):
+    """The handler raised. ``type`` is the name of the exception class it raised."""
+
+    code = "remote_error"
+
+    def __init__(self, type: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message, retryable=retryable)
+        self.type = type
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+_KNOWN: dict[str, type[AiwfeError]] = {
+    cls.__name__: cls
+    for cls in (DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, UndeclaredCall)
+}
+
+
+class _WireError(msgspec.Struct, frozen=True):
+    type: str
+    message: str
+    retryable: bool = False
+
+
+def to_wire(exc: BaseException) -> bytes:
+    """Encode ``exc`` for the ``Aiwfe-Error`` header. Non-kernel errors become RemoteError."""
+    if isinstance(exc, RemoteError):
+        w = _WireError(exc.type, exc.message, exc.retryable)
+    elif type(exc).__name__ in _KNOWN and isinstance(exc, AiwfeError):
+        w = _WireError(type(exc).__name__, exc.message, exc.retryable)
+    else:
+        w = _WireError(type(exc).__name__, str(exc), bool(getattr(exc, "retryable", False)))
+    return msgspec.json.encode(w)
+
+
+def as_remote(exc: BaseException) -> AiwfeError:
+    """Map an exception raised by a handler to what a caller sees (same for both paths)."""
+    if type(exc).__name__ in _KNOWN and isinstance(exc, AiwfeError):
+        return exc
+    if isinstance(exc, RemoteError):
+        return exc
+    return RemoteError(type(exc).__name__, str(exc), retryable=bool(getattr(exc, "retryable", False)))
+
+
+def from_wire(raw: str | bytes) -> AiwfeError:
+    """Rebuild the caller-side error from an ``Aiwfe-Error`` header value."""
+    try:
+        w = msgspec.json.decode(raw, type=_WireError)
+    except msgspec.DecodeError:
+        return RemoteError("UnknownError", str(raw))
+    known = _KNOWN.get(w.type)
+    if known is not None:
+        return known(w.message, retryable=w.retryable)
+    return RemoteError(w.type, w.message, retryable=w.retryable)

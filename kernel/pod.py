@@ -1,0 +1,179 @@
+"""Running one pod: load plugins, enter lifespans, wire handlers, drain on SIGTERM.
+
+Start order: ops endpoint (so ``/health`` answers at once) → bus connection → plugin
+lifespans in manifest order → handlers exposed on the bus → ready.
+Stop order (Nameko's): not ready → stop taking work → drain in-flight work up to
+``drain_timeout_s`` (unfinished jobs are nak'ed so another replica takes them at once)
+→ lifespans left in reverse order → bus closed → ops endpoint closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+import msgspec
+
+from bus.base import Bus
+
+from . import metrics
+from ._ops import OpsServer
+from .errors import ConfigError
+from .manifest import Manifest
+from .plugin import Plugin, config_type, handlers_of, validate_plugin_class
+from .registry import discover, resolve
+from .runtime import Kernel
+
+__all__ = ["PodRunner", "make_bus", "nats_url_for"]
+
+log = logging.getLogger("aiwfe.pod")
+
+
+def nats_url_for(manifest: Manifest) -> str:
+    """The NATS URL a pod uses: the manifest's ``system.nats_url``, else ``NATS_URL``.
+
+    ``local://`` selects the in-process LocalBus (single-pod runs without NATS).
+
+    Raises:
+        ConfigError: neither is set.
+    """
+    url = manifest.system.nats_url or os.environ.get("NATS_URL", "")
+    if not url:
+        raise ConfigError("no NATS URL: set NATS_URL (or use `aiwfe up`, which starts an embedded NATS)")
+    return url
+
+
+def make_bus(manifest: Manifest, *, name: str, connect_timeout_s: float | None = 10.0, url: str | None = None) -> Bus:
+    """Build the bus a manifest asks for."""
+    url = url or nats_url_for(manifest)
+    s = manifest.system
+    if url.startswith("local:"):
+        from bus.local import LocalBus
+
+        return LocalBus(s.subject_prefix)
+    from bus.nats import NatsBus
+
+    return NatsBus(
+        url, s.subject_prefix, name=name, connect_timeout_s=connect_timeout_s, event_ttl_s=s.event_ttl_s, result_ttl_s=s.job_result_ttl_s
+    )
+
+
+class PodRunner:
+    """One pod of ``manifest`` on ``bus``.
+
+    Use as ``async with PodRunner(...) as pod:`` or call :meth:`serve_forever`.
+    ``ops_port`` None takes the pod's ``ops_port`` from the manifest (0 = any free port).
+    """
+
+    def __init__(self, manifest: Manifest, pod: str, bus: Bus, *, ops_port: int | None = None, ops_host: str = "127.0.0.1") -> None:
+        self.manifest = manifest
+        self.pod_name = pod
+        self.pod = manifest.pod(pod)
+        self.bus = bus
+        self.kernel = Kernel(bus, call_timeout_s=manifest.system.call_timeout_s)
+        self.plugins: dict[str, Plugin] = {}
+        port = self.pod.ops_port if ops_port is None else ops_port
+        self.ops = OpsServer(pod, self._not_ready, ops_host, port)
+        self._stack = contextlib.AsyncExitStack()
+        self._ready = False
+        self._build()
+
+    def _build(self) -> None:
+        installed = discover()
+        problems: list[str] = []
+        for name in self.pod.plugins:
+            try:
+                cls = resolve(name, installed)
+            except (LookupError, ImportError) as e:
+                problems.append(str(e))
+                continue
+            found = validate_plugin_class(cls)
+            if found:
+                problems.extend(found)
+                continue
+            try:
+                cfg = msgspec.convert(self.manifest.plugins.get(name, {}), config_type(cls), strict=False)
+            except msgspec.ValidationError as e:
+                problems.append(f"[plugins.{name}]: {e}")
+                continue
+            plugin = cls(cfg, self.kernel.caller_for(cls.name, cls.calls))
+            plugin.manifest = self.manifest  # type: ignore[attr-defined]
+            self.plugins[name] = plugin
+            for spec in handlers_of(cls):
+                self.kernel.add(spec, plugin)
+        if problems:
+            raise ConfigError(f"pod {self.pod_name}: " + "; ".join(problems))
+
+    def _not_ready(self) -> list[str]:
+        reasons = []
+        if not self._ready:
+            reasons.append("starting or stopping")
+        r = self.bus.ready()
+        if r:
+            reasons.append(r)
+        for name, p in self.plugins.items():
+            pr = p.readiness()
+            if pr:
+                reasons.append(f"{name}: {pr}")
+        return reasons
+
+    @property
+    def ready(self) -> bool:
+        """True while serving and every dependency is up."""
+        return not self._not_ready()
+
+    async def start(self) -> None:
+        """Start the pod (see the module docstring for the order)."""
+        await self.ops.start()
+        try:
+            await self.bus.start()
+            await self._stack.__aenter__()
+            for name, plugin in self.plugins.items():
+                log.info("pod %s: entering %s", self.pod_name, name)
+                await self._stack.enter_async_context(plugin.lifespan())
+            await self.kernel.start()
+        except BaseException:
+            await self._stack.aclose()
+            await self.bus.close()
+            await self.ops.close()
+            raise
+        self._ready = True
+        metrics.READY.labels(self.pod_name).set(1)
+        log.info("pod %s ready: plugins %s, ops %s", self.pod_name, ", ".join(self.plugins), self.ops.url)
+
+    async def stop(self) -> None:
+        """Stop the pod gracefully (see the module docstring for the order)."""
+        self._ready = False
+        metrics.READY.labels(self.pod_name).set(0)
+        await self.bus.stop_taking_work()
+        drained = await self.bus.wait_idle(self.manifest.system.drain_timeout_s)
+        if not drained:
+            log.warning("pod %s: drain limit reached; unfinished jobs returned to the stream", self.pod_name)
+        await self._stack.aclose()
+        await self.bus.close()
+        await self.ops.close()
+
+    async def __aenter__(self) -> PodRunner:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def serve_forever(self, stop: asyncio.Event | None = None) -> None:
+        """Run until SIGTERM or SIGINT (or ``stop`` is set), then stop gracefully."""
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            log.info("pod %s stopping", self.pod_name)
+            await self.stop()

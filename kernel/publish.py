@@ -1,0 +1,68 @@
+"""``aiwfe publish``: submit a job or make an RPC from the shell, as an external JSON publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import uuid
+from typing import Any
+
+import msgspec
+
+from bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, JSON
+
+__all__ = ["publish"]
+
+
+async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s: float, prefix: str = "aiwfe") -> int:
+    """Publish ``payload`` as JSON. Jobs (``<prefix>.jobs.*``) print ``{"job_id"}`` and,
+    with ``wait``, the job's record; RPCs print the reply. Returns the exit status.
+    """
+    from bus.nats import NatsBus
+    from kernel.errors import AiwfeError, from_wire
+
+    bus = NatsBus(url, prefix, name="aiwfe-publish", connect_timeout_s=5.0)
+    try:
+        await bus.start()
+    except AiwfeError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    try:
+        data = json.dumps(payload).encode()
+        headers = {H_CONTENT_TYPE: JSON}
+        jobs_prefix = f"{prefix}.jobs."
+        if subject.startswith(jobs_prefix):
+            kind = subject[len(jobs_prefix) :]
+            job_id = uuid.uuid4().hex
+            headers[H_MSG_ID] = job_id
+            await bus.submit(kind, data, headers, job_id)
+            print(json.dumps({"job_id": job_id}))
+            if not wait:
+                return 0
+            loop = asyncio.get_running_loop()
+            end = loop.time() + timeout_s
+            while (rec := await bus.job_record(job_id)) is None:
+                if loop.time() > end:
+                    print(f"error: job {job_id} not finished after {timeout_s} s", file=sys.stderr)
+                    return 1
+                await asyncio.sleep(0.1)
+            out = {"job_id": job_id, "status": rec.status, "attempts": rec.attempts}
+            if rec.status == "done":
+                out["result"] = msgspec.msgpack.decode(rec.result) if rec.result else None
+            else:
+                out["error"] = rec.error
+            print(json.dumps(out))
+            return 0 if rec.status == "done" else 1
+        reply, rh = await bus.request(subject, data, headers, timeout_s)
+        if rh and H_ERROR in rh:
+            err = from_wire(rh[H_ERROR])
+            print(json.dumps({"error": {"code": err.code, "message": str(err), "retryable": err.retryable}}))
+            return 1
+        print(reply.decode())
+        return 0
+    except AiwfeError as e:
+        print(json.dumps({"error": {"code": e.code, "message": str(e), "retryable": e.retryable}}))
+        return 1
+    finally:
+        await bus.close()

@@ -1,0 +1,1 @@
+"""In-repo plugins. Each registers in the ``aiwfe.plugins`` entry-point group like a third-party one."""

@@ -1,0 +1,1 @@
+"""perception: request analysis (intent, entities, language, required expertise)."""

@@ -1,0 +1,1 @@
+"""reasoning: LLM calls through providers."""
