@@ -60,7 +60,7 @@ class Bus(Protocol):
     def ready(self) -> str | None:
         """None when connected, else the reason."""
 
-    async def request(self, subject: str, data: bytes, headers: Headers, timeout_s: float) -> tuple[bytes, Headers | None]:
+    async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
         """Send a request; raise DeadlineExceeded on timeout and Unavailable with no responder."""
 
     async def publish(self, subject: str, data: bytes, headers: Headers | None = None) -> None:

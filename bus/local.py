@@ -81,7 +81,7 @@ class LocalBus:
         """Stop everything."""
         await self.stop_taking_work()
 
-    async def request(self, subject: str, data: bytes, headers: Headers, timeout_s: float) -> tuple[bytes, Headers | None]:
+    async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
         """Call a handler registered for ``subject`` (round-robin)."""
         handlers = self._serve.get(subject)
         if not handlers:
@@ -89,7 +89,7 @@ class LocalBus:
         h = handlers[next(self._rr[subject]) % len(handlers)]
         try:
             async with asyncio.timeout(timeout_s):
-                return await h(data, dict(headers))
+                return await h(data, dict(headers) if headers else None)
         except TimeoutError:
             raise DeadlineExceeded(f"{subject}: no reply within {timeout_s * 1000:.0f} ms") from None
 

@@ -30,7 +30,9 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
-from nats.aio.client import Client
+
+from ._client import FastClient
+from ._wheel import DeadlineWheel
 from nats.aio.msg import Msg
 from nats.js import api
 
@@ -72,7 +74,8 @@ class NatsBus:
         self.result_ttl_s = result_ttl_s
         self.dlq_ttl_s = dlq_ttl_s
         self.names = stream_names(prefix)
-        self.nc: Client | None = None
+        self.nc: FastClient | None = None
+        self._wheel = DeadlineWheel()
         self.js: Any = None
         self._kv: Any = None
         self._subs: list[Any] = []
@@ -100,7 +103,7 @@ class NatsBus:
         async def on_reconnect() -> None:
             log.warning("nats: reconnected to %s", self.url)
 
-        nc = Client()
+        nc = FastClient()
         connect = nc.connect(
             self.url,
             name=self.name,
@@ -218,16 +221,19 @@ class NatsBus:
 
     # -- RPC and events ----------------------------------------------------------
 
-    def _conn(self) -> Client:
+    def _conn(self) -> FastClient:
         if self.nc is None or self.nc.is_closed:
             raise Unavailable("NATS connection is closed")
         return self.nc
 
-    async def request(self, subject: str, data: bytes, headers: Headers, timeout_s: float) -> tuple[bytes, Headers | None]:
+    async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
         """Core NATS request. Raises DeadlineExceeded or Unavailable."""
         nc = self._conn()
         try:
-            msg = await nc.request(subject, data, timeout=timeout_s, headers=headers)
+            if headers is None:
+                msg = await nc.call(subject, data, timeout_s, self._wheel)
+            else:
+                msg = await nc.request(subject, data, timeout=timeout_s, headers=headers)
         except nats.errors.NoRespondersError:
             raise Unavailable(f"no pod serves {subject}") from None
         except nats.errors.TimeoutError:
@@ -245,19 +251,22 @@ class NatsBus:
         nc = self._conn()
         loop = asyncio.get_running_loop()
         inflight = self._inflight
+        current_task = asyncio.current_task
 
         async def respond(msg: Msg) -> None:
-            data, headers = await handler(msg.data, msg.headers)
-            if msg.reply:
-                try:
-                    await nc.publish(msg.reply, data, headers=headers)
-                except Exception as e:
-                    log.warning("reply on %s lost: %r", subject, e)
+            # The task removes itself: a done-callback would cost one more loop turn per request.
+            try:
+                data, headers = await handler(msg.data, msg.headers)
+                if msg.reply:
+                    try:
+                        await nc.publish(msg.reply, data, headers=headers)
+                    except Exception as e:
+                        log.warning("reply on %s lost: %r", subject, e)
+            finally:
+                inflight.discard(current_task())  # type: ignore[arg-type]
 
         async def on_msg(msg: Msg) -> None:
-            t = loop.create_task(respond(msg))
-            inflight.add(t)
-            t.add_done_callback(inflight.discard)
+            inflight.add(loop.create_task(respond(msg)))
 
         self._subs.append(await nc.subscribe(subject, queue=subject, cb=on_msg))
 

@@ -6,23 +6,62 @@ Children are bound once per contract and path so that the hot path only calls
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
 
-__all__ = ["REGISTRY", "handled", "failed", "render", "JOBS", "REDELIVERIES", "DEAD_LETTERS", "READY"]
+__all__ = ["REGISTRY", "FastHistogram", "handled", "failed", "render", "JOBS", "REDELIVERIES", "DEAD_LETTERS", "READY"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-HANDLED = Histogram(
-    "aiwfe_handled_seconds",
-    "Handler latency per contract and path (local = in-process, remote = over the bus)",
-    ["contract", "path"],
-    buckets=_BUCKETS,
-    registry=REGISTRY,
-)
+
+
+class FastHistogram:
+    """One histogram series without locks: the event loop is its only writer.
+
+    prometheus_client's Histogram takes a lock per observation (~0.9 µs); this one
+    costs a bisect and two additions.
+    """
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Record one observation."""
+        self.counts[bisect.bisect_left(_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+class _HandledCollector(Collector):
+    def __init__(self) -> None:
+        self.series: dict[tuple[str, str], FastHistogram] = {}
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        fam = HistogramMetricFamily(
+            "aiwfe_handled_seconds",
+            "Handler latency per contract and path (local = in-process, remote = over the bus)",
+            labels=["contract", "path"],
+        )
+        for (contract, path), h in sorted(self.series.items()):
+            acc, buckets = 0, []
+            for le, c in zip((*(str(b) for b in _BUCKETS), "+Inf"), h.counts, strict=True):
+                acc += c
+                buckets.append((le, acc))
+            fam.add_metric([contract, path], buckets, h.sum)
+        yield fam
+
+
+_handled = _HandledCollector()
+REGISTRY.register(_handled)
 FAILED = Counter(
     "aiwfe_failed_total", "Calls that ended in an error, per contract, path and error code", ["contract", "path", "code"], registry=REGISTRY
 )
@@ -31,16 +70,14 @@ REDELIVERIES = Counter("aiwfe_job_redeliveries_total", "Job deliveries after the
 DEAD_LETTERS = Counter("aiwfe_dead_letters_total", "Jobs dead-lettered after their last attempt", ["kind"], registry=REGISTRY)
 READY = Gauge("aiwfe_pod_ready", "1 when the pod is ready to serve", ["pod"], registry=REGISTRY)
 
-_children: dict[tuple[str, str], Any] = {}
 
-
-def handled(contract: str, path: str) -> Any:
-    """The latency histogram child for ``contract`` on ``path`` (``local``/``remote``)."""
+def handled(contract: str, path: str) -> FastHistogram:
+    """The latency histogram for ``contract`` on ``path`` (``local``/``remote``)."""
     key = (contract, path)
-    child = _children.get(key)
-    if child is None:
-        child = _children[key] = HANDLED.labels(contract, path)
-    return child
+    h = _handled.series.get(key)
+    if h is None:
+        h = _handled.series[key] = FastHistogram()
+    return h
 
 
 def failed(contract: str, path: str, code: str) -> None:

@@ -20,8 +20,21 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from bus._wheel import DeadlineWheel
 from bus.base import Bus, Headers, JobCall, JobOptions
-from bus.codec import H_CONTENT_TYPE, H_DEADLINE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, JobEvent, JobRecord
+from bus.codec import (
+    H_CONTENT_TYPE,
+    H_DEADLINE,
+    H_ERROR,
+    H_MSG_ID,
+    H_SCHEMA,
+    H_TRACE,
+    JSON,
+    JobEvent,
+    JobRecord,
+    pack_call,
+    unpack_call,
+)
 
 from . import metrics
 from .contract import Event, Job, Message, Request, address_of, kind_of, reply_type, schema_hash
@@ -132,14 +145,19 @@ _json_enc = msgspec.json.Encoder()
 class Endpoint:
     """One contract served in this pod: decoding, limits, deadline, error mapping."""
 
-    __slots__ = ("spec", "contract", "fn", "limiter", "schema", "decoder", "json_decoder", "timeout_s", "m_local", "m_remote")
+    __slots__ = (
+        "spec", "contract", "fn", "limiter", "schema", "schema_raw", "decoder", "json_decoder", "timeout_s", "m_local",
+        "m_remote", "wheel",
+    )  # fmt: skip
 
-    def __init__(self, spec: HandlerSpec, plugin: Plugin) -> None:
+    def __init__(self, spec: HandlerSpec, plugin: Plugin, wheel: DeadlineWheel) -> None:
         self.spec = spec
+        self.wheel = wheel
         self.contract = spec.contract
         self.fn = getattr(plugin, spec.method)
         self.limiter = Limiter(spec.address, spec.options.concurrency, spec.options.max_queue)
         self.schema = schema_hash(spec.contract)
+        self.schema_raw = bytes.fromhex(self.schema)
         self.decoder = msgspec.msgpack.Decoder(spec.contract)
         self.json_decoder = msgspec.json.Decoder(spec.contract)
         self.timeout_s = spec.options.timeout_s
@@ -155,17 +173,23 @@ class Endpoint:
         lim = self.limiter
         await lim.enter()
         token = _deadline.set(deadline)
+        task = asyncio.current_task()
+        assert task is not None
+        timer = self.wheel.add(deadline, task)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await self.fn(msg)
-        except TimeoutError:
-            raise DeadlineExceeded(f"{self.spec.address}: deadline exceeded") from None
+            return await self.fn(msg)
+        except asyncio.CancelledError:
+            if timer[1].expired:
+                task.uncancel()
+                raise DeadlineExceeded(f"{self.spec.address}: deadline exceeded") from None
+            raise
         except Exception as e:
             mapped = as_remote(e)
             if mapped is e:
                 raise
             raise mapped from e
         finally:
+            self.wheel.remove(timer)
             _deadline.reset(token)
             lim.leave()
 
@@ -192,28 +216,50 @@ class Endpoint:
             raise BadMessage(f"{self.spec.address}: {e}") from None
 
     async def handle_remote(self, data: bytes, headers: Headers | None) -> tuple[bytes, Headers | None]:
-        """Serve one request that arrived over the bus; errors become an error header."""
+        """Serve one request that arrived over the bus; errors become an error header.
+
+        Kernel callers send a call preamble (``bus.codec.pack_call``); external
+        publishers send a bare body described by headers (JSON with ``Content-Type``).
+        """
         t0 = time.perf_counter()
         loop_now = asyncio.get_running_loop().time()
         trace_token = None
         try:
-            deadline = loop_now + self.timeout_s
-            if headers:
-                d = headers.get(H_DEADLINE)
-                if d is not None:
-                    deadline = loop_now + float(d) / 1000.0
-                tp = headers.get(H_TRACE)
+            pre = unpack_call(data)
+            is_json = False
+            if pre is not None:
+                deadline_ms, schema, tp, body = pre
+                if schema != self.schema_raw:
+                    raise SchemaMismatch(
+                        f"{self.spec.address}: caller's contract schema {schema.hex()} differs from ours {self.schema}; "
+                        "deploy the same contract version to both pods"
+                    )
+                deadline = loop_now + deadline_ms / 1000.0
                 if tp:
                     trace_token = _trace.set(tp)
-            msg, is_json = self.decode(data, headers)
+                try:
+                    msg = self.decoder.decode(body)
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    raise BadMessage(f"{self.spec.address}: {e}") from None
+            else:
+                deadline = loop_now + self.timeout_s
+                if headers:
+                    d = headers.get(H_DEADLINE)
+                    if d is not None:
+                        deadline = loop_now + float(d) / 1000.0
+                    tp = headers.get(H_TRACE)
+                    if tp:
+                        trace_token = _trace.set(tp)
+                msg, is_json = self.decode(data, headers)
             reply = await self.invoke(msg, deadline)
             self.m_remote.observe(time.perf_counter() - t0)
             return (_json_enc.encode(reply) if is_json else _enc.encode(reply)), None
         except AiwfeError as e:
             metrics.failed(self.spec.address, "remote", e.code)
             return b"", {H_ERROR: to_wire(e).decode()}
-        except ValueError as e:  # a malformed deadline header
-            return b"", {H_ERROR: to_wire(BadMessage(f"{self.spec.address}: bad header: {e}")).decode()}
+        except ValueError as e:  # a malformed preamble or deadline header
+            metrics.failed(self.spec.address, "remote", BadMessage.code)
+            return b"", {H_ERROR: to_wire(BadMessage(f"{self.spec.address}: {e}")).decode()}
         finally:
             if trace_token is not None:
                 _trace.reset(trace_token)
@@ -229,11 +275,13 @@ class Kernel:
     def __init__(self, bus: Bus, *, call_timeout_s: float = 30.0) -> None:
         self.bus = bus
         self.call_timeout_s = call_timeout_s
+        self.wheel = DeadlineWheel()
         self.endpoints: dict[type, Endpoint] = {}
         self.jobs: dict[type, Endpoint] = {}
         self.events: dict[type, list[Endpoint]] = {}
         self._subjects: dict[type, str] = {}
         self._reply_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+        self._schemas: dict[type, bytes] = {}
         self._m_remote_call: dict[str, Any] = {}
         self._m_local_call: dict[str, Any] = {}
 
@@ -241,7 +289,7 @@ class Kernel:
 
     def add(self, spec: HandlerSpec, plugin: Plugin) -> None:
         """Register a validated handler of ``plugin`` (before :meth:`start`)."""
-        ep = Endpoint(spec, plugin)
+        ep = Endpoint(spec, plugin, self.wheel)
         if spec.kind == "request":
             self.endpoints[spec.contract] = ep
         elif spec.kind == "job":
@@ -329,16 +377,14 @@ class Kernel:
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise DeadlineExceeded(f"{address_of(contract)}: deadline passed before the call")
-        headers = {H_DEADLINE: str(int(remaining * 1000)), H_SCHEMA: schema_hash(contract)}
-        tp = _trace.get()
-        if tp:
-            headers[H_TRACE] = tp
         dec = self._reply_decoders.get(contract)
         if dec is None:
             if kind_of(contract) != "request":
                 raise TypeError(f"{contract.__qualname__} is a {kind_of(contract)}; use submit() or publish()")
             dec = self._reply_decoders[contract] = msgspec.msgpack.Decoder(reply_type(contract))
-        data, rh = await self.bus.request(self.subject(contract), _enc.encode(req), headers, remaining)
+            self._schemas[contract] = bytes.fromhex(schema_hash(contract))
+        payload = pack_call(int(remaining * 1000), self._schemas[contract], _trace.get(), _enc.encode(req))
+        data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
         if rh is not None:
             err = rh.get(H_ERROR)
             if err is not None:

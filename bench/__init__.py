@@ -1,0 +1,1 @@
+"""Benchmarks. Each runs its baseline in the same process run and prints one JSON object last."""

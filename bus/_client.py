@@ -1,0 +1,128 @@
+"""A nats-py Client with cheaper header encoding and parsing.
+
+nats-py 2.16 validates every header key with a regex and every header-name character
+with ``str.isspace`` on each message; with the two or three headers the kernel sends
+per call that cost ~30 % of request/reply throughput (measured by ``aiwfe bench rpc``).
+This subclass keeps the wire format and the validation rules but caches the encoded
+form of header names it has already validated and parses header blocks with bytes
+operations. It overrides two private methods of nats-py, so pyproject pins nats-py
+to the 2.x series these were read from; ``tests/unit/test_nats_client.py`` checks
+both against nats-py's own implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from nats.aio import client as _nc
+from nats.aio.msg import Msg
+from nats.protocol import command as _cmd
+
+from ._wheel import DeadlineWheel
+
+__all__ = ["FastClient"]
+
+_CRLF = b"\r\n"
+_HDR_START = b"NATS/1.0\r\n"
+_key_cache: dict[str, bytes] = {}
+
+
+def _encode_headers(headers: dict[str, Any]) -> bytes:
+    parts = [_HDR_START]
+    for k, v in headers.items():
+        kb = _key_cache.get(k)
+        if kb is None:
+            key = k.strip()
+            if not key:
+                continue
+            if not _nc._HEADER_KEY_RE.fullmatch(key):
+                raise _nc.errors.BadHeaderError(key)
+            kb = key.encode() + b": "
+            if len(_key_cache) < 4096:
+                _key_cache[k] = kb
+        v = v.strip()
+        if "\r" in v or "\n" in v:
+            v = v.translate(_nc._HEADER_VALUE_NEWLINES)
+        parts.append(kb)
+        parts.append(v.encode())
+        parts.append(_CRLF)
+    parts.append(_CRLF)
+    return b"".join(parts)
+
+
+class FastClient(_nc.Client):
+    """nats-py's Client with faster header handling (same wire format) and a leaner request."""
+
+    _call_seq = 0
+    _resp_prefix_str = ""
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(_CRLF):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            name = name.strip()
+            if not name or b" " in name or b"\t" in name or b"\x0b" in name or b"\x0c" in name:
+                continue
+            try:
+                key = name.decode("ascii")
+            except UnicodeDecodeError:
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
+    async def _send_publish(
+        self, subject: str, reply: str, payload: bytes, payload_size: int, headers: dict[str, Any] | None
+    ) -> None:
+        if subject == "":
+            raise _nc.errors.BadSubjectError
+        if headers is None:
+            pub_cmd = _cmd.pub_cmd(subject, reply, payload)
+        else:
+            pub_cmd = _cmd.hpub_cmd(subject, reply, _encode_headers(headers), payload)
+        self.stats["out_msgs"] += 1
+        self.stats["out_bytes"] += payload_size
+        await self._send_command(pub_cmd)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
+
+    async def call(self, subject: str, payload: bytes, timeout_s: float, wheel: DeadlineWheel) -> Msg:
+        """Request/reply on nats-py's response mux, with less per-call work than ``request``.
+
+        ``request`` draws random bytes for every token and wraps the reply future in
+        ``asyncio.wait_for``; here tokens come from a counter and the timeout from the
+        caller's deadline wheel.
+
+        Raises:
+            nats.errors.TimeoutError: no reply within ``timeout_s``.
+            nats.errors.NoRespondersError: nobody subscribes to ``subject``.
+        """
+        if not self._resp_prefix_str:
+            if not self._resp_sub_prefix:
+                await self._init_request_sub()
+            self._resp_prefix_str = self._resp_sub_prefix.decode()
+        self._call_seq += 1
+        token = f"k{self._call_seq}"
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Msg] = loop.create_future()
+        resp_map = self._resp_map
+        resp_map[token] = fut
+        try:
+            await self.publish(subject, payload, reply=self._resp_prefix_str + token)
+            timer = wheel.add(loop.time() + timeout_s, fut)
+            try:
+                msg = await fut
+            except asyncio.CancelledError:
+                if timer[1].expired:
+                    raise _nc.errors.TimeoutError from None
+                raise
+            finally:
+                wheel.remove(timer)
+        finally:
+            resp_map.pop(token, None)
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise _nc.errors.NoRespondersError
+        return msg

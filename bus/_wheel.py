@@ -1,0 +1,78 @@
+"""A coarse timer wheel for deadlines (shared by the kernel and NatsBus)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+__all__ = ["DeadlineWheel"]
+
+
+class _Timer:
+    __slots__ = ("target", "expired")
+
+    def __init__(self, target: asyncio.Future[Any]) -> None:
+        self.target = target
+        self.expired = False
+
+
+class DeadlineWheel:
+    """Cancels tasks (or futures) whose deadline passed, for all calls of one event loop.
+
+    A per-call ``asyncio.timeout`` costs ~4 µs (a TimerHandle, a context copy, heap
+    churn); this wheel files each call in a bucket of ``tick_s`` and sweeps the due
+    buckets while calls are in flight, for ~0.5 µs a call. A deadline therefore fires
+    up to ``tick_s`` late, never early.
+    """
+
+    def __init__(self, tick_s: float = 0.005) -> None:
+        self.tick_s = tick_s
+        self._buckets: dict[int, set[_Timer]] = {}
+        self._count = 0
+        self._cursor = 0
+        self._handle: asyncio.TimerHandle | None = None
+
+    def add(self, deadline: float, target: asyncio.Future[Any]) -> tuple[int, _Timer]:
+        """Watch ``target`` until :meth:`remove`; cancel it once ``deadline`` (loop time) passes.
+
+        The returned key's ``[1].expired`` tells a CancelledError from the wheel apart
+        from any other cancellation.
+        """
+        b = int(deadline / self.tick_s) + 1
+        t = _Timer(target)
+        s = self._buckets.get(b)
+        if s is None:
+            s = self._buckets[b] = set()
+        s.add(t)
+        self._count += 1
+        if self._handle is None:
+            loop = target.get_loop()
+            self._cursor = int(loop.time() / self.tick_s)
+            self._handle = loop.call_at((self._cursor + 1) * self.tick_s, self._sweep, loop)
+        return b, t
+
+    def remove(self, key: tuple[int, _Timer]) -> None:
+        """Stop watching (the call finished)."""
+        b, t = key
+        s = self._buckets.get(b)
+        if s is not None and t in s:
+            s.discard(t)
+            self._count -= 1
+            if not s:
+                del self._buckets[b]
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        now_b = int(loop.time() / self.tick_s)
+        buckets = self._buckets
+        for b in range(self._cursor, now_b + 1):
+            s = buckets.pop(b, None)
+            if s:
+                self._count -= len(s)
+                for t in s:
+                    t.expired = True
+                    t.target.cancel()
+        self._cursor = now_b + 1
+        if self._count > 0:
+            self._handle = loop.call_at((now_b + 1) * self.tick_s, self._sweep, loop)
+        else:
+            self._handle = None
