@@ -1,0 +1,63 @@
+"""Shared fixtures: real servers and isolated subject prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.servers import nats_service
+
+
+@pytest.fixture(scope="session")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A NATS server with JetStream (see tests/support/servers.py for the choice)."""
+    with nats_service(tmp_path_factory.mktemp("nats")) as url:
+        yield url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A subject prefix of this test's own, so its streams never meet another test's."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def cleanup_streams(nats_url: str, prefix: str) -> AsyncIterator[None]:
+    """Delete this test's streams and results bucket afterwards (shared servers stay clean)."""
+    yield
+    import nats
+
+    from bus.codec import stream_names
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    names = stream_names(prefix)
+    for stream in (names["jobs"], names["events"], names["dlq"], f"KV_{names['results']}"):
+        try:
+            await js.delete_stream(stream)
+        except Exception:
+            pass
+    await nc.close()
+
+
+async def wait_until(pred, timeout_s: float = 10.0, every_s: float = 0.02) -> bool:  # type: ignore[no-untyped-def]
+    """Poll ``pred`` (sync or async) until true; False on timeout."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while loop.time() < end:
+        r = pred()
+        if asyncio.iscoroutine(r):
+            r = await r
+        if r:
+            return True
+        await asyncio.sleep(every_s)
+    return False
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,108 @@
+"""The call/job/event semantics of tests/unit/test_runtime.py, over a real NATS server.
+
+Every pod gets its own NatsBus connection, so calls between pods cross the server.
+Also: JSON from external publishers, heartbeats for long jobs, and drain on stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from bus.nats import NatsBus
+from kernel.manifest import parse_manifest
+from kernel.pod import PodRunner
+from tests.support.probe import Crunch
+from tests.unit.test_runtime import *  # noqa: F403  (the same test bodies, over NATS)
+from tests.unit.test_runtime import PROBE, TWO_PODS, StartPods
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
+
+
+@pytest.fixture
+def start_pods(prefix: str, nats_url: str) -> StartPods:  # overrides the LocalBus fixture
+    """Start every pod of a manifest, each with its own NATS connection."""
+
+    @contextlib.asynccontextmanager
+    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
+        m = parse_manifest(text.replace("{prefix}", prefix), env={})
+        pods = {name: PodRunner(m, name, NatsBus(nats_url, prefix, name=name), ops_port=0) for name in m.pods}
+        async with contextlib.AsyncExitStack() as stack:
+            for p in pods.values():
+                await stack.enter_async_context(p)
+            yield pods
+
+    return start
+
+
+def _publish(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kernel.cli", "publish", "--url", nats_url, "--prefix", prefix, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+async def test_external_json_publisher_rpc_and_job(start_pods: StartPods, nats_url: str, prefix: str) -> None:
+    async with start_pods(TWO_PODS):
+        r = await asyncio.to_thread(_publish, nats_url, prefix, f"{prefix}.perception.perceive", '{"text": "Deploy it to Kubernetes"}')
+        assert r.returncode == 0, r.stderr
+        reply = json.loads(r.stdout)
+        assert reply["intent"] == "command" and reply["expertise"][0]["tag"] == "devops"
+
+        r = await asyncio.to_thread(_publish, nats_url, prefix, f"{prefix}.jobs.probe.crunch", '{"n": 9}', "--wait")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout.splitlines()[-1])
+        assert out["status"] == "done" and out["result"]["square"] == 81
+
+        r = await asyncio.to_thread(_publish, nats_url, prefix, f"{prefix}.perception.perceive", '{"txt": 1}')
+        assert r.returncode == 1
+        assert json.loads(r.stdout)["error"]["code"] == "bad_message"
+
+
+async def test_long_job_heartbeats_prevent_redelivery(start_pods: StartPods) -> None:
+    # probe.crunch has ack_wait_s = 3: a 7 s job survives only through in-progress heartbeats.
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        job_id = await k.submit(Crunch(n=4, delay_s=7.0))
+        rec = await k.wait_job(job_id, timeout_s=30)
+        assert rec.status == "done" and rec.attempts == 1
+
+
+async def test_stopping_pod_returns_unfinished_jobs(nats_url: str, prefix: str) -> None:
+    text = TWO_PODS.replace("{prefix}", prefix).replace("drain_timeout_s = 2", "drain_timeout_s = 0.5")
+    m = parse_manifest(text, env={})
+    back = PodRunner(m, "back", NatsBus(nats_url, prefix), ops_port=0)
+    first = PodRunner(m, "front", NatsBus(nats_url, prefix), ops_port=0)
+    await back.start()
+    await first.start()
+    ids = [await back.kernel.submit(Crunch(n=i, delay_s=3.0)) for i in range(5)]
+    await asyncio.sleep(1.0)  # all five are running in `first`
+    await first.stop()  # drain limit 0.5 s: they are nak'ed, not lost
+    second = PodRunner(m, "front", NatsBus(nats_url, prefix), ops_port=0)
+    await second.start()
+    try:
+        recs = await asyncio.gather(*(back.kernel.wait_job(j, timeout_s=30) for j in ids))
+        assert all(r.status == "done" for r in recs)
+        assert all(r.attempts == 2 for r in recs)
+        assert sorted(msgspec.msgpack.decode(r.result)["n"] for r in recs) == list(range(5))
+    finally:
+        await second.stop()
+        await back.stop()
+
+
+def test_probe_module_importable_by_children() -> None:
+    # The placement suite starts pods as child processes that import the probe plugin by path.
+    r = subprocess.run([sys.executable, "-c", f"import {PROBE.split(':')[0]}"], cwd=Path(__file__).resolve().parents[2], env={**os.environ}, timeout=60)
+    assert r.returncode == 0

@@ -1,0 +1,228 @@
+"""Call, job and event semantics on LocalBus.
+
+tests/integration/test_nats_bus.py runs these same test bodies over a real NATS server
+(it overrides the ``start_pods`` fixture), which is how "the same semantics on either
+path" is checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from bus.local import LocalBus
+from kernel import (
+    DeadlineExceeded,
+    Overloaded,
+    RemoteError,
+    Reply,
+    Request,
+    SchemaMismatch,
+    Unavailable,
+    UndeclaredCall,
+)
+from kernel.manifest import parse_manifest
+from kernel.pod import PodRunner
+from tests.support.probe import Ask, Boom, Crunch, Sleep, WhoAmI
+
+PROBE = "tests.support.probe:ProbePlugin"
+WHO = "tests.support.probe:WhoPlugin"
+
+TWO_PODS = f"""
+[system]
+subject_prefix = "{{prefix}}"
+drain_timeout_s = 2
+[pods.front]
+plugins = ["{PROBE}"]
+[pods.back]
+plugins = ["perception", "reasoning", "{WHO}"]
+"""
+
+StartPods = Callable[[str], contextlib.AbstractAsyncContextManager[dict[str, PodRunner]]]
+
+
+@pytest.fixture
+def start_pods(prefix: str) -> StartPods:
+    """Start every pod of a manifest on one shared LocalBus."""
+
+    @contextlib.asynccontextmanager
+    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
+        m = parse_manifest(text.replace("{prefix}", prefix), env={})
+        bus = LocalBus(prefix)
+        pods = {name: PodRunner(m, name, bus, ops_port=0) for name in m.pods}
+        async with contextlib.AsyncExitStack() as stack:
+            for p in pods.values():
+                await stack.enter_async_context(p)
+            yield pods
+
+    return start
+
+
+class Nobody(Reply):
+    pass
+
+
+class Unserved(Request[Nobody], tag="nobody.home"):
+    pass
+
+
+async def test_call_crosses_pods_and_returns_typed_reply(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        a = await pods["front"].kernel.call(Ask(text="How fast is the Postgres database index?", context=["An index makes a database query fast. Rain is wet."]))
+        assert a.intent == "question"
+        assert a.tags[:2] == ["database", "performance"]
+        assert a.answer == "An index makes a database query fast."
+
+
+async def test_handler_exception_becomes_typed_remote_error(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel  # probe is in the front pod: a remote call
+        with pytest.raises(RemoteError) as e:
+            await k.call(Boom(message="kaput"))
+        assert (e.value.type, e.value.message, e.value.retryable) == ("ValueError", "kaput", False)
+        with pytest.raises(RemoteError) as e:
+            await k.call(Boom(message="later", retryable=True))
+        assert e.value.type == "Flaky" and e.value.retryable
+        # the same from inside the pod (local path)
+        with pytest.raises(RemoteError) as e:
+            await pods["front"].kernel.call(Boom(message="kaput"))
+        assert (e.value.type, e.value.message) == ("ValueError", "kaput")
+
+
+@pytest.mark.parametrize("pod", ["front", "back"])
+async def test_deadline(start_pods: StartPods, pod: str) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods[pod].kernel
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(DeadlineExceeded):
+            await k.call(Sleep(seconds=5), timeout_s=0.2)
+        assert loop.time() - t0 < 1.0
+        assert (await k.call(Sleep(seconds=0.01), timeout_s=2)).slept_s == 0.01
+
+
+@pytest.mark.parametrize("pod", ["front", "back"])
+async def test_overloaded_at_once_when_queue_full(start_pods: StartPods, pod: str) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods[pod].kernel  # probe.sleep: concurrency 2, queue 2
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        results = await asyncio.gather(*(k.call(Sleep(seconds=0.3)) for _ in range(7)), return_exceptions=True)
+        kinds = sorted(type(r).__name__ for r in results)
+        assert kinds == ["Overloaded"] * 3 + ["Slept"] * 4
+        over = [r for r in results if isinstance(r, Overloaded)]
+        assert all(o.retryable for o in over)
+        assert loop.time() - t0 < 1.5
+
+
+async def test_unavailable_names_the_subject(start_pods: StartPods, prefix: str) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        with pytest.raises(Unavailable, match=f"{prefix}.nobody.home"):
+            await pods["front"].kernel.call(Unserved(), timeout_s=2)
+
+
+async def test_plugin_may_only_call_declared_contracts(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        probe = pods["front"].plugins[PROBE]
+        with pytest.raises(UndeclaredCall, match="add it to probe's `calls`"):
+            await probe.kernel.call(WhoAmI())
+
+
+async def test_schema_mismatch_is_a_clear_error(start_pods: StartPods) -> None:
+    class Sleep(Request[Nobody], tag="probe.sleep"):  # same address, different schema
+        seconds: float
+        extra: str = ""
+
+    async with start_pods(TWO_PODS) as pods:
+        with pytest.raises(SchemaMismatch, match="deploy the same contract version"):
+            await pods["back"].kernel.call(Sleep(seconds=0.1))
+
+
+async def test_jobs_retry_then_succeed_and_stream_events(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        job_id = await k.submit(Crunch(n=6, fail_times=1))
+        rec = await k.wait_job(job_id, timeout_s=20)
+        assert rec.status == "done" and rec.attempts == 2
+        assert msgspec.msgpack.decode(rec.result) == {"n": 6, "square": 36, "answer": "The square of 6 is 36."}
+        types = [ev.type async for ev in k.job_events(job_id)]
+        assert types == ["job.retrying", "probe.progressed", "job.done"]
+
+
+async def test_poison_job_is_dead_lettered_with_reason(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        job_id = await k.submit(Crunch(n=1, fail_times=99))
+        rec = await k.wait_job(job_id, timeout_s=20)
+        assert rec.status == "failed" and rec.attempts == 3
+        assert rec.error is not None and rec.error["type"] == "Flaky"
+        letters = await k.bus.dead_letters("probe.crunch")
+        assert len(letters) == 1
+        data, headers = letters[0]
+        assert headers["Aiwfe-Job-Id"] == job_id
+        assert msgspec.json.decode(headers["Aiwfe-Reason"])["message"].startswith("attempt 3")
+        assert msgspec.msgpack.decode(data)["n"] == 1
+
+
+async def test_idempotency_key_gives_one_job(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        a = await k.submit(Crunch(n=2), idempotency_key="order-17")
+        b = await k.submit(Crunch(n=2), idempotency_key="order-17")
+        assert a == b
+        rec = await k.wait_job(a, timeout_s=20)
+        assert rec.status == "done" and rec.attempts == 1
+        c = await k.submit(Crunch(n=2), idempotency_key="order-17")  # after completion too
+        assert c == a
+        await asyncio.sleep(0.3)
+        done = [ev.type async for ev in k.job_events(a)]
+        assert done.count("job.done") == 1 and done.count("probe.progressed") == 1
+
+
+async def test_job_events_resume_after_a_sequence(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        job_id = await k.submit(Crunch(n=3, fail_times=1))
+        await k.wait_job(job_id, timeout_s=20)
+        events = [ev async for ev in k.job_events(job_id)]
+        resumed = [ev async for ev in k.job_events(job_id, after_seq=events[0].seq)]
+        assert [e.seq for e in resumed] == [e.seq for e in events[1:]]
+
+
+async def test_many_jobs_each_recorded_once(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        ids = [await k.submit(Crunch(n=i)) for i in range(200)]
+        recs = await asyncio.gather(*(k.wait_job(j, timeout_s=30) for j in ids))
+        assert [msgspec.msgpack.decode(r.result)["square"] for r in recs] == [i * i for i in range(200)]
+
+
+async def test_ops_endpoint_health_ready_metrics(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        front = pods["front"]
+        await front.kernel.call(Ask(text="hello"))
+        status, body = await _get(front.ops.port, "/health")
+        assert status == 200 and b'"ok"' in body
+        status, body = await _get(front.ops.port, "/ready")
+        assert status == 200 and b'"ready": true' in body
+        status, body = await _get(front.ops.port, "/metrics")
+        assert status == 200 and b'aiwfe_handled_seconds_count{contract="probe.ask",path="local"}' in body
+        status, _ = await _get(front.ops.port, "/nope")
+        assert status == 404
+
+
+async def _get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
