@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["nats_server", "percentile", "emit"]
+__all__ = ["emit", "nats_server", "percentile"]
 
 
 @contextlib.contextmanager

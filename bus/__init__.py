@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Bus", "NatsBus", "LocalBus", "JobOptions", "JobCall"]
+__all__ = ["Bus", "JobCall", "JobOptions", "LocalBus", "NatsBus"]
 
 
 def __getattr__(name: str) -> Any:

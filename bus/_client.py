@@ -103,6 +103,7 @@ class FastClient(_nc.Client):
         if not self._resp_prefix_str:
             if not self._resp_sub_prefix:
                 await self._init_request_sub()
+            assert self._resp_sub_prefix is not None
             self._resp_prefix_str = self._resp_sub_prefix.decode()
         self._call_seq += 1
         token = f"k{self._call_seq}"

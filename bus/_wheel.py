@@ -9,7 +9,7 @@ __all__ = ["DeadlineWheel"]
 
 
 class _Timer:
-    __slots__ = ("target", "expired")
+    __slots__ = ("expired", "target")
 
     def __init__(self, target: asyncio.Future[Any]) -> None:
         self.target = target

@@ -13,7 +13,7 @@ import msgspec
 
 from .codec import JobEvent, JobRecord
 
-__all__ = ["Bus", "Headers", "RemoteHandler", "EventHandler", "JobRunner", "JobOptions", "JobCall"]
+__all__ = ["Bus", "EventHandler", "Headers", "JobCall", "JobOptions", "JobRunner", "RemoteHandler"]
 
 Headers = dict[str, str]
 #: Serves one request: (payload, headers) → (reply payload, reply headers).

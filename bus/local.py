@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 from collections.abc import AsyncIterator
 from typing import Any
@@ -136,7 +137,9 @@ class LocalBus:
         for _ in range(options.concurrency):
             self._workers.append(asyncio.get_running_loop().create_task(self._worker(kind, q, options, runner)))
 
-    async def _worker(self, kind: str, q: asyncio.Queue[tuple[str, bytes, Headers, int]], options: JobOptions, runner: JobRunner) -> None:
+    async def _worker(
+        self, kind: str, q: asyncio.Queue[tuple[str, bytes, Headers, int]], options: JobOptions, runner: JobRunner
+    ) -> None:
         loop = asyncio.get_running_loop()
         while True:
             job_id, data, headers, attempt = await q.get()
@@ -184,6 +187,9 @@ class LocalBus:
             self._event_cond.notify_all()
         return seq
 
+    def _has_after(self, job_id: str, seq: int) -> bool:
+        return any(e.seq > seq for e in self._events.get(job_id, ()))
+
     async def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """Replay then follow a job's events until done or failed."""
         last = after_seq
@@ -195,6 +201,4 @@ class LocalBus:
                     if ev.type in _TERMINAL:
                         return
             async with self._event_cond:
-                await self._event_cond.wait_for(lambda: any(e.seq > last for e in self._events.get(job_id, ())))
-
-
+                await self._event_cond.wait_for(functools.partial(self._has_after, job_id, last))

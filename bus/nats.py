@@ -30,15 +30,14 @@ import msgspec
 import nats
 import nats.errors
 import nats.js.errors
-
-from ._client import FastClient
-from ._wheel import DeadlineWheel
 from nats.aio.msg import Msg
 from nats.js import api
 
 from kernel.errors import DeadlineExceeded, Unavailable
 
 from . import _jobs
+from ._client import FastClient
+from ._wheel import DeadlineWheel
 from .base import EventHandler, Headers, JobCall, JobOptions, JobRunner, RemoteHandler
 from .codec import H_ATTEMPTS, H_MSG_ID, H_REASON, H_TYPE, JobEvent, JobRecord, decode_record, encode_record, stream_names
 
@@ -108,7 +107,7 @@ class NatsBus:
             self.url,
             name=self.name,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py sleeps on it; floats work
             connect_timeout=2,
             ping_interval=5,
             max_outstanding_pings=3,
@@ -121,7 +120,7 @@ class NatsBus:
                 await connect
             else:
                 await asyncio.wait_for(connect, self.connect_timeout_s)
-        except (asyncio.TimeoutError, OSError, nats.errors.Error) as e:
+        except (TimeoutError, OSError, nats.errors.Error) as e:
             with contextlib.suppress(Exception):
                 await nc.close()
             raise Unavailable(f"cannot connect to NATS at {self.url}: {e!r}") from None
@@ -277,7 +276,7 @@ class NatsBus:
         inflight = self._inflight
 
         async def on_msg(msg: Msg) -> None:
-            t = loop.create_task(handler(msg.data, msg.headers))
+            t: asyncio.Task[None] = loop.create_task(handler(msg.data, msg.headers))  # type: ignore[arg-type]
             inflight.add(t)
             t.add_done_callback(inflight.discard)
 
@@ -302,7 +301,7 @@ class NatsBus:
         headers = {**headers, H_MSG_ID: job_id}
         try:
             ack = await self.js.publish(self.job_subject(kind), data, headers=headers, timeout=5.0)
-        except (nats.errors.Error, asyncio.TimeoutError) as e:
+        except (TimeoutError, nats.errors.Error) as e:
             raise Unavailable(f"job {job_id} not accepted by JetStream: {e!r}") from None
         return not ack.duplicate
 
@@ -349,7 +348,7 @@ class NatsBus:
                 # wait_for guards against fetches that never return after a server restart.
                 msgs = await asyncio.wait_for(psub.fetch(batch=free, timeout=1.0), timeout=6.0)
                 failures = 0
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (TimeoutError, nats.errors.TimeoutError):
                 msgs = []
             except asyncio.CancelledError:
                 for _ in range(free):
@@ -386,7 +385,12 @@ class NatsBus:
             headers = dict(m.headers or {})
             job_id = headers.get(H_MSG_ID) or f"seq{meta.sequence.stream}"
             call = JobCall(
-                job_id=job_id, kind=kind, data=m.data, headers=headers, attempt=meta.num_delivered, max_deliver=options.max_deliver
+                job_id=job_id,
+                kind=kind,
+                data=m.data,
+                headers=headers,
+                attempt=meta.num_delivered,
+                max_deliver=options.max_deliver,
             )
             try:
                 outcome, delay = await _jobs.process(self, runner, call, options)
@@ -472,7 +476,10 @@ class NatsBus:
         subject = f"{self.prefix}.events.{job_id}"
         if after_seq > 0:
             sub = await self.js.subscribe(
-                subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, config=api.ConsumerConfig(opt_start_seq=after_seq + 1)
+                subject,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                config=api.ConsumerConfig(opt_start_seq=after_seq + 1),
             )
         else:
             sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
@@ -493,4 +500,3 @@ class NatsBus:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-

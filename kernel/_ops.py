@@ -69,7 +69,7 @@ class OpsServer:
             ).encode()
             writer.write(head + (b"" if method == "HEAD" else body))
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()

@@ -23,16 +23,16 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 __all__ = [
-    "Message",
-    "Request",
-    "Job",
+    "ADDRESS_RE",
     "Event",
+    "Job",
+    "Message",
     "Reply",
+    "Request",
     "address_of",
     "kind_of",
     "reply_type",
     "schema_hash",
-    "ADDRESS_RE",
 ]
 
 R = TypeVar("R")

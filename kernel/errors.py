@@ -14,16 +14,16 @@ import msgspec
 
 __all__ = [
     "AiwfeError",
+    "BadMessage",
+    "ConfigError",
     "DeadlineExceeded",
-    "Unavailable",
     "Overloaded",
     "RemoteError",
     "SchemaMismatch",
-    "BadMessage",
+    "Unavailable",
     "UndeclaredCall",
-    "ConfigError",
-    "to_wire",
     "from_wire",
+    "to_wire",
 ]
 
 
@@ -99,8 +99,7 @@ class RemoteError(AiwfeError):
 
 
 _KNOWN: dict[str, type[AiwfeError]] = {
-    cls.__name__: cls
-    for cls in (DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, UndeclaredCall)
+    cls.__name__: cls for cls in (DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, UndeclaredCall)
 }
 
 

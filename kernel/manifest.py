@@ -32,14 +32,14 @@ import msgspec
 from .errors import ConfigError
 
 __all__ = [
+    "Autoscaling",
     "Manifest",
-    "System",
     "Pod",
     "Resources",
-    "Autoscaling",
+    "System",
+    "interpolate",
     "load_manifest",
     "parse_manifest",
-    "interpolate",
 ]
 
 

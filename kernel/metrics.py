@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["REGISTRY", "FastHistogram", "handled", "failed", "render", "JOBS", "REDELIVERIES", "DEAD_LETTERS", "READY"]
+__all__ = ["DEAD_LETTERS", "JOBS", "READY", "REDELIVERIES", "REGISTRY", "FastHistogram", "failed", "handled", "render"]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
 
 
 class FastHistogram:
@@ -63,7 +61,10 @@ class _HandledCollector(Collector):
 _handled = _HandledCollector()
 REGISTRY.register(_handled)
 FAILED = Counter(
-    "aiwfe_failed_total", "Calls that ended in an error, per contract, path and error code", ["contract", "path", "code"], registry=REGISTRY
+    "aiwfe_failed_total",
+    "Calls that ended in an error, per contract, path and error code",
+    ["contract", "path", "code"],
+    registry=REGISTRY,
 )
 JOBS = Counter("aiwfe_jobs_total", "Job deliveries by kind and outcome", ["kind", "outcome"], registry=REGISTRY)
 REDELIVERIES = Counter("aiwfe_job_redeliveries_total", "Job deliveries after the first", ["kind"], registry=REGISTRY)

@@ -39,7 +39,7 @@ from .contract import address_of, kind_of, reply_type
 if TYPE_CHECKING:
     from .runtime import Caller
 
-__all__ = ["Plugin", "serves", "HandlerOptions", "HandlerSpec", "handlers_of", "validate_plugin_class"]
+__all__ = ["HandlerOptions", "HandlerSpec", "Plugin", "handlers_of", "serves", "validate_plugin_class"]
 
 
 class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):

@@ -58,7 +58,12 @@ def make_bus(manifest: Manifest, *, name: str, connect_timeout_s: float | None =
     from bus.nats import NatsBus
 
     return NatsBus(
-        url, s.subject_prefix, name=name, connect_timeout_s=connect_timeout_s, event_ttl_s=s.event_ttl_s, result_ttl_s=s.job_result_ttl_s
+        url,
+        s.subject_prefix,
+        name=name,
+        connect_timeout_s=connect_timeout_s,
+        event_ttl_s=s.event_ttl_s,
+        result_ttl_s=s.job_result_ttl_s,
     )
 
 
@@ -69,7 +74,9 @@ class PodRunner:
     ``ops_port`` None takes the pod's ``ops_port`` from the manifest (0 = any free port).
     """
 
-    def __init__(self, manifest: Manifest, pod: str, bus: Bus, *, ops_port: int | None = None, ops_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, manifest: Manifest, pod: str, bus: Bus, *, ops_port: int | None = None, ops_host: str = "127.0.0.1"
+    ) -> None:
         self.manifest = manifest
         self.pod_name = pod
         self.pod = manifest.pod(pod)

@@ -18,7 +18,7 @@ from .contract import address_of, kind_of
 from .manifest import Manifest
 from .plugin import Plugin, config_type, handlers_of, validate_plugin_class
 
-__all__ = ["discover", "resolve", "check_manifests", "Problem"]
+__all__ = ["Problem", "check_manifests", "discover", "resolve"]
 
 ENTRY_POINT_GROUP = "aiwfe.plugins"
 
@@ -94,7 +94,11 @@ def check_manifests(manifests: Iterable[Manifest]) -> list[Problem]:
         for pname, raw in m.plugins.items():
             if pname not in classes:
                 problems.append(
-                    Problem(f"{src}: [plugins.{pname}]", "configures a plugin no pod runs", "remove the table or add the plugin to a pod")
+                    Problem(
+                        f"{src}: [plugins.{pname}]",
+                        "configures a plugin no pod runs",
+                        "remove the table or add the plugin to a pod",
+                    )
                 )
                 continue
             try:
@@ -112,10 +116,10 @@ def check_manifests(manifests: Iterable[Manifest]) -> list[Problem]:
         for pod_name, pod in m.pods.items():
             in_pod: dict[str, str] = {}
             for pname in pod.plugins:
-                cls = classes.get(pname)
-                if cls is None:
+                pcls = classes.get(pname)
+                if pcls is None:
                     continue
-                for spec in handlers_of(cls):
+                for spec in handlers_of(pcls):
                     if spec.address == "?":
                         continue
                     if spec.address in in_pod and spec.kind != "event":

@@ -51,7 +51,7 @@ from .errors import (
 )
 from .plugin import HandlerSpec, Plugin
 
-__all__ = ["Kernel", "Caller", "JobContext", "current_job", "current_deadline", "Limiter"]
+__all__ = ["Caller", "JobContext", "Kernel", "Limiter", "current_deadline", "current_job"]
 
 log = logging.getLogger("aiwfe.kernel")
 R = TypeVar("R")
@@ -78,7 +78,7 @@ class Limiter:
     A released slot is handed straight to the oldest waiter (first come, first served).
     """
 
-    __slots__ = ("name", "limit", "max_queue", "active", "_waiters")
+    __slots__ = ("_waiters", "active", "limit", "max_queue", "name")
 
     def __init__(self, name: str, limit: int, max_queue: int) -> None:
         self.name = name
@@ -123,7 +123,7 @@ class Limiter:
 class JobContext:
     """What a job handler can see of its job: id, attempt, and ``emit`` for progress events."""
 
-    __slots__ = ("job_id", "kind", "attempt", "max_deliver", "_bus")
+    __slots__ = ("_bus", "attempt", "job_id", "kind", "max_deliver")
 
     def __init__(self, call: JobCall, bus: Bus) -> None:
         self.job_id = call.job_id
@@ -146,8 +146,18 @@ class Endpoint:
     """One contract served in this pod: decoding, limits, deadline, error mapping."""
 
     __slots__ = (
-        "spec", "contract", "fn", "limiter", "schema", "schema_raw", "decoder", "json_decoder", "timeout_s", "m_local",
-        "m_remote", "wheel",
+        "contract",
+        "decoder",
+        "fn",
+        "json_decoder",
+        "limiter",
+        "m_local",
+        "m_remote",
+        "schema",
+        "schema_raw",
+        "spec",
+        "timeout_s",
+        "wheel",
     )  # fmt: skip
 
     def __init__(self, spec: HandlerSpec, plugin: Plugin, wheel: DeadlineWheel) -> None:
@@ -158,8 +168,8 @@ class Endpoint:
         self.limiter = Limiter(spec.address, spec.options.concurrency, spec.options.max_queue)
         self.schema = schema_hash(spec.contract)
         self.schema_raw = bytes.fromhex(self.schema)
-        self.decoder = msgspec.msgpack.Decoder(spec.contract)
-        self.json_decoder = msgspec.json.Decoder(spec.contract)
+        self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(spec.contract)
+        self.json_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(spec.contract)
         self.timeout_s = spec.options.timeout_s
         self.m_local = metrics.handled(spec.address, "local")
         self.m_remote = metrics.handled(spec.address, "remote")
@@ -313,7 +323,9 @@ class Kernel:
                 await self.bus.subscribe(self.subject(contract), self._event_handler(ep))
         for contract, ep in self.jobs.items():
             o = ep.spec.options
-            opts = JobOptions(concurrency=o.concurrency, ack_wait_s=o.ack_wait_s, max_deliver=o.max_deliver, backoff_s=o.backoff_s)
+            opts = JobOptions(
+                concurrency=o.concurrency, ack_wait_s=o.ack_wait_s, max_deliver=o.max_deliver, backoff_s=o.backoff_s
+            )
             await self.bus.consume(address_of(contract), opts, self._job_runner(ep))
 
     def _event_handler(self, ep: Endpoint) -> Any:
@@ -450,7 +462,7 @@ class Kernel:
 class Caller:
     """A plugin's handle on the kernel; it may only use the contracts it declared."""
 
-    __slots__ = ("_kernel", "_plugin", "_allowed")
+    __slots__ = ("_allowed", "_kernel", "_plugin")
 
     def __init__(self, kernel: Kernel, plugin: str, allowed: frozenset[type]) -> None:
         self._kernel = kernel
@@ -460,8 +472,7 @@ class Caller:
     def _check(self, contract: type) -> None:
         if contract not in self._allowed:
             raise UndeclaredCall(
-                f"plugin {self._plugin} uses {contract.__qualname__} without declaring it; "
-                f"add it to {self._plugin}'s `calls`"
+                f"plugin {self._plugin} uses {contract.__qualname__} without declaring it; add it to {self._plugin}'s `calls`"
             )
 
     async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R:

@@ -123,5 +123,3 @@ async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
         with contextlib.suppress(ProcessLookupError):
             await asyncio.wait_for(proc.wait(), manifest.system.drain_timeout_s + 5)
     return 0
-
-

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kernel.contract import Reply, Request
 
-__all__ = ["Perceive", "Perception", "ExpertiseScore"]
+__all__ = ["ExpertiseScore", "Perceive", "Perception"]
 
 
 class ExpertiseScore(Reply):

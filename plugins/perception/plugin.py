@@ -51,6 +51,8 @@ class PerceptionPlugin(Plugin):
 
         expertise: dict[str, list[str]] = msgspec.field(default_factory=lambda: dict(_DEFAULT_EXPERTISE))
 
+    config: Config
+
     @serves(Perceive, concurrency=256)
     async def perceive(self, req: Perceive) -> Perception:
         """Analyse the text (see the module docstring)."""
@@ -63,7 +65,9 @@ def analyse(text: str, expertise: dict[str, list[str]], max_tags: int) -> Percep
     lower = [w.lower().strip(".") for w in words]
     bag = set(lower)
     stripped = text.strip()
-    if stripped.endswith("?") or (lower and lower[0] in {"what", "how", "why", "when", "where", "who", "which", "can", "is", "are"}):
+    if stripped.endswith("?") or (
+        lower and lower[0] in {"what", "how", "why", "when", "where", "who", "which", "can", "is", "are"}
+    ):
         intent = "question"
     elif lower and lower[0] in _COMMAND:
         intent = "command"

@@ -38,6 +38,8 @@ class ReasoningPlugin(Plugin):
         latency_s: float = 0.0
         max_concurrency: int = 64
 
+    config: Config
+
     def __init__(self, config: Config, kernel: object) -> None:
         if config.provider != "extractive":
             raise ConfigError(f"reasoning: unknown provider {config.provider!r}; available: extractive")

@@ -56,7 +56,9 @@ def _publish(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProc
 
 async def test_external_json_publisher_rpc_and_job(start_pods: StartPods, nats_url: str, prefix: str) -> None:
     async with start_pods(TWO_PODS):
-        r = await asyncio.to_thread(_publish, nats_url, prefix, f"{prefix}.perception.perceive", '{"text": "Deploy it to Kubernetes"}')
+        r = await asyncio.to_thread(
+            _publish, nats_url, prefix, f"{prefix}.perception.perceive", '{"text": "Deploy it to Kubernetes"}'
+        )
         assert r.returncode == 0, r.stderr
         reply = json.loads(r.stdout)
         assert reply["intent"] == "command" and reply["expertise"][0]["tag"] == "devops"
@@ -104,5 +106,10 @@ async def test_stopping_pod_returns_unfinished_jobs(nats_url: str, prefix: str) 
 
 def test_probe_module_importable_by_children() -> None:
     # The placement suite starts pods as child processes that import the probe plugin by path.
-    r = subprocess.run([sys.executable, "-c", f"import {PROBE.split(':')[0]}"], cwd=Path(__file__).resolve().parents[2], env={**os.environ}, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", f"import {PROBE.split(':')[0]}"],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ},
+        timeout=60,
+    )
     assert r.returncode == 0

@@ -86,7 +86,9 @@ class ProbePlugin(Plugin):
         await ctx.emit(Progressed(n=job.n, step="started"))
         if job.delay_s:
             await asyncio.sleep(job.delay_s)
-        r = await self.kernel.call(Reason(role="math", task=f"square of {job.n}", context=[f"The square of {job.n} is {job.n * job.n}."]))
+        r = await self.kernel.call(
+            Reason(role="math", task=f"square of {job.n}", context=[f"The square of {job.n} is {job.n * job.n}."])
+        )
         return Crunched(n=job.n, square=job.n * job.n, answer=r.answer)
 
     @serves(Sleep, concurrency=2, max_queue=2)
@@ -117,3 +119,25 @@ class WhoPlugin(Plugin):
     @serves(WhoAmI)
     async def whoami(self, req: WhoAmI) -> Pid:
         return Pid(pid=os.getpid())
+
+
+class Tally(Job[Crunched], tag="probe.tally"):
+    """A job for fault tests: generous redelivery budget, short ack wait."""
+
+    n: int
+    delay_s: float = 0.02
+
+
+class TallyPlugin(Plugin):
+    """Consumes probe.tally; calls reasoning on every job (a remote call when split)."""
+
+    name = "tally"
+    calls = (Reason,)
+
+    @serves(Tally, concurrency=64, ack_wait_s=2.0, max_deliver=20, backoff_s=(0.2, 0.5, 1.0))
+    async def tally(self, job: Tally) -> Crunched:
+        await asyncio.sleep(job.delay_s)
+        r = await self.kernel.call(
+            Reason(role="math", task=f"square of {job.n}", context=[f"The square of {job.n} is {job.n * job.n}."]), timeout_s=2
+        )
+        return Crunched(n=job.n, square=job.n * job.n, answer=r.answer)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import msgspec
 import pytest
@@ -73,7 +72,9 @@ class Unserved(Request[Nobody], tag="nobody.home"):
 
 async def test_call_crosses_pods_and_returns_typed_reply(start_pods: StartPods) -> None:
     async with start_pods(TWO_PODS) as pods:
-        a = await pods["front"].kernel.call(Ask(text="How fast is the Postgres database index?", context=["An index makes a database query fast. Rain is wet."]))
+        a = await pods["front"].kernel.call(
+            Ask(text="How fast is the Postgres database index?", context=["An index makes a database query fast. Rain is wet."])
+        )
         assert a.intent == "question"
         assert a.tags[:2] == ["database", "performance"]
         assert a.answer == "An index makes a database query fast."
@@ -224,5 +225,3 @@ async def _get(port: int, path: str) -> tuple[int, bytes]:
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
-
-

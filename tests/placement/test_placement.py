@@ -1,0 +1,134 @@
+"""The placement suite: one end-to-end test body under every shipped manifest.
+
+Each manifest's pods run as child processes (``aiwfe run``), talking only over NATS;
+the test process is an outside client with a kernel and no plugins. The test-only
+probe plugins join the manifest: into the single pod for the monolith, as pods of
+their own otherwise. Results must equal what the plugins' pure functions give, so
+every placement gives identical results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from bus.nats import NatsBus
+from kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
+from kernel.runtime import Kernel
+from plugins.perception.plugin import _DEFAULT_EXPERTISE, analyse
+from plugins.reasoning.plugin import extract
+from tests.support.pods import dump_toml, run_pods
+from tests.support.probe import Ask, Boom, Crunch, Sleep, Tally
+from tests.unit.test_runtime import Unserved
+
+pytestmark = [pytest.mark.integration, pytest.mark.placement, pytest.mark.usefixtures("cleanup_streams")]
+
+PLACEMENTS = ["monolith", "consolidated", "microservices"]
+TEST_PLUGINS = ["tests.support.probe:ProbePlugin", "tests.support.probe:TallyPlugin"]
+ASKS = [
+    ("How do I make the Postgres database query fast?", ["An index makes a query fast. Cats purr.", "Vacuum the table often."]),
+    ("Deploy the service to Kubernetes with a CI pipeline", ["Use a Deployment. A pipeline builds the container image."]),
+    ("Write the docs for the JWT token security review", ["Tokens expire. The review found no vulnerability."]),
+    ("Is the React page slow?", []),
+]
+RESULTS: dict[str, Any] = {}
+
+
+def build_manifest(name: str, prefix: str, root: Path) -> dict[str, Any]:
+    data = tomllib.loads((root / "manifests" / f"{name}.toml").read_text())
+    data["system"]["subject_prefix"] = prefix
+    if name == "monolith":
+        next(iter(data["pods"].values()))["plugins"] += TEST_PLUGINS
+    elif name == "consolidated":  # the front plugin where the gateway goes, jobs on the worker engine
+        data["pods"].setdefault("unified-api-gateway", {"plugins": []})["plugins"] += TEST_PLUGINS[:1]
+        data["pods"].setdefault("background-worker-engine", {"plugins": []})["plugins"] += TEST_PLUGINS[1:]
+    else:
+        data["pods"]["probe"] = {"plugins": TEST_PLUGINS[:1]}
+        data["pods"]["tally"] = {"plugins": TEST_PLUGINS[1:]}
+    return data
+
+
+@pytest.fixture(params=PLACEMENTS)
+async def system(
+    request: pytest.FixtureRequest, prefix: str, nats_url: str, tmp_path: Path, repo_root: Path
+) -> AsyncIterator[tuple[str, Kernel, dict[str, Any]]]:
+    data = build_manifest(request.param, prefix, repo_root)
+    path = tmp_path / f"{request.param}.toml"
+    path.write_text(dump_toml(data))
+    cm = run_pods(path, list(data["pods"]), {"NATS_URL": nats_url}, tmp_path)
+    pods = await asyncio.to_thread(cm.__enter__)
+    bus = NatsBus(nats_url, prefix, name="placement-client")
+    await bus.start()
+    try:
+        yield request.param, Kernel(bus), pods
+    finally:
+        await bus.close()
+        await asyncio.to_thread(cm.__exit__, None, None, None)
+
+
+def expected_answer(text: str, context: list[str]) -> dict[str, Any]:
+    p = analyse(text, _DEFAULT_EXPERTISE, 5)
+    answer, confidence = extract("generalist", text, context, 3)
+    return {"intent": p.intent, "tags": [e.tag for e in p.expertise], "answer": answer, "confidence": confidence}
+
+
+def _count(metrics_text: str, contract: str, path: str) -> float:
+    m = re.search(rf'aiwfe_handled_seconds_count{{contract="{re.escape(contract)}",path="{path}"}} ([0-9.e+]+)', metrics_text)
+    return float(m.group(1)) if m else 0.0
+
+
+@pytest.mark.timeout(180)
+async def test_end_to_end(system: tuple[str, Kernel, dict[str, Any]]) -> None:
+    placement, k, pods = system
+    # RPC through a front plugin that calls perception and reasoning
+    answers = [msgspec.to_builtins(await k.call(Ask(text=t, context=c))) for t, c in ASKS]
+    assert answers == [expected_answer(t, c) for t, c in ASKS]
+
+    # durable jobs, through two job consumers
+    crunch_ids = [await k.submit(Crunch(n=i)) for i in range(40)]
+    tally_ids = [await k.submit(Tally(n=i, delay_s=0.0)) for i in range(100)]
+    recs = await asyncio.gather(*(k.wait_job(j, timeout_s=60) for j in crunch_ids + tally_ids))
+    squares = [msgspec.msgpack.decode(r.result)["square"] for r in recs]
+    assert squares == [i * i for i in range(40)] + [i * i for i in range(100)]
+    assert all(r.attempts == 1 for r in recs)
+    retried = await k.submit(Crunch(n=5, fail_times=2))
+    rec = await k.wait_job(retried, timeout_s=30)
+    assert (rec.status, rec.attempts) == ("done", 3)
+    events = [ev.type async for ev in k.job_events(retried)]
+    assert events == ["job.retrying", "job.retrying", "probe.progressed", "job.done"]
+
+    # error semantics
+    with pytest.raises(RemoteError) as e:
+        await k.call(Boom(message="nope"))
+    assert (e.value.type, e.value.message) == ("ValueError", "nope")
+    with pytest.raises(DeadlineExceeded):
+        await k.call(Sleep(seconds=3), timeout_s=0.2)
+    await asyncio.sleep(3)  # let the abandoned sleeps finish before the overload check
+    burst = await asyncio.gather(*(k.call(Sleep(seconds=0.5)) for _ in range(8)), return_exceptions=True)
+    assert sum(isinstance(r, Overloaded) for r in burst) == 4
+    with pytest.raises(Unavailable):
+        await k.call(Unserved(), timeout_s=2)
+
+    # routing: in-process when co-located, over NATS otherwise
+    served_by = {name: (await asyncio.to_thread(p.get, "/metrics"))[1].decode() for name, p in pods.items()}
+    local = sum(_count(t, "perception.perceive", "local") for t in served_by.values())
+    remote = sum(_count(t, "perception.perceive", "remote") for t in served_by.values())
+    if placement == "monolith":
+        assert (local, remote) == (len(ASKS), 0)
+    else:
+        assert (local, remote) == (0, len(ASKS))
+    RESULTS[placement] = {"answers": answers, "squares": squares, "events": events}
+
+
+def test_placements_agree() -> None:
+    if len(RESULTS) < len(PLACEMENTS):
+        pytest.skip("runs after the end-to-end test of every placement")
+    first = RESULTS[PLACEMENTS[0]]
+    assert all(RESULTS[p] == first for p in PLACEMENTS)

@@ -1,0 +1,115 @@
+"""Run a manifest's pods as child processes (``aiwfe run``), as production would."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bus.embedded import free_port
+
+__all__ = ["PodProcess", "dump_toml", "run_pods"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(k)} = {_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(type(v))
+
+
+def dump_toml(data: dict[str, Any], path: tuple[str, ...] = ()) -> str:
+    """Write a nested dict as TOML (enough for manifests: tables, scalars, lists)."""
+    lines, tables = [], []
+    for k, v in data.items():
+        if isinstance(v, dict) and (
+            not v or any(isinstance(x, dict) for x in v.values()) or path == () or path[0] in ("pods", "plugins")
+        ):
+            tables.append((k, v))
+        else:
+            lines.append(f"{json.dumps(k)} = {_value(v)}")
+    out = ""
+    if path and lines:
+        out += "[" + ".".join(json.dumps(p) for p in path) + "]\n"
+    out += "".join(line + "\n" for line in lines)
+    for k, v in tables:
+        out += "\n" + dump_toml(v, (*path, k))
+    return out
+
+
+class PodProcess:
+    """One ``aiwfe run`` child."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], ops_port: int, log: Path) -> None:
+        self.name = name
+        self.proc = proc
+        self.ops_port = ops_port
+        self.log = log
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        """GET a path on the pod's ops port."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ops_port}{path}", timeout=2) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def ready(self) -> bool:
+        """True when ``/ready`` answers 200."""
+        try:
+            return self.get("/ready")[0] == 200
+        except OSError:
+            return False
+
+
+@contextlib.contextmanager
+def run_pods(
+    manifest: Path, pods: list[str], env: dict[str, str], logdir: Path, timeout_s: float = 30
+) -> Iterator[dict[str, PodProcess]]:
+    """Start each pod as ``aiwfe run`` and wait until every one is ready; SIGTERM them after."""
+    procs: dict[str, PodProcess] = {}
+    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    try:
+        for name in pods:
+            port = free_port()
+            log = logdir / f"{name}.log"
+            with open(log, "wb") as fh:
+                p = subprocess.Popen(
+                    [sys.executable, "-m", "kernel.cli", "run", "-m", str(manifest), "--pod", name, "--ops-port", str(port)],
+                    cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            procs[name] = PodProcess(name, p, port, log)
+        end = time.monotonic() + timeout_s
+        for pp in procs.values():
+            while not pp.ready():
+                if pp.proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"pod {pp.name} did not become ready:\n{pp.log.read_text()[-3000:]}")
+                time.sleep(0.05)
+        yield procs
+    finally:
+        for pp in procs.values():
+            if pp.proc.poll() is None:
+                pp.proc.send_signal(signal.SIGTERM)
+        for pp in procs.values():
+            try:
+                pp.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                pp.proc.kill()
+                pp.proc.wait()
