@@ -12,6 +12,7 @@ silently dropped by the server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Protocol
 
@@ -28,10 +29,31 @@ log = logging.getLogger("aiwfe.jobs")
 EV_DONE = "job.done"
 EV_FAILED = "job.failed"
 EV_RETRYING = "job.retrying"
+EV_CANCELLED = "job.cancelled"
+TERMINAL = (EV_DONE, EV_FAILED, EV_CANCELLED)
 _enc = msgspec.msgpack.Encoder()
 
 
+class Running:
+    """The job deliveries running in this process, so that a cancel can reach them."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, asyncio.Task[Any]] = {}
+        self.cancelled: set[str] = set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel the delivery of ``job_id`` if it runs here; True when it did."""
+        t = self.tasks.get(job_id)
+        if t is None or t.done():
+            return False
+        self.cancelled.add(job_id)
+        t.cancel()
+        return True
+
+
 class _Store(Protocol):
+    running: Running
+
     async def job_record(self, job_id: str) -> JobRecord | None: ...
     async def put_record(self, rec: JobRecord) -> bool: ...
     async def emit(self, job_id: str, type: str, data: bytes) -> int: ...
@@ -70,8 +92,18 @@ async def process(store: _Store, runner: JobRunner, call: JobCall, options: JobO
         reason = {"type": "WorkerLost", "message": f"no outcome after {options.max_deliver} attempts", "retryable": False}
         await _fail(store, call, reason)
         return "term", 0.0
+    task = asyncio.current_task()
+    assert task is not None
+    store.running.tasks[call.job_id] = task
     try:
         result = await runner(call)
+    except asyncio.CancelledError:
+        if call.job_id not in store.running.cancelled:
+            raise  # the pod is stopping: the job goes back to the stream
+        store.running.cancelled.discard(call.job_id)
+        task.uncancel()
+        metrics.JOBS.labels(kind, "cancelled").inc()
+        return "term", 0.0
     except Exception as e:
         reason = _reason(e)
         final = call.attempt >= options.max_deliver or isinstance(e, (BadMessage, SchemaMismatch))
@@ -82,6 +114,8 @@ async def process(store: _Store, runner: JobRunner, call: JobCall, options: JobO
         metrics.JOBS.labels(kind, "retry").inc()
         await store.emit(call.job_id, EV_RETRYING, _enc.encode({"attempt": call.attempt, **reason}))
         return "nak", backoff_for(options, call.attempt)
+    finally:
+        store.running.tasks.pop(call.job_id, None)
     rec = JobRecord(job_id=call.job_id, kind=kind, status="done", result=result, attempts=call.attempt)
     if await store.put_record(rec):
         metrics.JOBS.labels(kind, "done").inc()
@@ -98,3 +132,18 @@ async def _fail(store: _Store, call: JobCall, reason: dict[str, Any]) -> None:
     if await store.put_record(rec):
         metrics.JOBS.labels(call.kind, "failed").inc()
         await store.emit(call.job_id, EV_FAILED, _enc.encode(reason))
+
+
+async def cancel(store: _Store, job_id: str, reason: str) -> bool:
+    """Record ``job_id`` as cancelled (unless it already has an outcome) and emit ``job.cancelled``.
+
+    Returns True when this call recorded the cancellation. Deliveries that start later
+    find the record and are acked without running; running ones are cancelled by the
+    bus's cancel broadcast (:meth:`Running.cancel`).
+    """
+    reason_d = {"type": "Cancelled", "message": reason, "retryable": False}
+    rec = JobRecord(job_id=job_id, kind="", status="cancelled", error=reason_d, attempts=0)
+    if not await store.put_record(rec):
+        return False
+    await store.emit(job_id, EV_CANCELLED, _enc.encode(reason_d))
+    return True

@@ -7,7 +7,7 @@ implementations give the same semantics, so the kernel cannot tell them apart.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -78,6 +78,9 @@ class Bus(Protocol):
     async def consume(self, kind: str, options: JobOptions, runner: JobRunner) -> None:
         """Start consuming jobs of ``kind`` with ``runner``."""
 
+    async def flush(self) -> None:
+        """Return once the server has processed everything sent so far (subscriptions included)."""
+
     async def stop_taking_work(self) -> None:
         """Stop receiving new requests, events and jobs; in-flight work continues."""
 
@@ -93,6 +96,15 @@ class Bus(Protocol):
     def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """Replay then follow a job's events with sequence > ``after_seq``."""
         ...
+
+    async def cancel_job(self, job_id: str, reason: str) -> bool:
+        """Record the job cancelled (unless finished) and stop it wherever it runs."""
+
+    async def answer(self, subject: str, provider: Callable[[], dict[str, Any]]) -> None:
+        """Answer every request on ``subject`` (no queue group) with ``provider()`` as JSON."""
+
+    async def gather(self, subject: str, timeout_s: float) -> list[dict[str, Any]]:
+        """Send one request on ``subject`` and collect every answer within ``timeout_s``."""
 
     async def dead_letters(self, kind: str | None = None) -> list[tuple[bytes, Headers]]:
         """Dead-lettered jobs (payload and headers, including the reason)."""

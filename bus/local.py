@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -27,7 +27,7 @@ from .codec import H_ATTEMPTS, H_MSG_ID, H_REASON, JobEvent, JobRecord
 
 __all__ = ["LocalBus"]
 
-_TERMINAL = (_jobs.EV_DONE, _jobs.EV_FAILED)
+_TERMINAL = _jobs.TERMINAL
 
 
 class LocalBus:
@@ -49,6 +49,8 @@ class LocalBus:
         self._workers: list[asyncio.Task[Any]] = []
         self._mine: list[tuple[dict[str, list[Any]], str, Any]] = []
         self._stopping = False
+        self.running = _jobs.Running()
+        self._answers: dict[str, list[Callable[[], dict[str, Any]]]] = {}
 
     async def start(self) -> None:
         """Nothing to connect."""
@@ -56,6 +58,9 @@ class LocalBus:
     def ready(self) -> str | None:
         """Always ready."""
         return None
+
+    async def flush(self) -> None:
+        """Nothing is buffered."""
 
     async def stop_taking_work(self) -> None:
         """Stop job workers; unregister handlers."""
@@ -165,6 +170,21 @@ class LocalBus:
     async def job_record(self, job_id: str) -> JobRecord | None:
         """The stored outcome, or None."""
         return self._records.get(job_id)
+
+    async def answer(self, subject: str, provider: Callable[[], dict[str, Any]]) -> None:
+        """Register a status provider for ``subject``."""
+        self._answers.setdefault(subject, []).append(provider)
+        self._mine.append((self._answers, subject, provider))
+
+    async def gather(self, subject: str, timeout_s: float) -> list[dict[str, Any]]:
+        """Every registered provider's answer."""
+        return [msgspec.json.decode(msgspec.json.encode(p())) for p in list(self._answers.get(subject, ()))]
+
+    async def cancel_job(self, job_id: str, reason: str) -> bool:
+        """Record the cancellation once and stop the job if it runs."""
+        created = await _jobs.cancel(self, job_id, reason)
+        self.running.cancel(job_id)
+        return created
 
     async def dead_letter(self, call: JobCall, reason: dict[str, Any]) -> None:
         """Keep a dead letter with its reason."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -44,7 +44,7 @@ from .codec import H_ATTEMPTS, H_MSG_ID, H_REASON, H_TYPE, JobEvent, JobRecord, 
 __all__ = ["NatsBus"]
 
 log = logging.getLogger("aiwfe.bus.nats")
-_TERMINAL = (_jobs.EV_DONE, _jobs.EV_FAILED)
+_TERMINAL = _jobs.TERMINAL
 
 
 class NatsBus:
@@ -83,6 +83,7 @@ class NatsBus:
         self._loops: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._running_jobs: dict[int, Msg] = {}
+        self.running = _jobs.Running()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -128,6 +129,12 @@ class NatsBus:
         self.js = nc.jetstream()
         await self._ensure_streams()
 
+        async def on_cancel(msg: Msg) -> None:
+            self.running.cancel(msg.data.decode(errors="replace"))
+
+        # Not in self._subs: a draining pod still honours cancels for the jobs it finishes.
+        await nc.subscribe(f"{self.prefix}.control.cancel", cb=on_cancel)
+
     async def _ensure_streams(self) -> None:
         n, p = self.names, self.prefix
         configs = [
@@ -172,6 +179,10 @@ class NatsBus:
         if not self.nc.is_connected:
             return f"NATS: {'reconnecting' if self.nc.is_reconnecting else 'disconnected'} ({self.url})"
         return None
+
+    async def flush(self) -> None:
+        """PING/PONG round trip: the server has processed our subscriptions."""
+        await self._conn().flush(timeout=5)
 
     async def stop_taking_work(self) -> None:
         """Unsubscribe request/event handlers and stop fetching jobs."""
@@ -463,6 +474,40 @@ class NatsBus:
         finally:
             await sub.unsubscribe()
         return out
+
+    async def answer(self, subject: str, provider: Callable[[], dict[str, Any]]) -> None:
+        """Reply to every request on ``subject`` with ``provider()`` as JSON (all pods answer)."""
+        nc = self._conn()
+
+        async def on_msg(msg: Msg) -> None:
+            if msg.reply:
+                await nc.publish(msg.reply, msgspec.json.encode(provider()))
+
+        self._subs.append(await nc.subscribe(subject, cb=on_msg))
+
+    async def gather(self, subject: str, timeout_s: float) -> list[dict[str, Any]]:
+        """One request, every answer that arrives within ``timeout_s``."""
+        nc = self._conn()
+        inbox = nc.new_inbox()
+        out: list[dict[str, Any]] = []
+
+        async def on_msg(msg: Msg) -> None:
+            with contextlib.suppress(msgspec.DecodeError):
+                out.append(msgspec.json.decode(msg.data))
+
+        sub = await nc.subscribe(inbox, cb=on_msg)
+        try:
+            await nc.publish(subject, b"", reply=inbox)
+            await asyncio.sleep(timeout_s)
+        finally:
+            await sub.unsubscribe()
+        return out
+
+    async def cancel_job(self, job_id: str, reason: str) -> bool:
+        """Record the cancellation once, then tell every pod to stop the job if it runs it."""
+        created = await _jobs.cancel(self, job_id, reason)
+        await self._conn().publish(f"{self.prefix}.control.cancel", job_id.encode())
+        return created
 
     # -- job events --------------------------------------------------------------
 

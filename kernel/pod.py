@@ -128,6 +128,17 @@ class PodRunner:
                 reasons.append(f"{name}: {pr}")
         return reasons
 
+    def status(self) -> dict[str, Any]:
+        """This pod's status as ``aiwfe`` pods report it to each other."""
+        reasons = self._not_ready()
+        return {
+            "pod": self.pod_name,
+            "plugins": list(self.plugins),
+            "ready": not reasons,
+            "reasons": reasons,
+            "ops_url": self.ops.url,
+        }
+
     @property
     def ready(self) -> bool:
         """True while serving and every dependency is up."""
@@ -143,6 +154,8 @@ class PodRunner:
                 log.info("pod %s: entering %s", self.pod_name, name)
                 await self._stack.enter_async_context(plugin.lifespan())
             await self.kernel.start()
+            await self.bus.answer(f"{self.bus.prefix}.control.status", self.status)
+            await self.bus.flush()  # the server has every subscription before we say ready
         except BaseException:
             await self._stack.aclose()
             await self.bus.close()

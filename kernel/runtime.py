@@ -430,6 +430,30 @@ class Kernel:
         await self.bus.submit(address_of(contract), _enc.encode(job), headers, job_id)
         return job_id
 
+    async def submit_json(
+        self, address: str, data: bytes, *, job_id: str | None = None, idempotency_key: str | None = None
+    ) -> str:
+        """Durably enqueue a job given as JSON (the gateway's path: no contract import needed).
+
+        The consumer decodes it against its contract and answers a bad payload by
+        dead-lettering the job with a ``BadMessage`` reason.
+        """
+        if job_id is None:
+            job_id = (
+                uuid.uuid5(uuid.NAMESPACE_URL, f"aiwfe:{address}:{idempotency_key}").hex if idempotency_key else uuid.uuid4().hex
+            )
+        headers = {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}
+        tp = _trace.get()
+        if tp:
+            headers[H_TRACE] = tp
+        await self.bus.submit(address, data, headers, job_id)
+        return job_id
+
+    async def cancel_job(self, job_id: str, reason: str = "cancelled by the client") -> bool:
+        """Cancel a job: recorded as ``cancelled`` unless it already has an outcome, and
+        stopped in whichever pod runs it. Returns True when this call cancelled it."""
+        return await self.bus.cancel_job(job_id, reason)
+
     async def job_record(self, job_id: str) -> JobRecord | None:
         """The stored outcome of a job, None while pending or unknown."""
         return await self.bus.job_record(job_id)
@@ -453,6 +477,14 @@ class Kernel:
     def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """Replay then follow a job's events after sequence ``after_seq``."""
         return self.bus.job_events(job_id, after_seq)
+
+    async def cluster_status(self, timeout_s: float = 0.5) -> list[dict[str, Any]]:
+        """Ask every running pod for its status: ``{pod, plugins, ready, reasons, ops_url}``.
+
+        Pods answer on ``<prefix>.control.status``; this collects the answers that arrive
+        within ``timeout_s``, sorted by pod name.
+        """
+        return sorted(await self.bus.gather(f"{self.bus.prefix}.control.status", timeout_s), key=lambda s: str(s.get("pod")))
 
     def caller_for(self, plugin_name: str, allowed: tuple[type, ...]) -> Caller:
         """A :class:`Caller` restricted to the contracts a plugin declared in ``calls``."""
@@ -502,3 +534,17 @@ class Caller:
     def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """See :meth:`Kernel.job_events`."""
         return self._kernel.job_events(job_id, after_seq)
+
+    async def submit_json(
+        self, address: str, data: bytes, *, job_id: str | None = None, idempotency_key: str | None = None
+    ) -> str:
+        """See :meth:`Kernel.submit_json` (not checked against ``calls``: the address is data)."""
+        return await self._kernel.submit_json(address, data, job_id=job_id, idempotency_key=idempotency_key)
+
+    async def cancel_job(self, job_id: str, reason: str = "cancelled by the client") -> bool:
+        """See :meth:`Kernel.cancel_job`."""
+        return await self._kernel.cancel_job(job_id, reason)
+
+    async def cluster_status(self, timeout_s: float = 0.5) -> list[dict[str, Any]]:
+        """See :meth:`Kernel.cluster_status`."""
+        return await self._kernel.cluster_status(timeout_s)

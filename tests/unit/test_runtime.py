@@ -225,3 +225,48 @@ async def _get(port: int, path: str) -> tuple[int, bytes]:
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
+
+
+async def test_cancel_a_running_job(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        job_id = await k.submit(Crunch(n=8, delay_s=30))
+        events = k.job_events(job_id)
+        assert (await anext(events)).type == "probe.progressed"  # it is running
+        assert await k.cancel_job(job_id, "user pressed stop")
+        last = await anext(events)
+        assert last.type == "job.cancelled" and last.data["message"] == "user pressed stop"
+        rec = await k.wait_job(job_id, timeout_s=5)
+        assert rec.status == "cancelled"
+        assert not await k.cancel_job(job_id)  # already has an outcome
+        await asyncio.sleep(0.3)
+        assert (await k.job_record(job_id)).status == "cancelled"  # type: ignore[union-attr]
+
+
+async def test_cancel_before_start_and_after_done(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        done = await k.submit(Crunch(n=2))
+        assert (await k.wait_job(done, timeout_s=10)).status == "done"
+        assert not await k.cancel_job(done)
+        assert (await k.job_record(done)).status == "done"  # type: ignore[union-attr]
+
+
+async def test_submit_json_job_and_bad_json_is_dead_lettered(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        ok = await k.submit_json("probe.crunch", b'{"n": 12}')
+        rec = await k.wait_job(ok, timeout_s=10)
+        assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 144
+        bad = await k.submit_json("probe.crunch", b'{"n": "twelve"}')
+        rec = await k.wait_job(bad, timeout_s=10)
+        assert rec.status == "failed" and rec.attempts == 1 and rec.error is not None
+        assert rec.error["type"] == "BadMessage"
+
+
+async def test_cluster_status_lists_every_pod(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        status = await pods["front"].kernel.cluster_status(0.3)
+        assert [s["pod"] for s in status] == ["back", "front"]
+        assert all(s["ready"] for s in status)
+        assert status[0]["plugins"] == ["perception", "reasoning", WHO]
