@@ -1,0 +1,1 @@
+"""auth: users in PostgreSQL, JWT issue/verify, Redis claim cache and revocation."""

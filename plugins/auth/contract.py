@@ -1,0 +1,82 @@
+"""Contracts of the auth plugin (msgspec and stdlib only).
+
+Errors a caller can see (``RemoteError.type``): ``InvalidCredentials`` (login),
+``UserExists`` (register), ``InvalidInput`` (register: bad username/password),
+``InvalidToken`` (verify/logout; the message says why: expired, bad signature,
+algorithm not allowed, unknown key, wrong audience, wrong issuer, not yet valid, revoked,
+malformed). Pool exhaustion surfaces as ``Overloaded`` (retryable).
+"""
+
+from __future__ import annotations
+
+from kernel.contract import Event, Reply, Request
+
+__all__ = [
+    "Register",
+    "Registered",
+    "Login",
+    "Token",
+    "Verify",
+    "Claims",
+    "Logout",
+    "LoggedOut",
+    "TokenRevoked",
+]
+
+
+class Registered(Reply):
+    user_id: str
+    username: str
+
+
+class Register(Request[Registered], tag="auth.register"):
+    """Create a user. Usernames: 3–64 chars of ``[A-Za-z0-9_.@-]``; passwords: 8–256 chars."""
+
+    username: str
+    password: str
+
+
+class Token(Reply):
+    """What ``POST /v1/auth/login`` returns."""
+
+    access_token: str
+    token_type: str = "bearer"
+    expires_in: int = 0
+
+
+class Login(Request[Token], tag="auth.login"):
+    username: str
+    password: str
+
+
+class Claims(Reply):
+    """The verified claims of a token."""
+
+    sub: str
+    username: str
+    jti: str
+    exp: int
+    iat: int = 0
+    scopes: list[str] = []
+
+
+class Verify(Request[Claims], tag="auth.verify"):
+    token: str
+
+
+class LoggedOut(Reply):
+    jti: str
+
+
+class Logout(Request[LoggedOut], tag="auth.logout"):
+    """Revoke ``token`` (by its ``jti``) until it would have expired."""
+
+    token: str
+
+
+class TokenRevoked(Event, tag="auth.revoked"):
+    """Broadcast on logout: every pod that verifies tokens adds ``jti`` to its denylist
+    until ``exp``; the gateway closes that token's WebSockets with 4001."""
+
+    jti: str
+    exp: int
