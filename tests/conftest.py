@@ -9,13 +9,42 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.servers import nats_service
+from tests.support.servers import nats_service, postgres_service, redis_service
 
 
 @pytest.fixture(scope="session")
 def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A NATS server with JetStream (see tests/support/servers.py for the choice)."""
     with nats_service(tmp_path_factory.mktemp("nats")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server URL (see tests/support/servers.py for the choice)."""
+    with postgres_service(tmp_path_factory.mktemp("pg")) as url:
+        yield url
+
+
+@pytest.fixture
+async def pg_url(database_url: str, prefix: str) -> AsyncIterator[str]:
+    """``database_url`` with a fresh schema of this test's own as its search_path (dropped after)."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(f'CREATE SCHEMA "{prefix}"')
+    params = conninfo_to_dict(database_url)
+    params["options"] = (params.get("options", "") + f" -c search_path={prefix}").strip()
+    yield make_conninfo(**params)
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{prefix}" CASCADE')
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Redis-protocol server URL (see tests/support/servers.py for the choice)."""
+    with redis_service(tmp_path_factory.mktemp("redis")) as url:
         yield url
 
 

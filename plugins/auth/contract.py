@@ -12,15 +12,15 @@ from __future__ import annotations
 from kernel.contract import Event, Reply, Request
 
 __all__ = [
+    "Claims",
+    "LoggedOut",
+    "Login",
+    "Logout",
     "Register",
     "Registered",
-    "Login",
     "Token",
-    "Verify",
-    "Claims",
-    "Logout",
-    "LoggedOut",
     "TokenRevoked",
+    "Verify",
 ]
 
 
@@ -30,7 +30,7 @@ class Registered(Reply):
 
 
 class Register(Request[Registered], tag="auth.register"):
-    """Create a user. Usernames: 3–64 chars of ``[A-Za-z0-9_.@-]``; passwords: 8–256 chars."""
+    """Create a user. Usernames: 3 to 64 chars of ``[A-Za-z0-9_.@-]``; passwords: 8 to 256 chars."""
 
     username: str
     password: str

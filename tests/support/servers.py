@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["docker_available", "nats_service"]
+__all__ = ["docker_available", "nats_service", "postgres_service", "redis_service"]
 
 
 def docker_available() -> bool:
@@ -47,4 +47,42 @@ def nats_service(tmp: Path) -> Iterator[str]:
     from bus.embedded import EmbeddedNats
 
     with EmbeddedNats(tmp / "nats") as srv:
+        yield srv.url
+
+
+@contextlib.contextmanager
+def postgres_service(tmp: Path) -> Iterator[str]:
+    """Yield a PostgreSQL URL: ``DATABASE_URL``, testcontainers, or an embedded server."""
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    if docker_available():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16", driver=None) as c:
+            yield c.get_connection_url()
+        return
+    from bus.embedded_db import EmbeddedPostgres
+
+    with EmbeddedPostgres(tmp / "postgres") as srv:
+        yield srv.url
+
+
+@contextlib.contextmanager
+def redis_service(tmp: Path) -> Iterator[str]:
+    """Yield a Redis URL: ``REDIS_URL``, testcontainers, or an embedded Valkey."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    if docker_available():
+        from testcontainers.redis import RedisContainer
+
+        with RedisContainer("redis:7") as c:
+            yield f"redis://{c.get_container_host_ip()}:{c.get_exposed_port(6379)}/0"
+        return
+    from bus.embedded_db import EmbeddedValkey
+
+    with EmbeddedValkey(tmp / "valkey") as srv:
         yield srv.url
