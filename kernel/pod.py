@@ -20,7 +20,7 @@ import msgspec
 
 from bus.base import Bus
 
-from . import metrics
+from . import metrics, tracing
 from ._ops import OpsServer
 from .errors import ConfigError
 from .manifest import Manifest
@@ -147,6 +147,7 @@ class PodRunner:
     async def start(self) -> None:
         """Start the pod (see the module docstring for the order)."""
         await self.ops.start()
+        tracing.configure_from_env(f"{self.manifest.system.name}-{self.pod_name}", self.manifest.system.trace_sample_ratio)
         try:
             await self.bus.start()
             await self._stack.__aenter__()

@@ -36,7 +36,7 @@ from bus.codec import (
     unpack_call,
 )
 
-from . import metrics
+from . import metrics, tracing
 from .contract import Event, Job, Message, Request, address_of, kind_of, reply_type, schema_hash
 from .errors import (
     AiwfeError,
@@ -174,12 +174,22 @@ class Endpoint:
         self.m_local = metrics.handled(spec.address, "local")
         self.m_remote = metrics.handled(spec.address, "remote")
 
-    async def invoke(self, msg: Any, deadline: float) -> Any:
+    async def invoke(self, msg: Any, deadline: float, traceparent: str | None = None) -> Any:
         """Run the handler under the limit and the deadline (both paths come here).
+
+        ``traceparent`` (from a message) parents the handler's span when tracing is on.
 
         Raises:
             Overloaded, DeadlineExceeded, RemoteError (the handler raised).
         """
+        if tracing.STATE.enabled:
+            with tracing.span(
+                f"{self.spec.address} handle", tracing.SpanKind.SERVER, traceparent, {"aiwfe.plugin": self.spec.plugin}
+            ):
+                return await self._invoke(msg, deadline)
+        return await self._invoke(msg, deadline)
+
+    async def _invoke(self, msg: Any, deadline: float) -> Any:
         lim = self.limiter
         await lim.enter()
         token = _deadline.set(deadline)
@@ -253,6 +263,7 @@ class Endpoint:
                     raise BadMessage(f"{self.spec.address}: {e}") from None
             else:
                 deadline = loop_now + self.timeout_s
+                tp = None
                 if headers:
                     d = headers.get(H_DEADLINE)
                     if d is not None:
@@ -261,7 +272,7 @@ class Endpoint:
                     if tp:
                         trace_token = _trace.set(tp)
                 msg, is_json = self.decode(data, headers)
-            reply = await self.invoke(msg, deadline)
+            reply = await self.invoke(msg, deadline, tp)
             self.m_remote.observe(time.perf_counter() - t0)
             return (_json_enc.encode(reply) if is_json else _enc.encode(reply)), None
         except AiwfeError as e:
@@ -332,7 +343,8 @@ class Kernel:
         async def on_event(data: bytes, headers: Headers | None) -> None:
             try:
                 msg, _ = ep.decode(data, headers)
-                await ep.invoke(msg, asyncio.get_running_loop().time() + ep.timeout_s)
+                tp = headers.get(H_TRACE) if headers else None
+                await ep.invoke(msg, asyncio.get_running_loop().time() + ep.timeout_s, tp)
             except AiwfeError as e:
                 metrics.failed(ep.spec.address, "remote", e.code)
                 log.warning("event %s dropped: %s", ep.spec.address, e)
@@ -346,8 +358,15 @@ class Kernel:
             msg, _ = ep.decode(call.data, call.headers)
             ctx = JobContext(call, self.bus)
             token = _job.set(ctx)
+            deadline = asyncio.get_running_loop().time() + ep.timeout_s
+            tp = call.headers.get(H_TRACE)
             try:
-                result = await ep.invoke(msg, asyncio.get_running_loop().time() + ep.timeout_s)
+                if tracing.STATE.enabled:
+                    attrs = {"aiwfe.job_id": call.job_id, "aiwfe.attempt": call.attempt}
+                    with tracing.span(f"{ep.spec.address} job", tracing.SpanKind.CONSUMER, tp, attrs):
+                        result = await ep.invoke(msg, deadline)
+                else:
+                    result = await ep.invoke(msg, deadline, tp)
             finally:
                 _job.reset(token)
             if rt is not None and not isinstance(result, rt):
@@ -378,6 +397,12 @@ class Kernel:
         contract = type(req)
         deadline = self._deadline_for(timeout_s)
         ep = self.endpoints.get(contract)
+        if tracing.STATE.enabled:
+            path = "local" if ep is not None else "remote"
+            with tracing.span(f"{address_of(contract)} call", tracing.SpanKind.CLIENT, None, {"aiwfe.path": path}):
+                if ep is not None:
+                    return await ep.invoke(req, deadline)  # type: ignore[no-any-return]
+                return await self._call_remote(req, contract, deadline)  # type: ignore[no-any-return]
         if ep is not None:
             t0 = time.perf_counter()
             result = await ep.invoke(req, deadline)
@@ -395,7 +420,8 @@ class Kernel:
                 raise TypeError(f"{contract.__qualname__} is a {kind_of(contract)}; use submit() or publish()")
             dec = self._reply_decoders[contract] = msgspec.msgpack.Decoder(reply_type(contract))
             self._schemas[contract] = bytes.fromhex(schema_hash(contract))
-        payload = pack_call(int(remaining * 1000), self._schemas[contract], _trace.get(), _enc.encode(req))
+        tp = tracing.current_traceparent() if tracing.STATE.enabled else _trace.get()
+        payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, _enc.encode(req))
         data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
         if rh is not None:
             err = rh.get(H_ERROR)
@@ -409,7 +435,16 @@ class Kernel:
     async def publish(self, event: Event) -> None:
         """Publish an event to every subscriber in every pod (through the bus)."""
         contract = type(event)
-        await self.bus.publish(self.subject(contract), _enc.encode(event), {H_SCHEMA: schema_hash(contract)})
+        headers = {H_SCHEMA: schema_hash(contract)}
+        if tracing.STATE.enabled:
+            with tracing.span(f"{address_of(contract)} publish", tracing.SpanKind.PRODUCER):
+                headers[H_TRACE] = tracing.current_traceparent() or ""
+                await self.bus.publish(self.subject(contract), _enc.encode(event), headers)
+            return
+        tp = _trace.get()
+        if tp:
+            headers[H_TRACE] = tp
+        await self.bus.publish(self.subject(contract), _enc.encode(event), headers)
 
     async def submit(self, job: Job[Any], *, job_id: str | None = None, idempotency_key: str | None = None) -> str:
         """Durably enqueue a job; return its id.
@@ -424,11 +459,19 @@ class Kernel:
                 else uuid.uuid4().hex
             )
         headers = {H_MSG_ID: job_id, H_SCHEMA: schema_hash(contract)}
+        await self._submit(address_of(contract), _enc.encode(job), headers, job_id)
+        return job_id
+
+    async def _submit(self, address: str, data: bytes, headers: Headers, job_id: str) -> None:
+        if tracing.STATE.enabled:
+            with tracing.span(f"{address} submit", tracing.SpanKind.PRODUCER, None, {"aiwfe.job_id": job_id}):
+                headers[H_TRACE] = tracing.current_traceparent() or ""
+                await self.bus.submit(address, data, headers, job_id)
+            return
         tp = _trace.get()
         if tp:
             headers[H_TRACE] = tp
-        await self.bus.submit(address_of(contract), _enc.encode(job), headers, job_id)
-        return job_id
+        await self.bus.submit(address, data, headers, job_id)
 
     async def submit_json(
         self, address: str, data: bytes, *, job_id: str | None = None, idempotency_key: str | None = None
@@ -443,10 +486,7 @@ class Kernel:
                 uuid.uuid5(uuid.NAMESPACE_URL, f"aiwfe:{address}:{idempotency_key}").hex if idempotency_key else uuid.uuid4().hex
             )
         headers = {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}
-        tp = _trace.get()
-        if tp:
-            headers[H_TRACE] = tp
-        await self.bus.submit(address, data, headers, job_id)
+        await self._submit(address, data, headers, job_id)
         return job_id
 
     async def cancel_job(self, job_id: str, reason: str = "cancelled by the client") -> bool:
