@@ -98,6 +98,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return int(mod.main(args.rest) or 0)
 
 
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .k8s import render, to_yaml
+    from .manifest import parse_manifest
+
+    try:
+        text = Path(args.manifest).read_text()
+    except OSError as e:
+        raise ConfigError(f"{args.manifest}: cannot read manifest: {e.strerror}") from None
+    files = render(parse_manifest(text, args.manifest), text, image=args.image)
+    if args.output is None:
+        sys.stdout.write(to_yaml(doc for docs in files.values() for doc in docs))
+        return 0
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for stem, docs in files.items():
+        (out / f"{stem}.yaml").write_text(to_yaml(docs))
+    print(f"wrote {len(files)} file(s) to {out}: {', '.join(f'{stem}.yaml' for stem in files)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aiwfe", description="AIWFE: a message-bus microkernel for AI workflows")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -131,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="rpc, ...")
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (see aiwfe bench NAME --help)")
     s.set_defaults(fn=cmd_bench)
+
+    s = sub.add_parser("k8s", help="render Kubernetes YAML for every pod of a manifest")
+    s.add_argument("manifest")
+    s.add_argument("--image", default="aiwfe:latest", help="container image (default aiwfe:latest)")
+    s.add_argument("-o", "--output", metavar="DIR", help="write one file per pod plus the ConfigMap into DIR (default: stdout)")
+    s.set_defaults(fn=cmd_k8s)
     return p
 
 

@@ -1,0 +1,409 @@
+"""Kubernetes objects for a manifest: what ``aiwfe k8s MANIFEST`` prints.
+
+For every pod of the manifest: a Deployment running ``aiwfe run --pod NAME``, a Service
+for its ops port (and the gateway's HTTP port when it runs ``gateway``), a
+HorizontalPodAutoscaler (autoscaling/v2), a PodDisruptionBudget; once per manifest a
+ConfigMap holding the manifest text, mounted into every pod at :data:`MANIFEST_PATH`.
+
+Conventions the objects follow:
+
+* Names are the pod names (a Kubernetes namespace separates systems); the ConfigMap is
+  ``<system.name>-manifest``. Every name must be an RFC 1035 label (what a Service
+  needs), else :class:`~kernel.errors.ConfigError` lists every bad one.
+* Service URLs (``NATS_URL``, ``DATABASE_URL``, ``REDIS_URL``, ``QDRANT_URL``) come from
+  the Secret ``<system.name>-services`` through ``envFrom``; it is not rendered, since it
+  holds credentials.
+* The ops endpoint listens on :data:`OPS_PORT` on all interfaces (``--ops-port``,
+  ``AIWFE_OPS_HOST=0.0.0.0``); liveness is ``/health``, readiness ``/ready``.
+* The HorizontalPodAutoscaler owns the replica count, so the Deployment sets none (an
+  ``apply`` would otherwise reset it). A pod without ``autoscaling`` gets an HPA pinned
+  at ``replicas`` (min = max).
+* Stopping: the preStop hook sleeps :data:`PRESTOP_SLEEP_S` so that endpoints drop the
+  pod before SIGTERM, then the pod drains for up to ``system.drain_timeout_s``; the
+  termination grace period covers both plus :data:`SHUTDOWN_MARGIN_S` for closing
+  lifespans.
+
+Everything here is a pure function of the manifest; :func:`to_yaml` serialises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .manifest import Autoscaling, Manifest, Pod
+
+__all__ = [
+    "CONTAINER_NAME",
+    "DEFAULT_GATEWAY_PORT",
+    "DEFAULT_IMAGE",
+    "DEFAULT_LLM_REQUESTS_PER_POD",
+    "LLM_METRIC",
+    "MANIFEST_PATH",
+    "OPS_PORT",
+    "PRESTOP_SLEEP_S",
+    "SHUTDOWN_MARGIN_S",
+    "configmap_name",
+    "render",
+    "render_pod",
+    "secret_name",
+    "termination_grace_s",
+    "to_yaml",
+    "validate_names",
+]
+
+DEFAULT_IMAGE = "aiwfe:latest"
+CONTAINER_NAME = "aiwfe"
+OPS_PORT = 9000
+DEFAULT_GATEWAY_PORT = 8080
+MANIFEST_DIR = "/etc/aiwfe"
+MANIFEST_PATH = f"{MANIFEST_DIR}/manifest.toml"
+PRESTOP_SLEEP_S = 5
+SHUTDOWN_MARGIN_S = 10
+LLM_METRIC = "active_llm_requests"
+DEFAULT_LLM_REQUESTS_PER_POD = 5.0
+_SCALE_PERIOD_S = 60
+_RUN_AS_UID = 10001
+
+# RFC 1035 label: a Service name must also start with a letter, so every name follows it.
+_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_MAX_NAME_CHARS = 63
+
+
+def configmap_name(manifest: Manifest) -> str:
+    """Name of the ConfigMap that holds the manifest text: ``<system.name>-manifest``."""
+    return f"{manifest.system.name}-manifest"
+
+
+def secret_name(manifest: Manifest) -> str:
+    """Name of the Secret the pods take service URLs from: ``<system.name>-services``."""
+    return f"{manifest.system.name}-services"
+
+
+def termination_grace_s(manifest: Manifest) -> int:
+    """Seconds Kubernetes waits between the preStop hook and SIGKILL.
+
+    It covers the preStop sleep, the drain limit and closing lifespans, so it is always
+    longer than ``system.drain_timeout_s``.
+    """
+    return PRESTOP_SLEEP_S + math.ceil(manifest.system.drain_timeout_s) + SHUTDOWN_MARGIN_S
+
+
+def validate_names(manifest: Manifest) -> None:
+    """Check that every object name rendered from ``manifest`` is a valid Kubernetes name.
+
+    Raises:
+        ConfigError: listing every pod or system name that is not an RFC 1035 label
+            (lowercase letters, digits and ``-``, starting with a letter, at most 63
+            characters), each with the fix.
+    """
+    problems = []
+    hint = "lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters"
+    for name in manifest.pods:
+        if not _LABEL.match(name) or len(name) > _MAX_NAME_CHARS:
+            problems.append(f"pod name {name!r} is not a valid Kubernetes name ({hint}); rename [pods.{name}]")
+    longest = max((secret_name(manifest), configmap_name(manifest)), key=len)
+    if not _LABEL.match(manifest.system.name) or len(longest) > _MAX_NAME_CHARS:
+        problems.append(
+            f"system.name {manifest.system.name!r} does not make a valid Kubernetes name {longest!r} ({hint}); "
+            "change [system] name"
+        )
+    if problems:
+        raise ConfigError(f"{manifest.source or 'manifest'}: " + "; ".join(problems))
+
+
+def _labels(manifest: Manifest, pod: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": pod,
+        "app.kubernetes.io/part-of": manifest.system.name,
+        "app.kubernetes.io/component": "pod",
+        "app.kubernetes.io/managed-by": "aiwfe",
+    }
+
+
+def _selector(manifest: Manifest, pod: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": pod, "app.kubernetes.io/part-of": manifest.system.name}
+
+
+def _gateway_port(manifest: Manifest, pod: Pod) -> int | None:
+    """The gateway's HTTP port when ``pod`` runs the gateway, else None.
+
+    Raises:
+        ConfigError: ``[plugins.gateway] port`` is not a port number.
+    """
+    if "gateway" not in pod.plugins:
+        return None
+    raw = manifest.plugins.get("gateway", {}).get("port", DEFAULT_GATEWAY_PORT)
+    try:
+        port = int(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"[plugins.gateway] port = {raw!r} is not a port number") from None
+    if port == 0:
+        return DEFAULT_GATEWAY_PORT  # 0 means "any free port" locally; a container needs a fixed one
+    if not 0 < port < 65536:
+        raise ConfigError(f"[plugins.gateway] port = {port} is outside 1..65535")
+    return port
+
+
+def _quantity(value: float) -> str:
+    """A Kubernetes quantity string for a plain number (``5`` → ``"5"``, ``2.5`` → ``"2500m"``)."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{round(value * 1000)}m"
+
+
+def _autoscaling(pod: Pod) -> Autoscaling:
+    if pod.autoscaling is not None:
+        return pod.autoscaling
+    return Autoscaling(min_replicas=pod.replicas, max_replicas=pod.replicas)
+
+
+def _deployment(manifest: Manifest, name: str, pod: Pod, image: str, manifest_sha256: str) -> dict[str, Any]:
+    ports: list[dict[str, Any]] = [{"name": "ops", "containerPort": OPS_PORT, "protocol": "TCP"}]
+    gw = _gateway_port(manifest, pod)
+    if gw is not None:
+        ports.append({"name": "http", "containerPort": gw, "protocol": "TCP"})
+    r = pod.resources
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["run", "-m", MANIFEST_PATH, "--pod", name, "--ops-port", str(OPS_PORT)],
+        "ports": ports,
+        "env": [
+            {"name": "AIWFE_POD", "value": name},
+            {"name": "AIWFE_OPS_HOST", "value": "0.0.0.0"},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ],
+        "envFrom": [{"secretRef": {"name": secret_name(manifest)}}],
+        "resources": {
+            "requests": {"cpu": r.cpu_request, "memory": r.memory_request},
+            "limits": {"cpu": r.cpu_limit, "memory": r.memory_limit},
+        },
+        "startupProbe": {
+            "httpGet": {"path": "/health", "port": "ops"},
+            "periodSeconds": 1,
+            "failureThreshold": 30,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "ops"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "ops"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+            "failureThreshold": 2,
+        },
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SLEEP_S)]}}},
+        "volumeMounts": [
+            {"name": "manifest", "mountPath": MANIFEST_DIR, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    labels = _labels(manifest, name)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "selector": {"matchLabels": _selector(manifest, name)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "aiwfe.io/manifest-sha256": manifest_sha256,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(OPS_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "terminationGracePeriodSeconds": termination_grace_s(manifest),
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": _RUN_AS_UID,
+                        "runAsGroup": _RUN_AS_UID,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "topologySpreadConstraints": [
+                        {
+                            "maxSkew": 1,
+                            "topologyKey": "kubernetes.io/hostname",
+                            "whenUnsatisfiable": "ScheduleAnyway",
+                            "labelSelector": {"matchLabels": _selector(manifest, name)},
+                        }
+                    ],
+                    "containers": [container],
+                    "volumes": [
+                        {
+                            "name": "manifest",
+                            "configMap": {
+                                "name": configmap_name(manifest),
+                                "items": [{"key": "manifest.toml", "path": "manifest.toml"}],
+                            },
+                        },
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _service(manifest: Manifest, name: str, pod: Pod) -> dict[str, Any]:
+    ports: list[dict[str, Any]] = [{"name": "ops", "port": OPS_PORT, "targetPort": "ops", "protocol": "TCP"}]
+    gw = _gateway_port(manifest, pod)
+    if gw is not None:
+        ports.insert(0, {"name": "http", "port": gw, "targetPort": "http", "protocol": "TCP"})
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": _labels(manifest, name)},
+        "spec": {"type": "ClusterIP", "selector": _selector(manifest, name), "ports": ports},
+    }
+
+
+def _hpa(manifest: Manifest, name: str, pod: Pod) -> dict[str, Any]:
+    a = _autoscaling(pod)
+    metrics: list[dict[str, Any]] = [
+        {
+            "type": "Resource",
+            "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": a.cpu_utilization_pct}},
+        },
+        {
+            "type": "Resource",
+            "resource": {
+                "name": "memory",
+                "target": {"type": "Utilization", "averageUtilization": a.memory_utilization_pct},
+            },
+        },
+    ]
+    if "reasoning" in pod.plugins:
+        per_pod = DEFAULT_LLM_REQUESTS_PER_POD if a.active_llm_requests is None else a.active_llm_requests
+        metrics.append(
+            {
+                "type": "Pods",
+                "pods": {
+                    "metric": {"name": LLM_METRIC},
+                    "target": {"type": "AverageValue", "averageValue": _quantity(per_pod)},
+                },
+            }
+        )
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": name, "labels": _labels(manifest, name)},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": a.min_replicas,
+            "maxReplicas": a.max_replicas,
+            "metrics": metrics,
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": a.scale_up_stabilization_s,
+                    "selectPolicy": "Max",
+                    "policies": [{"type": "Percent", "value": a.scale_up_percent, "periodSeconds": _SCALE_PERIOD_S}],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": a.scale_down_stabilization_s,
+                    "selectPolicy": "Max",
+                    "policies": [{"type": "Percent", "value": a.scale_down_percent, "periodSeconds": _SCALE_PERIOD_S}],
+                },
+            },
+        },
+    }
+
+
+def _pdb(manifest: Manifest, name: str) -> dict[str, Any]:
+    # maxUnavailable rather than minAvailable: a one-replica pod must not block node drains.
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": name, "labels": _labels(manifest, name)},
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(manifest, name)}},
+    }
+
+
+def _configmap(manifest: Manifest, manifest_text: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": configmap_name(manifest),
+            "labels": {"app.kubernetes.io/part-of": manifest.system.name, "app.kubernetes.io/managed-by": "aiwfe"},
+        },
+        "data": {"manifest.toml": manifest_text},
+    }
+
+
+def render_pod(manifest: Manifest, pod: str, manifest_text: str, *, image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
+    """The Deployment, Service, HorizontalPodAutoscaler and PodDisruptionBudget of one pod.
+
+    ``manifest_text`` is the manifest as the ConfigMap holds it; its hash is a pod
+    template annotation, so a changed manifest rolls the pods.
+
+    Raises:
+        ConfigError: an invalid name (see :func:`validate_names`), no such pod, or a bad
+            gateway port.
+    """
+    validate_names(manifest)
+    spec = manifest.pod(pod)
+    digest = hashlib.sha256(manifest_text.encode()).hexdigest()
+    return [
+        _deployment(manifest, pod, spec, image, digest),
+        _service(manifest, pod, spec),
+        _hpa(manifest, pod, spec),
+        _pdb(manifest, pod),
+    ]
+
+
+def render(manifest: Manifest, manifest_text: str, *, image: str = DEFAULT_IMAGE) -> dict[str, list[dict[str, Any]]]:
+    """Every Kubernetes object for ``manifest``, grouped by output file stem.
+
+    ``manifest_text`` is the manifest file's text, uninterpolated, so ``${VAR}`` is
+    resolved inside the cluster from the pod's environment. Returns
+    ``{configmap_name: [ConfigMap], pod: [Deployment, Service, HPA, PDB], ...}`` in
+    manifest order, the ConfigMap first.
+
+    Raises:
+        ConfigError: see :func:`render_pod`.
+    """
+    validate_names(manifest)
+    out = {configmap_name(manifest): [_configmap(manifest, manifest_text)]}
+    for pod in manifest.pods:
+        out[pod] = render_pod(manifest, pod, manifest_text, image=image)
+    return out
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # repeated label maps are written out, not as &anchors
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def to_yaml(documents: Iterable[Mapping[str, Any]]) -> str:
+    """A multi-document YAML stream (``---`` between documents), multi-line strings as blocks."""
+    return yaml.dump_all(list(documents), Dumper=_Dumper, sort_keys=False, default_flow_style=False, explicit_start=True)
