@@ -106,7 +106,11 @@ async def process(store: _Store, runner: JobRunner, call: JobCall, options: JobO
         return "term", 0.0
     except Exception as e:
         reason = _reason(e)
-        final = call.attempt >= options.max_deliver or isinstance(e, (BadMessage, SchemaMismatch))
+        final = (
+            call.attempt >= options.max_deliver
+            or isinstance(e, (BadMessage, SchemaMismatch))
+            or (getattr(e, "declared", False) and not getattr(e, "retryable", True))
+        )
         if final:
             log.warning("job %s (%s) dead-lettered after %d attempts: %s", call.job_id, kind, call.attempt, reason["message"])
             await _fail(store, call, reason)

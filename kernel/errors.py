@@ -86,13 +86,19 @@ class ConfigError(AiwfeError):
 
 
 class RemoteError(AiwfeError):
-    """The handler raised. ``type`` is the name of the exception class it raised."""
+    """The handler raised. ``type`` is the name of the exception class it raised.
+
+    ``declared`` is True when that exception class declared ``retryable`` itself; a job
+    whose handler raises an error declared not retryable is dead-lettered at once
+    instead of being retried up to ``max_deliver``.
+    """
 
     code = "remote_error"
 
-    def __init__(self, type: str, message: str, *, retryable: bool = False) -> None:
+    def __init__(self, type: str, message: str, *, retryable: bool = False, declared: bool = False) -> None:
         super().__init__(message, retryable=retryable)
         self.type = type
+        self.declared = declared
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
@@ -126,7 +132,8 @@ def as_remote(exc: BaseException) -> AiwfeError:
         return exc
     if isinstance(exc, RemoteError):
         return exc
-    return RemoteError(type(exc).__name__, str(exc), retryable=bool(getattr(exc, "retryable", False)))
+    declared = getattr(exc, "retryable", None)
+    return RemoteError(type(exc).__name__, str(exc), retryable=bool(declared), declared=declared is not None)
 
 
 def from_wire(raw: str | bytes) -> AiwfeError:

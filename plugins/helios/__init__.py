@@ -1,0 +1,1 @@
+"""helios: the expert coordinator (select, fan out in parallel, stream, synthesise, store)."""

@@ -1,0 +1,252 @@
+"""helios plugin: the expert coordinator.
+
+One ``helios.ask`` job goes: perception (which expertise is needed) → selection from
+the inverted expertise index → one shared context → **all selected experts in
+parallel** through reasoning, each with its own budget inside the job's deadline → an
+event per expert as it lands → synthesis weighted by confidence × relevance × learned
+quality, streamed as deltas → one database transaction for all answers and the
+synthesis → the result (recorded once by the kernel).
+
+Failed and late experts are reported and the rest still count; a job with no answer at
+all fails with the reasons (not retried: ``NoAnswers.retryable`` is False). Cancelling
+the job (client cancel, or a disconnect when the client asked for it) cancels the
+expert calls in flight. Identical expert prompts hit the Redis cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+from prometheus_client import Histogram
+
+from kernel import AiwfeError, DeadlineExceeded, Plugin, current_deadline, current_job, serves
+from kernel.metrics import REGISTRY
+from plugins.perception.contract import Perceive
+from plugins.reasoning.contract import Reason
+
+from .cache import AnswerCache
+from .contract import (
+    Ask,
+    ExpertAnswer,
+    ExpertAnswered,
+    ExpertFailed,
+    ExpertStarted,
+    ExpertTimedOut,
+    Perceived,
+    Selected,
+    Synthesis,
+    SynthesisDelta,
+)
+from .experts import DEFAULT_EXPERTS, Expert, ExpertIndex
+from .store import RunStore, database_url
+
+__all__ = ["HeliosPlugin", "NoAnswers", "synthesise"]
+
+log = logging.getLogger("aiwfe.helios")
+JOB_SECONDS = Histogram(
+    "aiwfe_helios_job_seconds",
+    "Helios processing time per job, by outcome",
+    ["outcome"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
+    registry=REGISTRY,
+)
+_SENT = re.compile(r"(?<=[.!?])\s+")
+
+
+class NoAnswers(Exception):
+    """No expert answered; the message lists why each one did not."""
+
+    retryable = False
+
+
+class HeliosPlugin(Plugin):
+    """Serves the ``helios.ask`` job."""
+
+    name = "helios"
+    calls = (Perceive, Reason)
+
+    class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        """``experts``: the roles (twelve by default); ``fallback_experts`` answer when no
+        expertise tag matches. ``expert_timeout_s``: default budget per expert;
+        ``synthesis_reserve_s``: time kept back from the deadline for synthesis and storage.
+        ``database_url`` / ``redis_url``: empty → ``DATABASE_URL`` / ``REDIS_URL``; with
+        neither, runs are not stored / answers not cached (logged at start).
+        ``llm_provider`` / ``llm_model`` are part of the cache key: set them to what the
+        reasoning plugin runs."""
+
+        experts: list[Expert] = msgspec.field(default_factory=lambda: list(DEFAULT_EXPERTS))
+        fallback_experts: list[str] = msgspec.field(default_factory=lambda: ["architect", "writer"])
+        expert_timeout_s: float = 30.0
+        synthesis_reserve_s: float = 0.5
+        max_synthesis_sentences: int = 6
+        database_url: str = ""
+        redis_url: str = ""
+        cache_prefix: str = "aiwfe:helios:"
+        cache_ttl_s: float = 3600.0
+        llm_provider: str = "extractive"
+        llm_model: str = ""
+        pool_max: int = 10
+
+    config: Config
+
+    def __init__(self, config: Config, kernel: object) -> None:
+        super().__init__(config, kernel)  # type: ignore[arg-type]
+        self.index = ExpertIndex(config.experts)
+        self.cache: AnswerCache | None = None
+        self.store: RunStore | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Open the run store (migrations applied) and the answer cache."""
+        import os
+
+        db = database_url(self.config.database_url)
+        if db:
+            self.store = RunStore(db, pool_max=self.config.pool_max)
+            await self.store.open()
+        else:
+            log.warning("helios: no DATABASE_URL; runs are not stored")
+        redis_url = self.config.redis_url or os.environ.get("REDIS_URL", "")
+        self.cache = AnswerCache(redis_url, self.config.cache_prefix, self.config.cache_ttl_s)
+        if not redis_url:
+            log.warning("helios: no REDIS_URL; expert answers are not cached")
+        try:
+            yield
+        finally:
+            if self.store is not None:
+                await self.store.close()
+            await self.cache.close()
+
+    @serves(Ask, concurrency=512, max_queue=8192, timeout_s=3600.0, ack_wait_s=30.0, max_deliver=3, backoff_s=(1.0, 5.0))
+    async def ask(self, job: Ask) -> Synthesis:
+        """Run one helios request (see the module docstring).
+
+        Raises:
+            NoAnswers: no expert answered.
+        """
+        t0 = time.perf_counter()
+        ctx = current_job()
+        assert ctx is not None, "helios.ask runs as a job"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + job.deadline_s
+        outer = current_deadline()
+        if outer is not None:
+            deadline = min(deadline, outer)
+        try:
+            perception = await self.kernel.call(Perceive(text=job.text), timeout_s=max(0.01, deadline - loop.time()))
+            tags = {e.tag: e.score for e in perception.expertise}
+            await ctx.emit(Perceived(intent=perception.intent, expertise=tags))
+            chosen = self.index.select(tags, {}, job.max_experts, self.config.fallback_experts)
+            await ctx.emit(Selected(experts=[n for n, _ in chosen]))
+            context: list[str] = []
+            answers = await self._fan_out(job, chosen, context, deadline)
+            result = await self._synthesise(answers, t0)
+            if not any(a.status == "answered" for a in answers):
+                reasons = "; ".join(f"{a.expert}: {a.status} {a.error}".strip() for a in answers) or "no expert selected"
+                raise NoAnswers(f"no expert answered ({reasons})")
+            if self.store is not None:
+                await self.store.save(ctx.job_id, job.owner, job.text, result)
+        except BaseException as e:
+            JOB_SECONDS.labels("cancelled" if isinstance(e, asyncio.CancelledError) else "failed").observe(
+                time.perf_counter() - t0
+            )
+            raise
+        JOB_SECONDS.labels("done").observe(time.perf_counter() - t0)
+        return result
+
+    async def _fan_out(
+        self, job: Ask, chosen: list[tuple[str, float]], context: list[str], deadline: float
+    ) -> list[ExpertAnswer]:
+        """Run every chosen expert in parallel; cancelling the job cancels them all."""
+        results: dict[str, ExpertAnswer] = {}
+        async with asyncio.TaskGroup() as tg:
+            for name, relevance in chosen:
+                tg.create_task(self._expert(job, self.index.experts[name], relevance, context, deadline, results))
+        return [results[n] for n, _ in chosen]
+
+    async def _expert(
+        self, job: Ask, e: Expert, relevance: float, context: list[str], deadline: float, out: dict[str, ExpertAnswer]
+    ) -> None:
+        ctx = current_job()
+        assert ctx is not None and self.cache is not None
+        loop = asyncio.get_running_loop()
+        budget = min(
+            e.timeout_s or job.expert_timeout_s or self.config.expert_timeout_s,
+            deadline - loop.time() - self.config.synthesis_reserve_s,
+        )
+        if budget <= 0:
+            out[e.name] = ExpertAnswer(expert=e.name, status="timed_out", error="no time left in the job's deadline")
+            await ctx.emit(ExpertTimedOut(expert=e.name, budget_s=0.0))
+            return
+        await ctx.emit(ExpertStarted(expert=e.name, budget_s=round(budget, 3)))
+        t0 = time.perf_counter()
+        prompt = e.prompt.format(role=e.role, task=job.text)
+        key = AnswerCache.key(self.config.llm_provider, self.config.llm_model, e.role, prompt, context)
+        hit = await self.cache.get(key) if job.use_cache else None
+        if hit is not None:
+            answer, confidence, cached = hit[0], hit[1], True
+        else:
+            try:
+                r = await self.kernel.call(
+                    Reason(role=e.role, task=prompt, context=context, latency_s=job.latency_s), timeout_s=budget
+                )
+            except DeadlineExceeded:
+                out[e.name] = ExpertAnswer(expert=e.name, status="timed_out", error=f"no answer within {budget:.2f} s")
+                await ctx.emit(ExpertTimedOut(expert=e.name, budget_s=round(budget, 3)))
+                return
+            except AiwfeError as err:
+                out[e.name] = ExpertAnswer(expert=e.name, status="failed", error=str(err))
+                await ctx.emit(ExpertFailed(expert=e.name, reason=str(err)))
+                return
+            answer, confidence, cached = r.answer, r.confidence, False
+            await self.cache.put(key, answer, confidence)
+        latency_ms = round((time.perf_counter() - t0) * 1000, 3)
+        out[e.name] = ExpertAnswer(
+            expert=e.name,
+            status="answered",
+            answer=answer,
+            confidence=confidence,
+            weight=round(relevance * e.weight, 6),
+            latency_ms=latency_ms,
+            cached=cached,
+        )
+        await ctx.emit(ExpertAnswered(expert=e.name, answer=answer, confidence=confidence, cached=cached, latency_ms=latency_ms))
+
+    async def _synthesise(self, answers: list[ExpertAnswer], t0: float) -> Synthesis:
+        ctx = current_job()
+        assert ctx is not None
+        text, confidence = synthesise(answers, self.config.max_synthesis_sentences)
+        for sentence in _SENT.split(text) if text else ():
+            await ctx.emit(SynthesisDelta(text=sentence))
+        return Synthesis(
+            answer=text, confidence=confidence, experts=answers, elapsed_ms=round((time.perf_counter() - t0) * 1000, 3)
+        )
+
+
+def synthesise(answers: list[ExpertAnswer], max_sentences: int) -> tuple[str, float]:
+    """Combine answered experts: sentences from the heaviest answers first, deduplicated.
+
+    An answer's weight is relevance × expert weight × max(confidence, 0.05); the
+    synthesis confidence is the weight-averaged confidence. Returns (text, confidence).
+    """
+    ok = [a for a in answers if a.status == "answered"]
+    if not ok:
+        return "", 0.0
+    weighted = sorted(ok, key=lambda a: (-(a.weight * max(a.confidence, 0.05)), a.expert))
+    seen: set[str] = set()
+    sentences: list[str] = []
+    for a in weighted:
+        for s in _SENT.split(a.answer):
+            norm = s.strip().lower()
+            if norm and norm not in seen:
+                seen.add(norm)
+                sentences.append(s.strip())
+    total = sum(a.weight * max(a.confidence, 0.05) for a in ok)
+    confidence = sum(a.weight * max(a.confidence, 0.05) * a.confidence for a in ok) / total if total else 0.0
+    return " ".join(sentences[: max(1, max_sentences)]), round(confidence, 4)
