@@ -1,0 +1,188 @@
+"""Redis claim cache and revocation list, behind a circuit breaker; the in-memory denylist.
+
+Redis is an optimisation and a shared revocation list, never a dependency of a valid
+token: every Redis call has a short timeout, and after one failure the breaker skips
+Redis for ``retry_s`` (one probe per interval), so a dead Redis costs nothing per request.
+Keys: ``<prefix>:claims:<sha256 of token>`` and ``<prefix>:revoked:<jti>``, both expiring
+with the token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .contract import Claims
+from .store import Breaker
+
+__all__ = ["ClaimCache", "Denylist"]
+
+log = logging.getLogger("aiwfe.auth.cache")
+
+_claims_enc = msgspec.msgpack.Encoder()
+_claims_dec = msgspec.msgpack.Decoder(Claims)
+
+
+class Denylist:
+    """Revoked ``jti`` values held in memory until their token would have expired.
+
+    Bounded by token lifetime: an entry lives no longer than its ``exp``; expired
+    entries are pruned on every add (a heap keeps that O(log n)).
+    """
+
+    __slots__ = ("_exp", "_heap")
+
+    def __init__(self) -> None:
+        self._exp: dict[str, int] = {}
+        self._heap: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._exp)
+
+    def add(self, jti: str, exp: int, *, now: float | None = None) -> None:
+        """Deny ``jti`` until ``exp`` (epoch seconds)."""
+        t = time.time() if now is None else now
+        self._prune(t)
+        if exp <= t:
+            return
+        if self._exp.get(jti, 0) < exp:
+            self._exp[jti] = exp
+            heapq.heappush(self._heap, (exp, jti))
+
+    def __contains__(self, jti: str) -> bool:
+        exp = self._exp.get(jti)
+        return exp is not None and exp > time.time()
+
+    def _prune(self, now: float) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            exp, jti = heapq.heappop(heap)
+            if self._exp.get(jti) == exp:
+                del self._exp[jti]
+
+
+class ClaimCache:
+    """Verified claims and revocations in Redis.
+
+    Args:
+        url: ``redis://...``; empty means no Redis (always degraded).
+        key_prefix: namespace of every key.
+        timeout_s: socket and per-operation timeout.
+        retry_s: breaker open time after a failure.
+
+    Every method swallows Redis failures (they open the breaker) and reports them
+    through its return value, so callers never see a Redis exception.
+    """
+
+    def __init__(self, url: str, *, key_prefix: str, timeout_s: float = 0.2, retry_s: float = 2.0) -> None:
+        self.url = url
+        self.prefix = key_prefix
+        self.timeout_s = timeout_s
+        self.breaker = Breaker(retry_s)
+        self.client: Any = None
+        if url:
+            self.client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),  # the breaker decides when to try again, not the client
+                retry_on_error=[],
+                health_check_interval=0,
+            )
+
+    @property
+    def available(self) -> bool:
+        """False when no Redis is configured or the breaker is open."""
+        return self.client is not None and self.breaker.closed
+
+    def status(self) -> str | None:
+        """None when healthy, else why the cache is bypassed."""
+        if self.client is None:
+            return "no redis configured: claims cache and shared revocation list disabled"
+        if not self.breaker.closed:
+            return f"redis unavailable ({self.breaker.last_error}): verifying from signatures and the in-memory denylist"
+        return None
+
+    async def close(self) -> None:
+        """Close the client's connections."""
+        if self.client is not None:
+            await self.client.aclose()
+
+    async def _run(self, op: Any) -> tuple[bool, Any]:
+        """Run one Redis coroutine factory under the breaker; (ok, result)."""
+        if self.client is None or not self.breaker.allow():
+            return False, None
+        try:
+            async with asyncio.timeout(self.timeout_s * 2):
+                result = await op()
+        except (RedisError, OSError, TimeoutError) as e:
+            if self.breaker.closed:
+                log.warning("auth: redis failed (%s); bypassing it for %.1f s at a time", type(e).__name__, self.breaker.open_s)
+            self.breaker.failure(e if str(e) else type(e).__name__)
+            return False, None
+        self.breaker.success()
+        return True, result
+
+    def _claims_key(self, digest: str) -> str:
+        return f"{self.prefix}:claims:{digest}"
+
+    def _revoked_key(self, jti: str) -> str:
+        return f"{self.prefix}:revoked:{jti}"
+
+    async def lookup(self, digest: str, jti_hint: str | None) -> tuple[bool, Claims | None, bool]:
+        """One round trip: cached claims for a token digest, and whether ``jti_hint`` is revoked.
+
+        ``jti_hint`` is read from the token's payload without verification; it equals the
+        cached claims' ``jti`` whenever those exist (same digest, same payload).
+        Returns ``(redis_ok, claims or None, revoked)``.
+        """
+        keys = [self._claims_key(digest)]
+        if jti_hint:
+            keys.append(self._revoked_key(jti_hint))
+        ok, values = await self._run(lambda: self.client.mget(keys))
+        if not ok:
+            return False, None, False
+        claims = None
+        if values[0] is not None:
+            try:
+                claims = _claims_dec.decode(values[0])
+            except msgspec.DecodeError:
+                claims = None
+        revoked = len(values) > 1 and values[1] is not None
+        return True, claims, revoked
+
+    async def is_revoked(self, jti: str) -> bool | None:
+        """Whether ``jti`` is on the shared revocation list; None when Redis did not answer."""
+        ok, n = await self._run(lambda: self.client.exists(self._revoked_key(jti)))
+        return bool(n) if ok else None
+
+    async def store(self, digest: str, claims: Claims) -> bool:
+        """Cache verified claims until the token expires; False when Redis did not take them."""
+        ttl_s = claims.exp - int(time.time())
+        if ttl_s <= 0:
+            return True
+        ok, _ = await self._run(lambda: self.client.set(self._claims_key(digest), _claims_enc.encode(claims), ex=ttl_s))
+        return ok
+
+    async def revoke(self, digest: str, jti: str, exp: int) -> bool:
+        """Put ``jti`` on the shared revocation list until ``exp`` and drop the token's cached
+        claims; False when Redis did not answer."""
+        ttl_s = max(1, exp - int(time.time()))
+
+        async def op() -> Any:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self._revoked_key(jti), b"1", ex=ttl_s)
+            pipe.delete(self._claims_key(digest))
+            return await pipe.execute()
+
+        ok, _ = await self._run(op)
+        return ok

@@ -1,0 +1,377 @@
+"""The auth plugin: users in PostgreSQL, JWT issue/verify, Redis claim cache and revocation.
+
+* Register/Login hash and check passwords with argon2id in a bounded thread pool (never
+  on the event loop, never holding a database connection, never logged).
+* Verify checks the token header against the key ring, then one Redis round trip answers
+  both "cached claims?" and "revoked?"; a miss verifies the signature and caches the
+  claims until ``exp``. Revocations are also held in memory (fed by the ``TokenRevoked``
+  event every pod receives), so a logout holds while Redis is down.
+* Redis down: tokens verify from their signature alone; the plugin stays ready and
+  reports itself degraded (:meth:`AuthPlugin.degraded`, gauge ``aiwfe_auth_degraded``).
+* Database down: Register/Login fail at once with ``Unavailable`` (retryable) while the
+  breaker is open; Verify and Logout never touch the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import os
+import re
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from kernel import metrics
+from kernel.errors import ConfigError, Overloaded, Unavailable
+from kernel.plugin import Plugin, serves
+
+from .cache import ClaimCache, Denylist
+from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token, TokenRevoked, Verify
+from .errors import InvalidCredentials, InvalidInput, InvalidToken, UserExists
+from .store import UserStore
+from .tokens import KeyRing, TokenService, token_digest
+
+__all__ = ["AuthPlugin", "JwtKey"]
+
+log = logging.getLogger("aiwfe.auth")
+
+FAILURES = Counter(
+    "aiwfe_auth_failures_total",
+    "Authentication failures by reason (token reasons, invalid_credentials, user_exists, invalid_input)",
+    ["reason"],
+    registry=metrics.REGISTRY,
+)
+CACHE = Counter(
+    "aiwfe_auth_cache_total",
+    "Token verifications by claim-cache result (miss includes Redis unavailable)",
+    ["result"],
+    registry=metrics.REGISTRY,
+)
+REDIS_BYPASSED = Counter(
+    "aiwfe_auth_redis_bypassed_total",
+    "Token verifications that skipped or lost Redis (breaker open or Redis error)",
+    registry=metrics.REGISTRY,
+)
+
+_USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{3,64}$")
+_MIN_PASSWORD, _MAX_PASSWORD = 8, 256
+
+_plugins: weakref.WeakSet[AuthPlugin] = weakref.WeakSet()
+
+
+class _DegradedCollector(Collector):
+    """``aiwfe_auth_degraded{dependency}``: 1 when a running auth plugin is bypassing it."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily("aiwfe_auth_degraded", "1 while auth runs without a dependency", labels=["dependency"])
+        redis_down = db_down = 0
+        for p in list(_plugins):
+            if p.cache is not None and p.cache.status():
+                redis_down = 1
+            if p.store is not None and not p.store.breaker.closed:
+                db_down = 1
+        fam.add_metric(["redis"], redis_down)
+        fam.add_metric(["database"], db_down)
+        yield fam
+
+
+metrics.REGISTRY.register(_DegradedCollector())
+
+
+class JwtKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A verification-only key kept for rotation: tokens signed with it still verify.
+
+    ``key`` is the HS256 secret or a PEM public key; ``key_file`` reads it from a file.
+    """
+
+    kid: str
+    algorithm: str = "HS256"
+    key: str = ""
+    key_file: str = ""
+
+
+def _material(value: str, path: str, what: str) -> str:
+    if value:
+        return value
+    if path:
+        try:
+            return Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"auth: cannot read {what} from {path}: {e}") from None
+    return ""
+
+
+def _unverified_jti(token: str) -> str | None:
+    """The ``jti`` in a token's payload, read WITHOUT verification (a cache lookup hint only)."""
+    try:
+        payload = token.split(".")[1]
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        jti = msgspec.json.decode(raw).get("jti")
+    except (IndexError, ValueError, AttributeError, msgspec.DecodeError):
+        return None
+    return jti if isinstance(jti, str) else None
+
+
+class AuthPlugin(Plugin):
+    """Users, passwords, JWT access tokens, revocation. See the module docstring."""
+
+    name = "auth"
+
+    class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        """Settings (manifest ``[plugins.auth]``; string values may use ``${VAR:-default}``).
+
+        ``database_url``/``redis_url`` empty: taken from ``DATABASE_URL``/``REDIS_URL``.
+        ``redis_url`` empty everywhere: run without Redis (degraded). ``jwt_secret`` empty:
+        ``JWT_SECRET``. ``jwt_algorithm`` HS256 signs with ``jwt_secret``; RS256/ES256/EdDSA
+        sign with ``jwt_private_key`` (PEM) or ``jwt_private_key_file``. ``jwt_kid`` names the
+        signing key; ``jwt_verify_keys`` are older keys still accepted (rotation).
+        """
+
+        database_url: str = ""
+        redis_url: str = ""
+        redis_key_prefix: str = "aiwfe:auth"
+        redis_timeout_s: float = 0.2
+        redis_retry_s: float = 2.0
+        jwt_algorithm: str = "HS256"
+        jwt_secret: str = ""
+        jwt_kid: str = "k1"
+        jwt_private_key: str = ""
+        jwt_private_key_file: str = ""
+        jwt_verify_keys: list[JwtKey] = []
+        issuer: str = "aiwfe"
+        audience: str = "aiwfe"
+        access_ttl_s: int = 3600
+        leeway_s: float = 10.0
+        default_scopes: list[str] = []
+        pool_min: int = 1
+        pool_max: int = 10
+        pool_timeout_s: float = 2.0
+        pool_max_waiting: int = 32
+        db_connect_timeout_s: float = 2.0
+        db_retry_s: float = 1.0
+        db_start_timeout_s: float = 15.0
+        kdf_time_cost: int = 3
+        kdf_memory_kib: int = 65536
+        kdf_parallelism: int = 4
+        kdf_workers: int = 2
+
+    config: Config
+    calls = (TokenRevoked,)
+
+    def __init__(self, config: msgspec.Struct, kernel: Any) -> None:
+        super().__init__(config, kernel)
+        self.tokens: TokenService | None = None
+        self.store: UserStore | None = None
+        self.cache: ClaimCache | None = None
+        self.denylist = Denylist()
+        self._kdf: ThreadPoolExecutor | None = None
+        self._hasher: PasswordHasher | None = None
+        self._dummy_hash = ""
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def _token_service(self) -> TokenService:
+        c = self.config
+        if c.jwt_algorithm == "HS256":
+            signing = c.jwt_secret or os.environ.get("JWT_SECRET", "")
+            if not signing:
+                raise ConfigError("auth: no JWT secret: set plugins.auth.jwt_secret or JWT_SECRET (32+ bytes)")
+        else:
+            signing = _material(c.jwt_private_key, c.jwt_private_key_file, "jwt_private_key")
+            if not signing:
+                raise ConfigError(f"auth: {c.jwt_algorithm} needs jwt_private_key or jwt_private_key_file (PEM)")
+        others = [(k.kid, k.algorithm, _material(k.key, k.key_file, f"key {k.kid}")) for k in c.jwt_verify_keys]
+        try:
+            ring = KeyRing(c.jwt_kid, c.jwt_algorithm, signing, others)
+        except ValueError as e:
+            raise ConfigError(f"auth: bad JWT key configuration: {e}") from None
+        return TokenService(ring, issuer=c.issuer, audience=c.audience, access_ttl_s=c.access_ttl_s, leeway_s=c.leeway_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Build the key ring, open the pool (migrating), the Redis client and the KDF threads.
+
+        Raises:
+            ConfigError: missing database URL or JWT keys, bad key material.
+            Unavailable: the database did not answer within ``db_start_timeout_s``.
+        """
+        c = self.config
+        self.tokens = self._token_service()
+        db_url = c.database_url or os.environ.get("DATABASE_URL", "")
+        if not db_url:
+            raise ConfigError("auth: no database: set plugins.auth.database_url or DATABASE_URL")
+        self._hasher = PasswordHasher(time_cost=c.kdf_time_cost, memory_cost=c.kdf_memory_kib, parallelism=c.kdf_parallelism)
+        self._kdf = ThreadPoolExecutor(max_workers=c.kdf_workers, thread_name_prefix="auth-kdf")
+        self.store = UserStore(
+            db_url,
+            min_size=c.pool_min,
+            max_size=c.pool_max,
+            timeout_s=c.pool_timeout_s,
+            max_waiting=c.pool_max_waiting,
+            connect_timeout_s=c.db_connect_timeout_s,
+            outage_retry_s=c.db_retry_s,
+        )
+        redis_url = c.redis_url or os.environ.get("REDIS_URL", "")
+        self.cache = ClaimCache(redis_url, key_prefix=c.redis_key_prefix, timeout_s=c.redis_timeout_s, retry_s=c.redis_retry_s)
+        try:
+            await self.store.open(c.db_start_timeout_s)
+            # A user who does not exist costs a login as much as one who does (no timing oracle).
+            self._dummy_hash = await self._run_kdf(self._hasher.hash, os.urandom(16).hex())
+            if not redis_url:
+                log.warning("auth: no REDIS_URL: running without the claims cache and shared revocation list")
+            _plugins.add(self)
+            yield
+        finally:
+            _plugins.discard(self)
+            await self.cache.close()
+            await self.store.close()
+            self._kdf.shutdown(wait=False, cancel_futures=True)
+
+    def readiness(self) -> str | None:
+        """Always None: auth keeps serving without Redis (signatures still verify) and
+        without PostgreSQL (Verify/Logout need no database); see :meth:`degraded`."""
+        return None
+
+    def degraded(self) -> list[str]:
+        """What auth currently runs without (empty when healthy). For ``/ready``'s note."""
+        notes = []
+        if self.cache is not None and (s := self.cache.status()):
+            notes.append(s)
+        if self.store is not None and not self.store.breaker.closed:
+            notes.append(f"database unavailable ({self.store.breaker.last_error}): register and login fail fast")
+        return notes
+
+    # -- helpers --------------------------------------------------------------------
+
+    async def _run_kdf(self, fn: Any, *args: Any) -> Any:
+        assert self._kdf is not None
+        return await asyncio.get_running_loop().run_in_executor(self._kdf, fn, *args)
+
+    def _fail(self, reason: str, exc: Exception) -> Exception:
+        FAILURES.labels(reason).inc()
+        return exc
+
+    # -- handlers -------------------------------------------------------------------
+
+    @serves(Register, concurrency=8, max_queue=64, timeout_s=10.0)
+    async def register(self, req: Register) -> Registered:
+        """Create a user.
+
+        Raises:
+            InvalidInput, UserExists, Overloaded, Unavailable.
+        """
+        assert self.store is not None and self._hasher is not None
+        if not _USERNAME_RE.match(req.username):
+            raise self._fail("invalid_input", InvalidInput("username must be 3 to 64 characters of A-Z a-z 0-9 _ . @ -"))
+        if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
+            raise self._fail("invalid_input", InvalidInput(f"password must be {_MIN_PASSWORD} to {_MAX_PASSWORD} characters"))
+        if not self.store.breaker.closed and not self.store.breaker.allow():
+            # Fail before spending KDF time on a row we could not store.
+            raise Unavailable(f"auth: database unavailable ({self.store.breaker.last_error}); retry shortly")
+        pw_hash = await self._run_kdf(self._hasher.hash, req.password)
+        try:
+            user_id = await self.store.create_user(req.username, pw_hash, list(self.config.default_scopes))
+        except UserExists as e:
+            raise self._fail("user_exists", e) from None
+        return Registered(user_id=user_id, username=req.username)
+
+    @serves(Login, concurrency=8, max_queue=64, timeout_s=10.0)
+    async def login(self, req: Login) -> Token:
+        """Check a password and issue an access token.
+
+        Raises:
+            InvalidCredentials, Overloaded, Unavailable.
+        """
+        assert self.store is not None and self._hasher is not None and self.tokens is not None
+        if not (req.username and _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD):
+            raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+        user = await self.store.find_user(req.username)  # the connection is back in the pool here
+        hasher = self._hasher
+        stored = user.password_hash if user is not None else self._dummy_hash
+        try:
+            await self._run_kdf(hasher.verify, stored, req.password)
+            ok = user is not None
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            ok = False
+        if not ok or user is None:
+            raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+        if hasher.check_needs_rehash(stored):
+            try:
+                await self.store.update_hash(user.id, await self._run_kdf(hasher.hash, req.password))
+            except (Overloaded, Unavailable) as e:  # the login itself succeeded; upgrade next time
+                log.info("auth: password hash upgrade for user %s postponed: %s", user.id, e)
+        token, _claims = self.tokens.issue(user.id, user.username, user.scopes)
+        return Token(access_token=token, token_type="bearer", expires_in=self.config.access_ttl_s)
+
+    @serves(Verify, concurrency=512, max_queue=4096, timeout_s=5.0)
+    async def verify(self, req: Verify) -> Claims:
+        """Verify a token: header and key, revocation, cached claims or the signature.
+
+        Raises:
+            InvalidToken (the message says why).
+        """
+        return await self._verify(req.token, check_revoked=True)
+
+    async def _verify(self, token: str, *, check_revoked: bool) -> Claims:
+        tokens, cache = self.tokens, self.cache
+        assert tokens is not None and cache is not None
+        try:
+            tokens.key_for(token)
+        except InvalidToken as e:
+            raise self._fail(e.reason, e) from None
+        digest = token_digest(token)
+        hint = _unverified_jti(token)
+        if check_revoked and hint is not None and hint in self.denylist:
+            raise self._fail("revoked", InvalidToken("revoked", "revoked: the token was logged out"))
+        ok, cached, revoked = await cache.lookup(digest, hint if check_revoked else None)
+        if not ok:
+            REDIS_BYPASSED.inc()
+        if revoked:
+            exp = cached.exp if cached is not None else int(time.time()) + self.config.access_ttl_s
+            self.denylist.add(hint or "", exp)
+            raise self._fail("revoked", InvalidToken("revoked", "revoked: the token was logged out"))
+        if cached is not None and cached.exp > time.time():
+            CACHE.labels("hit").inc()
+            return cached
+        CACHE.labels("miss").inc()
+        try:
+            claims = tokens.verify(token)
+        except InvalidToken as e:
+            raise self._fail(e.reason, e) from None
+        if ok and not await cache.store(digest, claims):
+            REDIS_BYPASSED.inc()
+        return claims
+
+    @serves(Logout, concurrency=64, max_queue=1024, timeout_s=5.0)
+    async def logout(self, req: Logout) -> LoggedOut:
+        """Revoke a token until its ``exp``: in Redis, in memory here, and in every pod
+        through the ``TokenRevoked`` event. Logging out a revoked token again is fine.
+
+        Raises:
+            InvalidToken: the token is not one of ours (or already expired).
+        """
+        assert self.cache is not None
+        claims = await self._verify(req.token, check_revoked=False)
+        self.denylist.add(claims.jti, claims.exp)
+        if not await self.cache.revoke(token_digest(req.token), claims.jti, claims.exp):
+            log.warning("auth: redis unavailable; revocation of %s held by the TokenRevoked event only", claims.jti)
+        await self.kernel.publish(TokenRevoked(jti=claims.jti, exp=claims.exp))
+        return LoggedOut(jti=claims.jti)
+
+    @serves(TokenRevoked)
+    async def on_revoked(self, ev: TokenRevoked) -> None:
+        """Another pod (or this one) revoked a token: deny it here until it expires."""
+        self.denylist.add(ev.jti, ev.exp)
