@@ -1,0 +1,1 @@
+"""memory: hybrid memory, PostgreSQL full text plus Qdrant vectors, fused ranking."""

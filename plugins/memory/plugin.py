@@ -1,0 +1,329 @@
+"""memory plugin: PostgreSQL is the source of truth, Qdrant holds the vectors, recall fuses both.
+
+Write path (an outbox in the row itself): the row is inserted with ``state = 0``, the
+vector is upserted, then the row is set to ``state = 1``. Recall only sees ``state = 1``
+rows and joins every vector hit against PostgreSQL, so a memory is visible in both
+indexes or in neither. Forget sets ``state = 2``, deletes the vector, then the row. A
+crash between the writes leaves a row in state 0 or 2; the reconciler finishes it
+(re-embeds and upserts, or deletes the vector and the row) at start and every
+``reconcile_interval_s``, for rows untouched for ``reconcile_grace_s`` (so it never
+races a write in flight in another replica).
+
+Recall: the vector search (owner-filtered) and one SQL statement (full-text candidates
+plus the rows of the vector candidates) each return ranked lists; reciprocal rank fusion,
+``score = Σ 1 / (rrf_k + rank)``, orders the union.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+from prometheus_client import Counter, Histogram
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from kernel import Plugin, serves
+from kernel.errors import AiwfeError
+from kernel.metrics import REGISTRY
+
+from . import pg
+from .contract import Forget, ForgetResult, MemoryHit, Recall, RecallResult, Remember, RememberResult
+from .embed import Embedder, EmbedError, make_embedder
+from .vectors import ClientIndex, EdgeIndex, VectorIndex, payload_for
+
+__all__ = ["MemoryPlugin", "fuse"]
+
+log = logging.getLogger("aiwfe.memory")
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+RECALL_SECONDS = Histogram(
+    "aiwfe_memory_recall_seconds",
+    "Time of one memory recall inside the plugin (full text, vectors, fusion)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+REPAIRED = Counter(
+    "aiwfe_memory_repaired_total", "Memories finished by the reconciler after a crash", ["action"], registry=REGISTRY
+)
+
+_RECALL_SQL = """
+WITH q AS (SELECT replace(plainto_tsquery('english', %(query)s)::text, '&', '|')::tsquery AS q),
+fts AS (
+    SELECT m.id, ts_rank_cd(m.tsv, q.q) AS rank
+    FROM memories m, q
+    WHERE m.owner = %(owner)s AND m.state = 1 AND m.tsv @@ q.q AND m.metadata @> %(filters)s
+    ORDER BY rank DESC, m.created_at DESC
+    LIMIT %(n)s
+)
+SELECT m.id::text, m.text, m.metadata, m.created_at, fts.rank
+FROM memories m LEFT JOIN fts ON fts.id = m.id
+WHERE m.owner = %(owner)s AND m.state = 1 AND m.metadata @> %(filters)s
+  AND (m.id IN (SELECT id FROM fts) OR m.id = ANY(%(vids)s::uuid[]))
+"""
+
+
+class MemoryPlugin(Plugin):
+    """Serves ``memory.remember``, ``memory.recall`` and ``memory.forget``."""
+
+    name = "memory"
+
+    class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+        """Configuration.
+
+        ``database_url``: PostgreSQL (empty: ``DATABASE_URL``). ``qdrant_url``: a Qdrant
+        server (empty: ``QDRANT_URL``; when both are empty the vectors live in an embedded
+        store under ``data_dir``). ``vector_store``: ``auto`` (server when a URL is set,
+        else ``edge``), ``edge`` (qdrant-edge-py shard), ``local`` (qdrant-client local
+        mode, on disk under ``data_dir``) or ``memory`` (qdrant-client in RAM, for tests).
+        ``collection``: collection / shard name (give each test its own). ``embedder``:
+        ``hashing``, ``ollama`` or ``openai``, with ``embed_dim``, ``embed_url``,
+        ``embed_model``, ``embed_api_key`` (empty: ``OPENAI_API_KEY`` for openai).
+        ``rrf_k``: the fusion constant; ``candidates``: hits taken from each index (0 =
+        ``max(4 k, 20)``). Pool: ``pool_max`` connections, ``pool_timeout_s`` checkout
+        timeout, ``pool_max_waiting`` waiters before Overloaded.
+        """
+
+        database_url: str = ""
+        qdrant_url: str = ""
+        qdrant_api_key: str = ""
+        vector_store: str = "auto"
+        data_dir: str = ".aiwfe"
+        collection: str = "memories"
+        embedder: str = "hashing"
+        embed_dim: int = 384
+        embed_url: str = ""
+        embed_model: str = ""
+        embed_api_key: str = ""
+        embed_timeout_s: float = 30.0
+        rrf_k: int = 60
+        candidates: int = 0
+        pool_max: int = 10
+        pool_timeout_s: float = 2.0
+        pool_max_waiting: int = 256
+        reconcile_grace_s: float = 10.0
+        reconcile_interval_s: float = 30.0
+
+    config: Config
+    pool: AsyncConnectionPool
+    index: VectorIndex
+    embedder: Embedder
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        """Open the pool, apply migrations, open the vector index, repair, then serve."""
+        c = self.config
+        api_key = c.embed_api_key or (os.environ.get("OPENAI_API_KEY", "") if c.embedder == "openai" else "")
+        self.embedder = make_embedder(
+            c.embedder, dim=c.embed_dim, base_url=c.embed_url, model=c.embed_model, api_key=api_key, timeout_s=c.embed_timeout_s
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self.embedder.aclose)
+            self.pool = await pg.open_pool(
+                pg.database_url(c.database_url),
+                name="memory",
+                max_size=c.pool_max,
+                timeout_s=c.pool_timeout_s,
+                max_waiting=c.pool_max_waiting,
+            )
+            stack.push_async_callback(self.pool.close)
+            await pg.migrate(self.pool, "memory", MIGRATIONS)
+            self.index = await self._open_index()
+            stack.push_async_callback(self.index.close)
+            await self.reconcile(grace_s=c.reconcile_grace_s)
+            loop_task = asyncio.create_task(self._reconcile_loop())
+            try:
+                yield
+            finally:
+                loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop_task
+
+    async def _open_index(self) -> VectorIndex:
+        c = self.config
+        url = c.qdrant_url or os.environ.get("QDRANT_URL", "")
+        kind = c.vector_store
+        if kind == "auto":
+            kind = "server" if url else "edge"
+        base = Path(c.data_dir) / "qdrant"
+        if kind == "server":
+            return await ClientIndex(c.collection, c.embed_dim, url=url, api_key=c.qdrant_api_key).open()
+        if kind == "edge":
+            return EdgeIndex(base / "edge" / c.collection, c.embed_dim)
+        if kind == "local":
+            base.mkdir(parents=True, exist_ok=True)
+            return await ClientIndex(c.collection, c.embed_dim, path=str(base / "local")).open()
+        if kind == "memory":
+            return await ClientIndex(c.collection, c.embed_dim, location=":memory:").open()
+        raise ValueError(f"memory: unknown vector_store {kind!r}; use auto, server, edge, local or memory")
+
+    async def _embed(self, texts: list[str]) -> list[list[float]]:
+        try:
+            return await self.embedder.embed(texts)
+        except EmbedError as e:
+            raise AiwfeError(f"memory: embedding failed: {e}", retryable=e.retryable) from None
+
+    # -- handlers -----------------------------------------------------------------
+
+    @serves(Remember, concurrency=64, max_queue=4096)
+    async def remember(self, req: Remember) -> RememberResult:
+        """Store a memory in PostgreSQL and Qdrant (see the module docstring for the order).
+
+        Raises:
+            ValueError: empty text or owner, or an id that is not a UUID.
+            Overloaded: the database pool is exhausted.
+        """
+        if not req.text.strip() or not req.owner:
+            raise ValueError("memory.remember: text and owner must not be empty")
+        mid = str(uuid.UUID(req.id)) if req.id else str(uuid.uuid4())
+        (vector,) = await self._embed([req.text])
+        async with pg.connection(self.pool) as conn:
+            cur = await conn.execute(
+                "INSERT INTO memories (id, owner, text, metadata) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING RETURNING state",
+                (mid, req.owner, req.text, Jsonb(req.metadata)),
+            )
+            if await cur.fetchone() is None:
+                return RememberResult(id=mid)  # already stored: idempotent
+        try:
+            await self.index.upsert([(mid, vector, payload_for(req.owner, req.metadata))])
+        except BaseException:
+            with contextlib.suppress(Exception):
+                async with pg.connection(self.pool) as conn:
+                    await conn.execute("DELETE FROM memories WHERE id = %s AND state = 0", (mid,))
+            raise
+        async with pg.connection(self.pool) as conn:
+            await conn.execute("UPDATE memories SET state = 1, updated_at = now() WHERE id = %s AND state = 0", (mid,))
+        return RememberResult(id=mid)
+
+    @serves(Recall, concurrency=128, max_queue=4096)
+    async def recall(self, req: Recall) -> RecallResult:
+        """Full text and vectors for ``req.owner``, fused by reciprocal rank (best first)."""
+        t0 = time.perf_counter()
+        k = max(0, req.k)
+        if k == 0 or not req.owner:
+            return RecallResult(hits=[], took_ms=0.0)
+        n = self.config.candidates or max(4 * k, 20)
+        (vector,) = await self._embed([req.query])
+        vhits = await self.index.search(vector, req.owner, dict(req.filters), n)
+        vrank = {pid: (i + 1, sim) for i, (pid, sim) in enumerate(vhits)}
+        async with pg.connection(self.pool) as conn:
+            cur = await conn.execute(
+                _RECALL_SQL,
+                {"query": req.query, "owner": req.owner, "filters": Jsonb(dict(req.filters)), "n": n, "vids": list(vrank)},
+            )
+            rows = await cur.fetchall()
+        text_ranked = sorted((r for r in rows if r[4] is not None), key=lambda r: (-r[4], r[0]))
+        trank = {r[0]: i + 1 for i, r in enumerate(text_ranked)}
+        by_id = {r[0]: r for r in rows}
+        scored = fuse(trank, {pid: rv[0] for pid, rv in vrank.items() if pid in by_id}, self.config.rrf_k)
+        hits = []
+        for pid, score in scored[:k]:
+            r = by_id[pid]
+            tr = trank.get(pid, 0)
+            vr, sim = vrank.get(pid, (0, 0.0))
+            hits.append(
+                MemoryHit(
+                    id=pid,
+                    text=r[1],
+                    score=round(score, 6),
+                    found_by=[name for name, rank in (("text", tr), ("vector", vr)) if rank],
+                    metadata=r[2],
+                    text_rank=tr,
+                    vector_rank=vr,
+                    similarity=round(sim, 6),
+                    created_at=r[3].isoformat(),
+                )
+            )
+        took = time.perf_counter() - t0
+        RECALL_SECONDS.observe(took)
+        return RecallResult(hits=hits, took_ms=round(took * 1000, 3))
+
+    @serves(Forget, concurrency=32, max_queue=1024)
+    async def forget(self, req: Forget) -> ForgetResult:
+        """Delete a memory of ``req.owner`` from both stores; False when there was none."""
+        try:
+            mid = str(uuid.UUID(req.id))
+        except ValueError:
+            return ForgetResult(forgotten=False)
+        async with pg.connection(self.pool) as conn:
+            cur = await conn.execute(
+                "UPDATE memories SET state = 2, updated_at = now() WHERE id = %s AND owner = %s RETURNING id", (mid, req.owner)
+            )
+            if await cur.fetchone() is None:
+                return ForgetResult(forgotten=False)
+        await self.index.delete([mid])
+        async with pg.connection(self.pool) as conn:
+            await conn.execute("DELETE FROM memories WHERE id = %s AND state = 2", (mid,))
+        return ForgetResult(forgotten=True)
+
+    # -- repair -------------------------------------------------------------------
+
+    async def reconcile(self, *, grace_s: float, batch: int = 256) -> dict[str, int]:
+        """Finish rows a crash left between the two writes; return counts per action.
+
+        State 0 rows are re-embedded, upserted and set to 1 (``indexed``); state 2 rows lose
+        their vector, then the row (``forgotten``). Only rows untouched for ``grace_s``.
+        """
+        done = {"indexed": 0, "forgotten": 0}
+        while True:
+            async with pg.connection(self.pool) as conn:
+                cur = await conn.execute(
+                    "SELECT id::text, owner, text, metadata, state FROM memories"
+                    " WHERE state <> 1 AND updated_at <= now() - make_interval(secs => %s)"
+                    " ORDER BY updated_at LIMIT %s",
+                    (grace_s, batch),
+                )
+                rows = await cur.fetchall()
+            if not rows:
+                break
+            pending = [r for r in rows if r[4] == 0]
+            gone = [r[0] for r in rows if r[4] == 2]
+            if pending:
+                vectors = await self._embed([r[2] for r in pending])
+                await self.index.upsert([(r[0], v, payload_for(r[1], r[3])) for r, v in zip(pending, vectors, strict=True)])
+                async with pg.connection(self.pool) as conn:
+                    await conn.execute(
+                        "UPDATE memories SET state = 1, updated_at = now() WHERE id = ANY(%s::uuid[]) AND state = 0",
+                        ([r[0] for r in pending],),
+                    )
+            if gone:
+                await self.index.delete(gone)
+                async with pg.connection(self.pool) as conn:
+                    await conn.execute("DELETE FROM memories WHERE id = ANY(%s::uuid[]) AND state = 2", (gone,))
+            done["indexed"] += len(pending)
+            done["forgotten"] += len(gone)
+            if len(rows) < batch:
+                break
+        for action, n in done.items():
+            if n:
+                REPAIRED.labels(action).inc(n)
+                log.warning("memory: reconciler %s %d memories left unfinished by a crash", action, n)
+        return done
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval_s)
+            try:
+                await self.reconcile(grace_s=self.config.reconcile_grace_s)
+            except Exception as e:  # a database or index outage: try again next round
+                log.warning("memory: reconcile failed: %s", e)
+
+
+def fuse(text_rank: dict[str, int], vector_rank: dict[str, int], rrf_k: int) -> list[tuple[str, float]]:
+    """Reciprocal rank fusion of two 1-based rankings; returns ``(id, score)`` best first.
+
+    Ties are broken by id so that the order is deterministic.
+    """
+    scores: dict[str, float] = {}
+    for ranking in (text_rank, vector_rank):
+        for pid, rank in ranking.items():
+            scores[pid] = scores.get(pid, 0.0) + 1.0 / (rrf_k + rank)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
