@@ -100,14 +100,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_k8s(args: argparse.Namespace) -> int:
     from .errors import ConfigError
-    from .k8s import render, to_yaml
+    from .k8s import hints, render, to_yaml
     from .manifest import parse_manifest
 
     try:
         text = Path(args.manifest).read_text()
     except OSError as e:
         raise ConfigError(f"{args.manifest}: cannot read manifest: {e.strerror}") from None
-    files = render(parse_manifest(text, args.manifest), text, image=args.image)
+    manifest = parse_manifest(text, args.manifest)
+    files = render(manifest, text, image=args.image)
+    for hint in hints(manifest, text):
+        print(f"warning: {hint}", file=sys.stderr)
     if args.output is None:
         sys.stdout.write(to_yaml(doc for docs in files.values() for doc in docs))
         return 0

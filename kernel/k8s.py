@@ -14,7 +14,9 @@ Conventions the objects follow:
   the Secret ``<system.name>-services`` through ``envFrom``; it is not rendered, since it
   holds credentials.
 * The ops endpoint listens on :data:`OPS_PORT` on all interfaces (``--ops-port``,
-  ``AIWFE_OPS_HOST=0.0.0.0``); liveness is ``/health``, readiness ``/ready``.
+  ``AIWFE_OPS_HOST=0.0.0.0``); liveness is ``/health``, readiness ``/ready``. A gateway
+  pod also gets ``AIWFE_GATEWAY_HOST=0.0.0.0`` for the manifest's
+  ``host = "${AIWFE_GATEWAY_HOST:-127.0.0.1}"`` (:func:`hints` says when it is missing).
 * The HorizontalPodAutoscaler owns the replica count, so the Deployment sets none (an
   ``apply`` would otherwise reset it). A pod without ``autoscaling`` gets an HPA pinned
   at ``replicas`` (min = max).
@@ -31,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import tomllib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -44,12 +47,14 @@ __all__ = [
     "DEFAULT_GATEWAY_PORT",
     "DEFAULT_IMAGE",
     "DEFAULT_LLM_REQUESTS_PER_POD",
+    "GATEWAY_HOST_VAR",
     "LLM_METRIC",
     "MANIFEST_PATH",
     "OPS_PORT",
     "PRESTOP_SLEEP_S",
     "SHUTDOWN_MARGIN_S",
     "configmap_name",
+    "hints",
     "render",
     "render_pod",
     "secret_name",
@@ -68,6 +73,8 @@ PRESTOP_SLEEP_S = 5
 SHUTDOWN_MARGIN_S = 10
 LLM_METRIC = "active_llm_requests"
 DEFAULT_LLM_REQUESTS_PER_POD = 5.0
+GATEWAY_HOST_VAR = "AIWFE_GATEWAY_HOST"
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 _SCALE_PERIOD_S = 60
 _RUN_AS_UID = 10001
 
@@ -151,6 +158,27 @@ def _gateway_port(manifest: Manifest, pod: Pod) -> int | None:
     return port
 
 
+def hints(manifest: Manifest, manifest_text: str) -> list[str]:
+    """Problems that make rendered objects valid but the pods unreachable in a cluster.
+
+    Today: a gateway whose ``host`` is written as a fixed loopback address listens only
+    inside its container. Returns one message per problem, each with the fix.
+    """
+    out = []
+    if any("gateway" in pod.plugins for pod in manifest.pods.values()):
+        try:
+            raw = tomllib.loads(manifest_text).get("plugins", {}).get("gateway", {})
+        except tomllib.TOMLDecodeError:
+            raw = {}
+        host = raw.get("host", "127.0.0.1")
+        if isinstance(host, str) and "${" not in host and host in _LOOPBACK:
+            out.append(
+                f"[plugins.gateway] host = {host!r} listens inside the container only; write "
+                f'host = "${{{GATEWAY_HOST_VAR}:-127.0.0.1}}" (the Deployment sets {GATEWAY_HOST_VAR}=0.0.0.0)'
+            )
+    return out
+
+
 def _quantity(value: float) -> str:
     """A Kubernetes quantity string for a plain number (``5`` → ``"5"``, ``2.5`` → ``"2500m"``)."""
     if float(value).is_integer():
@@ -169,6 +197,14 @@ def _deployment(manifest: Manifest, name: str, pod: Pod, image: str, manifest_sh
     gw = _gateway_port(manifest, pod)
     if gw is not None:
         ports.append({"name": "http", "containerPort": gw, "protocol": "TCP"})
+    env: list[dict[str, Any]] = [
+        {"name": "AIWFE_POD", "value": name},
+        {"name": "AIWFE_OPS_HOST", "value": "0.0.0.0"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    if gw is not None:
+        env.insert(2, {"name": GATEWAY_HOST_VAR, "value": "0.0.0.0"})
     r = pod.resources
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -176,12 +212,7 @@ def _deployment(manifest: Manifest, name: str, pod: Pod, image: str, manifest_sh
         "imagePullPolicy": "IfNotPresent",
         "args": ["run", "-m", MANIFEST_PATH, "--pod", name, "--ops-port", str(OPS_PORT)],
         "ports": ports,
-        "env": [
-            {"name": "AIWFE_POD", "value": name},
-            {"name": "AIWFE_OPS_HOST", "value": "0.0.0.0"},
-            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        ],
+        "env": env,
         "envFrom": [{"secretRef": {"name": secret_name(manifest)}}],
         "resources": {
             "requests": {"cpu": r.cpu_request, "memory": r.memory_request},

@@ -184,6 +184,9 @@ def test_gateway_pod_exposes_its_http_port_and_fractions_become_quantities() -> 
         for doc in docs:
             kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
 
+    assert {"name": k8s.GATEWAY_HOST_VAR, "value": "0.0.0.0"} in c["env"]
+    assert k8s.GATEWAY_HOST_VAR not in {e["name"] for e in _container(thinker["Deployment"])["env"]}
+
     default_port = parse_manifest(GATEWAY_MANIFEST.replace('port = "${GATEWAY_PORT:-8443}"', ""), env={})
     api = _by_kind(k8s.render(default_port, "")["api"])
     assert {p["name"]: p["port"] for p in api["Service"]["spec"]["ports"]}["http"] == k8s.DEFAULT_GATEWAY_PORT
@@ -237,3 +240,18 @@ def test_cli_prints_a_yaml_stream_or_writes_one_file_per_pod(tmp_path: Path, cap
 def test_cli_reports_a_missing_manifest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["k8s", str(tmp_path / "nope.toml")]) == 2
     assert "cannot read manifest" in capsys.readouterr().err
+
+
+def test_hints_name_a_gateway_that_would_listen_on_loopback_only(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    fixed = '[pods.api]\nplugins = ["gateway"]\n[plugins.gateway]\nhost = "127.0.0.1"\n'
+    default = '[pods.api]\nplugins = ["gateway"]\n'
+    from_env = '[pods.api]\nplugins = ["gateway"]\n[plugins.gateway]\nhost = "${AIWFE_GATEWAY_HOST:-127.0.0.1}"\n'
+    no_gateway = '[pods.p]\nplugins = ["perception"]\n[plugins.gateway]\nhost = "127.0.0.1"\n'
+    for text, expected in ((fixed, 1), (default, 1), (from_env, 0), (no_gateway, 0)):
+        found = k8s.hints(parse_manifest(text, env={}), text)
+        assert len(found) == expected, (text, found)
+    assert k8s.GATEWAY_HOST_VAR in k8s.hints(parse_manifest(fixed, env={}), fixed)[0]
+    path = tmp_path / "m.toml"
+    path.write_text(fixed)
+    assert main(["k8s", str(path), "-o", str(tmp_path / "out")]) == 0
+    assert "warning: [plugins.gateway] host" in capsys.readouterr().err
