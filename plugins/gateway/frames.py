@@ -1,0 +1,71 @@
+"""WebSocket frames of ``GET /v1/ws`` (JSON text frames, ``type`` is the tag).
+
+Client → server: :class:`Submit`, :class:`Cancel`, :class:`Resume`, :class:`Ping`,
+:class:`Call`. Server → client: ``accepted``, ``event``, ``result``, ``reply``,
+``error`` and ``pong`` (built as dicts in :mod:`plugins.gateway.ws`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+__all__ = ["Call", "Cancel", "ClientFrame", "Ping", "Resume", "Submit", "decode_frame"]
+
+
+class _Frame(msgspec.Struct, kw_only=True, tag_field="type"):
+    pass
+
+
+class Submit(_Frame, tag="submit"):
+    """Submit a job of ``kind`` (a key of the gateway's ``job_kinds``) with JSON ``input``."""
+
+    kind: str
+    input: dict[str, Any] = {}
+    id: str = ""
+    idempotency_key: str | None = None
+    cancel_on_disconnect: bool = False
+
+
+class Cancel(_Frame, tag="cancel"):
+    """Cancel a job."""
+
+    job_id: str
+    id: str = ""
+
+
+class Resume(_Frame, tag="resume"):
+    """Follow a job's events after sequence ``after_seq`` (0 = from the start)."""
+
+    job_id: str
+    after_seq: int = 0
+    id: str = ""
+
+
+class Ping(_Frame, tag="ping"):
+    """Application-level ping; answered with ``pong``."""
+
+    id: str = ""
+
+
+class Call(_Frame, tag="call"):
+    """A synchronous call of a request contract the gateway allows (``ws_calls``)."""
+
+    contract: str
+    input: dict[str, Any] = {}
+    id: str = ""
+
+
+ClientFrame = Submit | Cancel | Resume | Ping | Call
+
+_decoder: msgspec.json.Decoder[ClientFrame] = msgspec.json.Decoder(ClientFrame)  # type: ignore[arg-type]
+
+
+def decode_frame(data: str | bytes) -> ClientFrame:
+    """Decode one client frame.
+
+    Raises:
+        msgspec.DecodeError, msgspec.ValidationError: not JSON, unknown ``type``, or bad fields.
+    """
+    return _decoder.decode(data)

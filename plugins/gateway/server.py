@@ -1,0 +1,138 @@
+"""The ASGI server embedded in the gateway pod's own event loop.
+
+**Choice: uvicorn** (``websockets-sansio`` protocol, ``httptools`` when installed), run
+as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
+
+* port 0 gives the exact bound port at once (no probe-then-bind race), which is what
+  ``public_url`` and ``aiwfe up`` print;
+* its WebSocket protocol enforces ``ws_max_size`` (close 1009 before the frame reaches
+  Python), sends keepalive pings and applies write backpressure (``send`` waits while
+  the transport is paused, which is what makes the per-connection queue meaningful);
+* it never touches the pod's signal handlers (``capture_signals`` is disabled here).
+
+Granian's embedded server (``granian.server.embed``) is marked experimental by its
+authors, takes a host/port pair (no pre-bound socket, so port 0 cannot be reported)
+and runs its I/O in Rust threads outside the pod's loop. The DESIGN's reference
+figures favour Granian for a *bare echo* at 8,000 sockets; the gateway's target is
+5,000 sockets at p99 ≤ 100 ms, and ``aiwfe bench ws`` measures uvicorn meeting it on the
+2-core machine (see the README's benchmark section), so the simpler, fully in-loop
+server wins. ``server = "granian"`` can be added behind this same interface if a
+deployment needs more sockets per pod than uvicorn carries; more gateway replicas is
+the first answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+
+__all__ = ["EmbeddedServer", "bind_socket"]
+
+log = logging.getLogger("aiwfe.gateway.server")
+
+
+def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """Bind and listen on ``host:port`` (0 = a free port); return the socket.
+
+    Raises:
+        OSError: the address is taken or not available.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The pod owns SIGTERM/SIGINT (drain order); the embedded server must not take them.
+        yield
+
+
+class EmbeddedServer:
+    """An ASGI app served by uvicorn as a task of the running loop.
+
+    ``start`` binds and returns when the server accepts connections; ``stop`` closes it.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str,
+        port: int,
+        max_frame_bytes: int,
+        ping_interval_s: float,
+        ping_timeout_s: float,
+        backlog: int = 4096,
+        graceful_s: float = 5.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.backlog = backlog
+        self.config = uvicorn.Config(
+            app,
+            lifespan="off",
+            ws="websockets-sansio",
+            ws_max_size=max_frame_bytes,
+            ws_ping_interval=ping_interval_s if ping_interval_s > 0 else None,
+            ws_ping_timeout=ping_timeout_s if ping_timeout_s > 0 else None,
+            log_level="warning",
+            access_log=False,
+            backlog=backlog,
+            timeout_graceful_shutdown=int(max(1, graceful_s)),
+            loop="none",
+        )
+        self.server = _Server(self.config)
+        self.sock: socket.socket | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def bound_port(self) -> int:
+        """The port actually bound (after :meth:`start`)."""
+        assert self.sock is not None
+        return int(self.sock.getsockname()[1])
+
+    async def start(self) -> None:
+        """Bind and serve; return once the server accepts connections.
+
+        Raises:
+            OSError: the address could not be bound.
+            RuntimeError: the server stopped while starting.
+        """
+        self.sock = bind_socket(self.host, self.port, self.backlog)
+        self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
+        while not self.server.started:
+            if self.task.done():
+                exc = self.task.exception()
+                raise RuntimeError(f"gateway server did not start: {exc!r}")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Stop accepting, let open requests finish (bounded), close the socket."""
+        if self.task is not None:
+            self.server.should_exit = True
+            try:
+                async with asyncio.timeout(self.config.timeout_graceful_shutdown or 5):
+                    await asyncio.shield(self.task)
+            except TimeoutError:
+                self.server.force_exit = True
+                self.task.cancel()
+                with contextlib.suppress(BaseException):
+                    await self.task
+        if self.sock is not None:
+            self.sock.close()
