@@ -67,13 +67,20 @@ class Autoscaling(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Pod(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One pod: one process running one kernel with these plugins, in this order."""
+    """One pod: one process running one kernel with these plugins, in this order.
+
+    ``handlers`` overrides the serving options of handlers in this pod, by contract
+    address: ``[pods.NAME.handlers."reasoning.reason"] concurrency = 2048`` (fields of
+    :class:`kernel.plugin.HandlerOptions`: concurrency, max_queue, timeout_s,
+    ack_wait_s, max_deliver, backoff_s).
+    """
 
     plugins: list[str]
     replicas: int = 1
     ops_port: int = 0
     resources: Resources = msgspec.field(default_factory=Resources)
     autoscaling: Autoscaling | None = None
+    handlers: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
 
 
 class System(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -24,7 +24,7 @@ from . import metrics, tracing
 from ._ops import OpsServer
 from .errors import ConfigError
 from .manifest import Manifest
-from .plugin import Plugin, config_type, handlers_of, validate_plugin_class
+from .plugin import HandlerOptions, Plugin, config_type, handlers_of, validate_plugin_class
 from .registry import discover, resolve
 from .runtime import Kernel
 
@@ -111,6 +111,16 @@ class PodRunner:
             plugin.manifest = self.manifest  # type: ignore[attr-defined]
             self.plugins[name] = plugin
             for spec in handlers_of(cls):
+                override = self.pod.handlers.get(spec.address)
+                if override:
+                    try:
+                        options = msgspec.convert(
+                            {**msgspec.structs.asdict(spec.options), **override}, HandlerOptions, strict=False
+                        )
+                    except (msgspec.ValidationError, TypeError) as e:
+                        problems.append(f"[pods.{self.pod_name}.handlers.{spec.address!r}]: {e}")
+                        continue
+                    spec = msgspec.structs.replace(spec, options=options)
                 self.kernel.add(spec, plugin)
         if problems:
             raise ConfigError(f"pod {self.pod_name}: " + "; ".join(problems))

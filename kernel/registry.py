@@ -16,7 +16,7 @@ import msgspec
 
 from .contract import address_of, kind_of
 from .manifest import Manifest
-from .plugin import Plugin, config_type, handlers_of, validate_plugin_class
+from .plugin import HandlerOptions, Plugin, config_type, handlers_of, validate_plugin_class
 
 __all__ = ["Problem", "check_manifests", "discover", "resolve"]
 
@@ -112,6 +112,24 @@ def check_manifests(manifests: Iterable[Manifest]) -> list[Problem]:
                     msgspec.convert({}, config_type(cls))
                 except msgspec.ValidationError as e:
                     problems.append(Problem(f"{src}: plugin {pname}", f"config required: {e}", f"add a [plugins.{pname}] table"))
+        for pod_name, pod in m.pods.items():
+            addresses = {s.address: s for p in pod.plugins if p in classes for s in handlers_of(classes[p])}
+            for address, override in pod.handlers.items():
+                where = f"{src}: [pods.{pod_name}.handlers.{address!r}]"
+                if address not in addresses:
+                    problems.append(
+                        Problem(
+                            where, "no plugin in this pod serves it", f"served here: {', '.join(sorted(addresses)) or 'none'}"
+                        )
+                    )
+                    continue
+                try:
+                    msgspec.convert(
+                        {**msgspec.structs.asdict(addresses[address].options), **override}, HandlerOptions, strict=False
+                    )
+                except (msgspec.ValidationError, TypeError) as e:
+                    fields = ", ".join(HandlerOptions.__struct_fields__)
+                    problems.append(Problem(where, str(e), f"fields: {fields}"))
         served: dict[str, str] = {}
         for pod_name, pod in m.pods.items():
             in_pod: dict[str, str] = {}

@@ -139,7 +139,8 @@ class HeliosPlugin(Plugin):
         if outer is not None:
             deadline = min(deadline, outer)
         try:
-            perception = await self.kernel.call(Perceive(text=job.text), timeout_s=max(0.01, deadline - loop.time()))
+            perceive = Perceive(text=job.text, max_tags=len(self.index.by_tag))
+            perception = await self.kernel.call(perceive, timeout_s=max(0.01, deadline - loop.time()))
             tags = {e.tag: e.score for e in perception.expertise}
             await ctx.emit(Perceived(intent=perception.intent, expertise=tags))
             chosen = self.index.select(tags, {}, job.max_experts, self.config.fallback_experts)

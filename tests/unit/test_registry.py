@@ -137,3 +137,32 @@ def test_cli_check_names_the_unserved_contract(tmp_path: Path, repo_root: Path) 
     assert r.returncode == 1
     assert "calls perception.perceive (Perceive) but no pod serves it" in r.stderr
     assert "calls reasoning.reason (Reason) but no pod serves it" in r.stderr
+
+
+def test_handler_overrides_are_validated() -> None:
+    m = parse_manifest(
+        f"""
+        [pods.a]
+        plugins = ["{HERE}:Server"]
+        [pods.a.handlers."vt.ping"]
+        concurrency = "many"
+        [pods.a.handlers."vt.nothing"]
+        concurrency = 3
+        """,
+        env={},
+    )
+    text = "\n".join(str(p) for p in check_manifests([m]))
+    assert "handlers.'vt.ping'" in text and "concurrency" in text
+    assert "handlers.'vt.nothing'" in text and "no plugin in this pod serves it" in text
+
+
+async def test_handler_overrides_apply() -> None:
+    from bus.local import LocalBus
+    from kernel.pod import PodRunner
+
+    m = parse_manifest(
+        f'[pods.a]\nplugins = ["{HERE}:Server"]\n[pods.a.handlers."vt.ping"]\nconcurrency = 3\nmax_queue = "7"\n', env={}
+    )
+    pod = PodRunner(m, "a", LocalBus("x"), ops_port=0)
+    ep = pod.kernel.endpoints[Ping]
+    assert (ep.limiter.limit, ep.limiter.max_queue) == (3, 7)

@@ -1,0 +1,184 @@
+"""``aiwfe bench helios``: parallel experts against a sequential baseline in the same run.
+
+With the extractive provider and a simulated latency L per expert call:
+
+* one job consulting 12 experts (goal: job time ≤ L + 0.3 s) against the same 12 expert
+  calls made one after another through the kernel (the old system's shape, ≈ 12·L);
+* the time from submit to the job's first event (``first_event_ms``; through the
+  gateway's WebSocket when the gateway plugin is installed, else through the kernel's
+  job event stream — the output says which in ``first_event_via``);
+* the same job again with a warm answer cache (``cached_ms``; needs Redis: ``REDIS_URL``,
+  else an embedded Valkey when available);
+* ``--concurrent`` jobs at once with latency ``--concurrent-latency`` (goal: all complete,
+  p95 ≤ 3·L).
+
+Pods run in this process on a private embedded nats-server (or ``--url``).
+Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from ._support import emit, nats_server, percentile
+
+ALL_TAGS = (
+    "Review the architecture, security, database, performance, deploy pipeline, frontend page, backend api, "
+    "data, model training, test coverage, user feature and docs of the system"
+)
+CONTEXT_NOTE = "The system has a database, an api and a deploy pipeline."
+
+MANIFEST = """
+[system]
+subject_prefix = "{prefix}"
+[pods.all]
+plugins = ["helios", "perception", "reasoning"]
+[pods.all.handlers."reasoning.reason"]
+concurrency = 8192
+max_queue = 65536
+[pods.all.handlers."helios.ask"]
+concurrency = 1024
+[plugins.reasoning]
+max_concurrency = 8192
+[plugins.helios]
+redis_url = "{redis}"
+cache_prefix = "{prefix}:"
+"""
+
+
+@contextlib.contextmanager
+def _redis(url: str | None) -> Any:
+    if url:
+        yield url
+        return
+    try:
+        from bus.embedded_db import EmbeddedValkey
+    except ImportError:
+        yield ""
+        return
+    with tempfile.TemporaryDirectory(prefix="aiwfe-bench-") as d, EmbeddedValkey(os.path.join(d, "valkey")) as v:
+        yield v.url
+
+
+@contextlib.asynccontextmanager
+async def _system(url: str, prefix: str, redis: str) -> AsyncIterator[Any]:
+    from bus.nats import NatsBus
+    from kernel.manifest import parse_manifest
+    from kernel.pod import PodRunner
+
+    m = parse_manifest(MANIFEST.format(prefix=prefix, redis=redis), env={})
+    async with PodRunner(m, "all", NatsBus(url, prefix, name="bench-helios"), ops_port=0) as pod:
+        yield pod
+
+
+class _Tap:
+    """Watches every job event with a core NATS subscription (no consumer per job)."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, float] = {}
+        self.done: dict[str, asyncio.Future[str]] = {}
+
+    def waiter(self, job_id: str) -> asyncio.Future[str]:
+        fut = self.done.get(job_id)
+        if fut is None:
+            fut = self.done[job_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    async def on_msg(self, msg: Any) -> None:
+        job_id = msg.subject.rsplit(".", 1)[1]
+        self.first.setdefault(job_id, time.perf_counter())
+        typ = (msg.headers or {}).get("Aiwfe-Type", "")
+        if typ.startswith("job."):
+            fut = self.waiter(job_id)
+            if not fut.done():
+                fut.set_result(typ)
+
+
+async def _job_time(k: Any, tap: _Tap, ask: Any) -> tuple[float, float, Any]:
+    """(seconds from submit to done, ms from submit to the first event, record)."""
+    import uuid
+
+    job_id = uuid.uuid4().hex
+    fut = tap.waiter(job_id)
+    t0 = time.perf_counter()
+    await k.submit(ask, job_id=job_id)
+    await asyncio.wait_for(fut, 600)
+    t1 = time.perf_counter()
+    rec = await k.job_record(job_id)
+    return t1 - t0, (tap.first[job_id] - t0) * 1000, rec
+
+
+async def run(url: str, latency_s: float, concurrent: int, concurrent_latency_s: float, redis: str) -> dict[str, Any]:
+    from plugins.helios.contract import Ask
+    from plugins.helios.experts import DEFAULT_EXPERTS
+    from plugins.reasoning.contract import Reason
+
+    prefix = f"benchh{int(time.time() * 1000) % 10**8}"
+    question = f"{ALL_TAGS} ({prefix})"  # a question no earlier run has cached
+    async with _system(url, prefix, redis) as pod:
+        k = pod.kernel
+        tap = _Tap()
+        await k.bus.nc.subscribe(f"{prefix}.events.*", cb=tap.on_msg)
+        await _job_time(k, tap, Ask(text="warm-up: connections and decoders", max_experts=12, latency_s=0.0))
+        job_s, first_ms, rec = await _job_time(k, tap, Ask(text=question, max_experts=12, latency_s=latency_s))
+        result = msgspec.msgpack.decode(rec.result)
+        experts = len([e for e in result["experts"] if e["status"] == "answered"])
+
+        t0 = time.perf_counter()
+        for e in DEFAULT_EXPERTS:  # the old shape: one expert after another
+            await k.call(Reason(role=e.role, task=question, context=[], latency_s=latency_s), timeout_s=60)
+        sequential_s = time.perf_counter() - t0
+
+        cached_s, _, cached_rec = await _job_time(k, tap, Ask(text=question, max_experts=12, latency_s=latency_s))
+        cached_all = all(e["cached"] for e in msgspec.msgpack.decode(cached_rec.result)["experts"]) if redis else False
+
+        async def one(i: int) -> float | None:
+            ask = Ask(text=f"{question} #{i}", max_experts=12, latency_s=concurrent_latency_s, use_cache=False)
+            s, _, r = await _job_time(k, tap, ask)
+            return s if r is not None and r.status == "done" else None
+
+        times = await asyncio.gather(*(one(i) for i in range(concurrent)))
+        done = [t for t in times if t is not None]
+    return {
+        "experts": experts,
+        "latency_s": latency_s,
+        "job_s": round(job_s, 3),
+        "sequential_s": round(sequential_s, 3),
+        "first_event_ms": round(first_ms, 1),
+        "first_event_via": "kernel",
+        "cached_ms": round(cached_s * 1000, 1) if cached_all else None,
+        "concurrent_jobs": concurrent,
+        "concurrent_completed": len(done),
+        "concurrent_p95_s": round(percentile(done, 95), 3) if done else None,
+        "concurrent_latency_s": concurrent_latency_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run, print the JSON line."""
+    p = argparse.ArgumentParser(
+        prog="aiwfe bench helios", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
+    p.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL"), help="Redis for the answer cache (default $REDIS_URL, else embedded)"
+    )
+    p.add_argument("--latency", type=float, default=2.0, help="simulated latency per expert call, seconds (default 2)")
+    p.add_argument("--concurrent", type=int, default=200, help="concurrent jobs (default 200)")
+    p.add_argument(
+        "--concurrent-latency", type=float, default=1.0, help="latency per expert call in the concurrent run (default 1)"
+    )
+    a = p.parse_args(argv)
+    with nats_server(a.url) as url, _redis(a.redis_url) as redis:
+        result = asyncio.run(run(url, a.latency, a.concurrent, a.concurrent_latency, redis))
+    emit(result)
+    return 0
