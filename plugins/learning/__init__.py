@@ -1,0 +1,1 @@
+"""learning: feedback on expert answers → per-expert and per-expertise quality scores."""
