@@ -19,6 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+ALERTS_TEST = ROOT / "deploy" / "prometheus" / "alerts_test.yml"
 ADAPTER = ROOT / "deploy" / "prometheus" / "adapter.yaml"
 SCRAPE = ROOT / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "aiwfe.json"
@@ -82,8 +83,14 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_aiwfe() -> None:
     assert 'ENTRYPOINT ["aiwfe"]' in final
     assert any(ln.startswith('CMD ["run"') for ln in final)
     assert "--no-cache-dir" in DOCKERFILE.read_text()
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    assert {".git", ".venv", "tests"} <= set(ignored)
+    ignored = {ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and ln[0] != "#"}
+    assert {".git", ".venv", "tests"} <= ignored
+    for ln in final + lines[: lines.index(stages[-1])]:
+        if ln.startswith("COPY ") and "--from=" not in ln:
+            *sources, _dest = ln.split()[1:]
+            for src in sources:
+                assert (ROOT / src).exists(), f"COPY {src}: no such path"
+                assert src not in ignored, f"COPY {src}: excluded by .dockerignore"
 
 
 # -- alert rules ----------------------------------------------------------------------------
@@ -104,6 +111,23 @@ def test_promtool_accepts_the_rules() -> None:
         pytest.skip("promtool not installed (Debian package `prometheus`); the schema test below still runs")
     r = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_alerts_fire_as_their_unit_tests_expect() -> None:
+    promtool = _tool("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package `prometheus`)")
+    r = subprocess.run(
+        [promtool, "test", "rules", ALERTS_TEST.name], cwd=ALERTS_TEST.parent, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_alert_has_a_unit_test_that_fires_it() -> None:
+    data = yaml.safe_load(ALERTS_TEST.read_text())
+    assert data["rule_files"] == [ALERTS.name]
+    fired = {case["alertname"] for test in data["tests"] for case in test.get("alert_rule_test", []) if case.get("exp_alerts")}
+    assert set(_alerts()) - fired == set()
 
 
 _DURATION = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
