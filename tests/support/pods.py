@@ -16,7 +16,7 @@ from typing import Any
 
 from bus.embedded import free_port
 
-__all__ = ["PodProcess", "dump_toml", "run_pods"]
+__all__ = ["PodProcess", "dump_toml", "run_pods", "start_pod", "wait_ready"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,29 +79,46 @@ class PodProcess:
             return False
 
 
+def start_pod(manifest: Path, name: str, env: dict[str, str], logdir: Path) -> PodProcess:
+    """Start one pod as ``aiwfe run`` (not waiting for it); output appended to ``logdir/NAME.log``."""
+    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    port = free_port()
+    log = logdir / f"{name}.log"
+    with open(log, "ab") as fh:
+        p = subprocess.Popen(
+            [sys.executable, "-m", "kernel.cli", "run", "-m", str(manifest), "--pod", name, "--ops-port", str(port)],
+            cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    return PodProcess(name, p, port, log)
+
+
+def wait_ready(pods: list[PodProcess], timeout_s: float = 30) -> None:
+    """Block until every pod answers ``/ready`` with 200.
+
+    Raises:
+        RuntimeError: a pod exited or was not ready in time (with its log tail).
+    """
+    end = time.monotonic() + timeout_s
+    for pp in pods:
+        while not pp.ready():
+            if pp.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"pod {pp.name} did not become ready:\n{pp.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def run_pods(
     manifest: Path, pods: list[str], env: dict[str, str], logdir: Path, timeout_s: float = 30
 ) -> Iterator[dict[str, PodProcess]]:
-    """Start each pod as ``aiwfe run`` and wait until every one is ready; SIGTERM them after."""
+    """Start each pod as ``aiwfe run``, wait until every one is ready, SIGTERM them after.
+
+    The yielded dict may be updated: a test that restarts a pod puts the new process in it.
+    """
     procs: dict[str, PodProcess] = {}
-    full_env = {**os.environ, **env, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
         for name in pods:
-            port = free_port()
-            log = logdir / f"{name}.log"
-            with open(log, "wb") as fh:
-                p = subprocess.Popen(
-                    [sys.executable, "-m", "kernel.cli", "run", "-m", str(manifest), "--pod", name, "--ops-port", str(port)],
-                    cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
-                )  # fmt: skip
-            procs[name] = PodProcess(name, p, port, log)
-        end = time.monotonic() + timeout_s
-        for pp in procs.values():
-            while not pp.ready():
-                if pp.proc.poll() is not None or time.monotonic() > end:
-                    raise RuntimeError(f"pod {pp.name} did not become ready:\n{pp.log.read_text()[-3000:]}")
-                time.sleep(0.05)
+            procs[name] = start_pod(manifest, name, env, logdir)
+        wait_ready(list(procs.values()), timeout_s)
         yield procs
     finally:
         for pp in procs.values():
