@@ -27,6 +27,8 @@ from prometheus_client import Histogram
 
 from kernel import AiwfeError, DeadlineExceeded, Plugin, current_deadline, current_job, serves
 from kernel.metrics import REGISTRY
+from plugins.learning.contract import ExpertScores
+from plugins.memory.contract import Recall
 from plugins.perception.contract import Perceive
 from plugins.reasoning.contract import Reason
 
@@ -69,7 +71,7 @@ class HeliosPlugin(Plugin):
     """Serves the ``helios.ask`` job."""
 
     name = "helios"
-    calls = (Perceive, Reason)
+    calls = (Perceive, Reason, Recall, ExpertScores)
 
     class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """``experts``: the roles (twelve by default); ``fallback_experts`` answer when no
@@ -83,6 +85,7 @@ class HeliosPlugin(Plugin):
         experts: list[Expert] = msgspec.field(default_factory=lambda: list(DEFAULT_EXPERTS))
         fallback_experts: list[str] = msgspec.field(default_factory=lambda: ["architect", "writer"])
         expert_timeout_s: float = 30.0
+        recall_k: int = 5
         synthesis_reserve_s: float = 0.5
         max_synthesis_sentences: int = 6
         database_url: str = ""
@@ -139,13 +142,18 @@ class HeliosPlugin(Plugin):
         if outer is not None:
             deadline = min(deadline, outer)
         try:
+            # Perception and the one shared memory recall do not depend on each other.
             perceive = Perceive(text=job.text, max_tags=len(self.index.by_tag))
-            perception = await self.kernel.call(perceive, timeout_s=max(0.01, deadline - loop.time()))
+            perception, context = await asyncio.gather(
+                self.kernel.call(perceive, timeout_s=max(0.01, deadline - loop.time())),
+                self._recall(job, deadline),
+            )
             tags = {e.tag: e.score for e in perception.expertise}
             await ctx.emit(Perceived(intent=perception.intent, expertise=tags))
-            chosen = self.index.select(tags, {}, job.max_experts, self.config.fallback_experts)
+            candidates = self.index.select(tags, {}, len(self.index.experts), self.config.fallback_experts)
+            quality = await self._quality([n for n, _ in candidates], list(tags), deadline)
+            chosen = self.index.select(tags, quality, job.max_experts, self.config.fallback_experts)
             await ctx.emit(Selected(experts=[n for n, _ in chosen]))
-            context: list[str] = []
             answers = await self._fan_out(job, chosen, context, deadline)
             result = await self._synthesise(answers, t0)
             if not any(a.status == "answered" for a in answers):
@@ -160,6 +168,31 @@ class HeliosPlugin(Plugin):
             raise
         JOB_SECONDS.labels("done").observe(time.perf_counter() - t0)
         return result
+
+    async def _recall(self, job: Ask, deadline: float) -> list[str]:
+        """The shared context: the owner's memories closest to the question (empty when
+        memory is unavailable; the experts still answer, without context)."""
+        if self.config.recall_k <= 0:
+            return []
+        timeout_s = max(0.01, min(2.0, deadline - asyncio.get_running_loop().time()))
+        try:
+            r = await self.kernel.call(Recall(query=job.text, owner=job.owner, k=self.config.recall_k), timeout_s=timeout_s)
+        except AiwfeError as e:
+            log.warning("helios: memory recall failed (%s); experts answer without context", e)
+            return []
+        return [h.text for h in r.hits]
+
+    async def _quality(self, experts: list[str], expertise: list[str], deadline: float) -> dict[str, float]:
+        """Learned quality per expert (empty when learning is unavailable: all count alike)."""
+        if not experts:
+            return {}
+        timeout_s = max(0.01, min(1.0, deadline - asyncio.get_running_loop().time()))
+        try:
+            r = await self.kernel.call(ExpertScores(experts=experts, expertise=expertise), timeout_s=timeout_s)
+        except AiwfeError as e:
+            log.warning("helios: expert scores unavailable (%s); experts weighted alike", e)
+            return {}
+        return r.scores
 
     async def _fan_out(
         self, job: Ask, chosen: list[tuple[str, float]], context: list[str], deadline: float
