@@ -1,0 +1,69 @@
+"""The README's bring-up command: `aiwfe up` with nothing configured starts embedded
+services and every pod, answers, and stops cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bus.embedded import wait_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("manifest", ["monolith", "microservices"])
+def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL", "REDIS_URL", "QDRANT_URL")}
+    env["AIWFE_PREFIX"] = "up" + str(os.getpid())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernel.cli", "up", "-m", f"manifests/{manifest}.toml", "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    nats_url = None
+    ready: set[str] = set()
+    import tomllib
+
+    pods = set(tomllib.loads((ROOT / "manifests" / f"{manifest}.toml").read_text())["pods"])
+    end = time.monotonic() + 120
+    try:
+        while ready != pods and time.monotonic() < end:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if m := re.search(r"embedded NATS at (nats://\S+)", line):
+                nats_url = m.group(1)
+            if m := re.search(r"pod (\S+) ready", line):
+                ready.add(m.group(1).rstrip(";"))
+        assert ready == pods, "".join(lines[-40:])
+        assert nats_url is not None and not nats_url.endswith(":4222")
+        r = subprocess.run(
+            [sys.executable, "-m", "kernel.cli", "publish", "--url", nats_url, "--prefix", env["AIWFE_PREFIX"],
+             f"{env['AIWFE_PREFIX']}.perception.perceive", '{"text": "Deploy to Kubernetes"}'],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["expertise"][0]["tag"] == "devops"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rest, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rest, _ = proc.communicate()
+    assert proc.returncode == 0, "".join(lines[-20:]) + rest
+    host, port = nats_url.removeprefix("nats://").split(":")
+    assert not wait_port(host, int(port), 0.5), "embedded NATS still running after Ctrl-C"
