@@ -278,7 +278,7 @@ class AuthPlugin(Plugin):
             raise self._fail("invalid_input", InvalidInput("username must be 3 to 64 characters of A-Z a-z 0-9 _ . @ -"))
         if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
             raise self._fail("invalid_input", InvalidInput(f"password must be {_MIN_PASSWORD} to {_MAX_PASSWORD} characters"))
-        if not self.store.breaker.closed and not self.store.breaker.allow():
+        if self.store.breaker.blocking:
             # Fail before spending KDF time on a row we could not store.
             raise Unavailable(f"auth: database unavailable ({self.store.breaker.last_error}); retry shortly")
         pw_hash = await self._run_kdf(self._hasher.hash, req.password)

@@ -25,6 +25,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from prometheus_client import Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg import errors as pg_errors
@@ -61,6 +62,11 @@ class Breaker:
     def closed(self) -> bool:
         """True while the dependency is believed healthy."""
         return self.opened_at is None
+
+    @property
+    def blocking(self) -> bool:
+        """True when :meth:`allow` would refuse now (open, and no probe due). Consumes nothing."""
+        return self.opened_at is not None and time.monotonic() < self._probe_at
 
     def allow(self) -> bool:
         """True when the caller may use the dependency (closed, or this caller is the probe)."""
@@ -149,6 +155,14 @@ class _PoolCollector(Collector):
 
 metrics.REGISTRY.register(_PoolCollector())
 
+QUERY_SECONDS = Histogram(
+    "aiwfe_db_query_seconds",
+    "Time of one database statement, connection checkout excluded",
+    ["pool"],
+    registry=metrics.REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
 
 class UserStore:
     """The users table behind a bounded pool.
@@ -177,6 +191,7 @@ class UserStore:
     ) -> None:
         self.url = url
         self.breaker = Breaker(outage_retry_s)
+        self._m_query = QUERY_SECONDS.labels(name)
         self.pool: AsyncConnectionPool[Any] | None = None
         self._pool_args: dict[str, Any] = {
             "name": name,
@@ -278,10 +293,11 @@ class UserStore:
         user_id = str(uuid.uuid4())
         try:
             async with self.connection() as conn:
-                await conn.execute(
-                    "INSERT INTO auth_users (id, username, password_hash, scopes) VALUES (%s, %s, %s, %s)",
-                    (user_id, username, password_hash, scopes),
-                )
+                with self._m_query.time():
+                    await conn.execute(
+                        "INSERT INTO auth_users (id, username, password_hash, scopes) VALUES (%s, %s, %s, %s)",
+                        (user_id, username, password_hash, scopes),
+                    )
         except pg_errors.UniqueViolation:
             raise UserExists(f"user {username!r} already exists") from None
         return user_id
@@ -293,10 +309,11 @@ class UserStore:
             Overloaded, Unavailable: see :meth:`connection`.
         """
         async with self.connection() as conn:
-            cur = await conn.execute(
-                "SELECT id, username, password_hash, scopes FROM auth_users WHERE lower(username) = lower(%s)", (username,)
-            )
-            row = await cur.fetchone()
+            with self._m_query.time():
+                cur = await conn.execute(
+                    "SELECT id, username, password_hash, scopes FROM auth_users WHERE lower(username) = lower(%s)", (username,)
+                )
+                row = await cur.fetchone()
         if row is None:
             return None
         return User(str(row[0]), row[1], row[2], list(row[3]))
@@ -308,6 +325,7 @@ class UserStore:
             Overloaded, Unavailable: see :meth:`connection`.
         """
         async with self.connection() as conn:
-            await conn.execute(
-                "UPDATE auth_users SET password_hash = %s, updated_at = now() WHERE id = %s", (password_hash, user_id)
-            )
+            with self._m_query.time():
+                await conn.execute(
+                    "UPDATE auth_users SET password_hash = %s, updated_at = now() WHERE id = %s", (password_hash, user_id)
+                )

@@ -181,7 +181,9 @@ def test_key_confusion_hs256_signed_with_the_rsa_public_key(keys: dict[str, str]
 def test_algorithm_must_match_the_key_of_its_kid(keys: dict[str, str]) -> None:
     # An ES256 token presented under the RSA key's id.
     svc = service(KeyRing("rsa-1", "RS256", keys["RS256"]))
-    es = jwt.encode(good_payload(), serialization.load_pem_private_key(keys["ES256"].encode(), None), "ES256", {"kid": "rsa-1"})
+    es_key = serialization.load_pem_private_key(keys["ES256"].encode(), None)
+    assert isinstance(es_key, ec.EllipticCurvePrivateKey)
+    es = jwt.encode(good_payload(), es_key, "ES256", {"kid": "rsa-1"})
     assert reason_of(svc, es)[0] == "algorithm"
 
 
