@@ -60,7 +60,7 @@ __all__ = [
     "secret_name",
     "termination_grace_s",
     "to_yaml",
-    "validate_names",
+    "validate",
 ]
 
 DEFAULT_IMAGE = "aiwfe:latest"
@@ -102,19 +102,31 @@ def termination_grace_s(manifest: Manifest) -> int:
     return PRESTOP_SLEEP_S + math.ceil(manifest.system.drain_timeout_s) + SHUTDOWN_MARGIN_S
 
 
-def validate_names(manifest: Manifest) -> None:
-    """Check that every object name rendered from ``manifest`` is a valid Kubernetes name.
+def validate(manifest: Manifest) -> None:
+    """Check that ``manifest`` renders to objects a cluster accepts.
 
     Raises:
-        ConfigError: listing every pod or system name that is not an RFC 1035 label
-            (lowercase letters, digits and ``-``, starting with a letter, at most 63
-            characters), each with the fix.
+        ConfigError: listing every problem, each with the fix: a pod or system name that is
+            not an RFC 1035 label (lowercase letters, digits and ``-``, starting with a
+            letter, at most 63 characters); autoscaling bounds or percentages out of range.
     """
     problems = []
     hint = "lowercase letters, digits and '-', starting with a letter and ending with a letter or digit, at most 63 characters"
-    for name in manifest.pods:
+    for name, pod in manifest.pods.items():
         if not _LABEL.match(name) or len(name) > _MAX_NAME_CHARS:
             problems.append(f"pod name {name!r} is not a valid Kubernetes name ({hint}); rename [pods.{name}]")
+        a = _autoscaling(pod)
+        where = f"[pods.{name}.autoscaling]" if pod.autoscaling is not None else f"[pods.{name}] replicas"
+        if not 1 <= a.min_replicas <= a.max_replicas:
+            problems.append(f"{where}: need 1 <= min_replicas ({a.min_replicas}) <= max_replicas ({a.max_replicas})")
+        if not (0 < a.cpu_utilization_pct and 0 < a.memory_utilization_pct):
+            problems.append(f"{where}: cpu_utilization_pct and memory_utilization_pct must be above 0")
+        if not (0 < a.scale_up_percent and 0 < a.scale_down_percent):
+            problems.append(f"{where}: scale_up_percent and scale_down_percent must be above 0")
+        if a.scale_up_stabilization_s < 0 or a.scale_down_stabilization_s < 0:
+            problems.append(f"{where}: stabilization windows must be 0 or more seconds")
+        if a.active_llm_requests is not None and a.active_llm_requests <= 0:
+            problems.append(f"{where}: active_llm_requests must be above 0")
     longest = max((secret_name(manifest), configmap_name(manifest)), key=len)
     if not _LABEL.match(manifest.system.name) or len(longest) > _MAX_NAME_CHARS:
         problems.append(
@@ -390,10 +402,10 @@ def render_pod(manifest: Manifest, pod: str, manifest_text: str, *, image: str =
     template annotation, so a changed manifest rolls the pods.
 
     Raises:
-        ConfigError: an invalid name (see :func:`validate_names`), no such pod, or a bad
+        ConfigError: an invalid name or autoscaling setting (see :func:`validate`), no such pod, or a bad
             gateway port.
     """
-    validate_names(manifest)
+    validate(manifest)
     spec = manifest.pod(pod)
     digest = hashlib.sha256(manifest_text.encode()).hexdigest()
     return [
@@ -415,7 +427,7 @@ def render(manifest: Manifest, manifest_text: str, *, image: str = DEFAULT_IMAGE
     Raises:
         ConfigError: see :func:`render_pod`.
     """
-    validate_names(manifest)
+    validate(manifest)
     out = {configmap_name(manifest): [_configmap(manifest, manifest_text)]}
     for pod in manifest.pods:
         out[pod] = render_pod(manifest, pod, manifest_text, image=image)

@@ -255,3 +255,24 @@ def test_hints_name_a_gateway_that_would_listen_on_loopback_only(capsys: pytest.
     path.write_text(fixed)
     assert main(["k8s", str(path), "-o", str(tmp_path / "out")]) == 0
     assert "warning: [plugins.gateway] host" in capsys.readouterr().err
+
+
+def test_autoscaling_out_of_range_is_reported_before_a_cluster_rejects_it() -> None:
+    text = """
+[pods.a]
+plugins = ["reasoning"]
+[pods.a.autoscaling]
+min_replicas = 4
+max_replicas = 2
+scale_down_percent = 0
+active_llm_requests = 0
+[pods.b]
+plugins = ["perception"]
+replicas = 0
+"""
+    with pytest.raises(ConfigError) as e:
+        k8s.render(parse_manifest(text, "x.toml", env={}), text)
+    msg = e.value.message
+    assert "[pods.a.autoscaling]: need 1 <= min_replicas (4) <= max_replicas (2)" in msg
+    assert "scale_down_percent must be above 0" in msg and "active_llm_requests must be above 0" in msg
+    assert "[pods.b] replicas: need 1 <= min_replicas (0)" in msg
