@@ -1,0 +1,352 @@
+"""``aiwfe bench ws``: N authenticated WebSockets through the gateway against a bare echo.
+
+Every connection sends one ``call`` frame per second (``perception.perceive``) that goes
+gateway → kernel → NATS → the perception plugin in another pod → back on the socket,
+and measures the round trip. The baseline, in the same run and at the same N, is a bare
+Litestar WebSocket echo under the same ASGI server settings.
+
+Processes (so that the load generator does not starve the server on a small machine):
+one server process (gateway pod + worker pod, each with its own NATS connection, on a
+private embedded nats-server unless ``--url``), and ``--clients`` load-generator
+processes that open ``N / clients`` sockets each. Every process raises its open-file
+limit to the hard limit. Sends follow a fixed schedule (one per second per socket,
+phases spread over the second), so a slow reply does not reduce the offered load.
+
+Last line: ``{"connections", "connected_pct", "p50_ms", "p99_ms", "echo_p50_ms",
+"echo_p99_ms", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kernel import Plugin, serves
+from plugins.auth.contract import Claims, Verify
+
+from ._support import emit, nats_server, percentile
+
+__all__ = ["BenchAuthPlugin", "main", "raise_nofile"]
+
+SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
+AUDIENCE = "aiwfe"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to its hard limit; return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class InvalidToken(Exception):
+    retryable = False
+
+
+class BenchAuthPlugin(Plugin):
+    """Verifies the benchmark's HS256 tokens (what the auth plugin's verify does, minus storage)."""
+
+    name = "benchauth"
+
+    @serves(Verify, concurrency=512, max_queue=100_000)
+    async def verify(self, req: Verify) -> Claims:
+        import jwt
+
+        try:
+            p = jwt.decode(req.token, SECRET, algorithms=["HS256"], audience=AUDIENCE)
+        except jwt.PyJWTError as e:
+            raise InvalidToken(str(e)) from None
+        return Claims(sub=p["sub"], username=p["sub"], jti=p["jti"], exp=p["exp"], iat=p["iat"])
+
+
+def make_token(sub: str) -> str:
+    """A token :class:`BenchAuthPlugin` accepts."""
+    import jwt
+
+    now = int(time.time())
+    return jwt.encode({"sub": sub, "jti": uuid.uuid4().hex, "iat": now, "exp": now + 3600, "aud": AUDIENCE}, SECRET, "HS256")
+
+
+# -- server processes -----------------------------------------------------------------
+
+
+async def _serve_gateway(nats_url: str, local: bool) -> None:
+    from bus.nats import NatsBus
+    from kernel.manifest import parse_manifest
+    from kernel.pod import PodRunner
+
+    prefix = f"benchws{os.getpid()}"
+    worker_plugins = "" if local else '[pods.work]\nplugins = ["perception"]'
+    gw_plugins = '"gateway", "bench.ws:BenchAuthPlugin"' + (', "perception"' if local else "")
+    m = parse_manifest(
+        f"""
+        [system]
+        subject_prefix = "{prefix}"
+        drain_timeout_s = 2
+        [pods.gw]
+        plugins = [{gw_plugins}]
+        {worker_plugins}
+        [plugins.gateway]
+        port = 0
+        rate_per_s = 100.0
+        rate_burst = 200
+        idle_timeout_s = 3600
+        backlog = 8192
+        """
+    )
+    pods = [PodRunner(m, name, NatsBus(nats_url, prefix, name=name), ops_port=0) for name in m.pods]
+    async with contextlib.AsyncExitStack() as stack:
+        for p in reversed(pods):  # the worker first, so the gateway's calls find it
+            await stack.enter_async_context(p)
+        url = pods[0].plugins["gateway"].public_url  # type: ignore[attr-defined]
+        print(f"READY {url.replace('http://', 'ws://')}/v1/ws", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+async def _serve_echo() -> None:
+    from litestar import Litestar, WebSocket, websocket
+
+    from plugins.gateway.server import EmbeddedServer
+
+    @websocket("/echo")
+    async def echo(socket: WebSocket[Any, Any, Any]) -> None:
+        await socket.accept()
+        with contextlib.suppress(Exception):
+            while True:
+                await socket.send_text(await socket.receive_text())
+
+    server = EmbeddedServer(
+        Litestar(route_handlers=[echo]),
+        host="127.0.0.1",
+        port=0,
+        max_frame_bytes=65536,
+        ping_interval_s=20,
+        ping_timeout_s=20,
+        backlog=8192,
+    )
+    await server.start()
+    print(f"READY ws://127.0.0.1:{server.bound_port}/echo", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.stop()
+
+
+# -- load generator -------------------------------------------------------------------
+
+
+async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup: int) -> dict[str, Any]:
+    import websockets
+
+    conns: list[Any] = []
+    failures: list[str] = []
+    connect_ms: list[float] = []
+    sem = asyncio.Semaphore(ramp)
+
+    async def open_one(i: int) -> None:
+        headers = {"Authorization": f"Bearer {make_token(f'u{os.getpid()}-{i}')}"} if mode == "gateway" else {}
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                ws = await websockets.connect(
+                    url, additional_headers=headers, open_timeout=60, ping_interval=None, max_queue=64, compression=None
+                )
+            except Exception as e:
+                failures.append(type(e).__name__)
+                return
+            connect_ms.append((time.perf_counter() - t0) * 1000)
+            conns.append(ws)
+
+    await asyncio.gather(*(open_one(i) for i in range(n)))
+    print(json.dumps({"connected": len(conns)}), flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO
+
+    lat_ms: list[float] = []
+    errors = 0
+    closed = 0
+    text = "How fast is the database index on the orders table?"
+
+    async def drive(ws: Any) -> None:
+        nonlocal errors, closed
+        loop = asyncio.get_running_loop()
+        start = loop.time() + random.random()
+        end = start + seconds
+        k = 0
+        while True:
+            at = start + k
+            if at >= end:
+                return
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            k += 1
+            if mode == "gateway":
+                frame = json.dumps({"type": "call", "contract": "perception.perceive", "input": {"text": text}, "id": str(k)})
+            else:
+                frame = json.dumps({"type": "echo", "input": {"text": text}, "id": str(k)})
+            t0 = time.perf_counter()
+            try:
+                await ws.send(frame)
+                reply = json.loads(await ws.recv())
+            except Exception:
+                closed += 1
+                return
+            if k > warmup:
+                lat_ms.append((time.perf_counter() - t0) * 1000)
+            if mode == "gateway" and reply.get("type") != "reply":
+                errors += 1
+
+    await asyncio.gather(*(drive(ws) for ws in conns))
+    await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+    return {
+        "connected": len(conns),
+        "failures": failures,
+        "errors": errors,
+        "closed": closed,
+        "lat_ms": lat_ms,
+        "connect_ms": connect_ms,
+    }
+
+
+# -- orchestration --------------------------------------------------------------------
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.ws", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _read_ready(p: subprocess.Popen[str]) -> str:
+    assert p.stdout is not None
+    for line in p.stdout:
+        if line.startswith("READY "):
+            return line.split()[1]
+    raise RuntimeError("server process ended before it was ready")
+
+
+def _phase(url: str, mode: str, n: int, clients: int, seconds: float, ramp: int, warmup: int) -> dict[str, Any]:
+    share = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
+    procs = [_spawn("--role", "client", "--target", url, "--mode", mode, "-n", str(k), "--duration", str(seconds),
+                    "--ramp", str(ramp), "--warmup", str(warmup)) for k in share if k]  # fmt: skip
+    t0 = time.perf_counter()
+    for p in procs:  # each prints {"connected"} once its sockets are open
+        assert p.stdout is not None
+        json.loads(p.stdout.readline())
+    ramp_s = time.perf_counter() - t0
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("GO\n")
+        p.stdin.flush()
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 300)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    lat = [x for r in results for x in r["lat_ms"]]
+    conn_ms = [x for r in results for x in r["connect_ms"]]
+    return {
+        "connected": sum(r["connected"] for r in results),
+        "failures": [f for r in results for f in r["failures"]],
+        "errors": sum(r["errors"] for r in results),
+        "closed": sum(r["closed"] for r in results),
+        "p50_ms": round(percentile(lat, 50), 2),
+        "p99_ms": round(percentile(lat, 99), 2),
+        "samples": len(lat),
+        "connect_p99_ms": round(percentile(conn_ms, 99), 1),
+        "ramp_s": round(ramp_s, 2),
+    }
+
+
+def _stop(p: subprocess.Popen[str]) -> None:
+    with contextlib.suppress(Exception):
+        assert p.stdin is not None
+        p.stdin.close()
+    try:
+        p.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the echo baseline and the gateway phase; return the result object."""
+    n = args.connections
+    with nats_server(args.url) as nats_url:
+        echo_srv = _spawn("--role", "echo")
+        try:
+            echo = _phase(_read_ready(echo_srv), "echo", n, args.clients, args.duration, args.ramp, args.warmup)
+        finally:
+            _stop(echo_srv)
+        gw_srv = _spawn("--role", "gateway", "--nats", nats_url, *(["--local"] if args.local else []))
+        try:
+            gw = _phase(_read_ready(gw_srv), "gateway", n, args.clients, args.duration, args.ramp, args.warmup)
+        finally:
+            _stop(gw_srv)
+    return {
+        "connections": n,
+        "connected_pct": round(100.0 * gw["connected"] / n, 2),
+        "p50_ms": gw["p50_ms"],
+        "p99_ms": gw["p99_ms"],
+        "echo_p50_ms": echo["p50_ms"],
+        "echo_p99_ms": echo["p99_ms"],
+        "echo_connected_pct": round(100.0 * echo["connected"] / n, 2),
+        "p99_ratio": round(gw["p99_ms"] / echo["p99_ms"], 2) if echo["p99_ms"] else None,
+        "samples": gw["samples"],
+        "reply_errors": gw["errors"],
+        "dropped_sockets": gw["closed"],
+        "connect_failures": len(gw["failures"]),
+        "connect_p99_ms": gw["connect_p99_ms"],
+        "ramp_s": gw["ramp_s"],
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "warmup_s": args.warmup,
+        "call_path": "local" if args.local else "remote",
+        "cpus": os.cpu_count(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``aiwfe bench ws``; returns the exit status."""
+    p = argparse.ArgumentParser(prog="aiwfe bench ws", description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--connections", "-n", type=int, default=1000)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds of load per phase")
+    p.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    p.add_argument("--ramp", type=int, default=200, help="concurrent handshakes per load generator")
+    p.add_argument("--warmup", type=int, default=2, help="first sends per socket not counted (seconds of warm-up)")
+    p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
+    p.add_argument("--local", action="store_true", help="perception in the gateway's pod (in-process call)")
+    p.add_argument("--role", default="main", help=argparse.SUPPRESS)
+    p.add_argument("--target", help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--nats", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    raise_nofile()
+    if args.role == "gateway":
+        asyncio.run(_serve_gateway(args.nats, args.local))
+    elif args.role == "echo":
+        asyncio.run(_serve_echo())
+    elif args.role == "client":
+        out = asyncio.run(_client(args.target, args.connections, args.duration, args.mode, args.ramp, args.warmup))
+        print(msgspec.json.encode(out).decode(), flush=True)
+    else:
+        emit(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
