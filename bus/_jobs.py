@@ -30,6 +30,7 @@ EV_DONE = "job.done"
 EV_FAILED = "job.failed"
 EV_RETRYING = "job.retrying"
 EV_CANCELLED = "job.cancelled"
+EV_REPLAYED = "job.replayed"
 TERMINAL = (EV_DONE, EV_FAILED, EV_CANCELLED)
 _enc = msgspec.msgpack.Encoder()
 

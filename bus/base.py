@@ -108,3 +108,6 @@ class Bus(Protocol):
 
     async def dead_letters(self, kind: str | None = None) -> list[tuple[bytes, Headers]]:
         """Dead-lettered jobs (payload and headers, including the reason)."""
+
+    async def replay_dead_letters(self, kind: str | None = None, job_id: str | None = None) -> list[str]:
+        """Re-queue dead-lettered jobs under their own ids; returns the ids replayed."""

@@ -17,6 +17,7 @@ __all__ = [
     "H_CONTENT_TYPE",
     "H_DEADLINE",
     "H_ERROR",
+    "H_JOB_ID",
     "H_MSG_ID",
     "H_REASON",
     "H_SCHEMA",
@@ -42,6 +43,7 @@ H_TYPE = "Aiwfe-Type"
 H_CONTENT_TYPE = "Content-Type"
 H_REASON = "Aiwfe-Reason"
 H_ATTEMPTS = "Aiwfe-Attempts"
+H_JOB_ID = "Aiwfe-Job-Id"  # a job's id when it differs from its Nats-Msg-Id (dead letters, replays)
 JSON = "application/json"
 
 

@@ -23,7 +23,7 @@ from kernel.errors import DeadlineExceeded, Unavailable
 
 from . import _jobs
 from .base import EventHandler, Headers, JobCall, JobOptions, JobRunner, RemoteHandler
-from .codec import H_ATTEMPTS, H_MSG_ID, H_REASON, JobEvent, JobRecord
+from .codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, JobEvent, JobRecord
 
 __all__ = ["LocalBus"]
 
@@ -189,7 +189,7 @@ class LocalBus:
     async def dead_letter(self, call: JobCall, reason: dict[str, Any]) -> None:
         """Keep a dead letter with its reason."""
         headers = dict(call.headers)
-        headers["Aiwfe-Job-Id"] = call.job_id
+        headers[H_JOB_ID] = call.job_id
         headers[H_REASON] = msgspec.json.encode(reason).decode()
         headers[H_ATTEMPTS] = str(call.attempt)
         self._dlq.append((call.kind, call.data, headers))
@@ -197,6 +197,22 @@ class LocalBus:
     async def dead_letters(self, kind: str | None = None) -> list[tuple[bytes, Headers]]:
         """The dead letters (all kinds, or one)."""
         return [(d, h) for k, d, h in self._dlq if kind is None or k == kind]
+
+    async def replay_dead_letters(self, kind: str | None = None, job_id: str | None = None) -> list[str]:
+        """Re-queue dead-lettered jobs under their own ids (see NatsBus.replay_dead_letters)."""
+        done, keep = [], []
+        for k, d, h in self._dlq:
+            jid = h.get(H_JOB_ID, "")
+            if (kind is not None and k != kind) or (job_id is not None and jid != job_id) or not jid:
+                keep.append((k, d, h))
+                continue
+            self._records.pop(jid, None)
+            fresh = {key: v for key, v in h.items() if key not in (H_REASON, H_ATTEMPTS)}
+            self._queue(k).put_nowait((jid, d, fresh, 1))
+            await self.emit(jid, _jobs.EV_REPLAYED, msgspec.msgpack.encode({"from_dead_letter": True}))
+            done.append(jid)
+        self._dlq = keep
+        return done
 
     async def emit(self, job_id: str, type: str, data: bytes) -> int:
         """Append a job event."""

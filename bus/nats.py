@@ -39,7 +39,18 @@ from . import _jobs
 from ._client import FastClient
 from ._wheel import DeadlineWheel
 from .base import EventHandler, Headers, JobCall, JobOptions, JobRunner, RemoteHandler
-from .codec import H_ATTEMPTS, H_MSG_ID, H_REASON, H_TYPE, JobEvent, JobRecord, decode_record, encode_record, stream_names
+from .codec import (
+    H_ATTEMPTS,
+    H_JOB_ID,
+    H_MSG_ID,
+    H_REASON,
+    H_TYPE,
+    JobEvent,
+    JobRecord,
+    decode_record,
+    encode_record,
+    stream_names,
+)
 
 __all__ = ["NatsBus"]
 
@@ -394,7 +405,7 @@ class NatsBus:
         try:
             meta = m.metadata
             headers = dict(m.headers or {})
-            job_id = headers.get(H_MSG_ID) or f"seq{meta.sequence.stream}"
+            job_id = headers.get(H_JOB_ID) or headers.get(H_MSG_ID) or f"seq{meta.sequence.stream}"
             call = JobCall(
                 job_id=job_id,
                 kind=kind,
@@ -452,15 +463,17 @@ class NatsBus:
         """Publish a job to ``<prefix>.dlq.<kind>`` with the reason in its headers."""
         headers = {k: v for k, v in call.headers.items() if not k.startswith("Nats-")}
         headers[H_MSG_ID] = f"dlq-{call.job_id}"
-        headers["Aiwfe-Job-Id"] = call.job_id
+        headers[H_JOB_ID] = call.job_id
         headers[H_REASON] = msgspec.json.encode(reason).decode()
         headers[H_ATTEMPTS] = str(call.attempt)
         await self.js.publish(f"{self.prefix}.dlq.{call.kind}", call.data, headers=headers, timeout=5.0)
 
-    async def dead_letters(self, kind: str | None = None) -> list[tuple[bytes, Headers]]:
-        """Read the dead-letter stream (all kinds, or one)."""
+    async def _read_dlq(self, kind: str | None) -> list[tuple[str, int, bytes, Headers]]:
         subject = f"{self.prefix}.dlq.{kind or '>'}"
-        out: list[tuple[bytes, Headers]] = []
+        out: list[tuple[str, int, bytes, Headers]] = []
+        info = await self.js.stream_info(self.names["dlq"])
+        if info.state.messages == 0:
+            return out
         sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
         try:
             while True:
@@ -468,12 +481,40 @@ class NatsBus:
                     m = await sub.next_msg(timeout=0.5)
                 except nats.errors.TimeoutError:
                     break
-                out.append((m.data, dict(m.headers or {})))
+                out.append((m.subject, m.metadata.sequence.stream, m.data, dict(m.headers or {})))
                 if m.metadata.num_pending == 0:
                     break
         finally:
             await sub.unsubscribe()
         return out
+
+    async def dead_letters(self, kind: str | None = None) -> list[tuple[bytes, Headers]]:
+        """Read the dead-letter stream (all kinds, or one)."""
+        return [(data, headers) for _, _, data, headers in await self._read_dlq(kind)]
+
+    async def replay_dead_letters(self, kind: str | None = None, job_id: str | None = None) -> list[str]:
+        """Re-queue dead-lettered jobs (all, one kind, or one job) under their own job ids.
+
+        The failed record is removed first so the job runs again; the replay gets a fresh
+        ``Nats-Msg-Id`` (the dedupe window would drop the old one) and a ``job.replayed``
+        event; the dead letter is deleted once re-queued. Returns the replayed job ids.
+        """
+        done: list[str] = []
+        dlq_prefix = f"{self.prefix}.dlq."
+        for subject, seq, data, headers in await self._read_dlq(kind):
+            jid = headers.get(H_JOB_ID, "")
+            if not jid or (job_id is not None and jid != job_id):
+                continue
+            job_kind = subject[len(dlq_prefix) :]
+            with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                await self._kv.delete(jid)
+            fresh = {k: v for k, v in headers.items() if k not in (H_REASON, H_ATTEMPTS, H_MSG_ID)}
+            fresh[H_MSG_ID] = f"{jid}.replay{seq}"
+            await self.js.publish(self.job_subject(job_kind), data, headers=fresh, timeout=5.0)
+            await self.emit(jid, _jobs.EV_REPLAYED, msgspec.msgpack.encode({"from_dead_letter": seq}))
+            await self.js.delete_msg(self.names["dlq"], seq)
+            done.append(jid)
+        return done
 
     async def answer(self, subject: str, provider: Callable[[], dict[str, Any]]) -> None:
         """Reply to every request on ``subject`` with ``provider()`` as JSON (all pods answer)."""

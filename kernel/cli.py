@@ -75,6 +75,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(args.manifest, data_dir=Path(args.data_dir))
 
 
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from .publish import dead_letters
+
+    url = args.url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
+    return asyncio.run(dead_letters(url, args.prefix, args.action, kind=args.kind, job_id=args.job_id))
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from .publish import publish
 
@@ -150,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url", help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
     s.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
     s.set_defaults(fn=cmd_publish)
+
+    s = sub.add_parser("dlq", help="list dead-lettered jobs with their reasons, or replay them")
+    s.add_argument("action", choices=["list", "replay"], help="list: one JSON line per dead letter; replay: re-queue them")
+    s.add_argument("--kind", help="only this job kind (e.g. helios.ask)")
+    s.add_argument("--job-id", help="only this job")
+    s.add_argument("--url", help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
+    s.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
+    s.set_defaults(fn=cmd_dlq)
 
     s = sub.add_parser("bench", help="run a benchmark in bench/; its last output line is one JSON object")
     s.add_argument("name", help="rpc, ...")

@@ -66,3 +66,47 @@ async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s
         return 1
     finally:
         await bus.close()
+
+
+async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, job_id: str | None) -> int:
+    """``aiwfe dlq list|replay``: print dead letters (one JSON object per line) or re-queue them.
+
+    Returns the exit status (1 when NATS cannot be reached).
+    """
+    from bus.codec import H_ATTEMPTS, H_JOB_ID, H_REASON
+    from bus.nats import NatsBus
+    from kernel.errors import AiwfeError
+
+    bus = NatsBus(url, prefix, name="aiwfe-dlq", connect_timeout_s=5.0)
+    try:
+        await bus.start()
+    except AiwfeError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 1
+    try:
+        if action == "replay":
+            ids = await bus.replay_dead_letters(kind, job_id)
+            print(json.dumps({"replayed": ids}))
+            return 0
+        for data, headers in await bus.dead_letters(kind):
+            if job_id is not None and headers.get(H_JOB_ID) != job_id:
+                continue
+            try:
+                payload = msgspec.msgpack.decode(data) if headers.get(H_CONTENT_TYPE) != JSON else json.loads(data)
+            except (msgspec.DecodeError, ValueError):
+                payload = data.decode(errors="replace")
+            reason = json.loads(headers.get(H_REASON, "{}"))
+            print(
+                json.dumps(
+                    {
+                        "job_id": headers.get(H_JOB_ID),
+                        "attempts": int(headers.get(H_ATTEMPTS, "0")),
+                        "reason": reason,
+                        "payload": payload,
+                    },
+                    default=str,
+                )
+            )
+        return 0
+    finally:
+        await bus.close()

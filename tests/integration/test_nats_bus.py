@@ -113,3 +113,31 @@ def test_probe_module_importable_by_children() -> None:
         timeout=60,
     )
     assert r.returncode == 0
+
+
+def _dlq(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kernel.cli", "dlq", *args, "--url", nats_url, "--prefix", prefix],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+
+
+async def test_dlq_command_lists_reasons_and_replays(start_pods: StartPods, nats_url: str, prefix: str) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        job_id = await k.submit(Crunch(n=-2))
+        assert (await k.wait_job(job_id, timeout_s=20)).status == "failed"
+        r = await asyncio.to_thread(_dlq, nats_url, prefix, "list", "--kind", "probe.crunch")
+        assert r.returncode == 0, r.stderr
+        letter = json.loads(r.stdout.strip().splitlines()[-1])
+        assert letter["job_id"] == job_id and letter["attempts"] == 3 and letter["payload"]["n"] == -2
+        assert letter["reason"]["type"] == "ValueError" and "poison" in letter["reason"]["message"]
+        pods["front"].plugins[PROBE].reject_negative = False
+        r = await asyncio.to_thread(_dlq, nats_url, prefix, "replay", "--job-id", job_id)
+        assert json.loads(r.stdout) == {"replayed": [job_id]}
+        await asyncio.sleep(0.2)
+        rec = await k.wait_job(job_id, timeout_s=20)
+        assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 4

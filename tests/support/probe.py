@@ -67,6 +67,7 @@ class ProbePlugin(Plugin):
 
     name = "probe"
     calls = (Perceive, Reason)
+    reject_negative = True  # a poison switch: tests clear it to "fix" the handler
 
     class Config(msgspec.Struct, frozen=True):
         sleep_concurrency: int = 2
@@ -83,6 +84,8 @@ class ProbePlugin(Plugin):
         assert ctx is not None
         if ctx.attempt <= job.fail_times:
             raise Flaky(f"attempt {ctx.attempt} of job n={job.n} fails on purpose")
+        if job.n < 0 and self.reject_negative:
+            raise ValueError(f"n={job.n}: negative numbers are poison (until reject_negative is cleared)")
         await ctx.emit(Progressed(n=job.n, step="started"))
         if job.delay_s:
             await asyncio.sleep(job.delay_s)

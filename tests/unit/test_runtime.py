@@ -270,3 +270,21 @@ async def test_cluster_status_lists_every_pod(start_pods: StartPods) -> None:
         assert [s["pod"] for s in status] == ["back", "front"]
         assert all(s["ready"] for s in status)
         assert status[0]["plugins"] == ["perception", "reasoning", WHO]
+
+
+async def test_dead_letters_replay_under_the_same_job_id(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        job_id = await k.submit(Crunch(n=-4))  # poison: fails every attempt
+        rec = await k.wait_job(job_id, timeout_s=20)
+        assert rec.status == "failed" and rec.attempts == 3
+        pods["front"].plugins[PROBE].reject_negative = False  # the handler is fixed
+        assert await k.bus.replay_dead_letters("probe.crunch") == [job_id]
+        assert await k.bus.dead_letters() == []
+        await asyncio.sleep(0.2)
+        rec = await k.wait_job(job_id, timeout_s=20)
+        assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 16
+        first = [ev async for ev in k.job_events(job_id)]  # stops at the first outcome
+        assert first[-1].type == "job.failed"
+        after = [ev.type async for ev in k.job_events(job_id, after_seq=first[-1].seq)]
+        assert after == ["job.replayed", "probe.progressed", "job.done"]
