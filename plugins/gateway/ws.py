@@ -493,14 +493,15 @@ class WebSocketEndpoint:
             return
         try:
             claims = await self.gw.verify(token)
-        except Overloaded:
-            await self._refuse(send, "overloaded")
-            return
-        except RemoteError as e:
-            await self._refuse(send, "invalid_token" if e.type == "InvalidToken" else "unavailable")
-            return
-        except AiwfeError:
-            await self._refuse(send, "unavailable")
+        except AiwfeError as e:
+            if isinstance(e, Overloaded):
+                reason = "overloaded"
+            elif isinstance(e, RemoteError) and e.type == "InvalidToken":
+                reason = "invalid_token"
+            else:
+                reason = "unavailable"
+            log.debug("ws handshake refused (%s): %s", reason, e)
+            await self._refuse(send, reason)
             return
         if self.gw.hub.is_revoked(claims.jti):
             await self._refuse(send, "revoked")

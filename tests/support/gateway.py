@@ -131,3 +131,45 @@ def raw_ws_send_text(writer: Any, text: str) -> None:
     else:
         header = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
     writer.write(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+
+#: The HS256 secret the integration tests give the real auth plugin.
+REAL_AUTH_SECRET = "integration-secret-0123456789abcdef0123456789"
+
+
+def real_auth_config(pg_url: str, redis_url: str, prefix: str) -> str:
+    """TOML lines for the real auth plugin on the test's own schema and Redis key prefix (fast KDF)."""
+    return f"""
+database_url = "{pg_url}"
+redis_url = "{redis_url}"
+redis_key_prefix = "{prefix}:auth"
+jwt_secret = "{REAL_AUTH_SECRET}"
+kdf_time_cost = 1
+kdf_memory_kib = 8192
+kdf_parallelism = 1
+"""
+
+
+def real_auth_tokens() -> dict[str, str]:
+    """Tokens for the real auth plugin's key ring (kid ``k1``): one valid, the rest each wrong in one way."""
+    import time
+    import uuid
+
+    import jwt
+
+    def tok(secret: str | None = REAL_AUTH_SECRET, alg: str = "HS256", **over: Any) -> str:
+        now = int(time.time())
+        payload = {"sub": "u1", "username": "alice", "jti": uuid.uuid4().hex, "iat": now, "nbf": now, "exp": now + 600}
+        payload |= {"iss": "aiwfe", "aud": "aiwfe", "scopes": []}
+        payload |= over
+        return jwt.encode(payload, secret, algorithm=alg, headers={"kid": "k1"})  # type: ignore[arg-type]
+
+    now = int(time.time())
+    return {
+        "valid": tok(),
+        "expired": tok(exp=now - 600, iat=now - 1200, nbf=now - 1200),
+        "forged": tok(secret="another-secret-0123456789abcdef0123456789"),
+        "alg_none": tok(secret=None, alg="none"),
+        "wrong_audience": tok(aud="somebody-else"),
+        "garbage": "not-a-jwt",
+    }
