@@ -17,13 +17,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams"
 
 
 @pytest.fixture
-def gateway(prefix: str, nats_url: str, pg_url: str, redis_url: str) -> StartGateway:  # overrides the LocalBus fixture
+def gateway(prefix: str, nats_url: str, pg_url: str, redis_url: str) -> StartGateway:  # type: ignore[no-redef]  # overrides
     """Start the one-pod gateway system on NATS with the real auth plugin."""
     return nats_gateway(prefix, nats_url, pg_url, redis_url)
 
 
 @pytest.fixture
-def forge() -> dict[str, str]:  # overrides the auth double's bad tokens
+def forge() -> dict[str, str]:  # type: ignore[no-redef]  # overrides the double's tokens
     """Tokens the real auth plugin must refuse (signed for its key ring, each wrong in one way)."""
     tokens = real_auth_tokens()
     del tokens["valid"]
