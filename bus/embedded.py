@@ -15,7 +15,7 @@ import sysconfig
 import time
 from pathlib import Path
 
-__all__ = ["EmbeddedNats", "free_port", "nats_server_binary", "wait_port"]
+__all__ = ["EmbeddedNats", "embedded_cluster", "free_port", "nats_server_binary", "wait_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,10 +56,18 @@ class EmbeddedNats:
     ``port`` None picks a free one; pass the previous port to restart on the same address.
     """
 
-    def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        *,
+        cluster: tuple[str, int, list[int]] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = port or free_port(host)
+        self.cluster = cluster  # (server name, cluster port, the other nodes' cluster ports)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -76,7 +84,17 @@ class EmbeddedNats:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "nats-server.log", "ab")
         self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir)],
+            [
+                nats_server_binary(),
+                "-a",
+                self.host,
+                "-p",
+                str(self.port),
+                "-js",
+                "-sd",
+                str(self.data_dir),
+                *self._cluster_args(),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -87,6 +105,13 @@ class EmbeddedNats:
             tail = (self.data_dir / "nats-server.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"embedded nats-server did not start on {self.url}:\n{tail}")
         return self
+
+    def _cluster_args(self) -> list[str]:
+        if self.cluster is None:
+            return []
+        name, cport, peers = self.cluster
+        routes = ",".join(f"nats://{self.host}:{p}" for p in peers)
+        return ["-n", name, "--cluster_name", "aiwfe", "--cluster", f"nats://{self.host}:{cport}", "--routes", routes]
 
     def kill(self) -> None:
         """SIGKILL the server (fault tests)."""
@@ -109,3 +134,18 @@ class EmbeddedNats:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def embedded_cluster(data_dir: str | os.PathLike[str], size: int = 3) -> list[EmbeddedNats]:
+    """``size`` clustered nats-servers with JetStream (not started); connect to all their URLs."""
+    base = Path(data_dir)
+    client_ports = [free_port() for _ in range(size)]
+    cluster_ports = [free_port() for _ in range(size)]
+    return [
+        EmbeddedNats(
+            base / f"n{i}",
+            client_ports[i],
+            cluster=(f"n{i}", cluster_ports[i], [p for j, p in enumerate(cluster_ports) if j != i]),
+        )
+        for i in range(size)
+    ]

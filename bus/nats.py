@@ -59,7 +59,10 @@ _TERMINAL = _jobs.TERMINAL
 
 
 class NatsBus:
-    """A bus over NATS at ``url``; subjects under ``prefix``.
+    """A bus over NATS at ``url`` (several servers: comma-separated); subjects under ``prefix``.
+
+    ``replicas``: JetStream replicas of the streams and the results bucket (3 on a
+    three-node cluster, so losing a node loses nothing).
 
     ``connect_timeout_s`` bounds the first connection (None: keep trying forever, what
     a pod does while NATS is not up yet); once connected it reconnects forever.
@@ -75,6 +78,7 @@ class NatsBus:
         event_ttl_s: float = 3600.0,
         result_ttl_s: float = 86400.0,
         dlq_ttl_s: float = 7 * 86400.0,
+        replicas: int = 1,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -83,6 +87,7 @@ class NatsBus:
         self.event_ttl_s = event_ttl_s
         self.result_ttl_s = result_ttl_s
         self.dlq_ttl_s = dlq_ttl_s
+        self.replicas = replicas
         self.names = stream_names(prefix)
         self.nc: FastClient | None = None
         self._wheel = DeadlineWheel()
@@ -116,7 +121,7 @@ class NatsBus:
 
         nc = FastClient()
         connect = nc.connect(
-            self.url,
+            [u.strip() for u in self.url.split(",") if u.strip()],
             name=self.name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py sleeps on it; floats work
@@ -155,6 +160,7 @@ class NatsBus:
                 retention=api.RetentionPolicy.WORK_QUEUE,
                 storage=api.StorageType.FILE,
                 duplicate_window=120.0,
+                num_replicas=self.replicas,
             ),
             api.StreamConfig(
                 name=n["events"],
@@ -162,6 +168,7 @@ class NatsBus:
                 retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE,
                 max_age=self.event_ttl_s,
+                num_replicas=self.replicas,
             ),
             api.StreamConfig(
                 name=n["dlq"],
@@ -169,6 +176,7 @@ class NatsBus:
                 retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE,
                 max_age=self.dlq_ttl_s,
+                num_replicas=self.replicas,
             ),
         ]
         for cfg in configs:
@@ -180,7 +188,7 @@ class NatsBus:
             self._kv = await self.js.key_value(n["results"])
         except nats.js.errors.BucketNotFoundError:
             self._kv = await self.js.create_key_value(
-                bucket=n["results"], history=1, ttl=self.result_ttl_s, storage=api.StorageType.FILE
+                bucket=n["results"], history=1, ttl=self.result_ttl_s, storage=api.StorageType.FILE, replicas=self.replicas
             )
 
     def ready(self) -> str | None:

@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         bus = make_bus(manifest, name=f"{manifest.system.name}-{pod_name}", connect_timeout_s=None)
-        runner = PodRunner(manifest, pod_name, bus, ops_port=args.ops_port)
+        runner = PodRunner(manifest, pod_name, bus, ops_port=args.ops_port, ops_host=args.ops_host)
         await runner.serve_forever()
 
     asyncio.run(run())
@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-m", "--manifest", required=True)
     s.add_argument("--pod", help="pod name (optional for a one-pod manifest)")
     s.add_argument("--ops-port", type=int, default=None, help="ops port for /health /ready /metrics (default: the manifest's)")
+    s.add_argument(
+        "--ops-host",
+        default=os.environ.get("AIWFE_OPS_HOST", "127.0.0.1"),
+        help="address the ops endpoint binds (default $AIWFE_OPS_HOST, else 127.0.0.1; containers use 0.0.0.0)",
+    )
     s.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("check", help="validate manifests; lists every problem with a hint; non-zero exit on any")

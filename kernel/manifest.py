@@ -91,6 +91,7 @@ class System(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     environment, else (``aiwfe up`` only) an embedded server.
     ``drain_timeout_s`` bounds how long a stopping pod waits for in-flight work.
     ``call_timeout_s`` is the deadline of a call that sets none.
+    ``stream_replicas``: JetStream replicas of the streams (3 on a three-node NATS cluster).
     ``trace_sample_ratio``: share of traces kept when tracing is on
     (``OTEL_EXPORTER_OTLP_ENDPOINT`` set); parent-based, so a trace is kept whole.
     """
@@ -103,6 +104,7 @@ class System(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     job_result_ttl_s: float = 86400.0
     event_ttl_s: float = 3600.0
     trace_sample_ratio: float = 1.0
+    stream_replicas: int = 1
 
 
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -64,6 +64,7 @@ def make_bus(manifest: Manifest, *, name: str, connect_timeout_s: float | None =
         connect_timeout_s=connect_timeout_s,
         event_ttl_s=s.event_ttl_s,
         result_ttl_s=s.job_result_ttl_s,
+        replicas=s.stream_replicas,
     )
 
 

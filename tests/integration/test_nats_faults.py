@@ -97,3 +97,100 @@ async def _stream_msgs(url: str, stream: str) -> int:
     info = await nc.jetstream().stream_info(stream)
     await nc.close()
     return int(info.state.messages)
+
+
+@pytest.mark.timeout(180)
+async def test_three_node_cluster_loses_a_node_mid_stream(tmp_path: Path) -> None:
+    from bus.embedded import embedded_cluster
+
+    nodes = embedded_cluster(tmp_path / "cluster")
+    for n in nodes:
+        n.start()
+    urls = ",".join(n.url for n in nodes)
+    m = parse_manifest(MANIFEST.replace('subject_prefix = "fault"', 'subject_prefix = "fault"\nstream_replicas = 3'), env={})
+    worker = brain = None
+    try:
+        # JetStream needs a meta leader before streams can be created: retry until the cluster formed.
+        for _ in range(60):
+            try:
+                brain = PodRunner(m, "brain", NatsBus(urls, "fault", name="brain", replicas=3), ops_port=0)
+                await brain.start()
+                break
+            except Exception:
+                brain = None
+                await asyncio.sleep(0.5)
+        assert brain is not None, "the cluster never formed"
+        worker = PodRunner(m, "worker", NatsBus(urls, "fault", name="worker", replicas=3), ops_port=0)
+        await worker.start()
+        before = _done_count(worker)
+        ids = [await worker.kernel.submit(Tally(n=i, delay_s=0.2)) for i in range(300)]
+        assert await wait_until(lambda: _done_count(worker) - before >= 50, timeout_s=60)
+        # kill the node the worker is connected to, so its client must fail over
+        connected = worker.bus.nc.connected_url.port  # type: ignore[union-attr]
+        victim = next(n for n in nodes if n.port == connected)
+        await asyncio.to_thread(victim.kill)
+        killed_at = time.monotonic()
+        assert await wait_until(lambda: _done_count(worker) - before >= len(ids), timeout_s=120), (
+            f"done {_done_count(worker) - before}/300"
+        )
+        recovered_s = time.monotonic() - killed_at
+        recs = await asyncio.gather(*(worker.kernel.wait_job(j, timeout_s=30) for j in ids))
+        assert all(r.status == "done" for r in recs)
+        assert sorted(msgspec.msgpack.decode(r.result)["n"] for r in recs) == list(range(300))
+        assert worker.bus.nc.connected_url.port != connected  # type: ignore[union-attr]
+        print(f"\nnats cluster: node killed mid-stream, 300 jobs, lost 0, failover and finish {recovered_s:.1f} s")
+    finally:
+        if worker is not None:
+            await worker.stop()
+        if brain is not None:
+            await brain.stop()
+        for n in nodes:
+            n.stop()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.slow
+async def test_nats_gone_for_60_s(tmp_path: Path) -> None:
+    from tests.support.probe import Crunched  # noqa: F401  (same module as Tally)
+
+    server = EmbeddedNats(tmp_path / "nats").start()
+    m = parse_manifest(MANIFEST, env={})
+    worker = PodRunner(m, "worker", NatsBus(server.url, "fault", name="worker"), ops_port=0)
+    brain = PodRunner(m, "brain", NatsBus(server.url, "fault", name="brain"), ops_port=0)
+    await brain.start()
+    await worker.start()
+    try:
+        assert (await worker.kernel.wait_job(await worker.kernel.submit(Tally(n=1, delay_s=0)), timeout_s=20)).status == "done"
+        await asyncio.to_thread(server.kill)
+        assert await wait_until(lambda: not worker.ready and not brain.ready, timeout_s=15)
+        status, body = await _http_get(worker.ops.port, "/ready")
+        assert status == 503 and b"NATS" in body
+        await asyncio.sleep(60)
+        status, _ = await _http_get(worker.ops.port, "/health")
+        assert status == 200  # the pods stayed up all along
+        server = EmbeddedNats(tmp_path / "nats", port=server.port).start()
+        back_at = time.monotonic()
+
+        async def flows() -> bool:
+            try:
+                rec = await worker.kernel.wait_job(await worker.kernel.submit(Tally(n=2, delay_s=0)), timeout_s=2)
+                return rec.status == "done"
+            except Exception:
+                return False
+
+        assert await wait_until(flows, timeout_s=10, every_s=0.1)
+        print(f"\nnats gone 60 s: pods stayed up, traffic again {time.monotonic() - back_at:.1f} s after its return")
+    finally:
+        await worker.stop()
+        await brain.stop()
+        server.stop()
+
+
+async def _http_get(port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
