@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 from redis.retry import Retry
 
 from .contract import Claims
@@ -78,13 +78,19 @@ class ClaimCache:
         key_prefix: namespace of every key.
         timeout_s: socket and per-operation timeout.
         retry_s: breaker open time after a failure.
+        max_connections: Redis operations in flight at once; past it a call skips Redis
+            (a burst is served from signatures rather than queued behind the cache).
 
     Every method swallows Redis failures (they open the breaker) and reports them
     through its return value, so callers never see a Redis exception.
     """
 
-    def __init__(self, url: str, *, key_prefix: str, timeout_s: float = 0.2, retry_s: float = 2.0) -> None:
+    def __init__(
+        self, url: str, *, key_prefix: str, timeout_s: float = 0.2, retry_s: float = 2.0, max_connections: int = 64
+    ) -> None:
         self.url = url
+        self.max_connections = max_connections
+        self._inflight = 0
         self.prefix = key_prefix
         self.timeout_s = timeout_s
         self.breaker = Breaker(retry_s)
@@ -97,6 +103,7 @@ class ClaimCache:
                 retry=Retry(NoBackoff(), 0),  # the breaker decides when to try again, not the client
                 retry_on_error=[],
                 health_check_interval=0,
+                max_connections=max_connections,
             )
 
     @property
@@ -119,16 +126,21 @@ class ClaimCache:
 
     async def _run(self, op: Any) -> tuple[bool, Any]:
         """Run one Redis coroutine factory under the breaker; (ok, result)."""
-        if self.client is None or not self.breaker.allow():
+        if self.client is None or self._inflight >= self.max_connections or not self.breaker.allow():
             return False, None
+        self._inflight += 1
         try:
             async with asyncio.timeout(self.timeout_s * 2):
                 result = await op()
+        except MaxConnectionsError:
+            return False, None  # our own pool is saturated; Redis itself is fine
         except (RedisError, OSError, TimeoutError) as e:
             if self.breaker.closed:
                 log.warning("auth: redis failed (%s); bypassing it for %.1f s at a time", type(e).__name__, self.breaker.open_s)
             self.breaker.failure(e if str(e) else type(e).__name__)
             return False, None
+        finally:
+            self._inflight -= 1
         self.breaker.success()
         return True, result
 

@@ -44,7 +44,7 @@ from .errors import InvalidCredentials, InvalidInput, InvalidToken, UserExists
 from .store import UserStore
 from .tokens import KeyRing, TokenService, token_digest
 
-__all__ = ["AuthPlugin", "JwtKey"]
+__all__ = ["AuthPlugin", "JwtKey", "KdfGate"]
 
 log = logging.getLogger("aiwfe.auth")
 
@@ -89,6 +89,49 @@ class _DegradedCollector(Collector):
 
 
 metrics.REGISTRY.register(_DegradedCollector())
+
+
+class KdfGate:
+    """Admission to the bounded password-hashing pool: admit a caller only when its hash
+    is expected to start within ``max_wait_s``, else answer Overloaded at once.
+
+    The expected wait is ``ceil((pending + 1) / workers) * average hash time``; the
+    average is a moving one of measured hash times (queue wait excluded). A slot is
+    held from admission to the end of the hash (a login's user lookup included), so
+    the estimate counts everyone already admitted.
+    """
+
+    __slots__ = ("avg_s", "max_wait_s", "pending", "workers")
+
+    def __init__(self, workers: int, max_wait_s: float, avg_s: float = 0.1) -> None:
+        self.workers = workers
+        self.max_wait_s = max_wait_s
+        self.avg_s = avg_s
+        self.pending = 0
+
+    def expected_wait_s(self) -> float:
+        """Seconds until a hash admitted now would finish."""
+        return -(-(self.pending + 1) // self.workers) * self.avg_s
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one admitted hash.
+
+        Raises:
+            Overloaded: the hash would not finish within ``max_wait_s``.
+        """
+        wait_s = self.expected_wait_s()
+        if self.pending and wait_s > self.max_wait_s:
+            raise Overloaded(f"auth: password hashing saturated (~{wait_s:.1f} s of work queued); retry later")
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+
+    def observe(self, seconds: float) -> None:
+        """Record the duration of one hash."""
+        self.avg_s += 0.2 * (seconds - self.avg_s)
 
 
 class JwtKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -138,6 +181,8 @@ class AuthPlugin(Plugin):
         ``JWT_SECRET``. ``jwt_algorithm`` HS256 signs with ``jwt_secret``; RS256/ES256/EdDSA
         sign with ``jwt_private_key`` (PEM) or ``jwt_private_key_file``. ``jwt_kid`` names the
         signing key; ``jwt_verify_keys`` are older keys still accepted (rotation).
+        ``kdf_*``: argon2id cost (RFC 9106's low-memory profile by default), hashing threads,
+        and the longest a password check may wait for them before Overloaded.
         """
 
         database_url: str = ""
@@ -145,6 +190,7 @@ class AuthPlugin(Plugin):
         redis_key_prefix: str = "aiwfe:auth"
         redis_timeout_s: float = 0.2
         redis_retry_s: float = 2.0
+        redis_max_connections: int = 64
         jwt_algorithm: str = "HS256"
         jwt_secret: str = ""
         jwt_kid: str = "k1"
@@ -159,7 +205,10 @@ class AuthPlugin(Plugin):
         pool_min: int = 1
         pool_max: int = 10
         pool_timeout_s: float = 2.0
-        pool_max_waiting: int = 32
+        # At least Register's + Login's handler concurrency (64 + 64): a burst the handlers
+        # admitted queues briefly for a connection (each holds one for a single statement)
+        # instead of being refused; pool_timeout_s still bounds the wait.
+        pool_max_waiting: int = 128
         db_connect_timeout_s: float = 2.0
         db_retry_s: float = 1.0
         db_start_timeout_s: float = 15.0
@@ -167,6 +216,7 @@ class AuthPlugin(Plugin):
         kdf_memory_kib: int = 65536
         kdf_parallelism: int = 4
         kdf_workers: int = 2
+        kdf_max_wait_s: float = 2.0
 
     config: Config
     calls = (TokenRevoked,)
@@ -178,6 +228,7 @@ class AuthPlugin(Plugin):
         self.cache: ClaimCache | None = None
         self.denylist = Denylist()
         self._kdf: ThreadPoolExecutor | None = None
+        self._gate = KdfGate(1, 1.0)
         self._hasher: PasswordHasher | None = None
         self._dummy_hash = ""
 
@@ -215,6 +266,7 @@ class AuthPlugin(Plugin):
             raise ConfigError("auth: no database: set plugins.auth.database_url or DATABASE_URL")
         self._hasher = PasswordHasher(time_cost=c.kdf_time_cost, memory_cost=c.kdf_memory_kib, parallelism=c.kdf_parallelism)
         self._kdf = ThreadPoolExecutor(max_workers=c.kdf_workers, thread_name_prefix="auth-kdf")
+        self._gate = KdfGate(c.kdf_workers, c.kdf_max_wait_s)
         self.store = UserStore(
             db_url,
             min_size=c.pool_min,
@@ -225,11 +277,22 @@ class AuthPlugin(Plugin):
             outage_retry_s=c.db_retry_s,
         )
         redis_url = c.redis_url or os.environ.get("REDIS_URL", "")
-        self.cache = ClaimCache(redis_url, key_prefix=c.redis_key_prefix, timeout_s=c.redis_timeout_s, retry_s=c.redis_retry_s)
+        self.cache = ClaimCache(
+            redis_url,
+            key_prefix=c.redis_key_prefix,
+            timeout_s=c.redis_timeout_s,
+            retry_s=c.redis_retry_s,
+            max_connections=c.redis_max_connections,
+        )
         try:
             await self.store.open(c.db_start_timeout_s)
             # A user who does not exist costs a login as much as one who does (no timing oracle).
-            self._dummy_hash = await self._run_kdf(self._hasher.hash, os.urandom(16).hex())
+            # The admission estimate starts from a measurement with every KDF thread busy:
+            # argon2 lanes of concurrent hashes share the cores, so one idle hash is too optimistic.
+            t0 = time.perf_counter()
+            hashes = await asyncio.gather(*(self._run_kdf(self._hasher.hash, os.urandom(16).hex()) for _ in range(c.kdf_workers)))
+            self._gate.avg_s = time.perf_counter() - t0
+            self._dummy_hash = hashes[0]
             if not redis_url:
                 log.warning("auth: no REDIS_URL: running without the claims cache and shared revocation list")
             _plugins.add(self)
@@ -257,8 +320,18 @@ class AuthPlugin(Plugin):
     # -- helpers --------------------------------------------------------------------
 
     async def _run_kdf(self, fn: Any, *args: Any) -> Any:
+        """Run a hash function on the KDF threads (never on the event loop); time it."""
         assert self._kdf is not None
-        return await asyncio.get_running_loop().run_in_executor(self._kdf, fn, *args)
+        gate = self._gate
+
+        def timed() -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                gate.observe(time.perf_counter() - t0)
+
+        return await asyncio.get_running_loop().run_in_executor(self._kdf, timed)
 
     def _fail(self, reason: str, exc: Exception) -> Exception:
         FAILURES.labels(reason).inc()
@@ -266,7 +339,9 @@ class AuthPlugin(Plugin):
 
     # -- handlers -------------------------------------------------------------------
 
-    @serves(Register, concurrency=8, max_queue=64, timeout_s=10.0)
+    # Wide handler limits: the KDF gate, which knows how long hashing takes, answers Overloaded
+    # at once; the kernel's queue only caps memory.
+    @serves(Register, concurrency=64, max_queue=64, timeout_s=10.0)
     async def register(self, req: Register) -> Registered:
         """Create a user.
 
@@ -281,14 +356,15 @@ class AuthPlugin(Plugin):
         if self.store.breaker.blocking:
             # Fail before spending KDF time on a row we could not store.
             raise Unavailable(f"auth: database unavailable ({self.store.breaker.last_error}); retry shortly")
-        pw_hash = await self._run_kdf(self._hasher.hash, req.password)
+        with self._gate.slot():
+            pw_hash = await self._run_kdf(self._hasher.hash, req.password)
         try:
             user_id = await self.store.create_user(req.username, pw_hash, list(self.config.default_scopes))
         except UserExists as e:
             raise self._fail("user_exists", e) from None
         return Registered(user_id=user_id, username=req.username)
 
-    @serves(Login, concurrency=8, max_queue=64, timeout_s=10.0)
+    @serves(Login, concurrency=64, max_queue=64, timeout_s=10.0)
     async def login(self, req: Login) -> Token:
         """Check a password and issue an access token.
 
@@ -298,19 +374,22 @@ class AuthPlugin(Plugin):
         assert self.store is not None and self._hasher is not None and self.tokens is not None
         if not (req.username and _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD):
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
-        user = await self.store.find_user(req.username)  # the connection is back in the pool here
         hasher = self._hasher
-        stored = user.password_hash if user is not None else self._dummy_hash
-        try:
-            await self._run_kdf(hasher.verify, stored, req.password)
-            ok = user is not None
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            ok = False
+        with self._gate.slot():  # refuse at once, before touching the database, when hashing is saturated
+            user = await self.store.find_user(req.username)  # the connection is back in the pool here
+            stored = user.password_hash if user is not None else self._dummy_hash
+            try:
+                await self._run_kdf(hasher.verify, stored, req.password)
+                ok = user is not None
+            except (VerifyMismatchError, VerificationError, InvalidHashError):
+                ok = False
         if not ok or user is None:
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
         if hasher.check_needs_rehash(stored):
             try:
-                await self.store.update_hash(user.id, await self._run_kdf(hasher.hash, req.password))
+                with self._gate.slot():
+                    new_hash = await self._run_kdf(hasher.hash, req.password)
+                await self.store.update_hash(user.id, new_hash)
             except (Overloaded, Unavailable) as e:  # the login itself succeeded; upgrade next time
                 log.info("auth: password hash upgrade for user %s postponed: %s", user.id, e)
         token, _claims = self.tokens.issue(user.id, user.username, user.scopes)
@@ -371,7 +450,8 @@ class AuthPlugin(Plugin):
         await self.kernel.publish(TokenRevoked(jti=claims.jti, exp=claims.exp))
         return LoggedOut(jti=claims.jti)
 
-    @serves(TokenRevoked)
+    # A trivial handler with a deep queue: a burst of logouts must never drop a revocation.
+    @serves(TokenRevoked, concurrency=8, max_queue=100_000)
     async def on_revoked(self, ev: TokenRevoked) -> None:
         """Another pod (or this one) revoked a token: deny it here until it expires."""
         self.denylist.add(ev.jti, ev.exp)

@@ -185,7 +185,7 @@ class UserStore:
         min_size: int = 1,
         max_size: int = 10,
         timeout_s: float = 2.0,
-        max_waiting: int = 32,
+        max_waiting: int = 128,
         connect_timeout_s: float = 2.0,
         outage_retry_s: float = 1.0,
     ) -> None:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from .contract import Claims
 from .errors import InvalidToken
 
-__all__ = ["ALGORITHMS", "KeyRing", "TokenService", "VerifyingKey", "token_digest"]
+__all__ = ["ALGORITHMS", "MAX_TOKEN_CHARS", "KeyRing", "TokenService", "VerifyingKey", "token_digest"]
 
 #: Algorithms we issue and accept. Anything else (``none`` included) is refused.
 ALGORITHMS = frozenset({"HS256", "RS256", "ES256", "EdDSA"})
@@ -31,6 +31,9 @@ ALGORITHMS = frozenset({"HS256", "RS256", "ES256", "EdDSA"})
 MIN_SECRET_BYTES = 32
 
 _REQUIRED = ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]
+
+#: Longest token looked at; ours are ~300-700 characters. Bounds the work a junk token costs.
+MAX_TOKEN_CHARS = 8192
 
 
 def token_digest(token: str) -> str:
@@ -166,6 +169,8 @@ class TokenService:
         """
         if not token:
             raise InvalidToken("missing", "malformed: no token")
+        if len(token) > MAX_TOKEN_CHARS:
+            raise InvalidToken("malformed", f"malformed: longer than {MAX_TOKEN_CHARS} characters")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as e:

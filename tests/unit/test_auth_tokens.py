@@ -100,7 +100,7 @@ def test_issue_and_verify_round_trip(keys: dict[str, str], alg: str) -> None:
 def test_no_token_and_garbage_are_malformed() -> None:
     svc = service(KeyRing("k1", "HS256", SECRET))
     assert reason_of(svc, "") == ("missing", "malformed: no token")
-    for junk in ("garbage", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.%%%.xyz", "x" * 5000):
+    for junk in ("garbage", "a.b.c", "eyJhbGciOiJIUzI1NiJ9.%%%.xyz", "x" * 5000, "a" * 100_000):
         reason, msg = reason_of(svc, junk)
         assert reason == "malformed" and msg.startswith("malformed")
 
