@@ -194,3 +194,42 @@ async def _http_get(port: int, path: str) -> tuple[int, bytes]:
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     return int(head.split()[1]), body
+
+
+@pytest.mark.timeout(180)
+async def test_kill_worker_pod_holding_unacked_jobs(tmp_path: Path, nats_url: str, prefix: str, cleanup_streams: None) -> None:
+    from bus.codec import decode_record  # noqa: F401  (records are read through the kernel below)
+    from kernel.runtime import Kernel
+    from tests.support.pods import run_pods, start_pod, wait_ready
+
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(MANIFEST.replace('subject_prefix = "fault"', f'subject_prefix = "{prefix}"'))
+    env = {"NATS_URL": nats_url}
+    cm = run_pods(manifest, ["brain", "worker"], env, tmp_path)
+    pods = await asyncio.to_thread(cm.__enter__)
+    second = start_pod(manifest, "worker", env, tmp_path)  # a second replica of the worker pod
+    await asyncio.to_thread(wait_ready, [second])
+    bus = NatsBus(nats_url, prefix, name="client")
+    await bus.start()
+    try:
+        k = Kernel(bus)
+        ids = [await k.submit(Tally(n=i, delay_s=1.0)) for i in range(200)]
+        await asyncio.sleep(1.5)  # both replicas hold unacked jobs now
+        pods["worker"].proc.kill()  # kill -9
+        pods["worker"].proc.wait()
+        killed_at = time.time()
+        recs = await asyncio.gather(*(k.wait_job(j, timeout_s=90) for j in ids))
+        assert all(r.status == "done" for r in recs)
+        assert sorted(msgspec.msgpack.decode(r.result)["n"] for r in recs) == list(range(200))
+        redelivered = [r for r in recs if r.attempts > 1]
+        assert redelivered, "the killed replica held no jobs"
+        # ack wait 2 s + 2 s, plus the 1 s the job itself takes and the queue ahead of it
+        late = max(r.finished_at for r in redelivered) - killed_at
+        print(f"\nworker killed: {len(redelivered)} jobs redelivered, lost 0, last redelivered job done {late:.1f} s after the kill")
+        first_redelivered = min(r.finished_at for r in redelivered) - killed_at
+        assert first_redelivered <= 2.0 + 2.0 + 1.0
+    finally:
+        await bus.close()
+        second.proc.terminate()
+        second.proc.wait(20)
+        await asyncio.to_thread(cm.__exit__, None, None, None)
