@@ -7,7 +7,8 @@ indexes or in neither. Forget sets ``state = 2``, deletes the vector, then the r
 crash between the writes leaves a row in state 0 or 2; the reconciler finishes it
 (re-embeds and upserts, or deletes the vector and the row) at start and every
 ``reconcile_interval_s``, for rows untouched for ``reconcile_grace_s`` (so it never
-races a write in flight in another replica).
+races a write in flight in another replica). Each of the three write steps is a group
+commit (:mod:`plugins.memory._batch`): concurrent Remember calls share one statement.
 
 Recall: the vector search (owner-filtered) and one SQL statement (full-text candidates
 plus the rows of the vector candidates) each return ranked lists; reciprocal rank fusion,
@@ -24,6 +25,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from prometheus_client import Counter, Histogram
@@ -35,6 +37,7 @@ from kernel.errors import AiwfeError
 from kernel.metrics import REGISTRY
 
 from . import pg
+from ._batch import GroupCommit
 from .contract import Forget, ForgetResult, MemoryHit, Recall, RecallResult, Remember, RememberResult
 from .embed import Embedder, EmbedError, make_embedder
 from .vectors import ClientIndex, EdgeIndex, VectorIndex, payload_for
@@ -62,11 +65,11 @@ fts AS (
     WHERE m.owner = %(owner)s AND m.state = 1 AND m.tsv @@ q.q AND m.metadata @> %(filters)s
     ORDER BY rank DESC, m.created_at DESC
     LIMIT %(n)s
-)
+),
+ids AS (SELECT id FROM fts UNION SELECT unnest(%(vids)s::uuid[]))
 SELECT m.id::text, m.text, m.metadata, m.created_at, fts.rank
-FROM memories m LEFT JOIN fts ON fts.id = m.id
+FROM ids JOIN memories m ON m.id = ids.id LEFT JOIN fts ON fts.id = m.id
 WHERE m.owner = %(owner)s AND m.state = 1 AND m.metadata @> %(filters)s
-  AND (m.id IN (SELECT id FROM fts) OR m.id = ANY(%(vids)s::uuid[]))
 """
 
 
@@ -120,6 +123,9 @@ class MemoryPlugin(Plugin):
     async def lifespan(self) -> AsyncIterator[None]:
         """Open the pool, apply migrations, open the vector index, repair, then serve."""
         c = self.config
+        self._inserts = GroupCommit(self._insert_rows)
+        self._upserts = GroupCommit(self._upsert_points)
+        self._marks = GroupCommit(self._mark_indexed)
         api_key = c.embed_api_key or (os.environ.get("OPENAI_API_KEY", "") if c.embedder == "openai" else "")
         self.embedder = make_embedder(
             c.embedder, dim=c.embed_dim, base_url=c.embed_url, model=c.embed_model, api_key=api_key, timeout_s=c.embed_timeout_s
@@ -142,6 +148,8 @@ class MemoryPlugin(Plugin):
             try:
                 yield
             finally:
+                for batcher in (self._inserts, self._upserts, self._marks):
+                    await batcher.aclose()
                 loop_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
@@ -184,24 +192,40 @@ class MemoryPlugin(Plugin):
             raise ValueError("memory.remember: text and owner must not be empty")
         mid = str(uuid.UUID(req.id)) if req.id else str(uuid.uuid4())
         (vector,) = await self._embed([req.text])
-        async with pg.connection(self.pool) as conn:
-            cur = await conn.execute(
-                "INSERT INTO memories (id, owner, text, metadata) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (id) DO NOTHING RETURNING state",
-                (mid, req.owner, req.text, Jsonb(req.metadata)),
-            )
-            if await cur.fetchone() is None:
-                return RememberResult(id=mid)  # already stored: idempotent
+        if not await self._inserts.submit((mid, req.owner, req.text, req.metadata)):
+            return RememberResult(id=mid)  # already stored: idempotent
         try:
-            await self.index.upsert([(mid, vector, payload_for(req.owner, req.metadata))])
+            await self._upserts.submit((mid, vector, payload_for(req.owner, req.metadata)))
         except BaseException:
             with contextlib.suppress(Exception):
                 async with pg.connection(self.pool) as conn:
                     await conn.execute("DELETE FROM memories WHERE id = %s AND state = 0", (mid,))
             raise
-        async with pg.connection(self.pool) as conn:
-            await conn.execute("UPDATE memories SET state = 1, updated_at = now() WHERE id = %s AND state = 0", (mid,))
+        await self._marks.submit(mid)
         return RememberResult(id=mid)
+
+    async def _insert_rows(self, rows: list[tuple[str, str, str, dict[str, Any]]]) -> list[bool]:
+        """Insert rows in state 0 (one statement); True for each row that was new."""
+        async with pg.connection(self.pool) as conn:
+            cur = await conn.execute(
+                "INSERT INTO memories (id, owner, text, metadata)"
+                " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::jsonb[])"
+                " ON CONFLICT (id) DO NOTHING RETURNING id::text",
+                ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [Jsonb(r[3]) for r in rows]),
+            )
+            new = {r[0] for r in await cur.fetchall()}
+        return [r[0] in new for r in rows]
+
+    async def _upsert_points(self, points: list[tuple[str, list[float], dict[str, Any]]]) -> list[None]:
+        await self.index.upsert(points)
+        return [None] * len(points)
+
+    async def _mark_indexed(self, ids: list[str]) -> list[None]:
+        async with pg.connection(self.pool) as conn:
+            await conn.execute(
+                "UPDATE memories SET state = 1, updated_at = now() WHERE id = ANY(%s::uuid[]) AND state = 0", (ids,)
+            )
+        return [None] * len(ids)
 
     @serves(Recall, concurrency=128, max_queue=4096)
     async def recall(self, req: Recall) -> RecallResult:

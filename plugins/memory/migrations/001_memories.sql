@@ -10,6 +10,7 @@ CREATE TABLE IF NOT EXISTS memories (
     state smallint NOT NULL DEFAULT 0,
     tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', text)) STORED
 );
-CREATE INDEX IF NOT EXISTS memories_tsv ON memories USING gin (tsv);
+-- fastupdate off: a pending list filled by single-row inserts would be scanned by every query.
+CREATE INDEX IF NOT EXISTS memories_tsv ON memories USING gin (tsv) WITH (fastupdate = off);
 CREATE INDEX IF NOT EXISTS memories_owner ON memories (owner, created_at);
 CREATE INDEX IF NOT EXISTS memories_unsettled ON memories (updated_at) WHERE state <> 1;
