@@ -87,7 +87,7 @@ async def run(nats_url: str, db_url: str, n: int, levels: list[int], per_level: 
         await conn.execute(f'CREATE SCHEMA "{schema}"')
     params = conninfo_to_dict(db_url)
     params["options"] = (str(params.get("options", "")) + f" -c search_path={schema}").strip()
-    url = make_conninfo(**params)
+    url = make_conninfo("", **params)
     data_dir = tempfile.mkdtemp(prefix="aiwfe-bench-memory-")
     memories, queries = corpus(n)
     text = f"""
