@@ -17,11 +17,20 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 
 
 class OpsServer:
-    """Serves health (process alive), readiness (``ready()`` returns no reasons) and metrics."""
+    """Serves health (process alive), readiness (``ready()`` returns no reasons; a degraded
+    pod is still ready and lists ``degraded()`` notes) and metrics."""
 
-    def __init__(self, pod: str, ready: Callable[[], list[str]], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        pod: str,
+        ready: Callable[[], list[str]],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        degraded: Callable[[], list[str]] = list,
+    ) -> None:
         self.pod = pod
         self.ready = ready
+        self.degraded = degraded
         self.host = host
         self.port = port
         self._server: asyncio.base_events.Server | None = None
@@ -58,7 +67,9 @@ class OpsServer:
             elif path == "/ready":
                 reasons = self.ready()
                 status = 503 if reasons else 200
-                body = json.dumps({"ready": not reasons, "pod": self.pod, "reasons": reasons}).encode()
+                body = json.dumps(
+                    {"ready": not reasons, "pod": self.pod, "reasons": reasons, "degraded": self.degraded()}
+                ).encode()
             elif path == "/metrics":
                 status, body, ctype = 200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
             else:

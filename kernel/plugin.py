@@ -112,8 +112,13 @@ class Plugin:
         yield
 
     def readiness(self) -> str | None:
-        """Return None when ready to serve, else a short reason shown by ``/ready``."""
+        """Return None when ready to serve, else a short reason shown by ``/ready`` (503)."""
         return None
+
+    def degraded(self) -> list[str]:
+        """What works in a reduced way right now (e.g. "redis: unreachable, verifying from
+        signatures"); ``/ready`` stays 200 and lists these under ``degraded``."""
+        return []
 
 
 def config_type(cls: type[Plugin]) -> type[msgspec.Struct]:

@@ -85,7 +85,7 @@ class PodRunner:
         self.kernel = Kernel(bus, call_timeout_s=manifest.system.call_timeout_s)
         self.plugins: dict[str, Plugin] = {}
         port = self.pod.ops_port if ops_port is None else ops_port
-        self.ops = OpsServer(pod, self._not_ready, ops_host, port)
+        self.ops = OpsServer(pod, self._not_ready, ops_host, port, degraded=self._degraded)
         self._stack = contextlib.AsyncExitStack()
         self._ready = False
         self._build()
@@ -139,6 +139,9 @@ class PodRunner:
                 reasons.append(f"{name}: {pr}")
         return reasons
 
+    def _degraded(self) -> list[str]:
+        return [f"{name}: {note}" for name, p in self.plugins.items() for note in p.degraded()]
+
     def status(self) -> dict[str, Any]:
         """This pod's status as ``aiwfe`` pods report it to each other."""
         reasons = self._not_ready()
@@ -147,6 +150,7 @@ class PodRunner:
             "plugins": list(self.plugins),
             "ready": not reasons,
             "reasons": reasons,
+            "degraded": self._degraded(),
             "ops_url": self.ops.url,
         }
 
