@@ -172,6 +172,7 @@ class AuthPlugin(Plugin):
     """Users, passwords, JWT access tokens, revocation. See the module docstring."""
 
     name = "auth"
+    services = ("postgres", "redis")
 
     class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """Settings (manifest ``[plugins.auth]``; string values may use ``${VAR:-default}``).
