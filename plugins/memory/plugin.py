@@ -39,7 +39,7 @@ from kernel.metrics import REGISTRY
 from . import pg
 from ._batch import GroupCommit
 from .contract import Forget, ForgetResult, MemoryHit, Recall, RecallResult, Remember, RememberResult
-from .embed import Embedder, EmbedError, make_embedder
+from .embed import Embedder, EmbedError, HashingEmbedder, make_embedder
 from .vectors import ClientIndex, EdgeIndex, VectorIndex, payload_for
 
 __all__ = ["MemoryPlugin", "fuse"]
@@ -118,6 +118,7 @@ class MemoryPlugin(Plugin):
     pool: AsyncConnectionPool
     index: VectorIndex
     embedder: Embedder
+    _embeds: GroupCommit[str, list[float]] | None = None
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -130,6 +131,8 @@ class MemoryPlugin(Plugin):
         self.embedder = make_embedder(
             c.embedder, dim=c.embed_dim, base_url=c.embed_url, model=c.embed_model, api_key=api_key, timeout_s=c.embed_timeout_s
         )
+        # an HTTP embedder takes many texts per request: concurrent calls share one
+        self._embeds = None if isinstance(self.embedder, HashingEmbedder) else GroupCommit(self.embedder.embed, max_batch=64)
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(self.embedder.aclose)
             self.pool = await pg.open_pool(
@@ -174,6 +177,8 @@ class MemoryPlugin(Plugin):
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:
         try:
+            if len(texts) == 1 and self._embeds is not None:
+                return [await self._embeds.submit(texts[0])]
             return await self.embedder.embed(texts)
         except EmbedError as e:
             raise AiwfeError(f"memory: embedding failed: {e}", retryable=e.retryable) from None

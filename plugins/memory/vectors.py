@@ -18,6 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from kernel.errors import ConfigError
+
 __all__ = ["ClientIndex", "EdgeIndex", "VectorIndex", "payload_for"]
 
 Scalar = str | int | float | bool
@@ -52,16 +54,29 @@ class EdgeIndex:
     """A qdrant-edge shard at ``path`` (created when absent). Calls run inline: they take microseconds."""
 
     def __init__(self, path: Path, dim: int) -> None:
+        """Open (or create) the shard.
+
+        Raises:
+            ConfigError: another process holds the shard (one embedded store per replica).
+        """
         import qdrant_edge as q
 
         self._q = q
         path.mkdir(parents=True, exist_ok=True)
-        if any(path.iterdir()):
-            self._shard = q.EdgeShard.load(str(path))
-        else:
-            cfg = q.EdgeConfig(vectors={"": q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine)})
-            self._shard = q.EdgeShard.create(str(path), cfg)
-            self._shard.update(q.UpdateOperation.create_field_index("owner", q.PayloadSchemaType.Keyword))
+        try:
+            if any(path.iterdir()):
+                self._shard = q.EdgeShard.load(str(path))
+            else:
+                cfg = q.EdgeConfig(vectors={"": q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine)})
+                self._shard = q.EdgeShard.create(str(path), cfg)
+                self._shard.update(q.UpdateOperation.create_field_index("owner", q.PayloadSchemaType.Keyword))
+        except Exception as e:
+            if "WouldBlock" not in str(e):
+                raise
+            raise ConfigError(
+                f"memory: the embedded vector store {path} is already open (another process or replica); an embedded store serves "
+                "one replica: set QDRANT_URL for several, or give each its own data_dir or collection"
+            ) from None
 
     async def upsert(self, points: list[tuple[str, list[float], dict[str, Any]]]) -> None:
         """See :class:`VectorIndex`."""

@@ -21,7 +21,7 @@ import pytest
 
 from bus.local import LocalBus
 from bus.nats import NatsBus
-from kernel import Overloaded
+from kernel import ConfigError, Overloaded, RemoteError
 from kernel.manifest import parse_manifest
 from kernel.pod import PodRunner
 from plugins.memory import pg
@@ -29,6 +29,7 @@ from plugins.memory.contract import Forget, Recall, Remember
 from plugins.memory.embed import HashingEmbedder
 from plugins.memory.plugin import MemoryPlugin
 from plugins.memory.vectors import payload_for
+from tests.support.llm_servers import FakeLLMServer
 
 pytestmark = [pytest.mark.integration]
 
@@ -241,3 +242,42 @@ async def test_over_nats(prefix: str, pg_url: str, tmp_path: Path, nats_url: str
         assert all(r.hits[0].id == ids["alice"][0] for r in results)
         r = await k.call(Recall(query="postgresql", owner="bob", k=10))
         assert {h.id for h in r.hits} <= set(ids["bob"])
+
+
+async def test_failed_vector_write_leaves_neither(start: Start) -> None:
+    async with start() as pods:
+        plugin = pods["mem"].plugins["memory"]
+        assert isinstance(plugin, MemoryPlugin)
+        real = plugin.index.upsert
+
+        async def broken(points: Any) -> None:
+            raise ConnectionError("qdrant is down")
+
+        plugin.index.upsert = broken  # type: ignore[method-assign]
+        with pytest.raises(RemoteError) as e:
+            await pods["mem"].kernel.call(Remember(text="Lost memory about Redis.", owner="alice"))
+        assert e.value.type == "ConnectionError"
+        plugin.index.upsert = real  # type: ignore[method-assign]
+        async with pg.connection(plugin.pool) as conn:
+            cur = await conn.execute("SELECT count(*) FROM memories")
+            assert await cur.fetchone() == (0,)
+
+
+async def test_embedded_store_serves_one_replica(start: Start, store: str) -> None:
+    if store != "edge":
+        pytest.skip("only the embedded edge store is single-process")
+    async with start():
+        with pytest.raises(ConfigError, match="already open"):
+            async with start():
+                pass
+
+
+@pytest.mark.parametrize("api", ["ollama", "openai"])
+async def test_http_embedder_batches_concurrent_calls(start: Start, api: str) -> None:
+    async with FakeLLMServer(chunk_delay_s=0) as srv, start(embedder=api, embed_url=srv.url, embed_model="e") as pods:
+        k = pods["mem"].kernel
+        ids = await asyncio.gather(*(k.call(Remember(text=f"note {i} about PostgreSQL", owner="alice")) for i in range(40)))
+        embeds = [body for path, body in srv.requests if path.endswith(("/embed", "/embeddings"))]
+        assert sum(len(b["input"]) for b in embeds) == 40 and len(embeds) < 40
+        r = await k.call(Recall(query="note 7 about PostgreSQL", owner="alice", k=3))
+        assert r.hits[0].id == ids[7].id and r.hits[0].found_by == ["text", "vector"]
