@@ -64,15 +64,24 @@ async def connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCo
     """Check a connection out of ``pool`` (autocommit).
 
     Raises:
-        Overloaded: the pool is exhausted (timeout or too many waiters); retry later.
+        Overloaded: every connection is in use and the wait timed out or the queue is full.
+        Unavailable: the server does not accept connections or dropped one (both retryable).
     """
     try:
         cm = pool.connection()
         conn = await cm.__aenter__()
-    except (PoolTimeout, TooManyRequests) as e:
+    except TooManyRequests as e:
+        raise Overloaded(f"{pool.name}: database pool exhausted ({e})") from None
+    except PoolTimeout as e:
+        if pool.get_stats().get("pool_size", 0) < pool.max_size:
+            # the pool had room to grow and could not: the server is not accepting connections
+            raise Unavailable(f"{pool.name}: database unavailable ({e})") from None
         raise Overloaded(f"{pool.name}: database pool exhausted ({e})") from None
     try:
         yield conn
+    except psycopg.OperationalError as e:
+        await cm.__aexit__(type(e), e, e.__traceback__)
+        raise Unavailable(f"{pool.name}: database unavailable ({e})") from None
     except BaseException as e:
         await cm.__aexit__(type(e), e, e.__traceback__)
         raise

@@ -74,8 +74,8 @@ class EdgeIndex:
             if "WouldBlock" not in str(e):
                 raise
             raise ConfigError(
-                f"memory: the embedded vector store {path} is already open (another process or replica); an embedded store serves "
-                "one replica: set QDRANT_URL for several, or give each its own data_dir or collection"
+                f"memory: the embedded vector store {path} is already open (another process or replica); "
+                "an embedded store serves one replica: set QDRANT_URL for several, or give each its own data_dir or collection"
             ) from None
 
     async def upsert(self, points: list[tuple[str, list[float], dict[str, Any]]]) -> None:
