@@ -39,11 +39,16 @@ from plugins.auth.contract import Claims, Verify
 
 from ._support import emit, nats_server, percentile
 
-__all__ = ["BenchAuthPlugin", "main", "raise_nofile"]
+__all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "load_avg_1m", "main", "raise_nofile"]
 
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
 AUDIENCE = "aiwfe"
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_avg_1m() -> float:
+    """The machine's 1-minute load average (other work skews every figure; reported with them)."""
+    return round(os.getloadavg()[0], 2)
 
 
 def raise_nofile() -> int:
@@ -145,13 +150,99 @@ async def _serve_echo() -> None:
     await server.stop()
 
 
+# -- a minimal client ------------------------------------------------------------------
+
+
+class HandshakeRefused(Exception):
+    """The server answered the upgrade with something other than 101."""
+
+
+class RawWs:
+    """A minimal WebSocket client for load generation (text frames, masked, no extensions).
+
+    The ``websockets`` client costs about a millisecond of CPU per handshake and tens of
+    microseconds per frame, which on a 2-core machine starves the server being measured;
+    this one does the handshake and framing with a few ``bytes`` operations. Both the
+    gateway and the echo baseline are measured with it.
+    """
+
+    __slots__ = ("reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, url: str, headers: dict[str, str] | None = None, timeout_s: float = 30.0) -> RawWs:
+        """Open ``ws://host:port/path`` with extra ``headers``.
+
+        Raises:
+            HandshakeRefused: a status other than 101; OSError, TimeoutError: network.
+        """
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(u.hostname, u.port)
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            path = u.path + (f"?{u.query}" if u.query else "")
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n".encode()
+            )
+            head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 101"):
+            writer.close()
+            raise HandshakeRefused(head.split(b"\r\n", 1)[0].decode(errors="replace"))
+        return cls(reader, writer)
+
+    def send(self, text: str) -> None:
+        """Send one text frame (masked with a zero key: masking is mandatory, its value is not)."""
+        data = text.encode()
+        n = len(data)
+        if n < 126:
+            head = bytes((0x81, 0x80 | n))
+        elif n < 65536:
+            head = bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x81, 0x80 | 127)) + n.to_bytes(8, "big")
+        self.writer.write(head + b"\x00\x00\x00\x00" + data)
+
+    async def recv(self) -> str:
+        """Receive the next text frame (answers pings).
+
+        Raises:
+            ConnectionError: the server closed the connection.
+        """
+        while True:
+            b0, b1 = await self.reader.readexactly(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(await self.reader.readexactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await self.reader.readexactly(8), "big")
+            payload = await self.reader.readexactly(n) if n else b""
+            op = b0 & 0x0F
+            if op == 0x1:
+                return payload.decode()
+            if op == 0x9:  # ping → pong with the same payload
+                self.writer.write(bytes((0x8A, 0x80 | len(payload))) + b"\x00\x00\x00\x00" + payload)
+            elif op == 0x8:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+                raise ConnectionError(f"closed by the server ({code})")
+
+    def close(self) -> None:
+        """Send a close frame and drop the connection."""
+        with contextlib.suppress(Exception):
+            self.writer.write(bytes((0x88, 0x82)) + b"\x00\x00\x00\x00" + (1000).to_bytes(2, "big"))
+            self.writer.close()
+
+
 # -- load generator -------------------------------------------------------------------
 
 
 async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup: int) -> dict[str, Any]:
-    import websockets
-
-    conns: list[Any] = []
+    conns: list[RawWs] = []
     failures: list[str] = []
     connect_ms: list[float] = []
     sem = asyncio.Semaphore(ramp)
@@ -161,9 +252,7 @@ async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup
         async with sem:
             t0 = time.perf_counter()
             try:
-                ws = await websockets.connect(
-                    url, additional_headers=headers, open_timeout=60, ping_interval=None, max_queue=64, compression=None
-                )
+                ws = await RawWs.connect(url, headers, timeout_s=60)
             except Exception as e:
                 failures.append(type(e).__name__)
                 return
@@ -179,7 +268,7 @@ async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup
     closed = 0
     text = "How fast is the database index on the orders table?"
 
-    async def drive(ws: Any) -> None:
+    async def drive(ws: RawWs) -> None:
         nonlocal errors, closed
         loop = asyncio.get_running_loop()
         start = loop.time() + random.random()
@@ -197,7 +286,7 @@ async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup
                 frame = json.dumps({"type": "echo", "input": {"text": text}, "id": str(k)})
             t0 = time.perf_counter()
             try:
-                await ws.send(frame)
+                ws.send(frame)
                 reply = json.loads(await ws.recv())
             except Exception:
                 closed += 1
@@ -208,7 +297,8 @@ async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup
                 errors += 1
 
     await asyncio.gather(*(drive(ws) for ws in conns))
-    await asyncio.gather(*(ws.close() for ws in conns), return_exceptions=True)
+    for ws in conns:
+        ws.close()
     return {
         "connected": len(conns),
         "failures": failures,
@@ -316,6 +406,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "call_path": "local" if args.local else "remote",
+        "load_avg_1m": load_avg_1m(),
         "cpus": os.cpu_count(),
     }
 

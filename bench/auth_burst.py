@@ -1,0 +1,357 @@
+"""``aiwfe bench auth-burst``: a login burst and a WebSocket connect burst, with and without Redis.
+
+The old system failed 100 % of authentications under login bursts because its database
+pool ran dry. This benchmark offers, inside one second, ``--connects`` WebSocket
+handshakes with valid tokens (each verified by ``auth.verify`` before accept) and
+``--logins`` password logins (argon2id, a database read each), through the gateway and the
+real auth plugin (PostgreSQL pool, Redis claim cache), and reports:
+
+* ``failures``: valid-token handshakes refused or failed, plus logins that never
+  succeeded (a login answered 503 + ``Retry-After`` is retried after that delay, as the
+  contract asks; ``login_retries`` counts those answers);
+* ``p99_connect_ms``: handshake time at the client (TCP + HTTP upgrade + verify);
+* ``pool_max_in_use`` vs ``pool_max``: the auth plugin's connection pool sampled every
+  millisecond in the server process during the burst;
+* ``redis_down_failures``: the same burst (fresh tokens) after the benchmark's own
+  Valkey has been stopped (the system Redis is never touched).
+
+Processes: one server (gateway + auth pod on a private nats-server and Valkey; database
+from ``DATABASE_URL`` in a schema of its own, else an embedded PostgreSQL) and
+``--clients`` load generators. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ._support import emit, nats_server, percentile
+from .ws import RawWs, load_avg_1m, raise_nofile
+
+__all__ = ["main"]
+
+SECRET = "bench-burst-secret-0123456789abcdef0123456789"
+PASSWORD = "correct horse battery staple"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_token(sub: str) -> str:
+    """A token the auth plugin (configured with SECRET, kid k1) accepts."""
+    import jwt
+
+    now = int(time.time())
+    payload = {"sub": sub, "username": sub, "jti": uuid.uuid4().hex, "iat": now, "nbf": now, "exp": now + 3600}
+    payload |= {"iss": "aiwfe", "aud": "aiwfe", "scopes": []}
+    return jwt.encode(payload, SECRET, algorithm="HS256", headers={"kid": "k1"})
+
+
+# -- server ---------------------------------------------------------------------------
+
+
+async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str) -> None:
+    from bus.nats import NatsBus
+    from kernel.manifest import parse_manifest
+    from kernel.pod import PodRunner
+
+    prefix = f"benchburst{os.getpid()}"
+    m = parse_manifest(
+        f"""
+        [system]
+        subject_prefix = "{prefix}"
+        drain_timeout_s = 2
+        [pods.edge]
+        plugins = ["gateway", "auth"]
+        [plugins.gateway]
+        port = 0
+        backlog = 8192
+        [plugins.auth]
+        database_url = "{db_url}"
+        redis_url = "{redis_url}"
+        redis_key_prefix = "{prefix}"
+        jwt_secret = "{SECRET}"
+        {kdf}
+        """
+    )
+    async with PodRunner(m, "edge", NatsBus(nats_url, prefix, name="edge"), ops_port=0) as pod:
+        gw: Any = pod.plugins["gateway"]
+        auth: Any = pod.plugins["auth"]
+        pool = auth.store.pool
+        peak = 0
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                s = pool.get_stats()
+                peak = max(peak, s.get("pool_size", 0) - s.get("pool_available", 0))
+                await asyncio.sleep(0.001)
+
+        sampler = asyncio.create_task(sample())
+        print(f"READY {gw.public_url}", flush=True)
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line or line.strip() == "QUIT":
+                break
+            if line.strip() == "STATS":
+                print(json.dumps({"pool_max_in_use": peak, "pool_max": pool.max_size}), flush=True)
+                peak = 0
+        sampling = False
+        await sampler
+
+
+# -- load generator -------------------------------------------------------------------
+
+
+async def _client(url: str, connects: int, logins: int, users: list[str], window_s: float, start_at: float) -> dict[str, Any]:
+    import httpx
+
+    ws_url = url.replace("http://", "ws://") + "/v1/ws"
+    tokens = [make_token(f"burst-{os.getpid()}-{i}") for i in range(connects)]
+    opened: list[RawWs] = []
+    connect_ms: list[float] = []
+    failures: list[str] = []
+    login_ok = 0
+    login_failed: list[str] = []
+    retries = 0
+    loop = asyncio.get_running_loop()
+    t_start = loop.time() + max(0.0, start_at - time.time())
+
+    async def connect(i: int) -> None:
+        await asyncio.sleep(max(0.0, t_start + window_s * i / max(1, connects) - loop.time()))
+        t0 = time.perf_counter()
+        try:
+            ws = await RawWs.connect(ws_url, {"Authorization": f"Bearer {tokens[i]}"}, timeout_s=30)
+        except Exception as e:
+            failures.append(f"{type(e).__name__}: {e}"[:120])
+            return
+        connect_ms.append((time.perf_counter() - t0) * 1000)
+        opened.append(ws)
+
+    async def login(c: httpx.AsyncClient, j: int) -> None:
+        nonlocal login_ok, retries
+        await asyncio.sleep(max(0.0, t_start + window_s * j / max(1, logins) - loop.time()))
+        body = {"username": users[j % len(users)], "password": PASSWORD}
+        give_up = loop.time() + 60
+        while True:
+            try:
+                r = await c.post("/v1/auth/login", json=body)
+            except httpx.HTTPError as e:
+                login_failed.append(type(e).__name__)
+                return
+            if r.status_code == 200:
+                login_ok += 1
+                return
+            if r.status_code == 503 and loop.time() < give_up:
+                retries += 1
+                await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                continue
+            login_failed.append(f"{r.status_code} {r.text[:80]}")
+            return
+
+    limits = httpx.Limits(max_connections=logins + 10, max_keepalive_connections=logins + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        await asyncio.gather(*(connect(i) for i in range(connects)), *(login(c, j) for j in range(logins)))
+    await asyncio.sleep(0.5)  # every socket stays open until the whole burst is over
+    for ws in opened:
+        ws.close()
+    return {
+        "connected": len(opened),
+        "connect_ms": connect_ms,
+        "connect_failures": failures,
+        "logins_ok": login_ok,
+        "login_failures": login_failed,
+        "login_retries": retries,
+    }
+
+
+# -- orchestration --------------------------------------------------------------------
+
+
+def _spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.auth_burst", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+
+
+def _ask(p: subprocess.Popen[str], line: str) -> dict[str, Any]:
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(line + "\n")
+    p.stdin.flush()
+    out: dict[str, Any] = json.loads(p.stdout.readline())
+    return out
+
+
+@contextlib.contextmanager
+def _database() -> Iterator[str]:
+    """A database URL with a schema of the benchmark's own (dropped after)."""
+    url = os.environ.get("DATABASE_URL", "")
+    if not url:
+        from bus.embedded_db import EmbeddedPostgres
+
+        with tempfile.TemporaryDirectory(prefix="aiwfe-burst-pg-") as d, EmbeddedPostgres(d) as pg:
+            yield pg.url
+        return
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    schema = f"benchburst{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    params = conninfo_to_dict(url)
+    params["options"] = (str(params.get("options", "")) + f" -c search_path={schema}").strip()
+    try:
+        yield make_conninfo("", **params)
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def _burst(url: str, args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
+    k = args.clients
+    start_at = time.time() + 3.0  # every generator is up and has made its tokens by then
+    procs = []
+    for i in range(k):
+        n_conn = args.connects // k + (1 if i < args.connects % k else 0)
+        n_login = args.logins // k + (1 if i < args.logins % k else 0)
+        cfg = {"url": url, "connects": n_conn, "logins": n_login, "users": users, "window_s": args.window, "start_at": start_at}
+        procs.append(_spawn("--role", "client", "--config", json.dumps(cfg)))
+    results = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    conn_ms = [x for r in results for x in r["connect_ms"]]
+    connect_failures = [f for r in results for f in r["connect_failures"]]
+    login_failures = [f for r in results for f in r["login_failures"]]
+    return {
+        "connected": sum(r["connected"] for r in results),
+        "logins_ok": sum(r["logins_ok"] for r in results),
+        "connect_failures": connect_failures,
+        "login_failures": login_failures,
+        "login_retries": sum(r["login_retries"] for r in results),
+        "p50_connect_ms": round(percentile(conn_ms, 50), 1),
+        "p99_connect_ms": round(percentile(conn_ms, 99), 1),
+    }
+
+
+def _register(url: str, n: int) -> list[str]:
+    import httpx
+
+    users = [f"burst{os.getpid()}_{i}" for i in range(n)]
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for u in users:
+            while True:
+                r = c.post("/v1/auth/register", json={"username": u, "password": PASSWORD})
+                if r.status_code == 503:
+                    time.sleep(float(r.headers.get("retry-after", "1")))
+                    continue
+                assert r.status_code in (201, 409), r.text
+                break
+    return users
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Both bursts (Redis up, then the benchmark's Valkey stopped); return the result object."""
+    from bus.embedded_db import EmbeddedValkey
+
+    kdf = ""
+    if args.kdf_time_cost:
+        kdf += f"kdf_time_cost = {args.kdf_time_cost}\n"
+    if args.kdf_memory_kib:
+        kdf += f"kdf_memory_kib = {args.kdf_memory_kib}\n"
+    with (
+        tempfile.TemporaryDirectory(prefix="aiwfe-burst-") as tmp,
+        nats_server(args.url) as nats_url,
+        _database() as db_url,
+        EmbeddedValkey(os.path.join(tmp, "valkey")) as valkey,
+    ):
+        server = _spawn("--role", "server", "--nats", nats_url, "--db", db_url, "--redis", valkey.url, "--kdf", kdf)
+        try:
+            assert server.stdout is not None
+            line = server.stdout.readline()
+            if not line.startswith("READY "):
+                raise RuntimeError(f"server did not start: {line!r}")
+            url = line.split()[1]
+            users = _register(url, args.users)
+            _ask(server, "STATS")  # reset the pool peak after registration
+            up = _burst(url, args, users)
+            pool = _ask(server, "STATS")
+            valkey.stop()
+            down = _burst(url, args, users)
+            pool_down = _ask(server, "STATS")
+        finally:
+            with contextlib.suppress(Exception):
+                assert server.stdin is not None
+                server.stdin.write("QUIT\n")
+                server.stdin.close()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    failures = len(up["connect_failures"]) + len(up["login_failures"])
+    return {
+        "connects": args.connects,
+        "logins": args.logins,
+        "failures": failures,
+        "p99_connect_ms": up["p99_connect_ms"],
+        "pool_max_in_use": max(pool["pool_max_in_use"], pool_down["pool_max_in_use"]),
+        "pool_max": pool["pool_max"],
+        "redis_down_failures": len(down["connect_failures"]) + len(down["login_failures"]),
+        "p50_connect_ms": up["p50_connect_ms"],
+        "login_retries": up["login_retries"],
+        "redis_down_p99_connect_ms": down["p99_connect_ms"],
+        "redis_down_login_retries": down["login_retries"],
+        "window_s": args.window,
+        "failure_samples": (up["connect_failures"] + up["login_failures"] + down["connect_failures"] + down["login_failures"])[
+            :5
+        ],
+        "cpus": os.cpu_count(),
+        "load_avg_1m": load_avg_1m(),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``aiwfe bench auth-burst``; returns the exit status."""
+    p = argparse.ArgumentParser(prog="aiwfe bench auth-burst", description="WebSocket connect + login burst, Redis up and down")
+    p.add_argument("--connects", type=int, default=2000)
+    p.add_argument("--logins", type=int, default=200)
+    p.add_argument("--users", type=int, default=20, help="registered users the logins cycle through")
+    p.add_argument("--window", type=float, default=1.0, help="seconds the burst is spread over")
+    p.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    p.add_argument("--kdf-time-cost", type=int, default=0, help="argon2 time cost (default: the auth plugin's)")
+    p.add_argument("--kdf-memory-kib", type=int, default=0, help="argon2 memory (default: the auth plugin's)")
+    p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
+    p.add_argument("--role", default="main", help=argparse.SUPPRESS)
+    p.add_argument("--config", help=argparse.SUPPRESS)
+    p.add_argument("--nats", help=argparse.SUPPRESS)
+    p.add_argument("--db", help=argparse.SUPPRESS)
+    p.add_argument("--redis", help=argparse.SUPPRESS)
+    p.add_argument("--kdf", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    raise_nofile()
+    if args.role == "server":
+        asyncio.run(_serve(args.nats, args.db, args.redis, args.kdf))
+    elif args.role == "client":
+        c = json.loads(args.config)
+        out = asyncio.run(_client(c["url"], c["connects"], c["logins"], c["users"], c["window_s"], c["start_at"]))
+        print(msgspec.json.encode(out).decode(), flush=True)
+    else:
+        emit(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
