@@ -15,7 +15,9 @@ in the same run:
 PostgreSQL comes from ``--database-url`` (default ``DATABASE_URL``, else
 ``postgresql://postgres@127.0.0.1:5432/test``), in a schema of the run's own, dropped
 after. The last line is one JSON object; its top-level figures are at 10 in flight,
-``overhead_pct`` = kernel p50 over NATS / baseline p50 - 1.
+``overhead_pct`` = kernel p50 over NATS / baseline p50 - 1. For the record it also times
+the vector search alone, one at a time, in the plugin's store (``store_search_p50_ms``)
+and in qdrant-client's local mode on the same data (``qdrant_client_local_*``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import random
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -69,7 +72,35 @@ async def _measure(fn: Callable[[str, str], Awaitable[Any]], queries: list[tuple
     return samples
 
 
-async def run(nats_url: str, db_url: str, n: int, levels: list[int], per_level: int, k: int) -> dict[str, Any]:
+async def _vector_stores(plugin: Any, memories: list[tuple[str, str]], queries: list[tuple[str, str]]) -> dict[str, Any]:
+    """The vector search alone: the plugin's store against qdrant-client's local mode, same data."""
+    from plugins.memory.vectors import ClientIndex, payload_for
+
+    emb = plugin.embedder
+    local = await ClientIndex("bench", plugin.config.embed_dim, location=":memory:").open()
+    t0 = time.perf_counter()
+    for i in range(0, len(memories), 500):
+        chunk = memories[i : i + 500]
+        vecs = await emb.embed([t for _, t in chunk])
+        await local.upsert([(str(uuid.uuid4()), v, payload_for(o, {})) for (o, _), v in zip(chunk, vecs, strict=True)])
+    upsert_s = time.perf_counter() - t0
+    sample = queries[:200]
+    qv = [(o, (await emb.embed([q]))[0]) for o, q in sample]
+    out: dict[str, Any] = {"qdrant_client_local_upsert_per_s": round(len(memories) / upsert_s)}
+    for name, index in (("store_search_p50_ms", plugin.index), ("qdrant_client_local_search_p50_ms", local)):
+        lat = []
+        for o, v in qv:
+            t1 = time.perf_counter()
+            await index.search(v, o, {}, 20)
+            lat.append((time.perf_counter() - t1) * 1000)
+        out[name] = round(percentile(lat, 50), 3)
+    await local.close()
+    return out
+
+
+async def run(
+    nats_url: str, db_url: str, n: int, levels: list[int], per_level: int, k: int, client_local: bool = True
+) -> dict[str, Any]:
     import psycopg
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg.types.json import Jsonb
@@ -171,6 +202,9 @@ async def run(nats_url: str, db_url: str, n: int, levels: list[int], per_level: 
                 "local_overhead_pct": round((percentile(local_s, 50) / b50 - 1) * 100, 1),
             }
         await base_pool.close()
+        vectors_out: dict[str, Any] = {}
+        if client_local:
+            vectors_out = await _vector_stores(plugin, memories, queries)
         main_level = by_level.get("10") or next(iter(by_level.values()))
         out = {
             "memories": n,
@@ -183,6 +217,7 @@ async def run(nats_url: str, db_url: str, n: int, levels: list[int], per_level: 
             "vector_store": type(plugin.index).__name__,
             "k": k,
             "inflight": by_level,
+            **vectors_out,
         }
     finally:
         with contextlib.suppress(Exception):
@@ -208,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inflight", default="1,10,50", help="recall concurrency levels (default 1,10,50)")
     p.add_argument("--queries", type=int, default=2000, help="recalls per level and path (default 2000)")
     p.add_argument("--k", type=int, default=5, help="hits per recall (default 5)")
+    p.add_argument("--no-client-local", action="store_true", help="skip the vector search in qdrant-client's local mode")
     a = p.parse_args(argv)
     levels = [int(x) for x in a.inflight.split(",") if x.strip()]
     with nats_server(a.url) as url:
-        result = asyncio.run(run(url, a.database_url, a.memories, levels, a.queries, a.k))
+        result = asyncio.run(run(url, a.database_url, a.memories, levels, a.queries, a.k, not a.no_client_local))
     emit(result)
     return 0

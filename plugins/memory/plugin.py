@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import time
@@ -85,7 +86,8 @@ class MemoryPlugin(Plugin):
         server (empty: ``QDRANT_URL``; when both are empty the vectors live in an embedded
         store under ``data_dir``). ``vector_store``: ``auto`` (server when a URL is set,
         else ``edge``), ``edge`` (qdrant-edge-py shard), ``local`` (qdrant-client local
-        mode, on disk under ``data_dir``) or ``memory`` (qdrant-client in RAM, for tests).
+        mode, on disk under ``data_dir``; ``auto``'s fallback when qdrant-edge-py is
+        not installed) or ``memory`` (qdrant-client in RAM, for tests).
         ``collection``: collection / shard name (give each test its own). ``embedder``:
         ``hashing``, ``ollama`` or ``openai``, with ``embed_dim``, ``embed_url``,
         ``embed_model``, ``embed_api_key`` (empty: ``OPENAI_API_KEY`` for openai).
@@ -162,7 +164,9 @@ class MemoryPlugin(Plugin):
         url = c.qdrant_url or os.environ.get("QDRANT_URL", "")
         kind = c.vector_store
         if kind == "auto":
-            kind = "server" if url else "edge"
+            kind = "server" if url else ("edge" if importlib.util.find_spec("qdrant_edge") else "local")
+            if kind == "local":
+                log.warning("memory: qdrant-edge-py is not installed; vectors in qdrant-client's (slow) local mode")
         base = Path(c.data_dir) / "qdrant"
         if kind == "server":
             return await ClientIndex(c.collection, c.embed_dim, url=url, api_key=c.qdrant_api_key).open()
