@@ -92,8 +92,10 @@ class MemoryPlugin(Plugin):
         ``hashing``, ``ollama`` or ``openai``, with ``embed_dim``, ``embed_url``,
         ``embed_model``, ``embed_api_key`` (empty: ``OPENAI_API_KEY`` for openai).
         ``rrf_k``: the fusion constant; ``candidates``: hits taken from each index (0 =
-        ``max(4 k, 20)``). Pool: ``pool_max`` connections, ``pool_timeout_s`` checkout
-        timeout, ``pool_max_waiting`` waiters before Overloaded.
+        ``max(4 k, 20)``); ``max_k``: the most hits one Recall returns. Pool: ``pool_max``
+        connections, ``pool_timeout_s`` checkout timeout, ``pool_max_waiting`` waiters before
+        Overloaded. Repair: ``reconcile_grace_s`` (rows younger are left to their writer) and
+        ``reconcile_interval_s``.
         """
 
         database_url: str = ""
@@ -110,6 +112,7 @@ class MemoryPlugin(Plugin):
         embed_timeout_s: float = 30.0
         rrf_k: int = 60
         candidates: int = 0
+        max_k: int = 100
         pool_max: int = 10
         pool_timeout_s: float = 2.0
         pool_max_waiting: int = 256
@@ -240,7 +243,7 @@ class MemoryPlugin(Plugin):
     async def recall(self, req: Recall) -> RecallResult:
         """Full text and vectors for ``req.owner``, fused by reciprocal rank (best first)."""
         t0 = time.perf_counter()
-        k = max(0, req.k)
+        k = min(max(0, req.k), self.config.max_k)
         if k == 0 or not req.owner:
             return RecallResult(hits=[], took_ms=0.0)
         n = self.config.candidates or max(4 * k, 20)
