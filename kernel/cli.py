@@ -94,6 +94,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return asyncio.run(publish(url, args.subject, payload, wait=args.wait, timeout_s=args.timeout, prefix=args.prefix))
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from bench import loadtest
+
+    return int(loadtest.main([args.scenario, *args.rest]) or 0)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     name = args.name.replace("-", "_")
     try:
@@ -170,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url", help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
     s.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
     s.set_defaults(fn=cmd_dlq)
+
+    s = sub.add_parser("loadtest", help="run a load scenario (normal, peak, stress, websocket); a table, then one JSON line")
+    s.add_argument("scenario", help="normal | peak | stress | websocket")
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="scenario options (see aiwfe loadtest SCENARIO --help)")
+    s.set_defaults(fn=cmd_loadtest)
 
     s = sub.add_parser("bench", help="run a benchmark in bench/; its last output line is one JSON object")
     s.add_argument("name", help="rpc, ...")
