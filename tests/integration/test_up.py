@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL", "REDIS_URL", "QDRANT_URL")}
     env["AIWFE_PREFIX"] = "up" + str(os.getpid())
+    env["AIWFE_GATEWAY_PORT"] = "0"  # any free port: CI machines may have 8080 taken
     proc = subprocess.Popen(
         [sys.executable, "-m", "kernel.cli", "up", "-m", f"manifests/{manifest}.toml", "--data-dir", str(tmp_path / "data")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

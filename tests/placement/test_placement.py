@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from bus.embedded import free_port
 from bus.nats import NatsBus
 from kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
 from kernel.runtime import Kernel
@@ -55,19 +56,38 @@ def build_manifest(name: str, prefix: str, root: Path) -> dict[str, Any]:
     return data
 
 
+class System(msgspec.Struct):
+    """One placement, running: its name, an outside client kernel, the pod processes, the gateway."""
+
+    placement: str
+    kernel: Kernel
+    pods: dict[str, Any]
+    gateway_url: str
+
+
 @pytest.fixture(params=PLACEMENTS)
 async def system(
-    request: pytest.FixtureRequest, prefix: str, nats_url: str, tmp_path: Path, repo_root: Path
-) -> AsyncIterator[tuple[str, Kernel, dict[str, Any]]]:
+    request: pytest.FixtureRequest, prefix: str, nats_url: str, pg_url: str, redis_url: str, tmp_path: Path, repo_root: Path
+) -> AsyncIterator[System]:
     data = build_manifest(request.param, prefix, repo_root)
     path = tmp_path / f"{request.param}.toml"
     path.write_text(dump_toml(data))
-    cm = run_pods(path, list(data["pods"]), {"NATS_URL": nats_url}, tmp_path)
+    gateway_port = free_port()
+    env = {
+        "NATS_URL": nats_url,
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "JWT_SECRET": "placement-test-secret-" + "x" * 32,
+        "AIWFE_PREFIX": prefix,
+        "AIWFE_DATA_DIR": str(tmp_path / "data"),
+        "AIWFE_GATEWAY_PORT": str(gateway_port),
+    }
+    cm = run_pods(path, list(data["pods"]), env, tmp_path)
     pods = await asyncio.to_thread(cm.__enter__)
     bus = NatsBus(nats_url, prefix, name="placement-client")
     await bus.start()
     try:
-        yield request.param, Kernel(bus), pods
+        yield System(placement=request.param, kernel=Kernel(bus), pods=pods, gateway_url=f"http://127.0.0.1:{gateway_port}")
     finally:
         await bus.close()
         await asyncio.to_thread(cm.__exit__, None, None, None)
@@ -85,8 +105,8 @@ def _count(metrics_text: str, contract: str, path: str) -> float:
 
 
 @pytest.mark.timeout(180)
-async def test_end_to_end(system: tuple[str, Kernel, dict[str, Any]]) -> None:
-    placement, k, pods = system
+async def test_end_to_end(system: System) -> None:
+    placement, k, pods = system.placement, system.kernel, system.pods
     # RPC through a front plugin that calls perception and reasoning
     answers = [msgspec.to_builtins(await k.call(Ask(text=t, context=c))) for t, c in ASKS]
     assert answers == [expected_answer(t, c) for t, c in ASKS]
