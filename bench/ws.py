@@ -6,11 +6,12 @@ and measures the round trip. The baseline, in the same run and at the same N, is
 Litestar WebSocket echo under the same ASGI server settings.
 
 Processes (so that the load generator does not starve the server on a small machine):
-one server process (gateway pod + worker pod, each with its own NATS connection, on a
-private embedded nats-server unless ``--url``), and ``--clients`` load-generator
-processes that open ``N / clients`` sockets each. Every process raises its open-file
-limit to the hard limit. Sends follow a fixed schedule (one per second per socket,
-phases spread over the second), so a slow reply does not reduce the offered load.
+the gateway pod and the worker pod (perception) each in its own process, as deployed
+(on a private embedded nats-server unless ``--url``; ``--local`` puts perception in the
+gateway's pod instead), and ``--clients`` load-generator processes that open
+``N / clients`` sockets each. Every process raises its open-file limit to the hard limit.
+Sends follow a fixed schedule (one per second per socket, phases spread over the
+second), so a slow reply does not reduce the offered load.
 
 Last line: ``{"connections", "connected_pct", "p50_ms", "p99_ms", "echo_p50_ms",
 "echo_p99_ms", ...}``.
@@ -90,15 +91,12 @@ def make_token(sub: str) -> str:
 # -- server processes -----------------------------------------------------------------
 
 
-async def _serve_gateway(nats_url: str, local: bool) -> None:
-    from bus.nats import NatsBus
+def _manifest(prefix: str, local: bool) -> Any:
     from kernel.manifest import parse_manifest
-    from kernel.pod import PodRunner
 
-    prefix = f"benchws{os.getpid()}"
     worker_plugins = "" if local else '[pods.work]\nplugins = ["perception"]'
     gw_plugins = '"gateway", "bench.ws:BenchAuthPlugin"' + (', "perception"' if local else "")
-    m = parse_manifest(
+    return parse_manifest(
         f"""
         [system]
         subject_prefix = "{prefix}"
@@ -114,12 +112,20 @@ async def _serve_gateway(nats_url: str, local: bool) -> None:
         backlog = 8192
         """
     )
-    pods = [PodRunner(m, name, NatsBus(nats_url, prefix, name=name), ops_port=0) for name in m.pods]
-    async with contextlib.AsyncExitStack() as stack:
-        for p in reversed(pods):  # the worker first, so the gateway's calls find it
-            await stack.enter_async_context(p)
-        url = pods[0].plugins["gateway"].public_url  # type: ignore[attr-defined]
-        print(f"READY {url.replace('http://', 'ws://')}/v1/ws", flush=True)
+
+
+async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool) -> None:
+    """Run one pod of the benchmark's manifest until stdin closes (``gw`` prints its URL)."""
+    from bus.nats import NatsBus
+    from kernel.pod import PodRunner
+
+    m = _manifest(prefix, local)
+    async with PodRunner(m, pod, NatsBus(nats_url, prefix, name=pod), ops_port=0) as runner:
+        if pod == "gw":
+            url = runner.plugins["gateway"].public_url  # type: ignore[attr-defined]
+            print(f"READY {url.replace('http://', 'ws://')}/v1/ws", flush=True)
+        else:
+            print("READY -", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
@@ -382,11 +388,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             echo = _phase(_read_ready(echo_srv), "echo", n, args.clients, args.duration, args.ramp, args.warmup)
         finally:
             _stop(echo_srv)
-        gw_srv = _spawn("--role", "gateway", "--nats", nats_url, *(["--local"] if args.local else []))
+        prefix = f"benchws{os.getpid()}"
+        common = ["--nats", nats_url, "--prefix", prefix, *(["--local"] if args.local else [])]
+        worker = None if args.local else _spawn("--role", "pod", "--pod", "work", *common)
+        gw_srv = _spawn("--role", "pod", "--pod", "gw", *common)
         try:
+            if worker is not None:
+                _read_ready(worker)
             gw = _phase(_read_ready(gw_srv), "gateway", n, args.clients, args.duration, args.ramp, args.warmup)
         finally:
             _stop(gw_srv)
+            if worker is not None:
+                _stop(worker)
     return {
         "connections": n,
         "connected_pct": round(100.0 * gw["connected"] / n, 2),
@@ -425,10 +438,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--target", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--nats", help=argparse.SUPPRESS)
+    p.add_argument("--prefix", help=argparse.SUPPRESS)
+    p.add_argument("--pod", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     raise_nofile()
-    if args.role == "gateway":
-        asyncio.run(_serve_gateway(args.nats, args.local))
+    if args.role == "pod":
+        asyncio.run(_serve_pod(args.nats, args.prefix, args.pod, args.local))
     elif args.role == "echo":
         asyncio.run(_serve_echo())
     elif args.role == "client":
