@@ -226,7 +226,7 @@ def test_cli_prints_a_yaml_stream_or_writes_one_file_per_pod(tmp_path: Path, cap
     out = tmp_path / "k8s"
     assert main(["k8s", str(path), "-o", str(out)]) == 0
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(["aiwfe-manifest.yaml", "perception.yaml", "reasoning.yaml"])
+    assert written == sorted(["aiwfe-manifest.yaml", *(f"{pod}.yaml" for pod in load_manifest(path).pods)])
     assert [d["kind"] for d in yaml.safe_load_all((out / "reasoning.yaml").read_text())] == [
         "Deployment",
         "Service",
