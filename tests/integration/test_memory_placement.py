@@ -1,9 +1,10 @@
 """Memory, learning and reasoning under every shipped manifest, each pod a child process.
 
-The shipped manifests do not place memory and learning yet; this suite adds them where
-the final report recommends (the single pod of the monolith, the cognitive engine of the
-consolidated manifest, a pod each in microservices), runs every pod as ``aiwfe run``
-against a real NATS and PostgreSQL, and checks that every placement gives the same results.
+Each shipped manifest is reduced to perception, reasoning, memory and learning, kept where
+it places them (added where the final report recommends if it does not: the single pod of
+the monolith, the cognitive engine of the consolidated manifest, a pod each in
+microservices); every pod runs as ``aiwfe run`` against a real NATS and PostgreSQL, and
+every placement must give the same results.
 """
 
 from __future__ import annotations
@@ -37,18 +38,30 @@ DOCS = [
 
 
 def build_manifest(name: str, prefix: str, root: Path, data_dir: Path) -> dict[str, Any]:
+    """The shipped manifest reduced to this suite's plugins, placed where the manifest puts
+    them (memory and learning added where the report recommends when it does not yet)."""
     data = tomllib.loads((root / "manifests" / f"{name}.toml").read_text())
     data["system"]["subject_prefix"] = prefix
-    ours = ["memory", "learning"]
-    if name == "monolith":
-        next(iter(data["pods"].values()))["plugins"] += ours
-    elif name == "consolidated":
-        data["pods"]["cognitive-processing-engine"]["plugins"] += ours
-    else:
-        for p in ours:
-            data["pods"][p] = {"plugins": [p]}
-    data.setdefault("plugins", {})["memory"] = {"data_dir": str(data_dir), "collection": prefix}
-    data["plugins"]["reasoning"] = {"provider": "extractive"}
+    ours = {"perception", "reasoning", "memory", "learning"}
+    pods = {}
+    for pod_name, pod in data["pods"].items():
+        pod["plugins"] = [p for p in pod["plugins"] if p in ours]
+        pod.pop("replicas", None)
+        if pod["plugins"]:
+            pods[pod_name] = pod
+    placed = {p for pod in pods.values() for p in pod["plugins"]}
+    for plugin in sorted(ours - placed):
+        if name == "monolith":
+            next(iter(pods.values()))["plugins"].append(plugin)
+        elif name == "consolidated":
+            pods["cognitive-processing-engine"]["plugins"].append(plugin)
+        else:
+            pods[plugin] = {"plugins": [plugin]}
+    data["pods"] = pods
+    data["plugins"] = {
+        "memory": {"data_dir": str(data_dir), "collection": prefix},
+        "reasoning": {"provider": "extractive"},
+    }
     return data
 
 
