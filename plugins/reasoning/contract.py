@@ -36,7 +36,8 @@ class Reason(Request[Reasoned], tag="reasoning.reason"):
     ``latency_s`` (extractive provider only) overrides the configured simulated latency.
     ``options`` go to the model: ``temperature``, ``max_tokens``, ``top_p``, ``seed``, and
     ``model`` to override the configured model. ``stream``: emit :class:`AnswerStreamed`
-    events when running inside a job (off by default: earlier callers saw no such events).
+    events when running inside a job (off by default: earlier callers saw no such events);
+    ``label`` is echoed in them (e.g. the expert's name; empty: the role).
     """
 
     role: str
@@ -46,13 +47,14 @@ class Reason(Request[Reasoned], tag="reasoning.reason"):
     latency_s: float | None = None
     options: dict[str, float | int | str | bool] = {}
     stream: bool = False
+    label: str = ""
 
 
 class AnswerStreamed(Event, tag="reasoning.answer_streamed"):
     """A piece of an answer being produced, in order (``index`` from 0).
 
     ``attempt`` counts from 1; after a retry the pieces of the earlier attempt are void.
-    ``done`` marks the last piece of an attempt that completed.
+    ``done`` marks the last piece of an attempt that completed. ``label``: the Reason's.
     """
 
     role: str
@@ -60,3 +62,4 @@ class AnswerStreamed(Event, tag="reasoning.answer_streamed"):
     index: int
     attempt: int = 1
     done: bool = False
+    label: str = ""

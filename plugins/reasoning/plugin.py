@@ -129,7 +129,7 @@ class ReasoningPlugin(Plugin):
         job = current_job()
         sink: Sink | None = None
         if job is not None and req.stream:
-            sink = _JobSink(job.emit, req.role, self.config.stream_interval_ms / 1000.0).put
+            sink = _JobSink(job.emit, req.role, req.label or req.role, self.config.stream_interval_ms / 1000.0).put
         return await self._answer(req, sink)
 
     async def stream(self, req: Reason) -> AsyncIterator[str | Reasoned]:
@@ -251,9 +251,10 @@ def _attempt_sink(sink: Sink, attempt: int) -> Callable[[str], Awaitable[None]]:
 class _JobSink:
     """Coalesces pieces into AnswerStreamed events on the running job, every ``interval_s``."""
 
-    def __init__(self, emit: Callable[[msgspec.Struct], Awaitable[int]], role: str, interval_s: float) -> None:
+    def __init__(self, emit: Callable[[msgspec.Struct], Awaitable[int]], role: str, label: str, interval_s: float) -> None:
         self._emit = emit
         self._role = role
+        self._label = label
         self._interval_s = interval_s
         self._buf: list[str] = []
         self._index = 0
@@ -275,7 +276,14 @@ class _JobSink:
             return
         if self._buf or done:
             await self._emit(
-                AnswerStreamed(role=self._role, text="".join(self._buf), index=self._index, attempt=self._attempt, done=done)
+                AnswerStreamed(
+                    role=self._role,
+                    text="".join(self._buf),
+                    index=self._index,
+                    attempt=self._attempt,
+                    done=done,
+                    label=self._label,
+                )
             )
             self._index += 1
             self._buf.clear()

@@ -40,7 +40,7 @@ class AskPlugin(Plugin):
 
     @serves(AskJob, max_deliver=1)
     async def ask(self, job: AskJob) -> Asked:
-        r = await self.kernel.call(Reason(role="dba", task=job.task, context=["Use an index."], stream=True))
+        r = await self.kernel.call(Reason(role="dba", task=job.task, context=["Use an index."], stream=True, label="expert-7"))
         return Asked(answer=r.answer, attempts=r.attempts)
 
 
@@ -195,6 +195,6 @@ async def test_partial_output_streams_as_job_events(start: Start, provider: str)
             last = [s for s in streamed if s["attempt"] == final.attempts]
             assert [s["index"] for s in last] == list(range(len(last))) and last[-1]["done"]
             assert "".join(s["text"] for s in last).startswith(final.answer)
-            assert all(s["role"] == "dba" for s in streamed)
+            assert all(s["role"] == "dba" and s["label"] == "expert-7" for s in streamed)
             if provider == "ollama":
                 assert final.attempts == 2 and any(s["attempt"] == 1 for s in streamed)
