@@ -26,8 +26,10 @@ import json
 import os
 import random
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -318,9 +320,12 @@ async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup
 # -- orchestration --------------------------------------------------------------------
 
 
+_UVLOOP: list[str] = []
+
+
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.ws", *args],
+        [sys.executable, "-m", "bench.ws", *args, *_UVLOOP],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -338,8 +343,11 @@ def _read_ready(p: subprocess.Popen[str]) -> str:
 
 def _phase(url: str, mode: str, n: int, clients: int, seconds: float, ramp: int, warmup: int) -> dict[str, Any]:
     share = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
+    tmp = tempfile.mkdtemp(prefix="aiwfe-bench-ws-")
+    outs = [os.path.join(tmp, f"client{i}.json") for i in range(len(share))]
     procs = [_spawn("--role", "client", "--target", url, "--mode", mode, "-n", str(k), "--duration", str(seconds),
-                    "--ramp", str(ramp), "--warmup", str(warmup)) for k in share if k]  # fmt: skip
+                    "--ramp", str(ramp), "--warmup", str(warmup), "--out", out)
+             for k, out in zip(share, outs, strict=True) if k]  # fmt: skip
     t0 = time.perf_counter()
     for p in procs:  # each prints {"connected"} once its sockets are open
         assert p.stdout is not None
@@ -349,10 +357,10 @@ def _phase(url: str, mode: str, n: int, clients: int, seconds: float, ramp: int,
         assert p.stdin is not None
         p.stdin.write("GO\n")
         p.stdin.flush()
-    results = []
     for p in procs:
-        out, _ = p.communicate(timeout=seconds + 300)
-        results.append(json.loads(out.strip().splitlines()[-1]))
+        p.communicate(timeout=seconds + 300)
+    results = [json.loads(Path(out).read_bytes()) for out, k in zip(outs, share, strict=True) if k]
+    shutil.rmtree(tmp, ignore_errors=True)
     lat = [x for r in results for x in r["lat_ms"]]
     conn_ms = [x for r in results for x in r["connect_ms"]]
     return {
@@ -382,6 +390,8 @@ def _stop(p: subprocess.Popen[str]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the echo baseline and the gateway phase; return the result object."""
     n = args.connections
+    if args.uvloop:
+        _UVLOOP[:] = ["--uvloop"]
     with nats_server(args.url) as nats_url:
         echo_srv = _spawn("--role", "echo")
         try:
@@ -419,6 +429,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "call_path": "local" if args.local else "remote",
+        "loop": "uvloop" if args.uvloop else "asyncio",
         "load_avg_1m": load_avg_1m(),
         "cpus": os.cpu_count(),
     }
@@ -434,21 +445,29 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=2, help="first sends per socket not counted (seconds of warm-up)")
     p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
     p.add_argument("--local", action="store_true", help="perception in the gateway's pod (in-process call)")
+    p.add_argument("--uvloop", action="store_true", help="every process (servers and load) on uvloop instead of asyncio's loop")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--nats", help=argparse.SUPPRESS)
     p.add_argument("--prefix", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--pod", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     raise_nofile()
+    run_loop: Any = asyncio.run
+    if args.uvloop and args.role != "main":
+        import uvloop
+
+        run_loop = uvloop.run
     if args.role == "pod":
-        asyncio.run(_serve_pod(args.nats, args.prefix, args.pod, args.local))
+        run_loop(_serve_pod(args.nats, args.prefix, args.pod, args.local))
     elif args.role == "echo":
-        asyncio.run(_serve_echo())
+        run_loop(_serve_echo())
     elif args.role == "client":
-        out = asyncio.run(_client(args.target, args.connections, args.duration, args.mode, args.ramp, args.warmup))
-        print(msgspec.json.encode(out).decode(), flush=True)
+        out = run_loop(_client(args.target, args.connections, args.duration, args.mode, args.ramp, args.warmup))
+        # The samples go to a file: a pipe left non-blocking by uvloop truncates a large line.
+        Path(args.out).write_bytes(msgspec.json.encode(out))
     else:
         emit(run(args))
     return 0
