@@ -154,6 +154,7 @@ async def _run_users(cfg: dict[str, Any]) -> dict[str, Any]:
 
         await asyncio.gather(*(one(k, u) for k, u in enumerate(users)))
     return {
+        "cpu_s": time.process_time(),
         "attempts": log.attempts,
         "accepted": log.accepted,
         "refused": log.refused,
@@ -247,6 +248,7 @@ async def _run_ws(cfg: dict[str, Any]) -> dict[str, Any]:
         ws.close()
     watcher.cancel()
     return {
+        "cpu_s": time.process_time(),
         "connected": len(conns),
         "connect_failures": failures,
         "connect_ms": connect_ms,

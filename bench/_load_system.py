@@ -213,6 +213,18 @@ class ManagedSystem:
         """Pod name → resident set size now."""
         return {name: proc_rss_bytes(pid) for name, pid in self.pod_pids().items()}
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """Pod name → CPU seconds (user + system) the pod process has used so far."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, pid in self.pod_pids().items():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / ticks
+        return out
+
     def stop(self) -> None:
         """Ctrl-C ``aiwfe up`` (pods drain, embedded services stop), then remove the data unless ``keep``."""
         if self.proc is not None and self.proc.poll() is None:
