@@ -57,6 +57,8 @@ class GatewayPlugin(Plugin):
         ``verify_timeout_s``/``call_timeout_s``: deadlines of token checks and ``call`` frames.
         ``retry_after_s``: the hint sent with 503 and retryable error frames.
         ``backlog``: listen backlog (bursts of connects queue here).
+        ``keep_alive_s``: idle HTTP keep-alive before the server closes a connection; longer
+        than clients' pools keep idle connections, so a reused one is not closed under a request.
         """
 
         host: str = "127.0.0.1"
@@ -78,6 +80,7 @@ class GatewayPlugin(Plugin):
         call_timeout_s: float = 10.0
         retry_after_s: float = 1.0
         backlog: int = 4096
+        keep_alive_s: float = 75.0
 
     config: Config
 
@@ -107,6 +110,7 @@ class GatewayPlugin(Plugin):
             ping_interval_s=cfg.ping_interval_s,
             ping_timeout_s=cfg.ping_timeout_s,
             backlog=cfg.backlog,
+            keep_alive_s=cfg.keep_alive_s,
         )
         await self.server.start()
         host = cfg.public_host or ("127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host)

@@ -80,6 +80,7 @@ class EmbeddedServer:
         ping_timeout_s: float,
         backlog: int = 4096,
         graceful_s: float = 5.0,
+        keep_alive_s: float = 75.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -94,6 +95,7 @@ class EmbeddedServer:
             log_level="warning",
             access_log=False,
             backlog=backlog,
+            timeout_keep_alive=int(max(1, keep_alive_s)),
             timeout_graceful_shutdown=int(max(1, graceful_s)),
             loop="none",
         )
