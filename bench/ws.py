@@ -93,7 +93,7 @@ def make_token(sub: str) -> str:
 # -- server processes -----------------------------------------------------------------
 
 
-def _manifest(prefix: str, local: bool) -> Any:
+def _manifest(prefix: str, local: bool, server: str) -> Any:
     from kernel.manifest import parse_manifest
 
     worker_plugins = "" if local else '[pods.work]\nplugins = ["perception"]'
@@ -108,6 +108,7 @@ def _manifest(prefix: str, local: bool) -> Any:
         {worker_plugins}
         [plugins.gateway]
         port = 0
+        server = "{server}"
         rate_per_s = 100.0
         rate_burst = 200
         idle_timeout_s = 3600
@@ -116,12 +117,12 @@ def _manifest(prefix: str, local: bool) -> Any:
     )
 
 
-async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool) -> None:
+async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool, server: str) -> None:
     """Run one pod of the benchmark's manifest until stdin closes (``gw`` prints its URL)."""
     from bus.nats import NatsBus
     from kernel.pod import PodRunner
 
-    m = _manifest(prefix, local)
+    m = _manifest(prefix, local, server)
     async with PodRunner(m, pod, NatsBus(nats_url, prefix, name=pod), ops_port=0) as runner:
         if pod == "gw":
             url = runner.plugins["gateway"].public_url  # type: ignore[attr-defined]
@@ -131,10 +132,10 @@ async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool) -> None:
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
-async def _serve_echo() -> None:
+async def _serve_echo(server_name: str) -> None:
     from litestar import Litestar, WebSocket, websocket
 
-    from plugins.gateway.server import EmbeddedServer
+    from plugins.gateway.server import EmbeddedGranian, EmbeddedServer
 
     @websocket("/echo")
     async def echo(socket: WebSocket[Any, Any, Any]) -> None:
@@ -143,7 +144,8 @@ async def _serve_echo() -> None:
             while True:
                 await socket.send_text(await socket.receive_text())
 
-    server = EmbeddedServer(
+    server_cls: Any = EmbeddedGranian if server_name == "granian" else EmbeddedServer
+    server = server_cls(
         Litestar(route_handlers=[echo]),
         host="127.0.0.1",
         port=0,
@@ -390,8 +392,7 @@ def _stop(p: subprocess.Popen[str]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the echo baseline and the gateway phase; return the result object."""
     n = args.connections
-    if args.uvloop:
-        _UVLOOP[:] = ["--uvloop"]
+    _UVLOOP[:] = ["--server", args.server, *(["--uvloop"] if args.uvloop else [])]
     with nats_server(args.url) as nats_url:
         echo_srv = _spawn("--role", "echo")
         try:
@@ -430,6 +431,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_s": args.warmup,
         "call_path": "local" if args.local else "remote",
         "loop": "uvloop" if args.uvloop else "asyncio",
+        "server": args.server,
         "load_avg_1m": load_avg_1m(),
         "cpus": os.cpu_count(),
     }
@@ -445,6 +447,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=2, help="first sends per socket not counted (seconds of warm-up)")
     p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
     p.add_argument("--local", action="store_true", help="perception in the gateway's pod (in-process call)")
+    p.add_argument("--server", default="uvicorn", choices=["uvicorn", "granian"], help="ASGI server of gateway and echo")
     p.add_argument("--uvloop", action="store_true", help="every process (servers and load) on uvloop instead of asyncio's loop")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
@@ -461,9 +464,9 @@ def main(argv: list[str]) -> int:
 
         run_loop = uvloop.run
     if args.role == "pod":
-        run_loop(_serve_pod(args.nats, args.prefix, args.pod, args.local))
+        run_loop(_serve_pod(args.nats, args.prefix, args.pod, args.local, args.server))
     elif args.role == "echo":
-        run_loop(_serve_echo())
+        run_loop(_serve_echo(args.server))
     elif args.role == "client":
         out = run_loop(_client(args.target, args.connections, args.duration, args.mode, args.ramp, args.warmup))
         # The samples go to a file: a pipe left non-blocking by uvloop truncates a large line.

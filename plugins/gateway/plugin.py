@@ -23,7 +23,7 @@ from plugins.auth.contract import Claims, Login, Logout, Register, TokenRevoked,
 from plugins.perception.contract import Perceive
 
 from .app import build_asgi
-from .server import EmbeddedServer
+from .server import EmbeddedGranian, EmbeddedServer
 from .ws import Hub
 
 __all__ = ["GatewayPlugin"]
@@ -41,6 +41,7 @@ class GatewayPlugin(Plugin):
         """Gateway settings (``[plugins.gateway]`` in a manifest).
 
         ``host``/``port``: where to listen (port 0 = any free port; ``public_url`` tells).
+        ``server``: ``uvicorn`` (default) or ``granian`` (experimental; see plugins/gateway/server.py).
         ``public_host``: host name used in ``public_url`` (default: ``host``, or 127.0.0.1 for 0.0.0.0).
         ``allowed_origins``: browser Origins allowed to open WebSockets (``"*"`` = any);
         the gateway's own origin is always allowed; clients that send no Origin are not browsers.
@@ -63,6 +64,7 @@ class GatewayPlugin(Plugin):
 
         host: str = "127.0.0.1"
         port: int = 8080
+        server: str = "uvicorn"
         public_host: str = ""
         allowed_origins: list[str] = []
         max_frame_bytes: int = 65_536
@@ -88,7 +90,9 @@ class GatewayPlugin(Plugin):
         super().__init__(config, kernel)
         self.hub = Hub()
         self.public_url: str | None = None
-        self.server: EmbeddedServer | None = None
+        self.server: EmbeddedServer | EmbeddedGranian | None = None
+        if self.config.server not in ("uvicorn", "granian"):
+            raise ConfigError(f"[plugins.gateway] server: {self.config.server!r}; use uvicorn or granian")
         self.serving = False
         declared = {address_of(c): c for c in self.calls}
         unknown = [a for a in self.config.ws_calls if a not in declared]
@@ -102,7 +106,8 @@ class GatewayPlugin(Plugin):
     async def lifespan(self) -> AsyncIterator[None]:
         """Start the HTTP/WebSocket server on the pod's loop; on exit close sockets, then stop it."""
         cfg = self.config
-        self.server = EmbeddedServer(
+        server_cls = EmbeddedGranian if cfg.server == "granian" else EmbeddedServer
+        self.server = server_cls(  # type: ignore[assignment]
             build_asgi(self),
             host=cfg.host,
             port=cfg.port,

@@ -32,7 +32,7 @@ from typing import Any
 
 import uvicorn
 
-__all__ = ["EmbeddedServer", "bind_socket"]
+__all__ = ["EmbeddedGranian", "EmbeddedServer", "bind_socket"]
 
 log = logging.getLogger("aiwfe.gateway.server")
 
@@ -138,3 +138,59 @@ class EmbeddedServer:
                     await self.task
         if self.sock is not None:
             self.sock.close()
+
+
+class EmbeddedGranian:
+    """The same interface on Granian's embedded server (experimental; see the module doc).
+
+    Granian binds by address and port itself, so port 0 is resolved to a port that was
+    free a moment before (a small race). It has no WebSocket message-size limit or
+    protocol pings of its own: the gateway's own frame check and idle timeout apply.
+    """
+
+    def __init__(self, app: Any, *, host: str, port: int, backlog: int = 4096, **_: Any) -> None:
+        from granian.constants import Interfaces
+        from granian.server.embed import Server
+
+        if port == 0:
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = int(s.getsockname()[1])
+        self.port = port
+        self.server = Server(
+            app, address=host, port=port, interface=Interfaces.ASGINL, websockets=True, backlog=backlog, log_enabled=False
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def bound_port(self) -> int:
+        """The port served."""
+        return self.port
+
+    async def start(self) -> None:
+        """Serve; return once the port accepts connections.
+
+        Raises:
+            RuntimeError: the server stopped while starting.
+        """
+        self.task = asyncio.get_running_loop().create_task(self.server.serve())
+        host = self.server.bind_addr
+        while True:
+            if self.task.done():
+                raise RuntimeError(f"gateway server did not start: {self.task.exception()!r}")
+            try:
+                _, w = await asyncio.open_connection(host, self.port)
+                w.close()
+                return
+            except OSError:
+                await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        """Stop the server and wait for it (bounded)."""
+        if self.task is not None:
+            self.server.stop()
+            try:
+                async with asyncio.timeout(10):
+                    await asyncio.shield(self.task)
+            except TimeoutError:
+                self.task.cancel()
