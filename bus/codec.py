@@ -99,7 +99,7 @@ def stream_names(prefix: str) -> dict[str, str]:
 # -- the RPC preamble ----------------------------------------------------------------
 #
 # Kernel-to-kernel requests carry their call metadata (deadline, schema hash,
-# traceparent) in a 15-byte binary preamble in front of the msgpack body instead of in
+# traceparent, the caller's job id) in a 16-byte binary preamble in front of the msgpack body instead of in
 # NATS headers: nats-py's header encoding and parsing cost ~30 % of request/reply
 # throughput (`aiwfe bench rpc` measures both). The first byte 0xC1 is never produced
 # by msgpack and is not JSON, so a payload without a preamble (an external publisher's
@@ -107,19 +107,25 @@ def stream_names(prefix: str) -> dict[str, str]:
 # NATS headers: JetStream needs Nats-Msg-Id, and neither is on the RPC hot path.
 
 PREAMBLE_MAGIC = 0xC1
-PREAMBLE_VERSION = 1
-_PRE = struct.Struct("!BBI8sB")
+PREAMBLE_VERSION = 2
+_PRE = struct.Struct("!BBI8sBB")
 PREAMBLE_SIZE = _PRE.size
 
 
-def pack_call(deadline_ms: int, schema: bytes, traceparent: str | None, body: bytes) -> bytes:
-    """Prefix ``body`` with the call preamble. ``schema`` is the 8-byte raw schema hash."""
+def pack_call(deadline_ms: int, schema: bytes, traceparent: str | None, body: bytes, job_id: str | None = None) -> bytes:
+    """Prefix ``body`` with the call preamble.
+
+    ``schema`` is the 8-byte raw schema hash; ``job_id`` names the job the caller runs
+    inside (so the callee can add events to it: partial LLM output streams from any pod).
+    """
     tp = traceparent.encode() if traceparent else b""
-    return _PRE.pack(PREAMBLE_MAGIC, PREAMBLE_VERSION, min(max(deadline_ms, 0), 0xFFFFFFFF), schema, len(tp)) + tp + body
+    jid = job_id.encode()[:255] if job_id else b""
+    head = _PRE.pack(PREAMBLE_MAGIC, PREAMBLE_VERSION, min(max(deadline_ms, 0), 0xFFFFFFFF), schema, len(tp), len(jid))
+    return head + tp + jid + body
 
 
-def unpack_call(data: bytes) -> tuple[int, bytes, str | None, memoryview] | None:
-    """Split a preambled request into (deadline_ms, schema, traceparent, body); None without one.
+def unpack_call(data: bytes) -> tuple[int, bytes, str | None, str | None, memoryview] | None:
+    """Split a preambled request into (deadline_ms, schema, traceparent, job_id, body); None without one.
 
     Raises:
         ValueError: a preamble that is truncated or of an unknown version.
@@ -128,11 +134,13 @@ def unpack_call(data: bytes) -> tuple[int, bytes, str | None, memoryview] | None
         return None
     if len(data) < PREAMBLE_SIZE:
         raise ValueError("truncated call preamble")
-    _, version, deadline_ms, schema, tl = _PRE.unpack_from(data)
+    _, version, deadline_ms, schema, tl, jl = _PRE.unpack_from(data)
     if version != PREAMBLE_VERSION:
         raise ValueError(f"call preamble version {version}; this pod speaks {PREAMBLE_VERSION}")
-    end = PREAMBLE_SIZE + tl
+    tp_end = PREAMBLE_SIZE + tl
+    end = tp_end + jl
     if len(data) < end:
         raise ValueError("truncated call preamble")
-    tp = data[PREAMBLE_SIZE:end].decode("ascii", "replace") if tl else None
-    return deadline_ms, schema, tp, memoryview(data)[end:]
+    tp = data[PREAMBLE_SIZE:tp_end].decode("ascii", "replace") if tl else None
+    jid = data[tp_end:end].decode("ascii", "replace") if jl else None
+    return deadline_ms, schema, tp, jid, memoryview(data)[end:]

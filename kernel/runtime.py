@@ -132,6 +132,12 @@ class JobContext:
         self.max_deliver = call.max_deliver
         self._bus = bus
 
+    @classmethod
+    def borrowed(cls, job_id: str, bus: Bus) -> JobContext:
+        """The context a handler sees when it serves a call made from inside job ``job_id``
+        in another pod: it may add events to that job (``kind`` empty, ``attempt`` 0)."""
+        return cls(JobCall(job_id=job_id, kind="", data=b"", headers={}, attempt=0, max_deliver=0), bus)
+
     async def emit(self, event: msgspec.Struct) -> int:
         """Append ``event`` (an Event Struct) to this job's event stream; return its sequence."""
         tag = type(event).__struct_config__.tag
@@ -146,6 +152,7 @@ class Endpoint:
     """One contract served in this pod: decoding, limits, deadline, error mapping."""
 
     __slots__ = (
+        "bus",
         "contract",
         "decoder",
         "fn",
@@ -160,9 +167,10 @@ class Endpoint:
         "wheel",
     )  # fmt: skip
 
-    def __init__(self, spec: HandlerSpec, plugin: Plugin, wheel: DeadlineWheel) -> None:
+    def __init__(self, spec: HandlerSpec, plugin: Plugin, wheel: DeadlineWheel, bus: Bus | None = None) -> None:
         self.spec = spec
         self.wheel = wheel
+        self.bus = bus
         self.contract = spec.contract
         self.fn = getattr(plugin, spec.method)
         self.limiter = Limiter(spec.address, spec.options.concurrency, spec.options.max_queue)
@@ -243,12 +251,12 @@ class Endpoint:
         """
         t0 = time.perf_counter()
         loop_now = asyncio.get_running_loop().time()
-        trace_token = None
+        trace_token = job_token = None
         try:
             pre = unpack_call(data)
             is_json = False
             if pre is not None:
-                deadline_ms, schema, tp, body = pre
+                deadline_ms, schema, tp, job_id, body = pre
                 if schema != self.schema_raw:
                     raise SchemaMismatch(
                         f"{self.spec.address}: caller's contract schema {schema.hex()} differs from ours {self.schema}; "
@@ -257,6 +265,8 @@ class Endpoint:
                 deadline = loop_now + deadline_ms / 1000.0
                 if tp:
                     trace_token = _trace.set(tp)
+                if job_id and self.bus is not None:
+                    job_token = _job.set(JobContext.borrowed(job_id, self.bus))
                 try:
                     msg = self.decoder.decode(body)
                 except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -284,6 +294,8 @@ class Endpoint:
         finally:
             if trace_token is not None:
                 _trace.reset(trace_token)
+            if job_token is not None:
+                _job.reset(job_token)
 
 
 class Kernel:
@@ -310,7 +322,7 @@ class Kernel:
 
     def add(self, spec: HandlerSpec, plugin: Plugin) -> None:
         """Register a validated handler of ``plugin`` (before :meth:`start`)."""
-        ep = Endpoint(spec, plugin, self.wheel)
+        ep = Endpoint(spec, plugin, self.wheel, self.bus)
         if spec.kind == "request":
             self.endpoints[spec.contract] = ep
         elif spec.kind == "job":
@@ -421,7 +433,8 @@ class Kernel:
             dec = self._reply_decoders[contract] = msgspec.msgpack.Decoder(reply_type(contract))
             self._schemas[contract] = bytes.fromhex(schema_hash(contract))
         tp = tracing.current_traceparent() if tracing.STATE.enabled else _trace.get()
-        payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, _enc.encode(req))
+        job = _job.get()
+        payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, _enc.encode(req), job.job_id if job else None)
         data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
         if rh is not None:
             err = rh.get(H_ERROR)

@@ -1,11 +1,12 @@
 """helios plugin: the expert coordinator.
 
-One ``helios.ask`` job goes: perception (which expertise is needed) → selection from
-the inverted expertise index → one shared context → **all selected experts in
-parallel** through reasoning, each with its own budget inside the job's deadline → an
-event per expert as it lands → synthesis weighted by confidence × relevance × learned
-quality, streamed as deltas → one database transaction for all answers and the
-synthesis → the result (recorded once by the kernel).
+One ``helios.ask`` job goes: perception (which expertise is needed) and one shared
+memory recall, in parallel → selection from the inverted expertise index, weighted by
+learned quality → **all selected experts in parallel** through reasoning, each with its
+own budget inside the job's deadline, their partial output streamed as
+``reasoning.answer_streamed`` events → an event per expert as it lands → synthesis
+weighted by confidence × relevance × learned quality, streamed as deltas → one database
+transaction for all answers and the synthesis → the result (recorded once by the kernel).
 
 Failed and late experts are reported and the rest still count; a job with no answer at
 all fails with the reasons (not retried: ``NoAnswers.retryable`` is False). Cancelling
@@ -228,9 +229,10 @@ class HeliosPlugin(Plugin):
             answer, confidence, cached = hit[0], hit[1], True
         else:
             try:
-                r = await self.kernel.call(
-                    Reason(role=e.role, task=prompt, context=context, latency_s=job.latency_s), timeout_s=budget
-                )
+                # stream=True: reasoning adds its partial output to this job's events
+                # (reasoning.answer_streamed, labelled with the expert), from any pod.
+                reason = Reason(role=e.role, task=prompt, context=context, latency_s=job.latency_s, stream=True, label=e.name)
+                r = await self.kernel.call(reason, timeout_s=budget)
             except DeadlineExceeded:
                 out[e.name] = ExpertAnswer(expert=e.name, status="timed_out", error=f"no answer within {budget:.2f} s")
                 await ctx.emit(ExpertTimedOut(expert=e.name, budget_s=round(budget, 3)))

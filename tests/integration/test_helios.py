@@ -68,6 +68,9 @@ async def test_experts_answer_from_the_owners_memories(
         assert "B-tree index on customer_id" in result["answer"]
         assert "email column" not in result["answer"]  # never another owner's memory
         assert result["confidence"] > 0
+        # reasoning runs in another pod, yet its partial output lands in this job's events
+        streamed = [ev.data async for ev in k.job_events(job_id) if ev.type == "reasoning.answer_streamed"]
+        assert {d["label"] for d in streamed} == {e["expert"] for e in result["experts"]}
 
 
 async def test_learning_scores_steer_expert_selection(
