@@ -52,6 +52,7 @@ class LearningPlugin(Plugin):
     """Serves ``learning.feedback`` and ``learning.expert_scores``."""
 
     name = "learning"
+    services = ("postgres",)
 
     class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """Configuration.

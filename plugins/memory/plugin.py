@@ -78,6 +78,7 @@ class MemoryPlugin(Plugin):
     """Serves ``memory.remember``, ``memory.recall`` and ``memory.forget``."""
 
     name = "memory"
+    services = ("postgres",)
 
     class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """Configuration.
