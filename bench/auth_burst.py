@@ -61,7 +61,7 @@ def make_token(sub: str) -> str:
 # -- server ---------------------------------------------------------------------------
 
 
-async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str) -> None:
+async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: str) -> None:
     from bus.nats import NatsBus
     from kernel.manifest import parse_manifest
     from kernel.pod import PodRunner
@@ -76,6 +76,7 @@ async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str) -> None:
         plugins = ["gateway", "auth"]
         [plugins.gateway]
         port = 0
+        server = "{server}"
         backlog = 8192
         [plugins.auth]
         database_url = "{db_url}"
@@ -278,7 +279,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _database() as db_url,
         EmbeddedValkey(os.path.join(tmp, "valkey")) as valkey,
     ):
-        server = _spawn("--role", "server", "--nats", nats_url, "--db", db_url, "--redis", valkey.url, "--kdf", kdf)
+        server = _spawn(
+            "--role", "server", "--nats", nats_url, "--db", db_url, "--redis", valkey.url, "--kdf", kdf, "--server", args.server
+        )  # fmt: skip
         try:
             assert server.stdout is not None
             line = server.stdout.readline()
@@ -315,6 +318,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "redis_down_p99_connect_ms": down["p99_connect_ms"],
         "redis_down_login_retries": down["login_retries"],
         "window_s": args.window,
+        "server": args.server,
         "failure_samples": (up["connect_failures"] + up["login_failures"] + down["connect_failures"] + down["login_failures"])[
             :5
         ],
@@ -334,6 +338,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--kdf-time-cost", type=int, default=0, help="argon2 time cost (default: the auth plugin's)")
     p.add_argument("--kdf-memory-kib", type=int, default=0, help="argon2 memory (default: the auth plugin's)")
     p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
+    p.add_argument("--server", default="uvicorn", choices=["uvicorn", "granian"], help="the gateway's ASGI server")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--nats", help=argparse.SUPPRESS)
@@ -343,7 +348,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     raise_nofile()
     if args.role == "server":
-        asyncio.run(_serve(args.nats, args.db, args.redis, args.kdf))
+        asyncio.run(_serve(args.nats, args.db, args.redis, args.kdf, args.server))
     elif args.role == "client":
         c = json.loads(args.config)
         out = asyncio.run(_client(c["url"], c["connects"], c["logins"], c["users"], c["window_s"], c["start_at"]))

@@ -1,24 +1,34 @@
 """The ASGI server embedded in the gateway pod's own event loop.
 
-**Choice: uvicorn** (``websockets-sansio`` protocol, ``httptools`` when installed), run
+**Default: uvicorn** (``websockets-sansio`` protocol; ``httptools`` when installed), run
 as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
 
 * port 0 gives the exact bound port at once (no probe-then-bind race), which is what
   ``public_url`` and ``aiwfe up`` print;
-* its WebSocket protocol enforces ``ws_max_size`` (close 1009 before the frame reaches
-  Python), sends keepalive pings and applies write backpressure (``send`` waits while
-  the transport is paused, which is what makes the per-connection queue meaningful);
+* its WebSocket protocol enforces ``ws_max_size`` (close 1009 before an oversized frame is
+  buffered in full), sends keepalive pings and applies write backpressure (``send`` waits
+  while the transport is paused, which is what makes the per-socket queue meaningful);
 * it never touches the pod's signal handlers (``capture_signals`` is disabled here).
 
-Granian's embedded server (``granian.server.embed``) is marked experimental by its
-authors, takes a host/port pair (no pre-bound socket, so port 0 cannot be reported)
-and runs its I/O in Rust threads outside the pod's loop. The DESIGN's reference
-figures favour Granian for a *bare echo* at 8,000 sockets; the gateway's target is
-5,000 sockets at p99 ≤ 100 ms, and ``aiwfe bench ws`` measures uvicorn meeting it on the
-2-core machine (see the README's benchmark section), so the simpler, fully in-loop
-server wins. ``server = "granian"`` can be added behind this same interface if a
-deployment needs more sockets per pod than uvicorn carries; more gateway replicas is
-the first answer.
+``server = "granian"`` selects :class:`EmbeddedGranian` (``granian.server.embed``), which
+its authors mark experimental: it binds by host/port (port 0 is resolved beforehand, a
+small race), has no WebSocket message-size limit or protocol pings of its own (only the
+gateway's frame check after the frame was buffered, and the idle timeout), and does its
+socket I/O in Rust threads.
+
+Measured on the 2-core development machine (shared, 1-minute load average 2–7 from other
+work while measuring; ``aiwfe bench ws`` / a handshake burst against a bare echo):
+
+* bare echo, 1,000 sockets × 1 msg/s: uvicorn p99 1–4 ms, Granian p99 ≈ 48 ms;
+* 2,000 handshakes offered within one second, bare echo: uvicorn p50 ≈ 123 ms /
+  p99 ≈ 235 ms, Granian p50 ≈ 44 ms / p99 ≈ 130 ms;
+* through the gateway (``call`` frame → NATS → perception pod → back): both carry 1,000
+  to 2,000 sockets at p99 17–55 ms; at 5,000 both saturate on this machine (as does a bare
+  echo under Granian), uvicorn's knee being ≈ 3,000 messages/s.
+
+Neither wins clearly here; uvicorn stays the default for the protocol-level frame limit,
+keepalive pings and the exact port. Past ~3,000 messages/s per pod, run more gateway
+replicas (one per core).
 """
 
 from __future__ import annotations
