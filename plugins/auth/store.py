@@ -18,20 +18,16 @@ import hashlib
 import logging
 import time
 import uuid
-import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
 import psycopg
-from prometheus_client import Histogram
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from kernel import metrics
+from kernel import pg
 from kernel.errors import Overloaded, Unavailable
 
 from .errors import UserExists
@@ -120,50 +116,6 @@ def _lock_key(schema: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-_stores: weakref.WeakSet[UserStore] = weakref.WeakSet()
-
-
-class _PoolCollector(Collector):
-    """``aiwfe_db_pool_*`` gauges read from every open store's ``pool.get_stats()``.
-
-    Stores with the same pool name (replicas of a plugin in one process, as tests run
-    them) are summed.
-    """
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        size = GaugeMetricFamily("aiwfe_db_pool_size", "Connections open in the pool", labels=["pool"])
-        in_use = GaugeMetricFamily("aiwfe_db_pool_in_use", "Connections checked out", labels=["pool"])
-        waiting = GaugeMetricFamily("aiwfe_db_pool_waiting", "Requests waiting for a connection", labels=["pool"])
-        util = GaugeMetricFamily("aiwfe_db_pool_utilization", "Checked-out connections / max_size (0..1)", labels=["pool"])
-        sums: dict[str, list[int]] = {}
-        for store in list(_stores):
-            if store.pool is None or store.pool.closed:
-                continue
-            s = store.pool.get_stats()
-            acc = sums.setdefault(store.pool.name, [0, 0, 0, 0])
-            acc[0] += s.get("pool_size", 0)
-            acc[1] += s.get("pool_size", 0) - s.get("pool_available", 0)
-            acc[2] += s.get("requests_waiting", 0)
-            acc[3] += s.get("pool_max", store.pool.max_size)
-        for name, (n, used, wait, cap) in sorted(sums.items()):
-            size.add_metric([name], n)
-            in_use.add_metric([name], used)
-            waiting.add_metric([name], wait)
-            util.add_metric([name], used / cap if cap else 0.0)
-        yield from (size, in_use, waiting, util)
-
-
-metrics.REGISTRY.register(_PoolCollector())
-
-QUERY_SECONDS = Histogram(
-    "aiwfe_db_query_seconds",
-    "Time of one database statement, connection checkout excluded",
-    ["pool"],
-    registry=metrics.REGISTRY,
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-)
-
-
 class UserStore:
     """The users table behind a bounded pool.
 
@@ -191,7 +143,7 @@ class UserStore:
     ) -> None:
         self.url = url
         self.breaker = Breaker(outage_retry_s)
-        self._m_query = QUERY_SECONDS.labels(name)
+        self._m_query = pg.QUERY_SECONDS.labels(name)
         self.pool: AsyncConnectionPool[Any] | None = None
         self._pool_args: dict[str, Any] = {
             "name": name,
@@ -217,12 +169,11 @@ class UserStore:
         except PoolTimeout as e:
             await self.pool.close()
             raise Unavailable(f"auth: database unreachable at start ({e})") from None
-        _stores.add(self)
+        pg.watch(self.pool)
         await self.migrate()
 
     async def close(self) -> None:
         """Close the pool (connections in use are closed when returned)."""
-        _stores.discard(self)
         if self.pool is not None:
             await self.pool.close()
 

@@ -33,11 +33,10 @@ from prometheus_client import Counter, Histogram
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from kernel import Plugin, serves
+from kernel import Plugin, pg, serves
 from kernel.errors import AiwfeError
 from kernel.metrics import REGISTRY
 
-from . import pg
 from ._batch import GroupCommit
 from .contract import Forget, ForgetResult, MemoryHit, Recall, RecallResult, Remember, RememberResult
 from .embed import Embedder, EmbedError, HashingEmbedder, make_embedder

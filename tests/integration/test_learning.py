@@ -11,12 +11,11 @@ import pytest
 
 from bus.local import LocalBus
 from bus.nats import NatsBus
-from kernel import RemoteError
+from kernel import RemoteError, pg
 from kernel.manifest import parse_manifest
 from kernel.pod import PodRunner
 from plugins.learning import plugin as learning
 from plugins.learning.contract import ExpertScores, Feedback
-from plugins.memory import pg
 
 pytestmark = [pytest.mark.integration]
 

@@ -21,10 +21,9 @@ import pytest
 
 from bus.local import LocalBus
 from bus.nats import NatsBus
-from kernel import ConfigError, Overloaded, RemoteError
+from kernel import ConfigError, Overloaded, RemoteError, pg
 from kernel.manifest import parse_manifest
 from kernel.pod import PodRunner
-from plugins.memory import pg
 from plugins.memory.contract import Forget, Recall, Remember
 from plugins.memory.embed import HashingEmbedder
 from plugins.memory.plugin import MemoryPlugin

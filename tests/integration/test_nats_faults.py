@@ -225,7 +225,9 @@ async def test_kill_worker_pod_holding_unacked_jobs(tmp_path: Path, nats_url: st
         assert redelivered, "the killed replica held no jobs"
         # ack wait 2 s + 2 s, plus the 1 s the job itself takes and the queue ahead of it
         late = max(r.finished_at for r in redelivered) - killed_at
-        print(f"\nworker killed: {len(redelivered)} jobs redelivered, lost 0, last redelivered job done {late:.1f} s after the kill")
+        print(
+            f"\nworker killed: {len(redelivered)} jobs redelivered, lost 0, last redelivered job done {late:.1f} s after the kill"
+        )
         first_redelivered = min(r.finished_at for r in redelivered) - killed_at
         assert first_redelivered <= 2.0 + 2.0 + 1.0
     finally:

@@ -1,4 +1,7 @@
-"""PostgreSQL helpers shared by the plugins that own tables: a bounded pool and migrations.
+"""PostgreSQL support for plugins that own tables: a bounded pool, checkout, migrations, metrics.
+
+The kernel itself never imports this module (only plugins do), so pods without a
+database plugin do not load psycopg.
 
 A pool is a ``psycopg_pool.AsyncConnectionPool`` with a hard size, a short checkout
 timeout, a bounded wait queue and a liveness check on checkout; when it is exhausted the
@@ -11,15 +14,68 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
+from prometheus_client import Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
+from kernel import metrics
 from kernel.errors import ConfigError, Overloaded, Unavailable
 
-__all__ = ["connection", "database_url", "migrate", "open_pool", "read_scripts"]
+__all__ = ["QUERY_SECONDS", "connection", "database_url", "migrate", "open_pool", "read_scripts", "watch"]
+
+_pools: weakref.WeakSet[AsyncConnectionPool] = weakref.WeakSet()
+
+
+def watch(pool: AsyncConnectionPool) -> None:
+    """Export ``pool`` in the ``aiwfe_db_pool_*`` gauges (``open_pool`` does this itself)."""
+    _pools.add(pool)
+
+
+class _PoolCollector(Collector):
+    """``aiwfe_db_pool_*`` gauges read from every watched pool's ``get_stats()``.
+
+    Pools with the same name (replicas of a plugin in one process, as tests run them)
+    are summed.
+    """
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        size = GaugeMetricFamily("aiwfe_db_pool_size", "Connections open in the pool", labels=["pool"])
+        in_use = GaugeMetricFamily("aiwfe_db_pool_in_use", "Connections checked out", labels=["pool"])
+        waiting = GaugeMetricFamily("aiwfe_db_pool_waiting", "Requests waiting for a connection", labels=["pool"])
+        util = GaugeMetricFamily("aiwfe_db_pool_utilization", "Checked-out connections / max_size (0..1)", labels=["pool"])
+        sums: dict[str, list[int]] = {}
+        for pool in list(_pools):
+            if pool.closed:
+                continue
+            s = pool.get_stats()
+            acc = sums.setdefault(pool.name, [0, 0, 0, 0])
+            acc[0] += s.get("pool_size", 0)
+            acc[1] += s.get("pool_size", 0) - s.get("pool_available", 0)
+            acc[2] += s.get("requests_waiting", 0)
+            acc[3] += s.get("pool_max", pool.max_size)
+        for name, (n, used, wait, cap) in sorted(sums.items()):
+            size.add_metric([name], n)
+            in_use.add_metric([name], used)
+            waiting.add_metric([name], wait)
+            util.add_metric([name], used / cap if cap else 0.0)
+        yield from (size, in_use, waiting, util)
+
+
+metrics.REGISTRY.register(_PoolCollector())
+
+QUERY_SECONDS = Histogram(
+    "aiwfe_db_query_seconds",
+    "Time of one database statement, connection checkout excluded",
+    ["pool"],
+    registry=metrics.REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
 
 
 def database_url(configured: str) -> str:
@@ -56,6 +112,7 @@ async def open_pool(url: str, *, name: str, max_size: int, timeout_s: float, max
     except PoolTimeout as e:
         await pool.close()
         raise Unavailable(f"{name}: PostgreSQL did not answer: {e}") from None
+    watch(pool)
     return pool
 
 
