@@ -1,23 +1,22 @@
 """PostgreSQL persistence of helios runs: one transaction per job, written once.
 
-The pool is bounded with a short wait and a bounded queue; a full pool answers
-:class:`kernel.errors.Overloaded` at once. No connection is held while experts run:
-the store is touched once, after synthesis.
+The pool is bounded (``kernel.pg``): a full pool answers :class:`kernel.errors.Overloaded`
+at once, an unreachable server :class:`kernel.errors.Unavailable`. No connection is held
+while experts run: the store is touched once, after synthesis.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
-from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool import AsyncConnectionPool
 
-from kernel.errors import Overloaded, Unavailable
+from kernel import pg
 
 from .contract import Synthesis
 
-__all__ = ["RunStore"]
+__all__ = ["RunStore", "database_url"]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -27,42 +26,37 @@ class RunStore:
 
     def __init__(self, url: str, *, pool_max: int = 10, timeout_s: float = 2.0, max_waiting: int = 100) -> None:
         self.url = url
-        self.pool = AsyncConnectionPool(
-            url,
-            min_size=1,
-            max_size=pool_max,
-            timeout=timeout_s,
-            max_waiting=max_waiting,
-            check=AsyncConnectionPool.check_connection,
-            open=False,
-            name="helios",
-        )
+        self.pool_max = pool_max
+        self.timeout_s = timeout_s
+        self.max_waiting = max_waiting
+        self.pool: AsyncConnectionPool | None = None
 
     async def open(self) -> None:
-        """Open the pool and apply migrations under an advisory lock (replicas never race)."""
-        await self.pool.open(wait=True, timeout=10)
-        key = int.from_bytes(hashlib.sha256(b"aiwfe.helios.migrations").digest()[:8], "big", signed=True)
-        async with self.pool.connection() as conn:
-            await conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-            try:
-                for path in sorted(_MIGRATIONS.glob("*.sql")):
-                    await conn.execute(path.read_text())  # idempotent DDL (IF NOT EXISTS)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        """Open the pool and apply migrations (under an advisory lock: replicas never race).
+
+        Raises:
+            Unavailable: PostgreSQL did not answer.
+        """
+        self.pool = await pg.open_pool(
+            self.url, name="helios", max_size=self.pool_max, timeout_s=self.timeout_s, max_waiting=self.max_waiting
+        )
+        await pg.migrate(self.pool, "helios", _MIGRATIONS)
 
     async def close(self) -> None:
         """Close the pool."""
-        await self.pool.close()
+        if self.pool is not None:
+            await self.pool.close()
 
     async def save(self, job_id: str, owner: str, question: str, result: Synthesis) -> bool:
         """Store the run and every expert answer in one transaction; False if already stored.
 
         Raises:
             Overloaded: the pool is exhausted (retryable).
-            Unavailable: the database cannot be reached.
+            Unavailable: the database cannot be reached (retryable).
         """
-        try:
-            async with self.pool.connection() as conn, conn.transaction():
+        assert self.pool is not None, "RunStore.open() first"
+        async with pg.connection(self.pool) as conn, conn.transaction():
+            with pg.QUERY_SECONDS.labels("helios").time():
                 cur = await conn.execute(
                     "INSERT INTO helios_runs (job_id, owner, question, answer, confidence, elapsed_ms)"
                     " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (job_id) DO NOTHING",
@@ -80,11 +74,7 @@ class RunStore:
                             for a in result.experts
                         ],
                     )
-                return True
-        except (PoolTimeout, TooManyRequests) as e:
-            raise Overloaded(f"helios store: database pool exhausted ({e})") from None
-        except OSError as e:
-            raise Unavailable(f"helios store: database unreachable ({e})") from None
+            return True
 
 
 def database_url(configured: str) -> str:
