@@ -69,6 +69,7 @@ CLOSE_REVOKED = 4001
 
 TERMINAL = {"job.done": "done", "job.failed": "failed", "job.cancelled": "cancelled"}
 MAX_CALLS_IN_FLIGHT = 16
+MAX_FOLLOWED_JOBS = 64
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -409,6 +410,10 @@ class Connection:
         old = self.followers.pop(job_id, None)
         if old is not None:
             old.cancel()
+        elif len(self.followers) >= MAX_FOLLOWED_JOBS:
+            msg = f"at most {MAX_FOLLOWED_JOBS} jobs followed per socket; wait for results or reconnect"
+            self.push({"type": "error", "code": "too_many_jobs", "message": msg, "job_id": job_id})
+            return
         t = asyncio.get_running_loop().create_task(self._follow_job(job_id, after_seq))
         self.followers[job_id] = t
         t.add_done_callback(lambda _t: self.followers.pop(job_id, None) if self.followers.get(job_id) is _t else None)

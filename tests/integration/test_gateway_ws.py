@@ -26,8 +26,14 @@ def gateway(prefix: str, nats_url: str, pg_url: str, redis_url: str) -> StartGat
 def forge() -> dict[str, str]:  # type: ignore[no-redef]  # overrides the double's tokens
     """Tokens the real auth plugin must refuse (signed for its key ring, each wrong in one way)."""
     tokens = real_auth_tokens()
-    del tokens["valid"]
+    del tokens["valid"], tokens["short_lived"]
     return tokens
+
+
+@pytest.fixture
+def short_lived_token() -> str:  # type: ignore[no-redef]  # overrides the double's token
+    """A token for the real auth plugin's key that expires in 2 s."""
+    return real_auth_tokens()["short_lived"]
 
 
 async def test_the_forged_tokens_differ_from_an_accepted_one_in_one_way(gateway: StartGateway) -> None:

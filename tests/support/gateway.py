@@ -167,6 +167,7 @@ def real_auth_tokens() -> dict[str, str]:
     now = int(time.time())
     return {
         "valid": tok(),
+        "short_lived": tok(exp=now + 2),
         "expired": tok(exp=now - 600, iat=now - 1200, nbf=now - 1200),
         "forged": tok(secret="another-secret-0123456789abcdef0123456789"),
         "alg_none": tok(secret=None, alg="none"),

@@ -282,3 +282,31 @@ async def test_sockets_close_1001_when_the_gateway_stops(gateway: StartGateway) 
         token = await login(c)
         ws = await websockets.connect(s.ws_url, additional_headers=bearer(token))
     assert await _closed_with(ws) == 1001
+
+
+@pytest.fixture
+def short_lived_token() -> str:
+    """A valid token that expires in 2 s (the auth double's key)."""
+    from tests.support.auth_double import make_token
+
+    return make_token(ttl_s=2)
+
+
+async def test_socket_closes_4001_when_its_token_expires(gateway: StartGateway, short_lived_token: str) -> None:
+    async with gateway() as s:
+        async with ws_connect(s.ws_url, short_lived_token) as ws:
+            await ws.send(json.dumps({"type": "ping"}))
+            assert (await recv_json(ws))["type"] == "pong"
+            assert await _closed_with(ws, timeout_s=5) == 4001
+
+
+async def test_followed_jobs_per_socket_are_bounded(gateway: StartGateway) -> None:
+    async with gateway("rate_burst = 200") as s, httpx.AsyncClient(base_url=s.url) as c:
+        token = await login(c)
+        async with ws_connect(s.ws_url, token) as ws:
+            for i in range(65):
+                await ws.send(json.dumps({"type": "resume", "job_id": f"{i:032x}"}))
+            f = await recv_json(ws)
+            assert f["code"] == "too_many_jobs" and f["job_id"] == f"{64:032x}"
+            await ws.send(json.dumps({"type": "ping"}))
+            assert (await recv_json(ws))["type"] == "pong"
