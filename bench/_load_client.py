@@ -19,6 +19,7 @@ import json
 import os
 import random
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -193,11 +194,12 @@ async def _run_ws(cfg: dict[str, Any]) -> dict[str, Any]:
     await loop.run_in_executor(None, sys.stdin.readline)  # GO
     stop = asyncio.Event()
 
-    async def watch_stdin() -> None:
-        await loop.run_in_executor(None, sys.stdin.readline)  # STOP (or EOF)
-        stop.set()
+    def watch_stdin() -> None:
+        sys.stdin.readline()  # STOP (or EOF)
+        loop.call_soon_threadsafe(stop.set)
 
-    watcher = asyncio.create_task(watch_stdin())
+    # A daemon thread, not the loop's executor: asyncio.run would wait for a blocked readline.
+    threading.Thread(target=watch_stdin, daemon=True).start()
     lat_ms: list[float] = []
     sent = 0
     lost = 0
@@ -246,7 +248,6 @@ async def _run_ws(cfg: dict[str, Any]) -> dict[str, Any]:
     elapsed = time.perf_counter() - t0
     for ws in conns:
         ws.close()
-    watcher.cancel()
     return {
         "cpu_s": time.process_time(),
         "connected": len(conns),

@@ -125,6 +125,16 @@ def _children(pid: int) -> dict[int, str]:
     return out
 
 
+def _interrupt_when_parent_dies() -> None:
+    """In the child before exec: ask Linux for SIGINT when the load test dies, however it dies,
+    so that ``aiwfe up`` shuts its pods and embedded services down instead of living on."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGINT)
+
+
 @dataclass
 class ManagedSystem:
     """A running ``aiwfe up`` of the generated manifest (see the module docstring).
@@ -164,6 +174,7 @@ class ManagedSystem:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kernel.cli", "up", "-m", str(manifest), "--data-dir", str(data_dir)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            preexec_fn=_interrupt_when_parent_dies,
         )  # fmt: skip
         threading.Thread(target=self._read, args=(log,), daemon=True).start()
         end = time.monotonic() + timeout_s

@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -210,8 +212,13 @@ class _Client:
         self.ready = json.loads(line)
         return self.ready
 
-    def collect(self, timeout_s: float) -> dict[str, Any]:
-        out, _ = self.proc.communicate(timeout=timeout_s)
+    def collect(self) -> dict[str, Any]:
+        """Wait for the process's result line (stdin stays open: closing it means STOP)."""
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        self.proc.wait()
+        if not out.strip():
+            raise RuntimeError("load-generator process died without a result")
         self.result = json.loads(out.strip().splitlines()[-1])
         return self.result
 
@@ -223,24 +230,30 @@ def _split(items: list[Any], k: int) -> list[list[Any]]:
 # -- the run ------------------------------------------------------------------------------
 
 
-def _rss_sampler(system: ManagedSystem | None, url: str, stop: threading.Event, period_s: float) -> list[tuple[float, int, int]]:
-    """Start a thread sampling (elapsed s, gateway RSS, all pods' RSS) every ``period_s``; return its list."""
-    samples: list[tuple[float, int, int]] = []
+def _rss_sampler(
+    system: ManagedSystem | None, url: str, stop: threading.Event, period_s: float, samples: list[tuple[float, int, int]]
+) -> threading.Thread:
+    """Start a thread appending (elapsed s, gateway RSS, all pods' RSS) to ``samples`` now, every
+    ``period_s`` and once more when ``stop`` is set; return the thread."""
     t0 = time.monotonic()
 
-    def run() -> None:
-        while True:
-            if system is not None:
-                rss = system.rss_bytes()
-                samples.append((time.monotonic() - t0, rss.get("unified-api-gateway", 0), sum(rss.values())))
-            else:
-                g = gateway_rss_bytes(url)
-                samples.append((time.monotonic() - t0, g, g))
-            if stop.wait(period_s):
-                return
+    def sample() -> None:
+        if system is not None:
+            rss = system.rss_bytes()
+            samples.append((time.monotonic() - t0, rss.get("unified-api-gateway", 0), sum(rss.values())))
+        else:
+            g = gateway_rss_bytes(url)
+            samples.append((time.monotonic() - t0, g, g))
 
-    threading.Thread(target=run, daemon=True).start()
-    return samples
+    def run() -> None:
+        sample()
+        while not stop.wait(period_s):
+            sample()
+        sample()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
 def run(
@@ -293,22 +306,23 @@ def run(
     connect_s = time.perf_counter() - t_connect
 
     stop_sampling = threading.Event()
-    rss = _rss_sampler(system, url, stop_sampling, 5.0) if n_ws else []
-    if rss:
-        time.sleep(0.2)
+    rss: list[tuple[float, int, int]] = []
+    sampler = _rss_sampler(system, url, stop_sampling, 5.0, rss) if n_ws else None
     cpu0 = system.cpu_seconds() if system is not None else {}
     t0 = time.perf_counter()
     for c in clients:
         c.send("GO")
     for c in http_clients:
-        c.collect(args.duration + args.max_duration + 60)
+        c.collect()
     http_s = time.perf_counter() - t0
     burst_end = time.monotonic()
     for c in ws_clients:
         if http_clients:
             c.send("STOP")
-        c.collect(args.duration + args.max_duration + 120)
+        c.collect()
     stop_sampling.set()
+    if sampler is not None:
+        sampler.join(10)
     elapsed_s = time.perf_counter() - t0
     cpu1 = system.cpu_seconds() if system is not None else {}
 
@@ -476,9 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, help="HTTP users (default: the scenario's: 50 / 200 / 500 / 0)")
     p.add_argument("--requests", type=int, help="requests per user, the first a login (default: 10 / 5 / 3)")
     p.add_argument("--websockets", type=int, help="WebSocket connections (default: 0 / 100 / 0 / 1000)")
-    p.add_argument(
-        "--duration", type=float, default=120.0, help="websocket scenario: seconds of 1 msg/s per socket (900 = 15 min)"
-    )
+    p.add_argument("--duration", type=float,
+                   help="normal/peak/stress: window the users' requests are paced over, 0 = back to back "
+                   "(default 600 / 300 / 0); websocket: seconds of 1 msg/s per socket (default 120; 900 = 15 min)")  # fmt: skip
     p.add_argument("--ws-frame", choices=["call", "ping"], default="call",
                    help="call: perception.perceive through NATS to another pod; ping: answered by the gateway")  # fmt: skip
     p.add_argument("--ws-users", type=int, default=100, help="accounts the WebSockets log in as (connections share their tokens)")
@@ -517,6 +531,12 @@ def main(argv: list[str]) -> int:
     from .ws import raise_nofile
 
     raise_nofile()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # runs the finally below: the started system is stopped
+
+    signal.signal(signal.SIGTERM, on_term)
     system: ManagedSystem | None = None
     try:
         if args.url:
