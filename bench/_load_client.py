@@ -22,7 +22,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from ._load_http import RawHttp
 
 __all__ = ["main", "plan"]
 
@@ -57,7 +60,13 @@ class _Log:
             self.samples.append(f"{op}: {detail}"[:160])
 
 
-async def _request(client: Any, log: _Log, op: str, method: str, path: str, retries: int, **kw: Any) -> tuple[str, Any]:
+Send = Callable[[str, str, Any, dict[str, str] | None], Awaitable[Any]]
+"""(method, path, JSON body or None, headers) → a response with ``status_code``, ``headers``, ``text``, ``json()``."""
+
+
+async def _request(
+    send: Send, log: _Log, op: str, method: str, path: str, retries: int, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[str, Any]:
     """Send one operation (with 503 retries); return (final outcome, response or None).
 
     Outcomes: ``ok``, ``503`` (with Retry-After), ``503_no_retry_after``, ``http_<status>``,
@@ -68,11 +77,11 @@ async def _request(client: Any, log: _Log, op: str, method: str, path: str, retr
     for attempt in range(retries + 1):
         t0 = time.perf_counter()
         try:
-            r = await client.request(method, path, **kw)
-        except httpx.TimeoutException as e:
+            r = await send(method, path, body, headers)
+        except (TimeoutError, httpx.TimeoutException) as e:
             log.note(op, "timeout", (time.perf_counter() - t0) * 1000, type(e).__name__)
             return "timeout", None
-        except httpx.HTTPError as e:
+        except (OSError, asyncio.IncompleteReadError, httpx.HTTPError) as e:
             log.note(op, "error", (time.perf_counter() - t0) * 1000, f"{type(e).__name__}: {e}")
             return "error", None
         ms = (time.perf_counter() - t0) * 1000
@@ -91,7 +100,7 @@ async def _request(client: Any, log: _Log, op: str, method: str, path: str, retr
     return "503", None
 
 
-async def _user(client: Any, log: _Log, user: dict[str, str], ops: list[str], cfg: dict[str, Any]) -> None:
+async def _user(send: Send, log: _Log, user: dict[str, str], ops: list[str], cfg: dict[str, Any]) -> None:
     body: dict[str, Any]
     retries = int(cfg["retries"])
     token = ""
@@ -105,7 +114,7 @@ async def _user(client: Any, log: _Log, user: dict[str, str], ops: list[str], cf
         headers = {"Authorization": f"Bearer {token}"}
         if op == "login":
             body = {"username": user["username"], "password": user["password"]}
-            outcome, r = await _request(client, log, op, "POST", "/v1/auth/login", retries, json=body)
+            outcome, r = await _request(send, log, op, "POST", "/v1/auth/login", retries, body)
             if outcome == "ok":
                 token = r.json()["access_token"]
         elif op == "submit":
@@ -113,7 +122,7 @@ async def _user(client: Any, log: _Log, user: dict[str, str], ops: list[str], cf
             job_id = uuid.uuid5(uuid.NAMESPACE_URL, f"aiwfe:helios.ask:{user['user_id']}:{key}").hex
             text = f"{QUESTIONS[i % len(QUESTIONS)]} ({user['username']} #{i})"
             body = {"kind": "helios", "input": {"text": text, **cfg["job_input"]}, "idempotency_key": key}
-            outcome, r = await _request(client, log, op, "POST", "/v1/jobs", retries, json=body, headers=headers)
+            outcome, r = await _request(send, log, op, "POST", "/v1/jobs", retries, body, headers)
             if outcome == "ok":
                 if r.json()["job_id"] != job_id:
                     log.samples.append(f"job id {r.json()['job_id']} != derived {job_id}")
@@ -127,10 +136,10 @@ async def _user(client: Any, log: _Log, user: dict[str, str], ops: list[str], cf
             if not last_job:
                 log.ops_failed += 1
                 continue
-            outcome, _ = await _request(client, log, op, "GET", f"/v1/jobs/{last_job}", retries, headers=headers)
+            outcome, _ = await _request(send, log, op, "GET", f"/v1/jobs/{last_job}", retries, None, headers)
         else:
             body = {"query": QUESTIONS[i % len(QUESTIONS)], "k": 5}
-            outcome, _ = await _request(client, log, op, "POST", "/v1/memory/recall", retries, json=body, headers=headers)
+            outcome, _ = await _request(send, log, op, "POST", "/v1/memory/recall", retries, body, headers)
         if outcome != "ok":
             log.ops_failed += 1
 
@@ -149,9 +158,15 @@ async def _run_users(cfg: dict[str, Any]) -> dict[str, Any]:
     async with httpx.AsyncClient(base_url=cfg["url"], timeout=timeout, limits=limits) as client:
         ops = plan(cfg["requests"], cfg["recall"])
 
+        def sender(u: dict[str, str]) -> Send:
+            if cfg.get("http_client") == "httpx":
+                return lambda m, p, b, h: client.request(m, p, json=b, headers=h)
+            conn = RawHttp(cfg["url"])  # one keep-alive connection per user, as a browser has
+            return lambda m, p, b, h: conn.request(m, p, json_body=b, headers=h, timeout_s=cfg["timeout_s"])
+
         async def one(k: int, u: dict[str, str]) -> None:
             await asyncio.sleep(cfg["ramp_s"] * k / max(1, n))
-            await _user(client, log, u, ops, cfg)
+            await _user(sender(u), log, u, ops, cfg)
 
         await asyncio.gather(*(one(k, u) for k, u in enumerate(users)))
     return {

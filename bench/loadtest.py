@@ -289,6 +289,7 @@ def run(
     for chunk in _split(http_users, args.clients):
         cfg = common | {"users": chunk, "requests": args.requests, "retries": args.retries, "think_s": think_s}
         cfg |= {"ramp_s": think_s if paced else args.ramp, "recall": recall, "job_input": job_input}
+        cfg |= {"http_client": args.http_client}
         http_clients.append(_Client(cfg))
     if n_ws:
         k = max(1, args.ws_clients)
@@ -424,6 +425,7 @@ def run(
         "think_s": round(think_s, 1),
         "load_generator_cpu_s": round(client_cpu_s, 1),
         "pods_cpu_s": {k: round(v - cpu0.get(k, 0.0), 1) for k, v in cpu1.items()},
+        "http_client": args.http_client,
         "kdf": args.kdf,
         "job_latency_s": args.job_latency,
         "clients": args.clients,
@@ -497,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="call: perception.perceive through NATS to another pod; ping: answered by the gateway")  # fmt: skip
     p.add_argument("--ws-users", type=int, default=100, help="accounts the WebSockets log in as (connections share their tokens)")
     p.add_argument("--ws-clients", type=int, default=2, help="load-generator processes for the WebSockets")
+    p.add_argument("--http-client", choices=["raw", "httpx"], default="raw",
+                   help="HTTP client of the users: raw = one keep-alive connection per user (bench/_load_http.py); "
+                   "httpx = one shared httpx.AsyncClient per process (ms of CPU per request at hundreds of users)")  # fmt: skip
     p.add_argument("--clients", type=int, default=2, help="load-generator processes for the HTTP users")
     p.add_argument("--ramp", type=float, default=1.0, help="back to back (--duration 0): seconds over which the HTTP users start")
     p.add_argument("--retries", type=int, default=3, help="times a request answered 503 is retried after its Retry-After")
