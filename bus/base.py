@@ -87,6 +87,12 @@ class Bus(Protocol):
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait for in-flight work to finish; True when it all did within the limit."""
 
+    async def claim_job(self, job_id: str, owner: str) -> str:
+        """Record ``owner`` as the job's owner unless it has one; return the owner on record."""
+
+    async def job_owner(self, job_id: str) -> str | None:
+        """The job's owner, or None for a job never submitted with one."""
+
     async def job_record(self, job_id: str) -> JobRecord | None:
         """The stored outcome of a job, or None while it is pending or unknown."""
 

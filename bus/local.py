@@ -41,6 +41,7 @@ class LocalBus:
         self._queues: dict[str, asyncio.Queue[tuple[str, bytes, Headers, int]]] = {}
         self._submitted: set[str] = set()
         self._records: dict[str, JobRecord] = {}
+        self._owners: dict[str, str] = {}
         self._events: dict[str, list[JobEvent]] = {}
         self._event_cond = asyncio.Condition()
         self._seq = itertools.count(1)
@@ -166,6 +167,14 @@ class LocalBus:
             return False
         self._records[rec.job_id] = rec
         return True
+
+    async def claim_job(self, job_id: str, owner: str) -> str:
+        """Record the job's owner once."""
+        return self._owners.setdefault(job_id, owner)
+
+    async def job_owner(self, job_id: str) -> str | None:
+        """The owner recorded for ``job_id``, or None."""
+        return self._owners.get(job_id)
 
     async def job_record(self, job_id: str) -> JobRecord | None:
         """The stored outcome, or None."""

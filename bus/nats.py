@@ -457,6 +457,22 @@ class NatsBus:
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
 
+    async def claim_job(self, job_id: str, owner: str) -> str:
+        """Record the job's owner once (key ``owner.<job_id>`` in the results bucket)."""
+        try:
+            await self._kv.create(f"owner.{job_id}", owner.encode())
+            return owner
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return await self.job_owner(job_id) or owner
+
+    async def job_owner(self, job_id: str) -> str | None:
+        """The owner recorded for ``job_id``, or None."""
+        try:
+            entry = await self._kv.get(f"owner.{job_id}")
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError):
+            return None
+        return entry.value.decode() if entry.value else None
+
     async def job_record(self, job_id: str) -> JobRecord | None:
         """The stored outcome of ``job_id``, or None."""
         try:

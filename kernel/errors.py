@@ -17,6 +17,7 @@ __all__ = [
     "BadMessage",
     "ConfigError",
     "DeadlineExceeded",
+    "Forbidden",
     "Overloaded",
     "RemoteError",
     "SchemaMismatch",
@@ -67,6 +68,12 @@ class SchemaMismatch(AiwfeError):
     code = "schema_mismatch"
 
 
+class Forbidden(AiwfeError):
+    """The caller may not touch this resource (e.g. another user's job)."""
+
+    code = "forbidden"
+
+
 class BadMessage(AiwfeError):
     """The payload could not be decoded as the contract."""
 
@@ -105,7 +112,8 @@ class RemoteError(AiwfeError):
 
 
 _KNOWN: dict[str, type[AiwfeError]] = {
-    cls.__name__: cls for cls in (DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, UndeclaredCall)
+    cls.__name__: cls
+    for cls in (DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, UndeclaredCall, Forbidden)
 }
 
 

@@ -42,6 +42,7 @@ from .errors import (
     AiwfeError,
     BadMessage,
     DeadlineExceeded,
+    Forbidden,
     Overloaded,
     SchemaMismatch,
     UndeclaredCall,
@@ -487,17 +488,31 @@ class Kernel:
         await self.bus.submit(address, data, headers, job_id)
 
     async def submit_json(
-        self, address: str, data: bytes, *, job_id: str | None = None, idempotency_key: str | None = None
+        self,
+        address: str,
+        data: bytes,
+        *,
+        job_id: str | None = None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> str:
         """Durably enqueue a job given as JSON (the gateway's path: no contract import needed).
 
         The consumer decodes it against its contract and answers a bad payload by
-        dead-lettering the job with a ``BadMessage`` reason.
+        dead-lettering the job with a ``BadMessage`` reason. ``owner`` is recorded before
+        the job is queued (:meth:`job_owner`), so whoever serves the job to clients can
+        tell an unknown job from a pending one and one user's job from another's.
+
+        Raises:
+            Forbidden: ``job_id`` already belongs to another owner.
+            Unavailable: JetStream did not accept the job.
         """
         if job_id is None:
             job_id = (
                 uuid.uuid5(uuid.NAMESPACE_URL, f"aiwfe:{address}:{idempotency_key}").hex if idempotency_key else uuid.uuid4().hex
             )
+        if owner is not None and await self.bus.claim_job(job_id, owner) != owner:
+            raise Forbidden(f"job {job_id} belongs to someone else")
         headers = {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}
         await self._submit(address, data, headers, job_id)
         return job_id
@@ -510,6 +525,10 @@ class Kernel:
     async def job_record(self, job_id: str) -> JobRecord | None:
         """The stored outcome of a job, None while pending or unknown."""
         return await self.bus.job_record(job_id)
+
+    async def job_owner(self, job_id: str) -> str | None:
+        """The owner a job was submitted with (``submit_json(owner=...)``), or None."""
+        return await self.bus.job_owner(job_id)
 
     async def wait_job(self, job_id: str, *, timeout_s: float = 30.0, poll_s: float = 0.05) -> JobRecord:
         """Wait for a job's record.
@@ -589,10 +608,20 @@ class Caller:
         return self._kernel.job_events(job_id, after_seq)
 
     async def submit_json(
-        self, address: str, data: bytes, *, job_id: str | None = None, idempotency_key: str | None = None
+        self,
+        address: str,
+        data: bytes,
+        *,
+        job_id: str | None = None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
     ) -> str:
         """See :meth:`Kernel.submit_json` (not checked against ``calls``: the address is data)."""
-        return await self._kernel.submit_json(address, data, job_id=job_id, idempotency_key=idempotency_key)
+        return await self._kernel.submit_json(address, data, job_id=job_id, idempotency_key=idempotency_key, owner=owner)
+
+    async def job_owner(self, job_id: str) -> str | None:
+        """See :meth:`Kernel.job_owner`."""
+        return await self._kernel.job_owner(job_id)
 
     async def cancel_job(self, job_id: str, reason: str = "cancelled by the client") -> bool:
         """See :meth:`Kernel.cancel_job`."""

@@ -114,6 +114,14 @@ def build_app(gw: GatewayPlugin) -> Litestar:
         except AiwfeError as e:
             raise http_error(gw, e) from None
 
+    async def require_owner(job_id: str, subject: str) -> None:
+        try:
+            owned = await gw.owns(job_id, subject)
+        except AiwfeError as e:
+            raise http_error(gw, e) from None
+        if not owned:
+            raise HTTPException(status_code=404, detail=f"no job {job_id}")
+
     @post("/v1/auth/register", status_code=201, tags=["auth"])
     async def register(data: JSONBody[Credentials]) -> dict[str, str]:
         """Create a user."""
@@ -160,8 +168,10 @@ def build_app(gw: GatewayPlugin) -> Litestar:
 
     @get("/v1/jobs/{job_id:str}", tags=["jobs"])
     async def get_job(request: Request[Any, Any, Any], job_id: FromPath[str]) -> JobView:
-        """A job's stored outcome, or ``status: pending`` while it has none."""
-        await authenticate(request)
+        """A job's stored outcome, or ``status: pending`` while it has none; 404 for a job
+        that does not exist or belongs to someone else."""
+        claims = await authenticate(request)
+        await require_owner(job_id, claims.sub)
         try:
             rec = await gw.kernel.job_record(job_id)
         except AiwfeError as e:
@@ -182,7 +192,8 @@ def build_app(gw: GatewayPlugin) -> Litestar:
         Each event's ``id`` is its sequence; a reconnecting EventSource sends
         ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same).
         """
-        await authenticate(request)
+        claims = await authenticate(request)
+        await require_owner(job_id, claims.sub)
         last = request.headers.get("last-event-id")
         if last:
             try:

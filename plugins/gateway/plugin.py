@@ -148,10 +148,18 @@ class GatewayPlugin(Plugin):
     async def submit(self, address: str, input: dict[str, Any], subject: str, idempotency_key: str | None) -> str:
         """Submit a JSON job to ``address`` for user ``subject``; return the job id.
 
-        The idempotency key is scoped to the user, so two users' keys never collide.
+        The job's ``owner`` field is set to ``subject`` whatever the client sent (helios
+        recalls only that owner's memories), and the job is recorded as the user's: only
+        they can read, stream, resume or cancel it. The idempotency key is scoped to the
+        user, so two users' keys never collide.
         """
         key = f"{subject}:{idempotency_key}" if idempotency_key else None
-        return await self.kernel.submit_json(address, msgspec.json.encode(input), idempotency_key=key)
+        body = msgspec.json.encode({**input, "owner": subject})
+        return await self.kernel.submit_json(address, body, idempotency_key=key, owner=subject)
+
+    async def owns(self, job_id: str, subject: str) -> bool:
+        """True when user ``subject`` submitted job ``job_id`` (False for unknown jobs too)."""
+        return await self.kernel.job_owner(job_id) == subject
 
     @serves(TokenRevoked, concurrency=8, max_queue=100_000)
     async def on_revoked(self, ev: TokenRevoked) -> None:

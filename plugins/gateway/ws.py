@@ -336,7 +336,7 @@ class Connection:
             case frames.Submit():
                 self._spawn(self._submit(frame))
             case frames.Resume():
-                self._follow(frame.job_id, frame.after_seq)
+                self._spawn(self._resume(frame))
             case frames.Cancel():
                 self._spawn(self._cancel(frame))
             case frames.Call():
@@ -379,7 +379,25 @@ class Connection:
         self.push({"type": "accepted", "id": f.id, "job_id": job_id})
         self._follow(job_id, 0)
 
+    async def _owned(self, job_id: str, ref: str) -> bool:
+        """True when this socket's user owns ``job_id``; else an error frame (``not_found``:
+        someone else's job is indistinguishable from no job)."""
+        try:
+            if await self.gw.owns(job_id, self.sub):
+                return True
+        except AiwfeError as e:
+            self.push(self._error(e, ref, job_id=job_id))
+            return False
+        self.push({"type": "error", "code": "not_found", "message": f"no job {job_id}", "id": ref, "job_id": job_id})
+        return False
+
+    async def _resume(self, f: frames.Resume) -> None:
+        if await self._owned(f.job_id, f.id):
+            self._follow(f.job_id, f.after_seq)
+
     async def _cancel(self, f: frames.Cancel) -> None:
+        if not await self._owned(f.job_id, f.id):
+            return
         try:
             cancelled = await self.kernel.cancel_job(f.job_id, "cancelled by the client")
         except AiwfeError as e:

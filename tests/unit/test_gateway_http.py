@@ -119,7 +119,21 @@ async def test_submit_job_then_read_record_and_events(gateway: StartGateway) -> 
         assert body["status"] == "done" and body["result"] == {"n": 7, "square": 49, "answer": "The square of 7 is 49."}
 
         r = await c.get("/v1/jobs/0123456789abcdef0123456789abcdef", headers=h)
-        assert r.json() == {"job_id": "0123456789abcdef0123456789abcdef", "status": "pending"}
+        assert r.status_code == 404  # unknown, not pending
+
+
+async def test_jobs_belong_to_their_user(gateway: StartGateway) -> None:
+    async with gateway() as s, httpx.AsyncClient(base_url=s.url) as c:
+        alice, mallory = bearer(await login(c, "alice")), bearer(await login(c, "mallory"))
+        r = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 3, "owner": "mallory"}}, headers=alice)
+        job_id = r.json()["job_id"]
+        assert (await c.get(f"/v1/jobs/{job_id}", headers=alice)).status_code == 200
+        assert (await c.get(f"/v1/jobs/{job_id}", headers=mallory)).status_code == 404
+        assert (await c.get(f"/v1/jobs/{job_id}/events", headers=mallory)).status_code == 404
+        # the same idempotency key from two users gives two jobs
+        a = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 1}, "idempotency_key": "same"}, headers=alice)
+        m = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 1}, "idempotency_key": "same"}, headers=mallory)
+        assert a.json()["job_id"] != m.json()["job_id"]
 
 
 async def test_failed_job_record_shows_the_error(gateway: StartGateway) -> None:
@@ -143,7 +157,7 @@ async def test_overloaded_auth_is_503_with_retry_after_at_once(gateway: StartGat
         r = await c.get("/v1/jobs/x", headers=bearer(token))
         assert r.status_code == 503 and r.headers["retry-after"] == "1" and "overloaded" in r.text
         assert loop.time() - t0 < 0.3  # at once, not after the slot frees up
-        assert (await slow).status_code == 200
+        assert (await slow).status_code == 404  # past authentication: the job does not exist
 
 
 async def test_ops_endpoints_schema_and_console(gateway: StartGateway) -> None:

@@ -304,9 +304,31 @@ async def test_followed_jobs_per_socket_are_bounded(gateway: StartGateway) -> No
     async with gateway("rate_burst = 200") as s, httpx.AsyncClient(base_url=s.url) as c:
         token = await login(c)
         async with ws_connect(s.ws_url, token) as ws:
-            for i in range(65):
-                await ws.send(json.dumps({"type": "resume", "job_id": f"{i:032x}"}))
-            f = await recv_json(ws)
-            assert f["code"] == "too_many_jobs" and f["job_id"] == f"{64:032x}"
+            for i in range(65):  # jobs that outlive the test, submitted one by one: all followed at once
+                await ws.send(json.dumps({"type": "submit", "kind": "crunch", "input": {"n": i, "delay_s": 60}, "id": str(i)}))
+                while (f := await recv_json(ws))["type"] not in ("accepted", "error"):
+                    assert f["type"] == "event"
+                if i < 64:
+                    assert f["type"] == "accepted", f
+            while f["type"] != "error":
+                f = await recv_json(ws)
+            assert f["code"] == "too_many_jobs"
             await ws.send(json.dumps({"type": "ping"}))
             assert (await recv_json(ws))["type"] == "pong"
+
+
+async def test_resume_or_cancel_of_someone_elses_job_is_not_found(gateway: StartGateway) -> None:
+    async with gateway() as s, httpx.AsyncClient(base_url=s.url) as c:
+        alice = await login(c, "alice")
+        r = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 2}}, headers={"Authorization": f"Bearer {alice}"})
+        job_id = r.json()["job_id"]
+        async with ws_connect(s.ws_url, await login(c, "mallory")) as ws:
+            for frame in ({"type": "resume", "job_id": job_id, "id": "r"}, {"type": "cancel", "job_id": job_id, "id": "c"}):
+                await ws.send(json.dumps(frame))
+                f = await recv_json(ws)
+                assert (f["type"], f["code"], f["id"]) == ("error", "not_found", frame["id"])
+        async with ws_connect(s.ws_url, alice) as ws:
+            await ws.send(json.dumps({"type": "resume", "job_id": job_id, "id": "r"}))
+            while (f := await recv_json(ws))["type"] != "result":
+                assert f["type"] == "event"
+            assert f["status"] == "done"
