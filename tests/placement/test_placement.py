@@ -152,3 +152,39 @@ def test_placements_agree() -> None:
         pytest.skip("runs after the end-to-end test of every placement")
     first = RESULTS[PLACEMENTS[0]]
     assert all(RESULTS[p] == first for p in PLACEMENTS)
+
+
+@pytest.mark.timeout(180)
+async def test_helios_over_the_websocket(system: System) -> None:
+    """A user registers, logs in, remembers something, asks helios over the WebSocket and
+    sees every expert stream in and the result, under every placement."""
+    import httpx
+
+    from plugins.memory.contract import Remember
+    from tests.support.gateway import recv_json, ws_connect
+
+    async with httpx.AsyncClient(base_url=system.gateway_url, timeout=30) as c:
+        creds = {"username": "wendy", "password": "correct horse battery"}
+        assert (await c.post("/v1/auth/register", json=creds)).status_code == 201
+        r = await c.post("/v1/auth/login", json=creds)
+        assert r.status_code == 200, r.text
+        token = r.json()["access_token"]
+    from plugins.auth.contract import Verify
+
+    claims = await system.kernel.call(Verify(token=token))
+    await system.kernel.call(Remember(text="Wendy's database keeps a B-tree index on order_id.", owner=claims.sub))
+    ws_url = system.gateway_url.replace("http://", "ws://") + "/v1/ws"
+    async with ws_connect(ws_url, token) as ws:
+        ask = {"text": "Which database index does my order table use?", "max_experts": 3, "owner": "someone-else"}
+        await ws.send(msgspec.json.encode({"type": "submit", "kind": "helios", "input": ask, "id": "q1"}).decode())
+        accepted = await recv_json(ws)
+        assert accepted["type"] == "accepted" and accepted["id"] == "q1"
+        events = []
+        while (f := await recv_json(ws, 60))["type"] == "event":
+            events.append(f["event"])
+        assert f["type"] == "result" and f["status"] == "done", f
+    assert events[:2] == ["helios.perceived", "helios.selected"]
+    answered = events.count("helios.expert_answered")
+    assert answered == events.count("helios.expert_started") == len(f["result"]["experts"]) > 0
+    assert "reasoning.answer_streamed" in events
+    assert "B-tree index on order_id" in f["result"]["answer"]  # recalled from wendy's memories, not someone-else's
