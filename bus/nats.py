@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -352,7 +353,31 @@ class NatsBus:
         """Create the durable consumer of ``kind`` and start fetching."""
         cfg = self._consumer_config(kind, options)
         await self._ensure_consumer(cfg)
-        self._loops.append(asyncio.get_running_loop().create_task(self._fetch_loop(kind, cfg, options, runner)))
+        loop = asyncio.get_running_loop()
+        self._loops.append(loop.create_task(self._fetch_loop(kind, cfg, options, runner)))
+        self._loops.append(loop.create_task(self._watch_queue(kind, cfg)))
+
+    async def _watch_queue(self, kind: str, cfg: api.ConsumerConfig, every_s: float = 5.0) -> None:
+        """Export the queue depth and the oldest job's age of ``kind`` every ``every_s``."""
+        from kernel.metrics import QUEUE_DEPTH, QUEUE_OLDEST
+
+        subject = self.job_subject(kind)
+        while True:
+            try:
+                info = await self.js.consumer_info(self.names["jobs"], cfg.durable_name)
+                depth = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+                QUEUE_DEPTH.labels(kind).set(depth)
+                age = 0.0
+                if depth:
+                    first = await self.js.get_msg(self.names["jobs"], seq=1, subject=subject, next=True)
+                    if first.time is not None:
+                        age = max(0.0, time.time() - first.time.timestamp())
+                QUEUE_OLDEST.labels(kind).set(age)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the next round tries again; the gauges keep their last value
+                log.debug("queue watch of %s: %r", kind, e)
+            await asyncio.sleep(every_s)
 
     async def _ensure_consumer(self, cfg: api.ConsumerConfig) -> None:
         try:

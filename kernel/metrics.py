@@ -13,7 +13,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-__all__ = ["DEAD_LETTERS", "JOBS", "READY", "REDELIVERIES", "REGISTRY", "FastHistogram", "failed", "handled", "render"]
+__all__ = [
+    "DEAD_LETTERS",
+    "JOBS",
+    "QUEUE_DEPTH",
+    "QUEUE_OLDEST",
+    "READY",
+    "REDELIVERIES",
+    "REGISTRY",
+    "FastHistogram",
+    "failed",
+    "handled",
+    "render",
+]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
@@ -71,6 +83,10 @@ JOBS = Counter("aiwfe_jobs_total", "Job deliveries by kind and outcome", ["kind"
 REDELIVERIES = Counter("aiwfe_job_redeliveries_total", "Job deliveries after the first", ["kind"], registry=REGISTRY)
 DEAD_LETTERS = Counter("aiwfe_dead_letters_total", "Jobs dead-lettered after their last attempt", ["kind"], registry=REGISTRY)
 READY = Gauge("aiwfe_pod_ready", "1 when the pod is ready to serve", ["pod"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "aiwfe_job_queue_depth", "Jobs waiting or running, per kind (from the stream's consumer)", ["kind"], registry=REGISTRY
+)
+QUEUE_OLDEST = Gauge("aiwfe_job_oldest_age_seconds", "Age of the oldest job not yet done, per kind", ["kind"], registry=REGISTRY)
 
 
 def handled(contract: str, path: str) -> FastHistogram:

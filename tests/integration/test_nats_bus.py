@@ -141,3 +141,21 @@ async def test_dlq_command_lists_reasons_and_replays(start_pods: StartPods, nats
         await asyncio.sleep(0.2)
         rec = await k.wait_job(job_id, timeout_s=20)
         assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 4
+
+
+async def test_queue_depth_and_oldest_age_are_exported(start_pods: StartPods) -> None:
+    from kernel import metrics
+    from tests.conftest import wait_until
+
+    async with start_pods(
+        TWO_PODS.replace("drain_timeout_s = 2", 'drain_timeout_s = 0.2\n[pods.front.handlers."probe.crunch"]\nconcurrency = 1')
+    ) as pods:
+        k = pods["back"].kernel
+        for i in range(4):
+            await k.submit(Crunch(n=i, delay_s=20))
+
+        def gauge(name: str) -> float:
+            return float(metrics.REGISTRY.get_sample_value(name, {"kind": "probe.crunch"}) or 0.0)
+
+        assert await wait_until(lambda: gauge("aiwfe_job_queue_depth") == 4, timeout_s=12)
+        assert await wait_until(lambda: gauge("aiwfe_job_oldest_age_seconds") > 0, timeout_s=12)
