@@ -1,17 +1,27 @@
-"""perception plugin: keyword analysis against expertise descriptions from config.
+"""perception plugin: what a request is about, and which expertise it needs.
 
-Built-in mode only for now: intent from the sentence form, language from stopwords,
-entities from capitalised words and numbers, expertise tags scored by the share of a
-tag's keywords found in the text. Deterministic and free of I/O.
+Built-in mode (``mode = "builtin"``): intent from the sentence form, language from
+stopwords, entities from capitalised words and numbers; each expertise tag scores the
+higher of (a) the share of the tag's keywords found in the text and (b) the embedding
+similarity of the text to the tag's description (character-trigram hashing vectors,
+cosine; counted from ``min_similarity`` on, scaled by ``similarity_weight``), so a request
+that words things differently still finds its experts. Deterministic and free of I/O.
+
+LLM mode (``mode = "llm"``): the built-in analysis, plus one ``reasoning.reason`` call
+asking a model which tags apply; a tag the model names scores at least
+``llm_weight``. When the call fails the built-in result stands (never worse than built-in).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 
 import msgspec
 
-from kernel import Plugin, serves
+from kernel import AiwfeError, Plugin, serves
+from plugins.reasoning.contract import Reason
 
 from .contract import ExpertiseScore, Perceive, Perception
 
@@ -31,6 +41,20 @@ _DEFAULT_EXPERTISE = {
     "product": ["user", "feature", "roadmap", "requirement", "customer", "market"],
     "writing": ["write", "document", "docs", "explain", "summary", "summarise", "summarize"],
 }
+_DEFAULT_DESCRIPTIONS = {
+    "architecture": "software architecture, system design, services, components, boundaries, coupling and scalability",
+    "security": "security, authentication, authorization, tokens, passwords, encryption, vulnerabilities, leaks and attacks",
+    "database": "databases, SQL, PostgreSQL, tables, indexes, queries, schemas, transactions and migrations",
+    "performance": "performance, latency, throughput, slowness, speed, benchmarks, caching and profiling",
+    "devops": "deployment, Kubernetes clusters, containers, Docker, rollouts, CI pipelines, infrastructure and operations",
+    "frontend": "frontend user interfaces, web pages, HTML, CSS, JavaScript, React components and browsers",
+    "backend": "backend servers, APIs, HTTP endpoints, REST, request handling and services",
+    "data": "data engineering, datasets, analytics, ETL pipelines, statistics, reports and CSV files",
+    "ml": "machine learning, models, training, embeddings, neural networks, LLMs, inference and vectors",
+    "testing": "testing, tests, pytest, coverage, bugs, regressions, quality assurance and fixtures",
+    "product": "product management, users, customers, features, roadmaps, requirements and markets",
+    "writing": "writing, documentation, docs, explanations, summaries, guides and tutorials",
+}
 _STOPWORDS = {
     "en": {"the", "and", "is", "are", "what", "how", "to", "of", "a", "in", "for", "with"},
     "de": {"der", "die", "das", "und", "ist", "wie", "nicht", "mit", "ein", "eine"},
@@ -46,21 +70,89 @@ class PerceptionPlugin(Plugin):
 
     name = "perception"
 
+    calls = (Reason,)
+
     class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-        """``expertise`` maps a tag to its keywords (replaces the built-in table when set)."""
+        """``expertise`` maps a tag to its keywords (replaces the built-in table when set);
+        ``descriptions`` maps a tag to a sentence describing it (default: its keywords).
+        ``mode``: ``builtin`` or ``llm``; ``llm_timeout_s`` bounds the model call."""
 
         expertise: dict[str, list[str]] = msgspec.field(default_factory=lambda: dict(_DEFAULT_EXPERTISE))
+        descriptions: dict[str, str] = {}
+        similarity_weight: float = 0.8
+        min_similarity: float = 0.2
+        mode: str = "builtin"
+        llm_weight: float = 0.9
+        llm_timeout_s: float = 10.0
 
     config: Config
+
+    def __init__(self, config: Config, kernel: object) -> None:
+        if config.mode not in ("builtin", "llm"):
+            from kernel.errors import ConfigError
+
+            raise ConfigError(f"perception: mode {config.mode!r}; use builtin or llm")
+        super().__init__(config, kernel)  # type: ignore[arg-type]
+        descriptions = {
+            t: config.descriptions.get(t) or _DEFAULT_DESCRIPTIONS.get(t) or " ".join([t, *kw])
+            for t, kw in config.expertise.items()
+        }
+        self.vectors = {t: trigram_vector(d) for t, d in descriptions.items()}
 
     @serves(Perceive, concurrency=256)
     async def perceive(self, req: Perceive) -> Perception:
         """Analyse the text (see the module docstring)."""
-        return analyse(req.text, self.config.expertise, req.max_tags)
+        c = self.config
+        if c.mode == "builtin":
+            return analyse(req.text, c.expertise, req.max_tags, self.vectors, c.similarity_weight, c.min_similarity)
+        base = analyse(req.text, c.expertise, len(c.expertise), self.vectors, c.similarity_weight, c.min_similarity)
+        tags = ", ".join(sorted(c.expertise))
+        ask = Reason(
+            role="request router", task=f"Which of these expertise tags does this request need: {tags}? Request: {req.text}"
+        )
+        try:
+            r = await self.kernel.call(ask, timeout_s=c.llm_timeout_s)
+        except AiwfeError:
+            return msgspec.structs.replace(base, expertise=base.expertise[: max(0, req.max_tags)])
+        named = {w for w in re.findall(r"[a-z]+", r.answer.lower()) if w in c.expertise}
+        scores = {s.tag: s.score for s in base.expertise}
+        for tag in named:
+            scores[tag] = max(scores.get(tag, 0.0), c.llm_weight)
+        ranked = sorted((ExpertiseScore(tag=t, score=round(v, 4)) for t, v in scores.items()), key=lambda s: (-s.score, s.tag))
+        return msgspec.structs.replace(base, expertise=ranked[: max(0, req.max_tags)])
 
 
-def analyse(text: str, expertise: dict[str, list[str]], max_tags: int) -> Perception:
-    """Pure function behind :meth:`PerceptionPlugin.perceive`."""
+def trigram_vector(text: str) -> dict[int, float]:
+    """A unit-length sparse vector of hashed character trigrams of the words of ``text``."""
+    vec: dict[int, float] = {}
+    for w in _WORD.findall(text.lower()):
+        padded = f"#{w.strip('.')}#"
+        for i in range(len(padded) - 2):
+            h = int.from_bytes(hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "little")
+            vec[h] = vec.get(h, 0.0) + 1.0
+    norm = math.sqrt(sum(v * v for v in vec.values()))
+    return {k: v / norm for k, v in vec.items()} if norm else vec
+
+
+def _cosine(a: dict[int, float], b: dict[int, float]) -> float:
+    if len(a) > len(b):
+        a, b = b, a
+    return sum(v * b.get(k, 0.0) for k, v in a.items())
+
+
+def analyse(
+    text: str,
+    expertise: dict[str, list[str]],
+    max_tags: int,
+    vectors: dict[str, dict[int, float]] | None = None,
+    similarity_weight: float = 0.8,
+    min_similarity: float = 0.2,
+) -> Perception:
+    """Pure function behind the built-in mode of :meth:`PerceptionPlugin.perceive`.
+
+    ``vectors`` are the tags' description vectors (:func:`trigram_vector`); without them
+    only keywords count.
+    """
     words = _WORD.findall(text)
     lower = [w.lower().strip(".") for w in words]
     bag = set(lower)
@@ -80,11 +172,15 @@ def analyse(text: str, expertise: dict[str, list[str]], max_tags: int) -> Percep
             if w not in entities:
                 entities.append(w.strip("."))
     scores = []
+    text_vec = trigram_vector(text) if vectors else {}
     for tag, keywords in expertise.items():
-        if not keywords:
-            continue
         hits = sum(1 for k in keywords if k.lower() in bag)
-        if hits:
-            scores.append(ExpertiseScore(tag=tag, score=round(min(1.0, hits / min(3, len(keywords))), 4)))
+        score = min(1.0, hits / min(3, len(keywords))) if keywords else 0.0
+        if vectors and tag in vectors:
+            sim = _cosine(text_vec, vectors[tag])
+            if sim >= min_similarity:
+                score = max(score, similarity_weight * sim)
+        if score > 0:
+            scores.append(ExpertiseScore(tag=tag, score=round(score, 4)))
     scores.sort(key=lambda s: (-s.score, s.tag))
     return Perception(intent=intent, language=language, entities=entities, expertise=scores[: max(0, max_tags)])

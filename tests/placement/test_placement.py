@@ -23,7 +23,7 @@ from bus.embedded import free_port
 from bus.nats import NatsBus
 from kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
 from kernel.runtime import Kernel
-from plugins.perception.plugin import _DEFAULT_EXPERTISE, analyse
+from plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
 from plugins.reasoning.plugin import extract
 from tests.support.pods import dump_toml, run_pods
 from tests.support.probe import Ask, Boom, Crunch, Sleep, Tally
@@ -94,7 +94,8 @@ async def system(
 
 
 def expected_answer(text: str, context: list[str]) -> dict[str, Any]:
-    p = analyse(text, _DEFAULT_EXPERTISE, 5)
+    vectors = PerceptionPlugin(PerceptionPlugin.Config(), None).vectors  # type: ignore[arg-type]
+    p = analyse(text, _DEFAULT_EXPERTISE, 5, vectors)
     answer, confidence = extract("generalist", text, context, 3)
     return {"intent": p.intent, "tags": [e.tag for e in p.expertise], "answer": answer, "confidence": confidence}
 
