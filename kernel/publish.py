@@ -15,18 +15,28 @@ from bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, JSON
 __all__ = ["publish"]
 
 
-async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s: float, prefix: str = "aiwfe") -> int:
-    """Publish ``payload`` as JSON. Jobs (``<prefix>.jobs.*``) print ``{"job_id"}`` and,
-    with ``wait``, the job's record; RPCs print the reply. Returns the exit status.
-    """
+async def _connect(url: str, prefix: str, name: str) -> Any:
+    """A started NatsBus, or None after printing why it could not connect."""
     from bus.nats import NatsBus
-    from kernel.errors import AiwfeError, from_wire
+    from kernel.errors import AiwfeError
 
-    bus = NatsBus(url, prefix, name="aiwfe-publish", connect_timeout_s=5.0)
+    bus = NatsBus(url, prefix, name=name, connect_timeout_s=5.0)
     try:
         await bus.start()
     except AiwfeError as e:
         print(f"error: {e.message}", file=sys.stderr)
+        return None
+    return bus
+
+
+async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s: float, prefix: str = "aiwfe") -> int:
+    """Publish ``payload`` as JSON. Jobs (``<prefix>.jobs.*``) print ``{"job_id"}`` and,
+    with ``wait``, the job's record; RPCs print the reply. Returns the exit status.
+    """
+    from kernel.errors import AiwfeError, from_wire
+
+    bus = await _connect(url, prefix, "aiwfe-publish")
+    if bus is None:
         return 1
     try:
         data = json.dumps(payload).encode()
@@ -74,14 +84,9 @@ async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, 
     Returns the exit status (1 when NATS cannot be reached).
     """
     from bus.codec import H_ATTEMPTS, H_JOB_ID, H_REASON
-    from bus.nats import NatsBus
-    from kernel.errors import AiwfeError
 
-    bus = NatsBus(url, prefix, name="aiwfe-dlq", connect_timeout_s=5.0)
-    try:
-        await bus.start()
-    except AiwfeError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+    bus = await _connect(url, prefix, "aiwfe-dlq")
+    if bus is None:
         return 1
     try:
         if action == "replay":
