@@ -55,6 +55,7 @@ class _Log:
         self.samples: list[str] = []
 
     def note(self, op: str, outcome: str, ms: float, detail: str = "") -> None:
+        """Record one attempt (and a sample of what went wrong)."""
         self.attempts.append((op, outcome, round(ms, 3)))
         if outcome != "ok" and detail and len(self.samples) < 8:
             self.samples.append(f"{op}: {detail}"[:160])
@@ -101,6 +102,7 @@ async def _request(
 
 
 async def _user(send: Send, log: _Log, user: dict[str, str], ops: list[str], cfg: dict[str, Any]) -> None:
+    """Run one user's operations ``ops`` through ``send``, noting every attempt in ``log``."""
     body: dict[str, Any]
     retries = int(cfg["retries"])
     token = ""
@@ -145,6 +147,7 @@ async def _user(send: Send, log: _Log, user: dict[str, str], ops: list[str], cfg
 
 
 async def _run_users(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Set up, wait for GO, run ``cfg['users']``; return the process's log as a JSON-able dict."""
     import httpx
 
     log = _Log()
@@ -182,6 +185,7 @@ async def _run_users(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _run_ws(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Open ``cfg['ws']`` sockets, wait for GO, send 1 msg/s each until STOP or the duration; return the figures."""
     from .ws import RawWs
 
     ws_url = cfg["url"].replace("http://", "ws://") + "/v1/ws"

@@ -98,6 +98,7 @@ class RawHttp:
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
 
     async def _exchange(self, data: bytes) -> RawResponse:
+        """Write one request and read its response on the open connection."""
         assert self._reader is not None and self._writer is not None
         self._writer.write(data)
         raw = await self._reader.readuntil(b"\r\n\r\n")

@@ -188,6 +188,7 @@ class ManagedSystem:
         raise RuntimeError(f"gateway not ready within {timeout_s:.0f} s:\n" + "".join(self.lines[-30:]))
 
     def _all_pods_ready(self) -> bool:
+        """True when ``/v1/pods`` lists the three pods of the layout as ready."""
         import httpx
 
         try:
@@ -198,6 +199,7 @@ class ManagedSystem:
         return {POD_GATEWAY, "cognitive-processing-engine", "background-worker-engine"} <= names
 
     def _read(self, log: object) -> None:
+        """Reader thread: keep ``aiwfe up``'s output, copy it to ``log``, pick up embedded service URLs."""
         assert self.proc is not None and self.proc.stdout is not None
         with contextlib.closing(log):  # type: ignore[type-var]
             for line in self.proc.stdout:

@@ -197,6 +197,7 @@ class _Client:
         self.result: dict[str, Any] | None = None
 
     def send(self, line: str) -> None:
+        """Write ``line`` to the process's stdin (ignored once it has exited)."""
         assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(line + "\n")
@@ -205,6 +206,11 @@ class _Client:
             pass
 
     def wait_ready(self) -> dict[str, Any]:
+        """Wait for the process's ``ready`` line and return it.
+
+        Raises:
+            RuntimeError: the process exited during setup.
+        """
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
@@ -224,6 +230,7 @@ class _Client:
 
 
 def _split(items: list[Any], k: int) -> list[list[Any]]:
+    """``items`` dealt round-robin into at most ``k`` non-empty lists."""
     return [items[i::k] for i in range(k) if items[i::k]]
 
 
