@@ -57,7 +57,7 @@ class _Store(Protocol):
 
     async def job_record(self, job_id: str) -> JobRecord | None: ...
     async def put_record(self, rec: JobRecord) -> bool: ...
-    async def emit(self, job_id: str, type: str, data: bytes) -> int: ...
+    async def emit(self, job_id: str, type: str, data: bytes, msg_id: str | None = None) -> int: ...
     async def dead_letter(self, call: JobCall, reason: dict[str, Any]) -> None: ...
 
 
@@ -86,8 +86,11 @@ async def process(store: _Store, runner: JobRunner, call: JobCall, options: JobO
     kind = call.kind
     if call.attempt > 1:
         metrics.REDELIVERIES.labels(kind).inc()
-    if await store.job_record(call.job_id) is not None:
+    existing = await store.job_record(call.job_id)
+    if existing is not None:
+        # An earlier delivery recorded the outcome but may have died before announcing it.
         metrics.JOBS.labels(kind, "duplicate").inc()
+        await _announce(store, existing)
         return "ack", 0.0
     if call.attempt > options.max_deliver:
         reason = {"type": "WorkerLost", "message": f"no outcome after {options.max_deliver} attempts", "retryable": False}
@@ -122,21 +125,41 @@ async def process(store: _Store, runner: JobRunner, call: JobCall, options: JobO
     finally:
         store.running.tasks.pop(call.job_id, None)
     rec = JobRecord(job_id=call.job_id, kind=kind, status="done", result=result, attempts=call.attempt)
-    if await store.put_record(rec):
-        metrics.JOBS.labels(kind, "done").inc()
-        await store.emit(call.job_id, EV_DONE, result)
-    else:
-        metrics.JOBS.labels(kind, "duplicate").inc()
+    await _record(store, rec, "done")
     return "ack", 0.0
+
+
+async def _record(store: _Store, rec: JobRecord, outcome: str) -> bool:
+    """Write the outcome once, then announce the one that stands. True when this wrote it."""
+    created = await store.put_record(rec)
+    if created:
+        metrics.JOBS.labels(rec.kind, outcome).inc()
+        await _announce(store, rec)
+    else:
+        metrics.JOBS.labels(rec.kind, "duplicate").inc()
+        existing = await store.job_record(rec.job_id)
+        if existing is not None:
+            await _announce(store, existing)
+    return created
+
+
+async def _announce(store: _Store, rec: JobRecord) -> None:
+    """Emit the job's terminal event. Idempotent: the event carries the message id
+    ``<job_id>.outcome``, so JetStream drops a second announcement within its
+    duplicate window (a redelivery after a crash between recording and announcing)."""
+    if rec.status == "done":
+        typ, data = EV_DONE, rec.result
+    else:
+        typ = EV_FAILED if rec.status == "failed" else EV_CANCELLED
+        data = _enc.encode(rec.error or {})
+    await store.emit(rec.job_id, typ, data, msg_id=f"{rec.job_id}.outcome")
 
 
 async def _fail(store: _Store, call: JobCall, reason: dict[str, Any]) -> None:
     await store.dead_letter(call, reason)
     metrics.DEAD_LETTERS.labels(call.kind).inc()
     rec = JobRecord(job_id=call.job_id, kind=call.kind, status="failed", error=reason, attempts=call.attempt)
-    if await store.put_record(rec):
-        metrics.JOBS.labels(call.kind, "failed").inc()
-        await store.emit(call.job_id, EV_FAILED, _enc.encode(reason))
+    await _record(store, rec, "failed")
 
 
 async def cancel(store: _Store, job_id: str, reason: str) -> bool:
@@ -150,5 +173,5 @@ async def cancel(store: _Store, job_id: str, reason: str) -> bool:
     rec = JobRecord(job_id=job_id, kind="", status="cancelled", error=reason_d, attempts=0)
     if not await store.put_record(rec):
         return False
-    await store.emit(job_id, EV_CANCELLED, _enc.encode(reason_d))
+    await _announce(store, rec)
     return True

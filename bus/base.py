@@ -96,8 +96,8 @@ class Bus(Protocol):
     async def job_record(self, job_id: str) -> JobRecord | None:
         """The stored outcome of a job, or None while it is pending or unknown."""
 
-    async def emit(self, job_id: str, type: str, data: bytes) -> int:
-        """Append an event to a job's event stream; return its sequence."""
+    async def emit(self, job_id: str, type: str, data: bytes, msg_id: str | None = None) -> int:
+        """Append an event to a job's event stream; return its sequence (``msg_id``: dedupe)."""
 
     def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """Replay then follow a job's events with sequence > ``after_seq``."""

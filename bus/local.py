@@ -42,6 +42,7 @@ class LocalBus:
         self._submitted: set[str] = set()
         self._records: dict[str, JobRecord] = {}
         self._owners: dict[str, str] = {}
+        self._event_ids: dict[str, int] = {}
         self._events: dict[str, list[JobEvent]] = {}
         self._event_cond = asyncio.Condition()
         self._seq = itertools.count(1)
@@ -223,9 +224,14 @@ class LocalBus:
         self._dlq = keep
         return done
 
-    async def emit(self, job_id: str, type: str, data: bytes) -> int:
-        """Append a job event."""
+    async def emit(self, job_id: str, type: str, data: bytes, msg_id: str | None = None) -> int:
+        """Append a job event (a repeated ``msg_id`` is dropped, as JetStream does)."""
+        if msg_id is not None:
+            if msg_id in self._event_ids:
+                return self._event_ids[msg_id]
         seq = next(self._seq)
+        if msg_id is not None:
+            self._event_ids[msg_id] = seq
         ev = JobEvent(seq=seq, job_id=job_id, type=type, data=msgspec.msgpack.decode(data) if data else None)
         self._events.setdefault(job_id, []).append(ev)
         async with self._event_cond:

@@ -601,9 +601,16 @@ class NatsBus:
 
     # -- job events --------------------------------------------------------------
 
-    async def emit(self, job_id: str, type: str, data: bytes) -> int:
-        """Append to ``<prefix>.events.<job_id>``; return the stream sequence."""
-        ack = await self.js.publish(f"{self.prefix}.events.{job_id}", data, headers={H_TYPE: type}, timeout=5.0)
+    async def emit(self, job_id: str, type: str, data: bytes, msg_id: str | None = None) -> int:
+        """Append to ``<prefix>.events.<job_id>``; return the stream sequence.
+
+        With ``msg_id`` a repeat within the stream's duplicate window is dropped (and the
+        first one's sequence returned).
+        """
+        headers = {H_TYPE: type}
+        if msg_id:
+            headers[H_MSG_ID] = msg_id
+        ack = await self.js.publish(f"{self.prefix}.events.{job_id}", data, headers=headers, timeout=5.0)
         return int(ack.seq)
 
     async def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
