@@ -144,15 +144,16 @@ async def _record(store: _Store, rec: JobRecord, outcome: str) -> bool:
 
 
 async def _announce(store: _Store, rec: JobRecord) -> None:
-    """Emit the job's terminal event. Idempotent: the event carries the message id
-    ``<job_id>.outcome``, so JetStream drops a second announcement within its
-    duplicate window (a redelivery after a crash between recording and announcing)."""
+    """Emit the job's terminal event. Idempotent: the event's message id names the record
+    (job, status, finish time), so JetStream drops a second announcement of the same
+    record within its duplicate window (a redelivery after a crash between recording and
+    announcing), while a replayed job's new record is announced anew."""
     if rec.status == "done":
         typ, data = EV_DONE, rec.result
     else:
         typ = EV_FAILED if rec.status == "failed" else EV_CANCELLED
         data = _enc.encode(rec.error or {})
-    await store.emit(rec.job_id, typ, data, msg_id=f"{rec.job_id}.outcome")
+    await store.emit(rec.job_id, typ, data, msg_id=f"{rec.job_id}.{rec.status}.{rec.finished_at!r}")
 
 
 async def _fail(store: _Store, call: JobCall, reason: dict[str, Any]) -> None:
