@@ -29,6 +29,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from kernel import metrics
 from kernel.errors import AiwfeError, RemoteError
 from plugins.auth.contract import Claims, Login, Logout, Register
+from plugins.memory.contract import Recall, Remember
 
 from .ws import TERMINAL, Receive, Scope, Send, WebSocketEndpoint
 
@@ -64,6 +65,21 @@ class JobSubmission(msgspec.Struct, frozen=True):
 
 class JobAccepted(msgspec.Struct, frozen=True):
     job_id: str
+
+
+class MemoryIn(msgspec.Struct, frozen=True):
+    """Body of ``POST /v1/memory``: a memory of the calling user."""
+
+    text: str
+    metadata: dict[str, Any] = {}
+
+
+class RecallIn(msgspec.Struct, frozen=True):
+    """Body of ``POST /v1/memory/recall``: the calling user's memories closest to ``query``."""
+
+    query: str
+    k: int = 5
+    filters: dict[str, str | int | float | bool] = {}
 
 
 class JobView(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -210,6 +226,26 @@ def build_app(gw: GatewayPlugin) -> Litestar:
 
         return ServerSentEvent(stream())
 
+    @post("/v1/memory", status_code=201, tags=["memory"])
+    async def remember(request: Request[Any, Any, Any], data: JSONBody[MemoryIn]) -> dict[str, str]:
+        """Store a memory for the calling user (the owner is always the token's subject)."""
+        claims = await authenticate(request)
+        try:
+            r = await gw.kernel.call(Remember(text=data.text, owner=claims.sub, metadata=data.metadata))
+        except AiwfeError as e:
+            raise http_error(gw, e) from None
+        return {"id": r.id}
+
+    @post("/v1/memory/recall", status_code=200, tags=["memory"])
+    async def recall(request: Request[Any, Any, Any], data: JSONBody[RecallIn]) -> dict[str, Any]:
+        """The calling user's memories closest to ``query`` (never another user's)."""
+        claims = await authenticate(request)
+        try:
+            r = await gw.kernel.call(Recall(query=data.query, owner=claims.sub, k=data.k, filters=data.filters))
+        except AiwfeError as e:
+            raise http_error(gw, e) from None
+        return msgspec.to_builtins(r)
+
     @get("/v1/pods", tags=["ops"])
     async def pods() -> list[dict[str, Any]]:
         """Every running pod of the system with its plugins and readiness."""
@@ -238,7 +274,21 @@ def build_app(gw: GatewayPlugin) -> Litestar:
         return (STATIC / "index.html").read_bytes()
 
     return Litestar(
-        route_handlers=[register, login, logout, submit_job, get_job, job_events, pods, health, ready, prometheus, console],
+        route_handlers=[
+            register,
+            login,
+            logout,
+            submit_job,
+            get_job,
+            job_events,
+            remember,
+            recall,
+            pods,
+            health,
+            ready,
+            prometheus,
+            console,
+        ],
         openapi_config=OpenAPIConfig(title="AIWFE gateway", version="1", path="/schema"),
         debug=False,
     )

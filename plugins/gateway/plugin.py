@@ -20,6 +20,7 @@ from kernel import Plugin, serves
 from kernel.contract import address_of
 from kernel.errors import ConfigError
 from plugins.auth.contract import Claims, Login, Logout, Register, TokenRevoked, Verify
+from plugins.memory.contract import Recall, Remember
 from plugins.perception.contract import Perceive
 
 from .app import build_asgi
@@ -35,7 +36,7 @@ class GatewayPlugin(Plugin):
     """HTTP and WebSocket entry point of the system (see the module docstring)."""
 
     name = "gateway"
-    calls = (Register, Login, Verify, Logout, Perceive)
+    calls = (Register, Login, Verify, Logout, Perceive, Remember, Recall)
 
     class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
         """Gateway settings (``[plugins.gateway]`` in a manifest).

@@ -189,3 +189,22 @@ async def test_helios_over_the_websocket(system: System) -> None:
     assert answered == events.count("helios.expert_started") == len(f["result"]["experts"]) > 0
     assert "reasoning.answer_streamed" in events
     assert "B-tree index on order_id" in f["result"]["answer"]  # recalled from wendy's memories, not someone-else's
+
+
+@pytest.mark.timeout(120)
+async def test_memory_over_http_is_per_user(system: System) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=system.gateway_url, timeout=30) as c:
+        tokens = {}
+        for user in ("ann", "ben"):
+            creds = {"username": user, "password": "correct horse battery"}
+            assert (await c.post("/v1/auth/register", json=creds)).status_code == 201
+            tokens[user] = {"Authorization": f"Bearer {(await c.post('/v1/auth/login', json=creds)).json()['access_token']}"}
+        r = await c.post("/v1/memory", json={"text": "Ann's favourite database is PostgreSQL."}, headers=tokens["ann"])
+        assert r.status_code == 201 and r.json()["id"]
+        r = await c.post("/v1/memory/recall", json={"query": "favourite database"}, headers=tokens["ann"])
+        assert [h["text"] for h in r.json()["hits"]] == ["Ann's favourite database is PostgreSQL."]
+        r = await c.post("/v1/memory/recall", json={"query": "favourite database"}, headers=tokens["ben"])
+        assert r.status_code == 200 and r.json()["hits"] == []
+        assert (await c.post("/v1/memory/recall", json={"query": "x"})).status_code == 401
