@@ -140,6 +140,42 @@ async def _login(url: str, users: list[dict[str, str]], concurrency: int = 8) ->
         return list(await asyncio.gather(*(one(c, u) for u in users)))
 
 
+MEMORIES = (
+    "The orders table has an index on customer_id and created_at.",
+    "Deploys go through the pipeline with a canary stage before production.",
+    "The frontend page calls the backend api with a bearer token.",
+    "Model training data is refreshed weekly from the warehouse.",
+    "Test coverage of the payment feature is below the team's target.",
+)
+
+
+async def _seed(url: str, tokens: list[str], per_user: int, concurrency: int = 32) -> None:
+    """Store ``per_user`` memories for each user token (setup, not measured), so that recall
+    searches real data; 503s are retried after Retry-After.
+
+    Raises:
+        RuntimeError: a store answered something other than 201 or 503.
+    """
+    import httpx
+
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(c: httpx.AsyncClient, token: str, i: int) -> None:
+        body = {"text": MEMORIES[i % len(MEMORIES)], "metadata": {"seed": i}}
+        async with sem:
+            for _ in range(100):
+                r = await c.post("/v1/memory", json=body, headers={"Authorization": f"Bearer {token}"})
+                if r.status_code == 503:
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                    continue
+                if r.status_code != 201:
+                    raise RuntimeError(f"store memory: {r.status_code} {r.text[:200]}")
+                return
+
+    async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+        await asyncio.gather(*(one(c, t, i) for t in tokens for i in range(per_user)))
+
+
 def _has_recall(url: str) -> bool:
     """True when the gateway's OpenAPI lists ``POST /v1/memory/recall``."""
     import httpx
@@ -281,6 +317,9 @@ def run(
     http_users, ws_accounts, probes = users[:n_users], users[n_users : n_users + ws_users], users[-2:]
     tokens = asyncio.run(_login(url, ws_accounts)) if ws_accounts else []
     recall = _has_recall(url) and not args.no_recall
+    if recall and args.seed_memories and http_users:
+        seed_tokens = asyncio.run(_login(url, http_users))
+        asyncio.run(_seed(url, seed_tokens, args.seed_memories))
     ok, _ = _probe(url, probes[0], job_input, wait_done_s=60)  # warm-up: connections, consumers, caches
     if not ok:
         raise RuntimeError("warm-up login + job submit failed")
@@ -519,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--job-latency", type=float, default=0.05, help="simulated LLM latency of each expert call (helios latency_s)")
     p.add_argument("--experts", type=int, default=2, help="experts per helios job (max_experts)")
+    p.add_argument(
+        "--seed-memories", type=int, default=3, help="memories stored per user before the run (setup), for recall to search"
+    )
     p.add_argument("--no-recall", action="store_true", help="leave memory recall out of the mix even when the gateway serves it")
     p.add_argument("--recovery-latency", type=float, default=200.0,
                    help="stress: a login + submit probe has recovered under max(this, 3 x pre-burst) ms")  # fmt: skip
