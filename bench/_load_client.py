@@ -171,8 +171,13 @@ async def _run_users(cfg: dict[str, Any]) -> dict[str, Any]:
             await asyncio.sleep(cfg["ramp_s"] * k / max(1, n))
             await _user(sender(u), log, u, ops, cfg)
 
-        await asyncio.gather(*(one(k, u) for k, u in enumerate(users)))
+        tasks = [asyncio.create_task(one(k, u)) for k, u in enumerate(users)]
+        _, pending = await asyncio.wait(tasks, timeout=cfg["deadline_s"])
+        for t in pending:  # the scenario's time bound: users still running are cut off
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     return {
+        "users_unfinished": len(pending),
         "cpu_s": time.process_time(),
         "attempts": log.attempts,
         "accepted": log.accepted,
