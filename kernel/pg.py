@@ -159,7 +159,9 @@ async def migrate(pool: AsyncConnectionPool, plugin: str, folder: Path) -> list[
     scripts = read_scripts(folder)  # read before holding a connection
     applied: list[str] = []
     async with connection(pool) as conn, conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"aiwfe-migrate:{plugin}",))
+        # One lock for every plugin: they share the aiwfe_migrations table, and a concurrent
+        # CREATE TABLE IF NOT EXISTS is not race-free in PostgreSQL.
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('aiwfe-migrate'))")
         await conn.execute(
             "CREATE TABLE IF NOT EXISTS aiwfe_migrations ("
             " plugin text NOT NULL, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(),"
