@@ -109,7 +109,6 @@ class PodRunner:
                 problems.append(f"[plugins.{name}]: {e}")
                 continue
             plugin = cls(cfg, self.kernel.caller_for(cls.name, cls.calls))
-            plugin.manifest = self.manifest  # type: ignore[attr-defined]
             self.plugins[name] = plugin
             for spec in handlers_of(cls):
                 override = self.pod.handlers.get(spec.address)

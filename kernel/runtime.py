@@ -316,8 +316,6 @@ class Kernel:
         self._subjects: dict[type, str] = {}
         self._reply_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
         self._schemas: dict[type, bytes] = {}
-        self._m_remote_call: dict[str, Any] = {}
-        self._m_local_call: dict[str, Any] = {}
 
     # -- wiring -------------------------------------------------------------------
 

@@ -43,11 +43,11 @@ async def test_kill_nats_with_1000_jobs_in_flight(tmp_path: Path) -> None:
     await brain.start()
     await worker.start()
     try:
-        base = _done_count(worker)  # the counter is process-wide: other tests may have run tally jobs
+        base = _done_count()  # the counter is process-wide: other tests may have run tally jobs
         ids = [await worker.kernel.submit(Tally(n=i, delay_s=0.4)) for i in range(JOBS)]
         # Let some finish, then kill -9 the server mid-stream.
-        assert await wait_until(lambda: _done_count(worker) - base >= 150, timeout_s=60)
-        done_before = _done_count(worker) - base
+        assert await wait_until(lambda: _done_count() - base >= 150, timeout_s=60)
+        done_before = _done_count() - base
         await asyncio.to_thread(server.kill)
         killed_at = time.monotonic()
         assert await wait_until(lambda: not worker.ready, timeout_s=15)  # /ready says not ready
@@ -97,7 +97,7 @@ async def _all_recorded(pod: PodRunner, ids: list[str]) -> bool:
     return all(r is not None for r in recs)
 
 
-def _done_count(pod: PodRunner) -> int:
+def _done_count() -> int:
     from kernel import metrics
 
     return int(metrics.JOBS.labels("probe.tally", "done")._value.get())
@@ -133,9 +133,9 @@ async def test_three_node_cluster_loses_a_node_mid_stream(tmp_path: Path) -> Non
         assert brain is not None, "the cluster never formed"
         worker = PodRunner(m, "worker", NatsBus(urls, "fault", name="worker", replicas=3), ops_port=0)
         await worker.start()
-        before = _done_count(worker)
+        before = _done_count()
         ids = [await worker.kernel.submit(Tally(n=i, delay_s=0.2)) for i in range(300)]
-        assert await wait_until(lambda: _done_count(worker) - before >= 50, timeout_s=60)
+        assert await wait_until(lambda: _done_count() - before >= 50, timeout_s=60)
         # kill the node the worker is connected to, so its client must fail over
         connected = worker.bus.nc.connected_url.port  # type: ignore[union-attr]
         victim = next(n for n in nodes if n.port == connected)
@@ -160,8 +160,6 @@ async def test_three_node_cluster_loses_a_node_mid_stream(tmp_path: Path) -> Non
 @pytest.mark.timeout(180)
 @pytest.mark.slow
 async def test_nats_gone_for_60_s(tmp_path: Path) -> None:
-    from tests.support.probe import Crunched  # noqa: F401  (same module as Tally)
-
     server = EmbeddedNats(tmp_path / "nats").start()
     m = parse_manifest(MANIFEST, env={})
     worker = PodRunner(m, "worker", NatsBus(server.url, "fault", name="worker"), ops_port=0)

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["docker_available", "nats_service", "postgres_service", "redis_service"]
 
@@ -32,57 +33,71 @@ def docker_available() -> bool:
 
 
 @contextlib.contextmanager
-def nats_service(tmp: Path) -> Iterator[str]:
-    """Yield a NATS (JetStream) URL: environment, testcontainers, or embedded."""
-    url = os.environ.get("NATS_URL")
+def _service(env_var: str, container: Callable[[], Any], embedded: Callable[[], Any]) -> Iterator[str]:
+    """The selection order above: ``env_var``, else ``container()`` (a testcontainers
+    context yielding a URL) when Docker answers, else ``embedded()`` (a started-on-enter server)."""
+    url = os.environ.get(env_var)
     if url:
         yield url
-        return
-    if docker_available():
+    elif docker_available():
+        with container() as url:
+            yield url
+    else:
+        with embedded() as srv:
+            yield srv.url
+
+
+@contextlib.contextmanager
+def _container(cm: Any, url: Callable[[Any], str]) -> Iterator[str]:
+    with cm as c:
+        yield url(c)
+
+
+def nats_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
+    """Yield a NATS (JetStream) URL: ``NATS_URL``, testcontainers, or embedded."""
+
+    def container() -> Any:
         from testcontainers.community.nats import NatsContainer
 
-        with NatsContainer("nats:2.10", jetstream=True) as c:
-            yield c.nats_uri()
-        return
-    from bus.embedded import EmbeddedNats
+        return _container(NatsContainer("nats:2.10", jetstream=True), lambda c: c.nats_uri())
 
-    with EmbeddedNats(tmp / "nats") as srv:
-        yield srv.url
+    def embedded() -> Any:
+        from bus.embedded import EmbeddedNats
+
+        return EmbeddedNats(tmp / "nats")
+
+    return _service("NATS_URL", container, embedded)
 
 
-@contextlib.contextmanager
-def postgres_service(tmp: Path) -> Iterator[str]:
+def postgres_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
     """Yield a PostgreSQL URL: ``DATABASE_URL``, testcontainers, or an embedded server."""
-    url = os.environ.get("DATABASE_URL")
-    if url:
-        yield url
-        return
-    if docker_available():
+
+    def container() -> Any:
         from testcontainers.postgres import PostgresContainer
 
-        with PostgresContainer("postgres:16", driver=None) as c:
-            yield c.get_connection_url()
-        return
-    from bus.embedded_db import EmbeddedPostgres
+        return _container(PostgresContainer("postgres:16", driver=None), lambda c: c.get_connection_url())
 
-    with EmbeddedPostgres(tmp / "postgres") as srv:
-        yield srv.url
+    def embedded() -> Any:
+        from bus.embedded_db import EmbeddedPostgres
+
+        return EmbeddedPostgres(tmp / "postgres")
+
+    return _service("DATABASE_URL", container, embedded)
 
 
-@contextlib.contextmanager
-def redis_service(tmp: Path) -> Iterator[str]:
+def redis_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
     """Yield a Redis URL: ``REDIS_URL``, testcontainers, or an embedded Valkey."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        yield url
-        return
-    if docker_available():
+
+    def container() -> Any:
         from testcontainers.redis import RedisContainer
 
-        with RedisContainer("redis:7") as c:
-            yield f"redis://{c.get_container_host_ip()}:{c.get_exposed_port(6379)}/0"
-        return
-    from bus.embedded_db import EmbeddedValkey
+        return _container(
+            RedisContainer("redis:7"), lambda c: f"redis://{c.get_container_host_ip()}:{c.get_exposed_port(6379)}/0"
+        )
 
-    with EmbeddedValkey(tmp / "valkey") as srv:
-        yield srv.url
+    def embedded() -> Any:
+        from bus.embedded_db import EmbeddedValkey
+
+        return EmbeddedValkey(tmp / "valkey")
+
+    return _service("REDIS_URL", container, embedded)
