@@ -273,6 +273,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kdf += f"kdf_time_cost = {args.kdf_time_cost}\n"
     if args.kdf_memory_kib:
         kdf += f"kdf_memory_kib = {args.kdf_memory_kib}\n"
+    if args.kdf_priority:
+        kdf += f'kdf_priority = "{args.kdf_priority}"\n'
     with (
         tempfile.TemporaryDirectory(prefix="aiwfe-burst-") as tmp,
         nats_server(args.url) as nats_url,
@@ -337,6 +339,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--clients", type=int, default=2, help="load-generator processes")
     p.add_argument("--kdf-time-cost", type=int, default=0, help="argon2 time cost (default: the auth plugin's)")
     p.add_argument("--kdf-memory-kib", type=int, default=0, help="argon2 memory (default: the auth plugin's)")
+    p.add_argument(
+        "--kdf-priority", choices=["idle", "low", "normal"], help="hashing threads' CPU priority (default: the auth plugin's)"
+    )
     p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
     p.add_argument("--server", default="uvicorn", choices=["uvicorn", "granian"], help="the gateway's ASGI server")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)

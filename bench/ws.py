@@ -3,7 +3,7 @@
 Every connection sends one ``call`` frame per second (``perception.perceive``) that goes
 gateway → kernel → NATS → the perception plugin in another pod → back on the socket,
 and measures the round trip. The baseline, in the same run and at the same N, is a bare
-Litestar WebSocket echo under the same ASGI server settings.
+Litestar WebSocket echo under the same ASGI server and garbage-collector settings.
 
 Processes (so that the load generator does not starve the server on a small machine):
 the gateway pod and the worker pod (perception) each in its own process, as deployed
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import random
@@ -135,6 +136,7 @@ async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool, server: 
 async def _serve_echo(server_name: str) -> None:
     from litestar import Litestar, WebSocket, websocket
 
+    from kernel.manifest import System
     from plugins.gateway.server import EmbeddedGranian, EmbeddedServer
 
     @websocket("/echo")
@@ -155,6 +157,10 @@ async def _serve_echo(server_name: str) -> None:
         backlog=8192,
     )
     await server.start()
+    # The same collector settings as a pod (kernel.pod), so that the baseline differs from
+    # the gateway only by the gateway's own work.
+    gc.set_threshold(*System().gc_thresholds)
+    gc.freeze()
     print(f"READY ws://127.0.0.1:{server.bound_port}/echo", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await server.stop()

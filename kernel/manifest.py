@@ -94,6 +94,8 @@ class System(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``stream_replicas``: JetStream replicas of the streams (3 on a three-node NATS cluster).
     ``trace_sample_ratio``: share of traces kept when tracing is on
     (``OTEL_EXPORTER_OTLP_ENDPOINT`` set); parent-based, so a trace is kept whole.
+    ``gc_thresholds``: the pod process's ``gc.set_threshold`` (empty = Python's own
+    ``700, 10, 10``); see :mod:`kernel.pod` for why the default is higher.
     """
 
     name: str = "aiwfe"
@@ -105,6 +107,11 @@ class System(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     event_ttl_s: float = 3600.0
     trace_sample_ratio: float = 1.0
     stream_replicas: int = 1
+    gc_thresholds: tuple[int, ...] = (50_000, 20, 100)
+
+    def __post_init__(self) -> None:
+        if self.gc_thresholds and (len(self.gc_thresholds) != 3 or min(self.gc_thresholds) < 1):
+            raise ValueError(f"gc_thresholds must be three positive integers or empty, not {list(self.gc_thresholds)}")
 
 
 class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -5,6 +5,14 @@ token: every Redis call has a short timeout, and after one failure the breaker s
 Redis for ``retry_s`` (one probe per interval), so a dead Redis costs nothing per request.
 Keys: ``<prefix>:claims:<sha256 of token>`` and ``<prefix>:revoked:<jti>``, both expiring
 with the token.
+
+Lookups and stores are batched: one pipeline (the pending ``SET``s, then one ``MGET`` of
+every pending lookup's keys) is in flight at a time, and what arrives meanwhile goes into
+the next one. An idle cache sends a lone lookup at once (one loop iteration later); a
+burst shares round trips. A redis-py command costs ≈ 120 µs of event-loop CPU here, so a
+fresh token's lookup plus store was ≈ 240 µs of the ≈ 320 µs a verify took; batched, a
+handshake burst of 2,000 tokens in one second costs a few dozen pipelines. Stores are not
+awaited by the verifier: the claims are valid whether or not Redis took them.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import asyncio
 import heapq
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -81,14 +90,30 @@ class ClaimCache:
         max_connections: Redis operations in flight at once; past it a call skips Redis
             (a burst is served from signatures rather than queued behind the cache).
 
+        on_store_lost: called with the number of stores a failed batch lost.
+
     Every method swallows Redis failures (they open the breaker) and reports them
-    through its return value, so callers never see a Redis exception.
+    through its return value (or ``on_store_lost``), so callers never see a Redis exception.
     """
 
+    #: Most lookups in one pipeline (their keys go in one MGET); the rest wait for the next.
+    MAX_BATCH = 512
+
     def __init__(
-        self, url: str, *, key_prefix: str, timeout_s: float = 0.2, retry_s: float = 2.0, max_connections: int = 64
+        self,
+        url: str,
+        *,
+        key_prefix: str,
+        timeout_s: float = 0.2,
+        retry_s: float = 2.0,
+        max_connections: int = 64,
+        on_store_lost: Callable[[int], None] | None = None,
     ) -> None:
         self.url = url
+        self.on_store_lost = on_store_lost
+        self._lookups: list[tuple[list[str], asyncio.Future[list[Any] | None]]] = []
+        self._stores: list[tuple[str, bytes, int]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self.max_connections = max_connections
         self._inflight = 0
         self.prefix = key_prefix
@@ -120,7 +145,11 @@ class ClaimCache:
         return None
 
     async def close(self) -> None:
-        """Close the client's connections."""
+        """Send what is pending (for at most ``2 × timeout_s``), then close the connections."""
+        flusher = self._flusher
+        if flusher is not None:
+            await asyncio.wait([flusher], timeout=self.timeout_s * 2)
+            flusher.cancel()
         if self.client is not None:
             await self.client.aclose()
 
@@ -151,17 +180,22 @@ class ClaimCache:
         return f"{self.prefix}:revoked:{jti}"
 
     async def lookup(self, digest: str, jti_hint: str | None) -> tuple[bool, Claims | None, bool]:
-        """One round trip: cached claims for a token digest, and whether ``jti_hint`` is revoked.
+        """Cached claims for a token digest, and whether ``jti_hint`` is revoked (batched).
 
         ``jti_hint`` is read from the token's payload without verification; it equals the
         cached claims' ``jti`` whenever those exist (same digest, same payload).
         Returns ``(redis_ok, claims or None, revoked)``.
         """
+        if self.client is None or self.breaker.blocking:
+            return False, None, False
         keys = [self._claims_key(digest)]
         if jti_hint:
             keys.append(self._revoked_key(jti_hint))
-        ok, values = await self._run(lambda: self.client.mget(keys))
-        if not ok:
+        fut: asyncio.Future[list[Any] | None] = asyncio.get_running_loop().create_future()
+        self._lookups.append((keys, fut))
+        self._kick()
+        values = await fut
+        if values is None:
             return False, None, False
         claims = None
         if values[0] is not None:
@@ -172,18 +206,57 @@ class ClaimCache:
         revoked = len(values) > 1 and values[1] is not None
         return True, claims, revoked
 
+    def _kick(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Send pending lookups and stores, one pipeline at a time, until none are left."""
+        lookups: list[tuple[list[str], asyncio.Future[list[Any] | None]]] = []
+        try:
+            while self._lookups or self._stores:
+                lookups, self._lookups = self._lookups[: self.MAX_BATCH], self._lookups[self.MAX_BATCH :]
+                stores, self._stores = self._stores, []
+                keys = [k for ks, _ in lookups for k in ks]
+
+                async def op(keys: list[str] = keys, stores: list[tuple[str, bytes, int]] = stores) -> Any:
+                    # Stores first: a lookup queued after a store sees it (read your writes).
+                    pipe = self.client.pipeline(transaction=False)
+                    for key, value, ttl_s in stores:
+                        pipe.set(key, value, ex=ttl_s)
+                    if keys:
+                        pipe.mget(keys)
+                    return await pipe.execute()
+
+                ok, results = await self._run(op)
+                values: list[Any] = results[-1] if ok and keys else []
+                i = 0
+                for ks, fut in lookups:
+                    if not fut.done():
+                        fut.set_result(values[i : i + len(ks)] if ok else None)
+                    i += len(ks)
+                if not ok and stores and self.on_store_lost is not None:
+                    self.on_store_lost(len(stores))
+        finally:
+            self._flusher = None
+            for _, fut in [*lookups, *self._lookups]:  # cancelled or broken: nobody waits forever
+                if not fut.done():
+                    fut.set_result(None)
+            self._lookups.clear()
+
     async def is_revoked(self, jti: str) -> bool | None:
         """Whether ``jti`` is on the shared revocation list; None when Redis did not answer."""
         ok, n = await self._run(lambda: self.client.exists(self._revoked_key(jti)))
         return bool(n) if ok else None
 
-    async def store(self, digest: str, claims: Claims) -> bool:
-        """Cache verified claims until the token expires; False when Redis did not take them."""
+    def store(self, digest: str, claims: Claims) -> None:
+        """Cache verified claims until the token expires (queued for the next batch; a lost
+        batch is reported through ``on_store_lost``)."""
         ttl_s = claims.exp - int(time.time())
-        if ttl_s <= 0:
-            return True
-        ok, _ = await self._run(lambda: self.client.set(self._claims_key(digest), _claims_enc.encode(claims), ex=ttl_s))
-        return ok
+        if ttl_s <= 0 or self.client is None or self.breaker.blocking:
+            return
+        self._stores.append((self._claims_key(digest), _claims_enc.encode(claims), ttl_s))
+        self._kick()
 
     async def revoke(self, digest: str, jti: str, exp: int) -> bool:
         """Put ``jti`` on the shared revocation list until ``exp`` and drop the token's cached

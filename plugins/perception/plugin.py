@@ -14,6 +14,7 @@ asking a model which tags apply; a tag the model names scores at least
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -126,12 +127,20 @@ def trigram_vector(text: str) -> dict[int, float]:
     """A unit-length sparse vector of hashed character trigrams of the words of ``text``."""
     vec: dict[int, float] = {}
     for w in _WORD.findall(text.lower()):
-        padded = f"#{w.strip('.')}#"
-        for i in range(len(padded) - 2):
-            h = int.from_bytes(hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "little")
+        for h in _word_trigrams(w):
             vec[h] = vec.get(h, 0.0) + 1.0
     norm = math.sqrt(sum(v * v for v in vec.values()))
     return {k: v / norm for k, v in vec.items()} if norm else vec
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _word_trigrams(word: str) -> tuple[int, ...]:
+    """The hashed trigrams of one lower-cased word (cached: hashing was most of perceive's CPU)."""
+    padded = f"#{word.strip('.')}#"
+    return tuple(
+        int.from_bytes(hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "little")
+        for i in range(len(padded) - 2)
+    )
 
 
 def _cosine(a: dict[int, float], b: dict[int, float]) -> float:
