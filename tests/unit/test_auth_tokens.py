@@ -12,11 +12,13 @@ import json
 import time
 
 import jwt
+import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from plugins.auth.cache import Denylist
+from plugins.auth.contract import Claims
 from plugins.auth.errors import InvalidToken
 from plugins.auth.tokens import KeyRing, TokenService, token_digest
 
@@ -233,3 +235,143 @@ def test_denylist_holds_until_exp_and_prunes() -> None:
     assert len(d) == 1001
     d.add("later", int(now) + 120, now=now + 2)  # every j* has expired by then: pruned
     assert len(d) == 2 and "live" in d and "later" in d
+
+
+# -- the verifier against jwt.decode ----------------------------------------------------
+
+_OFFSETS = [-1000, -20, 20, 1000]  # far from the 5 s leeway: no flaky boundaries
+_MISSING = object()
+
+
+def _reference_accepts(svc: TokenService, token: str) -> dict[str, object] | None:
+    """What PyJWT's ``jwt.decode`` (the verifier before the lean one) accepts: its payload or None.
+
+    Documented differences, applied here: padding (``=``) is refused (PyJWT accepts it for
+    AWS ALB's tokens), as are ``crit`` and ``b64`` headers and NumericDates that are not
+    JSON numbers (PyJWT takes ``true`` as 1). Then the claims go through ``Claims`` as they
+    did after ``jwt.decode`` (an ``iat`` of ``1500.0`` is refused there).
+    """
+    if "=" in token:
+        return None
+    try:
+        header = jwt.get_unverified_header(token)
+        key = svc.ring.keys.get(header.get("kid"))  # type: ignore[arg-type]
+        if key is None or header.get("alg") != key.algorithm or "crit" in header or "b64" in header:
+            return None
+        payload: dict[str, object] = jwt.decode(
+            token, key.key, algorithms=[key.algorithm], audience=svc.audience, issuer=svc.issuer,
+            leeway=svc.leeway_s, options={"require": ["exp", "iat", "nbf", "sub", "jti", "iss", "aud"]},
+        )  # fmt: skip
+        if any(isinstance(payload[c], bool) for c in ("iat", "nbf", "exp")):
+            return None
+        fields = {"sub": payload["sub"], "jti": payload["jti"], "exp": payload["exp"], "iat": payload["iat"]}
+        msgspec.convert({**fields, "username": payload.get("username", ""), "scopes": payload.get("scopes", [])}, Claims)
+        return payload
+    except (jwt.PyJWTError, ValueError, TypeError, msgspec.ValidationError):
+        return None
+
+
+def _mutate(token: str, how: int, where: int) -> str:
+    if how == 0:
+        return token
+    if how == 1:  # flip one character
+        i = where % len(token)
+        c = token[i]
+        return token[:i] + ("A" if c != "A" else "B") + token[i + 1 :]
+    if how == 2:  # drop the last character
+        return token[:-1]
+    if how == 3:  # padding on a segment
+        parts = token.split(".")
+        parts[where % 3] += "="
+        return ".".join(parts)
+    if how == 4:  # a fourth segment
+        return token + ".e30"
+    parts = token.split(".")  # swap two segments
+    i, j = where % 3, (where + 1) % 3
+    parts[i], parts[j] = parts[j], parts[i]
+    return ".".join(parts)
+
+
+@pytest.fixture(scope="module")
+def diff_services(keys: dict[str, str]) -> dict[str, tuple[TokenService, TokenService]]:
+    """Per algorithm: (verifying service with k1 and rotated k2, a service signing with k2)."""
+    out = {}
+    for alg in ("HS256", "RS256", "ES256", "EdDSA"):
+        other = OTHER_SECRET if alg == "HS256" else keys["RS256" if alg != "RS256" else "ES256"]
+        other_alg = alg if alg == "HS256" else ("RS256" if alg != "RS256" else "ES256")
+        verifier = service(KeyRing("k1", alg, keys[alg], [("k2", other_alg, other)]))
+        out[alg] = (verifier, service(KeyRing("k2", other_alg, other)))
+    return out
+
+
+def test_verify_agrees_with_jwt_decode(diff_services: dict[str, tuple[TokenService, TokenService]]) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from jwt.algorithms import get_default_algorithms
+
+    dates = st.one_of(st.sampled_from(_OFFSETS), st.just(_MISSING), st.sampled_from(["soon", None, True, 1.5e3]))
+    claims = st.fixed_dictionaries(
+        {
+            "iat": dates,
+            "nbf": dates,
+            "exp": dates,
+            "iss": st.sampled_from(["aiwfe", "other", 5, None, _MISSING]),
+            "aud": st.sampled_from(["aiwfe", ["x", "aiwfe"], ["x"], "other", [], "", 3, ["aiwfe", 3], _MISSING]),
+            "sub": st.sampled_from(["u1", _MISSING]),
+            "jti": st.sampled_from(["j1", _MISSING]),
+        }
+    )
+    headers = st.fixed_dictionaries(
+        {
+            "kid": st.sampled_from(["k1", "k2", "nope", 7, _MISSING]),
+            "alg": st.sampled_from(["HS256", "RS256", "ES256", "EdDSA", "none", "HS512", _MISSING]),
+            "extra": st.sampled_from([_MISSING, ("crit", ["exp"]), ("b64", False), ("typ", "JWT")]),
+        }
+    )
+
+    @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        st.sampled_from(["HS256", "RS256", "ES256", "EdDSA"]),
+        claims,
+        headers,
+        st.booleans(),
+        st.integers(0, 5),
+        st.integers(0, 10_000),
+        st.integers(0, 3),
+    )
+    def check(alg: str, cl: dict[str, object], hd: dict[str, object], by_other: bool, how: int, where: int, good: int) -> None:
+        verifier, other = diff_services[alg]
+        now = int(time.time())
+        if good == 0:  # a quarter of the cases: valid claims and header, only the mutation (if any) varies
+            cl = {"iat": -20, "nbf": -20, "exp": 1000, "iss": "aiwfe", "aud": ["x", "aiwfe"], "sub": "u1", "jti": "j1"}
+            hd = {"kid": "k2" if by_other else "k1", "alg": (other if by_other else verifier).ring.algorithm, "extra": _MISSING}
+        payload = {"username": "alice", "scopes": []}
+        for name, value in cl.items():
+            if value is _MISSING:
+                continue
+            payload[name] = now + value if isinstance(value, int) and not isinstance(value, bool) else value
+        signer = other if by_other else verifier
+        header = {k: v for k, v in hd.items() if k in ("kid", "alg") and v is not _MISSING}
+        if isinstance(hd["extra"], tuple):
+            header[hd["extra"][0]] = hd["extra"][1]
+        sign_alg = signer.ring.algorithm
+        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
+        if header.get("alg") == "none":
+            signature = b""
+        else:  # the signer's own algorithm, whatever the header claims
+            signature = get_default_algorithms()[sign_alg].sign(signing_input.encode(), signer.ring.signing_key)
+        token = f"{signing_input}.{b64(signature)}"
+        token = _mutate(token, how, where)
+        expected = _reference_accepts(verifier, token)
+        try:
+            got = verifier.verify(token)
+        except InvalidToken:
+            assert expected is None, (token, expected)
+            return
+        assert expected is not None, token
+        assert (got.sub, got.jti, got.exp) == (expected["sub"], expected["jti"], expected["exp"])
+        accepted.append(token)
+
+    accepted: list[str] = []
+    check()
+    assert len(accepted) >= 5, "the generator must reach the accepting path too"

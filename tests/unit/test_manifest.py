@@ -72,3 +72,12 @@ def test_shipped_manifests_load(name: str, repo_root: Path) -> None:
     assert m.pods
     everything = {p for pod in m.pods.values() for p in pod.plugins}
     assert {"perception", "reasoning"} <= everything
+
+
+def test_gc_thresholds_are_three_positive_integers_or_empty() -> None:
+    base = '[pods.api]\nplugins = ["perception"]\n[system]\n'
+    assert parse_manifest(base, env={}).system.gc_thresholds == (50_000, 20, 100)
+    assert parse_manifest(base + "gc_thresholds = []", env={}).system.gc_thresholds == ()
+    for bad in ("[1, 2]", "[0, 10, 10]", "[700, 10, 10, 10]"):
+        with pytest.raises(ConfigError, match="gc_thresholds"):
+            parse_manifest(base + f"gc_thresholds = {bad}", env={})

@@ -288,3 +288,15 @@ async def test_dead_letters_replay_under_the_same_job_id(start_pods: StartPods) 
         assert first[-1].type == "job.failed"
         after = [ev.type async for ev in k.job_events(job_id, after_seq=first[-1].seq)]
         assert after == ["job.replayed", "probe.progressed", "job.done"]
+
+
+async def test_a_ready_pod_sets_its_gc_thresholds_and_restores_them_when_stopped(prefix: str) -> None:
+    import gc
+
+    before = gc.get_threshold()
+    m = parse_manifest(f'[system]\nsubject_prefix = "{prefix}"\ngc_thresholds = [12345, 7, 9]\n[pods.p]\nplugins = []\n', env={})
+    async with PodRunner(m, "p", LocalBus(prefix), ops_port=0):
+        assert gc.get_threshold() == (12345, 7, 9)
+        assert gc.get_freeze_count() > 0  # the start's objects are out of the collector's scans
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0
