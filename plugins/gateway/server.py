@@ -17,19 +17,22 @@ small race), has no WebSocket message-size limit or protocol pings of its own (o
 gateway's frame check after the frame was buffered, and the idle timeout), and does its
 socket I/O in Rust threads.
 
-Measured on the 2-core development machine (shared, 1-minute load average 2–7 from other
-work while measuring; ``aiwfe bench ws`` / a handshake burst against a bare echo):
+Measured on the 2-core development machine (load generator, NATS and the other pod on the
+same cores; ``aiwfe bench ws`` and ``aiwfe bench auth-burst``):
 
-* bare echo, 1,000 sockets × 1 msg/s: uvicorn p99 1–4 ms, Granian p99 ≈ 48 ms;
-* 2,000 handshakes offered within one second, bare echo: uvicorn p50 ≈ 123 ms /
-  p99 ≈ 235 ms, Granian p50 ≈ 44 ms / p99 ≈ 130 ms;
-* through the gateway (``call`` frame → NATS → perception pod → back): both carry 1,000
-  to 2,000 sockets at p99 17–55 ms; at 5,000 both saturate on this machine (as does a bare
-  echo under Granian), uvicorn's knee being ≈ 3,000 messages/s.
+* through the gateway (``call`` frame → NATS → perception pod → back), uvicorn: 1,000
+  sockets × 1 msg/s p99 ≈ 2.4 ms, 5,000 sockets p99 ≈ 21 ms (bare echo 0.7 / 1.4 ms).
+  Before :class:`WsProtocol`, the pod's garbage-collector thresholds (``kernel.pod``) and
+  the perception plugin's trigram cache, 5,000 sockets saturated the gateway (p99 ≈ 2 s);
+* 2,000 handshakes with token checks plus 200 logins offered within one second: connect
+  p99 ≈ 90 ms with ``httptools``; h11's pure-Python parser took ≈ 15 % of the gateway's
+  CPU in that burst;
+* Granian (before those changes): bare echo at 1,000 sockets p99 ≈ 48 ms against
+  uvicorn's 1–4 ms; faster handshakes (2,000 in a second against a bare echo: p99 ≈ 130 ms
+  vs 235 ms with h11).
 
-Neither wins clearly here; uvicorn stays the default for the protocol-level frame limit,
-keepalive pings and the exact port. Past ~3,000 messages/s per pod, run more gateway
-replicas (one per core).
+uvicorn stays the default for the protocol-level frame limit, keepalive pings, write
+backpressure and the exact port.
 """
 
 from __future__ import annotations
