@@ -1,8 +1,8 @@
 """Error types shared by the local and the remote call paths.
 
-Every error a caller can see is an :class:`AiwfeError` with a ``code`` and a
-``retryable`` flag. On the wire an error travels in the ``Aiwfe-Error`` header as JSON
-``{"type", "message", "retryable"}`` and is rebuilt into the same class by
+Every error a caller can see is an :class:`AiwfeError` with a ``code``, a ``retryable``
+flag and, when the raiser knows it, ``retry_after_s``. On the wire an error travels in the
+``Aiwfe-Error`` header as JSON ``{"type", "message", "retryable", "retry_after_s"?}`` and is rebuilt into the same class by
 :func:`from_wire`, so a caller cannot tell whether the handler ran in-process.
 """
 
@@ -29,14 +29,16 @@ __all__ = [
 
 
 class AiwfeError(Exception):
-    """Base class. ``retryable`` says whether the same call may succeed later."""
+    """Base class. ``retryable`` says whether the same call may succeed later;
+    ``retry_after_s``, when the raiser knows, how soon (the gateway's ``Retry-After``)."""
 
     code: ClassVar[str] = "error"
     retryable: bool = False
 
-    def __init__(self, message: str = "", *, retryable: bool | None = None) -> None:
+    def __init__(self, message: str = "", *, retryable: bool | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.retry_after_s = retry_after_s
         if retryable is not None:
             self.retryable = retryable
 
@@ -102,8 +104,10 @@ class RemoteError(AiwfeError):
 
     code = "remote_error"
 
-    def __init__(self, type: str, message: str, *, retryable: bool = False, declared: bool = False) -> None:
-        super().__init__(message, retryable=retryable)
+    def __init__(
+        self, type: str, message: str, *, retryable: bool = False, declared: bool = False, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, retryable=retryable, retry_after_s=retry_after_s)
         self.type = type
         self.declared = declared
 
@@ -117,20 +121,22 @@ _KNOWN: dict[str, type[AiwfeError]] = {
 }
 
 
-class _WireError(msgspec.Struct, frozen=True):
+class _WireError(msgspec.Struct, frozen=True, omit_defaults=True):
     type: str
     message: str
     retryable: bool = False
+    retry_after_s: float | None = None  # omitted when unknown; older readers ignore it
 
 
 def to_wire(exc: BaseException) -> bytes:
     """Encode ``exc`` for the ``Aiwfe-Error`` header. Non-kernel errors become RemoteError."""
+    hint = getattr(exc, "retry_after_s", None)
     if isinstance(exc, RemoteError):
-        w = _WireError(exc.type, exc.message, exc.retryable)
+        w = _WireError(exc.type, exc.message, exc.retryable, hint)
     elif type(exc).__name__ in _KNOWN and isinstance(exc, AiwfeError):
-        w = _WireError(type(exc).__name__, exc.message, exc.retryable)
+        w = _WireError(type(exc).__name__, exc.message, exc.retryable, hint)
     else:
-        w = _WireError(type(exc).__name__, str(exc), bool(getattr(exc, "retryable", False)))
+        w = _WireError(type(exc).__name__, str(exc), bool(getattr(exc, "retryable", False)), hint)
     return msgspec.json.encode(w)
 
 
@@ -141,7 +147,8 @@ def as_remote(exc: BaseException) -> AiwfeError:
     if isinstance(exc, RemoteError):
         return exc
     declared = getattr(exc, "retryable", None)
-    return RemoteError(type(exc).__name__, str(exc), retryable=bool(declared), declared=declared is not None)
+    hint = getattr(exc, "retry_after_s", None)
+    return RemoteError(type(exc).__name__, str(exc), retryable=bool(declared), declared=declared is not None, retry_after_s=hint)
 
 
 def from_wire(raw: str | bytes) -> AiwfeError:
@@ -152,5 +159,5 @@ def from_wire(raw: str | bytes) -> AiwfeError:
         return RemoteError("UnknownError", str(raw))
     known = _KNOWN.get(w.type)
     if known is not None:
-        return known(w.message, retryable=w.retryable)
-    return RemoteError(w.type, w.message, retryable=w.retryable)
+        return known(w.message, retryable=w.retryable, retry_after_s=w.retry_after_s)
+    return RemoteError(w.type, w.message, retryable=w.retryable, retry_after_s=w.retry_after_s)

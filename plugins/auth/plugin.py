@@ -113,7 +113,8 @@ def _lower_thread_priority(priority: str) -> None:
 
 class KdfGate:
     """Admission to the bounded password-hashing pool: admit a caller only when its hash
-    is expected to start within ``max_wait_s``, else answer Overloaded at once.
+    is expected to start within ``max_wait_s``, else answer Overloaded at once, with the
+    seconds until one would be admitted as its ``retry_after_s`` (at least 1).
 
     The expected wait is ``ceil((pending + 1) / workers) * average hash time``; the
     average is a moving one of measured hash times (queue wait excluded). A slot is
@@ -142,7 +143,11 @@ class KdfGate:
         """
         wait_s = self.expected_wait_s()
         if self.pending and wait_s > self.max_wait_s:
-            raise Overloaded(f"auth: password hashing saturated (~{wait_s:.1f} s of work queued); retry later")
+            # The hint: when the work queued now would let a new hash start within max_wait_s.
+            raise Overloaded(
+                f"auth: password hashing saturated (~{wait_s:.1f} s of work queued); retry later",
+                retry_after_s=round(max(1.0, wait_s - self.max_wait_s), 1),
+            )
         self.pending += 1
         try:
             yield

@@ -103,7 +103,7 @@ def http_error(gw: GatewayPlugin, e: AiwfeError) -> HTTPException:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return HTTPException(status_code=status, detail=f"{e.type}: {e.message}", headers=headers)
     if e.retryable:
-        retry = str(max(1, math.ceil(gw.config.retry_after_s)))
+        retry = str(max(1, math.ceil(e.retry_after_s or gw.config.retry_after_s)))
         return HTTPException(status_code=503, detail=f"{e.code}: {e.message}", headers={"Retry-After": retry})
     return HTTPException(status_code=502, detail=f"{e.code}: {e}")
 

@@ -57,7 +57,8 @@ class GatewayPlugin(Plugin):
         ``ws_calls``: request contract addresses a WebSocket ``call`` frame may use (each
         must be one of the gateway's declared ``calls``).
         ``verify_timeout_s``/``call_timeout_s``: deadlines of token checks and ``call`` frames.
-        ``retry_after_s``: the hint sent with 503 and retryable error frames.
+        ``retry_after_s``: the hint sent with 503 and retryable error frames when the error
+        carries none of its own (the auth plugin's hashing gate sends its estimate).
         ``backlog``: listen backlog (bursts of connects queue here).
         ``keep_alive_s``: idle HTTP keep-alive before the server closes a connection; longer
         than clients' pools keep idle connections, so a reused one is not closed under a request.

@@ -358,7 +358,7 @@ class Connection:
         if isinstance(e, RemoteError):
             frame["code"] = e.type
         if e.retryable:
-            frame["retry_after_s"] = self.gw.config.retry_after_s
+            frame["retry_after_s"] = e.retry_after_s or self.gw.config.retry_after_s
         return frame
 
     async def _submit(self, f: frames.Submit) -> None:

@@ -300,3 +300,22 @@ async def test_a_ready_pod_sets_its_gc_thresholds_and_restores_them_when_stopped
         assert gc.get_freeze_count() > 0  # the start's objects are out of the collector's scans
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == 0
+
+
+def test_retry_hint_travels_with_the_error_and_is_omitted_when_unknown() -> None:
+    from kernel.errors import Overloaded, RemoteError, as_remote, from_wire, to_wire
+
+    raw = to_wire(Overloaded("busy", retry_after_s=2.5))
+    back = from_wire(raw)
+    assert isinstance(back, Overloaded) and back.retryable and back.retry_after_s == 2.5
+    assert b"retry_after_s" not in to_wire(Overloaded("busy"))
+    assert from_wire(to_wire(Overloaded("busy"))).retry_after_s is None
+
+    class Saturated(Exception):
+        retryable = True
+        retry_after_s = 4.0
+
+    remote = from_wire(to_wire(as_remote(Saturated("later"))))
+    assert isinstance(remote, RemoteError) and remote.type == "Saturated" and remote.retry_after_s == 4.0
+    # an older reader's header (no hint) still decodes
+    assert from_wire(b'{"type":"Overloaded","message":"m","retryable":true}').retry_after_s is None
