@@ -16,9 +16,12 @@ real auth plugin (PostgreSQL pool, Redis claim cache), and reports:
 * ``redis_down_failures``: the same burst (fresh tokens) after the benchmark's own
   Valkey has been stopped (the system Redis is never touched).
 
-Processes: one server (gateway + auth pod on a private nats-server and Valkey; database
-from ``DATABASE_URL`` in a schema of its own, else an embedded PostgreSQL) and
-``--clients`` load generators. Last line: one JSON object.
+Processes: ``--replicas`` servers (default 2, the consolidated manifest's ``min_replicas``
+for the gateway pod), each a gateway + auth pod on a private nats-server and Valkey,
+sharing one port with ``SO_REUSEPORT`` so that the kernel spreads the connections as a
+Service spreads them over pods (database from ``DATABASE_URL`` in a schema of its own,
+else an embedded PostgreSQL), and ``--clients`` load generators. ``pool_max_in_use`` is the
+highest of any replica (each has its own pool of ``pool_max``). Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -62,12 +65,12 @@ def make_token(sub: str) -> str:
 # -- server ---------------------------------------------------------------------------
 
 
-async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: str) -> None:
+async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: str, port: int, pod_name: str) -> None:
     from bus.nats import NatsBus
     from kernel.manifest import parse_manifest
     from kernel.pod import PodRunner
 
-    prefix = f"benchburst{os.getpid()}"
+    prefix = f"benchburst{os.getppid()}"  # the same for every replica (one orchestrator)
     m = parse_manifest(
         f"""
         [system]
@@ -76,9 +79,10 @@ async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: s
         [pods.edge]
         plugins = ["gateway", "auth"]
         [plugins.gateway]
-        port = 0
+        port = {port}
         server = "{server}"
         backlog = 8192
+        reuse_port = true
         [plugins.auth]
         database_url = "{db_url}"
         redis_url = "{redis_url}"
@@ -87,7 +91,7 @@ async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: s
         {kdf}
         """
     )
-    async with PodRunner(m, "edge", NatsBus(nats_url, prefix, name="edge"), ops_port=0) as pod:
+    async with PodRunner(m, "edge", NatsBus(nats_url, prefix, name=pod_name), ops_port=0) as pod:
         gw: Any = pod.plugins["gateway"]
         auth: Any = pod.plugins["auth"]
         pool = auth.store.pool
@@ -249,6 +253,14 @@ def _burst(url: str, args: argparse.Namespace, users: list[str]) -> dict[str, An
     }
 
 
+def _ready_url(p: subprocess.Popen[str]) -> str:
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    if not line.startswith("READY "):
+        raise RuntimeError(f"server did not start: {line!r}")
+    return line.split()[1]
+
+
 def _register(url: str, n: int) -> list[str]:
     import httpx
 
@@ -282,45 +294,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _database() as db_url,
         EmbeddedValkey(os.path.join(tmp, "valkey")) as valkey,
     ):
-        server = _spawn(
-            "--role", "server", "--nats", nats_url, "--db", db_url, "--redis", valkey.url, "--kdf", kdf, "--server", args.server
-        )  # fmt: skip
+        common = ["--role", "server", "--nats", nats_url, "--db", db_url, "--redis", valkey.url, "--kdf", kdf,
+                  "--server", args.server]  # fmt: skip
+        servers: list[subprocess.Popen[str]] = []
         try:
-            assert server.stdout is not None
-            line = server.stdout.readline()
-            if not line.startswith("READY "):
-                raise RuntimeError(f"server did not start: {line!r}")
-            url = line.split()[1]
+            # Replica 1 binds a free port; the others bind the same one (SO_REUSEPORT), and
+            # the kernel spreads the connections over them, as a Service does over pods.
+            servers.append(_spawn(*common, "--port", "0", "--pod-name", "edge-0"))
+            url = _ready_url(servers[0])
+            port = url.rsplit(":", 1)[1]
+            for i in range(1, args.replicas):
+                servers.append(_spawn(*common, "--port", port, "--pod-name", f"edge-{i}"))
+                _ready_url(servers[-1])
             users = _register(url, args.users)
-            _ask(server, "STATS")  # reset the pool peak after registration
+            for s in servers:
+                _ask(s, "STATS")  # reset the pool peak after registration
             up = _burst(url, args, users)
-            pool = _ask(server, "STATS")
+            pool = [_ask(s, "STATS") for s in servers]
             valkey.stop()
             down = _burst(url, args, users)
-            pool_down = _ask(server, "STATS")
+            pool_down = [_ask(s, "STATS") for s in servers]
         finally:
-            with contextlib.suppress(Exception):
-                assert server.stdin is not None
-                server.stdin.write("QUIT\n")
-                server.stdin.close()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            for server in servers:
+                with contextlib.suppress(Exception):
+                    assert server.stdin is not None
+                    server.stdin.write("QUIT\n")
+                    server.stdin.close()
+            for server in servers:
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
     failures = len(up["connect_failures"]) + len(up["login_failures"])
     return {
         "connects": args.connects,
         "logins": args.logins,
         "failures": failures,
         "p99_connect_ms": up["p99_connect_ms"],
-        "pool_max_in_use": max(pool["pool_max_in_use"], pool_down["pool_max_in_use"]),
-        "pool_max": pool["pool_max"],
+        "pool_max_in_use": max(p["pool_max_in_use"] for p in (*pool, *pool_down)),  # per replica
+        "pool_max": pool[0]["pool_max"],
         "redis_down_failures": len(down["connect_failures"]) + len(down["login_failures"]),
         "p50_connect_ms": up["p50_connect_ms"],
         "login_retries": up["login_retries"],
         "redis_down_p99_connect_ms": down["p99_connect_ms"],
         "redis_down_login_retries": down["login_retries"],
         "window_s": args.window,
+        "replicas": args.replicas,
         "server": args.server,
         "failure_samples": (up["connect_failures"] + up["login_failures"] + down["connect_failures"] + down["login_failures"])[
             :5
@@ -338,6 +357,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--users", type=int, default=20, help="registered users the logins cycle through")
     p.add_argument("--window", type=float, default=1.0, help="seconds the burst is spread over")
     p.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="gateway+auth pod processes sharing the port (default 2: the consolidated manifest's min_replicas)",
+    )
     p.add_argument("--kdf-time-cost", type=int, default=0, help="argon2 time cost (default: the auth plugin's)")
     p.add_argument("--kdf-memory-kib", type=int, default=0, help="argon2 memory (default: the auth plugin's)")
     p.add_argument(
@@ -351,10 +376,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--db", help=argparse.SUPPRESS)
     p.add_argument("--redis", help=argparse.SUPPRESS)
     p.add_argument("--kdf", default="", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--pod-name", default="edge", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     raise_nofile()
     if args.role == "server":
-        asyncio.run(_serve(args.nats, args.db, args.redis, args.kdf, args.server))
+        asyncio.run(_serve(args.nats, args.db, args.redis, args.kdf, args.server, args.port, args.pod_name))
     elif args.role == "client":
         c = json.loads(args.config)
         out = asyncio.run(_client(c["url"], c["connects"], c["logins"], c["users"], c["window_s"], c["start_at"]))

@@ -60,6 +60,9 @@ class GatewayPlugin(Plugin):
         ``retry_after_s``: the hint sent with 503 and retryable error frames when the error
         carries none of its own (the auth plugin's hashing gate sends its estimate).
         ``backlog``: listen backlog (bursts of connects queue here).
+        ``reuse_port``: bind with ``SO_REUSEPORT`` so that several gateway processes on one
+        host share the port and the kernel spreads connections over them (Linux; replicas
+        behind a Service need it not).
         ``keep_alive_s``: idle HTTP keep-alive before the server closes a connection; longer
         than clients' pools keep idle connections, so a reused one is not closed under a request.
         """
@@ -85,6 +88,7 @@ class GatewayPlugin(Plugin):
         retry_after_s: float = 1.0
         backlog: int = 4096
         keep_alive_s: float = 75.0
+        reuse_port: bool = False
 
     config: Config
 
@@ -118,6 +122,7 @@ class GatewayPlugin(Plugin):
             ping_timeout_s=cfg.ping_timeout_s,
             backlog=cfg.backlog,
             keep_alive_s=cfg.keep_alive_s,
+            reuse_port=cfg.reuse_port,
         )
         await self.server.start()
         host = cfg.public_host or ("127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host)

@@ -52,8 +52,10 @@ __all__ = ["EmbeddedGranian", "EmbeddedServer", "WsProtocol", "bind_socket"]
 log = logging.getLogger("aiwfe.gateway.server")
 
 
-def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
+def bind_socket(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> socket.socket:
     """Bind and listen on ``host:port`` (0 = a free port); return the socket.
+
+    ``reuse_port``: ``SO_REUSEPORT``, so that other processes may bind the same port.
 
     Raises:
         OSError: the address is taken or not available.
@@ -62,6 +64,8 @@ def bind_socket(host: str, port: int, backlog: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -122,10 +126,12 @@ class EmbeddedServer:
         backlog: int = 4096,
         graceful_s: float = 5.0,
         keep_alive_s: float = 75.0,
+        reuse_port: bool = False,
     ) -> None:
         self.host = host
         self.port = port
         self.backlog = backlog
+        self.reuse_port = reuse_port
         self.config = uvicorn.Config(
             app,
             lifespan="off",
@@ -158,7 +164,7 @@ class EmbeddedServer:
             OSError: the address could not be bound.
             RuntimeError: the server stopped while starting.
         """
-        self.sock = bind_socket(self.host, self.port, self.backlog)
+        self.sock = bind_socket(self.host, self.port, self.backlog, reuse_port=self.reuse_port)
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[self.sock]))
         while not self.server.started:
             if self.task.done():

@@ -56,3 +56,33 @@ async def test_reading_pauses_only_at_the_high_water_mark_and_resumes_when_drain
         writer.close()
     finally:
         await server.stop()
+
+
+async def test_reuse_port_lets_two_servers_share_one_port() -> None:
+    seen: set[int] = set()
+
+    def app_for(n: int) -> Any:
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await receive()
+            seen.add(n)
+            await send({"type": "websocket.accept"})
+            await send({"type": "websocket.close", "code": 1000})
+
+        return app
+
+    kw: dict[str, Any] = {"host": "127.0.0.1", "max_frame_bytes": 1024, "ping_interval_s": 0, "ping_timeout_s": 0}
+    first = EmbeddedServer(app_for(1), port=0, reuse_port=True, **kw)
+    await first.start()
+    second = EmbeddedServer(app_for(2), port=first.bound_port, reuse_port=True, **kw)
+    await second.start()
+    try:
+        assert second.bound_port == first.bound_port
+        for _ in range(200):  # the kernel spreads connections over both listeners
+            _reader, writer = await raw_ws_open(f"ws://127.0.0.1:{first.bound_port}/", "unused")
+            writer.close()
+            if seen == {1, 2}:
+                break
+        assert seen == {1, 2}
+    finally:
+        await second.stop()
+        await first.stop()
