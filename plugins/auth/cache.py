@@ -89,7 +89,6 @@ class ClaimCache:
         retry_s: breaker open time after a failure.
         max_connections: Redis operations in flight at once; past it a call skips Redis
             (a burst is served from signatures rather than queued behind the cache).
-
         on_store_lost: called with the number of stores a failed batch lost.
 
     Every method swallows Redis failures (they open the breaker) and reports them

@@ -214,9 +214,9 @@ class AuthPlugin(Plugin):
         With ``idle`` a login burst hashes only on CPU time nothing else wants, so token
         checks and open sockets keep their latency; a CPU-starved hash shows in the gate's
         measured hash time, which turns further logins into 503 + Retry-After at once.
-        Measured with ``aiwfe bench auth-burst`` (2,000 handshakes + 200 logins in one
-        second, 2 cores): connect p99 ≈ 140 ms with ``idle``, ≈ 600 ms with ``low``,
-        ≈ 1.1 s with ``normal``.
+        Measured with ``aiwfe bench auth-burst --replicas 1`` (2,000 handshakes + 200
+        logins in one second, 2 cores): connect p99 ≈ 90–140 ms with ``idle``, ≈ 660 ms
+        with ``low``, ≈ 1.2 s with ``normal``.
         """
 
         database_url: str = ""

@@ -1,7 +1,8 @@
 """The ASGI server embedded in the gateway pod's own event loop.
 
-**Default: uvicorn** (``websockets-sansio`` protocol, see :class:`WsProtocol`; ``httptools``, whose C
-parser takes a third off the CPU of a WebSocket handshake compared with h11), run
+**Default: uvicorn** (``websockets-sansio`` protocol, see :class:`WsProtocol`; ``httptools``
+for HTTP, since h11's pure-Python parser was ≈ 15 % of the gateway's CPU in a handshake
+burst), run
 as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
 
 * port 0 gives the exact bound port at once (no probe-then-bind race), which is what
@@ -25,8 +26,9 @@ same cores; ``aiwfe bench ws`` and ``aiwfe bench auth-burst``):
   Before :class:`WsProtocol`, the pod's garbage-collector thresholds (``kernel.pod``) and
   the perception plugin's trigram cache, 5,000 sockets saturated the gateway (p99 ≈ 2 s);
 * 2,000 handshakes with token checks plus 200 logins offered within one second: connect
-  p99 ≈ 90 ms with ``httptools``; h11's pure-Python parser took ≈ 15 % of the gateway's
-  CPU in that burst;
+  p99 71–291 ms with one gateway process, depending on what else the machine runs (its
+  event loop is saturated during the burst); two replicas on one port (``reuse_port``):
+  median 173 ms over five runs;
 * Granian (before those changes): bare echo at 1,000 sockets p99 ≈ 48 ms against
   uvicorn's 1–4 ms; faster handshakes (2,000 in a second against a bare echo: p99 ≈ 130 ms
   vs 235 ms with h11).
