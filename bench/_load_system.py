@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bus.embedded import free_port
 
 __all__ = ["KDF_FAST", "KDF_PRODUCTION", "ManagedSystem", "free_port", "gateway_rss_bytes", "proc_rss_bytes"]
 
@@ -77,13 +78,6 @@ provider = "extractive"
 cache_prefix = "{prefix}:helios:"
 llm_provider = "extractive"
 """
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_rss_bytes(pid: int) -> int:

@@ -35,6 +35,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bus.embedded import free_port
+
 from ._support import emit, nats_server
 
 __all__ = ["main"]
@@ -72,12 +74,6 @@ def _machine_services() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/ready", timeout=1) as r:
@@ -112,7 +108,7 @@ def _pod_ready_s(manifest: str, pod: str, env: dict[str, str], timeout_s: float,
     Raises:
         RuntimeError: the pod exited or was not ready within ``timeout_s`` (with its log tail).
     """
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "kernel.cli", "run", "-m", manifest, "--pod", pod, "--ops-port", str(port)]
     with open(log, "wb") as fh:

@@ -9,6 +9,7 @@ under the directory it is given, so it never collides with a server already runn
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,8 +23,31 @@ from typing import Any, Self
 __all__ = ["ChildServer", "EmbeddedNats", "embedded_cluster", "free_port", "log_tail", "nats_server_binary", "wait_port"]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks from the ephemeral range)."""
+    """A TCP port that is free now, for a server the caller starts next.
+
+    Chosen at random **below** the ephemeral range: a port the OS hands out for port 0 is
+    also what it gives outgoing connections, and one of those (a pod connecting to NATS,
+    say) can take it before the server binds it ("Address already in use", seen in the
+    placement tests). Falls back to the OS's choice when no low port is free.
+    """
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(100):
+        port = rng.randrange(10_000, max(10_001, low))
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
