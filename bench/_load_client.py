@@ -191,7 +191,7 @@ async def _run_users(cfg: dict[str, Any]) -> dict[str, Any]:
 
 async def _run_ws(cfg: dict[str, Any]) -> dict[str, Any]:
     """Open ``cfg['ws']`` sockets, wait for GO, send 1 msg/s each until STOP or the duration; return the figures."""
-    from .ws import RawWs
+    from .ws import RawWs, open_timed
 
     ws_url = cfg["url"].replace("http://", "ws://") + "/v1/ws"
     tokens: list[str] = cfg["tokens"]
@@ -203,14 +203,7 @@ async def _run_ws(cfg: dict[str, Any]) -> dict[str, Any]:
 
     async def open_one(i: int) -> None:
         async with sem:
-            t0 = time.perf_counter()
-            try:
-                ws = await RawWs.connect(ws_url, {"Authorization": f"Bearer {tokens[i % len(tokens)]}"}, timeout_s=30)
-            except Exception as e:
-                failures.append(f"{type(e).__name__}: {e}"[:120])
-                return
-            connect_ms.append((time.perf_counter() - t0) * 1000)
-            conns.append(ws)
+            await open_timed(ws_url, {"Authorization": f"Bearer {tokens[i % len(tokens)]}"}, conns, connect_ms, failures)
 
     await asyncio.gather(*(open_one(i) for i in range(n)))
     print(json.dumps({"ready": len(conns)}), flush=True)

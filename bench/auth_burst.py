@@ -43,7 +43,7 @@ from typing import Any
 import msgspec
 
 from ._support import emit, nats_server, percentile
-from .ws import RawWs, load_avg_1m, raise_nofile
+from .ws import RawWs, load_avg_1m, open_timed, raise_nofile
 
 __all__ = ["main"]
 
@@ -138,14 +138,7 @@ async def _client(url: str, connects: int, logins: int, users: list[str], window
 
     async def connect(i: int) -> None:
         await asyncio.sleep(max(0.0, t_start + window_s * i / max(1, connects) - loop.time()))
-        t0 = time.perf_counter()
-        try:
-            ws = await RawWs.connect(ws_url, {"Authorization": f"Bearer {tokens[i]}"}, timeout_s=30)
-        except Exception as e:
-            failures.append(f"{type(e).__name__}: {e}"[:120])
-            return
-        connect_ms.append((time.perf_counter() - t0) * 1000)
-        opened.append(ws)
+        await open_timed(ws_url, {"Authorization": f"Bearer {tokens[i]}"}, opened, connect_ms, failures)
 
     async def login(c: httpx.AsyncClient, j: int) -> None:
         nonlocal login_ok, retries

@@ -43,7 +43,7 @@ from plugins.auth.contract import Claims, Verify
 
 from ._support import emit, nats_server, percentile
 
-__all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "load_avg_1m", "main", "raise_nofile"]
+__all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "load_avg_1m", "main", "open_timed", "raise_nofile"]
 
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
 AUDIENCE = "aiwfe"
@@ -254,6 +254,26 @@ class RawWs:
             self.writer.close()
 
 
+async def open_timed(
+    url: str,
+    headers: dict[str, str],
+    opened: list[RawWs],
+    connect_ms: list[float],
+    failures: list[str],
+    timeout_s: float = 30.0,
+) -> None:
+    """Open one socket for a load generator: append it to ``opened`` and its handshake time
+    (ms) to ``connect_ms``, or ``"Type: message"`` to ``failures``."""
+    t0 = time.perf_counter()
+    try:
+        ws = await RawWs.connect(url, headers, timeout_s=timeout_s)
+    except Exception as e:
+        failures.append(f"{type(e).__name__}: {e}"[:120])
+        return
+    connect_ms.append((time.perf_counter() - t0) * 1000)
+    opened.append(ws)
+
+
 # -- load generator -------------------------------------------------------------------
 
 
@@ -266,14 +286,7 @@ async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup
     async def open_one(i: int) -> None:
         headers = {"Authorization": f"Bearer {make_token(f'u{os.getpid()}-{i}')}"} if mode == "gateway" else {}
         async with sem:
-            t0 = time.perf_counter()
-            try:
-                ws = await RawWs.connect(url, headers, timeout_s=60)
-            except Exception as e:
-                failures.append(type(e).__name__)
-                return
-            connect_ms.append((time.perf_counter() - t0) * 1000)
-            conns.append(ws)
+            await open_timed(url, headers, conns, connect_ms, failures, timeout_s=60)
 
     await asyncio.gather(*(open_one(i) for i in range(n)))
     print(json.dumps({"connected": len(conns)}), flush=True)
