@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernel import Plugin, Reply, Request, serves
+from aiwfe.kernel import Plugin, Reply, Request, serves
 
 
 class Echoed(Reply):

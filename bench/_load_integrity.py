@@ -87,7 +87,7 @@ async def reconcile(
     (no record after ``settle_s``), ``duplicate_events``, ``missing_rows``,
     ``refused_but_present`` (503'd jobs found anywhere) and ``settle_s`` (time waited).
     """
-    from bus.nats import NatsBus
+    from aiwfe.bus.nats import NatsBus
 
     bus = NatsBus(nats_url, prefix, name="loadtest-reconcile")
     await bus.start()

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bus.embedded import free_port
+from aiwfe.bus.embedded import free_port
 
 __all__ = ["KDF_FAST", "KDF_PRODUCTION", "ManagedSystem", "free_port", "gateway_rss_bytes", "proc_rss_bytes"]
 
@@ -166,7 +166,7 @@ class ManagedSystem:
         self.database_url = os.environ.get("DATABASE_URL", "")
         log = open(self.tmp / "up.log", "w")  # closed by the reader thread
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kernel.cli", "up", "-m", str(manifest), "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "aiwfe.kernel.cli", "up", "-m", str(manifest), "--data-dir", str(data_dir)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             preexec_fn=_interrupt_when_parent_dies,
         )  # fmt: skip

@@ -66,9 +66,9 @@ def make_token(sub: str) -> str:
 
 
 async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: str, port: int, pod_name: str) -> None:
-    from bus.nats import NatsBus
-    from kernel.manifest import parse_manifest
-    from kernel.pod import PodRunner
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.manifest import parse_manifest
+    from aiwfe.kernel.pod import PodRunner
 
     prefix = f"benchburst{os.getppid()}"  # the same for every replica (one orchestrator)
     m = parse_manifest(
@@ -182,7 +182,7 @@ async def _client(url: str, connects: int, logins: int, users: list[str], window
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.auth_burst", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, "-m", "aiwfe.bench.auth_burst", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT
     )
 
 
@@ -199,7 +199,7 @@ def _database() -> Iterator[str]:
     """A database URL with a schema of the benchmark's own (dropped after)."""
     url = os.environ.get("DATABASE_URL", "")
     if not url:
-        from bus.embedded_db import EmbeddedPostgres
+        from aiwfe.bus.embedded_db import EmbeddedPostgres
 
         with tempfile.TemporaryDirectory(prefix="aiwfe-burst-pg-") as d, EmbeddedPostgres(d) as pg:
             yield pg.url
@@ -272,7 +272,7 @@ def _register(url: str, n: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Both bursts (Redis up, then the benchmark's Valkey stopped); return the result object."""
-    from bus.embedded_db import EmbeddedValkey
+    from aiwfe.bus.embedded_db import EmbeddedValkey
 
     kdf = ""
     if args.kdf_time_cost:

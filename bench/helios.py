@@ -41,7 +41,7 @@ MANIFEST = """
 [system]
 subject_prefix = "{prefix}"
 [pods.all]
-plugins = ["helios", "perception", "reasoning", "bench.ws:BenchAuthPlugin", "gateway"]
+plugins = ["helios", "perception", "reasoning", "aiwfe.bench.ws:BenchAuthPlugin", "gateway"]
 [pods.all.handlers."reasoning.reason"]
 concurrency = 8192
 max_queue = 65536
@@ -64,7 +64,7 @@ def _redis(url: str | None) -> Any:
         yield url
         return
     try:
-        from bus.embedded_db import EmbeddedValkey
+        from aiwfe.bus.embedded_db import EmbeddedValkey
     except ImportError:
         yield ""
         return
@@ -74,9 +74,9 @@ def _redis(url: str | None) -> Any:
 
 @contextlib.asynccontextmanager
 async def _system(url: str, prefix: str, redis: str) -> AsyncIterator[Any]:
-    from bus.nats import NatsBus
-    from kernel.manifest import parse_manifest
-    from kernel.pod import PodRunner
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.manifest import parse_manifest
+    from aiwfe.kernel.pod import PodRunner
 
     m = parse_manifest(MANIFEST.format(prefix=prefix, redis=redis), env={})
     async with PodRunner(m, "all", NatsBus(url, prefix, name="bench-helios"), ops_port=0) as pod:
@@ -121,9 +121,9 @@ async def _job_time(k: Any, tap: _Tap, ask: Any) -> tuple[float, float, Any]:
 
 
 async def run(url: str, latency_s: float, concurrent: int, concurrent_latency_s: float, redis: str) -> dict[str, Any]:
-    from plugins.helios.contract import Ask
-    from plugins.helios.experts import DEFAULT_EXPERTS
-    from plugins.reasoning.contract import Reason
+    from aiwfe.plugins.helios.contract import Ask
+    from aiwfe.plugins.helios.experts import DEFAULT_EXPERTS
+    from aiwfe.plugins.reasoning.contract import Reason
 
     prefix = f"benchh{int(time.time() * 1000) % 10**8}"
     question = f"{ALL_TAGS} ({prefix})"  # a question no earlier run has cached
@@ -174,7 +174,7 @@ async def _ws_first_event_ms(pod: Any, question: str, latency_s: float, rounds: 
 
     import websockets
 
-    from bench.ws import make_token
+    from aiwfe.bench.ws import make_token
 
     url = pod.plugins["gateway"].public_url.replace("http://", "ws://") + "/v1/ws"
     samples = []

@@ -226,7 +226,7 @@ class _Client:
 
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench._load_client"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            [sys.executable, "-m", "aiwfe.bench._load_client"], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         self.send(json.dumps(cfg))
         self.ready: dict[str, Any] = {}

@@ -74,7 +74,7 @@ async def _measure(fn: Callable[[str, str], Awaitable[Any]], queries: list[tuple
 
 async def _vector_stores(plugin: Any, memories: list[tuple[str, str]], queries: list[tuple[str, str]]) -> dict[str, Any]:
     """The vector search alone: the plugin's store against qdrant-client's local mode, same data."""
-    from plugins.memory.vectors import ClientIndex, payload_for
+    from aiwfe.plugins.memory.vectors import ClientIndex, payload_for
 
     emb = plugin.embedder
     local = await ClientIndex("bench", plugin.config.embed_dim, location=":memory:").open()
@@ -105,12 +105,12 @@ async def run(
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
     from psycopg.types.json import Jsonb
 
-    from bus.nats import NatsBus
-    from kernel.manifest import parse_manifest
-    from kernel.pod import PodRunner
-    from plugins.memory import pg
-    from plugins.memory.contract import Recall, Remember
-    from plugins.memory.plugin import _RECALL_SQL, MemoryPlugin
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.manifest import parse_manifest
+    from aiwfe.kernel.pod import PodRunner
+    from aiwfe.plugins.memory import pg
+    from aiwfe.plugins.memory.contract import Recall, Remember
+    from aiwfe.plugins.memory.plugin import _RECALL_SQL, MemoryPlugin
 
     schema = f"bench_memory_{os.getpid()}_{int(time.time())}"
     prefix = f"benchmem{int(time.time() * 1000) % 10**8}"

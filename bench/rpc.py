@@ -73,10 +73,10 @@ async def _per_call_us(fn: Callable[[], Awaitable[Any]], n: int) -> float:
 async def run(url: str, seconds: float, rounds: int, inflight: int, faststream: bool) -> dict[str, Any]:
     import nats
 
-    from bench._echo import Echo
-    from bus.nats import NatsBus
-    from kernel.manifest import parse_manifest
-    from kernel.pod import PodRunner
+    from aiwfe.bench._echo import Echo
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.manifest import parse_manifest
+    from aiwfe.kernel.pod import PodRunner
 
     prefix = f"bench{int(time.time() * 1000) % 10**8}"
     payload = msgspec.msgpack.encode(Echo(text=PAYLOAD_TEXT))
@@ -101,9 +101,9 @@ async def run(url: str, seconds: float, rounds: int, inflight: int, faststream: 
         [system]
         subject_prefix = "{prefix}"
         [pods.server]
-        plugins = ["bench._echo:EchoPlugin"]
+        plugins = ["aiwfe.bench._echo:EchoPlugin"]
         [pods.client]
-        plugins = ["bench._echo:CallerPlugin"]
+        plugins = ["aiwfe.bench._echo:CallerPlugin"]
         """
     )
     server = PodRunner(manifest, "server", NatsBus(url, prefix), ops_port=0)

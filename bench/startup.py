@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bus.embedded import free_port
+from aiwfe.bus.embedded import free_port
 
 from ._support import emit, nats_server
 
@@ -110,7 +110,7 @@ def _pod_ready_s(manifest: str, pod: str, env: dict[str, str], timeout_s: float,
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "kernel.cli", "run", "-m", manifest, "--pod", pod, "--ops-port", str(port)]
+    cmd = [sys.executable, "-m", "aiwfe.kernel.cli", "run", "-m", manifest, "--pod", pod, "--ops-port", str(port)]
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -130,7 +130,7 @@ def _up_ready_s(manifest: str, env: dict[str, str], data_dir: Path, expected: in
     Raises:
         RuntimeError: ``up`` exited or was not ready within ``timeout_s`` (with its output tail).
     """
-    cmd = [sys.executable, "-m", "kernel.cli", "up", "-m", manifest, "--data-dir", str(data_dir)]
+    cmd = [sys.executable, "-m", "aiwfe.kernel.cli", "up", "-m", manifest, "--data-dir", str(data_dir)]
     ready: dict[str, float] = {}
     done = threading.Event()
     lines: list[str] = []
@@ -174,7 +174,7 @@ def run(manifest: str, runs: int, timeout_s: float, url: str | None, skip_up: bo
     A start that fails is reported as ``null`` with its reason under ``errors``; the
     other measurements still run.
     """
-    from kernel.manifest import load_manifest
+    from aiwfe.kernel.manifest import load_manifest
 
     m = load_manifest(ROOT / manifest)
     result: dict[str, Any] = {"pods": {}, "max_pod_ready_s": None, "up_ready_s": None}

@@ -38,8 +38,8 @@ from typing import Any
 
 import msgspec
 
-from kernel import Plugin, serves
-from plugins.auth.contract import Claims, Verify
+from aiwfe.kernel import Plugin, serves
+from aiwfe.plugins.auth.contract import Claims, Verify
 
 from ._support import emit, nats_server, percentile
 
@@ -95,10 +95,10 @@ def make_token(sub: str) -> str:
 
 
 def _manifest(prefix: str, local: bool, server: str) -> Any:
-    from kernel.manifest import parse_manifest
+    from aiwfe.kernel.manifest import parse_manifest
 
     worker_plugins = "" if local else '[pods.work]\nplugins = ["perception"]'
-    gw_plugins = '"gateway", "bench.ws:BenchAuthPlugin"' + (', "perception"' if local else "")
+    gw_plugins = '"gateway", "aiwfe.bench.ws:BenchAuthPlugin"' + (', "perception"' if local else "")
     return parse_manifest(
         f"""
         [system]
@@ -120,8 +120,8 @@ def _manifest(prefix: str, local: bool, server: str) -> Any:
 
 async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool, server: str) -> None:
     """Run one pod of the benchmark's manifest until stdin closes (``gw`` prints its URL)."""
-    from bus.nats import NatsBus
-    from kernel.pod import PodRunner
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.pod import PodRunner
 
     m = _manifest(prefix, local, server)
     async with PodRunner(m, pod, NatsBus(nats_url, prefix, name=pod), ops_port=0) as runner:
@@ -136,8 +136,8 @@ async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool, server: 
 async def _serve_echo(server_name: str) -> None:
     from litestar import Litestar, WebSocket, websocket
 
-    from kernel.manifest import System
-    from plugins.gateway.server import EmbeddedGranian, EmbeddedServer
+    from aiwfe.kernel.manifest import System
+    from aiwfe.plugins.gateway.server import EmbeddedGranian, EmbeddedServer
 
     @websocket("/echo")
     async def echo(socket: WebSocket[Any, Any, Any]) -> None:
@@ -346,7 +346,7 @@ _UVLOOP: list[str] = []
 
 def _spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "bench.ws", *args, *_UVLOOP],
+        [sys.executable, "-m", "aiwfe.bench.ws", *args, *_UVLOOP],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-from kernel import metrics
-from kernel.errors import BadMessage, SchemaMismatch
+from aiwfe.kernel import metrics
+from aiwfe.kernel.errors import BadMessage, SchemaMismatch
 
 from .base import JobCall, JobOptions, JobRunner
 from .codec import JobRecord

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from kernel.errors import DeadlineExceeded, Unavailable
+from aiwfe.kernel.errors import DeadlineExceeded, Unavailable
 
 from . import _jobs
 from .base import EventHandler, Headers, JobCall, JobOptions, JobRunner, RemoteHandler

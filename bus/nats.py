@@ -34,7 +34,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from kernel.errors import DeadlineExceeded, Unavailable
+from aiwfe.kernel.errors import DeadlineExceeded, Unavailable
 
 from . import _jobs
 from ._client import FastClient
@@ -359,7 +359,7 @@ class NatsBus:
 
     async def _watch_queue(self, kind: str, cfg: api.ConsumerConfig, every_s: float = 5.0) -> None:
         """Export the queue depth and the oldest job's age of ``kind`` every ``every_s``."""
-        from kernel.metrics import QUEUE_DEPTH, QUEUE_OLDEST
+        from aiwfe.kernel.metrics import QUEUE_DEPTH, QUEUE_OLDEST
 
         subject = self.job_subject(kind)
         while True:

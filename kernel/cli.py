@@ -95,7 +95,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from bench import loadtest
+    from aiwfe.bench import loadtest
 
     return int(loadtest.main([args.scenario, *args.rest]) or 0)
 

@@ -24,8 +24,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from kernel import metrics
-from kernel.errors import ConfigError, Overloaded, Unavailable
+from aiwfe.kernel import metrics
+from aiwfe.kernel.errors import ConfigError, Overloaded, Unavailable
 
 __all__ = ["QUERY_SECONDS", "connection", "database_url", "migrate", "open_pool", "read_scripts", "watch"]
 

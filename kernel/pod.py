@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from bus.base import Bus
+from aiwfe.bus.base import Bus
 
 from . import metrics, tracing
 from ._ops import OpsServer
@@ -64,10 +64,10 @@ def make_bus(manifest: Manifest, *, name: str, connect_timeout_s: float | None =
     url = url or nats_url_for(manifest)
     s = manifest.system
     if url.startswith("local:"):
-        from bus.local import LocalBus
+        from aiwfe.bus.local import LocalBus
 
         return LocalBus(s.subject_prefix)
-    from bus.nats import NatsBus
+    from aiwfe.bus.nats import NatsBus
 
     return NatsBus(
         url,

@@ -10,15 +10,15 @@ from typing import Any
 
 import msgspec
 
-from bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, JSON
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, JSON
 
 __all__ = ["publish"]
 
 
 async def _connect(url: str, prefix: str, name: str) -> Any:
     """A started NatsBus, or None after printing why it could not connect."""
-    from bus.nats import NatsBus
-    from kernel.errors import AiwfeError
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.errors import AiwfeError
 
     bus = NatsBus(url, prefix, name=name, connect_timeout_s=5.0)
     try:
@@ -33,7 +33,7 @@ async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s
     """Publish ``payload`` as JSON. Jobs (``<prefix>.jobs.*``) print ``{"job_id"}`` and,
     with ``wait``, the job's record; RPCs print the reply. Returns the exit status.
     """
-    from kernel.errors import AiwfeError, from_wire
+    from aiwfe.kernel.errors import AiwfeError, from_wire
 
     bus = await _connect(url, prefix, "aiwfe-publish")
     if bus is None:
@@ -83,7 +83,7 @@ async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, 
 
     Returns the exit status (1 when NATS cannot be reached).
     """
-    from bus.codec import H_ATTEMPTS, H_JOB_ID, H_REASON
+    from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_REASON
 
     bus = await _connect(url, prefix, "aiwfe-dlq")
     if bus is None:

@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus._wheel import DeadlineWheel
-from bus.base import Bus, Headers, JobCall, JobOptions
-from bus.codec import (
+from aiwfe.bus._wheel import DeadlineWheel
+from aiwfe.bus.base import Bus, Headers, JobCall, JobOptions
+from aiwfe.bus.codec import (
     H_CONTENT_TYPE,
     H_DEADLINE,
     H_ERROR,

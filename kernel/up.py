@@ -39,15 +39,15 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
     started: list[Any] = []
     wanted: list[tuple[str, str, Any]] = []
     if not (manifest.system.nats_url or env.get("NATS_URL")):
-        from bus.embedded import EmbeddedNats
+        from aiwfe.bus.embedded import EmbeddedNats
 
         wanted.append(("NATS_URL", "NATS", EmbeddedNats(data_dir / "nats")))
     if "postgres" in needed and not env.get("DATABASE_URL"):
-        from bus.embedded_db import EmbeddedPostgres
+        from aiwfe.bus.embedded_db import EmbeddedPostgres
 
         wanted.append(("DATABASE_URL", "PostgreSQL", EmbeddedPostgres(data_dir / "postgres")))
     if "redis" in needed and not env.get("REDIS_URL"):
-        from bus.embedded_db import EmbeddedValkey
+        from aiwfe.bus.embedded_db import EmbeddedValkey
 
         wanted.append(("REDIS_URL", "Valkey", EmbeddedValkey(data_dir / "valkey")))
     if "JWT_SECRET" not in env:
@@ -149,7 +149,7 @@ async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
         backoff = 0.5
         while not stop.is_set():
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "kernel.cli", "run", "-m", manifest_path, "--pod", pod,
+                sys.executable, "-m", "aiwfe.kernel.cli", "run", "-m", manifest_path, "--pod", pod,
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             procs[label] = proc

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+
+# The project installs as one namespace (aiwfe.kernel, aiwfe.bus, aiwfe.plugins, aiwfe.bench).
+# The checkout is on sys.path when pytest runs from it, so a stray `import kernel` would
+# load a second copy of a module (and its metrics registry) from the folder: refuse it.
+_FOLDERS = frozenset({"kernel", "bus", "plugins", "bench"})
+
+
+class _NoTopLevelFolders:
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> None:
+        if name.partition(".")[0] in _FOLDERS:
+            raise ImportError(f"import aiwfe.{name}, not {name}: the folders install under the aiwfe namespace")
+        return None
+
+
+sys.meta_path.insert(0, _NoTopLevelFolders)
 
 from tests.support.servers import nats_service, postgres_service, redis_service
 
@@ -60,7 +77,7 @@ async def cleanup_streams(nats_url: str, prefix: str) -> AsyncIterator[None]:
     yield
     import nats
 
-    from bus.codec import stream_names
+    from aiwfe.bus.codec import stream_names
 
     nc = await nats.connect(nats_url)
     js = nc.jetstream()

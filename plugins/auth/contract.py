@@ -9,7 +9,7 @@ malformed). Pool exhaustion surfaces as ``Overloaded`` (retryable).
 
 from __future__ import annotations
 
-from kernel.contract import Event, Reply, Request
+from aiwfe.kernel.contract import Event, Reply, Request
 
 __all__ = [
     "Claims",

@@ -36,9 +36,9 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from kernel import metrics
-from kernel.errors import ConfigError, Overloaded, Unavailable
-from kernel.plugin import Plugin, serves
+from aiwfe.kernel import metrics
+from aiwfe.kernel.errors import ConfigError, Overloaded, Unavailable
+from aiwfe.kernel.plugin import Plugin, serves
 
 from .cache import ClaimCache, Denylist
 from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token, TokenRevoked, Verify

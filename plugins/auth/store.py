@@ -27,8 +27,8 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from kernel import pg
-from kernel.errors import Overloaded, Unavailable
+from aiwfe.kernel import pg
+from aiwfe.kernel.errors import Overloaded, Unavailable
 
 from .errors import UserExists
 
@@ -102,7 +102,7 @@ class User:
 
 def migrations() -> list[tuple[str, str]]:
     """The plugin's migrations as ``(version, sql)``, in order (``migrations/NNNN_*.sql``)."""
-    files = [f for f in resources.files("plugins.auth").joinpath("migrations").iterdir() if f.name.endswith(".sql")]
+    files = [f for f in resources.files("aiwfe.plugins.auth").joinpath("migrations").iterdir() if f.name.endswith(".sql")]
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in sorted(files, key=lambda f: f.name)]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from kernel.metrics import REGISTRY
+from aiwfe.kernel.metrics import REGISTRY
 
 __all__ = ["WS_CLOSED", "WS_CONNECTIONS", "WS_CONNECT_FAILURES", "WS_CONNECT_SECONDS"]
 

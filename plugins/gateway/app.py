@@ -26,10 +26,10 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from kernel import metrics
-from kernel.errors import AiwfeError, RemoteError
-from plugins.auth.contract import Claims, Login, Logout, Register
-from plugins.memory.contract import Recall, Remember
+from aiwfe.kernel import metrics
+from aiwfe.kernel.errors import AiwfeError, RemoteError
+from aiwfe.plugins.auth.contract import Claims, Login, Logout, Register
+from aiwfe.plugins.memory.contract import Recall, Remember
 
 from .ws import TERMINAL, Receive, Scope, Send, WebSocketEndpoint
 

@@ -16,12 +16,12 @@ from typing import Any
 
 import msgspec
 
-from kernel import Plugin, serves
-from kernel.contract import address_of
-from kernel.errors import ConfigError
-from plugins.auth.contract import Claims, Login, Logout, Register, TokenRevoked, Verify
-from plugins.memory.contract import Recall, Remember
-from plugins.perception.contract import Perceive
+from aiwfe.kernel import Plugin, serves
+from aiwfe.kernel.contract import address_of
+from aiwfe.kernel.errors import ConfigError
+from aiwfe.plugins.auth.contract import Claims, Login, Logout, Register, TokenRevoked, Verify
+from aiwfe.plugins.memory.contract import Recall, Remember
+from aiwfe.plugins.perception.contract import Perceive
 
 from .app import build_asgi
 from .server import EmbeddedGranian, EmbeddedServer

@@ -38,7 +38,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from kernel.errors import AiwfeError, Overloaded, RemoteError
+from aiwfe.kernel.errors import AiwfeError, Overloaded, RemoteError
 
 from . import frames
 from ._metrics import WS_CLOSED, WS_CONNECT_FAILURES, WS_CONNECT_SECONDS, WS_CONNECTIONS

@@ -14,7 +14,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
-from kernel.metrics import REGISTRY
+from aiwfe.kernel.metrics import REGISTRY
 
 __all__ = ["CACHE", "AnswerCache"]
 

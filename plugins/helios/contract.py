@@ -10,7 +10,7 @@ job's event subject, in this order: ``helios.perceived``, ``helios.selected``, p
 
 from __future__ import annotations
 
-from kernel.contract import Event, Job, Reply
+from aiwfe.kernel.contract import Event, Job, Reply
 
 __all__ = [
     "Ask",

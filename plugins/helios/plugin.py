@@ -26,12 +26,12 @@ from collections.abc import AsyncIterator
 import msgspec
 from prometheus_client import Histogram
 
-from kernel import AiwfeError, DeadlineExceeded, Plugin, current_deadline, current_job, serves
-from kernel.metrics import REGISTRY
-from plugins.learning.contract import ExpertScores
-from plugins.memory.contract import Recall
-from plugins.perception.contract import Perceive
-from plugins.reasoning.contract import Reason
+from aiwfe.kernel import AiwfeError, DeadlineExceeded, Plugin, current_deadline, current_job, serves
+from aiwfe.kernel.metrics import REGISTRY
+from aiwfe.plugins.learning.contract import ExpertScores
+from aiwfe.plugins.memory.contract import Recall
+from aiwfe.plugins.perception.contract import Perceive
+from aiwfe.plugins.reasoning.contract import Reason
 
 from .cache import AnswerCache
 from .contract import (

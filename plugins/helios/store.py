@@ -12,7 +12,7 @@ from pathlib import Path
 
 from psycopg_pool import AsyncConnectionPool
 
-from kernel import pg
+from aiwfe.kernel import pg
 
 from .contract import Synthesis
 

@@ -6,7 +6,7 @@ weights their answers by ``scores``; clients send :class:`Feedback` on answers.
 
 from __future__ import annotations
 
-from kernel.contract import Reply, Request
+from aiwfe.kernel.contract import Reply, Request
 
 __all__ = ["ExpertScore", "ExpertScores", "ExpertScoresResult", "Feedback", "FeedbackResult"]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 from psycopg_pool import AsyncConnectionPool
 
-from kernel import Plugin, pg, serves
+from aiwfe.kernel import Plugin, pg, serves
 
 from .contract import ExpertScore, ExpertScores, ExpertScoresResult, Feedback, FeedbackResult
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernel.contract import Reply, Request
+from aiwfe.kernel.contract import Reply, Request
 
 __all__ = ["Forget", "ForgetResult", "MemoryHit", "Recall", "RecallResult", "Remember", "RememberResult"]
 

@@ -33,9 +33,9 @@ from prometheus_client import Counter, Histogram
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from kernel import Plugin, pg, serves
-from kernel.errors import AiwfeError
-from kernel.metrics import REGISTRY
+from aiwfe.kernel import Plugin, pg, serves
+from aiwfe.kernel.errors import AiwfeError
+from aiwfe.kernel.metrics import REGISTRY
 
 from ._batch import GroupCommit
 from .contract import Forget, ForgetResult, MemoryHit, Recall, RecallResult, Remember, RememberResult

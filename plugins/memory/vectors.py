@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from kernel.errors import ConfigError
+from aiwfe.kernel.errors import ConfigError
 
 __all__ = ["ClientIndex", "EdgeIndex", "VectorIndex", "payload_for"]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kernel.contract import Reply, Request
+from aiwfe.kernel.contract import Reply, Request
 
 __all__ = ["ExpertiseScore", "Perceive", "Perception"]
 

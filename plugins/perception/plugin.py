@@ -21,8 +21,8 @@ import re
 
 import msgspec
 
-from kernel import AiwfeError, Plugin, serves
-from plugins.reasoning.contract import Reason
+from aiwfe.kernel import AiwfeError, Plugin, serves
+from aiwfe.plugins.reasoning.contract import Reason
 
 from .contract import ExpertiseScore, Perceive, Perception
 
@@ -90,7 +90,7 @@ class PerceptionPlugin(Plugin):
 
     def __init__(self, config: Config, kernel: object) -> None:
         if config.mode not in ("builtin", "llm"):
-            from kernel.errors import ConfigError
+            from aiwfe.kernel.errors import ConfigError
 
             raise ConfigError(f"perception: mode {config.mode!r}; use builtin or llm")
         super().__init__(config, kernel)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ that job's event stream as :class:`AnswerStreamed` events while the answer is pr
 
 from __future__ import annotations
 
-from kernel.contract import Event, Reply, Request
+from aiwfe.kernel.contract import Event, Reply, Request
 
 __all__ = ["AnswerStreamed", "Reason", "Reasoned"]
 

@@ -31,8 +31,8 @@ from typing import Any
 import msgspec
 from prometheus_client import Gauge
 
-from kernel import ConfigError, Plugin, current_deadline, current_job, serves
-from kernel.metrics import REGISTRY
+from aiwfe.kernel import ConfigError, Plugin, current_deadline, current_job, serves
+from aiwfe.kernel.metrics import REGISTRY
 
 from .contract import AnswerStreamed, Reason, Reasoned
 from .providers import ChatResult, OllamaProvider, OpenAIProvider, ProviderError

@@ -24,15 +24,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from bus.embedded_db import EmbeddedPostgres, EmbeddedValkey
-from bus.local import LocalBus
-from bus.nats import NatsBus
-from kernel import metrics
-from kernel.errors import Overloaded, RemoteError, Unavailable
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.auth.contract import Claims, Login, Logout, Register, TokenRevoked, Verify
-from plugins.auth.plugin import AuthPlugin
+from aiwfe.bus.embedded_db import EmbeddedPostgres, EmbeddedValkey
+from aiwfe.bus.local import LocalBus
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel import metrics
+from aiwfe.kernel.errors import Overloaded, RemoteError, Unavailable
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.auth.contract import Claims, Login, Logout, Register, TokenRevoked, Verify
+from aiwfe.plugins.auth.plugin import AuthPlugin
 from tests.conftest import wait_until
 from tests.support.pods import dump_toml
 
@@ -462,7 +462,7 @@ async def test_postgres_restart_fails_fast_then_recovers(
 
 async def test_claim_cache_batches_a_burst_into_few_pipelines(redis_url: str, prefix: str) -> None:
     """A burst of lookups and stores shares round trips; every answer is still its own."""
-    from plugins.auth.cache import ClaimCache
+    from aiwfe.plugins.auth.cache import ClaimCache
 
     cache = ClaimCache(redis_url, key_prefix=f"{prefix}:batch")
     pipelines = 0
@@ -492,7 +492,7 @@ async def test_claim_cache_batches_a_burst_into_few_pipelines(redis_url: str, pr
 
 
 async def test_claim_cache_with_redis_gone_answers_at_once_and_counts_lost_stores(prefix: str) -> None:
-    from plugins.auth.cache import ClaimCache
+    from aiwfe.plugins.auth.cache import ClaimCache
 
     lost: list[int] = []
     cache = ClaimCache("redis://127.0.0.1:1/0", key_prefix=prefix, timeout_s=0.2, on_store_lost=lost.append)

@@ -8,7 +8,7 @@ import psycopg
 import pytest
 import redis
 
-from bus.embedded_db import EmbeddedPostgres, EmbeddedValkey
+from aiwfe.bus.embedded_db import EmbeddedPostgres, EmbeddedValkey
 
 pytestmark = pytest.mark.integration
 

@@ -13,12 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bus.codec import H_CONTENT_TYPE, H_ERROR, JSON, pack_call
-from bus.nats import NatsBus
-from kernel.errors import from_wire
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from kernel.runtime import Kernel
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, JSON, pack_call
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel.errors import from_wire
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.kernel.runtime import Kernel
 from tests.support.probe import Ask
 
 pytestmark = [pytest.mark.integration]

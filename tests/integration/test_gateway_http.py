@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bus.nats import NatsBus
+from aiwfe.bus.nats import NatsBus
 from tests.support.gateway import GatewaySystem, gateway_manifest, real_auth_config, run_system
 from tests.unit.test_gateway_http import *  # noqa: F403  (the same test bodies, over NATS and the real auth)
 from tests.unit.test_gateway_http import StartGateway

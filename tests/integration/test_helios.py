@@ -10,12 +10,12 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bus.nats import NatsBus
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.helios.contract import Ask
-from plugins.learning.contract import ExpertScores, Feedback
-from plugins.memory.contract import Remember
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.helios.contract import Ask
+from aiwfe.plugins.learning.contract import ExpertScores, Feedback
+from aiwfe.plugins.memory.contract import Remember
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from bus.nats import NatsBus
-from kernel.runtime import Kernel
-from plugins.helios.contract import Ask
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel.runtime import Kernel
+from aiwfe.plugins.helios.contract import Ask
 from tests.support.pods import run_pods, start_pod, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.usefixtures("cleanup_streams")]

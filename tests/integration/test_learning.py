@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from bus.local import LocalBus
-from bus.nats import NatsBus
-from kernel import RemoteError, pg
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.learning import plugin as learning
-from plugins.learning.contract import ExpertScores, Feedback
+from aiwfe.bus.local import LocalBus
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel import RemoteError, pg
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.learning import plugin as learning
+from aiwfe.plugins.learning.contract import ExpertScores, Feedback
 
 pytestmark = [pytest.mark.integration]
 

@@ -19,15 +19,15 @@ from typing import Any
 
 import pytest
 
-from bus.local import LocalBus
-from bus.nats import NatsBus
-from kernel import ConfigError, Overloaded, RemoteError, pg
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.memory.contract import Forget, Recall, Remember
-from plugins.memory.embed import HashingEmbedder
-from plugins.memory.plugin import MemoryPlugin
-from plugins.memory.vectors import payload_for
+from aiwfe.bus.local import LocalBus
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel import ConfigError, Overloaded, RemoteError, pg
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.memory.contract import Forget, Recall, Remember
+from aiwfe.plugins.memory.embed import HashingEmbedder
+from aiwfe.plugins.memory.plugin import MemoryPlugin
+from aiwfe.plugins.memory.vectors import payload_for
 from tests.support.llm_servers import FakeLLMServer
 
 pytestmark = [pytest.mark.integration]
@@ -201,10 +201,10 @@ async def test_process_killed_between_the_writes(pg_url: str, prefix: str, tmp_p
     script = textwrap.dedent(
         f"""
         import asyncio, os
-        from bus.local import LocalBus
-        from kernel.manifest import load_manifest
-        from kernel.pod import PodRunner
-        from plugins.memory.contract import Remember
+        from aiwfe.bus.local import LocalBus
+        from aiwfe.kernel.manifest import load_manifest
+        from aiwfe.kernel.pod import PodRunner
+        from aiwfe.plugins.memory.contract import Remember
 
         async def main():
             m = load_manifest({str(manifest)!r})

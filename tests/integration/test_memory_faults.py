@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from bus.embedded_db import EmbeddedPostgres
-from bus.local import LocalBus
-from kernel import Unavailable
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.memory.contract import Recall, Remember
+from aiwfe.bus.embedded_db import EmbeddedPostgres
+from aiwfe.bus.local import LocalBus
+from aiwfe.kernel import Unavailable
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.memory.contract import Recall, Remember
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 

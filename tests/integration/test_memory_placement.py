@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from bus.nats import NatsBus
-from kernel.runtime import Kernel
-from plugins.learning.contract import ExpertScores, Feedback
-from plugins.memory.contract import Forget, Recall, Remember
-from plugins.reasoning.contract import Reason
-from plugins.reasoning.plugin import extract
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel.runtime import Kernel
+from aiwfe.plugins.learning.contract import ExpertScores, Feedback
+from aiwfe.plugins.memory.contract import Forget, Recall, Remember
+from aiwfe.plugins.reasoning.contract import Reason
+from aiwfe.plugins.reasoning.plugin import extract
 from tests.support.pods import dump_toml, run_pods
 
 pytestmark = [pytest.mark.integration, pytest.mark.placement, pytest.mark.usefixtures("cleanup_streams")]

@@ -18,9 +18,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bus.nats import NatsBus
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
 from tests.support.probe import Crunch
 from tests.unit.test_runtime import *  # noqa: F403  (the same test bodies, over NATS)
 from tests.unit.test_runtime import PROBE, TWO_PODS, StartPods
@@ -46,7 +46,7 @@ def start_pods(prefix: str, nats_url: str) -> StartPods:  # overrides the LocalB
 
 def _publish(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kernel.cli", "publish", "--url", nats_url, "--prefix", prefix, *args],
+        [sys.executable, "-m", "aiwfe.kernel.cli", "publish", "--url", nats_url, "--prefix", prefix, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -117,7 +117,7 @@ def test_probe_module_importable_by_children() -> None:
 
 def _dlq(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "kernel.cli", "dlq", *args, "--url", nats_url, "--prefix", prefix],
+        [sys.executable, "-m", "aiwfe.kernel.cli", "dlq", *args, "--url", nats_url, "--prefix", prefix],
         capture_output=True,
         text=True,
         timeout=60,
@@ -144,7 +144,7 @@ async def test_dlq_command_lists_reasons_and_replays(start_pods: StartPods, nats
 
 
 async def test_queue_depth_and_oldest_age_are_exported(start_pods: StartPods) -> None:
-    from kernel import metrics
+    from aiwfe.kernel import metrics
     from tests.conftest import wait_until
 
     async with start_pods(

@@ -11,11 +11,11 @@ import msgspec
 import nats
 import pytest
 
-from bus.codec import decode_record, stream_names
-from bus.embedded import EmbeddedNats
-from bus.nats import NatsBus
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
+from aiwfe.bus.codec import decode_record, stream_names
+from aiwfe.bus.embedded import EmbeddedNats
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
 from tests.conftest import wait_until
 from tests.support.probe import Tally
 from tests.unit.test_runtime import _get
@@ -98,7 +98,7 @@ async def _all_recorded(pod: PodRunner, ids: list[str]) -> bool:
 
 
 def _done_count() -> int:
-    from kernel import metrics
+    from aiwfe.kernel import metrics
 
     return int(metrics.JOBS.labels("probe.tally", "done")._value.get())
 
@@ -112,7 +112,7 @@ async def _stream_msgs(url: str, stream: str) -> int:
 
 @pytest.mark.timeout(180)
 async def test_three_node_cluster_loses_a_node_mid_stream(tmp_path: Path) -> None:
-    from bus.embedded import embedded_cluster
+    from aiwfe.bus.embedded import embedded_cluster
 
     nodes = embedded_cluster(tmp_path / "cluster")
     for n in nodes:

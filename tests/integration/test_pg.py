@@ -1,4 +1,4 @@
-"""kernel.pg: migrations of several plugins starting together on one schema."""
+"""aiwfe.kernel.pg: migrations of several plugins starting together on one schema."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel import pg
+from aiwfe.kernel import pg
 
 pytestmark = [pytest.mark.integration]
 

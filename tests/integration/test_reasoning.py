@@ -14,11 +14,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus.nats import NatsBus
-from kernel import RemoteError
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.reasoning.contract import Reason
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel import RemoteError
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.reasoning.contract import Reason
 from tests.support.llm_servers import FakeLLMServer, Fault
 from tests.unit.test_reasoning import Asked, AskJob
 

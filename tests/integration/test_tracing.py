@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from bus.nats import NatsBus
-from kernel import tracing
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from kernel.runtime import Kernel
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel import tracing
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.kernel.runtime import Kernel
 from tests.support.probe import Ask, Crunch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]

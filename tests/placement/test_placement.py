@@ -19,12 +19,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus.embedded import free_port
-from bus.nats import NatsBus
-from kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
-from kernel.runtime import Kernel
-from plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
-from plugins.reasoning.plugin import extract
+from aiwfe.bus.embedded import free_port
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
+from aiwfe.kernel.runtime import Kernel
+from aiwfe.plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
+from aiwfe.plugins.reasoning.plugin import extract
 from tests.support.pods import dump_toml, run_pods
 from tests.support.probe import Ask, Boom, Crunch, Sleep, Tally
 from tests.unit.test_runtime import Unserved
@@ -161,7 +161,7 @@ async def test_helios_over_the_websocket(system: System) -> None:
     sees every expert stream in and the result, under every placement."""
     import httpx
 
-    from plugins.memory.contract import Remember
+    from aiwfe.plugins.memory.contract import Remember
     from tests.support.gateway import recv_json, ws_connect
 
     async with httpx.AsyncClient(base_url=system.gateway_url, timeout=30) as c:
@@ -170,7 +170,7 @@ async def test_helios_over_the_websocket(system: System) -> None:
         r = await c.post("/v1/auth/login", json=creds)
         assert r.status_code == 200, r.text
         token = r.json()["access_token"]
-    from plugins.auth.contract import Verify
+    from aiwfe.plugins.auth.contract import Verify
 
     claims = await system.kernel.call(Verify(token=token))
     await system.kernel.call(Remember(text="Wendy's database keeps a B-tree index on order_id.", owner=claims.sub))

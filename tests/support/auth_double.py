@@ -13,8 +13,8 @@ import uuid
 import jwt
 import msgspec
 
-from kernel import Plugin, serves
-from plugins.auth.contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token, TokenRevoked, Verify
+from aiwfe.kernel import Plugin, serves
+from aiwfe.plugins.auth.contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token, TokenRevoked, Verify
 
 __all__ = ["AUDIENCE", "ISSUER", "SECRET", "AuthDoublePlugin", "InvalidCredentials", "InvalidToken", "UserExists", "make_token"]
 

@@ -10,9 +10,9 @@ from typing import Any, cast
 import websockets
 from websockets.asyncio.client import ClientConnection
 
-from bus.base import Bus
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
+from aiwfe.bus.base import Bus
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
 
 __all__ = ["AUTH_DOUBLE", "PROBE", "GatewaySystem", "gateway_manifest", "recv_json", "run_system", "ws_connect"]
 

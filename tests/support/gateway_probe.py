@@ -6,8 +6,8 @@ import asyncio
 
 import msgspec
 
-from kernel import Event, Job, Plugin, Reply, current_job, serves
-from plugins.auth.contract import Claims, Verify
+from aiwfe.kernel import Event, Job, Plugin, Reply, current_job, serves
+from aiwfe.plugins.auth.contract import Claims, Verify
 from tests.support.auth_double import AuthDoublePlugin
 
 __all__ = ["Spew", "SpewPlugin", "Spewed", "Spurt", "TightAuthPlugin"]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from plugins.memory.embed import HashingEmbedder
+from aiwfe.plugins.memory.embed import HashingEmbedder
 
 __all__ = ["FakeLLMServer", "Fault"]
 

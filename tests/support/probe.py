@@ -11,9 +11,9 @@ import os
 
 import msgspec
 
-from kernel import Event, Job, Plugin, Reply, Request, current_job, serves
-from plugins.perception.contract import Perceive
-from plugins.reasoning.contract import Reason
+from aiwfe.kernel import Event, Job, Plugin, Reply, Request, current_job, serves
+from aiwfe.plugins.perception.contract import Perceive
+from aiwfe.plugins.reasoning.contract import Reason
 
 
 class Answer(Reply):

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from kernel.errors import Overloaded
-from plugins.auth.plugin import KdfGate
-from plugins.auth.store import Breaker
+from aiwfe.kernel.errors import Overloaded
+from aiwfe.plugins.auth.plugin import KdfGate
+from aiwfe.plugins.auth.store import Breaker
 
 
 def test_breaker_opens_on_failure_allows_one_probe_per_interval_and_closes_on_success() -> None:

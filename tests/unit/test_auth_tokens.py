@@ -17,10 +17,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from plugins.auth.cache import Denylist
-from plugins.auth.contract import Claims
-from plugins.auth.errors import InvalidToken
-from plugins.auth.tokens import KeyRing, TokenService, token_digest
+from aiwfe.plugins.auth.cache import Denylist
+from aiwfe.plugins.auth.contract import Claims
+from aiwfe.plugins.auth.errors import InvalidToken
+from aiwfe.plugins.auth.tokens import KeyRing, TokenService, token_digest
 
 SECRET = "s" * 40
 OTHER_SECRET = "o" * 40

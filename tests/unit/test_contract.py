@@ -3,7 +3,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from kernel.contract import Event, Job, Reply, Request, address_of, kind_of, reply_type, schema_hash
+from aiwfe.kernel.contract import Event, Job, Reply, Request, address_of, kind_of, reply_type, schema_hash
 
 
 class Out(Reply):

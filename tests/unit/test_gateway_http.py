@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bus.local import LocalBus
+from aiwfe.bus.local import LocalBus
 from tests.support.gateway import GatewaySystem, gateway_manifest, run_system
 
 StartGateway = Callable[..., contextlib.AbstractAsyncContextManager[GatewaySystem]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from plugins.gateway.server import EmbeddedServer, WsProtocol
+from aiwfe.plugins.gateway.server import EmbeddedServer, WsProtocol
 from tests.support.gateway import raw_ws_open, raw_ws_send_text
 
 

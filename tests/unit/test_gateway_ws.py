@@ -17,7 +17,7 @@ import pytest
 import websockets
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from plugins.gateway._metrics import WS_CLOSED, WS_CONNECT_FAILURES, WS_CONNECTIONS
+from aiwfe.plugins.gateway._metrics import WS_CLOSED, WS_CONNECT_FAILURES, WS_CONNECTIONS
 from tests.support.gateway import raw_ws_open, raw_ws_send_text, recv_json, ws_connect
 from tests.unit.test_gateway_http import StartGateway, bearer, login
 from tests.unit.test_gateway_http import gateway as gateway  # the fixture

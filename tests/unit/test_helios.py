@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from bus.local import LocalBus
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.helios.contract import Ask, ExpertAnswer
-from plugins.helios.experts import DEFAULT_EXPERTS, ExpertIndex
-from plugins.helios.plugin import synthesise
+from aiwfe.bus.local import LocalBus
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.helios.contract import Ask, ExpertAnswer
+from aiwfe.plugins.helios.experts import DEFAULT_EXPERTS, ExpertIndex
+from aiwfe.plugins.helios.plugin import synthesise
 
 M = """
 [system]

@@ -10,10 +10,10 @@ import msgspec
 import pytest
 import yaml
 
-from kernel import k8s
-from kernel.cli import build_parser, main
-from kernel.errors import ConfigError
-from kernel.manifest import Manifest, load_manifest, parse_manifest
+from aiwfe.kernel import k8s
+from aiwfe.kernel.cli import build_parser, main
+from aiwfe.kernel.errors import ConfigError
+from aiwfe.kernel.manifest import Manifest, load_manifest, parse_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "manifests").glob("*.toml"))

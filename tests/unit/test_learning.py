@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from plugins.learning.contract import ExpertScores, ExpertScoresResult, Feedback
-from plugins.learning.plugin import bayes
+from aiwfe.plugins.learning.contract import ExpertScores, ExpertScoresResult, Feedback
+from aiwfe.plugins.learning.plugin import bayes
 
 
 def test_bayesian_average_shrinks_toward_the_prior() -> None:

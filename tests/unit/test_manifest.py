@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from kernel.errors import ConfigError
-from kernel.manifest import interpolate, load_manifest, parse_manifest
+from aiwfe.kernel.errors import ConfigError
+from aiwfe.kernel.manifest import interpolate, load_manifest, parse_manifest
 
 M = """
 [system]

@@ -8,9 +8,9 @@ import math
 import msgspec
 import pytest
 
-from plugins.memory.contract import MemoryHit, Recall, RecallResult
-from plugins.memory.embed import EmbedError, HashingEmbedder, make_embedder
-from plugins.memory.plugin import fuse
+from aiwfe.plugins.memory.contract import MemoryHit, Recall, RecallResult
+from aiwfe.plugins.memory.embed import EmbedError, HashingEmbedder, make_embedder
+from aiwfe.plugins.memory.plugin import fuse
 from tests.support.llm_servers import FakeLLMServer, Fault
 
 

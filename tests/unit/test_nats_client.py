@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from nats.aio.client import Client
 
-from bus._client import FastClient, _encode_headers
+from aiwfe.bus._client import FastClient, _encode_headers
 
 
 @pytest.mark.parametrize(

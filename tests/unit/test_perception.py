@@ -7,13 +7,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bus.local import LocalBus
-from kernel import Plugin, serves
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.perception.contract import Perceive
-from plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
-from plugins.reasoning.contract import Reason, Reasoned
+from aiwfe.bus.local import LocalBus
+from aiwfe.kernel import Plugin, serves
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.perception.contract import Perceive
+from aiwfe.plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
+from aiwfe.plugins.reasoning.contract import Reason, Reasoned
 
 
 class FakeModel(Plugin):

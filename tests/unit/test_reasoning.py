@@ -14,12 +14,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from bus.local import LocalBus
-from kernel import ConfigError, Job, Plugin, RemoteError, Reply, serves
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
-from plugins.reasoning.contract import Reason, Reasoned
-from plugins.reasoning.plugin import ACTIVE_LLM_REQUESTS, ReasoningPlugin, extract, parse_confidence
+from aiwfe.bus.local import LocalBus
+from aiwfe.kernel import ConfigError, Job, Plugin, RemoteError, Reply, serves
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from aiwfe.plugins.reasoning.contract import Reason, Reasoned
+from aiwfe.plugins.reasoning.plugin import ACTIVE_LLM_REQUESTS, ReasoningPlugin, extract, parse_confidence
 from tests.support.llm_servers import FakeLLMServer, Fault
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import msgspec
 
-from kernel import Plugin, Reply, Request, serves
-from kernel.manifest import parse_manifest
-from kernel.plugin import validate_plugin_class
-from kernel.registry import check_manifests, discover
+from aiwfe.kernel import Plugin, Reply, Request, serves
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.plugin import validate_plugin_class
+from aiwfe.kernel.registry import check_manifests, discover
 
 
 class R(Reply):
@@ -69,8 +69,8 @@ HERE = "tests.unit.test_registry"
 
 def test_in_repo_plugins_register_through_entry_points() -> None:
     found = discover()
-    assert found["perception"] == "plugins.perception.plugin:PerceptionPlugin"
-    assert found["reasoning"] == "plugins.reasoning.plugin:ReasoningPlugin"
+    assert found["perception"] == "aiwfe.plugins.perception.plugin:PerceptionPlugin"
+    assert found["reasoning"] == "aiwfe.plugins.reasoning.plugin:ReasoningPlugin"
 
 
 def test_bad_signatures_name_plugin_handler_and_signature() -> None:
@@ -121,7 +121,7 @@ def test_valid_manifest_has_no_problems() -> None:
 
 
 def _aiwfe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kernel.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run([sys.executable, "-m", "aiwfe.kernel.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
 
 
 def test_cli_check_shipped_manifests(repo_root: Path) -> None:
@@ -157,8 +157,8 @@ def test_handler_overrides_are_validated() -> None:
 
 
 async def test_handler_overrides_apply() -> None:
-    from bus.local import LocalBus
-    from kernel.pod import PodRunner
+    from aiwfe.bus.local import LocalBus
+    from aiwfe.kernel.pod import PodRunner
 
     m = parse_manifest(
         f'[pods.a]\nplugins = ["{HERE}:Server"]\n[pods.a.handlers."vt.ping"]\nconcurrency = 3\nmax_queue = "7"\n', env={}

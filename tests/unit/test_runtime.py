@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator, Callable
 import msgspec
 import pytest
 
-from bus.local import LocalBus
-from kernel import (
+from aiwfe.bus.local import LocalBus
+from aiwfe.kernel import (
     DeadlineExceeded,
     Overloaded,
     RemoteError,
@@ -25,8 +25,8 @@ from kernel import (
     Unavailable,
     UndeclaredCall,
 )
-from kernel.manifest import parse_manifest
-from kernel.pod import PodRunner
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
 from tests.support.probe import Ask, Boom, Crunch, Sleep, WhoAmI
 
 PROBE = "tests.support.probe:ProbePlugin"
@@ -303,7 +303,7 @@ async def test_a_ready_pod_sets_its_gc_thresholds_and_restores_them_when_stopped
 
 
 def test_retry_hint_travels_with_the_error_and_is_omitted_when_unknown() -> None:
-    from kernel.errors import Overloaded, RemoteError, as_remote, from_wire, to_wire
+    from aiwfe.kernel.errors import Overloaded, RemoteError, as_remote, from_wire, to_wire
 
     raw = to_wire(Overloaded("busy", retry_after_s=2.5))
     back = from_wire(raw)
