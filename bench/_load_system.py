@@ -6,7 +6,7 @@ perception, reasoning, learning, helios, background-worker-engine = helios), wit
 gateway on a free loopback port chosen here (the port is known before start, so nothing has
 to be parsed from the pods' logs), a subject prefix, Redis key prefixes and a vector
 collection of its own, and optionally a cheaper argon2 cost. It then runs
-``python -m kernel.cli up -m <manifest> --data-dir <tmp>``: services come from
+``python -m aiwfe.kernel.tools.cli up -m <manifest> --data-dir <tmp>``: services come from
 ``NATS_URL`` / ``DATABASE_URL`` / ``REDIS_URL`` when set, else ``aiwfe up`` starts embedded
 ones and prints their URLs, which are read from its output (the integrity check needs
 NATS and PostgreSQL).
@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiwfe.bus.embedded import free_port
+from aiwfe.kernel.tools.embedded import free_port
 
 __all__ = ["KDF_FAST", "KDF_PRODUCTION", "ManagedSystem", "free_port", "gateway_rss_bytes", "proc_rss_bytes"]
 
@@ -166,7 +166,7 @@ class ManagedSystem:
         self.database_url = os.environ.get("DATABASE_URL", "")
         log = open(self.tmp / "up.log", "w")  # closed by the reader thread
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aiwfe.kernel.cli", "up", "-m", str(manifest), "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "aiwfe.kernel.tools.cli", "up", "-m", str(manifest), "--data-dir", str(data_dir)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             preexec_fn=_interrupt_when_parent_dies,
         )  # fmt: skip

@@ -22,7 +22,7 @@ def nats_server(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from aiwfe.bus.embedded import EmbeddedNats
+    from aiwfe.kernel.tools.embedded import EmbeddedNats
 
     with tempfile.TemporaryDirectory(prefix="aiwfe-bench-") as d, EmbeddedNats(os.path.join(d, "nats")) as srv:
         yield srv.url

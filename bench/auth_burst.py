@@ -199,7 +199,7 @@ def _database() -> Iterator[str]:
     """A database URL with a schema of the benchmark's own (dropped after)."""
     url = os.environ.get("DATABASE_URL", "")
     if not url:
-        from aiwfe.bus.embedded_db import EmbeddedPostgres
+        from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres
 
         with tempfile.TemporaryDirectory(prefix="aiwfe-burst-pg-") as d, EmbeddedPostgres(d) as pg:
             yield pg.url
@@ -272,7 +272,7 @@ def _register(url: str, n: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Both bursts (Redis up, then the benchmark's Valkey stopped); return the result object."""
-    from aiwfe.bus.embedded_db import EmbeddedValkey
+    from aiwfe.kernel.tools.embedded_db import EmbeddedValkey
 
     kdf = ""
     if args.kdf_time_cost:

@@ -64,7 +64,7 @@ def _redis(url: str | None) -> Any:
         yield url
         return
     try:
-        from aiwfe.bus.embedded_db import EmbeddedValkey
+        from aiwfe.kernel.tools.embedded_db import EmbeddedValkey
     except ImportError:
         yield ""
         return

@@ -1,12 +1,12 @@
 """``aiwfe bench startup``: time from process start to ready, per pod and for ``aiwfe up``.
 
 * Each pod of the manifest (default ``manifests/consolidated.toml``) runs alone as
-  ``python -m kernel.cli run -m MANIFEST --pod NAME --ops-port P`` against a private
+  ``python -m aiwfe.kernel.tools.cli run -m MANIFEST --pod NAME --ops-port P`` against a private
   embedded nats-server; the figure is the time from just before the process is spawned
   until ``/ready`` answers 200, the median of ``--runs`` starts. Goal: 2 s each.
   ``DATABASE_URL``/``REDIS_URL`` are taken from the environment, else the machine's
   PostgreSQL and Redis on their standard ports when they answer.
-* ``python -m kernel.cli up -m MANIFEST`` with no service URL in its environment, so it
+* ``python -m aiwfe.kernel.tools.cli up -m MANIFEST`` with no service URL in its environment, so it
   starts its embedded services, on a fresh data directory (``up_ready_s``) and again on
   the same one (``up_warm_ready_s``): the time until every pod process has logged that it
   is ready. Goal: 5 s.
@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from aiwfe.bus.embedded import free_port
+from aiwfe.kernel.tools.embedded import free_port
 
 from ._support import emit, nats_server
 
@@ -110,7 +110,7 @@ def _pod_ready_s(manifest: str, pod: str, env: dict[str, str], timeout_s: float,
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "aiwfe.kernel.cli", "run", "-m", manifest, "--pod", pod, "--ops-port", str(port)]
+    cmd = [sys.executable, "-m", "aiwfe.kernel.tools.cli", "run", "-m", manifest, "--pod", pod, "--ops-port", str(port)]
     with open(log, "wb") as fh:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
@@ -130,7 +130,7 @@ def _up_ready_s(manifest: str, env: dict[str, str], data_dir: Path, expected: in
     Raises:
         RuntimeError: ``up`` exited or was not ready within ``timeout_s`` (with its output tail).
     """
-    cmd = [sys.executable, "-m", "aiwfe.kernel.cli", "up", "-m", manifest, "--data-dir", str(data_dir)]
+    cmd = [sys.executable, "-m", "aiwfe.kernel.tools.cli", "up", "-m", manifest, "--data-dir", str(data_dir)]
     ready: dict[str, float] = {}
     done = threading.Event()
     lines: list[str] = []

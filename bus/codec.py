@@ -62,6 +62,10 @@ class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
     attempts: int = 1
     finished_at: float = msgspec.field(default_factory=time.time)
 
+    def decoded(self, type: Any = Any) -> Any:
+        """The result decoded (as ``type`` when given, else as plain data); None without one."""
+        return msgspec.msgpack.decode(self.result, type=type) if self.result else None
+
 
 class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One event of a job as a reader sees it: stream sequence, type tag, decoded data."""

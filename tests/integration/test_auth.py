@@ -24,7 +24,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from aiwfe.bus.embedded_db import EmbeddedPostgres, EmbeddedValkey
+from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres, EmbeddedValkey
 from aiwfe.bus.local import LocalBus
 from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import metrics

@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL and Valkey (bus/embedded_db.py): start, connect, kill, restart in place."""
+"""Embedded PostgreSQL and Valkey (kernel/tools/embedded_db.py): start, connect, kill, restart in place."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import psycopg
 import pytest
 import redis
 
-from aiwfe.bus.embedded_db import EmbeddedPostgres, EmbeddedValkey
+from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres, EmbeddedValkey
 
 pytestmark = pytest.mark.integration
 

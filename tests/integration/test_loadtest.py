@@ -22,7 +22,7 @@ def test_normal_scenario_tiny(nats_url: str, pg_url: str, redis_url: str) -> Non
     env = dict(os.environ, NATS_URL=nats_url, DATABASE_URL=pg_url, REDIS_URL=redis_url)
     cmd = ["loadtest", "normal", "--users", "5", "--requests", "2", "--duration", "2", "--settle", "60"]
     r = subprocess.run(
-        [sys.executable, "-m", "aiwfe.kernel.cli", *cmd],
+        [sys.executable, "-m", "aiwfe.kernel.tools.cli", *cmd],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=140,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from aiwfe.bus.embedded_db import EmbeddedPostgres
+from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres
 from aiwfe.bus.local import LocalBus
 from aiwfe.kernel import Unavailable
 from aiwfe.kernel.manifest import parse_manifest

@@ -46,7 +46,7 @@ def start_pods(prefix: str, nats_url: str) -> StartPods:  # overrides the LocalB
 
 def _publish(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aiwfe.kernel.cli", "publish", "--url", nats_url, "--prefix", prefix, *args],
+        [sys.executable, "-m", "aiwfe.kernel.tools.cli", "publish", "--url", nats_url, "--prefix", prefix, *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -117,7 +117,7 @@ def test_probe_module_importable_by_children() -> None:
 
 def _dlq(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "aiwfe.kernel.cli", "dlq", *args, "--url", nats_url, "--prefix", prefix],
+        [sys.executable, "-m", "aiwfe.kernel.tools.cli", "dlq", *args, "--url", nats_url, "--prefix", prefix],
         capture_output=True,
         text=True,
         timeout=60,

@@ -12,7 +12,7 @@ import nats
 import pytest
 
 from aiwfe.bus.codec import decode_record, stream_names
-from aiwfe.bus.embedded import EmbeddedNats
+from aiwfe.kernel.tools.embedded import EmbeddedNats
 from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
@@ -112,7 +112,7 @@ async def _stream_msgs(url: str, stream: str) -> int:
 
 @pytest.mark.timeout(180)
 async def test_three_node_cluster_loses_a_node_mid_stream(tmp_path: Path) -> None:
-    from aiwfe.bus.embedded import embedded_cluster
+    from aiwfe.kernel.tools.embedded import embedded_cluster
 
     nodes = embedded_cluster(tmp_path / "cluster")
     for n in nodes:

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from aiwfe.bus.embedded import free_port
+from aiwfe.kernel.tools.embedded import free_port
 from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
 from aiwfe.kernel.runtime import Kernel

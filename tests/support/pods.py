@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from aiwfe.bus.embedded import free_port
+from aiwfe.kernel.tools.embedded import free_port
 
 __all__ = ["PodProcess", "dump_toml", "run_pods", "start_pod", "wait_ready"]
 
@@ -86,7 +86,7 @@ def start_pod(manifest: Path, name: str, env: dict[str, str], logdir: Path) -> P
     log = logdir / f"{name}.log"
     with open(log, "ab") as fh:
         p = subprocess.Popen(
-            [sys.executable, "-m", "aiwfe.kernel.cli", "run", "-m", str(manifest), "--pod", name, "--ops-port", str(port)],
+            [sys.executable, "-m", "aiwfe.kernel.tools.cli", "run", "-m", str(manifest), "--pod", name, "--ops-port", str(port)],
             cwd=ROOT, env=full_env, stdout=fh, stderr=subprocess.STDOUT,
         )  # fmt: skip
     return PodProcess(name, p, port, log)

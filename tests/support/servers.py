@@ -62,7 +62,7 @@ def nats_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
         return _container(NatsContainer("nats:2.10", jetstream=True), lambda c: c.nats_uri())
 
     def embedded() -> Any:
-        from aiwfe.bus.embedded import EmbeddedNats
+        from aiwfe.kernel.tools.embedded import EmbeddedNats
 
         return EmbeddedNats(tmp / "nats")
 
@@ -78,7 +78,7 @@ def postgres_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
         return _container(PostgresContainer("postgres:16", driver=None), lambda c: c.get_connection_url())
 
     def embedded() -> Any:
-        from aiwfe.bus.embedded_db import EmbeddedPostgres
+        from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres
 
         return EmbeddedPostgres(tmp / "postgres")
 
@@ -96,7 +96,7 @@ def redis_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
         )
 
     def embedded() -> Any:
-        from aiwfe.bus.embedded_db import EmbeddedValkey
+        from aiwfe.kernel.tools.embedded_db import EmbeddedValkey
 
         return EmbeddedValkey(tmp / "valkey")
 

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 import yaml
 
-from aiwfe.kernel import k8s
-from aiwfe.kernel.cli import build_parser, main
+from aiwfe.kernel.tools import k8s
+from aiwfe.kernel.tools.cli import build_parser, main
 from aiwfe.kernel.errors import ConfigError
 from aiwfe.kernel.manifest import Manifest, load_manifest, parse_manifest
 

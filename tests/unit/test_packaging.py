@@ -57,5 +57,5 @@ def test_wheel_has_only_the_aiwfe_namespace(tmp_path: Path) -> None:
     assert "aiwfe/plugins/gateway/static/index.html" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "aiwfe = aiwfe.kernel" in text
+    assert "aiwfe = aiwfe.kernel.tools.cli:main" in text
     assert "gateway = aiwfe.plugins.gateway.plugin:GatewayPlugin" in text

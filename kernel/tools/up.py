@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .manifest import Manifest, load_manifest
+from ..manifest import Manifest, load_manifest
 
 __all__ = ["up"]
 
@@ -39,15 +39,15 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
     started: list[Any] = []
     wanted: list[tuple[str, str, Any]] = []
     if not (manifest.system.nats_url or env.get("NATS_URL")):
-        from aiwfe.bus.embedded import EmbeddedNats
+        from aiwfe.kernel.tools.embedded import EmbeddedNats
 
         wanted.append(("NATS_URL", "NATS", EmbeddedNats(data_dir / "nats")))
     if "postgres" in needed and not env.get("DATABASE_URL"):
-        from aiwfe.bus.embedded_db import EmbeddedPostgres
+        from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres
 
         wanted.append(("DATABASE_URL", "PostgreSQL", EmbeddedPostgres(data_dir / "postgres")))
     if "redis" in needed and not env.get("REDIS_URL"):
-        from aiwfe.bus.embedded_db import EmbeddedValkey
+        from aiwfe.kernel.tools.embedded_db import EmbeddedValkey
 
         wanted.append(("REDIS_URL", "Valkey", EmbeddedValkey(data_dir / "valkey")))
     if "JWT_SECRET" not in env:
@@ -87,7 +87,7 @@ def _dev_secret(path: Path) -> str:
 
 def _services(manifest: Manifest) -> set[str]:
     """The external services the manifest's plugins declare (``Plugin.services``)."""
-    from .registry import discover, resolve
+    from ..registry import discover, resolve
 
     installed = discover()
     out: set[str] = set()
@@ -101,7 +101,7 @@ def _services(manifest: Manifest) -> set[str]:
 
 
 def _run_single(manifest_path: str) -> int:
-    from .pod import PodRunner, make_bus
+    from ..pod import PodRunner, make_bus
 
     manifest = load_manifest(manifest_path)
     pod = next(iter(manifest.pods))
@@ -149,7 +149,7 @@ async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
         backoff = 0.5
         while not stop.is_set():
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "aiwfe.kernel.cli", "run", "-m", manifest_path, "--pod", pod,
+                sys.executable, "-m", "aiwfe.kernel.tools.cli", "run", "-m", manifest_path, "--pod", pod,
                 env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             procs[label] = proc

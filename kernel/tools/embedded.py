@@ -3,7 +3,7 @@
 It listens on 127.0.0.1 on a free port (never the standard 4222) with JetStream data
 under the directory it is given, so it never collides with a server already running.
 :class:`ChildServer` is what it shares with the embedded PostgreSQL and Valkey
-(:mod:`bus.embedded_db`): the child process, its log, waiting for it, stopping and killing it.
+(:mod:`aiwfe.kernel.tools.embedded_db`): the child process, its log, waiting for it, stopping and killing it.
 """
 
 from __future__ import annotations

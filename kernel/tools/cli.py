@@ -26,9 +26,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .manifest import load_manifest
-    from .registry import Problem, check_manifests
+    from ..errors import ConfigError
+    from ..manifest import load_manifest
+    from ..registry import Problem, check_manifests
 
     problems: list[Problem] = []
     manifests = []
@@ -49,8 +49,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .manifest import load_manifest
-    from .pod import PodRunner, make_bus
+    from ..manifest import load_manifest
+    from ..pod import PodRunner, make_bus
 
     manifest = load_manifest(args.manifest)
     pod_name = args.pod
@@ -103,18 +103,18 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     name = args.name.replace("-", "_")
     try:
-        mod = importlib.import_module(f"bench.{name}")
+        mod = importlib.import_module(f"aiwfe.bench.{name}")
     except ModuleNotFoundError:
-        available = sorted(p.stem for p in Path(__file__).resolve().parent.parent.joinpath("bench").glob("[a-z]*.py"))
+        available = sorted(p.stem for p in Path(importlib.import_module("aiwfe.bench").__file__ or ".").parent.glob("[a-z]*.py"))
         print(f"unknown benchmark {args.name!r}; available: {', '.join(available)}", file=sys.stderr)
         return 2
     return int(mod.main(args.rest) or 0)
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
+    from ..errors import ConfigError
     from .k8s import hints, render, to_yaml
-    from .manifest import parse_manifest
+    from ..manifest import parse_manifest
 
     try:
         text = Path(args.manifest).read_text()
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aiwfe`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     try:
         return int(args.fn(args) or 0)

@@ -1,6 +1,6 @@
 """Embedded PostgreSQL and Valkey servers from pip packages, for ``aiwfe up`` and tests.
 
-Both are :class:`bus.embedded.ChildServer` subclasses, like ``EmbeddedNats``: ``start()`` returns the
+Both are :class:`aiwfe.kernel.tools.embedded.ChildServer` subclasses, like ``EmbeddedNats``: ``start()`` returns the
 server, ``stop()`` shuts it down gracefully, ``kill()`` SIGKILLs it (fault tests), ``url``
 is what a client connects to, and the object is a context manager. Each listens on
 127.0.0.1 on a free port (never 5432 or 6379) with its data under the directory it is

@@ -39,8 +39,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
-from .manifest import Autoscaling, Manifest, Pod
+from ..errors import ConfigError
+from ..manifest import Autoscaling, Manifest, Pod
 
 __all__ = [
     "CONTAINER_NAME",
