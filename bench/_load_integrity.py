@@ -13,6 +13,8 @@ import time
 from collections import Counter
 from typing import Any
 
+from aiwfe.kernel.jobs import Jobs
+
 __all__ = ["reconcile"]
 
 _TERMINAL = ("job.done", "job.failed", "job.cancelled")
@@ -24,7 +26,7 @@ async def _wait_records(bus: Any, job_ids: list[str], settle_s: float) -> dict[s
     end = time.monotonic() + settle_s
     pending = list(job_ids)
     while pending:
-        got = await asyncio.gather(*(bus.job_record(j) for j in pending))
+        got = await asyncio.gather(*(Jobs(bus).record(j) for j in pending))
         for j, rec in zip(pending, got, strict=True):
             if rec is not None:
                 records[j] = rec
@@ -96,7 +98,7 @@ async def reconcile(
         records = await _wait_records(bus, accepted, settle_s)
         waited = time.monotonic() - t0
         refused_records = [
-            j for j, r in zip(refused, await asyncio.gather(*(bus.job_record(j) for j in refused)), strict=True) if r
+            j for j, r in zip(refused, await asyncio.gather(*(Jobs(bus).record(j) for j in refused)), strict=True) if r
         ]
         events = await _terminal_events(bus)
     finally:

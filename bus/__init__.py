@@ -1,17 +1,18 @@
 """Transports: :class:`NatsBus` (NATS core + JetStream) and :class:`LocalBus` (in-process).
 
-Imported lazily so that ``import bus`` stays cheap for contract-only users.
+The bus moves bytes (see :mod:`aiwfe.bus.base` for its roles) and never imports the
+kernel. Imported lazily so that ``import aiwfe.bus`` stays cheap.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Bus", "JobCall", "JobOptions", "LocalBus", "NatsBus"]
+__all__ = ["Bus", "ConsumerOptions", "LocalBus", "NatsBus"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Bus", "JobOptions", "JobCall"):
+    if name in ("Bus", "ConsumerOptions"):
         from . import base
 
         return getattr(base, name)

@@ -6,7 +6,7 @@ per call that cost ~30 % of request/reply throughput (measured by ``aiwfe bench 
 This subclass keeps the wire format and the validation rules but caches the encoded
 form of header names it has already validated and parses header blocks with bytes
 operations. It overrides two private methods of nats-py, so pyproject pins nats-py
-to the 2.x series these were read from; ``tests/unit/test_nats_client.py`` checks
+to the 2.x series these were read from; ``tests/unit/test_bus_client.py`` checks
 both against nats-py's own implementation.
 """
 
@@ -19,7 +19,7 @@ from nats.aio import client as _nc
 from nats.aio.msg import Msg
 from nats.protocol import command as _cmd
 
-from ._wheel import DeadlineWheel
+from .wheel import DeadlineWheel
 
 __all__ = ["FastClient"]
 

@@ -1,119 +1,172 @@
-"""The transport interface every bus implements (NatsBus, LocalBus).
+"""What a bus offers, as small protocols by role. NatsBus and LocalBus implement them all.
 
-A bus moves bytes and headers; the kernel owns contracts, limits and deadlines. Both
-implementations give the same semantics, so the kernel cannot tell them apart.
+A bus moves bytes and headers: request/reply and fan-out (:class:`Transport`), a durable
+work queue with acknowledgements (:class:`WorkQueue`), append-only streams read by sequence
+(:class:`Streams`), and a key-value bucket with create-once writes (:class:`KeyValue`).
+It knows nothing of contracts, jobs, retries or outcomes: those are the kernel's
+(``aiwfe.kernel.jobs``), the same on either bus. Failures are :mod:`aiwfe.bus.errors`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 
-from .codec import JobEvent, JobRecord
-
-__all__ = ["Bus", "EventHandler", "Headers", "JobCall", "JobOptions", "JobRunner", "RemoteHandler"]
+__all__ = [
+    "Bus",
+    "ConsumerOptions",
+    "Delivery",
+    "DeliveryHandler",
+    "EventHandler",
+    "Headers",
+    "KeyValue",
+    "RemoteHandler",
+    "StreamMessage",
+    "Streams",
+    "Transport",
+    "WorkQueue",
+]
 
 Headers = dict[str, str]
 #: Serves one request: (payload, headers) → (reply payload, reply headers).
 RemoteHandler = Callable[[bytes, Headers | None], Awaitable[tuple[bytes, Headers | None]]]
-#: Receives one event.
+#: Receives one published message.
 EventHandler = Callable[[bytes, Headers | None], Awaitable[None]]
 
 
-class JobCall(msgspec.Struct, kw_only=True):
-    """One delivery of a job handed to a runner."""
+class Delivery(Protocol):
+    """One delivery of a queued message. Settle it once: ack, nak or term; a delivery
+    left unsettled (its worker died or stopped) comes back after the ack wait."""
 
-    job_id: str
-    kind: str
     data: bytes
     headers: Headers
+    #: 1 for the first delivery, counted by the server across redeliveries.
     attempt: int
-    max_deliver: int
+    #: The message's sequence in the queue.
+    seq: int
+
+    async def ack(self) -> None:
+        """Done: remove the message."""
+
+    async def nak(self, delay_s: float = 0.0) -> None:
+        """Redeliver after ``delay_s``."""
+
+    async def term(self) -> None:
+        """Never redeliver."""
+
+    async def in_progress(self) -> None:
+        """Still working: restart the ack wait."""
 
 
-#: Runs one job delivery and returns the encoded result; raises to fail the attempt.
-JobRunner = Callable[[JobCall], Awaitable[bytes]]
+#: Handles one delivery (and settles it).
+DeliveryHandler = Callable[[Delivery], Awaitable[None]]
 
 
-class JobOptions(msgspec.Struct, frozen=True, kw_only=True):
-    """Consumer settings of one job kind (see kernel.plugin.HandlerOptions)."""
+class ConsumerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """A durable consumer: deliveries in flight in this process, the ack wait, and the
+    number of deliveries after which the server stops redelivering."""
 
     concurrency: int = 64
     ack_wait_s: float = 30.0
-    max_deliver: int = 5
-    backoff_s: tuple[float, ...] = (1.0, 5.0, 30.0)
+    max_deliver: int = 6
 
 
-class Bus(Protocol):
-    """What the kernel needs from a transport."""
+class StreamMessage(msgspec.Struct, frozen=True):
+    """A message read from a stream."""
+
+    seq: int
+    subject: str
+    headers: Headers
+    data: bytes
+
+
+class Transport(Protocol):
+    """Connection, request/reply and fan-out."""
 
     prefix: str
 
     async def start(self) -> None:
-        """Connect and create streams. Raises Unavailable when the server cannot be reached."""
+        """Connect and create the streams and the bucket. Raises NotConnected."""
 
     async def close(self) -> None:
-        """Release everything. Unacked jobs stay in the stream and are redelivered."""
+        """Release everything. Unsettled deliveries are redelivered."""
 
     def ready(self) -> str | None:
         """None when connected, else the reason."""
 
-    async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
-        """Send a request; raise DeadlineExceeded on timeout and Unavailable with no responder."""
-
-    async def publish(self, subject: str, data: bytes, headers: Headers | None = None) -> None:
-        """Fire-and-forget publish (events)."""
-
-    async def serve(self, subject: str, handler: RemoteHandler) -> None:
-        """Answer requests on ``subject``; replicas share them (queue group = subject)."""
-
-    async def subscribe(self, subject: str, handler: EventHandler) -> None:
-        """Receive every event on ``subject`` (fan-out, no queue group)."""
-
-    async def submit(self, kind: str, data: bytes, headers: Headers, job_id: str) -> bool:
-        """Durably enqueue a job; False when ``job_id`` was already submitted."""
-
-    async def consume(self, kind: str, options: JobOptions, runner: JobRunner) -> None:
-        """Start consuming jobs of ``kind`` with ``runner``."""
-
     async def flush(self) -> None:
         """Return once the server has processed everything sent so far (subscriptions included)."""
 
+    async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
+        """Send a request. Raises BusTimeout, NoResponders or NotConnected."""
+
+    async def request_many(self, subject: str, data: bytes, timeout_s: float) -> list[bytes]:
+        """Send one request and collect every reply that arrives within ``timeout_s``."""
+
+    async def publish(self, subject: str, data: bytes, headers: Headers | None = None) -> None:
+        """Fire-and-forget publish."""
+
+    async def serve(self, subject: str, handler: RemoteHandler, *, queue: bool = True) -> None:
+        """Answer requests on ``subject``. ``queue``: replicas share them (queue group =
+        subject); otherwise every subscriber answers (for :meth:`request_many`)."""
+
+    async def subscribe(self, subject: str, handler: EventHandler, *, until_close: bool = False) -> None:
+        """Receive every message on ``subject`` (no queue group). ``until_close``: kept
+        through :meth:`stop_taking_work` (control messages a draining pod still needs)."""
+
     async def stop_taking_work(self) -> None:
-        """Stop receiving new requests, events and jobs; in-flight work continues."""
+        """Stop receiving requests, messages and deliveries; in-flight work continues."""
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait for in-flight work to finish; True when it all did within the limit."""
+        """Wait for in-flight handlers; at the limit hand unsettled deliveries back (nak) and
+        cancel what still runs. True when everything finished in time."""
 
-    async def claim_job(self, job_id: str, owner: str) -> str:
-        """Record ``owner`` as the job's owner unless it has one; return the owner on record."""
 
-    async def job_owner(self, job_id: str) -> str | None:
-        """The job's owner, or None for a job never submitted with one."""
+class WorkQueue(Protocol):
+    """A durable work queue per kind (``<prefix>.jobs.<kind>``), one shared consumer per kind."""
 
-    async def job_record(self, job_id: str) -> JobRecord | None:
-        """The stored outcome of a job, or None while it is pending or unknown."""
+    async def enqueue(self, kind: str, data: bytes, headers: Headers, msg_id: str) -> bool:
+        """Durably enqueue; False when ``msg_id`` was enqueued before (dedupe). Raises NotAccepted."""
 
-    async def emit(self, job_id: str, type: str, data: bytes, msg_id: str | None = None) -> int:
-        """Append an event to a job's event stream; return its sequence (``msg_id``: dedupe)."""
+    async def consume(self, kind: str, options: ConsumerOptions, handler: DeliveryHandler) -> None:
+        """Start handing deliveries of ``kind`` to ``handler``, each in its own task."""
 
-    def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
-        """Replay then follow a job's events with sequence > ``after_seq``."""
+    async def queue_stats(self, kind: str) -> tuple[int, float]:
+        """(messages queued or in flight, age in seconds of the oldest)."""
+
+
+class Streams(Protocol):
+    """Append-only streams (``<prefix>.events.>``, ``<prefix>.dlq.>``), read by sequence."""
+
+    async def append(self, subject: str, data: bytes, headers: Headers, msg_id: str | None = None) -> int:
+        """Append; return the sequence. A repeated ``msg_id`` is dropped (the first one's
+        sequence is returned). Raises NotAccepted."""
+
+    def follow(self, subject: str, after_seq: int = 0) -> AsyncIterator[StreamMessage]:
+        """Replay the messages on ``subject`` after ``after_seq``, then follow new ones."""
         ...
 
-    async def cancel_job(self, job_id: str, reason: str) -> bool:
-        """Record the job cancelled (unless finished) and stop it wherever it runs."""
+    async def read(self, subject: str) -> list[StreamMessage]:
+        """Every message stored under ``subject`` (wildcards allowed) right now."""
 
-    async def answer(self, subject: str, provider: Callable[[], dict[str, Any]]) -> None:
-        """Answer every request on ``subject`` (no queue group) with ``provider()`` as JSON."""
+    async def delete(self, subject: str, seq: int) -> None:
+        """Delete one message of the stream that holds ``subject``."""
 
-    async def gather(self, subject: str, timeout_s: float) -> list[dict[str, Any]]:
-        """Send one request on ``subject`` and collect every answer within ``timeout_s``."""
 
-    async def dead_letters(self, kind: str | None = None) -> list[tuple[bytes, Headers]]:
-        """Dead-lettered jobs (payload and headers, including the reason)."""
+class KeyValue(Protocol):
+    """One bucket (``<PREFIX>_RESULTS``) with create-once writes."""
 
-    async def replay_dead_letters(self, kind: str | None = None, job_id: str | None = None) -> list[str]:
-        """Re-queue dead-lettered jobs under their own ids; returns the ids replayed."""
+    async def kv_create(self, key: str, value: bytes) -> bool:
+        """Store ``value`` unless ``key`` exists; True when this call stored it."""
+
+    async def kv_get(self, key: str) -> bytes | None:
+        """The value, or None."""
+
+    async def kv_delete(self, key: str) -> None:
+        """Remove ``key`` (no error when absent)."""
+
+
+class Bus(Transport, WorkQueue, Streams, KeyValue, Protocol):
+    """Everything the kernel uses of a transport."""

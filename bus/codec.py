@@ -1,16 +1,12 @@
-"""Wire format shared by every bus: header names, job records, helpers.
+"""Wire format shared by every bus: header names, stream names, the RPC call preamble.
 
 Pods talk msgpack. A message whose ``Content-Type`` is ``application/json`` is decoded
-as JSON instead (external publishers), and its reply is JSON too.
+as JSON instead (external publishers), and its reply is JSON too (the kernel decides).
 """
 
 from __future__ import annotations
 
 import struct
-import time
-from typing import Any
-
-import msgspec
 
 __all__ = [
     "H_ATTEMPTS",
@@ -25,10 +21,6 @@ __all__ = [
     "H_TYPE",
     "JSON",
     "PREAMBLE_SIZE",
-    "JobEvent",
-    "JobRecord",
-    "decode_record",
-    "encode_record",
     "pack_call",
     "stream_names",
     "unpack_call",
@@ -47,53 +39,6 @@ H_JOB_ID = "Aiwfe-Job-Id"  # a job's id when it differs from its Nats-Msg-Id (de
 JSON = "application/json"
 
 
-class JobRecord(msgspec.Struct, frozen=True, kw_only=True):
-    """The one stored outcome of a job (written once, whatever the redeliveries).
-
-    ``status`` is ``done`` or ``failed``; ``result`` is the msgpack-encoded result Struct;
-    ``error`` is the wire error (``type``, ``message``, ``retryable``) of a failed job.
-    """
-
-    job_id: str
-    kind: str
-    status: str
-    result: bytes = b""
-    error: dict[str, Any] | None = None
-    attempts: int = 1
-    finished_at: float = msgspec.field(default_factory=time.time)
-
-    def decoded(self, type: Any = Any) -> Any:
-        """The result decoded (as ``type`` when given, else as plain data); None without one."""
-        return msgspec.msgpack.decode(self.result, type=type) if self.result else None
-
-
-class JobEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """One event of a job as a reader sees it: stream sequence, type tag, decoded data."""
-
-    seq: int
-    job_id: str
-    type: str
-    data: Any
-
-
-_rec_enc = msgspec.msgpack.Encoder()
-_rec_dec = msgspec.msgpack.Decoder(JobRecord)
-
-
-def encode_record(rec: JobRecord) -> bytes:
-    """Encode a job record."""
-    return _rec_enc.encode(rec)
-
-
-def decode_record(raw: bytes) -> JobRecord:
-    """Decode a job record.
-
-    Raises:
-        msgspec.DecodeError: not a job record.
-    """
-    return _rec_dec.decode(raw)
-
-
 def stream_names(prefix: str) -> dict[str, str]:
     """Stream and bucket names for a subject prefix (``aiwfe`` → ``AIWFE_JOBS`` ...)."""
     p = prefix.upper().replace(".", "_").replace("-", "_")
@@ -102,13 +47,15 @@ def stream_names(prefix: str) -> dict[str, str]:
 
 # -- the RPC preamble ----------------------------------------------------------------
 #
-# Kernel-to-kernel requests carry their call metadata (deadline, schema hash,
-# traceparent, the caller's job id) in a 16-byte binary preamble in front of the msgpack body instead of in
-# NATS headers: nats-py's header encoding and parsing cost ~30 % of request/reply
-# throughput (`aiwfe bench rpc` measures both). The first byte 0xC1 is never produced
-# by msgpack and is not JSON, so a payload without a preamble (an external publisher's
-# JSON or msgpack, described by headers) is recognised at once. Jobs and events keep
-# NATS headers: JetStream needs Nats-Msg-Id, and neither is on the RPC hot path.
+# Kernel-to-kernel requests carry their call metadata (deadline, schema hash, traceparent,
+# the caller's job id) in a binary preamble in front of the msgpack body instead of in NATS
+# headers: 16 fixed bytes (magic, version, deadline in ms, 8-byte schema hash, the two
+# lengths), then the traceparent and the job id. nats-py's header encoding and parsing cost
+# ~30 % of request/reply throughput (`aiwfe bench rpc` measures both). The first byte 0xC1
+# is never produced by msgpack and is not JSON, so a payload without a preamble (an
+# external publisher's JSON or msgpack, described by headers) is recognised at once. Jobs
+# and events keep NATS headers: JetStream needs Nats-Msg-Id, and neither is on the RPC hot
+# path.
 
 PREAMBLE_MAGIC = 0xC1
 PREAMBLE_VERSION = 2

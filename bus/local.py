@@ -1,11 +1,12 @@
 """LocalBus: the bus in-process, with NatsBus's semantics, for unit tests and single-pod runs.
 
 Several kernels may share one LocalBus (that is how unit tests build multi-pod
-placements without NATS). Requests are routed round-robin among the kernels serving a
-subject; events reach every subscriber; jobs are queued, deduplicated by id, retried
-with the configured backoff, dead-lettered after ``max_deliver`` attempts, and their
-outcome is recorded once -- the same policy code as NatsBus (``bus._jobs``).
-Nothing survives the process: use NatsBus where durability matters.
+placements without NATS). Requests are routed round-robin among the handlers serving a
+subject; published messages reach every subscriber; the work queue deduplicates by
+message id, redelivers on nak (after its delay) and stops after ``max_deliver``
+deliveries; streams keep sequences and drop repeated message ids; the bucket has
+create-once writes. What jobs mean is the kernel's (``aiwfe.kernel.jobs``), the same
+on either bus. Nothing survives the process: use NatsBus where durability matters.
 """
 
 from __future__ import annotations
@@ -14,20 +15,58 @@ import asyncio
 import contextlib
 import functools
 import itertools
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
-
-from aiwfe.kernel.errors import DeadlineExceeded, Unavailable
-
-from . import _jobs
-from .base import EventHandler, Headers, JobCall, JobOptions, JobRunner, RemoteHandler
-from .codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, JobEvent, JobRecord
+from .base import ConsumerOptions, DeliveryHandler, EventHandler, Headers, RemoteHandler, StreamMessage
+from .errors import BusTimeout, NoResponders
 
 __all__ = ["LocalBus"]
 
-_TERMINAL = _jobs.TERMINAL
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+class _Queued:
+    __slots__ = ("data", "delivered", "enqueued_at", "headers", "seq")
+
+    def __init__(self, seq: int, data: bytes, headers: Headers) -> None:
+        self.seq, self.data, self.headers = seq, data, headers
+        self.delivered = 0
+        self.enqueued_at = time.time()
+
+
+class _LocalDelivery:
+    __slots__ = ("_bus", "_item", "_kind", "attempt", "data", "headers", "seq", "settled")
+
+    def __init__(self, bus: LocalBus, kind: str, item: _Queued) -> None:
+        self._bus, self._kind, self._item = bus, kind, item
+        self.data, self.headers, self.seq, self.attempt = item.data, dict(item.headers), item.seq, item.delivered
+        self.settled = False
+
+    async def ack(self) -> None:
+        self.settled = True
+        self._bus._done(self._kind, self._item)
+
+    async def term(self) -> None:
+        self.settled = True
+        self._bus._done(self._kind, self._item)
+
+    async def nak(self, delay_s: float = 0.0) -> None:
+        self.settled = True
+        self._bus._requeue(self._kind, self._item, delay_s)
+
+    async def in_progress(self) -> None:
+        """Nothing to extend: a local delivery is redelivered only when naked or handed back."""
 
 
 class LocalBus:
@@ -36,23 +75,24 @@ class LocalBus:
     def __init__(self, prefix: str = "aiwfe") -> None:
         self.prefix = prefix
         self._serve: dict[str, list[RemoteHandler]] = {}
+        self._answer: dict[str, list[RemoteHandler]] = {}
         self._rr: dict[str, itertools.count[int]] = {}
         self._subs: dict[str, list[EventHandler]] = {}
-        self._queues: dict[str, asyncio.Queue[tuple[str, bytes, Headers, int]]] = {}
-        self._submitted: set[str] = set()
-        self._records: dict[str, JobRecord] = {}
-        self._owners: dict[str, str] = {}
-        self._event_ids: dict[str, int] = {}
-        self._events: dict[str, list[JobEvent]] = {}
-        self._event_cond = asyncio.Condition()
-        self._seq = itertools.count(1)
-        self._dlq: list[tuple[str, bytes, Headers]] = []
+        self._queues: dict[str, asyncio.Queue[_Queued]] = {}
+        self._pending: dict[str, dict[int, _Queued]] = {}
+        self._msg_ids: set[str] = set()
+        self._queue_seq = itertools.count(1)
+        self._streams: dict[str, list[StreamMessage]] = {}
+        self._stream_ids: dict[str, int] = {}
+        self._stream_seq: dict[str, itertools.count[int]] = {}
+        self._appended = asyncio.Condition()
+        self._kv: dict[str, bytes] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._workers: list[asyncio.Task[Any]] = []
+        self._unsettled: dict[int, tuple[str, _Queued, _LocalDelivery]] = {}
         self._mine: list[tuple[dict[str, list[Any]], str, Any]] = []
-        self._stopping = False
-        self.running = _jobs.Running()
-        self._answers: dict[str, list[Callable[[], dict[str, Any]]]] = {}
+
+    # -- lifecycle ---------------------------------------------------------------
 
     async def start(self) -> None:
         """Nothing to connect."""
@@ -65,8 +105,7 @@ class LocalBus:
         """Nothing is buffered."""
 
     async def stop_taking_work(self) -> None:
-        """Stop job workers; unregister handlers."""
-        self._stopping = True
+        """Stop the queue workers; unregister handlers."""
         for w in self._workers:
             w.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -77,34 +116,24 @@ class LocalBus:
         self._mine.clear()
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait for in-flight events and jobs."""
+        """Wait for in-flight handlers; at the limit requeue unsettled deliveries and cancel."""
         if not self._tasks:
             return True
         _, still = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        if not still:
+            return True
+        for kind, item, d in list(self._unsettled.values()):
+            if not d.settled:
+                d.settled = True
+                self._requeue(kind, item, 0.0)
+        self._unsettled.clear()
         for t in still:
             t.cancel()
-        return not still
+        return False
 
     async def close(self) -> None:
         """Stop everything."""
         await self.stop_taking_work()
-
-    async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
-        """Call a handler registered for ``subject`` (round-robin)."""
-        handlers = self._serve.get(subject)
-        if not handlers:
-            raise Unavailable(f"no pod serves {subject}")
-        h = handlers[next(self._rr[subject]) % len(handlers)]
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await h(data, dict(headers) if headers else None)
-        except TimeoutError:
-            raise DeadlineExceeded(f"{subject}: no reply within {timeout_s * 1000:.0f} ms") from None
-
-    async def publish(self, subject: str, data: bytes, headers: Headers | None = None) -> None:
-        """Deliver to every subscriber (each in its own task)."""
-        for h in list(self._subs.get(subject, ())):
-            self._spawn(h(data, dict(headers or {})))
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         t = asyncio.get_running_loop().create_task(coro)
@@ -112,144 +141,160 @@ class LocalBus:
         t.add_done_callback(self._tasks.discard)
         return t
 
-    async def serve(self, subject: str, handler: RemoteHandler) -> None:
-        """Register a request handler."""
-        self._serve.setdefault(subject, []).append(handler)
+    # -- request/reply and fan-out -------------------------------------------------
+
+    async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
+        """Call one handler registered for ``subject`` (round-robin)."""
+        handlers = self._serve.get(subject)
+        if not handlers:
+            raise NoResponders(f"no pod serves {subject}")
+        h = handlers[next(self._rr[subject]) % len(handlers)]
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await h(data, dict(headers) if headers else None)
+        except TimeoutError:
+            raise BusTimeout(f"{subject}: no reply within {timeout_s * 1000:.0f} ms") from None
+
+    async def request_many(self, subject: str, data: bytes, timeout_s: float) -> list[bytes]:
+        """Every answering handler's reply."""
+        return [(await h(data, None))[0] for h in list(self._answer.get(subject, ()))]
+
+    async def publish(self, subject: str, data: bytes, headers: Headers | None = None) -> None:
+        """Deliver to every subscriber (each in its own task)."""
+        for h in list(self._subs.get(subject, ())):
+            self._spawn(h(data, dict(headers or {})))
+
+    async def serve(self, subject: str, handler: RemoteHandler, *, queue: bool = True) -> None:
+        """Register a request handler (``queue`` False: one that answers :meth:`request_many`)."""
+        table = self._serve if queue else self._answer
+        table.setdefault(subject, []).append(handler)
         self._rr.setdefault(subject, itertools.count())
-        self._mine.append((self._serve, subject, handler))
+        self._mine.append((table, subject, handler))
 
-    async def subscribe(self, subject: str, handler: EventHandler) -> None:
-        """Register an event handler."""
+    async def subscribe(self, subject: str, handler: EventHandler, *, until_close: bool = False) -> None:
+        """Register a message handler."""
         self._subs.setdefault(subject, []).append(handler)
-        self._mine.append((self._subs, subject, handler))
+        if not until_close:
+            self._mine.append((self._subs, subject, handler))
 
-    def _queue(self, kind: str) -> asyncio.Queue[tuple[str, bytes, Headers, int]]:
+    # -- the work queue -------------------------------------------------------------
+
+    def _queue(self, kind: str) -> asyncio.Queue[_Queued]:
         q = self._queues.get(kind)
         if q is None:
             q = self._queues[kind] = asyncio.Queue()
+            self._pending[kind] = {}
         return q
 
-    async def submit(self, kind: str, data: bytes, headers: Headers, job_id: str) -> bool:
-        """Enqueue a job unless its id was seen before."""
-        if job_id in self._submitted:
+    async def enqueue(self, kind: str, data: bytes, headers: Headers, msg_id: str) -> bool:
+        """Queue a message unless ``msg_id`` was seen before."""
+        if msg_id in self._msg_ids:
             return False
-        self._submitted.add(job_id)
-        self._queue(kind).put_nowait((job_id, data, {**headers, H_MSG_ID: job_id}, 1))
+        self._msg_ids.add(msg_id)
+        item = _Queued(next(self._queue_seq), data, {**headers, "Nats-Msg-Id": msg_id})
+        self._queue(kind).put_nowait(item)
+        self._pending[kind][item.seq] = item
         return True
 
-    async def consume(self, kind: str, options: JobOptions, runner: JobRunner) -> None:
-        """Start ``options.concurrency`` workers for ``kind``."""
-        self._stopping = False
+    def _done(self, kind: str, item: _Queued) -> None:
+        self._pending.get(kind, {}).pop(item.seq, None)
+
+    def _requeue(self, kind: str, item: _Queued, delay_s: float) -> None:
         q = self._queue(kind)
-        for _ in range(options.concurrency):
-            self._workers.append(asyncio.get_running_loop().create_task(self._worker(kind, q, options, runner)))
+        if delay_s > 0:
+            asyncio.get_running_loop().call_later(delay_s, q.put_nowait, item)
+        else:
+            q.put_nowait(item)
 
-    async def _worker(
-        self, kind: str, q: asyncio.Queue[tuple[str, bytes, Headers, int]], options: JobOptions, runner: JobRunner
-    ) -> None:
+    async def consume(self, kind: str, options: ConsumerOptions, handler: DeliveryHandler) -> None:
+        """Start ``options.concurrency`` workers for ``kind``."""
+        q = self._queue(kind)
         loop = asyncio.get_running_loop()
+        for _ in range(options.concurrency):
+            self._workers.append(loop.create_task(self._worker(kind, q, options, handler)))
+
+    async def _worker(self, kind: str, q: asyncio.Queue[_Queued], options: ConsumerOptions, handler: DeliveryHandler) -> None:
         while True:
-            job_id, data, headers, attempt = await q.get()
-            call = JobCall(job_id=job_id, kind=kind, data=data, headers=headers, attempt=attempt, max_deliver=options.max_deliver)
-            task = self._spawn(_jobs.process(self, runner, call, options))
-            try:
-                outcome, delay = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                # Stopping: the delivery is abandoned and goes back to the queue, as an unacked
-                # JetStream message would.
-                q.put_nowait((job_id, data, headers, attempt + 1))
-                raise
-            if outcome == "nak":
-                loop.call_later(delay, q.put_nowait, (job_id, data, headers, attempt + 1))
-
-    async def put_record(self, rec: JobRecord) -> bool:
-        """Store an outcome once."""
-        if rec.job_id in self._records:
-            return False
-        self._records[rec.job_id] = rec
-        return True
-
-    async def claim_job(self, job_id: str, owner: str) -> str:
-        """Record the job's owner once."""
-        return self._owners.setdefault(job_id, owner)
-
-    async def job_owner(self, job_id: str) -> str | None:
-        """The owner recorded for ``job_id``, or None."""
-        return self._owners.get(job_id)
-
-    async def job_record(self, job_id: str) -> JobRecord | None:
-        """The stored outcome, or None."""
-        return self._records.get(job_id)
-
-    async def answer(self, subject: str, provider: Callable[[], dict[str, Any]]) -> None:
-        """Register a status provider for ``subject``."""
-        self._answers.setdefault(subject, []).append(provider)
-        self._mine.append((self._answers, subject, provider))
-
-    async def gather(self, subject: str, timeout_s: float) -> list[dict[str, Any]]:
-        """Every registered provider's answer."""
-        return [msgspec.json.decode(msgspec.json.encode(p())) for p in list(self._answers.get(subject, ()))]
-
-    async def cancel_job(self, job_id: str, reason: str) -> bool:
-        """Record the cancellation once and stop the job if it runs."""
-        created = await _jobs.cancel(self, job_id, reason)
-        self.running.cancel(job_id)
-        return created
-
-    async def dead_letter(self, call: JobCall, reason: dict[str, Any]) -> None:
-        """Keep a dead letter with its reason."""
-        headers = dict(call.headers)
-        headers[H_JOB_ID] = call.job_id
-        headers[H_REASON] = msgspec.json.encode(reason).decode()
-        headers[H_ATTEMPTS] = str(call.attempt)
-        self._dlq.append((call.kind, call.data, headers))
-
-    async def dead_letters(self, kind: str | None = None) -> list[tuple[bytes, Headers]]:
-        """The dead letters (all kinds, or one)."""
-        return [(d, h) for k, d, h in self._dlq if kind is None or k == kind]
-
-    async def replay_dead_letters(self, kind: str | None = None, job_id: str | None = None) -> list[str]:
-        """Re-queue dead-lettered jobs under their own ids (see NatsBus.replay_dead_letters)."""
-        done, keep = [], []
-        for k, d, h in self._dlq:
-            jid = h.get(H_JOB_ID, "")
-            if (kind is not None and k != kind) or (job_id is not None and jid != job_id) or not jid:
-                keep.append((k, d, h))
+            item = await q.get()
+            item.delivered += 1
+            if item.delivered > options.max_deliver:
+                self._done(kind, item)  # the server stops redelivering
                 continue
-            self._records.pop(jid, None)
-            fresh = {key: v for key, v in h.items() if key not in (H_REASON, H_ATTEMPTS)}
-            self._queue(k).put_nowait((jid, d, fresh, 1))
-            await self.emit(jid, _jobs.EV_REPLAYED, msgspec.msgpack.encode({"from_dead_letter": True}))
-            done.append(jid)
-        self._dlq = keep
-        return done
+            d = _LocalDelivery(self, kind, item)
+            self._unsettled[id(d)] = (kind, item, d)
+            task = self._spawn(handler(d))
+            task.add_done_callback(functools.partial(self._settled_or_gone, id(d)))
+            # Stopping cancels the worker, not the delivery: it drains (see wait_idle).
+            await asyncio.shield(task)
 
-    async def emit(self, job_id: str, type: str, data: bytes, msg_id: str | None = None) -> int:
-        """Append a job event (a repeated ``msg_id`` is dropped, as JetStream does)."""
+    def _settled_or_gone(self, key: int, _task: object) -> None:
+        self._unsettled.pop(key, None)
+
+    async def queue_stats(self, kind: str) -> tuple[int, float]:
+        """(messages queued or in flight, age of the oldest)."""
+        pending = self._pending.get(kind, {})
+        if not pending:
+            return 0, 0.0
+        return len(pending), max(0.0, time.time() - min(i.enqueued_at for i in pending.values()))
+
+    # -- streams ----------------------------------------------------------------------
+
+    def _role(self, subject: str) -> str:
+        return subject[len(self.prefix) + 1 :].split(".", 1)[0]
+
+    async def append(self, subject: str, data: bytes, headers: Headers, msg_id: str | None = None) -> int:
+        """Append to the stream of ``subject`` (a repeated ``msg_id`` is dropped)."""
+        role = self._role(subject)
         if msg_id is not None:
-            if msg_id in self._event_ids:
-                return self._event_ids[msg_id]
-        seq = next(self._seq)
+            key = f"{role}\0{msg_id}"
+            if key in self._stream_ids:
+                return self._stream_ids[key]
+        seq = next(self._stream_seq.setdefault(role, itertools.count(1)))
         if msg_id is not None:
-            self._event_ids[msg_id] = seq
-        ev = JobEvent(seq=seq, job_id=job_id, type=type, data=msgspec.msgpack.decode(data) if data else None)
-        self._events.setdefault(job_id, []).append(ev)
-        async with self._event_cond:
-            self._event_cond.notify_all()
+            self._stream_ids[key] = seq
+        self._streams.setdefault(role, []).append(StreamMessage(seq, subject, dict(headers), data))
+        async with self._appended:
+            self._appended.notify_all()
         return seq
 
-    def _has_after(self, job_id: str, seq: int) -> bool:
-        return any(e.seq > seq for e in self._events.get(job_id, ()))
+    def _has_after(self, subject: str, seq: int) -> bool:
+        return bool(self._after(subject, seq))
 
-    async def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
-        """Replay then follow a job's events until done or failed."""
+    def _after(self, subject: str, seq: int) -> list[StreamMessage]:
+        return [m for m in self._streams.get(self._role(subject), ()) if m.seq > seq and matches(subject, m.subject)]
+
+    async def follow(self, subject: str, after_seq: int = 0) -> AsyncIterator[StreamMessage]:
+        """Replay then follow ``subject``."""
         last = after_seq
         while True:
-            for ev in list(self._events.get(job_id, ())):
-                if ev.seq > last:
-                    last = ev.seq
-                    yield ev
-                    if ev.type in _TERMINAL:
-                        return
-            async with self._event_cond:
-                await self._event_cond.wait_for(functools.partial(self._has_after, job_id, last))
+            for m in self._after(subject, last):
+                last = m.seq
+                yield m
+            async with self._appended:
+                await self._appended.wait_for(functools.partial(self._has_after, subject, last))
+
+    async def read(self, subject: str) -> list[StreamMessage]:
+        """Every stored message under ``subject``."""
+        return self._after(subject, 0)
+
+    async def delete(self, subject: str, seq: int) -> None:
+        """Delete message ``seq`` of the stream holding ``subject``."""
+        role = self._role(subject)
+        self._streams[role] = [m for m in self._streams.get(role, ()) if m.seq != seq]
+
+    # -- the bucket -------------------------------------------------------------------
+
+    async def kv_create(self, key: str, value: bytes) -> bool:
+        """Store once."""
+        if key in self._kv:
+            return False
+        self._kv[key] = value
+        return True
+
+    async def kv_get(self, key: str) -> bytes | None:
+        """The value, or None."""
+        return self._kv.get(key)
+
+    async def kv_delete(self, key: str) -> None:
+        """Remove ``key``."""
+        self._kv.pop(key, None)

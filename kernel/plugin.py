@@ -19,7 +19,8 @@ A plugin is a plain class::
             return EchoResult(text=self.config.prefix + req.text)
 
 The kernel builds it as ``PluginClass(config, kernel)``; ``self.kernel`` is a
-:class:`~kernel.runtime.Caller` restricted to the contracts listed in ``calls``.
+:class:`KernelHandle` (an :class:`aiwfe.kernel.routing.Caller`) restricted to the contracts
+listed in ``calls``.
 Handlers are validated when the plugin is registered (:func:`validate_plugin_class`);
 every problem names the plugin, the handler and the signature it expected.
 """
@@ -30,16 +31,38 @@ import contextlib
 import inspect
 import typing
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import msgspec
 
 from .contract import address_of, kind_of, reply_type
 
-if TYPE_CHECKING:
-    from .runtime import Caller
+__all__ = ["HandlerOptions", "HandlerSpec", "KernelHandle", "Plugin", "handlers_of", "serves", "validate_plugin_class"]
 
-__all__ = ["HandlerOptions", "HandlerSpec", "Plugin", "handlers_of", "serves", "validate_plugin_class"]
+
+class KernelHandle(Protocol):
+    """What a plugin sees of its pod's kernel (``self.kernel``); see
+    :class:`aiwfe.kernel.routing.Caller`. Records are :class:`aiwfe.kernel.jobs.JobRecord`,
+    events :class:`aiwfe.kernel.jobs.JobEvent`."""
+
+    async def call(self, req: Any, *, timeout_s: float | None = None) -> Any: ...
+    async def publish(self, event: Any) -> None: ...
+    async def submit(self, job: Any, *, job_id: str | None = None, idempotency_key: str | None = None) -> str: ...
+    async def submit_json(
+        self,
+        address: str,
+        data: bytes,
+        *,
+        job_id: str | None = None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+    ) -> str: ...
+    async def job_record(self, job_id: str) -> Any: ...
+    async def job_owner(self, job_id: str) -> str | None: ...
+    async def wait_job(self, job_id: str, *, timeout_s: float = 30.0) -> Any: ...
+    def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[Any]: ...
+    async def cancel_job(self, job_id: str, reason: str = ...) -> bool: ...
+    async def cluster_status(self, timeout_s: float = 0.5) -> list[dict[str, Any]]: ...
 
 
 class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,7 +125,7 @@ class Plugin:
     class _NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         pass
 
-    def __init__(self, config: msgspec.Struct, kernel: Caller) -> None:
+    def __init__(self, config: msgspec.Struct, kernel: KernelHandle) -> None:
         self.config = config
         self.kernel = kernel
 

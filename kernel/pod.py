@@ -31,14 +31,16 @@ from typing import Any
 import msgspec
 
 from aiwfe.bus.base import Bus
+from aiwfe.bus.errors import BusError
 
 from . import metrics, tracing
 from ._ops import OpsServer
-from .errors import ConfigError
+from .admin import answer_status
+from .errors import ConfigError, Unavailable
 from .manifest import Manifest
 from .plugin import HandlerOptions, Plugin, config_type, handlers_of, validate_plugin_class
 from .registry import discover, resolve
-from .runtime import Kernel
+from .routing import Kernel
 
 __all__ = ["PodRunner", "make_bus", "nats_url_for"]
 
@@ -176,13 +178,16 @@ class PodRunner:
         await self.ops.start()
         tracing.configure_from_env(f"{self.manifest.system.name}-{self.pod_name}", self.manifest.system.trace_sample_ratio)
         try:
-            await self.bus.start()
+            try:
+                await self.bus.start()
+            except BusError as e:
+                raise Unavailable(str(e)) from None
             await self._stack.__aenter__()
             for name, plugin in self.plugins.items():
                 log.info("pod %s: entering %s", self.pod_name, name)
                 await self._stack.enter_async_context(plugin.lifespan())
             await self.kernel.start()
-            await self.bus.answer(f"{self.bus.prefix}.control.status", self.status)
+            await answer_status(self.bus, self.status)
             await self.bus.flush()  # the server has every subscription before we say ready
         except BaseException:
             await self._stack.aclose()
@@ -203,6 +208,7 @@ class PodRunner:
         self._ready = False
         metrics.READY.labels(self.pod_name).set(0)
         await self.bus.stop_taking_work()
+        self.kernel.jobs.stop()
         drained = await self.bus.wait_idle(self.manifest.system.drain_timeout_s)
         if not drained:
             log.warning("pod %s: drain limit reached; unfinished jobs returned to the stream", self.pod_name)

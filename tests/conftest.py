@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.servers import nats_service, postgres_service, redis_service
+
 # The project installs as one namespace (aiwfe.kernel, aiwfe.bus, aiwfe.plugins, aiwfe.bench).
 # The checkout is on sys.path when pytest runs from it, so a stray `import kernel` would
 # load a second copy of a module (and its metrics registry) from the folder: refuse it.
@@ -25,8 +27,6 @@ class _NoTopLevelFolders:
 
 
 sys.meta_path.insert(0, _NoTopLevelFolders)
-
-from tests.support.servers import nats_service, postgres_service, redis_service
 
 
 @pytest.fixture(scope="session")

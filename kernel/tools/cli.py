@@ -6,23 +6,16 @@ import argparse
 import asyncio
 import importlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import logs
+
 __all__ = ["main"]
 
 DEFAULT_MANIFEST = "manifests/monolith.toml"
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -59,6 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"--pod is required: {args.manifest} has pods {', '.join(manifest.pods)}", file=sys.stderr)
             return 2
         pod_name = next(iter(manifest.pods))
+    logs.setup(pod_name, verbose=args.verbose)
 
     async def run() -> None:
         bus = make_bus(manifest, name=f"{manifest.system.name}-{pod_name}", connect_timeout_s=None)
@@ -72,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .up import up
 
+    logs.setup("up", verbose=args.verbose)
     return up(args.manifest, data_dir=Path(args.data_dir))
 
 
@@ -95,8 +90,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from aiwfe.bench import loadtest
-
+    loadtest = importlib.import_module("aiwfe.bench.loadtest")  # only when asked: the benchmarks are not a dependency
     return int(loadtest.main([args.scenario, *args.rest]) or 0)
 
 
@@ -113,8 +107,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_k8s(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
-    from .k8s import hints, render, to_yaml
     from ..manifest import parse_manifest
+    from .k8s import hints, render, to_yaml
 
     try:
         text = Path(args.manifest).read_text()
@@ -198,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``aiwfe`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    logs.setup("aiwfe", verbose=args.verbose)
     from ..errors import ConfigError
 
     try:

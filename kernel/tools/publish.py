@@ -17,14 +17,14 @@ __all__ = ["publish"]
 
 async def _connect(url: str, prefix: str, name: str) -> Any:
     """A started NatsBus, or None after printing why it could not connect."""
+    from aiwfe.bus.errors import BusError
     from aiwfe.bus.nats import NatsBus
-    from aiwfe.kernel.errors import AiwfeError
 
     bus = NatsBus(url, prefix, name=name, connect_timeout_s=5.0)
     try:
         await bus.start()
-    except AiwfeError as e:
-        print(f"error: {e.message}", file=sys.stderr)
+    except BusError as e:
+        print(f"error: {e}", file=sys.stderr)
         return None
     return bus
 
@@ -33,11 +33,14 @@ async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s
     """Publish ``payload`` as JSON. Jobs (``<prefix>.jobs.*``) print ``{"job_id"}`` and,
     with ``wait``, the job's record; RPCs print the reply. Returns the exit status.
     """
-    from aiwfe.kernel.errors import AiwfeError, from_wire
+    from aiwfe.bus.errors import BusError, BusTimeout
+    from aiwfe.kernel.errors import AiwfeError, DeadlineExceeded, Unavailable, from_wire
+    from aiwfe.kernel.jobs import Jobs
 
     bus = await _connect(url, prefix, "aiwfe-publish")
     if bus is None:
         return 1
+    jobs = Jobs(bus)
     try:
         data = json.dumps(payload).encode()
         headers = {H_CONTENT_TYPE: JSON}
@@ -46,25 +49,30 @@ async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s
             kind = subject[len(jobs_prefix) :]
             job_id = uuid.uuid4().hex
             headers[H_MSG_ID] = job_id
-            await bus.submit(kind, data, headers, job_id)
+            await jobs.submit(kind, data, headers, job_id)
             print(json.dumps({"job_id": job_id}))
             if not wait:
                 return 0
             loop = asyncio.get_running_loop()
             end = loop.time() + timeout_s
-            while (rec := await bus.job_record(job_id)) is None:
+            while (rec := await jobs.record(job_id)) is None:
                 if loop.time() > end:
                     print(f"error: job {job_id} not finished after {timeout_s} s", file=sys.stderr)
                     return 1
                 await asyncio.sleep(0.1)
             out = {"job_id": job_id, "status": rec.status, "attempts": rec.attempts}
             if rec.status == "done":
-                out["result"] = msgspec.msgpack.decode(rec.result) if rec.result else None
+                out["result"] = rec.decoded()
             else:
                 out["error"] = rec.error
             print(json.dumps(out))
             return 0 if rec.status == "done" else 1
-        reply, rh = await bus.request(subject, data, headers, timeout_s)
+        try:
+            reply, rh = await bus.request(subject, data, headers, timeout_s)
+        except BusTimeout as e:
+            raise DeadlineExceeded(str(e)) from None
+        except BusError as e:
+            raise Unavailable(str(e)) from None
         if rh and H_ERROR in rh:
             err = from_wire(rh[H_ERROR])
             print(json.dumps({"error": {"code": err.code, "message": str(err), "retryable": err.retryable}}))
@@ -84,16 +92,19 @@ async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, 
     Returns the exit status (1 when NATS cannot be reached).
     """
     from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_REASON
+    from aiwfe.kernel import admin
+    from aiwfe.kernel.jobs import Jobs
 
     bus = await _connect(url, prefix, "aiwfe-dlq")
     if bus is None:
         return 1
+    jobs = Jobs(bus)
     try:
         if action == "replay":
-            ids = await bus.replay_dead_letters(kind, job_id)
+            ids = await admin.replay_dead_letters(jobs, kind, job_id)
             print(json.dumps({"replayed": ids}))
             return 0
-        for data, headers in await bus.dead_letters(kind):
+        for data, headers in await admin.dead_letters(jobs, kind):
             if job_id is not None and headers.get(H_JOB_ID) != job_id:
                 continue
             try:

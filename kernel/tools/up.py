@@ -9,7 +9,8 @@ server: the memory plugin keeps them under ``<data_dir>`` unless ``QDRANT_URL`` 
 Embedded servers listen on 127.0.0.1 on free ports, never the standard ones. Without
 ``JWT_SECRET`` a development secret is created once in ``<data_dir>/jwt-secret``. Then it runs
 every pod of the manifest: in this process for a one-pod manifest, otherwise one supervised child
-process per pod replica (``aiwfe run``), its output prefixed with the pod name. A child
+process per pod replica (``aiwfe run``); everything logs in one format with the pod's name
+(:mod:`aiwfe.kernel.tools.logs`). A child
 that dies is restarted after a short backoff. Ctrl-C / SIGTERM stops the pods (each
 drains) and then the embedded services.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -27,8 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from ..manifest import Manifest, load_manifest
+from . import logs
 
 __all__ = ["up"]
+
+log = logging.getLogger("aiwfe.up")
 
 
 def up(manifest_path: str, *, data_dir: Path) -> int:
@@ -60,7 +65,7 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
                 fut.result()
                 started.append(srv)
                 env[var] = srv.url
-                print(f"aiwfe: embedded {label} at {srv.url} (data in {srv.data_dir})", flush=True)
+                log.info("embedded %s at %s (data in %s)", label, srv.url, srv.data_dir)
         os.environ.update({k: env[k] for k in ("NATS_URL", "DATABASE_URL", "REDIS_URL", "JWT_SECRET") if k in env})
         if len(manifest.pods) == 1 and next(iter(manifest.pods.values())).replicas == 1:
             return _run_single(manifest_path)
@@ -105,6 +110,7 @@ def _run_single(manifest_path: str) -> int:
 
     manifest = load_manifest(manifest_path)
     pod = next(iter(manifest.pods))
+    logs.setup(pod, verbose=logging.getLogger().level <= logging.DEBUG)
 
     async def run() -> None:
         runner = PodRunner(manifest, pod, make_bus(manifest, name=f"{manifest.system.name}-{pod}"))
@@ -113,9 +119,9 @@ def _run_single(manifest_path: str) -> int:
         while not runner.ready and not task.done():
             await asyncio.sleep(0.05)
         if not task.done():
-            print(f"aiwfe: pod {pod} ready; ops {runner.ops.url}/ready", flush=True)
+            log.info("pod %s ready; ops %s/ready", pod, runner.ops.url)
             for line in _gateway_lines(runner):
-                print(line, flush=True)
+                log.info("%s", line)
         await task
 
     asyncio.run(run())
@@ -127,7 +133,7 @@ def _gateway_lines(runner: object) -> list[str]:
     for plugin in getattr(runner, "plugins", {}).values():
         url = getattr(plugin, "public_url", None)
         if url:
-            lines.append(f"aiwfe: gateway at {url}")
+            lines.append(f"gateway at {url}")
     return lines
 
 
@@ -142,15 +148,16 @@ async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
 
     async def pump(label: str, stream: asyncio.StreamReader) -> None:
         async for line in stream:
-            sys.stdout.write(f"[{label}] {line.decode(errors='replace')}")
-            sys.stdout.flush()
+            # Pod processes log in the same format, with their label (AIWFE_POD_LABEL).
+            sys.stderr.write(line.decode(errors="replace"))
+            sys.stderr.flush()
 
     async def keep(label: str, pod: str) -> None:
         backoff = 0.5
         while not stop.is_set():
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "aiwfe.kernel.tools.cli", "run", "-m", manifest_path, "--pod", pod,
-                env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env={**env, "AIWFE_POD_LABEL": label}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             procs[label] = proc
             assert proc.stdout is not None
@@ -159,7 +166,7 @@ async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
             await pumper
             if stop.is_set():
                 return
-            print(f"aiwfe: pod {label} exited with {rc}; restarting in {backoff:.1f} s", flush=True)
+            log.warning("pod %s exited with %s; restarting in %.1f s", label, rc, backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
@@ -168,7 +175,7 @@ async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
         for i in range(pod.replicas):
             label = pod_name if pod.replicas == 1 else f"{pod_name}-{i}"
             tasks.append(asyncio.create_task(keep(label, pod_name)))
-    print(f"aiwfe: {len(tasks)} pod process(es) from {manifest_path}; Ctrl-C stops them", flush=True)
+    log.info("%d pod process(es) from %s; Ctrl-C stops them", len(tasks), manifest_path)
     await stop.wait()
     for proc in procs.values():
         if proc.returncode is None:

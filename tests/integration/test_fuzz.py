@@ -18,7 +18,7 @@ from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel.errors import from_wire
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
-from aiwfe.kernel.runtime import Kernel
+from aiwfe.kernel.routing import Kernel
 from tests.support.probe import Ask
 
 pytestmark = [pytest.mark.integration]
@@ -43,7 +43,7 @@ class Harness:
         self.run(self.pod.start())
         self.run(self.client.start())
         self.subjects = sorted(self.pod.kernel.subject(c) for c in self.pod.kernel.endpoints)
-        self.jobs = sorted(ep.spec.address for ep in self.pod.kernel.jobs.values())
+        self.jobs = sorted(ep.spec.address for ep in self.pod.kernel.job_endpoints.values())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
@@ -104,8 +104,8 @@ def test_fuzzed_jobs_are_dead_lettered(harness: Harness, data: bytes, which: int
 
     kind = harness.jobs[which % len(harness.jobs)]
     job_id = uuid.uuid4().hex
-    harness.run(harness.client.submit(kind, data, {"Nats-Msg-Id": job_id}, job_id))
     k = Kernel(harness.client)
+    harness.run(k.jobs.submit(kind, data, {"Nats-Msg-Id": job_id}, job_id))
     rec = harness.run(k.wait_job(job_id, timeout_s=20))
     assert rec.status in ("failed", "done")
     if rec.status == "failed":

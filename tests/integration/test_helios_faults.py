@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from aiwfe.bus.nats import NatsBus
-from aiwfe.kernel.runtime import Kernel
+from aiwfe.kernel.routing import Kernel
 from aiwfe.plugins.helios.contract import Ask
 from tests.support.pods import run_pods, start_pod, wait_ready
 

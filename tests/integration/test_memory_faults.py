@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres
 from aiwfe.bus.local import LocalBus
 from aiwfe.kernel import Unavailable
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
+from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres
 from aiwfe.plugins.memory.contract import Recall, Remember
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]

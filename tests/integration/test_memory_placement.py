@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from aiwfe.bus.nats import NatsBus
-from aiwfe.kernel.runtime import Kernel
+from aiwfe.kernel.routing import Kernel
 from aiwfe.plugins.learning.contract import ExpertScores, Feedback
 from aiwfe.plugins.memory.contract import Forget, Recall, Remember
 from aiwfe.plugins.reasoning.contract import Reason

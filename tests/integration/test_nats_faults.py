@@ -11,14 +11,15 @@ import msgspec
 import nats
 import pytest
 
-from aiwfe.bus.codec import decode_record, stream_names
-from aiwfe.kernel.tools.embedded import EmbeddedNats
+from aiwfe.bus.codec import stream_names
 from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel.jobs import JobRecord
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
+from aiwfe.kernel.tools.embedded import EmbeddedNats
 from tests.conftest import wait_until
 from tests.support.probe import Tally
-from tests.unit.test_runtime import _get
+from tests.unit.test_routing import _get
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -62,7 +63,7 @@ async def test_kill_nats_with_1000_jobs_in_flight(tmp_path: Path) -> None:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         kv = await js.key_value(stream_names("fault")["results"])
-        records = [decode_record((await kv.get(j)).value) for j in ids]
+        records = [msgspec.msgpack.decode((await kv.get(j)).value, type=JobRecord) for j in ids]
         assert all(r.status == "done" for r in records)
         assert sorted(msgspec.msgpack.decode(r.result)["square"] for r in records) == sorted(i * i for i in range(JOBS))
         done_events = collections.Counter()

@@ -17,7 +17,7 @@ from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import tracing
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
-from aiwfe.kernel.runtime import Kernel
+from aiwfe.kernel.routing import Kernel
 from tests.support.probe import Ask, Crunch
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]

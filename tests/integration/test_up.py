@@ -19,6 +19,7 @@ from aiwfe.kernel.tools.embedded import wait_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+AIWFE = [sys.executable, "-m", "aiwfe.kernel.tools.cli"]
 
 
 @pytest.mark.timeout(180)
@@ -28,7 +29,7 @@ def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path)
     env["AIWFE_PREFIX"] = "up" + str(os.getpid())
     env["AIWFE_GATEWAY_PORT"] = "0"  # any free port: CI machines may have 8080 taken
     proc = subprocess.Popen(
-        [sys.executable, "-m", "aiwfe.kernel.tools.cli", "up", "-m", f"manifests/{manifest}.toml", "--data-dir", str(tmp_path / "data")],
+        [*AIWFE, "up", "-m", f"manifests/{manifest}.toml", "--data-dir", str(tmp_path / "data")],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -52,7 +53,7 @@ def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path)
         assert ready == pods, "".join(lines[-40:])
         assert nats_url is not None and not nats_url.endswith(":4222")
         r = subprocess.run(
-            [sys.executable, "-m", "aiwfe.kernel.tools.cli", "publish", "--url", nats_url, "--prefix", env["AIWFE_PREFIX"],
+            [*AIWFE, "publish", "--url", nats_url, "--prefix", env["AIWFE_PREFIX"],
              f"{env['AIWFE_PREFIX']}.perception.perceive", '{"text": "Deploy to Kubernetes"}'],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip

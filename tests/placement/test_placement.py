@@ -19,15 +19,15 @@ from typing import Any
 import msgspec
 import pytest
 
-from aiwfe.kernel.tools.embedded import free_port
 from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
-from aiwfe.kernel.runtime import Kernel
+from aiwfe.kernel.routing import Kernel
+from aiwfe.kernel.tools.embedded import free_port
 from aiwfe.plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
 from aiwfe.plugins.reasoning.plugin import extract
 from tests.support.pods import dump_toml, run_pods
 from tests.support.probe import Ask, Boom, Crunch, Sleep, Tally
-from tests.unit.test_runtime import Unserved
+from tests.unit.test_routing import Unserved
 
 pytestmark = [pytest.mark.integration, pytest.mark.placement, pytest.mark.usefixtures("cleanup_streams")]
 

@@ -10,10 +10,10 @@ import msgspec
 import pytest
 import yaml
 
-from aiwfe.kernel.tools import k8s
-from aiwfe.kernel.tools.cli import build_parser, main
 from aiwfe.kernel.errors import ConfigError
 from aiwfe.kernel.manifest import Manifest, load_manifest, parse_manifest
+from aiwfe.kernel.tools import k8s
+from aiwfe.kernel.tools.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "manifests").glob("*.toml"))

@@ -121,7 +121,9 @@ def test_valid_manifest_has_no_problems() -> None:
 
 
 def _aiwfe(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aiwfe.kernel.tools.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "aiwfe.kernel.tools.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=60
+    )
 
 
 def test_cli_check_shipped_manifests(repo_root: Path) -> None:

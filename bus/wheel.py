@@ -1,4 +1,4 @@
-"""A coarse timer wheel for deadlines (shared by the kernel and NatsBus)."""
+"""A coarse timer wheel for deadlines (the kernel's calls and NatsBus's requests share one per loop)."""
 
 from __future__ import annotations
 
@@ -38,17 +38,18 @@ class DeadlineWheel:
         The returned key's ``[1].expired`` tells a CancelledError from the wheel apart
         from any other cancellation.
         """
-        b = int(deadline / self.tick_s) + 1
+        if self._handle is None:
+            loop = target.get_loop()
+            self._cursor = int(loop.time() / self.tick_s)
+            self._handle = loop.call_at((self._cursor + 1) * self.tick_s, self._sweep, loop)
+        # A deadline already behind the sweep position goes in the next bucket swept.
+        b = max(int(deadline / self.tick_s) + 1, self._cursor)
         t = _Timer(target)
         s = self._buckets.get(b)
         if s is None:
             s = self._buckets[b] = set()
         s.add(t)
         self._count += 1
-        if self._handle is None:
-            loop = target.get_loop()
-            self._cursor = int(loop.time() / self.tick_s)
-            self._handle = loop.call_at((self._cursor + 1) * self.tick_s, self._sweep, loop)
         return b, t
 
     def remove(self, key: tuple[int, _Timer]) -> None:

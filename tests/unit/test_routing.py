@@ -24,6 +24,7 @@ from aiwfe.kernel import (
     SchemaMismatch,
     Unavailable,
     UndeclaredCall,
+    admin,
 )
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
@@ -107,6 +108,19 @@ async def test_deadline(start_pods: StartPods, pod: str) -> None:
         assert (await k.call(Sleep(seconds=0.01), timeout_s=2)).slept_s == 0.01
 
 
+@pytest.mark.parametrize("timeout_s", [0.0, -1.0, 0.001])
+@pytest.mark.parametrize("pod", ["front", "back"])
+async def test_a_deadline_already_passed_fires(start_pods: StartPods, pod: str, timeout_s: float) -> None:
+    """The deadline wheel cancels a call whose deadline is behind its sweep position (a
+    local call with ``timeout_s <= 0`` used to run to completion)."""
+    async with start_pods(TWO_PODS) as pods:
+        k = pods[pod].kernel
+        t0 = asyncio.get_running_loop().time()
+        with pytest.raises(DeadlineExceeded):
+            await k.call(Sleep(seconds=2), timeout_s=timeout_s)
+        assert asyncio.get_running_loop().time() - t0 < 1.0
+
+
 @pytest.mark.parametrize("pod", ["front", "back"])
 async def test_overloaded_at_once_when_queue_full(start_pods: StartPods, pod: str) -> None:
     async with start_pods(TWO_PODS) as pods:
@@ -162,7 +176,7 @@ async def test_poison_job_is_dead_lettered_with_reason(start_pods: StartPods) ->
         rec = await k.wait_job(job_id, timeout_s=20)
         assert rec.status == "failed" and rec.attempts == 3
         assert rec.error is not None and rec.error["type"] == "Flaky"
-        letters = await k.bus.dead_letters("probe.crunch")
+        letters = await admin.dead_letters(k.jobs, "probe.crunch")
         assert len(letters) == 1
         data, headers = letters[0]
         assert headers["Aiwfe-Job-Id"] == job_id
@@ -279,8 +293,8 @@ async def test_dead_letters_replay_under_the_same_job_id(start_pods: StartPods) 
         rec = await k.wait_job(job_id, timeout_s=20)
         assert rec.status == "failed" and rec.attempts == 3
         pods["front"].plugins[PROBE].reject_negative = False  # the handler is fixed
-        assert await k.bus.replay_dead_letters("probe.crunch") == [job_id]
-        assert await k.bus.dead_letters() == []
+        assert await admin.replay_dead_letters(k.jobs, "probe.crunch") == [job_id]
+        assert await admin.dead_letters(k.jobs) == []
         await asyncio.sleep(0.2)
         rec = await k.wait_job(job_id, timeout_s=20)
         assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 16

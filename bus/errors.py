@@ -1,0 +1,26 @@
+"""Transport failures. The bus raises only these; the kernel maps them to its own error
+types (a timeout to ``DeadlineExceeded``, the rest to ``Unavailable``)."""
+
+from __future__ import annotations
+
+__all__ = ["BusError", "BusTimeout", "NoResponders", "NotAccepted", "NotConnected"]
+
+
+class BusError(Exception):
+    """A transport failure (the server is unreachable, refused or did not answer)."""
+
+
+class NotConnected(BusError):
+    """No connection to the server (not yet connected, closed, or none within the limit)."""
+
+
+class NoResponders(BusError):
+    """Nobody subscribes to the request's subject."""
+
+
+class BusTimeout(BusError):
+    """No reply within the time given."""
+
+
+class NotAccepted(BusError):
+    """The server did not acknowledge a durable write (stream publish, KV write)."""

@@ -1,0 +1,350 @@
+"""The calling side of the kernel: routes calls in-process or over the bus, with the same
+semantics either way.
+
+Routing rule: a call goes in-process when the serving plugin runs in this pod and over
+the bus otherwise. Jobs always go through the bus's work queue (durability is the point
+of a job); events always go through the bus (fan-out to every pod). The kernel does all
+contract encoding and decoding; the bus sees bytes. Serving is :mod:`aiwfe.kernel.serving`,
+job semantics :mod:`aiwfe.kernel.jobs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, TypeVar
+
+import msgspec
+
+from aiwfe.bus.base import Bus, Headers
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, pack_call
+from aiwfe.bus.errors import BusError, BusTimeout
+from aiwfe.bus.wheel import DeadlineWheel
+
+from . import metrics, tracing
+from .contract import Event, Job, Message, Request, address_of, kind_of, reply_type, schema_hash
+from .errors import AiwfeError, BadMessage, DeadlineExceeded, Forbidden, Unavailable, UndeclaredCall, from_wire
+from .jobs import JobCall, JobContext, JobEvent, JobRecord, Jobs, _job
+from .plugin import HandlerSpec, Plugin
+from .serving import Endpoint, _deadline, _trace
+
+__all__ = ["Caller", "Kernel"]
+
+log = logging.getLogger("aiwfe.kernel")
+R = TypeVar("R")
+_enc = msgspec.msgpack.Encoder()
+
+
+class Kernel:
+    """Routes calls for one pod. Built and started by :class:`aiwfe.kernel.pod.PodRunner`.
+
+    ``endpoints`` holds the contracts served in this pod; every other contract is
+    called over ``bus``. ``jobs`` is the pod's job machinery on the same bus.
+    """
+
+    def __init__(self, bus: Bus, *, call_timeout_s: float = 30.0) -> None:
+        self.bus = bus
+        self.jobs = Jobs(bus)
+        self.call_timeout_s = call_timeout_s
+        self.wheel = DeadlineWheel()
+        self.endpoints: dict[type, Endpoint] = {}
+        self.job_endpoints: dict[type, Endpoint] = {}
+        self.events: dict[type, list[Endpoint]] = {}
+        self._subjects: dict[type, str] = {}
+        self._reply_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+        self._schemas: dict[type, bytes] = {}
+
+    # -- wiring -------------------------------------------------------------------
+
+    def add(self, spec: HandlerSpec, plugin: Plugin) -> None:
+        """Register a validated handler of ``plugin`` (before :meth:`start`)."""
+        ep = Endpoint(spec, plugin, self.wheel, self.jobs)
+        if spec.kind == "request":
+            self.endpoints[spec.contract] = ep
+        elif spec.kind == "job":
+            self.job_endpoints[spec.contract] = ep
+        else:
+            self.events.setdefault(spec.contract, []).append(ep)
+
+    def subject(self, contract: type) -> str:
+        """The NATS subject of a request or event contract: ``<prefix>.<address>``."""
+        s = self._subjects.get(contract)
+        if s is None:
+            s = self._subjects[contract] = f"{self.bus.prefix}.{address_of(contract)}"
+        return s
+
+    async def start(self) -> None:
+        """Expose this pod's handlers on the bus: requests, event subscriptions, job consumers."""
+        await self.jobs.start()
+        for contract, ep in self.endpoints.items():
+            await self.bus.serve(self.subject(contract), ep.handle_remote)
+        for contract, eps in self.events.items():
+            for ep in eps:
+                await self.bus.subscribe(self.subject(contract), self._event_handler(ep))
+        for contract, ep in self.job_endpoints.items():
+            await self.jobs.consume(address_of(contract), ep.spec.options, self._job_runner(ep))
+
+    def _event_handler(self, ep: Endpoint) -> Any:
+        async def on_event(data: bytes, headers: Headers | None) -> None:
+            try:
+                msg, _ = ep.decode(data, headers)
+                tp = headers.get(H_TRACE) if headers else None
+                await ep.invoke(msg, asyncio.get_running_loop().time() + ep.timeout_s, tp)
+            except AiwfeError as e:
+                metrics.failed(ep.spec.address, "remote", e.code)
+                log.warning("event %s dropped: %s", ep.spec.address, e)
+
+        return on_event
+
+    def _job_runner(self, ep: Endpoint) -> Any:
+        rt = reply_type(ep.contract)
+
+        async def run(call: JobCall) -> bytes:
+            msg, _ = ep.decode(call.data, call.headers)
+            token = _job.set(JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver))
+            deadline = asyncio.get_running_loop().time() + ep.timeout_s
+            tp = call.headers.get(H_TRACE)
+            try:
+                if tracing.STATE.enabled:
+                    attrs = {"aiwfe.job_id": call.job_id, "aiwfe.attempt": call.attempt}
+                    with tracing.span(f"{ep.spec.address} job", tracing.SpanKind.CONSUMER, tp, attrs):
+                        result = await ep.invoke(msg, deadline)
+                else:
+                    result = await ep.invoke(msg, deadline, tp)
+            finally:
+                _job.reset(token)
+            if rt is not None and not isinstance(result, rt):
+                raise TypeError(f"{ep.spec.address}: handler returned {type(result).__name__}, expected {rt.__name__}")
+            return _enc.encode(result)
+
+        return run
+
+    # -- calling ------------------------------------------------------------------
+
+    def _deadline_for(self, timeout_s: float | None) -> float:
+        now = asyncio.get_running_loop().time()
+        deadline = now + (timeout_s if timeout_s is not None else self.call_timeout_s)
+        inherited = _deadline.get()
+        if inherited is not None and inherited < deadline:
+            deadline = inherited
+        return deadline
+
+    async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R:
+        """Call a request contract; in-process when served here, over the bus otherwise.
+
+        ``timeout_s`` defaults to the system's ``call_timeout_s``; inside a handler the
+        caller's own deadline caps it.
+
+        Raises:
+            DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, RemoteError.
+        """
+        contract = type(req)
+        deadline = self._deadline_for(timeout_s)
+        ep = self.endpoints.get(contract)
+        if tracing.STATE.enabled:
+            path = "local" if ep is not None else "remote"
+            with tracing.span(f"{address_of(contract)} call", tracing.SpanKind.CLIENT, None, {"aiwfe.path": path}):
+                if ep is not None:
+                    return await ep.invoke(req, deadline)  # type: ignore[no-any-return]
+                return await self._call_remote(req, contract, deadline)  # type: ignore[no-any-return]
+        if ep is not None:
+            t0 = time.perf_counter()
+            result = await ep.invoke(req, deadline)
+            ep.m_local.observe(time.perf_counter() - t0)
+            return result  # type: ignore[no-any-return]
+        return await self._call_remote(req, contract, deadline)  # type: ignore[no-any-return]
+
+    async def _call_remote(self, req: Message, contract: type, deadline: float) -> Any:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"{address_of(contract)}: deadline passed before the call")
+        dec = self._reply_decoders.get(contract)
+        if dec is None:
+            if kind_of(contract) != "request":
+                raise TypeError(f"{contract.__qualname__} is a {kind_of(contract)}; use submit() or publish()")
+            dec = self._reply_decoders[contract] = msgspec.msgpack.Decoder(reply_type(contract))
+            self._schemas[contract] = bytes.fromhex(schema_hash(contract))
+        tp = tracing.current_traceparent() if tracing.STATE.enabled else _trace.get()
+        job = _job.get()
+        payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, _enc.encode(req), job.job_id if job else None)
+        try:
+            data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
+        except BusTimeout as e:
+            raise DeadlineExceeded(str(e)) from None
+        except BusError as e:
+            raise Unavailable(str(e)) from None
+        if rh is not None:
+            err = rh.get(H_ERROR)
+            if err is not None:
+                raise from_wire(err)
+        try:
+            return dec.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise BadMessage(f"{address_of(contract)}: reply does not decode: {e}") from None
+
+    async def publish(self, event: Event) -> None:
+        """Publish an event to every subscriber in every pod (through the bus)."""
+        contract = type(event)
+        headers = {H_SCHEMA: schema_hash(contract)}
+        try:
+            if tracing.STATE.enabled:
+                with tracing.span(f"{address_of(contract)} publish", tracing.SpanKind.PRODUCER):
+                    headers[H_TRACE] = tracing.current_traceparent() or ""
+                    await self.bus.publish(self.subject(contract), _enc.encode(event), headers)
+                return
+            tp = _trace.get()
+            if tp:
+                headers[H_TRACE] = tp
+            await self.bus.publish(self.subject(contract), _enc.encode(event), headers)
+        except BusError as e:
+            raise Unavailable(str(e)) from None
+
+    # -- jobs -----------------------------------------------------------------------
+
+    @staticmethod
+    def _job_id(address: str, job_id: str | None, idempotency_key: str | None) -> str:
+        if job_id is not None:
+            return job_id
+        if idempotency_key:
+            return uuid.uuid5(uuid.NAMESPACE_URL, f"aiwfe:{address}:{idempotency_key}").hex
+        return uuid.uuid4().hex
+
+    async def submit(self, job: Job[Any], *, job_id: str | None = None, idempotency_key: str | None = None) -> str:
+        """Durably enqueue a job; return its id.
+
+        ``idempotency_key`` makes the id deterministic (same key → same job, submitted once).
+
+        Raises:
+            Unavailable: the bus did not accept the job.
+        """
+        contract = type(job)
+        job_id = self._job_id(address_of(contract), job_id, idempotency_key)
+        headers = {H_MSG_ID: job_id, H_SCHEMA: schema_hash(contract)}
+        await self._submit(address_of(contract), _enc.encode(job), headers, job_id)
+        return job_id
+
+    async def _submit(self, address: str, data: bytes, headers: Headers, job_id: str) -> None:
+        if tracing.STATE.enabled:
+            with tracing.span(f"{address} submit", tracing.SpanKind.PRODUCER, None, {"aiwfe.job_id": job_id}):
+                headers[H_TRACE] = tracing.current_traceparent() or ""
+                await self.jobs.submit(address, data, headers, job_id)
+            return
+        tp = _trace.get()
+        if tp:
+            headers[H_TRACE] = tp
+        await self.jobs.submit(address, data, headers, job_id)
+
+    async def submit_json(
+        self,
+        address: str,
+        data: bytes,
+        *,
+        job_id: str | None = None,
+        idempotency_key: str | None = None,
+        owner: str | None = None,
+    ) -> str:
+        """Durably enqueue a job given as JSON (the gateway's path: no contract import needed).
+
+        The consumer decodes it against its contract and answers a bad payload by
+        dead-lettering the job with a ``BadMessage`` reason. ``owner`` is recorded before
+        the job is queued (:meth:`job_owner`), so whoever serves the job to clients can
+        tell an unknown job from a pending one and one user's job from another's.
+
+        Raises:
+            Forbidden: ``job_id`` already belongs to another owner.
+            Unavailable: the bus did not accept the job.
+        """
+        job_id = self._job_id(address, job_id, idempotency_key)
+        if owner is not None and await self.jobs.claim(job_id, owner) != owner:
+            raise Forbidden(f"job {job_id} belongs to someone else")
+        await self._submit(address, data, {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}, job_id)
+        return job_id
+
+    async def cancel_job(self, job_id: str, reason: str = "cancelled by the client") -> bool:
+        """Cancel a job: recorded as ``cancelled`` unless it already has an outcome, and
+        stopped in whichever pod runs it. Returns True when this call cancelled it."""
+        return await self.jobs.cancel(job_id, reason)
+
+    async def job_record(self, job_id: str) -> JobRecord | None:
+        """The stored outcome of a job, None while pending or unknown."""
+        return await self.jobs.record(job_id)
+
+    async def job_owner(self, job_id: str) -> str | None:
+        """The owner a job was submitted with (``submit_json(owner=...)``), or None."""
+        return await self.jobs.owner(job_id)
+
+    async def wait_job(self, job_id: str, *, timeout_s: float = 30.0, poll_s: float = 0.05) -> JobRecord:
+        """Wait for a job's record.
+
+        Raises:
+            DeadlineExceeded: no record within ``timeout_s``.
+        """
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        while (rec := await self.jobs.record(job_id)) is None:
+            if loop.time() >= end:
+                raise DeadlineExceeded(f"job {job_id} not finished after {timeout_s} s")
+            await asyncio.sleep(poll_s)
+        return rec
+
+    def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
+        """Replay then follow a job's events after sequence ``after_seq``."""
+        return self.jobs.events(job_id, after_seq)
+
+    async def cluster_status(self, timeout_s: float = 0.5) -> list[dict[str, Any]]:
+        """Every running pod's status (see :func:`aiwfe.kernel.admin.cluster_status`)."""
+        from .admin import cluster_status
+
+        return await cluster_status(self.bus, timeout_s)
+
+    def caller_for(self, plugin_name: str, allowed: tuple[type, ...]) -> Caller:
+        """A :class:`Caller` restricted to the contracts a plugin declared in ``calls``."""
+        return Caller(self, plugin_name, frozenset(allowed))
+
+
+class Caller:
+    """A plugin's view of its pod's :class:`Kernel`: ``call``, ``publish`` and ``submit``
+    are checked against the contracts the plugin declared in ``calls`` (UndeclaredCall
+    otherwise); the job and status methods (``submit_json``, ``job_record``, ``job_owner``,
+    ``wait_job``, ``job_events``, ``cancel_job``, ``cluster_status``) take ids and
+    addresses as data and pass through. Nothing else of the kernel is visible."""
+
+    __slots__ = ("_allowed", "_kernel", "_plugin")
+    _PASS_THROUGH = frozenset(
+        {"submit_json", "job_record", "job_owner", "wait_job", "job_events", "cancel_job", "cluster_status"}
+    )
+
+    def __init__(self, kernel: Kernel, plugin: str, allowed: frozenset[type]) -> None:
+        self._kernel = kernel
+        self._plugin = plugin
+        self._allowed = allowed
+
+    def _check(self, contract: type) -> None:
+        if contract not in self._allowed:
+            raise UndeclaredCall(
+                f"plugin {self._plugin} uses {contract.__qualname__} without declaring it; add it to {self._plugin}'s `calls`"
+            )
+
+    async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R:
+        """See :meth:`Kernel.call`."""
+        if type(req) not in self._allowed:
+            self._check(type(req))
+        return await self._kernel.call(req, timeout_s=timeout_s)
+
+    async def publish(self, event: Event) -> None:
+        """See :meth:`Kernel.publish`."""
+        self._check(type(event))
+        await self._kernel.publish(event)
+
+    async def submit(self, job: Job[Any], *, job_id: str | None = None, idempotency_key: str | None = None) -> str:
+        """See :meth:`Kernel.submit`."""
+        self._check(type(job))
+        return await self._kernel.submit(job, job_id=job_id, idempotency_key=idempotency_key)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in Caller._PASS_THROUGH:
+            return getattr(self._kernel, name)
+        raise AttributeError(f"a plugin's kernel handle has no {name!r} (see aiwfe.kernel.routing.Caller)")

@@ -1,0 +1,239 @@
+"""The serving side of the kernel: one :class:`Endpoint` per contract served in a pod.
+
+Both call paths end in :meth:`Endpoint.invoke`: the in-process path with the caller's
+message object, the bus path after :meth:`Endpoint.handle_remote` decoded the payload.
+Either way the handler runs under its concurrency limit and bounded queue
+(:class:`Limiter`), under its deadline (the pod's deadline wheel), inside a trace span,
+and its exceptions are mapped to :class:`~aiwfe.kernel.errors.RemoteError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextvars
+import time
+from typing import Any
+
+import msgspec
+
+from aiwfe.bus.base import Headers
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_DEADLINE, H_ERROR, H_SCHEMA, H_TRACE, JSON, unpack_call
+from aiwfe.bus.wheel import DeadlineWheel
+
+from . import metrics, tracing
+from .contract import schema_hash
+from .errors import AiwfeError, BadMessage, DeadlineExceeded, Overloaded, SchemaMismatch, as_remote, to_wire
+from .jobs import JobContext, Jobs, _job
+from .plugin import HandlerSpec, Plugin
+
+__all__ = ["Endpoint", "Limiter", "current_deadline"]
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("aiwfe_deadline", default=None)
+_trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("aiwfe_traceparent", default=None)
+_enc = msgspec.msgpack.Encoder()
+_json_enc = msgspec.json.Encoder()
+
+
+def current_deadline() -> float | None:
+    """The running handler's deadline (``loop.time()`` seconds), or None outside one."""
+    return _deadline.get()
+
+
+class Limiter:
+    """A concurrency limit with a bounded queue that answers Overloaded when full.
+
+    ``enter`` takes a slot, waits in the queue, or raises :class:`Overloaded` at once.
+    A released slot is handed straight to the oldest waiter (first come, first served).
+    """
+
+    __slots__ = ("_waiters", "active", "limit", "max_queue", "name")
+
+    def __init__(self, name: str, limit: int, max_queue: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.max_queue = max_queue
+        self.active = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Callers queued for a slot."""
+        return len(self._waiters)
+
+    async def enter(self) -> None:
+        """Take a slot. Raises Overloaded when the queue is full."""
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return
+        if len(self._waiters) >= self.max_queue:
+            raise Overloaded(f"{self.name}: {self.active} running and {len(self._waiters)} queued; retry later")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.leave()  # the slot was handed to us as we were cancelled: pass it on
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def leave(self) -> None:
+        """Release a slot (to the oldest waiter when there is one)."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.active -= 1
+
+
+class Endpoint:
+    """One contract served in this pod: decoding, limits, deadline, error mapping."""
+
+    __slots__ = (
+        "contract",
+        "decoder",
+        "fn",
+        "jobs",
+        "json_decoder",
+        "limiter",
+        "m_local",
+        "m_remote",
+        "schema",
+        "schema_raw",
+        "spec",
+        "timeout_s",
+        "wheel",
+    )  # fmt: skip
+
+    def __init__(self, spec: HandlerSpec, plugin: Plugin, wheel: DeadlineWheel, jobs: Jobs | None = None) -> None:
+        self.spec = spec
+        self.wheel = wheel
+        self.jobs = jobs
+        self.contract = spec.contract
+        self.fn = getattr(plugin, spec.method)
+        self.limiter = Limiter(spec.address, spec.options.concurrency, spec.options.max_queue)
+        self.schema = schema_hash(spec.contract)
+        self.schema_raw = bytes.fromhex(self.schema)
+        self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(spec.contract)
+        self.json_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(spec.contract)
+        self.timeout_s = spec.options.timeout_s
+        self.m_local = metrics.handled(spec.address, "local")
+        self.m_remote = metrics.handled(spec.address, "remote")
+
+    async def invoke(self, msg: Any, deadline: float, traceparent: str | None = None) -> Any:
+        """Run the handler under the limit and the deadline (both paths come here).
+
+        ``traceparent`` (from a message) parents the handler's span when tracing is on.
+
+        Raises:
+            Overloaded, DeadlineExceeded, RemoteError (the handler raised).
+        """
+        if tracing.STATE.enabled:
+            with tracing.span(
+                f"{self.spec.address} handle", tracing.SpanKind.SERVER, traceparent, {"aiwfe.plugin": self.spec.plugin}
+            ):
+                return await self._invoke(msg, deadline)
+        return await self._invoke(msg, deadline)
+
+    async def _invoke(self, msg: Any, deadline: float) -> Any:
+        lim = self.limiter
+        await lim.enter()
+        token = _deadline.set(deadline)
+        task = asyncio.current_task()
+        assert task is not None
+        timer = self.wheel.add(deadline, task)
+        try:
+            return await self.fn(msg)
+        except asyncio.CancelledError:
+            if timer[1].expired:
+                task.uncancel()
+                raise DeadlineExceeded(f"{self.spec.address}: deadline exceeded") from None
+            raise
+        except Exception as e:
+            mapped = as_remote(e)
+            if mapped is e:
+                raise
+            raise mapped from e
+        finally:
+            self.wheel.remove(timer)
+            _deadline.reset(token)
+            lim.leave()
+
+    def decode(self, data: bytes, headers: Headers | None) -> tuple[Any, bool]:
+        """Decode a payload; returns (message, is_json).
+
+        Raises:
+            SchemaMismatch, BadMessage.
+        """
+        is_json = False
+        if headers:
+            if headers.get(H_CONTENT_TYPE) == JSON:
+                is_json = True
+            else:
+                theirs = headers.get(H_SCHEMA)
+                if theirs is not None and theirs != self.schema:
+                    raise SchemaMismatch(
+                        f"{self.spec.address}: caller's contract schema {theirs} differs from ours {self.schema}; "
+                        "deploy the same contract version to both pods"
+                    )
+        try:
+            return (self.json_decoder.decode(data) if is_json else self.decoder.decode(data)), is_json
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise BadMessage(f"{self.spec.address}: {e}") from None
+
+    async def handle_remote(self, data: bytes, headers: Headers | None) -> tuple[bytes, Headers | None]:
+        """Serve one request that arrived over the bus; errors become an error header.
+
+        Kernel callers send a call preamble (``aiwfe.bus.codec.pack_call``); external
+        publishers send a bare body described by headers (JSON with ``Content-Type``).
+        """
+        t0 = time.perf_counter()
+        loop_now = asyncio.get_running_loop().time()
+        trace_token = job_token = None
+        try:
+            pre = unpack_call(data)
+            is_json = False
+            if pre is not None:
+                deadline_ms, schema, tp, job_id, body = pre
+                if schema != self.schema_raw:
+                    raise SchemaMismatch(
+                        f"{self.spec.address}: caller's contract schema {schema.hex()} differs from ours {self.schema}; "
+                        "deploy the same contract version to both pods"
+                    )
+                deadline = loop_now + deadline_ms / 1000.0
+                if tp:
+                    trace_token = _trace.set(tp)
+                if job_id and self.jobs is not None:
+                    job_token = _job.set(JobContext(self.jobs, job_id))
+                try:
+                    msg = self.decoder.decode(body)
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    raise BadMessage(f"{self.spec.address}: {e}") from None
+            else:
+                deadline = loop_now + self.timeout_s
+                tp = None
+                if headers:
+                    d = headers.get(H_DEADLINE)
+                    if d is not None:
+                        deadline = loop_now + float(d) / 1000.0
+                    tp = headers.get(H_TRACE)
+                    if tp:
+                        trace_token = _trace.set(tp)
+                msg, is_json = self.decode(data, headers)
+            reply = await self.invoke(msg, deadline, tp)
+            self.m_remote.observe(time.perf_counter() - t0)
+            return (_json_enc.encode(reply) if is_json else _enc.encode(reply)), None
+        except AiwfeError as e:
+            metrics.failed(self.spec.address, "remote", e.code)
+            return b"", {H_ERROR: to_wire(e).decode()}
+        except ValueError as e:  # a malformed preamble or deadline header
+            metrics.failed(self.spec.address, "remote", BadMessage.code)
+            return b"", {H_ERROR: to_wire(BadMessage(f"{self.spec.address}: {e}")).decode()}
+        finally:
+            if trace_token is not None:
+                _trace.reset(trace_token)
+            if job_token is not None:
+                _job.reset(job_token)
