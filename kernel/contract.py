@@ -22,18 +22,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-__all__ = [
-    "ADDRESS_RE",
-    "Event",
-    "Job",
-    "Message",
-    "Reply",
-    "Request",
-    "address_of",
-    "kind_of",
-    "reply_type",
-    "schema_hash",
-]
+__all__ = ["ADDRESS_RE", "Event", "Job", "Message", "Reply", "Request", "address_of", "kind_of", "reply_type", "schema_hash"]
 
 R = TypeVar("R")
 

@@ -13,19 +13,9 @@ from typing import ClassVar
 import msgspec
 
 __all__ = [
-    "AiwfeError",
-    "BadMessage",
-    "ConfigError",
-    "DeadlineExceeded",
-    "Forbidden",
-    "Overloaded",
-    "RemoteError",
-    "SchemaMismatch",
-    "Unavailable",
-    "UndeclaredCall",
-    "from_wire",
-    "to_wire",
-]
+    "AiwfeError", "BadMessage", "ConfigError", "DeadlineExceeded", "Forbidden", "Overloaded",
+    "RemoteError", "SchemaMismatch", "Unavailable", "UndeclaredCall", "from_wire", "to_wire",
+]  # fmt: skip
 
 
 class AiwfeError(Exception):

@@ -213,7 +213,7 @@ class Jobs:
         with _unavailable():
             return await self.bus.enqueue(kind, data, headers, job_id)
 
-    async def cancel(self, job_id: str, reason: str) -> bool:
+    async def cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
         """Record ``job_id`` cancelled (unless it has an outcome), announce it, and stop it in
         whichever pod runs it. True when this call recorded the cancellation."""
         reason_d = {"type": "Cancelled", "message": reason, "retryable": False}
@@ -243,7 +243,7 @@ class Jobs:
             await self._deliver(kind, options, runner, d)
 
         await self.bus.consume(kind, consumer, on_delivery)
-        self._watchers.append(asyncio.get_running_loop().create_task(self._watch(kind)))
+        self._watchers.append(asyncio.get_running_loop().create_task(metrics.watch_queue(kind, self.bus.queue_stats)))
 
     async def _deliver(self, kind: str, options: HandlerOptions, runner: JobRunner, d: Delivery) -> None:
         job_id = d.headers.get(H_JOB_ID) or d.headers.get(H_MSG_ID) or f"seq{d.seq}"
@@ -273,17 +273,6 @@ class Jobs:
             await asyncio.sleep(every_s)
             with contextlib.suppress(Exception):
                 await d.in_progress()
-
-    async def _watch(self, kind: str, every_s: float = 5.0) -> None:
-        """Export the queue depth and the oldest job's age of ``kind`` every ``every_s``."""
-        while True:
-            try:
-                depth, age = await self.bus.queue_stats(kind)
-                metrics.QUEUE_DEPTH.labels(kind).set(depth)
-                metrics.QUEUE_OLDEST.labels(kind).set(age)
-            except Exception as e:  # the next round tries again; the gauges keep their last value
-                log.debug("queue watch of %s: %r", kind, e)
-            await asyncio.sleep(every_s)
 
     async def process(self, call: JobCall, options: HandlerOptions, runner: JobRunner) -> tuple[str, float]:
         """Run one delivery; return ``("ack"|"nak"|"term", nak_delay_s)``.

@@ -31,16 +31,7 @@ import msgspec
 
 from .errors import ConfigError
 
-__all__ = [
-    "Autoscaling",
-    "Manifest",
-    "Pod",
-    "Resources",
-    "System",
-    "interpolate",
-    "load_manifest",
-    "parse_manifest",
-]
+__all__ = ["Autoscaling", "Manifest", "Pod", "Resources", "System", "interpolate", "load_manifest", "parse_manifest"]
 
 
 class Resources(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

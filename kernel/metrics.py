@@ -6,8 +6,10 @@ Children are bound once per contract and path so that the hot path only calls
 
 from __future__ import annotations
 
+import asyncio
 import bisect
-from collections.abc import Iterator
+import logging
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
 from prometheus_client.core import HistogramMetricFamily
@@ -106,3 +108,15 @@ def failed(contract: str, path: str, code: str) -> None:
 def render() -> bytes:
     """The Prometheus text exposition of every metric."""
     return generate_latest(REGISTRY)
+
+
+async def watch_queue(kind: str, stats: Callable[[str], Awaitable[tuple[int, float]]], every_s: float = 5.0) -> None:
+    """Export the queue depth and the oldest job's age of ``kind`` every ``every_s``."""
+    while True:
+        try:
+            depth, age = await stats(kind)
+            QUEUE_DEPTH.labels(kind).set(depth)
+            QUEUE_OLDEST.labels(kind).set(age)
+        except Exception as e:  # the next round tries again; the gauges keep their last value
+            logging.getLogger("aiwfe.jobs").debug("queue watch of %s: %r", kind, e)
+        await asyncio.sleep(every_s)

@@ -31,11 +31,13 @@ import contextlib
 import inspect
 import typing
 from collections.abc import AsyncIterator, Callable
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import msgspec
 
-from .contract import address_of, kind_of, reply_type
+from .contract import Request, address_of, kind_of, reply_type
+
+R = TypeVar("R")
 
 __all__ = ["HandlerOptions", "HandlerSpec", "KernelHandle", "Plugin", "handlers_of", "serves", "validate_plugin_class"]
 
@@ -45,7 +47,7 @@ class KernelHandle(Protocol):
     :class:`aiwfe.kernel.routing.Caller`. Records are :class:`aiwfe.kernel.jobs.JobRecord`,
     events :class:`aiwfe.kernel.jobs.JobEvent`."""
 
-    async def call(self, req: Any, *, timeout_s: float | None = None) -> Any: ...
+    async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R: ...
     async def publish(self, event: Any) -> None: ...
     async def submit(self, job: Any, *, job_id: str | None = None, idempotency_key: str | None = None) -> str: ...
     async def submit_json(

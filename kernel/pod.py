@@ -6,25 +6,14 @@ Stop order (Nameko's): not ready → stop taking work → drain in-flight work u
 ``drain_timeout_s`` (unfinished jobs are nak'ed so another replica takes them at once)
 → lifespans left in reverse order → bus closed → ops endpoint closed.
 
-Garbage collector: a ready pod sets ``system.gc_thresholds`` (default ``50_000, 20, 100``)
-and freezes the objects of its start (modules, plugin state) out of the collector's scans;
-stopping restores the previous thresholds and unfreezes. Python's default (``700, 10, 10``)
-made the gateway with 5,000 open WebSockets spend a third of its CPU in the collector,
-with 32 full collections of ≈ 250 ms each in 25 s (each a stall of every socket), because
-objects of calls in flight survive the young generations and push the full collection's
-25 % rule (``aiwfe bench ws --connections 5000``: p99 1.3 s before, ≈ 20 ms after; the
-gen-0 threshold counts net allocations, so a steady server now collects a few times a
-minute). Reference cycles still go in the young collections; memory growth is measured
-by ``aiwfe loadtest websocket`` (RSS over a long run).
+Garbage collector tuning while ready: :mod:`aiwfe.kernel.gc_tuning`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
-import os
 import signal
 from typing import Any
 
@@ -33,7 +22,7 @@ import msgspec
 from aiwfe.bus.base import Bus
 from aiwfe.bus.errors import BusError
 
-from . import metrics, tracing
+from . import gc_tuning, metrics, tracing
 from ._ops import OpsServer
 from .admin import answer_status
 from .errors import ConfigError, Unavailable
@@ -42,44 +31,9 @@ from .plugin import HandlerOptions, Plugin, config_type, handlers_of, validate_p
 from .registry import discover, resolve
 from .routing import Kernel
 
-__all__ = ["PodRunner", "make_bus", "nats_url_for"]
+__all__ = ["PodRunner"]
 
 log = logging.getLogger("aiwfe.pod")
-
-
-def nats_url_for(manifest: Manifest) -> str:
-    """The NATS URL a pod uses: the manifest's ``system.nats_url``, else ``NATS_URL``.
-
-    ``local://`` selects the in-process LocalBus (single-pod runs without NATS).
-
-    Raises:
-        ConfigError: neither is set.
-    """
-    url = manifest.system.nats_url or os.environ.get("NATS_URL", "")
-    if not url:
-        raise ConfigError("no NATS URL: set NATS_URL (or use `aiwfe up`, which starts an embedded NATS)")
-    return url
-
-
-def make_bus(manifest: Manifest, *, name: str, connect_timeout_s: float | None = 10.0, url: str | None = None) -> Bus:
-    """Build the bus a manifest asks for."""
-    url = url or nats_url_for(manifest)
-    s = manifest.system
-    if url.startswith("local:"):
-        from aiwfe.bus.local import LocalBus
-
-        return LocalBus(s.subject_prefix)
-    from aiwfe.bus.nats import NatsBus
-
-    return NatsBus(
-        url,
-        s.subject_prefix,
-        name=name,
-        connect_timeout_s=connect_timeout_s,
-        event_ttl_s=s.event_ttl_s,
-        result_ttl_s=s.job_result_ttl_s,
-        replicas=s.stream_replicas,
-    )
 
 
 class PodRunner:
@@ -194,11 +148,7 @@ class PodRunner:
             await self.bus.close()
             await self.ops.close()
             raise
-        gc_thresholds = self.manifest.system.gc_thresholds
-        if gc_thresholds:
-            self._gc_before = gc.get_threshold()
-            gc.set_threshold(*gc_thresholds)
-            gc.freeze()
+        self._gc_before = gc_tuning.tune(self.manifest.system.gc_thresholds)
         self._ready = True
         metrics.READY.labels(self.pod_name).set(1)
         log.info("pod %s ready: plugins %s, ops %s", self.pod_name, ", ".join(self.plugins), self.ops.url)
@@ -215,10 +165,8 @@ class PodRunner:
         await self._stack.aclose()
         await self.bus.close()
         await self.ops.close()
-        if self._gc_before is not None:
-            gc.unfreeze()
-            gc.set_threshold(*self._gc_before)
-            self._gc_before = None
+        gc_tuning.restore(self._gc_before)
+        self._gc_before = None
 
     async def __aenter__(self) -> PodRunner:
         await self.start()

@@ -11,10 +11,11 @@ job semantics :mod:`aiwfe.kernel.jobs`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -27,7 +28,7 @@ from aiwfe.bus.wheel import DeadlineWheel
 from . import metrics, tracing
 from .contract import Event, Job, Message, Request, address_of, kind_of, reply_type, schema_hash
 from .errors import AiwfeError, BadMessage, DeadlineExceeded, Forbidden, Unavailable, UndeclaredCall, from_wire
-from .jobs import JobCall, JobContext, JobEvent, JobRecord, Jobs, _job
+from .jobs import JobCall, JobContext, JobRecord, Jobs, _job, _unavailable
 from .plugin import HandlerSpec, Plugin
 from .serving import Endpoint, _deadline, _trace
 
@@ -48,6 +49,9 @@ class Kernel:
     def __init__(self, bus: Bus, *, call_timeout_s: float = 30.0) -> None:
         self.bus = bus
         self.jobs = Jobs(bus)
+        # Reading and cancelling jobs is the job store's, under the kernel's names.
+        self.job_record, self.job_owner, self.job_events = self.jobs.record, self.jobs.owner, self.jobs.events
+        self.cancel_job = self.jobs.cancel
         self.call_timeout_s = call_timeout_s
         self.wheel = DeadlineWheel()
         self.endpoints: dict[type, Endpoint] = {}
@@ -189,18 +193,22 @@ class Kernel:
         """Publish an event to every subscriber in every pod (through the bus)."""
         contract = type(event)
         headers = {H_SCHEMA: schema_hash(contract)}
-        try:
-            if tracing.STATE.enabled:
-                with tracing.span(f"{address_of(contract)} publish", tracing.SpanKind.PRODUCER):
-                    headers[H_TRACE] = tracing.current_traceparent() or ""
-                    await self.bus.publish(self.subject(contract), _enc.encode(event), headers)
-                return
-            tp = _trace.get()
-            if tp:
-                headers[H_TRACE] = tp
+        with self._producer(f"{address_of(contract)} publish", headers, None), _unavailable():
             await self.bus.publish(self.subject(contract), _enc.encode(event), headers)
-        except BusError as e:
-            raise Unavailable(str(e)) from None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _producer(name: str, headers: Headers, attrs: dict[str, Any] | None) -> Iterator[None]:
+        """A PRODUCER span when tracing is on; either way the trace context goes in ``headers``."""
+        if tracing.STATE.enabled:
+            with tracing.span(name, tracing.SpanKind.PRODUCER, None, attrs):
+                headers[H_TRACE] = tracing.current_traceparent() or ""
+                yield
+            return
+        tp = _trace.get()
+        if tp:
+            headers[H_TRACE] = tp
+        yield
 
     # -- jobs -----------------------------------------------------------------------
 
@@ -227,15 +235,8 @@ class Kernel:
         return job_id
 
     async def _submit(self, address: str, data: bytes, headers: Headers, job_id: str) -> None:
-        if tracing.STATE.enabled:
-            with tracing.span(f"{address} submit", tracing.SpanKind.PRODUCER, None, {"aiwfe.job_id": job_id}):
-                headers[H_TRACE] = tracing.current_traceparent() or ""
-                await self.jobs.submit(address, data, headers, job_id)
-            return
-        tp = _trace.get()
-        if tp:
-            headers[H_TRACE] = tp
-        await self.jobs.submit(address, data, headers, job_id)
+        with self._producer(f"{address} submit", headers, {"aiwfe.job_id": job_id}):
+            await self.jobs.submit(address, data, headers, job_id)
 
     async def submit_json(
         self,
@@ -263,19 +264,6 @@ class Kernel:
         await self._submit(address, data, {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}, job_id)
         return job_id
 
-    async def cancel_job(self, job_id: str, reason: str = "cancelled by the client") -> bool:
-        """Cancel a job: recorded as ``cancelled`` unless it already has an outcome, and
-        stopped in whichever pod runs it. Returns True when this call cancelled it."""
-        return await self.jobs.cancel(job_id, reason)
-
-    async def job_record(self, job_id: str) -> JobRecord | None:
-        """The stored outcome of a job, None while pending or unknown."""
-        return await self.jobs.record(job_id)
-
-    async def job_owner(self, job_id: str) -> str | None:
-        """The owner a job was submitted with (``submit_json(owner=...)``), or None."""
-        return await self.jobs.owner(job_id)
-
     async def wait_job(self, job_id: str, *, timeout_s: float = 30.0, poll_s: float = 0.05) -> JobRecord:
         """Wait for a job's record.
 
@@ -284,15 +272,11 @@ class Kernel:
         """
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
-        while (rec := await self.jobs.record(job_id)) is None:
+        while (rec := await self.job_record(job_id)) is None:
             if loop.time() >= end:
                 raise DeadlineExceeded(f"job {job_id} not finished after {timeout_s} s")
             await asyncio.sleep(poll_s)
         return rec
-
-    def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
-        """Replay then follow a job's events after sequence ``after_seq``."""
-        return self.jobs.events(job_id, after_seq)
 
     async def cluster_status(self, timeout_s: float = 0.5) -> list[dict[str, Any]]:
         """Every running pod's status (see :func:`aiwfe.kernel.admin.cluster_status`)."""

@@ -92,21 +92,10 @@ class Limiter:
 class Endpoint:
     """One contract served in this pod: decoding, limits, deadline, error mapping."""
 
-    __slots__ = (
-        "contract",
-        "decoder",
-        "fn",
-        "jobs",
-        "json_decoder",
-        "limiter",
-        "m_local",
-        "m_remote",
-        "schema",
-        "schema_raw",
-        "spec",
-        "timeout_s",
-        "wheel",
-    )  # fmt: skip
+    # fmt: off
+    __slots__ = ("contract", "decoder", "fn", "jobs", "json_decoder", "limiter", "m_local", "m_remote", "schema",
+                 "schema_raw", "spec", "timeout_s", "wheel")
+    # fmt: on
 
     def __init__(self, spec: HandlerSpec, plugin: Plugin, wheel: DeadlineWheel, jobs: Jobs | None = None) -> None:
         self.spec = spec
@@ -175,12 +164,18 @@ class Endpoint:
             else:
                 theirs = headers.get(H_SCHEMA)
                 if theirs is not None and theirs != self.schema:
-                    raise SchemaMismatch(
-                        f"{self.spec.address}: caller's contract schema {theirs} differs from ours {self.schema}; "
-                        "deploy the same contract version to both pods"
-                    )
+                    raise self._mismatch(theirs)
+        return self._decode(self.json_decoder if is_json else self.decoder, data), is_json
+
+    def _mismatch(self, theirs: str) -> SchemaMismatch:
+        return SchemaMismatch(
+            f"{self.spec.address}: caller's contract schema {theirs} differs from ours {self.schema}; "
+            "deploy the same contract version to both pods"
+        )
+
+    def _decode(self, decoder: Any, data: Any) -> Any:
         try:
-            return (self.json_decoder.decode(data) if is_json else self.decoder.decode(data)), is_json
+            return decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise BadMessage(f"{self.spec.address}: {e}") from None
 
@@ -199,19 +194,13 @@ class Endpoint:
             if pre is not None:
                 deadline_ms, schema, tp, job_id, body = pre
                 if schema != self.schema_raw:
-                    raise SchemaMismatch(
-                        f"{self.spec.address}: caller's contract schema {schema.hex()} differs from ours {self.schema}; "
-                        "deploy the same contract version to both pods"
-                    )
+                    raise self._mismatch(schema.hex())
                 deadline = loop_now + deadline_ms / 1000.0
                 if tp:
                     trace_token = _trace.set(tp)
                 if job_id and self.jobs is not None:
                     job_token = _job.set(JobContext(self.jobs, job_id))
-                try:
-                    msg = self.decoder.decode(body)
-                except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                    raise BadMessage(f"{self.spec.address}: {e}") from None
+                msg = self._decode(self.decoder, body)
             else:
                 deadline = loop_now + self.timeout_s
                 tp = None

@@ -21,7 +21,7 @@ DEFAULT_MANIFEST = "manifests/monolith.toml"
 def cmd_check(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..manifest import load_manifest
-    from ..registry import Problem, check_manifests
+    from .check import Problem, check_manifests
 
     problems: list[Problem] = []
     manifests = []
@@ -43,7 +43,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..manifest import load_manifest
-    from ..pod import PodRunner, make_bus
+    from ..pod import PodRunner
+    from .connect import make_bus
 
     manifest = load_manifest(args.manifest)
     pod_name = args.pod

@@ -106,7 +106,8 @@ def _services(manifest: Manifest) -> set[str]:
 
 
 def _run_single(manifest_path: str) -> int:
-    from ..pod import PodRunner, make_bus
+    from ..pod import PodRunner
+    from .connect import make_bus
 
     manifest = load_manifest(manifest_path)
     pod = next(iter(manifest.pods))

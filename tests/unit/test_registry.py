@@ -9,7 +9,8 @@ import msgspec
 from aiwfe.kernel import Plugin, Reply, Request, serves
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.plugin import validate_plugin_class
-from aiwfe.kernel.registry import check_manifests, discover
+from aiwfe.kernel.registry import discover
+from aiwfe.kernel.tools.check import check_manifests
 
 
 class R(Reply):
