@@ -140,12 +140,7 @@ class NatsBus(QueueMixin, StreamsMixin):
     async def stop_taking_work(self) -> None:
         """Unsubscribe request and message handlers and stop fetching deliveries."""
         self._stopping = True
-        for t in self._loops:
-            t.cancel()
-        for t in self._loops:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._loops.clear()
+        await self._stop_fetching()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

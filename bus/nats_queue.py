@@ -72,6 +72,7 @@ class QueueMixin:
 
     def __init__(self) -> None:
         self._delivery_tasks: set[asyncio.Task[Any]] = set()
+        self._fetching: set[asyncio.Task[Any]] = set()
         self._unsettled: dict[int, NatsDelivery] = {}
 
     def _jobs_stream(self) -> api.StreamConfig:
@@ -145,11 +146,16 @@ class QueueMixin:
             while free < 64 and not slots.locked():
                 await slots.acquire()
                 free += 1
+            me = asyncio.current_task()
             try:
                 if psub is None:
                     psub = await self.js.pull_subscribe_bind(durable=cfg.durable_name, stream=self.names["jobs"])
                 # wait_for guards against fetches that never return after a server restart.
-                msgs = await asyncio.wait_for(psub.fetch(batch=free, timeout=1.0), timeout=6.0)
+                self._fetching.add(me)  # type: ignore[arg-type]
+                try:
+                    msgs = await asyncio.wait_for(psub.fetch(batch=free, timeout=1.0), timeout=6.0)
+                finally:
+                    self._fetching.discard(me)  # type: ignore[arg-type]
                 failures = 0
             except (TimeoutError, nats.errors.TimeoutError):
                 msgs = []
@@ -169,6 +175,11 @@ class QueueMixin:
                 if self.nc is not None and self.nc.is_connected:
                     with contextlib.suppress(Exception):
                         await self._ensure_consumer(cfg)
+            if self._stopping:  # fetched while stopping: give them back at once
+                for m in msgs:
+                    with contextlib.suppress(Exception):
+                        await m.nak()
+                msgs = []
             for _ in range(free - len(msgs)):
                 slots.release()
             for m in msgs:
@@ -189,6 +200,24 @@ class QueueMixin:
         finally:
             self._unsettled.pop(key, None)
             slots.release()
+
+    async def _stop_fetching(self) -> None:
+        """Stop the fetch loops. A loop waiting on the server's answer to a fetch is let
+        finish (at most the fetch's 1 s expiry) rather than cancelled: a cancelled fetch
+        leaves its pull request open on the server, which would then take the deliveries
+        this pod hands back and lose them until their ack wait ran out."""
+        fetching = [t for t in self._loops if t in self._fetching]
+        for t in self._loops:
+            if t not in self._fetching:
+                t.cancel()
+        if fetching:
+            await asyncio.wait(fetching, timeout=7.0)
+        for t in self._loops:
+            t.cancel()
+        for t in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._loops.clear()
 
     async def _hand_back(self) -> None:
         """Nak every unsettled delivery (a stopping pod gives its work back at once)."""

@@ -14,6 +14,7 @@ from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres
 from aiwfe.plugins.memory.contract import Recall, Remember
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
@@ -48,9 +49,7 @@ async def test_postgres_restart_fails_fast_then_recovers(prefix: str, tmp_path: 
                 except Unavailable:
                     return False
 
-            while not await recall_works():
-                assert loop.time() - t0 < 20, "memory did not recover"
-                await asyncio.sleep(0.1)
+            assert await wait_until(recall_works, timeout_s=20, every_s=0.1), "memory did not recover"
             assert loop.time() - t0 < 10
             hits = (await k.call(Recall(query="database restart written while down", owner="alice", k=10))).hits
             assert [h.id for h in hits] == [kept.id]  # the failed write left nothing behind

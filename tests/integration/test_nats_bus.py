@@ -21,6 +21,7 @@ import pytest
 from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
+from tests.conftest import wait_until
 from tests.support.probe import Crunch
 from tests.unit.test_routing import *  # noqa: F403  (the same test bodies, over NATS)
 from tests.unit.test_routing import PROBE, TWO_PODS, StartPods
@@ -90,14 +91,14 @@ async def test_stopping_pod_returns_unfinished_jobs(nats_url: str, prefix: str) 
     await back.start()
     await first.start()
     ids = [await back.kernel.submit(Crunch(n=i, delay_s=3.0)) for i in range(5)]
-    await asyncio.sleep(1.0)  # all five are running in `first`
+    assert await wait_until(lambda: len(first.kernel.jobs._running) == 5)  # all five are running in `first`
     await first.stop()  # drain limit 0.5 s: they are nak'ed, not lost
     second = PodRunner(m, "front", NatsBus(nats_url, prefix), ops_port=0)
     await second.start()
     try:
         recs = await asyncio.gather(*(back.kernel.wait_job(j, timeout_s=30) for j in ids))
         assert all(r.status == "done" for r in recs)
-        assert all(r.attempts == 2 for r in recs)
+        assert all(r.attempts == 2 for r in recs), [r.attempts for r in recs]
         assert sorted(msgspec.msgpack.decode(r.result)["n"] for r in recs) == list(range(5))
     finally:
         await second.stop()
@@ -138,8 +139,7 @@ async def test_dlq_command_lists_reasons_and_replays(start_pods: StartPods, nats
         pods["front"].plugins[PROBE].reject_negative = False
         r = await asyncio.to_thread(_dlq, nats_url, prefix, "replay", "--job-id", job_id)
         assert json.loads(r.stdout) == {"replayed": [job_id]}
-        await asyncio.sleep(0.2)
-        rec = await k.wait_job(job_id, timeout_s=20)
+        rec = await k.wait_job(job_id, timeout_s=20)  # replay removed the failed record first
         assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 4
 
 

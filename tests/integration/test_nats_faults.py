@@ -52,7 +52,7 @@ async def test_kill_nats_with_1000_jobs_in_flight(tmp_path: Path) -> None:
         await asyncio.to_thread(server.kill)
         killed_at = time.monotonic()
         assert await wait_until(lambda: not worker.ready, timeout_s=15)  # /ready says not ready
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(2.0)  # the outage itself, not a wait for a condition
         server = EmbeddedNats(tmp_path / "nats", port=server.port).start()
         restarted_at = time.monotonic()
         assert await wait_until(lambda: worker.ready and brain.ready, timeout_s=20)

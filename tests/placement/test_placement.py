@@ -25,6 +25,7 @@ from aiwfe.kernel.routing import Kernel
 from aiwfe.kernel.tools.embedded import free_port
 from aiwfe.plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
 from aiwfe.plugins.reasoning.plugin import extract
+from tests.conftest import wait_until
 from tests.support.pods import dump_toml, run_pods
 from tests.support.probe import Ask, Boom, Crunch, Sleep, Tally
 from tests.unit.test_routing import Unserved
@@ -131,7 +132,12 @@ async def test_end_to_end(system: System) -> None:
     assert (e.value.type, e.value.message) == ("ValueError", "nope")
     with pytest.raises(DeadlineExceeded):
         await k.call(Sleep(seconds=3), timeout_s=0.2)
-    await asyncio.sleep(3)  # let the abandoned sleeps finish before the overload check
+
+    async def slots_free() -> bool:  # probe.sleep: concurrency 2, queue 2 -- four at once fit only when idle
+        got = await asyncio.gather(*(k.call(Sleep(seconds=0)) for _ in range(4)), return_exceptions=True)
+        return not any(isinstance(r, BaseException) for r in got)
+
+    assert await wait_until(slots_free, timeout_s=10)  # the timed-out sleep has let go of its slot
     burst = await asyncio.gather(*(k.call(Sleep(seconds=0.5)) for _ in range(8)), return_exceptions=True)
     assert sum(isinstance(r, Overloaded) for r in burst) == 4
     with pytest.raises(Unavailable):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +15,7 @@ from aiwfe.kernel.pod import PodRunner
 from aiwfe.plugins.helios.contract import Ask, ExpertAnswer
 from aiwfe.plugins.helios.experts import DEFAULT_EXPERTS, ExpertIndex
 from aiwfe.plugins.helios.plugin import synthesise
+from tests.conftest import wait_until
 
 M = """
 [system]
@@ -98,9 +98,10 @@ async def test_cancel_stops_the_experts(prefix: str) -> None:
         assert await k.cancel_job(job_id)
         rec = await k.wait_job(job_id, timeout_s=5)
         assert rec.status == "cancelled"
-        await asyncio.sleep(0.1)
         reasoning = pod.kernel.endpoints
-        assert all(ep.limiter.active == 0 for ep in reasoning.values()), "expert calls still running"
+        assert await wait_until(lambda: all(ep.limiter.active == 0 for ep in reasoning.values()), timeout_s=2), (
+            "expert calls still running"
+        )
         assert time.perf_counter() - t0 < 2
 
 

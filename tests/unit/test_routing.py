@@ -194,7 +194,7 @@ async def test_idempotency_key_gives_one_job(start_pods: StartPods) -> None:
         assert rec.status == "done" and rec.attempts == 1
         c = await k.submit(Crunch(n=2), idempotency_key="order-17")  # after completion too
         assert c == a
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a quiet period: a duplicate run would show up in it
         done = [ev.type async for ev in k.job_events(a)]
         assert done.count("job.done") == 1 and done.count("probe.progressed") == 1
 
@@ -253,7 +253,7 @@ async def test_cancel_a_running_job(start_pods: StartPods) -> None:
         rec = await k.wait_job(job_id, timeout_s=5)
         assert rec.status == "cancelled"
         assert not await k.cancel_job(job_id)  # already has an outcome
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a quiet period: a late outcome would show up in it
         assert (await k.job_record(job_id)).status == "cancelled"  # type: ignore[union-attr]
 
 
@@ -295,7 +295,6 @@ async def test_dead_letters_replay_under_the_same_job_id(start_pods: StartPods) 
         pods["front"].plugins[PROBE].reject_negative = False  # the handler is fixed
         assert await admin.replay_dead_letters(k.jobs, "probe.crunch") == [job_id]
         assert await admin.dead_letters(k.jobs) == []
-        await asyncio.sleep(0.2)
         rec = await k.wait_job(job_id, timeout_s=20)
         assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 16
         first = [ev async for ev in k.job_events(job_id)]  # stops at the first outcome
