@@ -62,7 +62,7 @@ class Pod(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     ``handlers`` overrides the serving options of handlers in this pod, by contract
     address: ``[pods.NAME.handlers."reasoning.reason"] concurrency = 2048`` (fields of
-    :class:`kernel.plugin.HandlerOptions`: concurrency, max_queue, timeout_s,
+    :class:`aiwfe.kernel.plugin.HandlerOptions`: concurrency, max_queue, timeout_s,
     ack_wait_s, max_deliver, backoff_s).
     """
 
@@ -86,7 +86,7 @@ class System(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``trace_sample_ratio``: share of traces kept when tracing is on
     (``OTEL_EXPORTER_OTLP_ENDPOINT`` set); parent-based, so a trace is kept whole.
     ``gc_thresholds``: the pod process's ``gc.set_threshold`` (empty = Python's own
-    ``700, 10, 10``); see :mod:`kernel.pod` for why the default is higher.
+    ``700, 10, 10``); see :mod:`aiwfe.kernel.gc_tuning` for why the default is higher.
     """
 
     name: str = "aiwfe"

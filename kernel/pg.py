@@ -5,7 +5,7 @@ database plugin do not load psycopg.
 
 A pool is a ``psycopg_pool.AsyncConnectionPool`` with a hard size, a short checkout
 timeout, a bounded wait queue and a liveness check on checkout; when it is exhausted the
-caller gets :class:`kernel.errors.Overloaded` (retryable) at once instead of waiting.
+caller gets :class:`aiwfe.kernel.errors.Overloaded` (retryable) at once instead of waiting.
 Migrations are the ``*.sql`` files of a folder, applied in name order, each once, under a
 transaction-scoped advisory lock so that replicas starting together apply them once.
 """

@@ -177,7 +177,7 @@ def validate_plugin_class(cls: Any) -> list[str]:
     problems: list[str] = []
     label = getattr(cls, "__qualname__", repr(cls))
     if not (isinstance(cls, type) and issubclass(cls, Plugin)):
-        return [f"{label}: not a subclass of kernel.Plugin"]
+        return [f"{label}: not a subclass of aiwfe.kernel.Plugin"]
     if not cls.name or not cls.name.isidentifier():
         problems.append(f"{label}: `name` must be a non-empty identifier, got {cls.name!r}")
     cfg = config_type(cls)

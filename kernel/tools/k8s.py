@@ -9,7 +9,7 @@ Conventions the objects follow:
 
 * Names are the pod names (a Kubernetes namespace separates systems); the ConfigMap is
   ``<system.name>-manifest``. Every name must be an RFC 1035 label (what a Service
-  needs), else :class:`~kernel.errors.ConfigError` lists every bad one.
+  needs), else :class:`~aiwfe.kernel.errors.ConfigError` lists every bad one.
 * Service URLs (``NATS_URL``, ``DATABASE_URL``, ``REDIS_URL``, ``QDRANT_URL``) come from
   the Secret ``<system.name>-services`` through ``envFrom``; it is not rendered, since it
   holds credentials.

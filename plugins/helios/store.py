@@ -1,7 +1,7 @@
 """PostgreSQL persistence of helios runs: one transaction per job, written once.
 
-The pool is bounded (``kernel.pg``): a full pool answers :class:`kernel.errors.Overloaded`
-at once, an unreachable server :class:`kernel.errors.Unavailable`. No connection is held
+The pool is bounded (``aiwfe.kernel.pg``): a full pool answers :class:`aiwfe.kernel.errors.Overloaded`
+at once, an unreachable server :class:`aiwfe.kernel.errors.Unavailable`. No connection is held
 while experts run: the store is touched once, after synthesis.
 """
 

@@ -8,7 +8,7 @@ crash between the writes leaves a row in state 0 or 2; the reconciler finishes i
 (re-embeds and upserts, or deletes the vector and the row) at start and every
 ``reconcile_interval_s``, for rows untouched for ``reconcile_grace_s`` (so it never
 races a write in flight in another replica). Each of the three write steps is a group
-commit (:mod:`plugins.memory._batch`): concurrent Remember calls share one statement.
+commit (:mod:`aiwfe.plugins.memory._batch`): concurrent Remember calls share one statement.
 
 Recall: the vector search (owner-filtered) and one SQL statement (full-text candidates
 plus the rows of the vector candidates) each return ranked lists; reciprocal rank fusion,

@@ -4,14 +4,14 @@ Providers: ``extractive`` (built in, not a language model: it ranks the sentence
 context by word overlap with the task and role and returns the best ones in their
 original order, deterministically; ``latency_s`` simulates a model's latency so that
 timing tests are meaningful), ``ollama`` and ``openai`` (any OpenAI-compatible server),
-see :mod:`plugins.reasoning.providers`.
+see :mod:`aiwfe.plugins.reasoning.providers`.
 
 Every provider call holds one of ``max_concurrency`` slots (exported as the
 ``aiwfe_active_llm_requests{provider}`` gauge) and is retried on retryable errors, up to
 ``max_attempts`` calls, after ``backoff_s[attempt - 1]`` seconds (+ up to 25 % jitter;
 the last value repeats), never past the caller's deadline.
 
-Streaming: when the call runs inside a job (``kernel.current_job()``, e.g. helios's job
+Streaming: when the call runs inside a job (``aiwfe.kernel.current_job()``, e.g. helios's job
 calling Reason in-process), partial output is appended to the job's events as
 :class:`AnswerStreamed`, coalesced every ``stream_interval_ms``. :meth:`ReasoningPlugin.stream`
 yields the same pieces to an in-process caller.
