@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 
-from aiwfe.bus.local import LocalBus
-from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import RemoteError, pg
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.plugins.learning import plugin as learning
 from aiwfe.plugins.learning.contract import ExpertScores, Feedback
+from tests.support.pods import running
 
 pytestmark = [pytest.mark.integration]
 
@@ -36,11 +35,7 @@ def start(prefix: str, pg_url: str) -> Start:
     @contextlib.asynccontextmanager
     async def run(**cfg: Any) -> AsyncIterator[dict[str, PodRunner]]:
         m = parse_manifest(manifest(prefix, pg_url, **cfg), env={})
-        bus = LocalBus(prefix)
-        pods = {name: PodRunner(m, name, bus, ops_port=0) for name in m.pods}
-        async with contextlib.AsyncExitStack() as stack:
-            for p in pods.values():
-                await stack.enter_async_context(p)
+        async with running(m) as pods:
             yield pods
 
     return run
@@ -98,10 +93,7 @@ async def test_bad_ratings_are_refused_and_cache_is_invalidated(start: Start) ->
 @pytest.mark.usefixtures("cleanup_streams")
 async def test_over_nats(prefix: str, pg_url: str, nats_url: str) -> None:
     m = parse_manifest(manifest(prefix, pg_url), env={})
-    pods = {name: PodRunner(m, name, NatsBus(nats_url, prefix, name=name), ops_port=0) for name in m.pods}
-    async with contextlib.AsyncExitStack() as stack:
-        for p in pods.values():
-            await stack.enter_async_context(p)
+    async with running(m, nats_url=nats_url) as pods:
         k = pods["client"].kernel
         await k.call(Feedback(job="j", expert="e", rating=4, expertise=["x"]))
         r = await k.call(ExpertScores(experts=["e", "f"], expertise=["x"], detail=True))

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from aiwfe.bus.local import LocalBus
-from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import ConfigError, Overloaded, RemoteError, pg
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
@@ -29,6 +28,7 @@ from aiwfe.plugins.memory.embed import HashingEmbedder
 from aiwfe.plugins.memory.plugin import MemoryPlugin
 from aiwfe.plugins.memory.vectors import payload_for
 from tests.support.llm_servers import FakeLLMServer
+from tests.support.pods import running
 
 pytestmark = [pytest.mark.integration]
 
@@ -75,11 +75,7 @@ def start(prefix: str, pg_url: str, tmp_path: Path, store: str) -> Start:
     @contextlib.asynccontextmanager
     async def run(*, split: bool = False, **extra: Any) -> AsyncIterator[dict[str, PodRunner]]:
         m = parse_manifest(memory_manifest(prefix, pg_url, tmp_path, store, split=split, **extra), env={})
-        bus = LocalBus(prefix)
-        pods = {name: PodRunner(m, name, bus, ops_port=0) for name in m.pods}
-        async with contextlib.AsyncExitStack() as stack:
-            for p in pods.values():
-                await stack.enter_async_context(p)
+        async with running(m) as pods:
             yield pods
 
     return run
@@ -231,10 +227,7 @@ async def test_process_killed_between_the_writes(pg_url: str, prefix: str, tmp_p
 @pytest.mark.usefixtures("cleanup_streams")
 async def test_over_nats(prefix: str, pg_url: str, tmp_path: Path, nats_url: str) -> None:
     m = parse_manifest(memory_manifest(prefix, pg_url, tmp_path, "edge", split=True), env={})
-    pods = {name: PodRunner(m, name, NatsBus(nats_url, prefix, name=name), ops_port=0) for name in m.pods}
-    async with contextlib.AsyncExitStack() as stack:
-        for p in pods.values():
-            await stack.enter_async_context(p)
+    async with running(m, nats_url=nats_url) as pods:
         k = pods["client"].kernel
         ids = await seed(k)
         results = await asyncio.gather(*(k.call(Recall(query="postgresql query fast", owner="alice", k=2)) for _ in range(20)))

@@ -22,6 +22,7 @@ from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from tests.conftest import wait_until
+from tests.support.pods import running
 from tests.support.probe import Crunch
 from tests.unit.test_routing import *  # noqa: F403  (the same test bodies, over NATS)
 from tests.unit.test_routing import PROBE, TWO_PODS, StartPods
@@ -36,10 +37,7 @@ def start_pods(prefix: str, nats_url: str) -> StartPods:  # overrides the LocalB
     @contextlib.asynccontextmanager
     async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
         m = parse_manifest(text.replace("{prefix}", prefix), env={})
-        pods = {name: PodRunner(m, name, NatsBus(nats_url, prefix, name=name), ops_port=0) for name in m.pods}
-        async with contextlib.AsyncExitStack() as stack:
-            for p in pods.values():
-                await stack.enter_async_context(p)
+        async with running(m, nats_url=nats_url) as pods:
             yield pods
 
     return start

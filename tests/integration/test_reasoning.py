@@ -14,12 +14,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import RemoteError
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.plugins.reasoning.contract import Reason
 from tests.support.llm_servers import FakeLLMServer, Fault
+from tests.support.pods import running
 from tests.unit.test_reasoning import Asked, AskJob
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
@@ -34,10 +34,7 @@ async def pods(prefix: str, nats_url: str, **cfg: Any) -> AsyncIterator[dict[str
         f"[plugins.reasoning]\n{body}\n"
     )
     m = parse_manifest(text, env={})
-    runners = {name: PodRunner(m, name, NatsBus(nats_url, prefix, name=name), ops_port=0) for name in m.pods}
-    async with contextlib.AsyncExitStack() as stack:
-        for p in runners.values():
-            await stack.enter_async_context(p)
+    async with running(m, nats_url=nats_url) as runners:
         yield runners
 
 

@@ -1,4 +1,5 @@
-"""Run a manifest's pods as child processes (``aiwfe run``), as production would."""
+"""Run a manifest's pods: in this process (:func:`running`, the one place tests start every pod
+of a manifest in-process), or as child processes (``aiwfe run``), as production would."""
 
 from __future__ import annotations
 
@@ -10,15 +11,34 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from aiwfe.bus.local import LocalBus
+from aiwfe.bus.nats import NatsBus
+from aiwfe.kernel.manifest import Manifest, parse_manifest
+from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.tools.embedded import free_port
 
-__all__ = ["PodProcess", "dump_toml", "run_pods", "start_pod", "wait_ready"]
+__all__ = ["PodProcess", "dump_toml", "run_pods", "running", "start_pod", "wait_ready"]
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.asynccontextmanager
+async def running(manifest: Manifest | str, *, nats_url: str | None = None) -> AsyncIterator[dict[str, PodRunner]]:
+    """Start every pod of ``manifest`` (a Manifest or TOML text) in this process, in manifest
+    order, and stop them in reverse. Without ``nats_url`` they share one LocalBus (one process,
+    no NATS); with it each pod has its own NATS connection, as separate processes would."""
+    m = parse_manifest(manifest, env={}) if isinstance(manifest, str) else manifest
+    prefix = m.system.subject_prefix
+    local = LocalBus(prefix) if nats_url is None else None
+    pods = {name: PodRunner(m, name, local or NatsBus(nats_url or "", prefix, name=name), ops_port=0) for name in m.pods}
+    async with contextlib.AsyncExitStack() as stack:
+        for p in pods.values():
+            await stack.enter_async_context(p)
+        yield pods
 
 
 def _value(v: Any) -> str:

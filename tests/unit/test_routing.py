@@ -28,6 +28,7 @@ from aiwfe.kernel import (
 )
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
+from tests.support.pods import running
 from tests.support.probe import Ask, Boom, Crunch, Sleep, WhoAmI
 
 PROBE = "tests.support.probe:ProbePlugin"
@@ -53,11 +54,7 @@ def start_pods(prefix: str) -> StartPods:
     @contextlib.asynccontextmanager
     async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
         m = parse_manifest(text.replace("{prefix}", prefix), env={})
-        bus = LocalBus(prefix)
-        pods = {name: PodRunner(m, name, bus, ops_port=0) for name in m.pods}
-        async with contextlib.AsyncExitStack() as stack:
-            for p in pods.values():
-                await stack.enter_async_context(p)
+        async with running(m) as pods:
             yield pods
 
     return start
