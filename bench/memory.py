@@ -106,9 +106,9 @@ async def run(
     from psycopg.types.json import Jsonb
 
     from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel import pg
     from aiwfe.kernel.manifest import parse_manifest
     from aiwfe.kernel.pod import PodRunner
-    from aiwfe.kernel import pg
     from aiwfe.plugins.memory.contract import Recall, Remember
     from aiwfe.plugins.memory.plugin import _RECALL_SQL, MemoryPlugin
 

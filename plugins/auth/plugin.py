@@ -15,18 +15,14 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import os
 import re
-import sys
-import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -43,6 +39,8 @@ from aiwfe.kernel.plugin import Plugin, serves
 from .cache import ClaimCache, Denylist
 from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token, TokenRevoked, Verify
 from .errors import InvalidCredentials, InvalidInput, InvalidToken, UserExists
+from .kdf import KdfGate, _lower_thread_priority
+from .keys import JwtKey, _material, _unverified_jti
 from .store import UserStore
 from .tokens import KeyRing, TokenService, token_digest
 
@@ -91,106 +89,6 @@ class _DegradedCollector(Collector):
 
 
 metrics.REGISTRY.register(_DegradedCollector())
-
-
-def _lower_thread_priority(priority: str) -> None:
-    """Lower the calling (hashing) thread's CPU priority; argon2's lane threads inherit it.
-
-    ``idle``: ``SCHED_IDLE``, the thread runs only on CPU time nothing else wants;
-    ``low``: niceness + 10; ``normal``: unchanged. Linux only (there both calls act on the
-    calling thread alone; elsewhere they would change the whole process).
-    """
-    if priority == "normal" or sys.platform != "linux":
-        return
-    try:
-        if priority == "idle":
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        else:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 10)
-    except OSError as e:
-        log.warning("auth: could not lower the hashing threads' priority: %s", e)
-
-
-class KdfGate:
-    """Admission to the bounded password-hashing pool: admit a caller only when its hash
-    is expected to start within ``max_wait_s``, else answer Overloaded at once, with the
-    seconds until one would be admitted as its ``retry_after_s`` (at least 1).
-
-    The expected wait is ``ceil((pending + 1) / workers) * average hash time``; the
-    average is a moving one of measured hash times (queue wait excluded). A slot is
-    held from admission to the end of the hash (a login's user lookup included), so
-    the estimate counts everyone already admitted.
-    """
-
-    __slots__ = ("avg_s", "max_wait_s", "pending", "workers")
-
-    def __init__(self, workers: int, max_wait_s: float, avg_s: float = 0.1) -> None:
-        self.workers = workers
-        self.max_wait_s = max_wait_s
-        self.avg_s = avg_s
-        self.pending = 0
-
-    def expected_wait_s(self) -> float:
-        """Seconds until a hash admitted now would finish."""
-        return -(-(self.pending + 1) // self.workers) * self.avg_s
-
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one admitted hash.
-
-        Raises:
-            Overloaded: the hash would not finish within ``max_wait_s``.
-        """
-        wait_s = self.expected_wait_s()
-        if self.pending and wait_s > self.max_wait_s:
-            # The hint: when the work queued now would let a new hash start within max_wait_s.
-            raise Overloaded(
-                f"auth: password hashing saturated (~{wait_s:.1f} s of work queued); retry later",
-                retry_after_s=round(max(1.0, wait_s - self.max_wait_s), 1),
-            )
-        self.pending += 1
-        try:
-            yield
-        finally:
-            self.pending -= 1
-
-    def observe(self, seconds: float) -> None:
-        """Record the duration of one hash."""
-        self.avg_s += 0.2 * (seconds - self.avg_s)
-
-
-class JwtKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A verification-only key kept for rotation: tokens signed with it still verify.
-
-    ``key`` is the HS256 secret or a PEM public key; ``key_file`` reads it from a file.
-    """
-
-    kid: str
-    algorithm: str = "HS256"
-    key: str = ""
-    key_file: str = ""
-
-
-def _material(value: str, path: str, what: str) -> str:
-    if value:
-        return value
-    if path:
-        try:
-            return Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"auth: cannot read {what} from {path}: {e}") from None
-    return ""
-
-
-def _unverified_jti(token: str) -> str | None:
-    """The ``jti`` in a token's payload, read WITHOUT verification (a cache lookup hint only)."""
-    try:
-        payload = token.split(".")[1]
-        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-        jti = msgspec.json.decode(raw).get("jti")
-    except (IndexError, ValueError, AttributeError, msgspec.DecodeError):
-        return None
-    return jti if isinstance(jti, str) else None
 
 
 class AuthPlugin(Plugin):

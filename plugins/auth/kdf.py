@@ -1,0 +1,83 @@
+"""Password hashing off the event loop: a bounded gate in front of the hashing threads, which run
+at a lowered CPU priority (``kdf_priority``), so a login burst never slows token checks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterator
+
+from aiwfe.kernel.errors import Overloaded
+
+__all__ = ["KdfGate"]
+
+log = logging.getLogger("aiwfe.auth")
+
+
+def _lower_thread_priority(priority: str) -> None:
+    """Lower the calling (hashing) thread's CPU priority; argon2's lane threads inherit it.
+
+    ``idle``: ``SCHED_IDLE``, the thread runs only on CPU time nothing else wants;
+    ``low``: niceness + 10; ``normal``: unchanged. Linux only (there both calls act on the
+    calling thread alone; elsewhere they would change the whole process).
+    """
+    if priority == "normal" or sys.platform != "linux":
+        return
+    try:
+        if priority == "idle":
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        else:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + 10)
+    except OSError as e:
+        log.warning("auth: could not lower the hashing threads' priority: %s", e)
+
+
+class KdfGate:
+    """Admission to the bounded password-hashing pool: admit a caller only when its hash
+    is expected to start within ``max_wait_s``, else answer Overloaded at once, with the
+    seconds until one would be admitted as its ``retry_after_s`` (at least 1).
+
+    The expected wait is ``ceil((pending + 1) / workers) * average hash time``; the
+    average is a moving one of measured hash times (queue wait excluded). A slot is
+    held from admission to the end of the hash (a login's user lookup included), so
+    the estimate counts everyone already admitted.
+    """
+
+    __slots__ = ("avg_s", "max_wait_s", "pending", "workers")
+
+    def __init__(self, workers: int, max_wait_s: float, avg_s: float = 0.1) -> None:
+        self.workers = workers
+        self.max_wait_s = max_wait_s
+        self.avg_s = avg_s
+        self.pending = 0
+
+    def expected_wait_s(self) -> float:
+        """Seconds until a hash admitted now would finish."""
+        return -(-(self.pending + 1) // self.workers) * self.avg_s
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one admitted hash.
+
+        Raises:
+            Overloaded: the hash would not finish within ``max_wait_s``.
+        """
+        wait_s = self.expected_wait_s()
+        if self.pending and wait_s > self.max_wait_s:
+            # The hint: when the work queued now would let a new hash start within max_wait_s.
+            raise Overloaded(
+                f"auth: password hashing saturated (~{wait_s:.1f} s of work queued); retry later",
+                retry_after_s=round(max(1.0, wait_s - self.max_wait_s), 1),
+            )
+        self.pending += 1
+        try:
+            yield
+        finally:
+            self.pending -= 1
+
+    def observe(self, seconds: float) -> None:
+        """Record the duration of one hash."""
+        self.avg_s += 0.2 * (seconds - self.avg_s)
