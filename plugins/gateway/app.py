@@ -19,6 +19,8 @@ handler or dependency raises: ``InvalidToken``/``InvalidCredentials`` → 401 (w
 retryable errors (``Overloaded``, ``Unavailable``, ...) → 503 with ``Retry-After`` at once;
 the rest → 502. Unknown job kinds → 400; malformed bodies → 400 (Litestar's validation
 message). Bodies are Litestar's ``{"status_code", "detail"}``.
+
+The app leaves logging alone (``logging_config=None``): the pod configures it once.
 """
 
 from __future__ import annotations
@@ -289,7 +291,10 @@ ROUTES = [register, login, logout, submit_job, get_job, job_events, remember, re
 
 
 def build_app(services: GatewayServices) -> Litestar:
-    """Build the Litestar app serving ``services`` (the handlers get it as the ``svc`` dependency)."""
+    """Build the Litestar app serving ``services`` (the handlers get it as the ``svc`` dependency).
+
+    The app does not configure logging (``logging_config=None``).
+    """
 
     def on_error(request: Request[Any, Any, Any], e: AiwfeError) -> Response[Any]:
         return create_exception_response(request, http_error(e, services.retry_after_s(e)))
@@ -304,6 +309,7 @@ def build_app(services: GatewayServices) -> Litestar:
         },
         exception_handlers={AiwfeError: on_error},
         openapi_config=OpenAPIConfig(title="AIWFE gateway", version="1", path="/schema"),
+        logging_config=None,
         debug=False,
     )
 

@@ -2,8 +2,7 @@
 
 **Default: uvicorn** (``websockets-sansio`` protocol, see :class:`WsProtocol`; ``httptools``
 for HTTP, since h11's pure-Python parser was ≈ 15 % of the gateway's CPU in a handshake
-burst), run
-as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
+burst), run as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
 
 * port 0 gives the exact bound port at once (no probe-then-bind race), which is what
   ``public_url`` and ``aiwfe up`` print;
@@ -11,6 +10,16 @@ as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
   buffered in full), sends keepalive pings and applies write backpressure (``send`` waits
   while the transport is paused, which is what makes the per-socket queue meaningful);
 * it never touches the pod's signal handlers (``capture_signals`` is disabled here).
+
+**Logging.** The pod's CLI configures logging once; the servers must not do it again (a
+second format). uvicorn gets ``log_config=None`` (no ``dictConfig``: it only sets the levels
+of its own ``uvicorn.*`` loggers to warning, which propagate to the pod's handlers) and
+``access_log=True`` (with ``False`` it would empty ``uvicorn.access``'s handlers and stop
+its propagation; at level warning no access line is written, and the level check costs
+≈ 0.75 µs per HTTP response); Granian always
+calls ``dictConfig``, so it gets an *incremental* one (:func:`granian_log_config`) that
+only sets the level of its ``_granian`` logger. ``tests/unit/test_gateway_logging.py``
+checks that no logger gains or loses a handler.
 
 ``server = "granian"`` selects :class:`EmbeddedGranian` (``granian.server.embed``), which
 its authors mark experimental: it binds by host/port (port 0 is resolved beforehand, a
@@ -49,9 +58,16 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-__all__ = ["EmbeddedGranian", "EmbeddedServer", "WsProtocol", "bind_socket"]
+__all__ = ["EmbeddedGranian", "EmbeddedServer", "WsProtocol", "bind_socket", "granian_log_config"]
 
 log = logging.getLogger("aiwfe.gateway.server")
+
+
+def granian_log_config() -> dict[str, Any]:
+    """Granian's logging config: incremental (no handler, formatter or root change) and
+    without its own handlers; Granian adds the level of its ``_granian`` logger to it
+    (a fresh dict each time, since Granian writes into it)."""
+    return {"version": 1, "incremental": True, "formatters": {}, "handlers": {}, "loggers": {}}
 
 
 def bind_socket(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> socket.socket:
@@ -142,8 +158,9 @@ class EmbeddedServer:
             ws_max_size=max_frame_bytes,
             ws_ping_interval=ping_interval_s if ping_interval_s > 0 else None,
             ws_ping_timeout=ping_timeout_s if ping_timeout_s > 0 else None,
+            log_config=None,  # the pod configured logging (see the module doc)
             log_level="warning",
-            access_log=False,
+            access_log=True,  # False would clear uvicorn.access's handlers; at warning nothing is logged
             backlog=backlog,
             timeout_keep_alive=int(max(1, keep_alive_s)),
             timeout_graceful_shutdown=int(max(1, graceful_s)),
@@ -196,10 +213,15 @@ class EmbeddedGranian:
     Granian binds by address and port itself, so port 0 is resolved to a port that was
     free a moment before (a small race). It has no WebSocket message-size limit or
     protocol pings of its own: the gateway's own frame check and idle timeout apply.
+    Its warnings go to the pod's handlers (logger ``_granian``, level warning).
+
+    Raises:
+        ImportError: granian is not installed.
     """
 
     def __init__(self, app: Any, *, host: str, port: int, backlog: int = 4096, **_: Any) -> None:
         from granian.constants import Interfaces
+        from granian.log import LogLevels
         from granian.server.embed import Server
 
         if port == 0:
@@ -208,7 +230,14 @@ class EmbeddedGranian:
                 port = int(s.getsockname()[1])
         self.port = port
         self.server = Server(
-            app, address=host, port=port, interface=Interfaces.ASGINL, websockets=True, backlog=backlog, log_enabled=False
+            app,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGINL,
+            websockets=True,
+            backlog=backlog,
+            log_level=LogLevels.warning,
+            log_dictconfig=granian_log_config(),
         )
         self.task: asyncio.Task[None] | None = None
 
