@@ -18,7 +18,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Gateway settings (``[plugins.gateway]`` in a manifest).
 
     ``host``/``port``: where to listen (port 0 = any free port; ``public_url`` tells).
-    ``server``: ``uvicorn`` (default) or ``granian`` (experimental; see plugins/gateway/server.py).
+    ``server``: ``uvicorn`` (default) or ``granian`` (install extra ``aiwfe[granian]``; see
+    plugins/gateway/server.py for what differs).
     ``public_host``: host name used in ``public_url`` (default: ``host``, or 127.0.0.1 for 0.0.0.0).
     ``allowed_origins``: browser Origins allowed to open WebSockets (``"*"`` = any);
     the gateway's own origin is always allowed; clients that send no Origin are not browsers.

@@ -16,14 +16,19 @@ second format). uvicorn gets ``log_config=None`` (no ``dictConfig``: it only set
 of its own ``uvicorn.*`` loggers to warning, which propagate to the pod's handlers) and
 ``access_log=True`` (with ``False`` it would empty ``uvicorn.access``'s handlers and stop
 its propagation; at level warning no access line is written, and the level check costs
-≈ 0.75 µs per HTTP response); Granian always
-calls ``dictConfig``, so it gets an *incremental* one (:func:`granian_log_config`) that
-only sets the level of its ``_granian`` logger. ``tests/unit/test_gateway_logging.py``
+≈ 0.75 µs per HTTP response). Granian always calls ``dictConfig``, so it gets an
+*incremental* one (:func:`granian_log_config`) that only sets the level of its
+``_granian`` logger. ``tests/unit/test_gateway_logging.py``
 checks that no logger gains or loses a handler.
 
-``server = "granian"`` selects :class:`EmbeddedGranian` (``granian.server.embed``), which
-its authors mark experimental: it binds by host/port (port 0 is resolved beforehand, a
-small race), has no WebSocket message-size limit or protocol pings of its own (only the
+**Decision: Granian is shipped, as an option** (``server = "granian"``, install extra
+``aiwfe[granian]``, part of ``dev``). It installs from the registry as a binary wheel
+(granian 2.8.9 tested), :class:`EmbeddedGranian` runs it on ``granian.server.embed``,
+``tests/unit/test_gateway_granian.py`` runs the gateway's WebSocket behaviours against
+it, and ``aiwfe bench ws`` / ``auth-burst`` compare the two servers with
+``--server granian``. It stays the non-default because its embedded server, marked
+experimental by its authors, binds by host/port (port 0 is resolved beforehand, a small
+race), has no WebSocket message-size limit or protocol pings of its own (only the
 gateway's frame check after the frame was buffered, and the idle timeout), and does its
 socket I/O in Rust threads.
 
@@ -208,7 +213,7 @@ class EmbeddedServer:
 
 
 class EmbeddedGranian:
-    """The same interface on Granian's embedded server (experimental; see the module doc).
+    """The same interface on Granian's embedded server (``aiwfe[granian]``; see the module doc).
 
     Granian binds by address and port itself, so port 0 is resolved to a port that was
     free a moment before (a small race). It has no WebSocket message-size limit or
@@ -216,7 +221,7 @@ class EmbeddedGranian:
     Its warnings go to the pod's handlers (logger ``_granian``, level warning).
 
     Raises:
-        ImportError: granian is not installed.
+        ImportError: granian is not installed (``pip install 'aiwfe[granian]'``).
     """
 
     def __init__(self, app: Any, *, host: str, port: int, backlog: int = 4096, **_: Any) -> None:
