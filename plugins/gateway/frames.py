@@ -1,8 +1,9 @@
-"""WebSocket frames of ``GET /v1/ws`` (JSON text frames, ``type`` is the tag).
+"""What goes over the gateway's wire: WebSocket frames, close codes, terminal job events.
 
-Client → server: :class:`Submit`, :class:`Cancel`, :class:`Resume`, :class:`Ping`,
-:class:`Call`. Server → client: ``accepted``, ``event``, ``result``, ``reply``,
-``error`` and ``pong`` (built as dicts in :mod:`plugins.gateway.ws`).
+Frames of ``GET /v1/ws`` are JSON text frames, ``type`` is the tag. Client → server:
+:class:`Submit`, :class:`Cancel`, :class:`Resume`, :class:`Ping`, :class:`Call`.
+Server → client: ``accepted``, ``event``, ``result``, ``reply``, ``error`` and ``pong``
+(built as dicts in :mod:`aiwfe.plugins.gateway.commands`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,33 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["Call", "Cancel", "ClientFrame", "Ping", "Resume", "Submit", "decode_frame"]
+__all__ = [
+    "CLOSE_GOING_AWAY",
+    "CLOSE_IDLE",
+    "CLOSE_POLICY",
+    "CLOSE_REVOKED",
+    "CLOSE_SLOW",
+    "CLOSE_TOO_BIG",
+    "TERMINAL",
+    "Call",
+    "Cancel",
+    "ClientFrame",
+    "Ping",
+    "Resume",
+    "Submit",
+    "decode_frame",
+]
+
+# WebSocket close codes the gateway sends.
+CLOSE_IDLE = 1000  # no client frame for idle_timeout_s
+CLOSE_GOING_AWAY = 1001  # the gateway stops
+CLOSE_POLICY = 1008  # refused handshake (before accept) or rate limit exceeded
+CLOSE_TOO_BIG = 1009  # frame larger than max_frame_bytes
+CLOSE_SLOW = 1013  # send queue full: the client reads too slowly (reconnect and resume)
+CLOSE_REVOKED = 4001  # token revoked or expired
+
+#: Terminal job event type → the job's final status (WebSocket ``result`` frames, SSE).
+TERMINAL = {"job.done": "done", "job.failed": "failed", "job.cancelled": "cancelled"}
 
 
 class _Frame(msgspec.Struct, kw_only=True, tag_field="type"):

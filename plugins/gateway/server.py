@@ -2,8 +2,7 @@
 
 **Default: uvicorn** (``websockets-sansio`` protocol, see :class:`WsProtocol`; ``httptools``
 for HTTP, since h11's pure-Python parser was ≈ 15 % of the gateway's CPU in a handshake
-burst), run
-as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
+burst), run as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
 
 * port 0 gives the exact bound port at once (no probe-then-bind race), which is what
   ``public_url`` and ``aiwfe up`` print;
@@ -12,9 +11,24 @@ as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
   while the transport is paused, which is what makes the per-socket queue meaningful);
 * it never touches the pod's signal handlers (``capture_signals`` is disabled here).
 
-``server = "granian"`` selects :class:`EmbeddedGranian` (``granian.server.embed``), which
-its authors mark experimental: it binds by host/port (port 0 is resolved beforehand, a
-small race), has no WebSocket message-size limit or protocol pings of its own (only the
+**Logging.** The pod's CLI configures logging once; the servers must not do it again (a
+second format). uvicorn gets ``log_config=None`` (no ``dictConfig``: it only sets the levels
+of its own ``uvicorn.*`` loggers to warning, which propagate to the pod's handlers) and
+``access_log=True`` (with ``False`` it would empty ``uvicorn.access``'s handlers and stop
+its propagation; at level warning no access line is written, and the level check costs
+≈ 0.75 µs per HTTP response). Granian always calls ``dictConfig``, so it gets an
+*incremental* one (:func:`granian_log_config`) that only sets the level of its
+``_granian`` logger. ``tests/unit/test_gateway_logging.py``
+checks that no logger gains or loses a handler.
+
+**Decision: Granian is shipped, as an option** (``server = "granian"``, install extra
+``aiwfe[granian]``, part of ``dev``). It installs from the registry as a binary wheel
+(granian 2.8.9 tested), :class:`EmbeddedGranian` runs it on ``granian.server.embed``,
+``tests/unit/test_gateway_granian.py`` runs the gateway's WebSocket behaviours against
+it, and ``aiwfe bench ws`` / ``auth-burst`` compare the two servers with
+``--server granian``. It stays the non-default because its embedded server, marked
+experimental by its authors, binds by host/port (port 0 is resolved beforehand, a small
+race), has no WebSocket message-size limit or protocol pings of its own (only the
 gateway's frame check after the frame was buffered, and the idle timeout), and does its
 socket I/O in Rust threads.
 
@@ -49,9 +63,16 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-__all__ = ["EmbeddedGranian", "EmbeddedServer", "WsProtocol", "bind_socket"]
+__all__ = ["EmbeddedGranian", "EmbeddedServer", "WsProtocol", "bind_socket", "granian_log_config"]
 
 log = logging.getLogger("aiwfe.gateway.server")
+
+
+def granian_log_config() -> dict[str, Any]:
+    """Granian's logging config: incremental (no handler, formatter or root change) and
+    without its own handlers; Granian adds the level of its ``_granian`` logger to it
+    (a fresh dict each time, since Granian writes into it)."""
+    return {"version": 1, "incremental": True, "formatters": {}, "handlers": {}, "loggers": {}}
 
 
 def bind_socket(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> socket.socket:
@@ -142,8 +163,9 @@ class EmbeddedServer:
             ws_max_size=max_frame_bytes,
             ws_ping_interval=ping_interval_s if ping_interval_s > 0 else None,
             ws_ping_timeout=ping_timeout_s if ping_timeout_s > 0 else None,
+            log_config=None,  # the pod configured logging (see the module doc)
             log_level="warning",
-            access_log=False,
+            access_log=True,  # False would clear uvicorn.access's handlers; at warning nothing is logged
             backlog=backlog,
             timeout_keep_alive=int(max(1, keep_alive_s)),
             timeout_graceful_shutdown=int(max(1, graceful_s)),
@@ -191,15 +213,20 @@ class EmbeddedServer:
 
 
 class EmbeddedGranian:
-    """The same interface on Granian's embedded server (experimental; see the module doc).
+    """The same interface on Granian's embedded server (``aiwfe[granian]``; see the module doc).
 
     Granian binds by address and port itself, so port 0 is resolved to a port that was
     free a moment before (a small race). It has no WebSocket message-size limit or
     protocol pings of its own: the gateway's own frame check and idle timeout apply.
+    Its warnings go to the pod's handlers (logger ``_granian``, level warning).
+
+    Raises:
+        ImportError: granian is not installed (``pip install 'aiwfe[granian]'``).
     """
 
     def __init__(self, app: Any, *, host: str, port: int, backlog: int = 4096, **_: Any) -> None:
         from granian.constants import Interfaces
+        from granian.log import LogLevels
         from granian.server.embed import Server
 
         if port == 0:
@@ -208,7 +235,14 @@ class EmbeddedGranian:
                 port = int(s.getsockname()[1])
         self.port = port
         self.server = Server(
-            app, address=host, port=port, interface=Interfaces.ASGINL, websockets=True, backlog=backlog, log_enabled=False
+            app,
+            address=host,
+            port=port,
+            interface=Interfaces.ASGINL,
+            websockets=True,
+            backlog=backlog,
+            log_level=LogLevels.warning,
+            log_dictconfig=granian_log_config(),
         )
         self.task: asyncio.Task[None] | None = None
 

@@ -1,4 +1,7 @@
-"""``GET /v1/ws``: the gateway's WebSocket endpoint as a raw ASGI handler.
+"""``GET /v1/ws``: the gateway's WebSocket connections as a raw ASGI handler.
+
+This module is the connection layer; what client frames do is
+:mod:`~aiwfe.plugins.gateway.commands`.
 
 Handshake: the Origin is checked against the allowlist and the token (``Authorization:
 Bearer``, ``?token=``, or ``Sec-WebSocket-Protocol: bearer, <token>``) is verified with
@@ -33,43 +36,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs
 
 import msgspec
 
-from aiwfe.kernel.errors import AiwfeError, Overloaded, RemoteError
+from aiwfe.kernel import AiwfeError, Overloaded, RemoteError
 
-from . import frames
 from ._metrics import WS_CLOSED, WS_CONNECT_FAILURES, WS_CONNECT_SECONDS, WS_CONNECTIONS
+from .commands import Commands
+from .frames import CLOSE_IDLE, CLOSE_POLICY, CLOSE_REVOKED, CLOSE_SLOW, CLOSE_TOO_BIG
+from .services import GatewayServices
 
-if TYPE_CHECKING:
-    from .plugin import GatewayPlugin
-
-__all__ = [
-    "CLOSE_IDLE",
-    "CLOSE_POLICY",
-    "CLOSE_REVOKED",
-    "CLOSE_SLOW",
-    "CLOSE_TOO_BIG",
-    "Connection",
-    "Hub",
-    "WebSocketEndpoint",
-    "token_from_scope",
-]
+__all__ = ["Connection", "Receive", "Scope", "Send", "WebSocketEndpoint", "token_from_scope"]
 
 log = logging.getLogger("aiwfe.gateway.ws")
-
-CLOSE_IDLE = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
-CLOSE_SLOW = 1013
-CLOSE_REVOKED = 4001
-
-TERMINAL = {"job.done": "done", "job.failed": "failed", "job.cancelled": "cancelled"}
-MAX_CALLS_IN_FLIGHT = 16
-MAX_FOLLOWED_JOBS = 64
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -101,54 +82,6 @@ def token_from_scope(scope: Scope) -> tuple[str | None, bool]:
     return None, False
 
 
-class Hub:
-    """The open connections of one gateway, by token id (``jti``)."""
-
-    def __init__(self) -> None:
-        self.by_jti: dict[str, set[Connection]] = {}
-        self.revoked: dict[str, float] = {}  # jti → exp (epoch seconds); pruned as they expire
-
-    def add(self, conn: Connection) -> None:
-        """Register an accepted connection."""
-        self.by_jti.setdefault(conn.jti, set()).add(conn)
-
-    def remove(self, conn: Connection) -> None:
-        """Forget a connection (idempotent)."""
-        conns = self.by_jti.get(conn.jti)
-        if conns is not None:
-            conns.discard(conn)
-            if not conns:
-                del self.by_jti[conn.jti]
-
-    def count(self) -> int:
-        """Open connections."""
-        return sum(len(c) for c in self.by_jti.values())
-
-    def is_revoked(self, jti: str) -> bool:
-        """True when ``jti`` was revoked and has not expired yet."""
-        exp = self.revoked.get(jti)
-        return exp is not None and exp > time.time()
-
-    def revoke(self, jti: str, exp: float) -> int:
-        """Remember ``jti`` as revoked until ``exp`` and close its sockets with 4001; return how many."""
-        now = time.time()
-        self.revoked[jti] = exp
-        if len(self.revoked) > 10_000:
-            self.revoked = {j: e for j, e in self.revoked.items() if e > now}
-        conns = list(self.by_jti.get(jti, ()))
-        for c in conns:
-            c.close_soon(CLOSE_REVOKED, "token revoked")
-        return len(conns)
-
-    async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
-        """Close every connection (at shutdown) and wait for their handlers to finish, up to 5 s."""
-        conns = [c for cs in self.by_jti.values() for c in cs]
-        for c in conns:
-            c.close_soon(code, reason)
-        if conns:
-            await asyncio.wait([asyncio.ensure_future(c.finished.wait()) for c in conns], timeout=5.0)
-
-
 class _Bucket:
     """Token bucket: ``rate_per_s`` refill, ``burst`` capacity."""
 
@@ -172,21 +105,18 @@ class _Bucket:
 
 
 class Connection:
-    """One accepted WebSocket: a reader loop, one writer task, follower and call tasks."""
+    """One accepted WebSocket: a reader loop, one writer task, and its :class:`Commands`."""
 
-    def __init__(self, gw: GatewayPlugin, send: Send, receive: Receive, jti: str, exp: float, sub: str) -> None:
-        cfg = gw.config
-        self.gw = gw
-        self.kernel = gw.kernel
+    def __init__(self, services: GatewayServices, send: Send, receive: Receive, jti: str, exp: float, sub: str) -> None:
+        cfg = services.config
+        self.config = cfg
         self._send = send
         self._receive = receive
         self.jti = jti
         self.exp = exp
         self.sub = sub
         self.out: asyncio.Queue[str | None] = asyncio.Queue(maxsize=cfg.send_queue_size)  # None: stop writing
-        self.followers: dict[str, asyncio.Task[None]] = {}
-        self.calls: set[asyncio.Task[None]] = set()
-        self.cancel_on_disconnect: set[str] = set()
+        self.commands = Commands(services, self, sub)
         self.closing = False
         self.close_code: int | None = None
         self.finished = asyncio.Event()
@@ -228,11 +158,11 @@ class Connection:
         except asyncio.QueueFull:
             pass
         try:
-            async with asyncio.timeout(self.gw.config.slow_reader_timeout_s):
+            async with asyncio.timeout(self.config.slow_reader_timeout_s):
                 await self.out.put(text)
             return not self.closing
         except TimeoutError:
-            log.info("ws %s: send queue full for %.1f s; closing the slow reader", self.jti, self.gw.config.slow_reader_timeout_s)
+            log.info("ws %s: send queue full for %.1f s; closing the slow reader", self.jti, self.config.slow_reader_timeout_s)
             self.close_soon(CLOSE_SLOW, "send queue full; reconnect and resume")
             return False
 
@@ -295,7 +225,7 @@ class Connection:
             await self._cleanup()
 
     async def _read_loop(self) -> None:
-        cfg = self.gw.config
+        cfg = self.config
         while not self.closing:
             try:
                 async with asyncio.timeout(cfg.idle_timeout_s):
@@ -322,135 +252,7 @@ class Connection:
                 self.push({"type": "error", "code": "rate_limited", "message": "too many frames", "retry_after_s": wait_s})
                 continue
             self._strikes = 0
-            self._dispatch(data)
-
-    def _dispatch(self, data: str | bytes) -> None:
-        try:
-            frame = frames.decode_frame(data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as e:
-            self.push({"type": "error", "code": "bad_frame", "message": str(e)})
-            return
-        match frame:
-            case frames.Ping():
-                self.push({"type": "pong", "id": frame.id})
-            case frames.Submit():
-                self._spawn(self._submit(frame))
-            case frames.Resume():
-                self._spawn(self._resume(frame))
-            case frames.Cancel():
-                self._spawn(self._cancel(frame))
-            case frames.Call():
-                self._spawn(self._call(frame))
-
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        if len(self.calls) >= MAX_CALLS_IN_FLIGHT:
-            close = getattr(coro, "close", None)
-            if close is not None:
-                close()
-            self.push({"type": "error", "code": "too_many_in_flight", "message": f"at most {MAX_CALLS_IN_FLIGHT} at once"})
-            return
-        t: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self.calls.add(t)
-        t.add_done_callback(self.calls.discard)
-
-    def _error(self, e: AiwfeError, ref: str = "", **extra: Any) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "error", "code": e.code, "message": e.message, "id": ref, **extra}
-        if isinstance(e, RemoteError):
-            frame["code"] = e.type
-        if e.retryable:
-            frame["retry_after_s"] = e.retry_after_s or self.gw.config.retry_after_s
-        return frame
-
-    async def _submit(self, f: frames.Submit) -> None:
-        address = self.gw.config.job_kinds.get(f.kind)
-        if address is None:
-            known = ", ".join(sorted(self.gw.config.job_kinds)) or "none configured"
-            self.push(
-                {"type": "error", "code": "unknown_kind", "message": f"unknown job kind {f.kind!r}; known: {known}", "id": f.id}
-            )
-            return
-        try:
-            job_id = await self.gw.submit(address, f.input, self.sub, f.idempotency_key)
-        except AiwfeError as e:
-            self.push(self._error(e, f.id))
-            return
-        if f.cancel_on_disconnect:
-            self.cancel_on_disconnect.add(job_id)
-        self.push({"type": "accepted", "id": f.id, "job_id": job_id})
-        self._follow(job_id, 0)
-
-    async def _owned(self, job_id: str, ref: str) -> bool:
-        """True when this socket's user owns ``job_id``; else an error frame (``not_found``:
-        someone else's job is indistinguishable from no job)."""
-        try:
-            if await self.gw.owns(job_id, self.sub):
-                return True
-        except AiwfeError as e:
-            self.push(self._error(e, ref, job_id=job_id))
-            return False
-        self.push({"type": "error", "code": "not_found", "message": f"no job {job_id}", "id": ref, "job_id": job_id})
-        return False
-
-    async def _resume(self, f: frames.Resume) -> None:
-        if await self._owned(f.job_id, f.id):
-            self._follow(f.job_id, f.after_seq)
-
-    async def _cancel(self, f: frames.Cancel) -> None:
-        if not await self._owned(f.job_id, f.id):
-            return
-        try:
-            cancelled = await self.kernel.cancel_job(f.job_id, "cancelled by the client")
-        except AiwfeError as e:
-            self.push(self._error(e, f.id, job_id=f.job_id))
-            return
-        self.push({"type": "cancelled", "id": f.id, "job_id": f.job_id, "cancelled": cancelled})
-
-    async def _call(self, f: frames.Call) -> None:
-        contract = self.gw.ws_calls.get(f.contract)
-        if contract is None:
-            self.push(
-                {"type": "error", "code": "unknown_contract", "message": f"{f.contract!r} may not be called here", "id": f.id}
-            )
-            return
-        try:
-            req: Any = msgspec.convert(f.input, contract)
-        except msgspec.ValidationError as e:
-            self.push({"type": "error", "code": "bad_frame", "message": f"{f.contract}: {e}", "id": f.id})
-            return
-        try:
-            reply = await self.kernel.call(req, timeout_s=self.gw.config.call_timeout_s)
-        except AiwfeError as e:
-            self.push(self._error(e, f.id))
-            return
-        self.push({"type": "reply", "id": f.id, "result": msgspec.to_builtins(reply)})
-
-    def _follow(self, job_id: str, after_seq: int) -> None:
-        old = self.followers.pop(job_id, None)
-        if old is not None:
-            old.cancel()
-        elif len(self.followers) >= MAX_FOLLOWED_JOBS:
-            msg = f"at most {MAX_FOLLOWED_JOBS} jobs followed per socket; wait for results or reconnect"
-            self.push({"type": "error", "code": "too_many_jobs", "message": msg, "job_id": job_id})
-            return
-        t = asyncio.get_running_loop().create_task(self._follow_job(job_id, after_seq))
-        self.followers[job_id] = t
-        t.add_done_callback(lambda _t: self.followers.pop(job_id, None) if self.followers.get(job_id) is _t else None)
-
-    async def _follow_job(self, job_id: str, after_seq: int) -> None:
-        try:
-            async for ev in self.kernel.job_events(job_id, after_seq):
-                status = TERMINAL.get(ev.type)
-                if status is None:
-                    if not await self.put({"type": "event", "job_id": job_id, "seq": ev.seq, "event": ev.type, "data": ev.data}):
-                        return
-                    continue
-                frame: dict[str, Any] = {"type": "result", "job_id": job_id, "seq": ev.seq, "status": status}
-                frame["result" if status == "done" else "error"] = ev.data
-                await self.put(frame)
-                self.cancel_on_disconnect.discard(job_id)
-                return
-        except AiwfeError as e:
-            self.push(self._error(e, job_id=job_id))
+            self.commands.dispatch(data)
 
     async def _cleanup(self) -> None:
         self.closing = True
@@ -460,27 +262,19 @@ class Connection:
             # server drops the connection without one when the app finishes first).
             with contextlib.suppress(BaseException):
                 await self._closer
-        tasks = [*self.followers.values(), *self.calls]
         if self._writer is not None:
-            tasks.append(self._writer)
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
+            self._writer.cancel()
             with contextlib.suppress(BaseException):
-                await t
-        for job_id in list(self.cancel_on_disconnect):
-            try:
-                await self.kernel.cancel_job(job_id, "client disconnected")
-            except AiwfeError as e:
-                log.warning("ws: cancelling job %s on disconnect failed: %s", job_id, e)
+                await self._writer
+        await self.commands.close()
         self.finished.set()
 
 
 class WebSocketEndpoint:
     """The ASGI callable of ``/v1/ws`` for one gateway."""
 
-    def __init__(self, gw: GatewayPlugin) -> None:
-        self.gw = gw
+    def __init__(self, services: GatewayServices) -> None:
+        self.services = services
 
     def _origin_ok(self, scope: Scope) -> bool:
         origin = host = None
@@ -491,7 +285,7 @@ class WebSocketEndpoint:
                 host = value.decode("latin-1")
         if origin is None:
             return True  # not a browser: Origin protects browsers' ambient credentials only
-        allowed = self.gw.config.allowed_origins
+        allowed = self.services.config.allowed_origins
         if "*" in allowed or origin in allowed:
             return True
         # Same origin (the console page served by this gateway) is always allowed.
@@ -515,7 +309,7 @@ class WebSocketEndpoint:
             await self._refuse(send, "no_token")
             return
         try:
-            claims = await self.gw.verify(token)
+            claims = await self.services.verify(token)
         except AiwfeError as e:
             if isinstance(e, Overloaded):
                 reason = "overloaded"
@@ -526,16 +320,17 @@ class WebSocketEndpoint:
             log.debug("ws handshake refused (%s): %s", reason, e)
             await self._refuse(send, reason)
             return
-        if self.gw.hub.is_revoked(claims.jti):
+        hub = self.services.hub
+        if hub.is_revoked(claims.jti):
             await self._refuse(send, "revoked")
             return
         await send({"type": "websocket.accept", "subprotocol": "bearer" if via_proto else None})
         WS_CONNECT_SECONDS.observe(time.perf_counter() - t0)
-        conn = Connection(self.gw, send, receive, claims.jti, float(claims.exp), claims.sub)
-        self.gw.hub.add(conn)
+        conn = Connection(self.services, send, receive, claims.jti, float(claims.exp), claims.sub)
+        hub.add(conn)
         WS_CONNECTIONS.inc()
         try:
             await conn.run()
         finally:
-            self.gw.hub.remove(conn)
+            hub.remove(conn)
             WS_CONNECTIONS.dec()

@@ -1,22 +1,21 @@
-"""The gateway under Granian's embedded server (``server = "granian"``, experimental).
+"""The gateway under Granian's embedded server (``server = "granian"``, extra ``aiwfe[granian]``).
 
 The same WebSocket behaviours that do not depend on the server's protocol layer:
 refusal before accept, frames, the gateway's own frame-size check (1009), revocation.
+Granian is part of the ``dev`` extra, so these run (a missing granian fails, never skips).
 """
 
 from __future__ import annotations
 
 import json
 
+import granian  # noqa: F401  (installed with the dev extra: fail, do not skip, without it)
 import httpx
-import pytest
 
 from tests.support.gateway import recv_json, ws_connect
 from tests.unit.test_gateway_http import StartGateway, bearer, login
 from tests.unit.test_gateway_http import gateway as gateway  # the fixture
 from tests.unit.test_gateway_ws import _closed_with, _expect_refused
-
-pytest.importorskip("granian")
 
 GRANIAN = 'server = "granian"'
 

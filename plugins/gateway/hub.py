@@ -1,0 +1,69 @@
+"""The open WebSockets of one gateway, by token id, and the tokens revoked meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from .frames import CLOSE_GOING_AWAY, CLOSE_REVOKED
+
+__all__ = ["Hub", "Socket"]
+
+
+class Socket(Protocol):
+    """What the hub needs of a connection (:class:`aiwfe.plugins.gateway.ws.Connection`)."""
+
+    jti: str
+    finished: asyncio.Event
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close the socket with ``code`` from any task (idempotent)."""
+
+
+class Hub:
+    """The open connections of one gateway, by token id (``jti``)."""
+
+    def __init__(self) -> None:
+        self.by_jti: dict[str, set[Socket]] = {}
+        self.revoked: dict[str, float] = {}  # jti → exp (epoch seconds); pruned as they expire
+
+    def add(self, conn: Socket) -> None:
+        """Register an accepted connection."""
+        self.by_jti.setdefault(conn.jti, set()).add(conn)
+
+    def remove(self, conn: Socket) -> None:
+        """Forget a connection (idempotent)."""
+        conns = self.by_jti.get(conn.jti)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.by_jti[conn.jti]
+
+    def count(self) -> int:
+        """Open connections."""
+        return sum(len(c) for c in self.by_jti.values())
+
+    def is_revoked(self, jti: str) -> bool:
+        """True when ``jti`` was revoked and has not expired yet."""
+        exp = self.revoked.get(jti)
+        return exp is not None and exp > time.time()
+
+    def revoke(self, jti: str, exp: float) -> int:
+        """Remember ``jti`` as revoked until ``exp`` and close its sockets with 4001; return how many."""
+        now = time.time()
+        self.revoked[jti] = exp
+        if len(self.revoked) > 10_000:
+            self.revoked = {j: e for j, e in self.revoked.items() if e > now}
+        conns = list(self.by_jti.get(jti, ()))
+        for c in conns:
+            c.close_soon(CLOSE_REVOKED, "token revoked")
+        return len(conns)
+
+    async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
+        """Close every connection (at shutdown) and wait for their handlers to finish, up to 5 s."""
+        conns = [c for cs in self.by_jti.values() for c in cs]
+        for c in conns:
+            c.close_soon(code, reason)
+        if conns:
+            await asyncio.wait([asyncio.ensure_future(c.finished.wait()) for c in conns], timeout=5.0)
