@@ -34,13 +34,11 @@ import hashlib
 import math
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
 from typing import Any
-
-import yaml
 
 from ..errors import ConfigError
 from ..manifest import Autoscaling, Manifest, Pod
+from .k8s_yaml import to_yaml  # re-exported: render() builds the objects, to_yaml() writes them
 
 __all__ = [
     "CONTAINER_NAME",
@@ -432,21 +430,3 @@ def render(manifest: Manifest, manifest_text: str, *, image: str = DEFAULT_IMAGE
     for pod in manifest.pods:
         out[pod] = render_pod(manifest, pod, manifest_text, image=image)
     return out
-
-
-class _Dumper(yaml.SafeDumper):
-    def ignore_aliases(self, data: Any) -> bool:
-        return True  # repeated label maps are written out, not as &anchors
-
-
-def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_Dumper.add_representer(str, _str)
-
-
-def to_yaml(documents: Iterable[Mapping[str, Any]]) -> str:
-    """A multi-document YAML stream (``---`` between documents), multi-line strings as blocks."""
-    return yaml.dump_all(list(documents), Dumper=_Dumper, sort_keys=False, default_flow_style=False, explicit_start=True)

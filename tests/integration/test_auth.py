@@ -24,13 +24,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres, EmbeddedValkey
 from aiwfe.bus.local import LocalBus
 from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import metrics
 from aiwfe.kernel.errors import Overloaded, RemoteError, Unavailable
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
+from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres, EmbeddedValkey
 from aiwfe.plugins.auth.contract import Claims, Login, Logout, Register, TokenRevoked, Verify
 from aiwfe.plugins.auth.plugin import AuthPlugin
 from tests.conftest import wait_until
