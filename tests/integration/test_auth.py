@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from aiwfe.bus.local import LocalBus
-from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import metrics
 from aiwfe.kernel.errors import Overloaded, RemoteError, Unavailable
 from aiwfe.kernel.manifest import parse_manifest
@@ -34,7 +33,7 @@ from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres, EmbeddedValkey
 from aiwfe.plugins.auth.contract import Claims, Login, Logout, Register, TokenRevoked, Verify
 from aiwfe.plugins.auth.plugin import AuthPlugin
 from tests.conftest import wait_until
-from tests.support.pods import dump_toml
+from tests.support.pods import dump_toml, running
 
 pytestmark = pytest.mark.integration
 
@@ -89,14 +88,7 @@ def start_auth(bus_kind: str, prefix: str, request: pytest.FixtureRequest) -> St
             pods_def["auth" if i == 0 else f"auth{i + 1}"] = {"plugins": ["auth"]}
         data = {"system": {"subject_prefix": prefix, "drain_timeout_s": 1}, "pods": pods_def, "plugins": {"auth": cfg}}
         m = parse_manifest(dump_toml(data), env={})
-        if bus_kind == "local":
-            bus = LocalBus(prefix)
-            pods = {name: PodRunner(m, name, bus, ops_port=0) for name in m.pods}
-        else:
-            pods = {name: PodRunner(m, name, NatsBus(nats_url, prefix, name=name), ops_port=0) for name in m.pods}
-        async with contextlib.AsyncExitStack() as stack:
-            for p in pods.values():
-                await stack.enter_async_context(p)
+        async with running(m, nats_url=None if bus_kind == "local" else nats_url) as pods:
             yield pods
 
     return start
