@@ -1,4 +1,4 @@
-"""The call/job/event semantics of tests/unit/test_routing.py, over a real NATS server.
+"""The call/job/event semantics of tests/unit/test_routing.py and test_jobs.py, over a real NATS server.
 
 Every pod gets its own NatsBus connection, so calls between pods cross the server.
 Also: JSON from external publishers, heartbeats for long jobs, and drain on stop.
@@ -22,10 +22,11 @@ from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from tests.conftest import wait_until
-from tests.support.pods import running
+from tests.support.pods import StartPods, running
 from tests.support.probe import Crunch
-from tests.unit.test_routing import *  # noqa: F403  (the same test bodies, over NATS)
-from tests.unit.test_routing import PROBE, TWO_PODS, StartPods
+from tests.unit.test_jobs import *  # noqa: F403  (the same job test bodies, over NATS)
+from tests.unit.test_routing import *  # noqa: F403  (the same call test bodies, over NATS)
+from tests.unit.test_routing import PROBE, TWO_PODS
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
 

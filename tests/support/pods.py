@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,10 @@ from aiwfe.kernel.manifest import Manifest, parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.tools.embedded import free_port
 
-__all__ = ["PodProcess", "dump_toml", "run_pods", "running", "start_pod", "wait_ready"]
+__all__ = ["PodProcess", "StartPods", "dump_toml", "run_pods", "running", "start_pod", "wait_ready"]
+
+#: The ``start_pods`` fixture: manifest TOML (``{prefix}`` filled in) → running pods by name.
+StartPods = Callable[[str], contextlib.AbstractAsyncContextManager[dict[str, PodRunner]]]
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,4 +1,4 @@
-"""Call, job and event semantics on LocalBus.
+"""Call and event semantics on LocalBus (jobs: test_jobs.py).
 
 tests/integration/test_nats_bus.py runs these same test bodies over a real NATS server
 (it overrides the ``start_pods`` fixture), which is how "the same semantics on either
@@ -8,10 +8,7 @@ path" is checked.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
 
-import msgspec
 import pytest
 
 from aiwfe.bus.local import LocalBus
@@ -24,12 +21,11 @@ from aiwfe.kernel import (
     SchemaMismatch,
     Unavailable,
     UndeclaredCall,
-    admin,
 )
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
-from tests.support.pods import running
-from tests.support.probe import Ask, Boom, Crunch, Sleep, WhoAmI
+from tests.support.pods import StartPods
+from tests.support.probe import Ask, Boom, Sleep, WhoAmI
 
 PROBE = "tests.support.probe:ProbePlugin"
 WHO = "tests.support.probe:WhoPlugin"
@@ -43,21 +39,6 @@ plugins = ["{PROBE}"]
 [pods.back]
 plugins = ["perception", "reasoning", "{WHO}"]
 """
-
-StartPods = Callable[[str], contextlib.AbstractAsyncContextManager[dict[str, PodRunner]]]
-
-
-@pytest.fixture
-def start_pods(prefix: str) -> StartPods:
-    """Start every pod of a manifest on one shared LocalBus."""
-
-    @contextlib.asynccontextmanager
-    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
-        m = parse_manifest(text.replace("{prefix}", prefix), env={})
-        async with running(m) as pods:
-            yield pods
-
-    return start
 
 
 class Nobody(Reply):
@@ -155,65 +136,6 @@ async def test_schema_mismatch_is_a_clear_error(start_pods: StartPods) -> None:
             await pods["back"].kernel.call(Sleep(seconds=0.1))
 
 
-async def test_jobs_retry_then_succeed_and_stream_events(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        job_id = await k.submit(Crunch(n=6, fail_times=1))
-        rec = await k.wait_job(job_id, timeout_s=20)
-        assert rec.status == "done" and rec.attempts == 2
-        assert msgspec.msgpack.decode(rec.result) == {"n": 6, "square": 36, "answer": "The square of 6 is 36."}
-        types = [ev.type async for ev in k.job_events(job_id)]
-        assert types == ["job.retrying", "probe.progressed", "job.done"]
-
-
-async def test_poison_job_is_dead_lettered_with_reason(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        job_id = await k.submit(Crunch(n=1, fail_times=99))
-        rec = await k.wait_job(job_id, timeout_s=20)
-        assert rec.status == "failed" and rec.attempts == 3
-        assert rec.error is not None and rec.error["type"] == "Flaky"
-        letters = await admin.dead_letters(k.jobs, "probe.crunch")
-        assert len(letters) == 1
-        data, headers = letters[0]
-        assert headers["Aiwfe-Job-Id"] == job_id
-        assert msgspec.json.decode(headers["Aiwfe-Reason"])["message"].startswith("attempt 3")
-        assert msgspec.msgpack.decode(data)["n"] == 1
-
-
-async def test_idempotency_key_gives_one_job(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        a = await k.submit(Crunch(n=2), idempotency_key="order-17")
-        b = await k.submit(Crunch(n=2), idempotency_key="order-17")
-        assert a == b
-        rec = await k.wait_job(a, timeout_s=20)
-        assert rec.status == "done" and rec.attempts == 1
-        c = await k.submit(Crunch(n=2), idempotency_key="order-17")  # after completion too
-        assert c == a
-        await asyncio.sleep(0.3)  # a quiet period: a duplicate run would show up in it
-        done = [ev.type async for ev in k.job_events(a)]
-        assert done.count("job.done") == 1 and done.count("probe.progressed") == 1
-
-
-async def test_job_events_resume_after_a_sequence(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        job_id = await k.submit(Crunch(n=3, fail_times=1))
-        await k.wait_job(job_id, timeout_s=20)
-        events = [ev async for ev in k.job_events(job_id)]
-        resumed = [ev async for ev in k.job_events(job_id, after_seq=events[0].seq)]
-        assert [e.seq for e in resumed] == [e.seq for e in events[1:]]
-
-
-async def test_many_jobs_each_recorded_once(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        ids = [await k.submit(Crunch(n=i)) for i in range(200)]
-        recs = await asyncio.gather(*(k.wait_job(j, timeout_s=30) for j in ids))
-        assert [msgspec.msgpack.decode(r.result)["square"] for r in recs] == [i * i for i in range(200)]
-
-
 async def test_ops_endpoint_health_ready_metrics(start_pods: StartPods) -> None:
     async with start_pods(TWO_PODS) as pods:
         front = pods["front"]
@@ -238,66 +160,12 @@ async def _get(port: int, path: str) -> tuple[int, bytes]:
     return int(head.split()[1]), body
 
 
-async def test_cancel_a_running_job(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        job_id = await k.submit(Crunch(n=8, delay_s=30))
-        events = k.job_events(job_id)
-        assert (await anext(events)).type == "probe.progressed"  # it is running
-        assert await k.cancel_job(job_id, "user pressed stop")
-        last = await anext(events)
-        assert last.type == "job.cancelled" and last.data["message"] == "user pressed stop"
-        rec = await k.wait_job(job_id, timeout_s=5)
-        assert rec.status == "cancelled"
-        assert not await k.cancel_job(job_id)  # already has an outcome
-        await asyncio.sleep(0.3)  # a quiet period: a late outcome would show up in it
-        assert (await k.job_record(job_id)).status == "cancelled"  # type: ignore[union-attr]
-
-
-async def test_cancel_before_start_and_after_done(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        done = await k.submit(Crunch(n=2))
-        assert (await k.wait_job(done, timeout_s=10)).status == "done"
-        assert not await k.cancel_job(done)
-        assert (await k.job_record(done)).status == "done"  # type: ignore[union-attr]
-
-
-async def test_submit_json_job_and_bad_json_is_dead_lettered(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        ok = await k.submit_json("probe.crunch", b'{"n": 12}')
-        rec = await k.wait_job(ok, timeout_s=10)
-        assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 144
-        bad = await k.submit_json("probe.crunch", b'{"n": "twelve"}')
-        rec = await k.wait_job(bad, timeout_s=10)
-        assert rec.status == "failed" and rec.attempts == 1 and rec.error is not None
-        assert rec.error["type"] == "BadMessage"
-
-
 async def test_cluster_status_lists_every_pod(start_pods: StartPods) -> None:
     async with start_pods(TWO_PODS) as pods:
         status = await pods["front"].kernel.cluster_status(0.3)
         assert [s["pod"] for s in status] == ["back", "front"]
         assert all(s["ready"] for s in status)
         assert status[0]["plugins"] == ["perception", "reasoning", WHO]
-
-
-async def test_dead_letters_replay_under_the_same_job_id(start_pods: StartPods) -> None:
-    async with start_pods(TWO_PODS) as pods:
-        k = pods["back"].kernel
-        job_id = await k.submit(Crunch(n=-4))  # poison: fails every attempt
-        rec = await k.wait_job(job_id, timeout_s=20)
-        assert rec.status == "failed" and rec.attempts == 3
-        pods["front"].plugins[PROBE].reject_negative = False  # the handler is fixed
-        assert await admin.replay_dead_letters(k.jobs, "probe.crunch") == [job_id]
-        assert await admin.dead_letters(k.jobs) == []
-        rec = await k.wait_job(job_id, timeout_s=20)
-        assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 16
-        first = [ev async for ev in k.job_events(job_id)]  # stops at the first outcome
-        assert first[-1].type == "job.failed"
-        after = [ev.type async for ev in k.job_events(job_id, after_seq=first[-1].seq)]
-        assert after == ["job.replayed", "probe.progressed", "job.done"]
 
 
 async def test_a_ready_pod_sets_its_gc_thresholds_and_restores_them_when_stopped(prefix: str) -> None:
