@@ -65,7 +65,7 @@ __all__ = [
     "reply_type",
     "schema_hash",
     "serves",
-]  # the names of _EXPORTS (tests/unit/test_contract.py checks)
+]  # the names of _EXPORTS (tests/unit/test_layers.py checks)
 
 if TYPE_CHECKING:
     from .contract import Event, Job, Message, Reply, Request, address_of, kind_of, reply_type, schema_hash

@@ -38,7 +38,8 @@ log = logging.getLogger("aiwfe.gateway")
 class GatewayPlugin(Plugin):
     """HTTP and WebSocket entry point of the system (see the module docstring).
 
-    ``public_url`` is where it listens once started; ``services`` is what its handlers use.
+    ``public_url`` is where it listens once started; ``handles`` (a :class:`GatewayServices`)
+    is what its handlers use (``services`` stays the ``Plugin.services`` tuple).
     """
 
     name = "gateway"
@@ -63,7 +64,7 @@ class GatewayPlugin(Plugin):
                 f"[plugins.gateway] ws_calls: {', '.join(unknown)} not among the gateway's calls ({', '.join(sorted(declared))})"
             )
         self.hub = Hub()
-        self.services = GatewayServices(self.kernel, self.config, self.hub, {a: declared[a] for a in self.config.ws_calls})
+        self.handles = GatewayServices(self.kernel, self.config, self.hub, {a: declared[a] for a in self.config.ws_calls})
         self.public_url: str | None = None
         self.server: EmbeddedServer | EmbeddedGranian | None = None
 
@@ -73,7 +74,7 @@ class GatewayPlugin(Plugin):
         cfg = self.config
         server_cls = EmbeddedGranian if cfg.server == "granian" else EmbeddedServer
         server = self.server = server_cls(
-            build_asgi(self.services),
+            build_asgi(self.handles),
             host=cfg.host,
             port=cfg.port,
             max_frame_bytes=cfg.max_frame_bytes,
@@ -88,18 +89,18 @@ class GatewayPlugin(Plugin):
         if ":" in host:
             host = f"[{host}]"
         self.public_url = f"http://{host}:{server.bound_port}"
-        self.services.serving = True
+        self.handles.serving = True
         log.info("gateway listening at %s", self.public_url)
         try:
             yield
         finally:
-            self.services.serving = False
+            self.handles.serving = False
             await self.hub.close_all()
             await server.stop()
 
     def readiness(self) -> str | None:
         """Not ready until the server listens."""
-        return None if self.services.serving else "gateway server not listening"
+        return None if self.handles.serving else "gateway server not listening"
 
     @serves(TokenRevoked, concurrency=8, max_queue=100_000)
     async def on_revoked(self, ev: TokenRevoked) -> None:

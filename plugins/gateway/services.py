@@ -2,58 +2,26 @@
 
 :class:`GatewayServices` holds exactly what :mod:`~aiwfe.plugins.gateway.app`,
 :mod:`~aiwfe.plugins.gateway.ws` and :mod:`~aiwfe.plugins.gateway.commands` use: the
-kernel calls (:class:`KernelCalls`), the settings, the hub of open sockets, the contracts a
+kernel handle (:class:`aiwfe.kernel.plugin.KernelHandle`), the settings, the hub of open sockets, the contracts a
 ``call`` frame may use, whether the server is serving, and the verify/submit/owns
 operations. :mod:`~aiwfe.plugins.gateway.plugin` builds it; nothing here imports the plugin.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import msgspec
 
-from aiwfe.kernel import AiwfeError, Request
+from aiwfe.kernel import AiwfeError
+from aiwfe.kernel.plugin import KernelHandle
 from aiwfe.plugins.auth.contract import Claims, Verify
 
 from .config import GatewayConfig
 from .hub import Hub
 
-__all__ = ["GatewayServices", "KernelCalls"]
-
-R = TypeVar("R")
-
-
-class KernelCalls(Protocol):
-    """The kernel operations the gateway uses (a subset of :class:`aiwfe.kernel.Caller`).
-
-    ``job_record`` returns the job's stored record (``status``, ``error``, ``attempts``,
-    ``finished_at``, ``decoded()``) or None; ``job_events`` yields events with ``seq``,
-    ``type`` and ``data``.
-    """
-
-    async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R: ...
-
-    async def submit_json(
-        self,
-        address: str,
-        data: bytes,
-        *,
-        job_id: str | None = None,
-        idempotency_key: str | None = None,
-        owner: str | None = None,
-    ) -> str: ...
-
-    async def job_owner(self, job_id: str) -> str | None: ...
-
-    async def job_record(self, job_id: str) -> Any: ...
-
-    def job_events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[Any]: ...
-
-    async def cancel_job(self, job_id: str, reason: str = ...) -> bool: ...
-
-    async def cluster_status(self, timeout_s: float = ...) -> list[dict[str, Any]]: ...
+__all__ = ["GatewayServices"]
 
 
 class GatewayServices:
@@ -64,7 +32,7 @@ class GatewayServices:
 
     __slots__ = ("config", "hub", "kernel", "serving", "ws_calls")
 
-    def __init__(self, kernel: KernelCalls, config: GatewayConfig, hub: Hub, ws_calls: Mapping[str, type]) -> None:
+    def __init__(self, kernel: KernelHandle, config: GatewayConfig, hub: Hub, ws_calls: Mapping[str, type]) -> None:
         self.kernel = kernel
         self.config = config
         self.hub = hub
@@ -92,7 +60,7 @@ class GatewayServices:
         user, so two users' keys never collide.
 
         Raises:
-            Forbidden, Unavailable (from :meth:`KernelCalls.submit_json`).
+            Forbidden, Unavailable (from ``submit_json``).
         """
         key = f"{subject}:{idempotency_key}" if idempotency_key else None
         body = msgspec.json.encode({**input, "owner": subject})

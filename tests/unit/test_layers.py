@@ -121,3 +121,11 @@ def test_the_kernel_core_is_small_and_no_file_is_large() -> None:
     assert core <= 1500, core
     for path in _modules().values():
         assert len(path.read_text().splitlines()) <= 450, path
+
+
+def test_the_kernel_package_exports_what_it_lists() -> None:
+    import aiwfe.kernel as k
+
+    assert sorted(k.__all__) == sorted(k._WHERE)
+    for name in k.__all__:
+        assert getattr(k, name) is not None, name
