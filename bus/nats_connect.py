@@ -137,8 +137,8 @@ class NatsConnectOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     Credentials (at most one kind): ``user``/``password``, ``token``, ``nkey_seed_file``
     (a file holding an ``SU...`` user seed), ``creds_file`` (a decentralized-JWT ``.creds``
-    file). The URL's userinfo counts as user/password (``user:pass@``) or token (``token@``);
-    explicit fields win over it, like nats-py.
+    file). The URL's userinfo counts as user/password (``user:pass@``) or token (``token@``),
+    percent-decoded; explicit credentials replace it.
     TLS: ``tls_ca_file`` (PEM CA bundle that signed the server; default: the system's),
     ``tls_cert_file``/``tls_key_file`` (client certificate, for servers with ``verify: true``),
     ``tls_hostname`` (the name to verify instead of the URL's host). Any TLS field, or a
@@ -201,6 +201,8 @@ class NatsConnectOptions(msgspec.Struct, frozen=True, kw_only=True):
     def connect_args(self, url: str) -> tuple[list[str], dict[str, Any]]:
         """The server list and the nats-py ``connect`` keyword arguments for ``url``."""
         servers, user, password, token = _split_url(url)
+        if self.user or self.token or self.nkey_seed_file or self.creds_file:
+            user = password = token = ""  # explicit credentials win over the URL's userinfo
         kw: dict[str, Any] = {}
         if self.user or user:
             kw.update(user=self.user or user, password=self.password or password)
