@@ -240,14 +240,14 @@ def _refusal(e: BaseException) -> str | None:
         return f"its TLS certificate is not for that host ({e.verify_message}): use a name it holds, or set NATS_TLS_HOSTNAME"
     if isinstance(e, ssl.SSLCertVerificationError):
         return f"its TLS certificate does not verify ({e.verify_message}): give the CA that signed it (NATS_TLS_CA)"
-    if isinstance(e, ssl.SSLError):
+    if isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)):
         return (
             f"TLS failed ({e.reason or e}): check the CA, client certificate and key (NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY)"
         )
     if isinstance(e, ConnectOptionError):
         return str(e)
     text = str(e).strip()
-    if isinstance(e, nats.errors.Error) and any(r in text.lower() for r in _REFUSALS):
+    if isinstance(e, nats.errors.Error) and any(r in text.lower() for r in _REFUSALS) and "timeout" not in text.lower():
         text = text.removeprefix("nats:").strip().strip("'")
         if "secure connection" in text:
             return f"{text}: the URL is tls:// or TLS is configured, but the server offers no TLS"
@@ -281,8 +281,14 @@ async def connect_first(
             refused.set_result(why)
         await error_cb(e)
 
-    task = loop.create_task(nc.connect(servers, error_cb=on_error, **kwargs, **extra))
+    disconnected_cb = kwargs.pop("disconnected_cb", None)
+
+    async def on_disconnect() -> None:  # not for the attempts before the first connection
+        if ok and disconnected_cb is not None:
+            await disconnected_cb()
+
     ok = False
+    task = loop.create_task(nc.connect(servers, error_cb=on_error, disconnected_cb=on_disconnect, **kwargs, **extra))
     try:
         either: set[asyncio.Future[Any]] = {task, refused}
         done = (await asyncio.wait(either, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED))[0]
