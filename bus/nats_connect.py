@@ -106,7 +106,7 @@ def redact_url(url: str) -> str:
         user, sep, _ = m[1].partition(":")
         return f"//{user}:***@" if sep else "//***@"
 
-    return re.sub(r"//([^/@,]*)@", one, url)
+    return re.sub(r"//([^/,]*)@", one, url)  # greedy: up to the last @ of a server, as URL parsers split
 
 
 def _split_url(url: str) -> tuple[list[str], str, str, str]:

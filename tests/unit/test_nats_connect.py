@@ -38,6 +38,7 @@ def test_redaction_hides_passwords_and_tokens_only() -> None:
     assert redact_url("nats://alice:s3cr%40t@a:4222,tls://tok@b:4222,nats://c:4222") == (
         "nats://alice:***@a:4222,tls://***@b:4222,nats://c:4222"
     )
+    assert redact_url("nats://bob:p@ss@a:4222") == "nats://bob:***@a:4222"  # an unencoded @ leaks nothing
 
 
 def test_tls_is_wanted_for_tls_urls_and_any_tls_setting() -> None:
