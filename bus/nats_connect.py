@@ -14,7 +14,8 @@ Choices (after reading nats-py 2.16):
   Kubernetes Secret) is picked up on the next reconnect.
 * nats-py upgrades to TLS only when the server's INFO says ``tls_required``, even for a
   ``tls://`` URL: it would send credentials in clear to a server (or a man in the middle)
-  that does not offer TLS. With a ``tls://`` URL or any TLS setting the client refuses such a server.
+  that does not offer TLS. With a ``tls://`` URL or any TLS setting the client refuses such a server
+  (overriding nats-py's private ``_process_info``; ``tests/unit/test_nats_connect.py`` checks its signature).
 * nats-py retries a refused first connection forever (a pod keeps trying until NATS is up);
   :func:`connect_first` stops at the first *refusal* — wrong credentials, a certificate that
   does not verify — with one line saying so, since retrying cannot fix it. The line names the

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client
 
 from aiwfe.bus._client import FastClient
 from aiwfe.bus.nats_connect import ConnectOptionError, NatsConnectOptions, redact_url
@@ -47,6 +49,8 @@ def test_tls_is_wanted_for_tls_urls_and_any_tls_setting() -> None:
     assert NatsConnectOptions(tls_hostname="nats.example").wants_tls("nats://a:4222")
     assert type(NatsConnectOptions().client("nats://a")) is FastClient
     assert type(NatsConnectOptions().client("tls://a")) is not FastClient
+    # the TLS-only client overrides nats-py's private _process_info, read from 2.16
+    assert list(inspect.signature(Client._process_info).parameters) == ["self", "info", "initial_connection"]
 
 
 def test_creds_are_read_on_each_connect_and_a_spoiled_file_fails_instead_of_hanging(tmp_path: Path) -> None:
