@@ -27,7 +27,7 @@ from aiwfe.kernel.errors import ConfigError
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.tools.connect import NATS_ENV, make_bus, nats_connect_options
-from aiwfe.kernel.tools.publish import publish
+from aiwfe.kernel.tools.publish import dead_letters, publish
 from tests.support.nats_secure import (
     JETSTREAM,
     UNLIMITED,
@@ -73,7 +73,7 @@ async def pods(url: str, prefix: str) -> AsyncIterator[dict[str, PodRunner]]:
 
 
 async def works(url: str, prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """Pods on ``url``: a call across the server, a durable job, then ``aiwfe publish`` of a job."""
+    """Pods on ``url``: a call across the server, a durable job, then ``aiwfe publish`` of a job and ``aiwfe dlq``."""
     async with pods(url, prefix) as p:
         assert (await p["front"].kernel.call(WhoAmI())).pid == os.getpid()  # served by the back pod
         rec = await p["back"].kernel.wait_job(await p["back"].kernel.submit(Crunch(n=7)), timeout_s=20)
@@ -81,6 +81,8 @@ async def works(url: str, prefix: str, capsys: pytest.CaptureFixture[str]) -> No
         capsys.readouterr()
         assert await publish(url, f"{prefix}.jobs.probe.crunch", {"n": 5}, wait=True, timeout_s=20, prefix=prefix) == 0
         assert json.loads(capsys.readouterr().out.splitlines()[-1])["result"]["square"] == 25
+        assert await dead_letters(url, prefix, "list", kind=None, job_id=None) == 0  # `aiwfe dlq list`
+        assert capsys.readouterr().out == ""
 
 
 async def refused(url: str, *secrets: str, options: object = None, contains: str = "") -> str:
