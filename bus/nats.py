@@ -27,6 +27,7 @@ from ._client import FastClient
 from .base import EventHandler, Headers, RemoteHandler
 from .codec import stream_names
 from .errors import BusTimeout, NoResponders, NotConnected
+from .nats_connect import NatsConnectOptions, connect_first, redact_url
 from .nats_queue import QueueMixin
 from .nats_streams import StreamsMixin
 from .wheel import DeadlineWheel
@@ -43,7 +44,11 @@ class NatsBus(QueueMixin, StreamsMixin):
     three-node cluster, so losing a node loses nothing).
 
     ``connect_timeout_s`` bounds the first connection (None: keep trying forever, what
-    a pod does while NATS is not up yet); once connected it reconnects forever.
+    a pod does while NATS is not up yet); once connected it reconnects forever. A refusal
+    (wrong credentials, a certificate that does not verify) fails at once.
+
+    ``connect_options``: credentials and TLS (:class:`~aiwfe.bus.nats_connect.NatsConnectOptions`);
+    the URL's userinfo works too. ``url`` keeps the URL with its password redacted.
     """
 
     def __init__(
@@ -57,8 +62,11 @@ class NatsBus(QueueMixin, StreamsMixin):
         result_ttl_s: float = 86400.0,
         dlq_ttl_s: float = 7 * 86400.0,
         replicas: int = 1,
+        connect_options: NatsConnectOptions | None = None,
     ) -> None:
-        self.url = url
+        self.url = redact_url(url)
+        self._url = url
+        self.connect_options = connect_options or NatsConnectOptions()
         self.prefix = prefix
         self.name = name
         self.connect_timeout_s = connect_timeout_s
@@ -84,7 +92,8 @@ class NatsBus(QueueMixin, StreamsMixin):
         """Connect and create the streams and the results bucket.
 
         Raises:
-            NotConnected: no connection within ``connect_timeout_s``.
+            NotConnected: refused, or no connection within ``connect_timeout_s``.
+            ConnectOptionError: a connection setting is unusable (names it).
         """
 
         async def on_error(e: Exception) -> None:
@@ -99,28 +108,22 @@ class NatsBus(QueueMixin, StreamsMixin):
         async def on_reconnect() -> None:
             log.warning("nats: reconnected to %s", self.url)
 
-        nc = FastClient()
-        connect = nc.connect(
-            [u.strip() for u in self.url.split(",") if u.strip()],
+        nc = self.connect_options.client(self._url)
+        await connect_first(
+            nc,
+            self._url,
+            self.connect_options,
+            self.connect_timeout_s,
+            on_error,
             name=self.name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py sleeps on it; floats work
             connect_timeout=2,
             ping_interval=5,
             max_outstanding_pings=3,
-            error_cb=on_error,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
         )
-        try:
-            if self.connect_timeout_s is None:
-                await connect
-            else:
-                await asyncio.wait_for(connect, self.connect_timeout_s)
-        except (TimeoutError, OSError, nats.errors.Error) as e:
-            with contextlib.suppress(Exception):
-                await nc.close()
-            raise NotConnected(f"cannot connect to NATS at {self.url}: {e!r}") from None
         self.nc = nc
         self.js = nc.jetstream()
         await self._ensure_streams()

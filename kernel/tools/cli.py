@@ -60,7 +60,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         runner = PodRunner(manifest, pod_name, bus, ops_port=args.ops_port, ops_host=args.ops_host)
         await runner.serve_forever()
 
-    asyncio.run(run())
+    from ..errors import Unavailable
+
+    try:
+        asyncio.run(run())
+    except Unavailable as e:  # e.g. NATS refused the credentials: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,11 +16,17 @@ __all__ = ["publish"]
 
 
 async def _connect(url: str, prefix: str, name: str) -> Any:
-    """A started NatsBus, or None after printing why it could not connect."""
+    """A started NatsBus, or None after printing why it could not connect.
+
+    Credentials and TLS: the URL's userinfo and the ``NATS_*`` environment variables
+    (:func:`aiwfe.kernel.tools.connect.nats_connect_options`; raises ConfigError).
+    """
     from aiwfe.bus.errors import BusError
     from aiwfe.bus.nats import NatsBus
 
-    bus = NatsBus(url, prefix, name=name, connect_timeout_s=5.0)
+    from .connect import nats_connect_options
+
+    bus = NatsBus(url, prefix, name=name, connect_timeout_s=5.0, connect_options=nats_connect_options())
     try:
         await bus.start()
     except BusError as e:
