@@ -78,22 +78,22 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from .publish import dead_letters
+    from .publish import dead_letters, target
 
-    url = args.url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
-    return asyncio.run(dead_letters(url, args.prefix, args.action, kind=args.kind, job_id=args.job_id))
+    t = target(args.url, args.prefix, args.data_dir)
+    return asyncio.run(dead_letters(t, args.action, kind=args.kind, job_id=args.job_id))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import publish
+    from .publish import publish, target
 
     try:
         payload = json.loads(args.json)
     except json.JSONDecodeError as e:
         print(f"JSON argument is not valid JSON: {e}", file=sys.stderr)
         return 2
-    url = args.url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
-    return asyncio.run(publish(url, args.subject, payload, wait=args.wait, timeout_s=args.timeout, prefix=args.prefix))
+    t = target(args.url, args.prefix, args.data_dir)
+    return asyncio.run(publish(t, args.subject, payload, wait=args.wait, timeout_s=args.timeout))
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -136,6 +136,14 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--data-dir", help="read system.json that `aiwfe up` wrote here (default $AIWFE_DATA_DIR, else .aiwfe)")
+    s.add_argument(
+        "--url", help="NATS URL, credentials in it or in NATS_USER/NATS_PASSWORD (default: system.json, else $NATS_URL)"
+    )
+    s.add_argument("--prefix", help="subject prefix (default: system.json's, else aiwfe)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aiwfe", description="AIWFE: a message-bus microkernel for AI workflows")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -166,16 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("json", help="the message as JSON")
     s.add_argument("--wait", action="store_true", help="jobs: wait for the result and print it")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply or result (default 30)")
-    s.add_argument("--url", help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
-    s.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
+    _target_args(s)
     s.set_defaults(fn=cmd_publish)
 
     s = sub.add_parser("dlq", help="list dead-lettered jobs with their reasons, or replay them")
     s.add_argument("action", choices=["list", "replay"], help="list: one JSON line per dead letter; replay: re-queue them")
     s.add_argument("--kind", help="only this job kind (e.g. helios.ask)")
     s.add_argument("--job-id", help="only this job")
-    s.add_argument("--url", help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
-    s.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
+    _target_args(s)
     s.set_defaults(fn=cmd_dlq)
 
     s = sub.add_parser("loadtest", help="run a load scenario (normal, peak, stress, websocket); a table, then one JSON line")
