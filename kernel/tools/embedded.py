@@ -235,8 +235,9 @@ class EmbeddedNats(ChildServer):
         return ["-n", name, "--cluster_name", "aiwfe", "--cluster", f"nats://{self.host}:{cport}", "--routes", routes]
 
 
-def embedded_cluster(data_dir: str | os.PathLike[str], size: int = 3) -> list[EmbeddedNats]:
-    """``size`` clustered nats-servers with JetStream (not started); connect to all their URLs."""
+def embedded_cluster(data_dir: str | os.PathLike[str], size: int = 3, *, config: str | None = None) -> list[EmbeddedNats]:
+    """``size`` clustered nats-servers with JetStream (not started); connect to all their URLs.
+    ``config``: each node's configuration (e.g. its ``authorization``), see :class:`EmbeddedNats`."""
     base = Path(data_dir)
     client_ports = [free_port() for _ in range(size)]
     cluster_ports = [free_port() for _ in range(size)]
@@ -245,6 +246,7 @@ def embedded_cluster(data_dir: str | os.PathLike[str], size: int = 3) -> list[Em
             base / f"n{i}",
             client_ports[i],
             cluster=(f"n{i}", cluster_ports[i], [p for j, p in enumerate(cluster_ports) if j != i]),
+            config=config,
         )
         for i in range(size)
     ]

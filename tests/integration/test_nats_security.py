@@ -30,6 +30,7 @@ from aiwfe.kernel.routing import Kernel
 from aiwfe.kernel.tools import natsauth
 from aiwfe.kernel.tools.embedded import EmbeddedNats
 from aiwfe.kernel.tools.natsauth import ADMIN, PUBLISHER, pod_user, user_url
+from tests.support.servers import nats_hello
 
 pytestmark = [pytest.mark.integration]
 
@@ -128,24 +129,6 @@ async def test_pods_work_and_the_publisher_may_use_its_subjects(secured: Secured
     finally:
         await nc.close()
     assert not errors, errors
-
-
-async def nats_hello(host: str, port: int, user: str | None, password: str | None) -> str:
-    """Speak the NATS protocol by hand (nats-py leaks a socket on a refused connect): send
-    CONNECT with these credentials and a PING; return the server's answer line."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        assert (await reader.readline()).startswith(b"INFO ")
-        opts: dict[str, Any] = {"verbose": False, "pedantic": False, "protocol": 1}
-        if user is not None:
-            opts |= {"user": user, "pass": password}
-        writer.write(b"CONNECT " + json.dumps(opts).encode() + b"\r\nPING\r\n")
-        await writer.drain()
-        return (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 @pytest.mark.parametrize("who", ["anonymous", "wrong password", "unknown user", "pod"])
