@@ -122,7 +122,12 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"{args.manifest}: cannot read manifest: {e.strerror}") from None
     manifest = parse_manifest(text, args.manifest)
-    files = render(manifest, text, image=args.image)
+    passwords = None
+    if args.nats_passwords:
+        from .natsauth import load_passwords, permissions
+
+        passwords = load_passwords(Path(args.nats_passwords), list(permissions(manifest)))
+    files = render(manifest, text, image=args.image, passwords=passwords)
     for hint in hints(manifest, text):
         print(f"warning: {hint}", file=sys.stderr)
     if args.output is None:
@@ -198,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("manifest")
     s.add_argument("--image", default="aiwfe:latest", help="container image (default aiwfe:latest)")
     s.add_argument("-o", "--output", metavar="DIR", help="write one file per pod plus the ConfigMap into DIR (default: stdout)")
+    s.add_argument(
+        "--nats-passwords",
+        metavar="FILE",
+        help="keep the NATS users' passwords in FILE (created mode 0600, reused); default: new ones on every render",
+    )
     s.set_defaults(fn=cmd_k8s)
     return p
 
