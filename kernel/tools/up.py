@@ -221,9 +221,13 @@ def _run_single(manifest_path: str, nats_url: str | None, gateway_at: Callable[[
 def _pod_env(env: dict[str, str], pod: str, label: str, pod_urls: dict[str, str]) -> dict[str, str]:
     """A pod child's environment: its label, and with authorization its own user's URL."""
     out = {**env, "AIWFE_POD_LABEL": label}
-    if pod in pod_urls:
+    if pod in pod_urls:  # its own user only: credentials from the shell would replace the URL's
+        out = {k: v for k, v in out.items() if k not in _NATS_CREDENTIAL_VARS}
         out["NATS_URL"] = pod_urls[pod]
     return out
+
+
+_NATS_CREDENTIAL_VARS = frozenset({"NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CREDS", "NATS_NKEY_SEED"})
 
 
 def _gateway_lines(runner: object) -> list[str]:

@@ -78,7 +78,8 @@ def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path)
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode == 1 and r.stdout == ""
-        assert r.stderr.count("\n") == 1 and "refused the credentials" in r.stderr and nats_url in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and "refused the connection: Authorization Violation" in r.stderr, r.stderr
+        assert nats_url in r.stderr, r.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         try:
