@@ -12,10 +12,8 @@ Conventions the objects follow:
   needs), else :class:`~aiwfe.kernel.errors.ConfigError` lists every bad one.
 * Service URLs (``NATS_URL``, ``DATABASE_URL``, ``REDIS_URL``, ``QDRANT_URL``) come from
   the Secret ``<system.name>-services`` through ``envFrom``; it is not rendered, since it
-  holds credentials. Each pod's own NATS user comes from its Secret ``<pod>-nats``
-  (``NATS_USER``/``NATS_PASSWORD``, ``secretKeyRef``); the NATS servers' authorization
-  from ``<system.name>-nats-auth``; a NetworkPolicy per pod limits its traffic
-  (:mod:`aiwfe.kernel.tools.k8s_security`).
+  holds credentials. Each pod's NATS user comes from its Secret ``<pod>-nats``, the servers'
+  authorization from ``<system.name>-nats-auth`` (:mod:`aiwfe.kernel.tools.k8s_security`).
 * The ops endpoint listens on :data:`OPS_PORT` on all interfaces (``--ops-port``,
   ``AIWFE_OPS_HOST=0.0.0.0``); liveness is ``/health``, readiness ``/ready``. A gateway
   pod also gets ``AIWFE_GATEWAY_HOST=0.0.0.0`` for the manifest's
@@ -404,12 +402,11 @@ def _configmap(manifest: Manifest, manifest_text: str) -> dict[str, Any]:
 def render_pod(
     manifest: Manifest, pod: str, manifest_text: str, *, image: str = DEFAULT_IMAGE, passwords: dict[str, str] | None = None
 ) -> list[dict[str, Any]]:
-    """The NATS-credentials Secret, Deployment, Service, HorizontalPodAutoscaler,
-    PodDisruptionBudget and NetworkPolicy of one pod (:mod:`aiwfe.kernel.tools.k8s_security`).
+    """One pod's NATS Secret, Deployment, Service, HPA, PDB and NetworkPolicy (:mod:`.k8s_security`).
 
-    ``manifest_text`` is the manifest as the ConfigMap holds it; its hash is a pod
-    template annotation, so a changed manifest rolls the pods (so do new credentials).
-    ``passwords``: user → NATS password (missing ones are generated).
+    ``manifest_text`` is the manifest as the ConfigMap holds it; its hash is a pod template
+    annotation, so a changed manifest rolls the pods (so do new credentials, ``passwords``:
+    user → NATS password, missing ones generated).
 
     Raises:
         ConfigError: an invalid name or autoscaling setting (see :func:`validate`), no such pod, a bad
@@ -436,10 +433,8 @@ def render(
     """Every Kubernetes object for ``manifest``, grouped by output file stem.
 
     ``manifest_text`` is the manifest file's text, uninterpolated, so ``${VAR}`` is
-    resolved inside the cluster from the pod's environment. ``passwords``: user → NATS
-    password (missing ones are generated). Returns ``{configmap_name: [ConfigMap],
-    "<system.name>-nats-auth": [Secret], pod: [Secret, Deployment, Service, HPA, PDB,
-    NetworkPolicy], ...}`` in manifest order.
+    resolved inside the cluster from the pod's environment. ``passwords`` as in :func:`render_pod`.
+    Returns ``{configmap_name: [ConfigMap], "<name>-nats-auth": [Secret], pod: [...], ...}``.
 
     Raises:
         ConfigError: see :func:`render_pod`.
