@@ -90,6 +90,9 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
 
         os.environ.update({k: env[k] for k in ("NATS_URL", "DATABASE_URL", "REDIS_URL", "JWT_SECRET") if k in env})
         pod_urls = {pod: auth.url(env["NATS_URL"], pod_user(pod)) for pod in manifest.pods} if auth else {}
+        if auth is not None:  # every pod logs in as its own user; the shell's NATS credentials would replace it
+            for var in _NATS_CREDENTIAL_VARS:
+                os.environ.pop(var, None)
         if len(manifest.pods) == 1 and next(iter(manifest.pods.values())).replicas == 1:
             pod = next(iter(manifest.pods))
             return _run_single(manifest_path, pod_urls.get(pod), gateway_at)
