@@ -81,7 +81,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     from .publish import dead_letters, target
 
     t = target(args.url, args.prefix, args.data_dir)
-    return asyncio.run(dead_letters(t, args.action, kind=args.kind, job_id=args.job_id))
+    return asyncio.run(dead_letters(t.url, t.prefix, args.action, kind=args.kind, job_id=args.job_id, source=t.source))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -93,7 +93,9 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"JSON argument is not valid JSON: {e}", file=sys.stderr)
         return 2
     t = target(args.url, args.prefix, args.data_dir)
-    return asyncio.run(publish(t, args.subject, payload, wait=args.wait, timeout_s=args.timeout))
+    return asyncio.run(
+        publish(t.url, args.subject, payload, wait=args.wait, timeout_s=args.timeout, prefix=t.prefix, source=t.source)
+    )
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:

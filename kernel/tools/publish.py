@@ -93,16 +93,18 @@ async def _connect(t: Target, name: str) -> Any:
     return bus
 
 
-async def publish(t: Target, subject: str, payload: Any, *, wait: bool, timeout_s: float) -> int:
+async def publish(
+    url: str, subject: str, payload: Any, *, wait: bool, timeout_s: float, prefix: str = "aiwfe", source: str = "--url"
+) -> int:
     """Publish ``payload`` as JSON. Jobs (``<prefix>.jobs.*``) print ``{"job_id"}`` and,
     with ``wait``, the job's record; RPCs print the reply. Returns the exit status.
+    ``source``: what named ``url`` (``--url``, a ``system.json``), for the error line.
     """
     from aiwfe.bus.errors import BusError, BusTimeout
     from aiwfe.kernel.errors import AiwfeError, DeadlineExceeded, Unavailable, from_wire
     from aiwfe.kernel.jobs import Jobs
 
-    prefix = t.prefix
-    bus = await _connect(t, "aiwfe-publish")
+    bus = await _connect(Target(url, prefix, source), "aiwfe-publish")
     if bus is None:
         return 1
     jobs = Jobs(bus)
@@ -151,7 +153,7 @@ async def publish(t: Target, subject: str, payload: Any, *, wait: bool, timeout_
         await bus.close()
 
 
-async def dead_letters(t: Target, action: str, *, kind: str | None, job_id: str | None) -> int:
+async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, job_id: str | None, source: str = "--url") -> int:
     """``aiwfe dlq list|replay``: print dead letters (one JSON object per line) or re-queue them.
 
     Returns the exit status (1 when NATS cannot be reached).
@@ -160,7 +162,7 @@ async def dead_letters(t: Target, action: str, *, kind: str | None, job_id: str 
     from aiwfe.kernel import admin
     from aiwfe.kernel.jobs import Jobs
 
-    bus = await _connect(t, "aiwfe-dlq")
+    bus = await _connect(Target(url, prefix, source), "aiwfe-dlq")
     if bus is None:
         return 1
     jobs = Jobs(bus)
