@@ -131,7 +131,7 @@ def write_system(data_dir: Path, manifest: Manifest, env: dict[str, str], auth: 
     info: dict[str, Any] = {
         "manifest": manifest.source,
         "prefix": manifest.system.subject_prefix,
-        "nats_url": env.get("NATS_URL") or manifest.system.nats_url,
+        "nats_url": manifest.system.nats_url or env.get("NATS_URL"),  # what the pods use (connect.nats_url_for)
         "nats_user": None,
         "nats_password": None,
         "publisher": None,
