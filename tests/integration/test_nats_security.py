@@ -115,6 +115,9 @@ async def test_pods_work_and_the_publisher_may_use_its_subjects(secured: Secured
     """Each pod on its own user serves the whole helios flow (the fixture checks the server
     logged no violation by a pod); the publisher may publish submit and status requests."""
     await _victim(secured)
+    # the kernel's request mux and its JetStream subscriptions live under the user's own inbox
+    nc = secured.admin.bus.nc  # type: ignore[attr-defined]
+    assert bytes(nc._resp_sub_prefix).startswith(b"_INBOX.admin.") and nc.new_inbox().startswith("_INBOX.admin.")
     errors: list[Exception] = []
 
     async def on_error(e: Exception) -> None:
