@@ -133,6 +133,22 @@ async def test_pods_work_and_the_publisher_may_use_its_subjects(secured: Secured
         await nc.close()
     assert not errors, errors
 
+    # the operator publishes anything under the prefix but serves nothing and reads nobody's replies
+    refused: list[str] = []
+
+    async def on_refusal(e: Exception) -> None:
+        refused.append(str(e).lower())
+
+    nc = await nats.connect(secured.url(ADMIN), error_cb=on_refusal, inbox_prefix=f"_INBOX.{ADMIN}", allow_reconnect=False)
+    try:
+        for subject in (f"{secured.prefix}.memory.recall", f"_INBOX.{pod_user('unified-api-gateway')}.>", "$KV.>"):
+            await nc.subscribe(subject)
+        await nc.flush()
+        await asyncio.sleep(0.2)
+    finally:
+        await nc.close()
+    assert len([r for r in refused if "permissions violation for subscription" in r]) == 3, refused
+
 
 @pytest.mark.parametrize("who", ["anonymous", "wrong password", "unknown user", "pod"])
 async def test_unauthenticated_clients_are_refused(secured: Secured, who: str) -> None:
