@@ -21,7 +21,6 @@ Passwords: given (``aiwfe k8s --nats-passwords FILE`` keeps them in a file, crea
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 from typing import Any
 
@@ -114,7 +113,6 @@ def nats_auth_secret(manifest: Manifest, passwords: dict[str, str]) -> dict[str,
             "admin.password": passwords[ADMIN],
             "publisher.user": PUBLISHER,
             "publisher.password": passwords[PUBLISHER],
-            "users.json": json.dumps(sorted(perms)),
         },
     }
 
