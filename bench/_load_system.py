@@ -177,6 +177,10 @@ class ManagedSystem:
                 raise RuntimeError("aiwfe up exited:\n" + "".join(self.lines[-30:]))
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200 and self._all_pods_ready():
+                    if (data_dir / "system.json").exists():  # its embedded NATS wants the operator's credentials
+                        from aiwfe.kernel.tools.publish import target
+
+                        self.nats_url = target(None, None, str(data_dir)).url
                     return
             time.sleep(0.5)
         raise RuntimeError(f"gateway not ready within {timeout_s:.0f} s:\n" + "".join(self.lines[-30:]))

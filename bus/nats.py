@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from typing import Any
+from urllib.parse import unquote
 
 import nats
 import nats.errors
@@ -32,9 +33,24 @@ from .nats_queue import QueueMixin
 from .nats_streams import StreamsMixin
 from .wheel import DeadlineWheel
 
-__all__ = ["NatsBus"]
+__all__ = ["NatsBus", "user_inbox"]
 
 log = logging.getLogger("aiwfe.bus.nats")
+
+
+def user_inbox(url: str, options: NatsConnectOptions | None = None) -> str:
+    """``_INBOX.<user>`` for a user/password login (``options.user``, else the URL's first
+    ``user:password@``), else ``_INBOX``. A token never names an inbox: it is a secret."""
+    if options is not None and (options.token or options.creds_file or options.nkey_seed_file):
+        return "_INBOX"
+    if options is not None and options.user:
+        return f"_INBOX.{options.user}"
+    for part in url.split(","):
+        userinfo, at, _ = part.strip().split("://", 1)[-1].rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if at and colon and user:
+            return f"_INBOX.{unquote(user)}"
+    return "_INBOX"
 
 
 class NatsBus(QueueMixin, StreamsMixin):
@@ -49,6 +65,11 @@ class NatsBus(QueueMixin, StreamsMixin):
 
     ``connect_options``: credentials and TLS (:class:`~aiwfe.bus.nats_connect.NatsConnectOptions`);
     the URL's userinfo works too. ``url`` keeps the URL with its password redacted.
+
+    ``inbox_prefix``: where replies to this connection's requests and its JetStream
+    deliveries go. None: ``_INBOX.<user>`` for a user/password login (``connect_options.user``
+    or the URL's ``user:password@``), the only inboxes that user may subscribe to under the
+    least-privilege permissions of :mod:`aiwfe.kernel.tools.natsauth`; else nats-py's ``_INBOX``.
     """
 
     def __init__(
@@ -63,10 +84,12 @@ class NatsBus(QueueMixin, StreamsMixin):
         dlq_ttl_s: float = 7 * 86400.0,
         replicas: int = 1,
         connect_options: NatsConnectOptions | None = None,
+        inbox_prefix: str | None = None,
     ) -> None:
         self.url = redact_url(url)
         self._url = url
         self.connect_options = connect_options or NatsConnectOptions()
+        self.inbox_prefix = inbox_prefix or user_inbox(url, self.connect_options)
         self.prefix = prefix
         self.name = name
         self.connect_timeout_s = connect_timeout_s
@@ -121,6 +144,7 @@ class NatsBus(QueueMixin, StreamsMixin):
             connect_timeout=2,
             ping_interval=5,
             max_outstanding_pings=3,
+            inbox_prefix=self.inbox_prefix,
             disconnected_cb=on_disconnect,
             reconnected_cb=on_reconnect,
         )

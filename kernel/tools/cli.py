@@ -78,22 +78,24 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from .publish import dead_letters
+    from .publish import dead_letters, target
 
-    url = args.url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
-    return asyncio.run(dead_letters(url, args.prefix, args.action, kind=args.kind, job_id=args.job_id))
+    t = target(args.url, args.prefix, args.data_dir)
+    return asyncio.run(dead_letters(t.url, t.prefix, args.action, kind=args.kind, job_id=args.job_id, source=t.source))
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .publish import publish
+    from .publish import publish, target
 
     try:
         payload = json.loads(args.json)
     except json.JSONDecodeError as e:
         print(f"JSON argument is not valid JSON: {e}", file=sys.stderr)
         return 2
-    url = args.url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
-    return asyncio.run(publish(url, args.subject, payload, wait=args.wait, timeout_s=args.timeout, prefix=args.prefix))
+    t = target(args.url, args.prefix, args.data_dir)
+    return asyncio.run(
+        publish(t.url, args.subject, payload, wait=args.wait, timeout_s=args.timeout, prefix=t.prefix, source=t.source)
+    )
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
@@ -122,7 +124,12 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     except OSError as e:
         raise ConfigError(f"{args.manifest}: cannot read manifest: {e.strerror}") from None
     manifest = parse_manifest(text, args.manifest)
-    files = render(manifest, text, image=args.image)
+    passwords = None
+    if args.nats_passwords:
+        from .natsauth import load_passwords, permissions
+
+        passwords = load_passwords(Path(args.nats_passwords), list(permissions(manifest)))
+    files = render(manifest, text, image=args.image, passwords=passwords)
     for hint in hints(manifest, text):
         print(f"warning: {hint}", file=sys.stderr)
     if args.output is None:
@@ -134,6 +141,14 @@ def cmd_k8s(args: argparse.Namespace) -> int:
         (out / f"{stem}.yaml").write_text(to_yaml(docs))
     print(f"wrote {len(files)} file(s) to {out}: {', '.join(f'{stem}.yaml' for stem in files)}")
     return 0
+
+
+def _target_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--data-dir", help="read system.json that `aiwfe up` wrote here (default $AIWFE_DATA_DIR, else .aiwfe)")
+    s.add_argument(
+        "--url", help="NATS URL, credentials in it or in NATS_USER/NATS_PASSWORD (default: system.json, else $NATS_URL)"
+    )
+    s.add_argument("--prefix", help="subject prefix (default: system.json's, else aiwfe)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,16 +181,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("json", help="the message as JSON")
     s.add_argument("--wait", action="store_true", help="jobs: wait for the result and print it")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply or result (default 30)")
-    s.add_argument("--url", help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
-    s.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
+    _target_args(s)
     s.set_defaults(fn=cmd_publish)
 
     s = sub.add_parser("dlq", help="list dead-lettered jobs with their reasons, or replay them")
     s.add_argument("action", choices=["list", "replay"], help="list: one JSON line per dead letter; replay: re-queue them")
     s.add_argument("--kind", help="only this job kind (e.g. helios.ask)")
     s.add_argument("--job-id", help="only this job")
-    s.add_argument("--url", help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
-    s.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
+    _target_args(s)
     s.set_defaults(fn=cmd_dlq)
 
     s = sub.add_parser("loadtest", help="run a load scenario (normal, peak, stress, websocket); a table, then one JSON line")
@@ -192,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("manifest")
     s.add_argument("--image", default="aiwfe:latest", help="container image (default aiwfe:latest)")
     s.add_argument("-o", "--output", metavar="DIR", help="write one file per pod plus the ConfigMap into DIR (default: stdout)")
+    s.add_argument(
+        "--nats-passwords",
+        metavar="FILE",
+        help="keep the NATS users' passwords in FILE (created mode 0600, reused); default: new ones on every render",
+    )
     s.set_defaults(fn=cmd_k8s)
     return p
 

@@ -181,6 +181,11 @@ class EmbeddedNats(ChildServer):
     """A nats-server child process with JetStream.
 
     ``port`` None picks a free one; pass the previous port to restart on the same address.
+    ``config``: nats-server configuration text (e.g. the ``authorization`` block
+    :func:`aiwfe.kernel.tools.natsauth.render_config` gives), written to
+    ``<data_dir>/nats-server.conf`` (mode 0600: it may hold passwords) and loaded with
+    ``-c``; the listen address, JetStream and cluster flags still come from here.
+    :attr:`url` never carries credentials: add a user's with ``natsauth.user_url``.
     """
 
     kind = "nats-server"
@@ -193,9 +198,11 @@ class EmbeddedNats(ChildServer):
         host: str = "127.0.0.1",
         *,
         cluster: tuple[str, int, list[int]] | None = None,
+        config: str | None = None,
     ) -> None:
         super().__init__(data_dir, port or free_port(host), host)
         self.cluster = cluster  # (server name, cluster port, the other nodes' cluster ports)
+        self.config = config
 
     @property
     def url(self) -> str:
@@ -209,6 +216,14 @@ class EmbeddedNats(ChildServer):
             RuntimeError: it did not come up (the message holds its log tail).
         """
         argv = [nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir)]
+        if self.config is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            conf = self.data_dir / "nats-server.conf"
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.config)
+            os.chmod(conf, 0o600)
+            argv += ["-c", str(conf)]
         self._spawn([*argv, *self._cluster_args()], timeout_s)
         return self
 
@@ -220,8 +235,9 @@ class EmbeddedNats(ChildServer):
         return ["-n", name, "--cluster_name", "aiwfe", "--cluster", f"nats://{self.host}:{cport}", "--routes", routes]
 
 
-def embedded_cluster(data_dir: str | os.PathLike[str], size: int = 3) -> list[EmbeddedNats]:
-    """``size`` clustered nats-servers with JetStream (not started); connect to all their URLs."""
+def embedded_cluster(data_dir: str | os.PathLike[str], size: int = 3, *, config: str | None = None) -> list[EmbeddedNats]:
+    """``size`` clustered nats-servers with JetStream (not started); connect to all their URLs.
+    ``config``: each node's configuration (e.g. its ``authorization``), see :class:`EmbeddedNats`."""
     base = Path(data_dir)
     client_ports = [free_port() for _ in range(size)]
     cluster_ports = [free_port() for _ in range(size)]
@@ -230,6 +246,7 @@ def embedded_cluster(data_dir: str | os.PathLike[str], size: int = 3) -> list[Em
             base / f"n{i}",
             client_ports[i],
             cluster=(f"n{i}", cluster_ports[i], [p for j, p in enumerate(cluster_ports) if j != i]),
+            config=config,
         )
         for i in range(size)
     ]

@@ -12,7 +12,8 @@ Conventions the objects follow:
   needs), else :class:`~aiwfe.kernel.errors.ConfigError` lists every bad one.
 * Service URLs (``NATS_URL``, ``DATABASE_URL``, ``REDIS_URL``, ``QDRANT_URL``) come from
   the Secret ``<system.name>-services`` through ``envFrom``; it is not rendered, since it
-  holds credentials.
+  holds credentials. Each pod's NATS user comes from its Secret ``<pod>-nats``, the servers'
+  authorization from ``<system.name>-nats-auth`` (:mod:`aiwfe.kernel.tools.k8s_security`).
 * The ops endpoint listens on :data:`OPS_PORT` on all interfaces (``--ops-port``,
   ``AIWFE_OPS_HOST=0.0.0.0``); liveness is ``/health``, readiness ``/ready``. A gateway
   pod also gets ``AIWFE_GATEWAY_HOST=0.0.0.0`` for the manifest's
@@ -38,6 +39,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..manifest import Autoscaling, Manifest, Pod
+from . import k8s_security as sec
 from .k8s_yaml import to_yaml  # re-exported: render() builds the objects, to_yaml() writes them
 
 __all__ = [
@@ -202,7 +204,9 @@ def _autoscaling(pod: Pod) -> Autoscaling:
     return Autoscaling(min_replicas=pod.replicas, max_replicas=pod.replicas)
 
 
-def _deployment(manifest: Manifest, name: str, pod: Pod, image: str, manifest_sha256: str) -> dict[str, Any]:
+def _deployment(
+    manifest: Manifest, name: str, pod: Pod, image: str, manifest_sha256: str, passwords: dict[str, str]
+) -> dict[str, Any]:
     ports: list[dict[str, Any]] = [{"name": "ops", "containerPort": OPS_PORT, "protocol": "TCP"}]
     gw = _gateway_port(manifest, pod)
     if gw is not None:
@@ -215,6 +219,7 @@ def _deployment(manifest: Manifest, name: str, pod: Pod, image: str, manifest_sh
     ]
     if gw is not None:
         env.insert(2, {"name": GATEWAY_HOST_VAR, "value": "0.0.0.0"})
+    env += sec.nats_env(name)
     r = pod.resources
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -269,6 +274,7 @@ def _deployment(manifest: Manifest, name: str, pod: Pod, image: str, manifest_sh
                     "labels": labels,
                     "annotations": {
                         "aiwfe.io/manifest-sha256": manifest_sha256,
+                        "aiwfe.io/nats-credentials-sha256": sec.credentials_hash(name, passwords),
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(OPS_PORT),
                         "prometheus.io/path": "/metrics",
@@ -393,40 +399,52 @@ def _configmap(manifest: Manifest, manifest_text: str) -> dict[str, Any]:
     }
 
 
-def render_pod(manifest: Manifest, pod: str, manifest_text: str, *, image: str = DEFAULT_IMAGE) -> list[dict[str, Any]]:
-    """The Deployment, Service, HorizontalPodAutoscaler and PodDisruptionBudget of one pod.
+def render_pod(
+    manifest: Manifest, pod: str, manifest_text: str, *, image: str = DEFAULT_IMAGE, passwords: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """One pod's NATS Secret, Deployment, Service, HPA, PDB and NetworkPolicy (:mod:`.k8s_security`).
 
-    ``manifest_text`` is the manifest as the ConfigMap holds it; its hash is a pod
-    template annotation, so a changed manifest rolls the pods.
+    ``manifest_text`` is the manifest as the ConfigMap holds it; its hash is a pod template
+    annotation, so a changed manifest rolls the pods (so do new credentials, ``passwords``:
+    user → NATS password, missing ones generated).
 
     Raises:
-        ConfigError: an invalid name or autoscaling setting (see :func:`validate`), no such pod, or a bad
-            gateway port.
+        ConfigError: an invalid name or autoscaling setting (see :func:`validate`), no such pod, a bad
+            gateway port, or a plugin that does not load.
     """
     validate(manifest)
     spec = manifest.pod(pod)
+    passwords = sec.passwords_for(manifest, passwords)
     digest = hashlib.sha256(manifest_text.encode()).hexdigest()
+    gw = _gateway_port(manifest, spec)
     return [
-        _deployment(manifest, pod, spec, image, digest),
+        sec.pod_secret(manifest, pod, passwords),
+        _deployment(manifest, pod, spec, image, digest, passwords),
         _service(manifest, pod, spec),
         _hpa(manifest, pod, spec),
         _pdb(manifest, pod),
+        sec.network_policy(manifest, pod, [OPS_PORT] if gw is None else [gw, OPS_PORT]),
     ]
 
 
-def render(manifest: Manifest, manifest_text: str, *, image: str = DEFAULT_IMAGE) -> dict[str, list[dict[str, Any]]]:
+def render(
+    manifest: Manifest, manifest_text: str, *, image: str = DEFAULT_IMAGE, passwords: dict[str, str] | None = None
+) -> dict[str, list[dict[str, Any]]]:
     """Every Kubernetes object for ``manifest``, grouped by output file stem.
 
     ``manifest_text`` is the manifest file's text, uninterpolated, so ``${VAR}`` is
-    resolved inside the cluster from the pod's environment. Returns
-    ``{configmap_name: [ConfigMap], pod: [Deployment, Service, HPA, PDB], ...}`` in
-    manifest order, the ConfigMap first.
+    resolved inside the cluster from the pod's environment. ``passwords`` as in :func:`render_pod`.
+    Returns ``{configmap_name: [ConfigMap], "<name>-nats-auth": [Secret], pod: [...], ...}``.
 
     Raises:
         ConfigError: see :func:`render_pod`.
     """
     validate(manifest)
-    out = {configmap_name(manifest): [_configmap(manifest, manifest_text)]}
+    passwords = sec.passwords_for(manifest, passwords)
+    out = {
+        configmap_name(manifest): [_configmap(manifest, manifest_text)],
+        sec.nats_auth_secret_name(manifest): [sec.nats_auth_secret(manifest, passwords)],
+    }
     for pod in manifest.pods:
-        out[pod] = render_pod(manifest, pod, manifest_text, image=image)
+        out[pod] = render_pod(manifest, pod, manifest_text, image=image, passwords=passwords)
     return out

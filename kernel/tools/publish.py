@@ -1,4 +1,10 @@
-"""``aiwfe publish``: submit a job or make an RPC from the shell, as an external JSON publisher."""
+"""``aiwfe publish``: submit a job or make an RPC from the shell, as an external JSON publisher.
+
+Where to connect (:func:`target`): ``--url`` (credentials in it, or in ``NATS_USER`` /
+``NATS_PASSWORD`` and the other ``NATS_*`` variables), else the ``system.json`` that
+``aiwfe up`` wrote under ``--data-dir`` (its ``admin`` user), else ``NATS_URL``. An unreachable server or refused credentials
+give one line naming the URL and what to do, and exit status 1.
+"""
 
 from __future__ import annotations
 
@@ -12,38 +18,93 @@ import msgspec
 
 from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, JSON
 
-__all__ = ["publish"]
+__all__ = ["Target", "dead_letters", "publish", "target"]
 
 
-async def _connect(url: str, prefix: str, name: str) -> Any:
-    """A started NatsBus, or None after printing why it could not connect.
+class Target(msgspec.Struct, frozen=True):
+    """Where the shell tools connect: a NATS URL (credentials in it or in the environment),
+    the subject prefix, and what named them (for error messages)."""
 
-    Credentials and TLS: the URL's userinfo and the ``NATS_*`` environment variables
-    (:func:`aiwfe.kernel.tools.connect.nats_connect_options`; raises ConfigError).
+    url: str
+    prefix: str
+    source: str
+
+
+def target(url: str | None, prefix: str | None, data_dir: str | None) -> Target:
+    """Resolve ``--url`` / ``--prefix`` / ``--data-dir`` (see the module docstring).
+
+    ``data_dir`` None: ``$AIWFE_DATA_DIR``, else ``.aiwfe``.
+
+    Raises:
+        ConfigError: nothing names a server, or ``system.json`` does not parse.
+    """
+    import os
+    from pathlib import Path
+
+    from ..errors import ConfigError
+    from .natsauth import user_url
+    from .up import SYSTEM_FILE
+
+    if url:
+        return Target(url, prefix or "aiwfe", "--url")
+    path = Path(data_dir or os.environ.get("AIWFE_DATA_DIR") or ".aiwfe") / SYSTEM_FILE
+    if path.exists():
+        try:
+            info = json.loads(path.read_text())
+            nats_url = str(info["nats_url"])
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ConfigError(f"{path}: not a system file written by `aiwfe up` ({e!r})") from None
+        if info.get("nats_user") and info.get("nats_password"):
+            nats_url = user_url(nats_url, str(info["nats_user"]), str(info["nats_password"]))
+        return Target(nats_url, prefix or str(info.get("prefix") or "aiwfe"), str(path))
+    env_url = os.environ.get("NATS_URL")
+    if env_url:
+        return Target(env_url, prefix or "aiwfe", "$NATS_URL")
+    raise ConfigError(f"no NATS to talk to: no {path} (start `aiwfe up`, or pass --data-dir, --url or set NATS_URL)")
+
+
+async def _connect(t: Target, name: str) -> Any:
+    """A started NatsBus, or None after printing one line saying why not and what to do.
+
+    Credentials and TLS: the URL's userinfo and, unless the URL came from ``system.json``,
+    the ``NATS_*`` environment variables (:func:`aiwfe.kernel.tools.connect.nats_connect_options`;
+    raises ConfigError).
     """
     from aiwfe.bus.errors import BusError
     from aiwfe.bus.nats import NatsBus
+    from aiwfe.bus.nats_connect import NatsConnectOptions
 
     from .connect import nats_connect_options
+    from .up import SYSTEM_FILE
 
-    bus = NatsBus(url, prefix, name=name, connect_timeout_s=5.0, connect_options=nats_connect_options())
+    options = NatsConnectOptions() if t.source.endswith(SYSTEM_FILE) else nats_connect_options()
+    bus = NatsBus(t.url, t.prefix, name=name, connect_timeout_s=5.0, connect_options=options)
     try:
         await bus.start()
     except BusError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if "refused" in str(e):  # wrong credentials, TLS: the message says which and what to check
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            print(
+                f"error: cannot reach NATS at {bus.url} (from {t.source}); is `aiwfe up` running? Start it, or pass --url",
+                file=sys.stderr,
+            )
         return None
     return bus
 
 
-async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s: float, prefix: str = "aiwfe") -> int:
+async def publish(
+    url: str, subject: str, payload: Any, *, wait: bool, timeout_s: float, prefix: str = "aiwfe", source: str = "--url"
+) -> int:
     """Publish ``payload`` as JSON. Jobs (``<prefix>.jobs.*``) print ``{"job_id"}`` and,
     with ``wait``, the job's record; RPCs print the reply. Returns the exit status.
+    ``source``: what named ``url`` (``--url``, a ``system.json``), for the error line.
     """
     from aiwfe.bus.errors import BusError, BusTimeout
     from aiwfe.kernel.errors import AiwfeError, DeadlineExceeded, Unavailable, from_wire
     from aiwfe.kernel.jobs import Jobs
 
-    bus = await _connect(url, prefix, "aiwfe-publish")
+    bus = await _connect(Target(url, prefix, source), "aiwfe-publish")
     if bus is None:
         return 1
     jobs = Jobs(bus)
@@ -92,7 +153,7 @@ async def publish(url: str, subject: str, payload: Any, *, wait: bool, timeout_s
         await bus.close()
 
 
-async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, job_id: str | None) -> int:
+async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, job_id: str | None, source: str = "--url") -> int:
     """``aiwfe dlq list|replay``: print dead letters (one JSON object per line) or re-queue them.
 
     Returns the exit status (1 when NATS cannot be reached).
@@ -101,7 +162,7 @@ async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, 
     from aiwfe.kernel import admin
     from aiwfe.kernel.jobs import Jobs
 
-    bus = await _connect(url, prefix, "aiwfe-dlq")
+    bus = await _connect(Target(url, prefix, source), "aiwfe-dlq")
     if bus is None:
         return 1
     jobs = Jobs(bus)

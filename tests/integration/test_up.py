@@ -3,6 +3,7 @@ services and every pod, answers, and stops cleanly on Ctrl-C."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from aiwfe.kernel.tools.embedded import wait_port
+from aiwfe.kernel.tools.embedded import free_port, wait_port
+from tests.support.servers import nats_hello
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,13 +54,32 @@ def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path)
                 ready.add(m.group(1).rstrip(";"))
         assert ready == pods, "".join(lines[-40:])
         assert nats_url is not None and not nats_url.endswith(":4222")
-        r = subprocess.run(
-            [*AIWFE, "publish", "--url", nats_url, "--prefix", env["AIWFE_PREFIX"],
+        # what it started, with the operator's credentials, for the shell tools (mode 0600)
+        system = tmp_path / "data" / "system.json"
+        assert system.stat().st_mode & 0o777 == 0o600
+        info = json.loads(system.read_text())
+        assert (info["nats_url"], info["nats_user"], info["prefix"]) == (nats_url, "admin", env["AIWFE_PREFIX"])
+        assert info["publisher"]["nats_user"] == "publisher" and info["database_url"] and info["redis_url"]
+        assert info["gateway_url"] is None or info["gateway_url"].startswith("http://127.0.0.1:")
+        # its NATS refuses anonymous and wrong-credential clients
+        host, port = nats_url.removeprefix("nats://").split(":")
+        assert asyncio.run(nats_hello(host, int(port), None, None)) == "-ERR 'Authorization Violation'"
+        assert asyncio.run(nats_hello(host, int(port), "admin", "wrong")) == "-ERR 'Authorization Violation'"
+        assert asyncio.run(nats_hello(host, int(port), "admin", info["nats_password"])) == "PONG"
+        r = subprocess.run(  # no --url, no --prefix: system.json says
+            [*AIWFE, "publish", "--data-dir", str(tmp_path / "data"),
              f"{env['AIWFE_PREFIX']}.perception.perceive", '{"text": "Deploy to Kubernetes"}'],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["expertise"][0]["tag"] == "devops"
+        r = subprocess.run(  # the server's URL without credentials: refused, one line
+            [*AIWFE, "publish", "--url", nats_url, f"{env['AIWFE_PREFIX']}.perception.perceive", "{}"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 1 and r.stdout == ""
+        assert r.stderr.count("\n") == 1 and "refused the connection: Authorization Violation" in r.stderr, r.stderr
+        assert nats_url in r.stderr, r.stderr
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -69,3 +90,14 @@ def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path)
     assert proc.returncode == 0, "".join(lines[-20:]) + rest
     host, port = nats_url.removeprefix("nats://").split(":")
     assert not wait_port(host, int(port), 0.5), "embedded NATS still running after Ctrl-C"
+
+
+def test_shell_tools_name_an_unreachable_server_in_one_line(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    for argv in (["publish", "--url", url, "aiwfe.jobs.x", "{}"], ["dlq", "list", "--url", url]):
+        r = subprocess.run([*AIWFE, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == f"error: cannot reach NATS at {url} (from --url); is `aiwfe up` running? Start it, or pass --url\n"
+    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "AIWFE_DATA_DIR")}
+    r = subprocess.run([*AIWFE, "dlq", "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "start `aiwfe up`" in r.stderr and r.stderr.count("\n") == 1, r.stderr

@@ -1,7 +1,9 @@
 """The placement suite: one end-to-end test body under every shipped manifest.
 
-Each manifest's pods run as child processes (``aiwfe run``), talking only over NATS;
-the test process is an outside client with a kernel and no plugins. The test-only
+Each manifest's pods run as child processes (``aiwfe run``), talking only over NATS, on a
+nats-server of the test's own with authorization on: each pod as its own least-privilege
+user (:mod:`aiwfe.kernel.tools.natsauth`), and no permission violation may occur; the test
+process is an outside client with a kernel and no plugins, as the operator (``admin``). The test-only
 probe plugins join the manifest: into the single pod for the monolith, as pods of
 their own otherwise. Results must equal what the plugins' pure functions give, so
 every placement gives identical results.
@@ -21,16 +23,19 @@ import pytest
 
 from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
+from aiwfe.kernel.manifest import load_manifest
 from aiwfe.kernel.routing import Kernel
 from aiwfe.kernel.tools.embedded import free_port
+from aiwfe.kernel.tools.natsauth import ADMIN
 from aiwfe.plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
 from aiwfe.plugins.reasoning.plugin import extract
 from tests.conftest import wait_until
 from tests.support.pods import dump_toml, run_pods
 from tests.support.probe import Ask, Boom, Crunch, Sleep, Tally
+from tests.support.servers import secured_nats
 from tests.unit.test_routing import Unserved
 
-pytestmark = [pytest.mark.integration, pytest.mark.placement, pytest.mark.usefixtures("cleanup_streams")]
+pytestmark = [pytest.mark.integration, pytest.mark.placement]
 
 PLACEMENTS = ["monolith", "consolidated", "microservices"]
 TEST_PLUGINS = ["tests.support.probe:ProbePlugin", "tests.support.probe:TallyPlugin"]
@@ -68,14 +73,16 @@ class System(msgspec.Struct):
 
 @pytest.fixture(params=PLACEMENTS)
 async def system(
-    request: pytest.FixtureRequest, prefix: str, nats_url: str, pg_url: str, redis_url: str, tmp_path: Path, repo_root: Path
+    request: pytest.FixtureRequest, prefix: str, pg_url: str, redis_url: str, tmp_path: Path, repo_root: Path
 ) -> AsyncIterator[System]:
     data = build_manifest(request.param, prefix, repo_root)
     path = tmp_path / f"{request.param}.toml"
     path.write_text(dump_toml(data))
     gateway_port = free_port()
+    # authorization on: each pod connects as its own user, this test's client as the operator
+    nats_cm = secured_nats(load_manifest(path, env={}), tmp_path)
+    nats = nats_cm.__enter__()
     env = {
-        "NATS_URL": nats_url,
         "DATABASE_URL": pg_url,
         "REDIS_URL": redis_url,
         "JWT_SECRET": "placement-test-secret-" + "x" * 32,
@@ -83,15 +90,22 @@ async def system(
         "AIWFE_DATA_DIR": str(tmp_path / "data"),
         "AIWFE_GATEWAY_PORT": str(gateway_port),
     }
-    cm = run_pods(path, list(data["pods"]), env, tmp_path)
-    pods = await asyncio.to_thread(cm.__enter__)
-    bus = NatsBus(nats_url, prefix, name="placement-client")
-    await bus.start()
+    cm = run_pods(path, list(data["pods"]), env, tmp_path, pod_env=nats.pod_env)
     try:
+        pods = await asyncio.to_thread(cm.__enter__)
+    except BaseException:
+        nats_cm.__exit__(None, None, None)
+        raise
+    bus = NatsBus(nats.url(ADMIN), prefix, name="placement-client")
+    try:
+        await bus.start()
         yield System(placement=request.param, kernel=Kernel(bus), pods=pods, gateway_url=f"http://127.0.0.1:{gateway_port}")
     finally:
         await bus.close()
         await asyncio.to_thread(cm.__exit__, None, None, None)
+        nats_cm.__exit__(None, None, None)
+        violations = [line for line in nats.server.log_path.read_text().splitlines() if "Violation" in line]
+        assert not violations, "\n".join(violations)
 
 
 def expected_answer(text: str, context: list[str]) -> dict[str, Any]:

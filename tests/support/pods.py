@@ -131,16 +131,22 @@ def wait_ready(pods: list[PodProcess], timeout_s: float = 30) -> None:
 
 @contextlib.contextmanager
 def run_pods(
-    manifest: Path, pods: list[str], env: dict[str, str], logdir: Path, timeout_s: float = 30
+    manifest: Path,
+    pods: list[str],
+    env: dict[str, str],
+    logdir: Path,
+    timeout_s: float = 30,
+    pod_env: Callable[[str], dict[str, str]] | None = None,
 ) -> Iterator[dict[str, PodProcess]]:
     """Start each pod as ``aiwfe run``, wait until every one is ready, SIGTERM them after.
 
+    ``pod_env(name)`` adds to one pod's environment (its own NATS user's ``NATS_URL``, say).
     The yielded dict may be updated: a test that restarts a pod puts the new process in it.
     """
     procs: dict[str, PodProcess] = {}
     try:
         for name in pods:
-            procs[name] = start_pod(manifest, name, env, logdir)
+            procs[name] = start_pod(manifest, name, {**env, **(pod_env(name) if pod_env else {})}, logdir)
         wait_ready(list(procs.values()), timeout_s)
         yield procs
     finally:

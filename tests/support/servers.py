@@ -10,13 +10,15 @@ start their own embedded instance.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["docker_available", "nats_service", "postgres_service", "redis_service"]
+__all__ = ["SecuredNats", "docker_available", "nats_hello", "nats_service", "postgres_service", "redis_service", "secured_nats"]
 
 
 def docker_available() -> bool:
@@ -69,6 +71,39 @@ def nats_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
     return _service("NATS_URL", container, embedded)
 
 
+class SecuredNats:
+    """An embedded nats-server with the users of a manifest (authorization on, as ``aiwfe up``
+    starts it): ``url(user)`` carries that user's credentials, ``pod_env(pod)`` is the
+    ``NATS_URL`` of the pod's own user for an ``aiwfe run`` child."""
+
+    def __init__(self, server: Any, auth: Any) -> None:
+        self.server = server
+        self.auth = auth
+
+    def url(self, user: str) -> str:
+        return str(self.auth.url(self.server.url, user))
+
+    def pod_url(self, pod: str) -> str:
+        from aiwfe.kernel.tools.natsauth import pod_user
+
+        return self.url(pod_user(pod))
+
+    def pod_env(self, pod: str) -> dict[str, str]:
+        return {"NATS_URL": self.pod_url(pod)}
+
+
+@contextlib.contextmanager
+def secured_nats(manifest: Any, data_dir: Path) -> Iterator[SecuredNats]:
+    """Start a nats-server whose users and permissions are derived from ``manifest`` (a
+    Manifest); fault and placement tests run their pods against it, each pod as its own user."""
+    from aiwfe.kernel.tools.embedded import EmbeddedNats
+    from aiwfe.kernel.tools.up import Auth
+
+    auth = Auth.create(manifest, data_dir)
+    with EmbeddedNats(data_dir / "nats", config=auth.config) as srv:
+        yield SecuredNats(srv, auth)
+
+
 def postgres_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
     """Yield a PostgreSQL URL: ``DATABASE_URL``, testcontainers, or an embedded server."""
 
@@ -101,3 +136,21 @@ def redis_service(tmp: Path) -> contextlib.AbstractContextManager[str]:
         return EmbeddedValkey(tmp / "valkey")
 
     return _service("REDIS_URL", container, embedded)
+
+
+async def nats_hello(host: str, port: int, user: str | None, password: str | None) -> str:
+    """Speak the NATS protocol by hand (nats-py leaks a socket on a refused connect): send
+    CONNECT with these credentials and a PING; return the server's answer line."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        assert (await reader.readline()).startswith(b"INFO ")
+        opts: dict[str, Any] = {"verbose": False, "pedantic": False, "protocol": 1}
+        if user is not None:
+            opts |= {"user": user, "pass": password}
+        writer.write(b"CONNECT " + json.dumps(opts).encode() + b"\r\nPING\r\n")
+        await writer.drain()
+        return (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()

@@ -58,7 +58,7 @@ def test_every_object_validates_against_the_kubernetes_schema(path: Path, versio
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_each_pod_gets_deployment_service_hpa_pdb_and_one_configmap_holds_the_manifest(path: Path) -> None:
     manifest, text, files = _render(path)
-    assert list(files) == [f"{manifest.system.name}-manifest", *manifest.pods]
+    assert list(files) == [f"{manifest.system.name}-manifest", f"{manifest.system.name}-nats-auth", *manifest.pods]
     (cm,) = files[k8s.configmap_name(manifest)]
     assert cm["kind"] == "ConfigMap"
     assert cm["data"]["manifest.toml"] == text
@@ -66,8 +66,11 @@ def test_each_pod_gets_deployment_service_hpa_pdb_and_one_configmap_holds_the_ma
     assert msgspec.structs.asdict(reparsed) == msgspec.structs.asdict(manifest)
     for pod in manifest.pods:
         kinds = _by_kind(files[pod])
-        assert set(kinds) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
-        assert all(d["metadata"]["name"] == pod for d in kinds.values())
+        assert set(kinds) == {"Secret", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} | {
+            "NetworkPolicy"
+        }
+        assert all(d["metadata"]["name"] == pod for k, d in kinds.items() if k != "Secret")
+        assert kinds["Secret"]["metadata"]["name"] == f"{pod}-nats"
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
@@ -226,12 +229,15 @@ def test_cli_prints_a_yaml_stream_or_writes_one_file_per_pod(tmp_path: Path, cap
     out = tmp_path / "k8s"
     assert main(["k8s", str(path), "-o", str(out)]) == 0
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted(["aiwfe-manifest.yaml", *(f"{pod}.yaml" for pod in load_manifest(path).pods)])
+    pods = load_manifest(path).pods
+    assert written == sorted(["aiwfe-manifest.yaml", "aiwfe-nats-auth.yaml", *(f"{pod}.yaml" for pod in pods)])
     assert [d["kind"] for d in yaml.safe_load_all((out / "reasoning.yaml").read_text())] == [
+        "Secret",
         "Deployment",
         "Service",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     ]
     (cm,) = yaml.safe_load_all((out / "aiwfe-manifest.yaml").read_text())
     assert cm["data"]["manifest.toml"] == path.read_text()
@@ -276,3 +282,61 @@ replicas = 0
     assert "[pods.a.autoscaling]: need 1 <= min_replicas (4) <= max_replicas (2)" in msg
     assert "scale_down_percent must be above 0" in msg and "active_llm_requests must be above 0" in msg
     assert "[pods.b] replicas: need 1 <= min_replicas (0)" in msg
+
+
+def test_each_pod_reads_its_own_nats_user_from_its_secret_and_the_server_gets_the_authorization() -> None:
+    from aiwfe.kernel.tools.natsauth import ADMIN, PUBLISHER, permissions
+
+    path = ROOT / "manifests" / "consolidated.toml"
+    manifest, _, files = _render(path)
+    (auth,) = files["aiwfe-nats-auth"]
+    users = permissions(manifest)
+    conf = auth["stringData"]["authorization.conf"]
+    assert conf.startswith("authorization: ") and all(f'"user": "{u}"' in conf for u in users)
+    passwords = {}
+    for pod in manifest.pods:
+        kinds = _by_kind(files[pod])
+        secret = kinds["Secret"]["stringData"]
+        assert secret["NATS_USER"] == f"pod-{pod}" and len(secret["NATS_PASSWORD"]) >= 40
+        assert f'"password": "{secret["NATS_PASSWORD"]}"' in conf
+        passwords[secret["NATS_USER"]] = secret["NATS_PASSWORD"]
+        env = {e["name"]: e for e in _container(kinds["Deployment"])["env"]}
+        for key in ("NATS_USER", "NATS_PASSWORD"):
+            assert env[key]["valueFrom"]["secretKeyRef"] == {"name": f"{pod}-nats", "key": key}
+    assert len(set(passwords.values())) == len(passwords)  # one password per pod
+    assert auth["stringData"]["admin.user"] == ADMIN and auth["stringData"]["publisher.user"] == PUBLISHER
+
+    # given passwords are kept, so re-rendering does not rotate credentials
+    given = {**passwords, ADMIN: "a" * 43, PUBLISHER: "p" * 43}
+    again = k8s.render(manifest, path.read_text(), passwords=given)
+    kept = _by_kind(again["background-worker-engine"])["Secret"]["stringData"]["NATS_PASSWORD"]
+    assert kept == passwords["pod-background-worker-engine"]
+    assert again["aiwfe-nats-auth"][0]["stringData"]["publisher.password"] == "p" * 43
+
+
+def test_network_policies_admit_only_ops_and_gateway_ports_and_egress_by_need() -> None:
+    _, _, files = _render(ROOT / "manifests" / "consolidated.toml")
+
+    def policy(pod: str) -> tuple[set[int], set[int]]:
+        spec = _by_kind(files[pod])["NetworkPolicy"]["spec"]
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        assert spec["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == pod
+        (ingress,) = spec["ingress"]
+        (egress,) = spec["egress"]
+        assert "from" not in ingress and "to" not in egress
+        return {p["port"] for p in ingress["ports"]}, {p["port"] for p in egress["ports"]}
+
+    assert policy("unified-api-gateway") == ({8080, k8s.OPS_PORT}, {53, 4222, 5432, 6379})
+    ingress, egress = policy("cognitive-processing-engine")
+    assert ingress == {k8s.OPS_PORT} and {53, 4222, 5432, 6379, 6333, 443, 11434} <= egress
+    assert policy("background-worker-engine") == ({k8s.OPS_PORT}, {53, 4222, 5432, 6379})  # helios: postgres, redis
+
+
+def test_cli_keeps_nats_passwords_in_the_file_it_is_given(tmp_path: Path) -> None:
+    path = ROOT / "manifests" / "microservices.toml"
+    keep = tmp_path / "nats-passwords.json"
+    for out in ("a", "b"):
+        assert main(["k8s", str(path), "-o", str(tmp_path / out), "--nats-passwords", str(keep)]) == 0
+    assert keep.stat().st_mode & 0o777 == 0o600
+    a, b = ((tmp_path / d / "aiwfe-nats-auth.yaml").read_text() for d in ("a", "b"))
+    assert a == b
