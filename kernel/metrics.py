@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "failed",
     "handled",
     "render",
+    "watch_overdue",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -73,8 +76,30 @@ class _HandledCollector(Collector):
         yield fam
 
 
+class _OverdueCollector(Collector):
+    """``aiwfe_handlers_overdue{contract}``, read from the endpoints at scrape time."""
+
+    def __init__(self) -> None:
+        self.sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily(
+            "aiwfe_handlers_overdue",
+            "Handler invocations still running past their deadline (cancelled but not ended), per contract",
+            labels=["contract"],
+        )
+        totals: dict[str, int] = {}
+        for ep in list(self.sources):
+            totals[ep.spec.address] = totals.get(ep.spec.address, 0) + ep.stuck()
+        for contract, n in sorted(totals.items()):
+            fam.add_metric([contract], n)
+        yield fam
+
+
 _handled = _HandledCollector()
 REGISTRY.register(_handled)
+_overdue = _OverdueCollector()
+REGISTRY.register(_overdue)
 FAILED = Counter(
     "aiwfe_failed_total",
     "Calls that ended in an error, per contract, path and error code",
@@ -98,6 +123,12 @@ def handled(contract: str, path: str) -> FastHistogram:
     if h is None:
         h = _handled.series[key] = FastHistogram()
     return h
+
+
+def watch_overdue(endpoint: Any) -> None:
+    """Export ``endpoint.stuck()`` as ``aiwfe_handlers_overdue{contract=endpoint.spec.address}``
+    while the endpoint lives (a serving :class:`aiwfe.kernel.serving.Endpoint`)."""
+    _overdue.sources.add(endpoint)
 
 
 def failed(contract: str, path: str, code: str) -> None:

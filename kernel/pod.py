@@ -105,10 +105,17 @@ class PodRunner:
             pr = p.readiness()
             if pr:
                 reasons.append(f"{name}: {pr}")
+        for address, stuck, limit in self.kernel.overdue():
+            if stuck >= limit:
+                reasons.append(f"{address}: all {limit} slots held by handlers stuck past their deadline")
         return reasons
 
     def _degraded(self) -> list[str]:
-        return [f"{name}: {note}" for name, p in self.plugins.items() for note in p.degraded()]
+        notes = [f"{name}: {note}" for name, p in self.plugins.items() for note in p.degraded()]
+        for address, stuck, limit in self.kernel.overdue():
+            if stuck < limit:
+                notes.append(f"{address}: {stuck} of {limit} slots held by handlers stuck past their deadline")
+        return notes
 
     def status(self) -> dict[str, Any]:
         """This pod's status as ``aiwfe`` pods report it to each other."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from aiwfe.bus.base import Bus, Headers
-from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, pack_call
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, pack_call, valid_traceparent
 from aiwfe.bus.errors import BusError, BusTimeout
 from aiwfe.bus.wheel import DeadlineWheel
 
@@ -95,7 +96,7 @@ class Kernel:
         async def on_event(data: bytes, headers: Headers | None) -> None:
             try:
                 msg, _ = ep.decode(data, headers)
-                tp = headers.get(H_TRACE) if headers else None
+                tp = valid_traceparent(headers.get(H_TRACE)) if headers else None
                 await ep.invoke(msg, asyncio.get_running_loop().time() + ep.timeout_s, tp)
             except AiwfeError as e:
                 metrics.failed(ep.spec.address, "remote", e.code)
@@ -110,7 +111,7 @@ class Kernel:
             msg, _ = ep.decode(call.data, call.headers)
             token = _job.set(JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver))
             deadline = asyncio.get_running_loop().time() + ep.timeout_s
-            tp = call.headers.get(H_TRACE)
+            tp = valid_traceparent(call.headers.get(H_TRACE))
             try:
                 if tracing.STATE.enabled:
                     attrs = {"aiwfe.job_id": call.job_id, "aiwfe.attempt": call.attempt}
@@ -128,26 +129,42 @@ class Kernel:
 
     # -- calling ------------------------------------------------------------------
 
-    def _deadline_for(self, timeout_s: float | None) -> float:
-        now = asyncio.get_running_loop().time()
-        deadline = now + (timeout_s if timeout_s is not None else self.call_timeout_s)
+    def _deadline_for(self, timeout_s: float | None, cap_s: float | None = None) -> float:
+        """The call's deadline: ``timeout_s`` (or the default), capped by the handler's
+        ``timeout_s`` (``cap_s``, in-process calls: the server caps remote ones alike) and
+        by the deadline of the handler making the call."""
+        if timeout_s is None:
+            timeout_s = self.call_timeout_s
+        elif not math.isfinite(timeout_s):
+            raise ValueError(f"timeout_s={timeout_s!r}: a call's timeout must be a finite number of seconds")
+        if cap_s is not None and cap_s < timeout_s:
+            timeout_s = cap_s
+        deadline = asyncio.get_running_loop().time() + timeout_s
         inherited = _deadline.get()
         if inherited is not None and inherited < deadline:
             deadline = inherited
         return deadline
 
+    def overdue(self) -> list[tuple[str, int, int]]:
+        """``(address, stuck, concurrency)`` of every handler of this pod with invocations
+        still running past their deadline (see :meth:`Endpoint.stuck`)."""
+        eps = [*self.endpoints.values(), *self.job_endpoints.values(), *(e for v in self.events.values() for e in v)]
+        return [(ep.spec.address, n, ep.limiter.limit) for ep in eps if ep.overdue and (n := ep.stuck())]
+
     async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R:
         """Call a request contract; in-process when served here, over the bus otherwise.
 
-        ``timeout_s`` defaults to the system's ``call_timeout_s``; inside a handler the
-        caller's own deadline caps it.
+        ``timeout_s`` defaults to the system's ``call_timeout_s``; the handler's own
+        ``timeout_s`` caps it, and inside a handler so does the caller's own deadline.
+        The deadline also bounds the wait for a slot of a busy handler.
 
         Raises:
             DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, RemoteError.
+            ValueError: ``timeout_s`` is not finite.
         """
         contract = type(req)
-        deadline = self._deadline_for(timeout_s)
         ep = self.endpoints.get(contract)
+        deadline = self._deadline_for(timeout_s, ep.timeout_s if ep is not None else None)
         if tracing.STATE.enabled:
             path = "local" if ep is not None else "remote"
             with tracing.span(f"{address_of(contract)} call", tracing.SpanKind.CLIENT, None, {"aiwfe.path": path}):
