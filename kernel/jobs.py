@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from aiwfe.bus.base import Bus, ConsumerOptions, Delivery, Headers
-from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, H_TYPE
+from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, H_TYPE, check_job_id, is_job_id, show
 from aiwfe.bus.errors import BusError
 
 from . import metrics
@@ -169,20 +169,29 @@ class Jobs:
     # -- the record, the owner, the events ----------------------------------------
 
     async def record(self, job_id: str) -> JobRecord | None:
-        """The stored outcome of ``job_id``, None while pending or unknown."""
+        """The stored outcome of ``job_id``, None while pending or unknown (or not a job id)."""
+        if not is_job_id(job_id):  # ids become KV keys and subject tokens: no wildcards
+            return None
         with _unavailable():
             raw = await self.bus.kv_get(job_id)
         return _record_dec.decode(raw) if raw else None
 
     async def claim(self, job_id: str, owner: str) -> str:
-        """Record ``owner`` as the job's owner unless it has one; return the owner on record."""
+        """Record ``owner`` as the job's owner unless it has one; return the owner on record.
+
+        Raises:
+            aiwfe.bus.codec.BadField: ``job_id`` is not a job id.
+        """
+        check_job_id(job_id)
         with _unavailable():
             if await self.bus.kv_create(f"owner.{job_id}", owner.encode()):
                 return owner
         return await self.owner(job_id) or owner
 
     async def owner(self, job_id: str) -> str | None:
-        """The job's owner, or None for a job never submitted with one."""
+        """The job's owner, or None for a job never submitted with one (or not a job id)."""
+        if not is_job_id(job_id):
+            return None
         with _unavailable():
             raw = await self.bus.kv_get(f"owner.{job_id}")
         return raw.decode() if raw else None
@@ -193,7 +202,12 @@ class Jobs:
             return await self.bus.append(f"{self.prefix}.events.{job_id}", data, {H_TYPE: type}, msg_id)
 
     async def events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
-        """Replay then follow a job's events after ``after_seq``, until its terminal event."""
+        """Replay then follow a job's events after ``after_seq``, until its terminal event.
+
+        Raises:
+            aiwfe.bus.codec.BadField: ``job_id`` is not a job id.
+        """
+        check_job_id(job_id)
         async for m in self.bus.follow(f"{self.prefix}.events.{job_id}", after_seq):
             typ = m.headers.get(H_TYPE, "")
             yield JobEvent(seq=m.seq, job_id=job_id, type=typ, data=_rec_dec.decode(m.data) if m.data else None)
@@ -215,7 +229,10 @@ class Jobs:
 
     async def cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
         """Record ``job_id`` cancelled (unless it has an outcome), announce it, and stop it in
-        whichever pod runs it. True when this call recorded the cancellation."""
+        whichever pod runs it. True when this call recorded the cancellation (False for
+        something that is not a job id)."""
+        if not is_job_id(job_id):
+            return False
         reason_d = {"type": "Cancelled", "message": reason, "retryable": False}
         rec = JobRecord(job_id=job_id, kind="", status="cancelled", error=reason_d, attempts=0)
         created = await self._put(rec)
@@ -246,10 +263,22 @@ class Jobs:
         self._watchers.append(asyncio.get_running_loop().create_task(metrics.watch_queue(kind, self.bus.queue_stats)))
 
     async def _deliver(self, kind: str, options: HandlerOptions, runner: JobRunner, d: Delivery) -> None:
-        job_id = d.headers.get(H_JOB_ID) or d.headers.get(H_MSG_ID) or f"seq{d.seq}"
+        raw_id = d.headers.get(H_JOB_ID) or d.headers.get(H_MSG_ID)
+        job_id = raw_id if raw_id is not None and is_job_id(raw_id) else f"seq{d.seq}"
         call = JobCall(
             job_id=job_id, kind=kind, data=d.data, headers=d.headers, attempt=d.attempt, max_deliver=options.max_deliver
         )
+        if raw_id is not None and raw_id != job_id:
+            # Its id cannot name an event subject or a record: dead-lettered under seq<N>.
+            field = H_JOB_ID if d.headers.get(H_JOB_ID) else H_MSG_ID
+            reason = {"type": "BadMessage", "message": f"{field}: {show(raw_id)} is not a job id", "retryable": False}
+            try:
+                await self._fail(call, reason)
+            except Exception as e:
+                log.warning("job %s: dead letter not recorded (%r); it will be redelivered", job_id, e)
+                return
+            await d.term()
+            return
         hb = asyncio.get_running_loop().create_task(self._heartbeat(d, max(0.2, options.ack_wait_s / 3)))
         try:
             outcome, delay = await self.process(call, options, runner)

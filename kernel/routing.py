@@ -22,7 +22,18 @@ from typing import Any, TypeVar
 import msgspec
 
 from aiwfe.bus.base import Bus, Headers
-from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, pack_call, valid_traceparent
+from aiwfe.bus.codec import (
+    H_CONTENT_TYPE,
+    H_ERROR,
+    H_MSG_ID,
+    H_SCHEMA,
+    H_TRACE,
+    JSON,
+    is_job_id,
+    pack_call,
+    show,
+    valid_traceparent,
+)
 from aiwfe.bus.errors import BusError, BusTimeout
 from aiwfe.bus.wheel import DeadlineWheel
 
@@ -232,6 +243,8 @@ class Kernel:
     @staticmethod
     def _job_id(address: str, job_id: str | None, idempotency_key: str | None) -> str:
         if job_id is not None:
+            if not is_job_id(job_id):  # it becomes a subject token and a KV key
+                raise BadMessage(f"job_id: {show(job_id)} is not a job id (1 to 128 of A-Z a-z 0-9 _ -)")
             return job_id
         if idempotency_key:
             return uuid.uuid5(uuid.NAMESPACE_URL, f"aiwfe:{address}:{idempotency_key}").hex
@@ -243,6 +256,7 @@ class Kernel:
         ``idempotency_key`` makes the id deterministic (same key → same job, submitted once).
 
         Raises:
+            BadMessage: ``job_id`` is not a job id (1 to 128 of ``A-Z a-z 0-9 _ -``).
             Unavailable: the bus did not accept the job.
         """
         contract = type(job)
@@ -272,6 +286,7 @@ class Kernel:
         tell an unknown job from a pending one and one user's job from another's.
 
         Raises:
+            BadMessage: ``job_id`` is not a job id.
             Forbidden: ``job_id`` already belongs to another owner.
             Unavailable: the bus did not accept the job.
         """
