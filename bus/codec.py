@@ -66,6 +66,10 @@ _MAX_DEADLINE_TEXT = 32
 _JOB_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_JOB_ID_LEN}}}")
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[\x21-\x7e]*)?")
 _SCHEMA = re.compile(r"[0-9a-f]{16}")
+# The preamble's fields are checked as bytes (the common traceparent, version 00, at once).
+_JOB_ID_B = re.compile(rb"[A-Za-z0-9_-]{1,%d}" % MAX_JOB_ID_LEN)
+_TP00_B = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ZEROS = b"0" * 32
 _MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})
 
 
@@ -215,6 +219,16 @@ def unpack_call(data: bytes) -> tuple[int, bytes, str | None, str | None, memory
     end = tp_end + jl
     if len(data) < end:
         raise BadField("call preamble", f"truncated (its lengths say {end} bytes, the message has {len(data)})")
-    tp = valid_traceparent(data[PREAMBLE_SIZE:tp_end].decode("ascii", "replace")) if tl else None
-    jid = check_job_id(data[tp_end:end].decode("ascii", "replace"), "call preamble job id") if jl else None
+    tp = jid = None
+    if tl:
+        raw = data[PREAMBLE_SIZE:tp_end]
+        if tl == 55 and _TP00_B.fullmatch(raw) and raw[3:35] != _ZEROS and raw[36:52] != _ZEROS[:16]:
+            tp = raw.decode()
+        else:
+            tp = valid_traceparent(raw.decode("ascii", "replace"))
+    if jl:
+        raw = data[tp_end:end]
+        if _JOB_ID_B.fullmatch(raw) is None:
+            raise BadField("call preamble job id", f"{show(raw)} is not a job id (1 to {MAX_JOB_ID_LEN} of A-Z a-z 0-9 _ -)")
+        jid = raw.decode()
     return deadline_ms, schema, tp, jid, memoryview(data)[end:]
