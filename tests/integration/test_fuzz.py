@@ -261,7 +261,7 @@ def test_jobs_and_events_with_hostile_headers_end_or_are_dropped(
     harness: Harness, headers: dict[str, str], body: bytes, which: int, bad_id: str
 ) -> None:
     """Jobs with hostile headers (a job id that is not one included) get an outcome or a dead
-    letter, never get stuck; events with them are dropped; the handlers end up free."""
+    letter, never get stuck; events with them are dropped; control subjects shrug them off."""
     uid = uuid.uuid4().hex
     job_id = uid + bad_id
     kind = harness.jobs[which % len(harness.jobs)]
@@ -284,6 +284,10 @@ def test_jobs_and_events_with_hostile_headers_end_or_are_dropped(
     for subject in harness.event_subjects:
         harness.run(harness.client.publish(subject, body, headers))
         harness.run(harness.local.bus.publish(subject, body, headers))
+    # the control plane: a cancel of something that is not a job, a status request with junk
+    harness.run(harness.client.publish(f"{harness.prefix}.control.cancel", body, headers))
+    statuses = harness.run(harness.client.request_many(f"{harness.prefix}.control.status", body, 0.2))
+    assert any(msgspec.json.decode(s)["pod"] == "all" for s in statuses)
 
 
 def test_still_serving_after_the_fuzz(harness: Harness) -> None:
