@@ -1,4 +1,5 @@
-"""Wire format shared by every bus: header names, stream names, the RPC call preamble.
+"""Wire format shared by every bus: header names, stream names, the RPC call preamble, and
+the checks of every header and preamble field (metadata is untrusted input).
 
 Pods talk msgpack. A message whose ``Content-Type`` is ``application/json`` is decoded
 as JSON instead (external publishers), and its reply is JSON too (the kernel decides).
