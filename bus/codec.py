@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Mapping
 
 __all__ = [
     "H_ATTEMPTS",
@@ -33,6 +34,7 @@ __all__ = [
     "is_json",
     "pack_call",
     "parse_deadline_ms",
+    "read_headers",
     "show",
     "stream_names",
     "unpack_call",
@@ -159,6 +161,25 @@ def is_json(content_type: str | None) -> bool:
     if media in _MSGPACK_TYPES or not media:
         return False
     raise BadField(H_CONTENT_TYPE, f"{show(content_type)} is not supported; send {JSON} or application/msgpack")
+
+
+def read_headers(headers: Mapping[str, str] | None) -> tuple[float | None, str | None, bool, str | None]:
+    """The call metadata of a message described by headers, each field checked as above:
+    ``(deadline_ms, traceparent, is_json, schema)``; None where absent (or, for the
+    traceparent, invalid).
+
+    Raises:
+        BadField: a malformed ``Aiwfe-Deadline-Ms``, ``Content-Type`` or ``Aiwfe-Schema``.
+    """
+    if not headers:
+        return None, None, False, None
+    d, schema = headers.get(H_DEADLINE), headers.get(H_SCHEMA)
+    return (
+        None if d is None else parse_deadline_ms(d),
+        valid_traceparent(headers.get(H_TRACE)),
+        is_json(headers.get(H_CONTENT_TYPE)),
+        None if schema is None else check_schema(schema),
+    )
 
 
 def stream_names(prefix: str) -> dict[str, str]:

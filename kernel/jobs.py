@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -134,6 +135,10 @@ def reason_of(e: BaseException) -> dict[str, Any]:
     }
 
 
+async def _refuse(problem: str, call: JobCall) -> bytes:
+    raise BadMessage(problem)
+
+
 @contextlib.contextmanager
 def _unavailable() -> Iterator[None]:
     try:
@@ -169,7 +174,7 @@ class Jobs:
     # -- the record, the owner, the events ----------------------------------------
 
     async def record(self, job_id: str) -> JobRecord | None:
-        """The stored outcome of ``job_id``, None while pending or unknown (or not a job id)."""
+        """The stored outcome of ``job_id``, None while pending or unknown."""
         if not is_job_id(job_id):  # ids become KV keys and subject tokens: no wildcards
             return None
         with _unavailable():
@@ -177,19 +182,15 @@ class Jobs:
         return _record_dec.decode(raw) if raw else None
 
     async def claim(self, job_id: str, owner: str) -> str:
-        """Record ``owner`` as the job's owner unless it has one; return the owner on record.
-
-        Raises:
-            aiwfe.bus.codec.BadField: ``job_id`` is not a job id.
-        """
-        check_job_id(job_id)
+        """Record ``owner`` as the job's owner unless it has one; return the owner on record."""
+        check_job_id(job_id)  # raises BadField (ValueError): ids become KV keys
         with _unavailable():
             if await self.bus.kv_create(f"owner.{job_id}", owner.encode()):
                 return owner
         return await self.owner(job_id) or owner
 
     async def owner(self, job_id: str) -> str | None:
-        """The job's owner, or None for a job never submitted with one (or not a job id)."""
+        """The job's owner, or None for a job never submitted with one."""
         if not is_job_id(job_id):
             return None
         with _unavailable():
@@ -202,12 +203,8 @@ class Jobs:
             return await self.bus.append(f"{self.prefix}.events.{job_id}", data, {H_TYPE: type}, msg_id)
 
     async def events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
-        """Replay then follow a job's events after ``after_seq``, until its terminal event.
-
-        Raises:
-            aiwfe.bus.codec.BadField: ``job_id`` is not a job id.
-        """
-        check_job_id(job_id)
+        """Replay then follow a job's events after ``after_seq``, until its terminal event."""
+        check_job_id(job_id)  # raises BadField (ValueError): ids become subject tokens
         async for m in self.bus.follow(f"{self.prefix}.events.{job_id}", after_seq):
             typ = m.headers.get(H_TYPE, "")
             yield JobEvent(seq=m.seq, job_id=job_id, type=typ, data=_rec_dec.decode(m.data) if m.data else None)
@@ -229,8 +226,7 @@ class Jobs:
 
     async def cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
         """Record ``job_id`` cancelled (unless it has an outcome), announce it, and stop it in
-        whichever pod runs it. True when this call recorded the cancellation (False for
-        something that is not a job id)."""
+        whichever pod runs it. True when this call recorded the cancellation."""
         if not is_job_id(job_id):
             return False
         reason_d = {"type": "Cancelled", "message": reason, "retryable": False}
@@ -263,22 +259,13 @@ class Jobs:
         self._watchers.append(asyncio.get_running_loop().create_task(metrics.watch_queue(kind, self.bus.queue_stats)))
 
     async def _deliver(self, kind: str, options: HandlerOptions, runner: JobRunner, d: Delivery) -> None:
-        raw_id = d.headers.get(H_JOB_ID) or d.headers.get(H_MSG_ID)
-        job_id = raw_id if raw_id is not None and is_job_id(raw_id) else f"seq{d.seq}"
+        job_id = d.headers.get(H_JOB_ID) or d.headers.get(H_MSG_ID) or f"seq{d.seq}"
+        if not is_job_id(job_id):  # it cannot name an event subject or a record: dead-lettered under seq<N>
+            runner = functools.partial(_refuse, f"{H_JOB_ID}/{H_MSG_ID}: {show(job_id)} is not a job id")
+            job_id = f"seq{d.seq}"
         call = JobCall(
             job_id=job_id, kind=kind, data=d.data, headers=d.headers, attempt=d.attempt, max_deliver=options.max_deliver
         )
-        if raw_id is not None and raw_id != job_id:
-            # Its id cannot name an event subject or a record: dead-lettered under seq<N>.
-            field = H_JOB_ID if d.headers.get(H_JOB_ID) else H_MSG_ID
-            reason = {"type": "BadMessage", "message": f"{field}: {show(raw_id)} is not a job id", "retryable": False}
-            try:
-                await self._fail(call, reason)
-            except Exception as e:
-                log.warning("job %s: dead letter not recorded (%r); it will be redelivered", job_id, e)
-                return
-            await d.term()
-            return
         hb = asyncio.get_running_loop().create_task(self._heartbeat(d, max(0.2, options.ack_wait_s / 3)))
         try:
             outcome, delay = await self.process(call, options, runner)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from prometheus_client.registry import Collector
 __all__ = [
     "DEAD_LETTERS",
     "JOBS",
+    "OVERDUE_GRACE_S",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST",
     "READY",
@@ -29,6 +31,7 @@ __all__ = [
     "failed",
     "handled",
     "render",
+    "stuck",
     "watch_overdue",
 ]
 
@@ -90,7 +93,7 @@ class _OverdueCollector(Collector):
         )
         totals: dict[str, int] = {}
         for ep in list(self.sources):
-            totals[ep.spec.address] = totals.get(ep.spec.address, 0) + ep.stuck()
+            totals[ep.spec.address] = totals.get(ep.spec.address, 0) + stuck(ep)
         for contract, n in sorted(totals.items()):
             fam.add_metric([contract], n)
         yield fam
@@ -125,9 +128,23 @@ def handled(contract: str, path: str) -> FastHistogram:
     return h
 
 
+#: Work still running this long after its deadline fired counts as stuck: a handler that
+#: honours cancellation ends within a loop turn or two.
+OVERDUE_GRACE_S = 1.0
+
+
+def stuck(endpoint: Any, grace_s: float = OVERDUE_GRACE_S) -> int:
+    """How many invocations of ``endpoint`` (an :class:`aiwfe.kernel.serving.Endpoint`) still
+    run more than ``grace_s`` after their deadline fired (its ``overdue``: timer → when it fired)."""
+    if not endpoint.overdue:
+        return 0
+    cut = time.monotonic() - grace_s
+    return sum(1 for fired in endpoint.overdue.values() if fired <= cut)
+
+
 def watch_overdue(endpoint: Any) -> None:
-    """Export ``endpoint.stuck()`` as ``aiwfe_handlers_overdue{contract=endpoint.spec.address}``
-    while the endpoint lives (a serving :class:`aiwfe.kernel.serving.Endpoint`)."""
+    """Export :func:`stuck` as ``aiwfe_handlers_overdue{contract=endpoint.spec.address}``
+    while the endpoint lives."""
     _overdue.sources.add(endpoint)
 
 

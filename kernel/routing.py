@@ -21,19 +21,9 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from aiwfe.bus import codec
 from aiwfe.bus.base import Bus, Headers
-from aiwfe.bus.codec import (
-    H_CONTENT_TYPE,
-    H_ERROR,
-    H_MSG_ID,
-    H_SCHEMA,
-    H_TRACE,
-    JSON,
-    is_job_id,
-    pack_call,
-    show,
-    valid_traceparent,
-)
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, pack_call
 from aiwfe.bus.errors import BusError, BusTimeout
 from aiwfe.bus.wheel import DeadlineWheel
 
@@ -107,7 +97,7 @@ class Kernel:
         async def on_event(data: bytes, headers: Headers | None) -> None:
             try:
                 msg, _ = ep.decode(data, headers)
-                tp = valid_traceparent(headers.get(H_TRACE)) if headers else None
+                tp = codec.valid_traceparent(headers.get(H_TRACE)) if headers else None
                 await ep.invoke(msg, asyncio.get_running_loop().time() + ep.timeout_s, tp)
             except AiwfeError as e:
                 metrics.failed(ep.spec.address, "remote", e.code)
@@ -122,7 +112,7 @@ class Kernel:
             msg, _ = ep.decode(call.data, call.headers)
             token = _job.set(JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver))
             deadline = asyncio.get_running_loop().time() + ep.timeout_s
-            tp = valid_traceparent(call.headers.get(H_TRACE))
+            tp = codec.valid_traceparent(call.headers.get(H_TRACE))
             try:
                 if tracing.STATE.enabled:
                     attrs = {"aiwfe.job_id": call.job_id, "aiwfe.attempt": call.attempt}
@@ -141,33 +131,20 @@ class Kernel:
     # -- calling ------------------------------------------------------------------
 
     def _deadline_for(self, timeout_s: float | None, cap_s: float | None = None) -> float:
-        """The call's deadline: ``timeout_s`` (or the default), capped by the handler's
-        ``timeout_s`` (``cap_s``, in-process calls: the server caps remote ones alike) and
-        by the deadline of the handler making the call."""
-        if timeout_s is None:
-            timeout_s = self.call_timeout_s
-        elif not math.isfinite(timeout_s):
-            raise ValueError(f"timeout_s={timeout_s!r}: a call's timeout must be a finite number of seconds")
-        if cap_s is not None and cap_s < timeout_s:
-            timeout_s = cap_s
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        t = self.call_timeout_s if timeout_s is None else timeout_s
+        if not math.isfinite(t):
+            raise ValueError(f"timeout_s={t!r}: a call's timeout must be a finite number of seconds")
+        deadline = asyncio.get_running_loop().time() + (t if cap_s is None or t < cap_s else cap_s)
         inherited = _deadline.get()
         if inherited is not None and inherited < deadline:
             deadline = inherited
         return deadline
-
-    def overdue(self) -> list[tuple[str, int, int]]:
-        """``(address, stuck, concurrency)`` of every handler of this pod with invocations
-        still running past their deadline (see :meth:`Endpoint.stuck`)."""
-        eps = [*self.endpoints.values(), *self.job_endpoints.values(), *(e for v in self.events.values() for e in v)]
-        return [(ep.spec.address, n, ep.limiter.limit) for ep in eps if ep.overdue and (n := ep.stuck())]
 
     async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R:
         """Call a request contract; in-process when served here, over the bus otherwise.
 
         ``timeout_s`` defaults to the system's ``call_timeout_s``; the handler's own
         ``timeout_s`` caps it, and inside a handler so does the caller's own deadline.
-        The deadline also bounds the wait for a slot of a busy handler.
 
         Raises:
             DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, RemoteError.
@@ -243,9 +220,7 @@ class Kernel:
     @staticmethod
     def _job_id(address: str, job_id: str | None, idempotency_key: str | None) -> str:
         if job_id is not None:
-            if not is_job_id(job_id):  # it becomes a subject token and a KV key
-                raise BadMessage(f"job_id: {show(job_id)} is not a job id (1 to 128 of A-Z a-z 0-9 _ -)")
-            return job_id
+            return codec.check_job_id(job_id)  # it becomes a subject token and a KV key
         if idempotency_key:
             return uuid.uuid5(uuid.NAMESPACE_URL, f"aiwfe:{address}:{idempotency_key}").hex
         return uuid.uuid4().hex
@@ -256,7 +231,7 @@ class Kernel:
         ``idempotency_key`` makes the id deterministic (same key → same job, submitted once).
 
         Raises:
-            BadMessage: ``job_id`` is not a job id (1 to 128 of ``A-Z a-z 0-9 _ -``).
+            ValueError (aiwfe.bus.codec.BadField): ``job_id`` is not a job id.
             Unavailable: the bus did not accept the job.
         """
         contract = type(job)
@@ -286,7 +261,7 @@ class Kernel:
         tell an unknown job from a pending one and one user's job from another's.
 
         Raises:
-            BadMessage: ``job_id`` is not a job id.
+            ValueError (aiwfe.bus.codec.BadField): ``job_id`` is not a job id.
             Forbidden: ``job_id`` already belongs to another owner.
             Unavailable: the bus did not accept the job.
         """

@@ -5,13 +5,8 @@ message object, the bus path after :meth:`Endpoint.handle_remote` decoded the pa
 Either way the handler runs under its concurrency limit and bounded queue
 (:class:`Limiter`), under its deadline (the pod's deadline wheel), inside a trace span,
 and its exceptions are mapped to :class:`~aiwfe.kernel.errors.RemoteError`.
-
-Metadata is untrusted input: every header and preamble field is checked
-(:mod:`aiwfe.bus.codec`) *before* the message takes a slot, and a bad one is answered
-with ``BadMessage`` naming the field. A deadline is capped at the handler's ``timeout_s``
-on both paths. The deadline's timer is armed before the slot is taken, so it bounds the
-wait in the queue too, and one ``finally`` releases every slot taken. Work still running
-past its deadline (a handler that ignores cancellation) is counted: :meth:`Endpoint.stuck`.
+Metadata is untrusted: every field is checked (:mod:`aiwfe.bus.codec`) before a slot is
+taken; a deadline is capped at the handler's ``timeout_s`` and also bounds the wait for a slot.
 """
 
 from __future__ import annotations
@@ -26,19 +21,7 @@ from typing import Any
 import msgspec
 
 from aiwfe.bus.base import Headers
-from aiwfe.bus.codec import (
-    H_CONTENT_TYPE,
-    H_DEADLINE,
-    H_ERROR,
-    H_SCHEMA,
-    H_TRACE,
-    BadField,
-    check_schema,
-    is_json,
-    parse_deadline_ms,
-    unpack_call,
-    valid_traceparent,
-)
+from aiwfe.bus.codec import H_ERROR, BadField, read_headers, unpack_call
 from aiwfe.bus.wheel import DeadlineWheel
 
 from . import metrics, tracing
@@ -47,13 +30,9 @@ from .errors import AiwfeError, BadMessage, DeadlineExceeded, Overloaded, Remote
 from .jobs import JobContext, Jobs, _job
 from .plugin import HandlerSpec, Plugin
 
-__all__ = ["OVERDUE_GRACE_S", "Endpoint", "Limiter", "current_deadline"]
+__all__ = ["Endpoint", "Limiter", "current_deadline"]
 
 log = logging.getLogger("aiwfe.kernel")
-
-#: Work still running this long after its deadline fired counts as stuck: a handler that
-#: honours cancellation ends within a loop turn or two.
-OVERDUE_GRACE_S = 1.0
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("aiwfe_deadline", default=None)
 _trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("aiwfe_traceparent", default=None)
@@ -70,9 +49,8 @@ class Limiter:
     """A concurrency limit with a bounded queue that answers Overloaded when full.
 
     ``enter`` takes a slot, waits in the queue, or raises :class:`Overloaded` at once.
-    A released slot is handed straight to the oldest waiter (first come, first served).
-    A waiter that is cancelled (its deadline fired: :class:`Endpoint` arms the timer
-    before ``enter``) leaves the queue, or passes on a slot handed to it meanwhile.
+    A released slot is handed straight to the oldest waiter (first come, first served);
+    a cancelled waiter leaves the queue or passes on a slot handed to it meanwhile.
     """
 
     __slots__ = ("_waiters", "active", "limit", "max_queue", "name")
@@ -139,24 +117,15 @@ class Endpoint:
         self.timeout_s = spec.options.timeout_s
         self.m_local = metrics.handled(spec.address, "local")
         self.m_remote = metrics.handled(spec.address, "remote")
-        # Timers whose deadline fired while their work still runs → when they fired
-        # (time.monotonic()). The wheel adds them; _invoke's finally takes them out.
+        # Timers fired while their work still runs → time.monotonic() when they fired.
         self.overdue: dict[Any, float] = {}
         metrics.watch_overdue(self)
-
-    def stuck(self, grace_s: float = OVERDUE_GRACE_S) -> int:
-        """How many invocations still run more than ``grace_s`` after their deadline fired."""
-        if not self.overdue:
-            return 0
-        cut = time.monotonic() - grace_s
-        return sum(1 for fired in self.overdue.values() if fired <= cut)
 
     async def invoke(self, msg: Any, deadline: float, traceparent: str | None = None) -> Any:
         """Run the handler under the limit and the deadline (both paths come here).
 
-        ``deadline`` (loop time) must be finite; callers cap it (:meth:`handle_remote`,
-        ``Kernel.call``). ``traceparent`` (from a message, validated) parents the
-        handler's span when tracing is on.
+        ``deadline`` (loop time, finite) also bounds the wait for a slot. ``traceparent``
+        (from a message, validated) parents the handler's span when tracing is on.
 
         Raises:
             Overloaded, DeadlineExceeded (also while waiting for a slot), RemoteError (the handler raised).
@@ -184,8 +153,7 @@ class Endpoint:
         except asyncio.CancelledError:
             if timer[1].expired:
                 task.uncancel()
-                where = "running" if entered else "waiting for a slot"
-                raise DeadlineExceeded(f"{self.spec.address}: deadline exceeded ({where})") from None
+                raise DeadlineExceeded(f"{self.spec.address}: deadline exceeded") from None
             raise
         except Exception as e:
             mapped = as_remote(e)
@@ -201,26 +169,17 @@ class Endpoint:
                 lim.leave()
 
     def decode(self, data: bytes, headers: Headers | None) -> tuple[Any, bool]:
-        """Decode a payload; returns (message, is_json).
-
-        ``Content-Type`` may be absent (msgpack), ``application/json`` (parameters
-        allowed) or a msgpack type; ``Aiwfe-Schema`` must be a schema hash and, for
-        msgpack, ours.
+        """Decode a payload described by ``headers``; returns (message, is_json).
 
         Raises:
             SchemaMismatch, BadMessage (naming the bad header, or the payload's problem).
         """
-        json = False
-        if headers:
-            try:
-                json = is_json(headers.get(H_CONTENT_TYPE))
-                theirs = headers.get(H_SCHEMA)
-                if theirs is not None:
-                    check_schema(theirs)
-            except BadField as e:
-                raise BadMessage(f"{self.spec.address}: {e}") from None
-            if theirs is not None and not json and theirs != self.schema:
-                raise self._mismatch(theirs)
+        try:
+            _, _, json, theirs = read_headers(headers)
+        except BadField as e:
+            raise BadMessage(f"{self.spec.address}: {e}") from None
+        if theirs is not None and not json and theirs != self.schema:
+            raise self._mismatch(theirs)
         return self._decode(self.json_decoder if json else self.decoder, data), json
 
     def _mismatch(self, theirs: str) -> SchemaMismatch:
@@ -239,41 +198,30 @@ class Endpoint:
         """Serve one request that arrived over the bus; errors become an error header.
 
         Kernel callers send a call preamble (``aiwfe.bus.codec.pack_call``); external
-        publishers send a bare body described by headers (JSON with ``Content-Type``,
-        the time remaining in ``Aiwfe-Deadline-Ms``, ``traceparent``). Every field is
-        checked before the request takes a slot; the deadline is capped at ``timeout_s``.
+        publishers send a bare body described by headers (JSON with ``Content-Type``).
         Never raises (but CancelledError): every request gets a reply.
         """
         t0 = time.perf_counter()
         trace_token = job_token = None
+        deadline_ms: float | None
         try:
             pre = unpack_call(data)
-            json = False
-            remaining_s = self.timeout_s
-            deadline_ms: float | None = None
-            tp: str | None = None
             if pre is not None:
                 deadline_ms, schema, tp, job_id, body = pre
                 if schema != self.schema_raw:
                     raise self._mismatch(schema.hex())
-                msg = self._decode(self.decoder, body)
+                msg, json = self._decode(self.decoder, body), False
                 if job_id and self.jobs is not None:
                     job_token = _job.set(JobContext(self.jobs, job_id))
             else:
-                if headers:
-                    d = headers.get(H_DEADLINE)
-                    if d is not None:
-                        deadline_ms = parse_deadline_ms(d)
-                    tp = valid_traceparent(headers.get(H_TRACE))
+                deadline_ms, tp, _, _ = read_headers(headers)
                 msg, json = self.decode(data, headers)
-            if deadline_ms is not None and deadline_ms < remaining_s * 1000.0:
-                remaining_s = deadline_ms / 1000.0
+            remaining_s = self.timeout_s if deadline_ms is None or deadline_ms >= self.timeout_s * 1e3 else deadline_ms / 1e3
             if tp:
                 trace_token = _trace.set(tp)
             reply = await self.invoke(msg, asyncio.get_running_loop().time() + remaining_s, tp)
-            out = _json_enc.encode(reply) if json else _enc.encode(reply)
             self.m_remote.observe(time.perf_counter() - t0)
-            return out, None
+            return (_json_enc.encode(reply) if json else _enc.encode(reply)), None
         except AiwfeError as e:
             metrics.failed(self.spec.address, "remote", e.code)
             return b"", {H_ERROR: to_wire(e).decode()}

@@ -31,6 +31,7 @@ from aiwfe.bus.codec import (
 from aiwfe.bus.local import LocalBus
 from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import Plugin, serves
+from aiwfe.kernel._ops import overdue
 from aiwfe.kernel.admin import dead_letters
 from aiwfe.kernel.errors import from_wire
 from aiwfe.kernel.manifest import parse_manifest
@@ -302,4 +303,4 @@ def test_still_serving_after_the_fuzz(harness: Harness) -> None:
         return await wait_until(harness.settled)
 
     assert harness.run(settled())
-    assert not harness.pod.kernel.overdue() and not harness.local.kernel.overdue()
+    assert not overdue(harness.pod.kernel) and not overdue(harness.local.kernel)
