@@ -1,4 +1,5 @@
-"""Wire format shared by every bus: header names, stream names, the RPC call preamble.
+"""Wire format shared by every bus: header names, stream names, the RPC call preamble, and
+the checks of every header and preamble field (metadata is untrusted input).
 
 Pods talk msgpack. A message whose ``Content-Type`` is ``application/json`` is decoded
 as JSON instead (external publishers), and its reply is JSON too (the kernel decides).
@@ -6,7 +7,10 @@ as JSON instead (external publishers), and its reply is JSON too (the kernel dec
 
 from __future__ import annotations
 
+import math
+import re
 import struct
+from collections.abc import Mapping
 
 __all__ = [
     "H_ATTEMPTS",
@@ -20,10 +24,21 @@ __all__ = [
     "H_TRACE",
     "H_TYPE",
     "JSON",
+    "MAX_JOB_ID_LEN",
+    "MAX_TRACEPARENT_LEN",
     "PREAMBLE_SIZE",
+    "BadField",
+    "check_job_id",
+    "check_schema",
+    "is_job_id",
+    "is_json",
     "pack_call",
+    "parse_deadline_ms",
+    "read_headers",
+    "show",
     "stream_names",
     "unpack_call",
+    "valid_traceparent",
 ]
 
 H_DEADLINE = "Aiwfe-Deadline-Ms"  # time remaining, so clock skew between hosts does not matter
@@ -37,6 +52,134 @@ H_REASON = "Aiwfe-Reason"
 H_ATTEMPTS = "Aiwfe-Attempts"
 H_JOB_ID = "Aiwfe-Job-Id"  # a job's id when it differs from its Nats-Msg-Id (dead letters, replays)
 JSON = "application/json"
+
+
+# -- metadata is untrusted input ----------------------------------------------------------
+#
+# Every header and preamble field the kernel reads is checked here, before a message takes
+# a concurrency slot: a malformed value raises BadField (the serving side answers BadMessage
+# naming the field), an invalid traceparent is ignored (W3C Trace Context: start a new trace).
+# Values echoed into error messages are cut short (:func:`show`).
+
+MAX_JOB_ID_LEN = 128
+MAX_TRACEPARENT_LEN = 255  # the preamble's length byte; version 00 is exactly 55
+_MAX_DEADLINE_TEXT = 32
+# Job ids become NATS subject tokens (``<prefix>.events.<job_id>``) and KV keys: no ``.``,
+# ``*``, ``>``, whitespace or control characters, nothing a KV key refuses.
+_JOB_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_JOB_ID_LEN}}}")
+_TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}(-[\x21-\x7e]*)?")
+_SCHEMA = re.compile(r"[0-9a-f]{16}")
+# The preamble's fields are checked as bytes (the common traceparent, version 00, at once).
+_JOB_ID_B = re.compile(rb"[A-Za-z0-9_-]{1,%d}" % MAX_JOB_ID_LEN)
+_TP00_B = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ZEROS = b"0" * 32
+_MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"})
+
+
+class BadField(ValueError):
+    """A header or preamble field that is malformed or out of bounds; ``field`` names it."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def show(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to about ``limit`` characters (for echoing untrusted values)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "...'"
+
+
+def parse_deadline_ms(text: str, field: str = H_DEADLINE) -> float:
+    """Parse a deadline header (time remaining in ms): a finite decimal number > 0.
+
+    Raises:
+        BadField: not a number, not finite, zero or negative, or longer than 32 characters.
+    """
+    if len(text) > _MAX_DEADLINE_TEXT:
+        raise BadField(field, f"{show(text)} is too long for a deadline in ms")
+    try:
+        ms = float(text)
+    except ValueError:
+        raise BadField(field, f"{show(text)} is not a number of milliseconds") from None
+    if not math.isfinite(ms) or ms <= 0:
+        raise BadField(field, f"{show(text)}: the time remaining must be a finite number of ms > 0")
+    return ms
+
+
+def valid_traceparent(tp: str | None) -> str | None:
+    """``tp`` when it is a valid W3C traceparent (at most 255 characters), else None."""
+    if not tp or len(tp) > MAX_TRACEPARENT_LEN:
+        return None
+    m = _TRACEPARENT.fullmatch(tp)
+    if m is None:
+        return None
+    version, trace_id, parent_id, rest = m.groups()
+    if version == "ff" or (version == "00" and rest) or not trace_id.strip("0") or not parent_id.strip("0"):
+        return None
+    return tp
+
+
+def is_job_id(job_id: object) -> bool:
+    """True for a usable job id: 1 to 128 of ``A-Z a-z 0-9 _ -``."""
+    return isinstance(job_id, str) and _JOB_ID.fullmatch(job_id) is not None
+
+
+def check_job_id(job_id: str, field: str = "job_id") -> str:
+    """Return ``job_id`` if usable (:func:`is_job_id`).
+
+    Raises:
+        BadField: anything else.
+    """
+    if not is_job_id(job_id):
+        raise BadField(field, f"{show(job_id)} is not a job id (1 to {MAX_JOB_ID_LEN} of A-Z a-z 0-9 _ -)")
+    return job_id
+
+
+def check_schema(value: str) -> str:
+    """Return an ``Aiwfe-Schema`` value if it is a schema hash (16 lowercase hex digits).
+
+    Raises:
+        BadField: anything else.
+    """
+    if len(value) != 16 or _SCHEMA.fullmatch(value) is None:
+        raise BadField(H_SCHEMA, f"{show(value)} is not a schema hash (16 hex digits)")
+    return value
+
+
+def is_json(content_type: str | None) -> bool:
+    """True for ``application/json`` (any case, parameters allowed); False for no type or msgpack.
+
+    Raises:
+        BadField: any other Content-Type.
+    """
+    if content_type is None or content_type == JSON:
+        return content_type is not None
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == JSON:
+        return True
+    if media in _MSGPACK_TYPES or not media:
+        return False
+    raise BadField(H_CONTENT_TYPE, f"{show(content_type)} is not supported; send {JSON} or application/msgpack")
+
+
+def read_headers(headers: Mapping[str, str] | None) -> tuple[float | None, str | None, bool, str | None]:
+    """The call metadata of a message described by headers, each field checked as above:
+    ``(deadline_ms, traceparent, is_json, schema)``; None where absent (or, for the
+    traceparent, invalid).
+
+    Raises:
+        BadField: a malformed ``Aiwfe-Deadline-Ms``, ``Content-Type`` or ``Aiwfe-Schema``.
+    """
+    if not headers:
+        return None, None, False, None
+    d, schema = headers.get(H_DEADLINE), headers.get(H_SCHEMA)
+    return (
+        None if d is None else parse_deadline_ms(d),
+        valid_traceparent(headers.get(H_TRACE)),
+        is_json(headers.get(H_CONTENT_TYPE)),
+        None if schema is None else check_schema(schema),
+    )
 
 
 def stream_names(prefix: str) -> dict[str, str]:
@@ -69,29 +212,45 @@ def pack_call(deadline_ms: int, schema: bytes, traceparent: str | None, body: by
     ``schema`` is the 8-byte raw schema hash; ``job_id`` names the job the caller runs
     inside (so the callee can add events to it: partial LLM output streams from any pod).
     """
-    tp = traceparent.encode() if traceparent else b""
-    jid = job_id.encode()[:255] if job_id else b""
-    head = _PRE.pack(PREAMBLE_MAGIC, PREAMBLE_VERSION, min(max(deadline_ms, 0), 0xFFFFFFFF), schema, len(tp), len(jid))
+    tp = traceparent.encode() if traceparent and len(traceparent) <= MAX_TRACEPARENT_LEN else b""
+    jid = job_id.encode() if job_id and len(job_id) <= MAX_JOB_ID_LEN else b""
+    # A call with less than 1 ms left still has time left: 0 is refused as malformed.
+    head = _PRE.pack(PREAMBLE_MAGIC, PREAMBLE_VERSION, min(max(deadline_ms, 1), 0xFFFFFFFF), schema, len(tp), len(jid))
     return head + tp + jid + body
 
 
 def unpack_call(data: bytes) -> tuple[int, bytes, str | None, str | None, memoryview] | None:
     """Split a preambled request into (deadline_ms, schema, traceparent, job_id, body); None without one.
 
+    The deadline is > 0; an invalid traceparent comes back as None (ignored).
+
     Raises:
-        ValueError: a preamble that is truncated or of an unknown version.
+        BadField: a preamble that is truncated or of an unknown version, a deadline of 0,
+        a job id that is not one (:func:`is_job_id`).
     """
     if not data or data[0] != PREAMBLE_MAGIC:
         return None
     if len(data) < PREAMBLE_SIZE:
-        raise ValueError("truncated call preamble")
+        raise BadField("call preamble", f"truncated ({len(data)} bytes, the fixed part is {PREAMBLE_SIZE})")
     _, version, deadline_ms, schema, tl, jl = _PRE.unpack_from(data)
     if version != PREAMBLE_VERSION:
-        raise ValueError(f"call preamble version {version}; this pod speaks {PREAMBLE_VERSION}")
+        raise BadField("call preamble", f"version {version}; this pod speaks {PREAMBLE_VERSION}")
+    if deadline_ms == 0:
+        raise BadField("call preamble deadline", "0 ms: the time remaining must be > 0")
     tp_end = PREAMBLE_SIZE + tl
     end = tp_end + jl
     if len(data) < end:
-        raise ValueError("truncated call preamble")
-    tp = data[PREAMBLE_SIZE:tp_end].decode("ascii", "replace") if tl else None
-    jid = data[tp_end:end].decode("ascii", "replace") if jl else None
+        raise BadField("call preamble", f"truncated (its lengths say {end} bytes, the message has {len(data)})")
+    tp = jid = None
+    if tl:
+        raw = data[PREAMBLE_SIZE:tp_end]
+        if tl == 55 and _TP00_B.fullmatch(raw) and raw[3:35] != _ZEROS and raw[36:52] != _ZEROS[:16]:
+            tp = raw.decode()
+        else:
+            tp = valid_traceparent(raw.decode("ascii", "replace"))
+    if jl:
+        raw = data[tp_end:end]
+        if _JOB_ID_B.fullmatch(raw) is None:
+            raise BadField("call preamble job id", f"{show(raw)} is not a job id (1 to {MAX_JOB_ID_LEN} of A-Z a-z 0-9 _ -)")
+        jid = raw.decode()
     return deadline_ms, schema, tp, jid, memoryview(data)[end:]

@@ -9,10 +9,11 @@ __all__ = ["DeadlineWheel"]
 
 
 class _Timer:
-    __slots__ = ("expired", "target")
+    __slots__ = ("expired", "sink", "target")
 
-    def __init__(self, target: asyncio.Future[Any]) -> None:
+    def __init__(self, target: asyncio.Future[Any], sink: dict[Any, float] | None) -> None:
         self.target = target
+        self.sink = sink
         self.expired = False
 
 
@@ -32,11 +33,16 @@ class DeadlineWheel:
         self._cursor = 0
         self._handle: asyncio.TimerHandle | None = None
 
-    def add(self, deadline: float, target: asyncio.Future[Any]) -> tuple[int, _Timer]:
+    def add(self, deadline: float, target: asyncio.Future[Any], sink: dict[Any, float] | None = None) -> tuple[int, _Timer]:
         """Watch ``target`` until :meth:`remove`; cancel it once ``deadline`` (loop time) passes.
 
         The returned key's ``[1].expired`` tells a CancelledError from the wheel apart
-        from any other cancellation.
+        from any other cancellation. When the deadline fires, the timer is entered in
+        ``sink`` (if given) with the loop time it fired at; the watcher takes it out
+        again when its work ends, so ``sink`` holds the work still running past its deadline.
+
+        Raises:
+            OverflowError, ValueError: ``deadline`` is not finite (validate it first).
         """
         if self._handle is None:
             loop = target.get_loop()
@@ -44,7 +50,7 @@ class DeadlineWheel:
             self._handle = loop.call_at((self._cursor + 1) * self.tick_s, self._sweep, loop)
         # A deadline already behind the sweep position goes in the next bucket swept.
         b = max(int(deadline / self.tick_s) + 1, self._cursor)
-        t = _Timer(target)
+        t = _Timer(target, sink)
         s = self._buckets.get(b)
         if s is None:
             s = self._buckets[b] = set()
@@ -63,7 +69,8 @@ class DeadlineWheel:
                 del self._buckets[b]
 
     def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
-        now_b = int(loop.time() / self.tick_s)
+        now = loop.time()
+        now_b = int(now / self.tick_s)
         buckets = self._buckets
         for b in range(self._cursor, now_b + 1):
             s = buckets.pop(b, None)
@@ -71,6 +78,8 @@ class DeadlineWheel:
                 self._count -= len(s)
                 for t in s:
                     t.expired = True
+                    if t.sink is not None:
+                        t.sink[t] = now
                     t.target.cancel()
         self._cursor = now_b + 1
         if self._count > 0:

@@ -10,8 +10,30 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
+from typing import Any
 
 from . import metrics
+
+
+def overdue(kernel: Any) -> list[tuple[str, int, int]]:
+    """``(address, stuck, concurrency)`` of every handler of ``kernel`` (an
+    :class:`aiwfe.kernel.routing.Kernel`) with invocations still running past their deadline
+    (:func:`aiwfe.kernel.metrics.stuck`)."""
+    eps = [*kernel.endpoints.values(), *kernel.job_endpoints.values(), *(e for v in kernel.events.values() for e in v)]
+    return [(ep.spec.address, n, ep.limiter.limit) for ep in eps if (n := metrics.stuck(ep))]
+
+
+def stuck_handlers(kernel: Any, *, all_slots: bool) -> list[str]:
+    """Readiness reasons (``all_slots``: handlers whose every slot is held by work stuck past
+    its deadline) or degraded notes (handlers with some slots held that way)."""
+    return [
+        f"{address}: all {limit} slots held by handlers stuck past their deadline"
+        if all_slots
+        else f"{address}: {stuck} of {limit} slots held by handlers stuck past their deadline"
+        for address, stuck, limit in overdue(kernel)
+        if (stuck >= limit) == all_slots
+    ]
+
 
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from aiwfe.bus.base import Bus, Headers
-from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON
+from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, is_job_id
 
 from .jobs import EV_REPLAYED, Jobs
 
@@ -55,7 +55,7 @@ async def replay_dead_letters(jobs: Jobs, kind: str | None = None, job_id: str |
     dlq = f"{jobs.prefix}.dlq."
     for m in await jobs.bus.read(f"{dlq}{kind or '>'}"):
         jid = m.headers.get(H_JOB_ID, "")
-        if not jid or (job_id is not None and jid != job_id):
+        if not is_job_id(jid) or (job_id is not None and jid != job_id):  # never a wildcard key
             continue
         await jobs.bus.kv_delete(jid)
         fresh = {k: v for k, v in m.headers.items() if k not in (H_REASON, H_ATTEMPTS, H_MSG_ID)}

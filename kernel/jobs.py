@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,7 +28,7 @@ from typing import Any
 import msgspec
 
 from aiwfe.bus.base import Bus, ConsumerOptions, Delivery, Headers
-from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, H_TYPE
+from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, H_TYPE, check_job_id, is_job_id, show
 from aiwfe.bus.errors import BusError
 
 from . import metrics
@@ -134,6 +135,10 @@ def reason_of(e: BaseException) -> dict[str, Any]:
     }
 
 
+async def _refuse(problem: str, call: JobCall) -> bytes:
+    raise BadMessage(problem)
+
+
 @contextlib.contextmanager
 def _unavailable() -> Iterator[None]:
     try:
@@ -170,12 +175,15 @@ class Jobs:
 
     async def record(self, job_id: str) -> JobRecord | None:
         """The stored outcome of ``job_id``, None while pending or unknown."""
+        if not is_job_id(job_id):  # ids become KV keys and subject tokens: no wildcards
+            return None
         with _unavailable():
             raw = await self.bus.kv_get(job_id)
         return _record_dec.decode(raw) if raw else None
 
     async def claim(self, job_id: str, owner: str) -> str:
         """Record ``owner`` as the job's owner unless it has one; return the owner on record."""
+        check_job_id(job_id)  # raises BadField (ValueError): ids become KV keys
         with _unavailable():
             if await self.bus.kv_create(f"owner.{job_id}", owner.encode()):
                 return owner
@@ -183,6 +191,8 @@ class Jobs:
 
     async def owner(self, job_id: str) -> str | None:
         """The job's owner, or None for a job never submitted with one."""
+        if not is_job_id(job_id):
+            return None
         with _unavailable():
             raw = await self.bus.kv_get(f"owner.{job_id}")
         return raw.decode() if raw else None
@@ -194,6 +204,7 @@ class Jobs:
 
     async def events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """Replay then follow a job's events after ``after_seq``, until its terminal event."""
+        check_job_id(job_id)  # raises BadField (ValueError): ids become subject tokens
         async for m in self.bus.follow(f"{self.prefix}.events.{job_id}", after_seq):
             typ = m.headers.get(H_TYPE, "")
             yield JobEvent(seq=m.seq, job_id=job_id, type=typ, data=_rec_dec.decode(m.data) if m.data else None)
@@ -216,6 +227,8 @@ class Jobs:
     async def cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
         """Record ``job_id`` cancelled (unless it has an outcome), announce it, and stop it in
         whichever pod runs it. True when this call recorded the cancellation."""
+        if not is_job_id(job_id):
+            return False
         reason_d = {"type": "Cancelled", "message": reason, "retryable": False}
         rec = JobRecord(job_id=job_id, kind="", status="cancelled", error=reason_d, attempts=0)
         created = await self._put(rec)
@@ -247,6 +260,9 @@ class Jobs:
 
     async def _deliver(self, kind: str, options: HandlerOptions, runner: JobRunner, d: Delivery) -> None:
         job_id = d.headers.get(H_JOB_ID) or d.headers.get(H_MSG_ID) or f"seq{d.seq}"
+        if not is_job_id(job_id):  # it cannot name an event subject or a record: dead-lettered under seq<N>
+            runner = functools.partial(_refuse, f"{H_JOB_ID}/{H_MSG_ID}: {show(job_id)} is not a job id")
+            job_id = f"seq{d.seq}"
         call = JobCall(
             job_id=job_id, kind=kind, data=d.data, headers=d.headers, attempt=d.attempt, max_deliver=options.max_deliver
         )

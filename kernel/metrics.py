@@ -9,15 +9,19 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 __all__ = [
     "DEAD_LETTERS",
     "JOBS",
+    "OVERDUE_GRACE_S",
     "QUEUE_DEPTH",
     "QUEUE_OLDEST",
     "READY",
@@ -27,6 +31,8 @@ __all__ = [
     "failed",
     "handled",
     "render",
+    "stuck",
+    "watch_overdue",
 ]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -73,8 +79,30 @@ class _HandledCollector(Collector):
         yield fam
 
 
+class _OverdueCollector(Collector):
+    """``aiwfe_handlers_overdue{contract}``, read from the endpoints at scrape time."""
+
+    def __init__(self) -> None:
+        self.sources: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily(
+            "aiwfe_handlers_overdue",
+            "Handler invocations still running past their deadline (cancelled but not ended), per contract",
+            labels=["contract"],
+        )
+        totals: dict[str, int] = {}
+        for ep in list(self.sources):
+            totals[ep.spec.address] = totals.get(ep.spec.address, 0) + stuck(ep)
+        for contract, n in sorted(totals.items()):
+            fam.add_metric([contract], n)
+        yield fam
+
+
 _handled = _HandledCollector()
 REGISTRY.register(_handled)
+_overdue = _OverdueCollector()
+REGISTRY.register(_overdue)
 FAILED = Counter(
     "aiwfe_failed_total",
     "Calls that ended in an error, per contract, path and error code",
@@ -98,6 +126,26 @@ def handled(contract: str, path: str) -> FastHistogram:
     if h is None:
         h = _handled.series[key] = FastHistogram()
     return h
+
+
+#: Work still running this long after its deadline fired counts as stuck: a handler that
+#: honours cancellation ends within a loop turn or two.
+OVERDUE_GRACE_S = 1.0
+
+
+def stuck(endpoint: Any, grace_s: float = OVERDUE_GRACE_S) -> int:
+    """How many invocations of ``endpoint`` (an :class:`aiwfe.kernel.serving.Endpoint`) still
+    run more than ``grace_s`` after their deadline fired (its ``overdue``: timer → when it fired)."""
+    if not endpoint.overdue:
+        return 0
+    cut = time.monotonic() - grace_s
+    return sum(1 for fired in endpoint.overdue.values() if fired <= cut)
+
+
+def watch_overdue(endpoint: Any) -> None:
+    """Export :func:`stuck` as ``aiwfe_handlers_overdue{contract=endpoint.spec.address}``
+    while the endpoint lives."""
+    _overdue.sources.add(endpoint)
 
 
 def failed(contract: str, path: str, code: str) -> None:

@@ -72,7 +72,7 @@ class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     ``concurrency``: handler invocations running at once in this pod.
     ``max_queue``: invocations allowed to wait for a slot; past it callers get ``Overloaded``.
-    ``timeout_s``: default deadline for calls that carry none.
+    ``timeout_s``: default deadline for calls that carry none, and the longest a caller may ask for.
     Jobs only: ``ack_wait_s`` (redelivery after a silent worker; heartbeats keep a live one),
     ``max_deliver`` (attempts before dead-lettering), ``backoff_s`` (delay before attempt
     n+1 after a failed attempt n; the last value repeats).

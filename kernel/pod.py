@@ -23,7 +23,7 @@ from aiwfe.bus.base import Bus
 from aiwfe.bus.errors import BusError
 
 from . import gc_tuning, metrics, tracing
-from ._ops import OpsServer
+from ._ops import OpsServer, stuck_handlers
 from .admin import answer_status
 from .errors import ConfigError, Unavailable
 from .manifest import Manifest
@@ -105,10 +105,11 @@ class PodRunner:
             pr = p.readiness()
             if pr:
                 reasons.append(f"{name}: {pr}")
-        return reasons
+        return reasons + stuck_handlers(self.kernel, all_slots=True)
 
     def _degraded(self) -> list[str]:
-        return [f"{name}: {note}" for name, p in self.plugins.items() for note in p.degraded()]
+        notes = [f"{name}: {note}" for name, p in self.plugins.items() for note in p.degraded()]
+        return notes + stuck_handlers(self.kernel, all_slots=False)
 
     def status(self) -> dict[str, Any]:
         """This pod's status as ``aiwfe`` pods report it to each other."""

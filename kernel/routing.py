@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from aiwfe.bus import codec
 from aiwfe.bus.base import Bus, Headers
 from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, pack_call
 from aiwfe.bus.errors import BusError, BusTimeout
@@ -95,7 +97,7 @@ class Kernel:
         async def on_event(data: bytes, headers: Headers | None) -> None:
             try:
                 msg, _ = ep.decode(data, headers)
-                tp = headers.get(H_TRACE) if headers else None
+                tp = codec.valid_traceparent(headers.get(H_TRACE)) if headers else None
                 await ep.invoke(msg, asyncio.get_running_loop().time() + ep.timeout_s, tp)
             except AiwfeError as e:
                 metrics.failed(ep.spec.address, "remote", e.code)
@@ -110,7 +112,7 @@ class Kernel:
             msg, _ = ep.decode(call.data, call.headers)
             token = _job.set(JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver))
             deadline = asyncio.get_running_loop().time() + ep.timeout_s
-            tp = call.headers.get(H_TRACE)
+            tp = codec.valid_traceparent(call.headers.get(H_TRACE))
             try:
                 if tracing.STATE.enabled:
                     attrs = {"aiwfe.job_id": call.job_id, "aiwfe.attempt": call.attempt}
@@ -128,9 +130,11 @@ class Kernel:
 
     # -- calling ------------------------------------------------------------------
 
-    def _deadline_for(self, timeout_s: float | None) -> float:
-        now = asyncio.get_running_loop().time()
-        deadline = now + (timeout_s if timeout_s is not None else self.call_timeout_s)
+    def _deadline_for(self, timeout_s: float | None, cap_s: float | None = None) -> float:
+        t = self.call_timeout_s if timeout_s is None else timeout_s
+        if not math.isfinite(t):
+            raise ValueError(f"timeout_s={t!r}: a call's timeout must be a finite number of seconds")
+        deadline = asyncio.get_running_loop().time() + (t if cap_s is None or t < cap_s else cap_s)
         inherited = _deadline.get()
         if inherited is not None and inherited < deadline:
             deadline = inherited
@@ -139,15 +143,16 @@ class Kernel:
     async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R:
         """Call a request contract; in-process when served here, over the bus otherwise.
 
-        ``timeout_s`` defaults to the system's ``call_timeout_s``; inside a handler the
-        caller's own deadline caps it.
+        ``timeout_s`` defaults to the system's ``call_timeout_s``; the handler's own
+        ``timeout_s`` caps it, and inside a handler so does the caller's own deadline.
 
         Raises:
             DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, RemoteError.
+            ValueError: ``timeout_s`` is not finite.
         """
         contract = type(req)
-        deadline = self._deadline_for(timeout_s)
         ep = self.endpoints.get(contract)
+        deadline = self._deadline_for(timeout_s, ep.timeout_s if ep is not None else None)
         if tracing.STATE.enabled:
             path = "local" if ep is not None else "remote"
             with tracing.span(f"{address_of(contract)} call", tracing.SpanKind.CLIENT, None, {"aiwfe.path": path}):
@@ -215,7 +220,7 @@ class Kernel:
     @staticmethod
     def _job_id(address: str, job_id: str | None, idempotency_key: str | None) -> str:
         if job_id is not None:
-            return job_id
+            return codec.check_job_id(job_id)  # it becomes a subject token and a KV key
         if idempotency_key:
             return uuid.uuid5(uuid.NAMESPACE_URL, f"aiwfe:{address}:{idempotency_key}").hex
         return uuid.uuid4().hex
@@ -226,6 +231,7 @@ class Kernel:
         ``idempotency_key`` makes the id deterministic (same key → same job, submitted once).
 
         Raises:
+            ValueError (aiwfe.bus.codec.BadField): ``job_id`` is not a job id.
             Unavailable: the bus did not accept the job.
         """
         contract = type(job)
@@ -255,6 +261,7 @@ class Kernel:
         tell an unknown job from a pending one and one user's job from another's.
 
         Raises:
+            ValueError (aiwfe.bus.codec.BadField): ``job_id`` is not a job id.
             Forbidden: ``job_id`` already belongs to another owner.
             Unavailable: the bus did not accept the job.
         """

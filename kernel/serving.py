@@ -5,6 +5,8 @@ message object, the bus path after :meth:`Endpoint.handle_remote` decoded the pa
 Either way the handler runs under its concurrency limit and bounded queue
 (:class:`Limiter`), under its deadline (the pod's deadline wheel), inside a trace span,
 and its exceptions are mapped to :class:`~aiwfe.kernel.errors.RemoteError`.
+Metadata is untrusted: every field is checked (:mod:`aiwfe.bus.codec`) before a slot is
+taken; a deadline is capped at the handler's ``timeout_s`` and also bounds the wait for a slot.
 """
 
 from __future__ import annotations
@@ -12,22 +14,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import logging
 import time
 from typing import Any
 
 import msgspec
 
 from aiwfe.bus.base import Headers
-from aiwfe.bus.codec import H_CONTENT_TYPE, H_DEADLINE, H_ERROR, H_SCHEMA, H_TRACE, JSON, unpack_call
+from aiwfe.bus.codec import H_ERROR, BadField, read_headers, unpack_call
 from aiwfe.bus.wheel import DeadlineWheel
 
 from . import metrics, tracing
 from .contract import schema_hash
-from .errors import AiwfeError, BadMessage, DeadlineExceeded, Overloaded, SchemaMismatch, as_remote, to_wire
+from .errors import AiwfeError, BadMessage, DeadlineExceeded, Overloaded, RemoteError, SchemaMismatch, as_remote, to_wire
 from .jobs import JobContext, Jobs, _job
 from .plugin import HandlerSpec, Plugin
 
 __all__ = ["Endpoint", "Limiter", "current_deadline"]
+
+log = logging.getLogger("aiwfe.kernel")
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("aiwfe_deadline", default=None)
 _trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("aiwfe_traceparent", default=None)
@@ -44,7 +49,8 @@ class Limiter:
     """A concurrency limit with a bounded queue that answers Overloaded when full.
 
     ``enter`` takes a slot, waits in the queue, or raises :class:`Overloaded` at once.
-    A released slot is handed straight to the oldest waiter (first come, first served).
+    A released slot is handed straight to the oldest waiter (first come, first served);
+    a cancelled waiter leaves the queue or passes on a slot handed to it meanwhile.
     """
 
     __slots__ = ("_waiters", "active", "limit", "max_queue", "name")
@@ -93,8 +99,8 @@ class Endpoint:
     """One contract served in this pod: decoding, limits, deadline, error mapping."""
 
     # fmt: off
-    __slots__ = ("contract", "decoder", "fn", "jobs", "json_decoder", "limiter", "m_local", "m_remote", "schema",
-                 "schema_raw", "spec", "timeout_s", "wheel")
+    __slots__ = ("__weakref__", "contract", "decoder", "fn", "jobs", "json_decoder", "limiter", "m_local", "m_remote",
+                 "overdue", "schema", "schema_raw", "spec", "timeout_s", "wheel")
     # fmt: on
 
     def __init__(self, spec: HandlerSpec, plugin: Plugin, wheel: DeadlineWheel, jobs: Jobs | None = None) -> None:
@@ -111,14 +117,18 @@ class Endpoint:
         self.timeout_s = spec.options.timeout_s
         self.m_local = metrics.handled(spec.address, "local")
         self.m_remote = metrics.handled(spec.address, "remote")
+        # Timers fired while their work still runs → time.monotonic() when they fired.
+        self.overdue: dict[Any, float] = {}
+        metrics.watch_overdue(self)
 
     async def invoke(self, msg: Any, deadline: float, traceparent: str | None = None) -> Any:
         """Run the handler under the limit and the deadline (both paths come here).
 
-        ``traceparent`` (from a message) parents the handler's span when tracing is on.
+        ``deadline`` (loop time, finite) also bounds the wait for a slot. ``traceparent``
+        (from a message, validated) parents the handler's span when tracing is on.
 
         Raises:
-            Overloaded, DeadlineExceeded, RemoteError (the handler raised).
+            Overloaded, DeadlineExceeded (also while waiting for a slot), RemoteError (the handler raised).
         """
         if tracing.STATE.enabled:
             with tracing.span(
@@ -129,12 +139,16 @@ class Endpoint:
 
     async def _invoke(self, msg: Any, deadline: float) -> Any:
         lim = self.limiter
-        await lim.enter()
-        token = _deadline.set(deadline)
         task = asyncio.current_task()
         assert task is not None
-        timer = self.wheel.add(deadline, task)
+        # Ordering rule: arm the deadline before taking a slot (so it bounds the wait in the
+        # queue), and take the slot inside the try whose finally releases it.
+        timer = self.wheel.add(deadline, task, self.overdue)
+        token = _deadline.set(deadline)
+        entered = False
         try:
+            await lim.enter()
+            entered = True
             return await self.fn(msg)
         except asyncio.CancelledError:
             if timer[1].expired:
@@ -148,24 +162,25 @@ class Endpoint:
             raise mapped from e
         finally:
             self.wheel.remove(timer)
+            if timer[1].expired:
+                self.overdue.pop(timer[1], None)
             _deadline.reset(token)
-            lim.leave()
+            if entered:
+                lim.leave()
 
     def decode(self, data: bytes, headers: Headers | None) -> tuple[Any, bool]:
-        """Decode a payload; returns (message, is_json).
+        """Decode a payload described by ``headers``; returns (message, is_json).
 
         Raises:
-            SchemaMismatch, BadMessage.
+            SchemaMismatch, BadMessage (naming the bad header, or the payload's problem).
         """
-        is_json = False
-        if headers:
-            if headers.get(H_CONTENT_TYPE) == JSON:
-                is_json = True
-            else:
-                theirs = headers.get(H_SCHEMA)
-                if theirs is not None and theirs != self.schema:
-                    raise self._mismatch(theirs)
-        return self._decode(self.json_decoder if is_json else self.decoder, data), is_json
+        try:
+            _, _, json, theirs = read_headers(headers)
+        except BadField as e:
+            raise BadMessage(f"{self.spec.address}: {e}") from None
+        if theirs is not None and not json and theirs != self.schema:
+            raise self._mismatch(theirs)
+        return self._decode(self.json_decoder if json else self.decoder, data), json
 
     def _mismatch(self, theirs: str) -> SchemaMismatch:
         return SchemaMismatch(
@@ -184,43 +199,39 @@ class Endpoint:
 
         Kernel callers send a call preamble (``aiwfe.bus.codec.pack_call``); external
         publishers send a bare body described by headers (JSON with ``Content-Type``).
+        Never raises (but CancelledError): every request gets a reply.
         """
         t0 = time.perf_counter()
-        loop_now = asyncio.get_running_loop().time()
         trace_token = job_token = None
+        deadline_ms: float | None
         try:
             pre = unpack_call(data)
-            is_json = False
             if pre is not None:
                 deadline_ms, schema, tp, job_id, body = pre
                 if schema != self.schema_raw:
                     raise self._mismatch(schema.hex())
-                deadline = loop_now + deadline_ms / 1000.0
-                if tp:
-                    trace_token = _trace.set(tp)
+                msg, json = self._decode(self.decoder, body), False
                 if job_id and self.jobs is not None:
                     job_token = _job.set(JobContext(self.jobs, job_id))
-                msg = self._decode(self.decoder, body)
             else:
-                deadline = loop_now + self.timeout_s
-                tp = None
-                if headers:
-                    d = headers.get(H_DEADLINE)
-                    if d is not None:
-                        deadline = loop_now + float(d) / 1000.0
-                    tp = headers.get(H_TRACE)
-                    if tp:
-                        trace_token = _trace.set(tp)
-                msg, is_json = self.decode(data, headers)
-            reply = await self.invoke(msg, deadline, tp)
+                deadline_ms, tp, _, _ = read_headers(headers)
+                msg, json = self.decode(data, headers)
+            remaining_s = self.timeout_s if deadline_ms is None or deadline_ms >= self.timeout_s * 1e3 else deadline_ms / 1e3
+            if tp:
+                trace_token = _trace.set(tp)
+            reply = await self.invoke(msg, asyncio.get_running_loop().time() + remaining_s, tp)
             self.m_remote.observe(time.perf_counter() - t0)
-            return (_json_enc.encode(reply) if is_json else _enc.encode(reply)), None
+            return (_json_enc.encode(reply) if json else _enc.encode(reply)), None
         except AiwfeError as e:
             metrics.failed(self.spec.address, "remote", e.code)
             return b"", {H_ERROR: to_wire(e).decode()}
-        except ValueError as e:  # a malformed preamble or deadline header
+        except ValueError as e:  # a malformed preamble or header (aiwfe.bus.codec.BadField)
             metrics.failed(self.spec.address, "remote", BadMessage.code)
             return b"", {H_ERROR: to_wire(BadMessage(f"{self.spec.address}: {e}")).decode()}
+        except Exception as e:  # a kernel bug or an unencodable reply: still answer, never leave the caller waiting
+            log.exception("%s: request failed in the kernel", self.spec.address)
+            metrics.failed(self.spec.address, "remote", RemoteError.code)
+            return b"", {H_ERROR: to_wire(RemoteError(type(e).__name__, f"{self.spec.address}: {e}")).decode()}
         finally:
             if trace_token is not None:
                 _trace.reset(trace_token)

@@ -183,7 +183,7 @@ async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, 
                 json.dumps(
                     {
                         "job_id": headers.get(H_JOB_ID),
-                        "attempts": int(headers.get(H_ATTEMPTS, "0")),
+                        "attempts": int(a) if (a := headers.get(H_ATTEMPTS, "0")).isdecimal() and len(a) < 10 else None,
                         "reason": reason,
                         "payload": payload,
                     },
