@@ -119,7 +119,9 @@ class ReasoningPlugin(Plugin):
                 await self._client.aclose()
                 self._client = None
 
-    @serves(Reason, concurrency=256, max_queue=4096)
+    # timeout_s is also the cap on any caller's deadline: a real LLM answer may take
+    # minutes, so callers (helios experts) may ask for up to 120 s here.
+    @serves(Reason, concurrency=256, max_queue=4096, timeout_s=120.0)
     async def reason(self, req: Reason) -> Reasoned:
         """Answer with the configured provider; inside a job, stream partial output as events.
 
