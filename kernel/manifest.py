@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from ._config_keys import unknown_keys
 from .errors import ConfigError
 
 __all__ = ["Autoscaling", "Manifest", "Pod", "Resources", "System", "interpolate", "load_manifest", "parse_manifest"]
@@ -170,6 +171,11 @@ def parse_manifest(text: str, source: str = "<string>", env: Mapping[str, str] |
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
     raw = interpolate(raw, os.environ if env is None else env)
+    unknown = unknown_keys(raw, Manifest)
+    if unknown:
+        raise ConfigError(
+            f"{source}: " + "; ".join(f"{u.message()} ({u.hint()})" for u in unknown) + " (`aiwfe check` lists every problem)"
+        )
     raw["source"] = source
     try:
         return msgspec.convert(raw, Manifest, strict=False)

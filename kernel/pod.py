@@ -27,7 +27,7 @@ from ._ops import OpsServer, stuck_handlers
 from .admin import answer_status
 from .errors import ConfigError, Unavailable
 from .manifest import Manifest
-from .plugin import HandlerOptions, Plugin, config_type, handlers_of, validate_plugin_class
+from .plugin import Plugin, config_problems, handler_options, handlers_of, served_contracts, validate_plugin_class
 from .registry import discover, resolve
 from .routing import Kernel
 
@@ -68,31 +68,40 @@ class PodRunner:
             except (LookupError, ImportError) as e:
                 problems.append(str(e))
                 continue
-            found = validate_plugin_class(cls)
-            if found:
-                problems.extend(found)
+            invalid = validate_plugin_class(cls)
+            if invalid:
+                problems.extend(invalid)
                 continue
-            try:
-                cfg = msgspec.convert(self.manifest.plugins.get(name, {}), config_type(cls), strict=False)
-            except msgspec.ValidationError as e:
-                problems.append(f"[plugins.{name}]: {e}")
+            served = self._served() if cls.config_addresses else None
+            cfg, found = config_problems(cls, self.manifest.plugins.get(name, {}), served)
+            if found or cfg is None:
+                problems.extend(f"[plugins.{name}]: {what} ({hint})" for what, hint in found)
                 continue
             plugin = cls(cfg, self.kernel.caller_for(cls.name, cls.calls))
             self.plugins[name] = plugin
             for spec in handlers_of(cls):
                 override = self.pod.handlers.get(spec.address)
                 if override:
-                    try:
-                        options = msgspec.convert(
-                            {**msgspec.structs.asdict(spec.options), **override}, HandlerOptions, strict=False
-                        )
-                    except (msgspec.ValidationError, TypeError) as e:
-                        problems.append(f"[pods.{self.pod_name}.handlers.{spec.address!r}]: {e}")
+                    options, bad = handler_options(spec.options, override)
+                    if bad or options is None:
+                        where = f"[pods.{self.pod_name}.handlers.{spec.address!r}]"
+                        problems.extend(f"{where}: {what} ({hint})" for what, hint in bad)
                         continue
                     spec = msgspec.structs.replace(spec, options=options)
                 self.kernel.add(spec, plugin)
         if problems:
             raise ConfigError(f"pod {self.pod_name}: " + "; ".join(problems))
+
+    def _served(self) -> dict[str, str] | None:
+        """Contracts served by any pod of the manifest (address → kind), for plugins whose
+        config names contracts; None when a plugin of another pod is not importable here
+        (its image may not have it), in which case only ``aiwfe check`` can tell."""
+        installed = discover()
+        try:
+            classes = [resolve(p, installed) for pod in self.manifest.pods.values() for p in pod.plugins]
+        except Exception:
+            return None
+        return served_contracts(classes)
 
     def _not_ready(self) -> list[str]:
         reasons = []
