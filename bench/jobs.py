@@ -1,0 +1,312 @@
+"""``aiwfe bench jobs``: durable job throughput through the kernel against raw nats-py JetStream.
+
+One job = submit, run a no-op, record the outcome, ack. Both paths run closed loops of
+``--inflight`` clients, each submitting a job and waiting for its outcome record before
+submitting the next, so throughput and submit-to-outcome latency are measured together:
+
+* **kernel**: a submitter pod and a worker pod (two PodRunners, two NATS connections, the
+  no-op plugin of :mod:`aiwfe.bench._noop`); ``kernel.submit`` → the jobs stream → the
+  worker's pull consumer → the handler → the create-once outcome record, the ``job.done``
+  event, the ack (:mod:`aiwfe.kernel.jobs`);
+* **raw**: nats-py alone on two connections: a work-queue stream, one durable pull consumer,
+  ``js.publish`` with ``Nats-Msg-Id``, one KV ``create`` per message, ack;
+* **auth**: the kernel path again on a nats-server with authorization on (a user per pod
+  with its least-privilege permissions), against the kernel path on one with it off; both
+  private embedded servers started here (``auth_ratio`` = on / off).
+
+A job's outcome is seen when its record is written: the clients watch the bucket's subject
+(``$KV.<bucket>.>``) on a connection of their own, the same way for both paths. Rounds
+alternate the paths so that drift on a shared machine hits them alike; each figure is the
+mean of the rounds, latencies are over all rounds. Last line: one JSON object
+``{"jobs", "kernel_per_s", "raw_per_s", "ratio", "p50_ms", "p99_ms", "auth_ratio", ...}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+from ._support import emit, nats_server, percentile
+
+#: the subject prefix on the server with authorization on (a private server: nothing else on it)
+AUTH_PREFIX = "bjauth"
+
+#: submit one job with this id (the path's own way); the outcome arrives on the bucket's subject
+Submit = Callable[[str], Awaitable[None]]
+
+
+class Outcomes:
+    """Futures of the jobs in flight, resolved when their record appears on the bucket."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, asyncio.Future[float]] = {}
+
+    def expect(self, job_id: str) -> asyncio.Future[float]:
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.waiting[job_id] = fut
+        return fut
+
+    async def on_record(self, msg: Any) -> None:
+        fut = self.waiting.pop(msg.subject.rsplit(".", 1)[-1], None)
+        if fut is not None and not fut.done():
+            fut.set_result(time.perf_counter())
+
+
+async def closed_loop(submit: Submit, outcomes: Outcomes, jobs: int, inflight: int) -> tuple[float, list[float]]:
+    """Run ``jobs`` jobs with ``inflight`` clients; return (jobs/s, latencies in ms)."""
+    left = jobs
+    latencies: list[float] = []
+
+    async def client() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            job_id = uuid.uuid4().hex
+            fut = outcomes.expect(job_id)
+            t0 = time.perf_counter()
+            await submit(job_id)
+            t1 = await asyncio.wait_for(fut, 30.0)
+            latencies.append((t1 - t0) * 1000)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(inflight)))
+    return jobs / (time.perf_counter() - start), latencies
+
+
+@contextlib.asynccontextmanager
+async def watching(url: str, bucket: str, outcomes: Outcomes) -> AsyncIterator[None]:
+    """A connection of its own subscribed to the bucket's subject."""
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await nc.subscribe(f"$KV.{bucket}.>", cb=outcomes.on_record, pending_msgs_limit=1_000_000)
+        await nc.flush()
+        yield
+    finally:
+        await nc.close()
+
+
+@contextlib.asynccontextmanager
+async def kernel_path(url: str, worker_url: str, prefix: str) -> AsyncIterator[tuple[Submit, str]]:
+    """Submitter and worker pods on their own connections; yields (submit, bucket)."""
+    from aiwfe.bench._noop import Noop
+    from aiwfe.bus.codec import stream_names
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.manifest import parse_manifest
+    from aiwfe.kernel.pod import PodRunner
+
+    manifest = parse_manifest(
+        f"""
+        [system]
+        subject_prefix = "{prefix}"
+        [pods.worker]
+        plugins = ["aiwfe.bench._noop:NoopWorkerPlugin"]
+        [pods.submitter]
+        plugins = ["aiwfe.bench._noop:NoopSubmitterPlugin"]
+        """,
+        env={},
+    )
+    worker = PodRunner(manifest, "worker", NatsBus(worker_url, prefix, name="bench-worker"), ops_port=0)
+    submitter = PodRunner(manifest, "submitter", NatsBus(url, prefix, name="bench-submitter"), ops_port=0)
+    await worker.start()
+    await submitter.start()
+    kernel = submitter.kernel
+    job = Noop(n=1)
+
+    async def submit(job_id: str) -> None:
+        await kernel.submit(job, job_id=job_id)
+
+    try:
+        yield submit, stream_names(prefix)["results"]
+    finally:
+        await submitter.stop()
+        await worker.stop()
+
+
+@contextlib.asynccontextmanager
+async def raw_path(url: str, prefix: str, concurrency: int = 256) -> AsyncIterator[tuple[Submit, str]]:
+    """nats-py JetStream alone: work queue, pull consumer, a KV create per message, ack."""
+    import nats
+    import nats.errors
+    from nats.js import api
+
+    stream, bucket, subject = f"{prefix.upper()}_RAWJOBS", f"{prefix.upper()}_RAWRESULTS", f"{prefix}.rawjobs.noop"
+    pub = await nats.connect(url)
+    sub = await nats.connect(url)
+    js_pub, js_sub = pub.jetstream(), sub.jetstream()
+    await js_sub.add_stream(
+        api.StreamConfig(name=stream, subjects=[subject], retention=api.RetentionPolicy.WORK_QUEUE, duplicate_window=120.0)
+    )
+    kv = await js_sub.create_key_value(bucket=bucket, history=1)
+    await js_sub.add_consumer(
+        stream, api.ConsumerConfig(durable_name="raw", ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=4096)
+    )
+    psub = await js_sub.pull_subscribe_bind(durable="raw", stream=stream)
+    slots = asyncio.Semaphore(concurrency)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def handle(msg: Any) -> None:
+        try:
+            await kv.create(msg.headers["Nats-Msg-Id"], b"done")
+            await msg.ack()
+        finally:
+            slots.release()
+
+    async def fetch_loop() -> None:
+        while True:
+            await slots.acquire()
+            free = 1
+            while free < 64 and not slots.locked():
+                await slots.acquire()
+                free += 1
+            try:
+                msgs = await psub.fetch(batch=free, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                msgs = []
+            for _ in range(free - len(msgs)):
+                slots.release()
+            for m in msgs:
+                t = asyncio.get_running_loop().create_task(handle(m))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+
+    loop_task = asyncio.get_running_loop().create_task(fetch_loop())
+    payload = b"\x81\xa1n\x01"  # msgpack {"n": 1}, the kernel's Noop(n=1)
+
+    async def submit(job_id: str) -> None:
+        await js_pub.publish(subject, payload, headers={"Nats-Msg-Id": job_id}, timeout=5.0)
+
+    try:
+        yield submit, bucket
+    finally:
+        loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop_task
+        await pub.close()
+        await sub.close()
+
+
+# -- authorization on: a nats-server config with one user per pod ------------------------
+
+
+def pod_permissions(prefix: str) -> dict[str, Any]:
+    """What a pod of this benchmark may publish and subscribe (least privilege, as for any pod:
+    its subjects, the JetStream API of its streams and the bucket, its inbox)."""
+    from aiwfe.bus.codec import stream_names
+
+    n = stream_names(prefix)
+    streams = [n["jobs"], n["events"], n["dlq"], f"KV_{n['results']}"]
+    publish = [f"{prefix}.jobs.bench.noop", f"{prefix}.events.>", f"{prefix}.dlq.>", f"{prefix}.control.>", "$JS.API.INFO"]
+    for s in streams:
+        publish += [f"$JS.API.STREAM.{op}.{s}" for op in ("INFO", "CREATE", "UPDATE", "MSG.GET")]
+        publish += [f"$JS.API.CONSUMER.{op}.{s}.>" for op in ("CREATE", "DURABLE.CREATE", "INFO", "DELETE", "MSG.NEXT")]
+        publish += [f"$JS.API.CONSUMER.CREATE.{s}", f"$JS.API.DIRECT.GET.{s}", f"$JS.API.DIRECT.GET.{s}.>", f"$JS.ACK.{s}.>"]
+    publish.append(f"$KV.{n['results']}.>")
+    return {
+        "publish": {"allow": publish},
+        "subscribe": {"allow": ["_INBOX.>", f"{prefix}.control.>", f"{prefix}.events.>"]},
+    }
+
+
+def auth_config(prefix: str, passwords: dict[str, str]) -> str:
+    """nats-server configuration: ``authorization { users = [...] }`` (JSON is valid syntax)."""
+    import json
+
+    users = [{"user": u, "password": p, "permissions": pod_permissions(prefix)} for u, p in passwords.items() if u != "watch"]
+    users.append({"user": "watch", "password": passwords["watch"], "permissions": {"subscribe": {"allow": ["$KV.>"]}}})
+    return "authorization {\n  users = " + json.dumps(users, indent=2) + "\n}\n"
+
+
+@contextlib.contextmanager
+def auth_server(prefix: str) -> Iterator[dict[str, str]]:
+    """A private nats-server with authorization on; yields user → URL with its credentials."""
+    from aiwfe.kernel.tools.embedded import EmbeddedNats, nats_server_binary
+
+    passwords = {u: secrets.token_urlsafe(24) for u in ("pod-worker", "pod-submitter", "watch")}
+
+    class AuthNats(EmbeddedNats):
+        def start(self, timeout_s: float = 10.0) -> EmbeddedNats:
+            conf = os.path.join(self.data_dir, "auth.conf")
+            with open(conf, "w") as f:
+                f.write(auth_config(prefix, passwords))
+            os.chmod(conf, 0o600)
+            self._spawn(
+                [nats_server_binary(), "-c", conf, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir)],
+                timeout_s,
+            )
+            return self
+
+    with tempfile.TemporaryDirectory(prefix="aiwfe-bench-auth-") as d:
+        os.makedirs(os.path.join(d, "nats"))
+        with AuthNats(os.path.join(d, "nats")) as srv:
+            yield {u: f"nats://{u}:{p}@{srv.host}:{srv.port}" for u, p in passwords.items()}
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rounds: int) -> dict[str, Any]:
+    """Set the three paths up, then alternate them for ``rounds`` rounds of ``jobs`` jobs each."""
+    prefix = f"bj{int(time.time() * 1000) % 10**8}"
+    paths = {
+        "raw": (raw_path(url, f"{prefix}r"), url),
+        "kernel": (kernel_path(url, url, f"{prefix}k"), url),
+        "auth": (kernel_path(auth_urls["pod-submitter"], auth_urls["pod-worker"], AUTH_PREFIX), auth_urls["watch"]),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    latencies: dict[str, list[float]] = {name: [] for name in paths}
+    async with contextlib.AsyncExitStack() as stack:
+        loops = {}
+        for name, (path, watch_url) in paths.items():
+            submit, bucket = await stack.enter_async_context(path)
+            outcomes = Outcomes()
+            await stack.enter_async_context(watching(watch_url, bucket, outcomes))
+            loops[name] = (submit, outcomes)
+            await closed_loop(submit, outcomes, max(inflight, jobs // 5), inflight)  # warm-up
+        for _ in range(rounds):
+            for name, (submit, outcomes) in loops.items():
+                rate, lat = await closed_loop(submit, outcomes, jobs, inflight)
+                rates[name].append(rate)
+                latencies[name] += lat
+    raw_rates, kernel_rates, auth_rates = rates["raw"], rates["kernel"], rates["auth"]
+    raw_latencies, latencies = latencies["raw"], latencies["kernel"]
+    raw, kernel, auth = (sum(x) / len(x) for x in (raw_rates, kernel_rates, auth_rates))
+    return {
+        "jobs": jobs,
+        "kernel_per_s": round(kernel),
+        "raw_per_s": round(raw),
+        "ratio": round(kernel / raw, 3),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "auth_ratio": round(auth / kernel, 3),
+        "auth_per_s": round(auth),
+        "raw_p50_ms": round(percentile(raw_latencies, 50), 2),
+        "raw_p99_ms": round(percentile(raw_latencies, 99), 2),
+        "inflight": inflight,
+        "rounds": rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run, print the JSON line."""
+    p = argparse.ArgumentParser(
+        prog="aiwfe bench jobs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--url", help="NATS URL for the unauthenticated runs (default: a private embedded nats-server)")
+    p.add_argument("--jobs", type=int, default=2000, help="jobs per path per round (default 2000)")
+    p.add_argument("--inflight", type=int, default=64, help="clients, each with one job in flight (default 64)")
+    p.add_argument("--rounds", type=int, default=5, help="rounds, each running every path in turn (default 5)")
+    a = p.parse_args(argv)
+    with nats_server(a.url) as url, auth_server(AUTH_PREFIX) as auth_urls:
+        result = asyncio.run(run(url, auth_urls, a.jobs, a.inflight, a.rounds))
+    emit(result)
+    return 0
