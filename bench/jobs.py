@@ -10,6 +10,9 @@ submitting the next, so throughput and submit-to-outcome latency are measured to
   event, the ack (:mod:`aiwfe.kernel.jobs`);
 * **raw**: nats-py alone on two connections: a work-queue stream, one durable pull consumer,
   ``js.publish`` with ``Nats-Msg-Id``, one KV ``create`` per message, ack;
+* **raw, same work**: raw nats-py doing what the kernel's semantics add per job (a read
+  of the record before running, so that a redelivered or cancelled job does not run again;
+  the terminal event between the record and the ack): ``same_work_ratio``;
 * **auth**: the kernel path again on a nats-server with authorization on (a user per pod
   with its least-privilege permissions), against the kernel path on one with it off; both
   private embedded servers started here (``auth_ratio`` = on / off).
@@ -133,10 +136,18 @@ async def kernel_path(url: str, worker_url: str, prefix: str) -> AsyncIterator[t
 
 
 @contextlib.asynccontextmanager
-async def raw_path(url: str, prefix: str, concurrency: int = 256) -> AsyncIterator[tuple[Submit, str]]:
-    """nats-py JetStream alone: work queue, pull consumer, a KV create per message, ack."""
+async def raw_path(
+    url: str, prefix: str, concurrency: int = 256, *, same_work: bool = False
+) -> AsyncIterator[tuple[Submit, str]]:
+    """nats-py JetStream alone: work queue, pull consumer, a KV create per message, ack.
+
+    ``same_work``: also what the kernel's semantics add per job, still with nats-py alone: a
+    read of the record before running (a redelivered or cancelled job must not run again)
+    and a terminal event on an events stream between the record and the ack.
+    """
     import nats
     import nats.errors
+    import nats.js.errors
     from nats.js import api
 
     stream, bucket, subject = f"{prefix.upper()}_RAWJOBS", f"{prefix.upper()}_RAWRESULTS", f"{prefix}.rawjobs.noop"
@@ -146,7 +157,10 @@ async def raw_path(url: str, prefix: str, concurrency: int = 256) -> AsyncIterat
     await js_sub.add_stream(
         api.StreamConfig(name=stream, subjects=[subject], retention=api.RetentionPolicy.WORK_QUEUE, duplicate_window=120.0)
     )
-    kv = await js_sub.create_key_value(bucket=bucket, history=1)
+    kv = await js_sub.create_key_value(bucket=bucket, history=1, direct=True)
+    events = f"{prefix}.rawevents"
+    if same_work:
+        await js_sub.add_stream(api.StreamConfig(name=f"{prefix.upper()}_RAWEVENTS", subjects=[f"{events}.>"]))
     await js_sub.add_consumer(
         stream, api.ConsumerConfig(durable_name="raw", ack_policy=api.AckPolicy.EXPLICIT, max_ack_pending=4096)
     )
@@ -155,8 +169,14 @@ async def raw_path(url: str, prefix: str, concurrency: int = 256) -> AsyncIterat
     tasks: set[asyncio.Task[None]] = set()
 
     async def handle(msg: Any) -> None:
+        job_id = msg.headers["Nats-Msg-Id"]
         try:
-            await kv.create(msg.headers["Nats-Msg-Id"], b"done")
+            if same_work:
+                with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+                    await kv.get(job_id)
+            await kv.create(job_id, b"done")
+            if same_work:
+                await js_sub.publish(f"{events}.{job_id}", b"\x81\xa1n\x01", headers={"Aiwfe-Type": "job.done"})
             await msg.ack()
         finally:
             slots.release()
@@ -259,6 +279,7 @@ async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rou
     prefix = f"bj{int(time.time() * 1000) % 10**8}"
     paths = {
         "raw": (raw_path(url, f"{prefix}r"), url),
+        "raw_same": (raw_path(url, f"{prefix}s", same_work=True), url),
         "kernel": (kernel_path(url, url, f"{prefix}k"), url),
         "auth": (kernel_path(auth_urls["pod-submitter"], auth_urls["pod-worker"], AUTH_PREFIX), auth_urls["watch"]),
     }
@@ -277,7 +298,7 @@ async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rou
                 rate, lat = await closed_loop(submit, outcomes, jobs, inflight)
                 rates[name].append(rate)
                 latencies[name] += lat
-    raw, kernel, auth = (sum(rates[name]) / len(rates[name]) for name in ("raw", "kernel", "auth"))
+    raw, same, kernel, auth = (sum(rates[name]) / len(rates[name]) for name in ("raw", "raw_same", "kernel", "auth"))
     return {
         "jobs": jobs,
         "kernel_per_s": round(kernel),
@@ -287,6 +308,8 @@ async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rou
         "p99_ms": round(percentile(latencies["kernel"], 99), 2),
         "auth_ratio": round(auth / kernel, 3),
         "auth_per_s": round(auth),
+        "raw_same_work_per_s": round(same),
+        "same_work_ratio": round(kernel / same, 3),
         "raw_p50_ms": round(percentile(latencies["raw"], 50), 2),
         "raw_p99_ms": round(percentile(latencies["raw"], 99), 2),
         "inflight": inflight,
