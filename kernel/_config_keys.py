@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
-__all__ = ["UnknownKey", "did_you_mean", "strip_unknown", "unknown_keys"]
+__all__ = ["UnknownKey", "did_you_mean", "did_you_mean_keys", "strip_unknown", "unknown_keys"]
 
 
 class UnknownKey(msgspec.Struct, frozen=True):
@@ -85,3 +85,8 @@ def unknown_keys(raw: Any, typ: type, path: str = "") -> list[UnknownKey]:
 def strip_unknown(raw: Any, typ: type) -> Any:
     """``raw`` without the keys :func:`unknown_keys` reports (a copy; ``raw`` is untouched)."""
     return _walk(raw, mi.type_info(typ), "", [], strip=True)
+
+
+def did_you_mean_keys(raw: Any, typ: type) -> str:
+    """``"; unknown key 'replica' in pods.a (did you mean 'replicas'?)"`` for every unknown key."""
+    return "".join(f"; {u.message()} ({u.hint()})" for u in unknown_keys(raw, typ))

@@ -147,34 +147,6 @@ def _unavailable() -> Iterator[None]:
         raise Unavailable(str(e)) from None
 
 
-class _Heartbeat:
-    """Tells the server every ``every_s`` that delivery ``d`` is still being worked on.
-
-    A timer rather than a task per delivery: most jobs finish before the first beat, and
-    a task to create, schedule and cancel per job is measurable (``aiwfe bench jobs``)."""
-
-    __slots__ = ("_d", "_every_s", "_handle", "_loop", "_sending")
-
-    def __init__(self, d: Delivery, every_s: float) -> None:
-        self._d, self._every_s, self._loop = d, every_s, asyncio.get_running_loop()
-        self._sending: asyncio.Task[None] | None = None
-        self._handle = self._loop.call_later(every_s, self._beat)
-
-    def _beat(self) -> None:
-        if self._sending is None or self._sending.done():
-            self._sending = self._loop.create_task(self._send())
-        self._handle = self._loop.call_later(self._every_s, self._beat)
-
-    async def _send(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._d.in_progress()
-
-    def cancel(self) -> None:
-        self._handle.cancel()
-        if self._sending is not None:
-            self._sending.cancel()
-
-
 class Jobs:
     """The kernel's jobs over one bus: submit, consume, record, announce, cancel, follow."""
 
@@ -243,11 +215,11 @@ class Jobs:
 
     async def submit(self, kind: str, data: bytes, headers: Headers, job_id: str, *, fresh: bool = False) -> bool:
         """Durably enqueue; False when ``job_id`` was submitted before (or already finished).
-        ``fresh``: the id was just generated at random, so no record can exist (one read less).
 
         Raises:
             Unavailable: the bus did not accept it (retry with the same id).
         """
+        # a `fresh` id was just drawn at random: no record can exist, so none is looked up
         if not fresh and await self.record(job_id) is not None:
             return False
         with _unavailable():
@@ -295,7 +267,7 @@ class Jobs:
         call = JobCall(
             job_id=job_id, kind=kind, data=d.data, headers=d.headers, attempt=d.attempt, max_deliver=options.max_deliver
         )
-        hb = _Heartbeat(d, max(0.2, options.ack_wait_s / 3))
+        hb = asyncio.get_running_loop().create_task(self._heartbeat(d, max(0.2, options.ack_wait_s / 3)))
         try:
             outcome, delay = await self.process(call, options, runner)
         except asyncio.CancelledError:
@@ -311,6 +283,13 @@ class Jobs:
             await d.nak(delay)
         else:
             await d.term()
+
+    @staticmethod
+    async def _heartbeat(d: Delivery, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            with contextlib.suppress(Exception):
+                await d.in_progress()
 
     async def process(self, call: JobCall, options: HandlerOptions, runner: JobRunner) -> tuple[str, float]:
         """Run one delivery; return ``("ack"|"nak"|"term", nak_delay_s)``.

@@ -29,7 +29,7 @@ from typing import Any
 
 import msgspec
 
-from ._config_keys import unknown_keys
+from ._config_keys import did_you_mean_keys
 from .errors import ConfigError
 
 __all__ = ["Autoscaling", "Manifest", "Pod", "Resources", "System", "interpolate", "load_manifest", "parse_manifest"]
@@ -171,16 +171,11 @@ def parse_manifest(text: str, source: str = "<string>", env: Mapping[str, str] |
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: invalid TOML: {e}") from None
     raw = interpolate(raw, os.environ if env is None else env)
-    unknown = unknown_keys(raw, Manifest)
-    if unknown:
-        raise ConfigError(
-            f"{source}: " + "; ".join(f"{u.message()} ({u.hint()})" for u in unknown) + " (`aiwfe check` lists every problem)"
-        )
     raw["source"] = source
     try:
         return msgspec.convert(raw, Manifest, strict=False)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    except msgspec.ValidationError as e:  # with every misspelled key and its closest known one
+        raise ConfigError(f"{source}: {e}{did_you_mean_keys(raw, Manifest)}") from None
 
 
 def load_manifest(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Manifest:

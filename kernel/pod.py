@@ -25,9 +25,10 @@ from aiwfe.bus.errors import BusError
 from . import gc_tuning, metrics, tracing
 from ._ops import OpsServer, stuck_handlers
 from .admin import answer_status
+from .config_check import config_problems, handler_options, manifest_served
 from .errors import ConfigError, Unavailable
 from .manifest import Manifest
-from .plugin import Plugin, config_problems, handler_options, handlers_of, served_contracts, validate_plugin_class
+from .plugin import Plugin, handlers_of, validate_plugin_class
 from .registry import discover, resolve
 from .routing import Kernel
 
@@ -68,14 +69,14 @@ class PodRunner:
             except (LookupError, ImportError) as e:
                 problems.append(str(e))
                 continue
-            invalid = validate_plugin_class(cls)
-            if invalid:
-                problems.extend(invalid)
+            found = validate_plugin_class(cls)
+            if found:
+                problems.extend(found)
                 continue
-            served = self._served() if cls.config_addresses else None
-            cfg, found = config_problems(cls, self.manifest.plugins.get(name, {}), served)
-            if found or cfg is None:
-                problems.extend(f"[plugins.{name}]: {what} ({hint})" for what, hint in found)
+            served = manifest_served(self.manifest) if cls.config_addresses else None
+            cfg, bad = config_problems(cls, self.manifest.plugins.get(name, {}), served)
+            if bad or cfg is None:
+                problems.extend(f"[plugins.{name}]: {what} ({hint})" for what, hint in bad)
                 continue
             plugin = cls(cfg, self.kernel.caller_for(cls.name, cls.calls))
             self.plugins[name] = plugin
@@ -91,17 +92,6 @@ class PodRunner:
                 self.kernel.add(spec, plugin)
         if problems:
             raise ConfigError(f"pod {self.pod_name}: " + "; ".join(problems))
-
-    def _served(self) -> dict[str, str] | None:
-        """Contracts served by any pod of the manifest (address → kind), for plugins whose
-        config names contracts; None when a plugin of another pod is not importable here
-        (its image may not have it), in which case only ``aiwfe check`` can tell."""
-        installed = discover()
-        try:
-            classes = [resolve(p, installed) for pod in self.manifest.pods.values() for p in pod.plugins]
-        except Exception:
-            return None
-        return served_contracts(classes)
 
     def _not_ready(self) -> list[str]:
         reasons = []

@@ -235,11 +235,11 @@ class Kernel:
             Unavailable: the bus did not accept the job.
         """
         contract = type(job)
-        fresh = job_id is None and not idempotency_key  # a new random id: nothing on record to look up
-        job_id = self._job_id(address_of(contract), job_id, idempotency_key)
-        headers = {H_MSG_ID: job_id, H_SCHEMA: schema_hash(contract)}
-        await self._submit(address_of(contract), _enc.encode(job), headers, job_id, fresh=fresh)
-        return job_id
+        jid = self._job_id(address_of(contract), job_id, idempotency_key)
+        headers = {H_MSG_ID: jid, H_SCHEMA: schema_hash(contract)}
+        # a new random id has nothing on record to look up
+        await self._submit(address_of(contract), _enc.encode(job), headers, jid, fresh=job_id is None and not idempotency_key)
+        return jid
 
     async def _submit(self, address: str, data: bytes, headers: Headers, job_id: str, *, fresh: bool = False) -> None:
         with self._producer(f"{address} submit", headers, {"aiwfe.job_id": job_id}):

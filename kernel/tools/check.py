@@ -20,18 +20,11 @@ from pathlib import Path
 import msgspec
 
 from .._config_keys import did_you_mean, strip_unknown, unknown_keys
+from ..config_check import config_problems, handler_options, served_contracts
 from ..contract import address_of, kind_of
 from ..errors import ConfigError
 from ..manifest import Manifest, interpolate
-from ..plugin import (
-    Plugin,
-    config_problems,
-    config_type,
-    handler_options,
-    handlers_of,
-    served_contracts,
-    validate_plugin_class,
-)
+from ..plugin import Plugin, config_type, handlers_of, validate_plugin_class
 from ..registry import discover, resolve
 
 __all__ = ["Problem", "check_manifests", "load_for_check"]

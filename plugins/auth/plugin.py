@@ -33,8 +33,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from aiwfe.kernel import metrics
+from aiwfe.kernel.config_check import one_of
 from aiwfe.kernel.errors import ConfigError, Overloaded, Unavailable
-from aiwfe.kernel.plugin import Plugin, one_of, serves
+from aiwfe.kernel.plugin import Plugin, serves
 
 from .cache import ClaimCache, Denylist
 from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token, TokenRevoked, Verify

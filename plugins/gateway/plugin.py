@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from aiwfe.kernel import ConfigError, Plugin, address_of, serves
-from aiwfe.kernel.plugin import one_of, problem_text
+from aiwfe.kernel.config_check import one_of, problem_text
 from aiwfe.plugins.auth.contract import Login, Logout, Register, TokenRevoked, Verify
 from aiwfe.plugins.memory.contract import Recall, Remember
 from aiwfe.plugins.perception.contract import Perceive

@@ -34,9 +34,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from aiwfe.kernel import Plugin, pg, serves
+from aiwfe.kernel.config_check import one_of
 from aiwfe.kernel.errors import AiwfeError
 from aiwfe.kernel.metrics import REGISTRY
-from aiwfe.kernel.plugin import one_of
 
 from ._batch import GroupCommit
 from .contract import Forget, ForgetResult, MemoryHit, Recall, RecallResult, Remember, RememberResult

@@ -22,7 +22,7 @@ import re
 import msgspec
 
 from aiwfe.kernel import AiwfeError, Plugin, serves
-from aiwfe.kernel.plugin import one_of, problem_text
+from aiwfe.kernel.config_check import one_of, problem_text
 from aiwfe.plugins.reasoning.contract import Reason
 
 from .contract import ExpertiseScore, Perceive, Perception

@@ -32,8 +32,8 @@ import msgspec
 from prometheus_client import Gauge
 
 from aiwfe.kernel import ConfigError, Plugin, current_deadline, current_job, serves
+from aiwfe.kernel.config_check import one_of, problem_text
 from aiwfe.kernel.metrics import REGISTRY
-from aiwfe.kernel.plugin import one_of, problem_text
 
 from .contract import AnswerStreamed, Reason, Reasoned
 from .providers import ChatResult, OllamaProvider, OpenAIProvider, ProviderError

@@ -15,8 +15,8 @@ import pytest
 
 from aiwfe.bus.local import LocalBus
 from aiwfe.kernel import ConfigError, Job, Plugin, Reply, Request, serves
+from aiwfe.kernel.config_check import config_problems, one_of
 from aiwfe.kernel.manifest import parse_manifest
-from aiwfe.kernel.plugin import config_problems, one_of
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.tools.check import check_manifests, load_for_check
 
