@@ -251,3 +251,10 @@ def test_config_problems_returns_the_config_when_valid() -> None:
     assert problems == [] and isinstance(cfg, Router.Config) and cfg.mode == "safe"
     cfg, problems = config_problems(Router, {"low": "many"}, served=None)
     assert cfg is None and "Expected `int`" in problems[0][0] and "Router.Config fields" in problems[0][1]
+
+
+def test_aiwfe_run_names_every_misspelled_manifest_key() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_manifest('[pods.a]\nplugins = ["x"]\nreplica = 2\n[system]\ndrain_timeout = 1\n', "m.toml", env={})
+    assert "unknown key 'replica' in pods.a (did you mean 'replicas'?)" in e.value.message
+    assert "unknown key 'drain_timeout' in system (did you mean 'drain_timeout_s'?)" in e.value.message
