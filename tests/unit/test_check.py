@@ -258,3 +258,27 @@ def test_aiwfe_run_names_every_misspelled_manifest_key() -> None:
         parse_manifest('[pods.a]\nplugins = ["x"]\nreplica = 2\n[system]\ndrain_timeout = 1\n', "m.toml", env={})
     assert "unknown key 'replica' in pods.a (did you mean 'replicas'?)" in e.value.message
     assert "unknown key 'drain_timeout' in system (did you mean 'drain_timeout_s'?)" in e.value.message
+
+
+@pytest.mark.parametrize(
+    ("plugin", "config", "expected"),
+    [
+        ("reasoning", {"provider": "openai"}, "model: provider openai needs `model`"),
+        ("memory", {"vector_store": "qdrant"}, "vector_store: unknown value 'qdrant'"),
+        ("memory", {"embedder": "openai"}, "embed_model: embedder openai needs a model"),
+        ("gateway", {"server": "gunicorn"}, "server: unknown value 'gunicorn'"),
+        ("gateway", {"ws_calls": ["helios.ask"]}, "ws_calls: helios.ask not among the gateway's calls"),
+        ("auth", {"jwt_algorithm": "RS256"}, "RS256 needs jwt_private_key or jwt_private_key_file"),
+        ("auth", {"jwt_secret": "short"}, "jwt_secret: must be at least 32 bytes"),
+        ("auth", {"pool_min": 5, "pool_max": 2}, "pool_min: 5 is more than pool_max (2)"),
+        ("perception", {"mode": "magic"}, "mode: unknown value 'magic'"),
+        ("helios", {"fallback_experts": ["nobody"]}, "fallback_experts: 'nobody' is not an expert"),
+        ("learning", {"prior_mean": 2.0}, "prior_mean: must be from 0 to 1, not 2.0"),
+    ],
+)
+def test_shipped_plugins_check_their_config(plugin: str, config: dict[str, Any], expected: str) -> None:
+    from aiwfe.kernel.registry import resolve
+
+    _cfg, problems = config_problems(resolve(plugin), config)
+    assert any(expected in what for what, _hint in problems), problems
+    assert all(hint for _what, hint in problems)
