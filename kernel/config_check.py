@@ -43,9 +43,10 @@ def config_problems(
 
     ``served`` maps every contract address some pod of the manifest serves to its kind
     (None: unknown, so :attr:`Plugin.config_addresses` is not checked).
-    Returns the config (None when it does not convert; not to be used when any problem
-    is returned) and every problem as a ``(message, hint)`` pair: unknown keys with the closest known one, type errors, the
-    plugin's :meth:`Plugin.validate_config` messages, addresses no pod serves.
+    Returns the config (None when it does not convert; not to be used when any problem is
+    returned) and every problem as a ``(message, hint)`` pair: unknown keys with the closest
+    known one, type errors, the plugin's :meth:`Plugin.validate_config` findings, addresses
+    no pod serves.
     """
     ctype = config_type(cls)
     problems: list[tuple[str, str]] = []
