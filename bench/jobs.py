@@ -274,6 +274,26 @@ def auth_server(prefix: str) -> Iterator[dict[str, str]]:
 # -- the run ------------------------------------------------------------------------------
 
 
+async def remove_streams(url: str, prefixes: list[str]) -> None:
+    """Delete the streams and buckets the paths created under ``prefixes`` (``--url`` may name a
+    shared server: the benchmark leaves nothing behind)."""
+    import nats
+
+    from aiwfe.bus.codec import stream_names
+
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    try:
+        for p in prefixes:
+            n, up = stream_names(p), p.upper()
+            names = [n["jobs"], n["events"], n["dlq"], f"KV_{n['results']}"]
+            for name in [*names, f"{up}_RAWJOBS", f"{up}_RAWEVENTS", f"KV_{up}_RAWRESULTS"]:
+                with contextlib.suppress(Exception):
+                    await js.delete_stream(name)
+    finally:
+        await nc.close()
+
+
 async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rounds: int) -> dict[str, Any]:
     """Set the three paths up, then alternate them for ``rounds`` rounds of ``jobs`` jobs each."""
     prefix = f"bj{int(time.time() * 1000) % 10**8}"
@@ -286,6 +306,7 @@ async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rou
     rates: dict[str, list[float]] = {name: [] for name in paths}
     latencies: dict[str, list[float]] = {name: [] for name in paths}
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(remove_streams, url, [f"{prefix}r", f"{prefix}s", f"{prefix}k"])
         loops = {}
         for name, (path, watch_url) in paths.items():
             submit, bucket = await stack.enter_async_context(path)
