@@ -15,7 +15,7 @@ submitting the next, so throughput and submit-to-outcome latency are measured to
   the terminal event between the record and the ack): ``same_work_ratio``;
 * **auth**: the kernel path again on a nats-server with authorization on (a user per pod
   with its least-privilege permissions), against the kernel path on one with it off; both
-  private embedded servers started here (``auth_ratio`` = on / off).
+  private embedded servers started here, whatever ``--url`` says (``auth_ratio`` = on / off).
 
 A job's outcome is seen when its record is written: the clients watch the bucket's subject
 (``$KV.<bucket>.>``) on a connection of their own, the same way for both paths. Rounds
@@ -294,8 +294,12 @@ async def remove_streams(url: str, prefixes: list[str]) -> None:
         await nc.close()
 
 
-async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rounds: int) -> dict[str, Any]:
-    """Set the three paths up, then alternate them for ``rounds`` rounds of ``jobs`` jobs each."""
+async def run(url: str, private_url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rounds: int) -> dict[str, Any]:
+    """Set the paths up, then alternate them for ``rounds`` rounds of ``jobs`` jobs each.
+
+    ``private_url``: the private embedded server without authorization that ``auth_ratio``
+    compares against (``url`` itself unless ``--url`` named another server).
+    """
     prefix = f"bj{int(time.time() * 1000) % 10**8}"
     paths = {
         "raw": (raw_path(url, f"{prefix}r"), url),
@@ -303,6 +307,8 @@ async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rou
         "kernel": (kernel_path(url, url, f"{prefix}k"), url),
         "auth": (kernel_path(auth_urls["pod-submitter"], auth_urls["pod-worker"], AUTH_PREFIX), auth_urls["watch"]),
     }
+    if private_url != url:
+        paths["auth_off"] = (kernel_path(private_url, private_url, f"{prefix}p"), private_url)
     rates: dict[str, list[float]] = {name: [] for name in paths}
     latencies: dict[str, list[float]] = {name: [] for name in paths}
     async with contextlib.AsyncExitStack() as stack:
@@ -319,7 +325,8 @@ async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rou
                 rate, lat = await closed_loop(submit, outcomes, jobs, inflight)
                 rates[name].append(rate)
                 latencies[name] += lat
-    raw, same, kernel, auth = (sum(rates[name]) / len(rates[name]) for name in ("raw", "raw_same", "kernel", "auth"))
+    mean = {name: sum(r) / len(r) for name, r in rates.items()}
+    raw, same, kernel, auth = mean["raw"], mean["raw_same"], mean["kernel"], mean["auth"]
     return {
         "jobs": jobs,
         "kernel_per_s": round(kernel),
@@ -327,7 +334,7 @@ async def run(url: str, auth_urls: dict[str, str], jobs: int, inflight: int, rou
         "ratio": round(kernel / raw, 3),
         "p50_ms": round(percentile(latencies["kernel"], 50), 2),
         "p99_ms": round(percentile(latencies["kernel"], 99), 2),
-        "auth_ratio": round(auth / kernel, 3),
+        "auth_ratio": round(auth / mean.get("auth_off", kernel), 3),
         "auth_per_s": round(auth),
         "raw_same_work_per_s": round(same),
         "same_work_ratio": round(kernel / same, 3),
@@ -348,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inflight", type=int, default=64, help="clients, each with one job in flight (default 64)")
     p.add_argument("--rounds", type=int, default=5, help="rounds, each running every path in turn (default 5)")
     a = p.parse_args(argv)
-    with nats_server(a.url) as url, auth_server(AUTH_PREFIX) as auth_urls:
-        result = asyncio.run(run(url, auth_urls, a.jobs, a.inflight, a.rounds))
+    with nats_server(None) as private_url, auth_server(AUTH_PREFIX) as auth_urls:
+        result = asyncio.run(run(a.url or private_url, private_url, auth_urls, a.jobs, a.inflight, a.rounds))
     emit(result)
     return 0
