@@ -14,7 +14,8 @@ submitting the next, so throughput and submit-to-outcome latency are measured to
   of the record before running, so that a redelivered or cancelled job does not run again;
   the terminal event between the record and the ack): ``same_work_ratio``;
 * **auth**: the kernel path again on a nats-server with authorization on (a user per pod
-  with its least-privilege permissions), against the kernel path on one with it off; both
+  with its least-privilege permissions, rendered by :mod:`aiwfe.kernel.tools.natsauth` as
+  ``aiwfe up`` does), against the kernel path on one with it off; both
   private embedded servers started here, whatever ``--url`` says (``auth_ratio`` = on / off).
 
 A job's outcome is seen when its record is written: the clients watch the bucket's subject
@@ -35,9 +36,12 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._support import emit, nats_server, percentile
+
+if TYPE_CHECKING:
+    from aiwfe.kernel.manifest import Manifest
 
 #: the subject prefix on the server with authorization on (a private server: nothing else on it)
 AUTH_PREFIX = "bjauth"
@@ -104,20 +108,9 @@ async def kernel_path(url: str, worker_url: str, prefix: str) -> AsyncIterator[t
     from aiwfe.bench._noop import Noop
     from aiwfe.bus.codec import stream_names
     from aiwfe.bus.nats import NatsBus
-    from aiwfe.kernel.manifest import parse_manifest
     from aiwfe.kernel.pod import PodRunner
 
-    manifest = parse_manifest(
-        f"""
-        [system]
-        subject_prefix = "{prefix}"
-        [pods.worker]
-        plugins = ["aiwfe.bench._noop:NoopWorkerPlugin"]
-        [pods.submitter]
-        plugins = ["aiwfe.bench._noop:NoopSubmitterPlugin"]
-        """,
-        env={},
-    )
+    manifest = bench_manifest(prefix)
     worker = PodRunner(manifest, "worker", NatsBus(worker_url, prefix, name="bench-worker"), ops_port=0)
     submitter = PodRunner(manifest, "submitter", NatsBus(url, prefix, name="bench-submitter"), ops_port=0)
     await worker.start()
@@ -215,60 +208,41 @@ async def raw_path(
         await sub.close()
 
 
-# -- authorization on: a nats-server config with one user per pod ------------------------
+# -- authorization on: the manifest's users, rendered by aiwfe.kernel.tools.natsauth --------
 
 
-def pod_permissions(prefix: str) -> dict[str, Any]:
-    """What a pod of this benchmark may publish and subscribe (least privilege, as for any pod:
-    its subjects, the JetStream API of its streams and the bucket, its inbox)."""
-    from aiwfe.bus.codec import stream_names
+def bench_manifest(prefix: str) -> Manifest:
+    """The two pods of the kernel path under ``prefix``."""
+    from aiwfe.kernel.manifest import parse_manifest
 
-    n = stream_names(prefix)
-    streams = [n["jobs"], n["events"], n["dlq"], f"KV_{n['results']}"]
-    publish = [f"{prefix}.jobs.bench.noop", f"{prefix}.events.>", f"{prefix}.dlq.>", f"{prefix}.control.>", "$JS.API.INFO"]
-    for s in streams:
-        publish += [f"$JS.API.STREAM.{op}.{s}" for op in ("INFO", "CREATE", "UPDATE", "MSG.GET")]
-        publish += [f"$JS.API.CONSUMER.{op}.{s}.>" for op in ("CREATE", "DURABLE.CREATE", "INFO", "DELETE", "MSG.NEXT")]
-        publish += [f"$JS.API.CONSUMER.CREATE.{s}", f"$JS.API.DIRECT.GET.{s}", f"$JS.API.DIRECT.GET.{s}.>", f"$JS.ACK.{s}.>"]
-    publish.append(f"$KV.{n['results']}.>")
-    return {
-        "publish": {"allow": publish},
-        "subscribe": {"allow": ["_INBOX.>", f"{prefix}.control.>", f"{prefix}.events.>"]},
-    }
-
-
-def auth_config(prefix: str, passwords: dict[str, str]) -> str:
-    """nats-server configuration: ``authorization { users = [...] }`` (JSON is valid syntax)."""
-    import json
-
-    users = [{"user": u, "password": p, "permissions": pod_permissions(prefix)} for u, p in passwords.items() if u != "watch"]
-    users.append({"user": "watch", "password": passwords["watch"], "permissions": {"subscribe": {"allow": ["$KV.>"]}}})
-    return "authorization {\n  users = " + json.dumps(users, indent=2) + "\n}\n"
+    return parse_manifest(
+        f"""
+        [system]
+        subject_prefix = "{prefix}"
+        [pods.worker]
+        plugins = ["aiwfe.bench._noop:NoopWorkerPlugin"]
+        [pods.submitter]
+        plugins = ["aiwfe.bench._noop:NoopSubmitterPlugin"]
+        """,
+        env={},
+    )
 
 
 @contextlib.contextmanager
 def auth_server(prefix: str) -> Iterator[dict[str, str]]:
-    """A private nats-server with authorization on; yields user → URL with its credentials."""
-    from aiwfe.kernel.tools.embedded import EmbeddedNats, nats_server_binary
+    """A private nats-server with authorization on, as ``aiwfe up`` runs it: one least-privilege
+    user per pod of :func:`bench_manifest` (:func:`aiwfe.kernel.tools.natsauth.permissions`),
+    plus ``watch``, which may only subscribe to the bucket's subject (how the clients see
+    outcomes). Yields user → URL with its credentials."""
+    from aiwfe.kernel.tools import natsauth
+    from aiwfe.kernel.tools.embedded import EmbeddedNats
 
-    passwords = {u: secrets.token_urlsafe(24) for u in ("pod-worker", "pod-submitter", "watch")}
-
-    class AuthNats(EmbeddedNats):
-        def start(self, timeout_s: float = 10.0) -> AuthNats:
-            conf = os.path.join(self.data_dir, "auth.conf")
-            with open(conf, "w") as f:
-                f.write(auth_config(prefix, passwords))
-            os.chmod(conf, 0o600)
-            self._spawn(
-                [nats_server_binary(), "-c", conf, "-a", self.host, "-p", str(self.port), "-js", "-sd", str(self.data_dir)],
-                timeout_s,
-            )
-            return self
-
+    perms = natsauth.permissions(bench_manifest(prefix))
+    perms["watch"] = natsauth.Permissions(publish=("_INBOX.watch.>",), subscribe=("$KV.>",))
+    passwords = {u: secrets.token_urlsafe(24) for u in perms}
     with tempfile.TemporaryDirectory(prefix="aiwfe-bench-auth-") as d:
-        os.makedirs(os.path.join(d, "nats"))
-        with AuthNats(os.path.join(d, "nats")) as srv:
-            yield {u: f"nats://{u}:{p}@{srv.host}:{srv.port}" for u, p in passwords.items()}
+        with EmbeddedNats(os.path.join(d, "nats"), config=natsauth.render_config(perms, passwords)) as srv:
+            yield {u: natsauth.user_url(srv.url, u, p) for u, p in passwords.items()}
 
 
 # -- the run ------------------------------------------------------------------------------
