@@ -89,6 +89,29 @@ class FastClient(_nc.Client):
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
+    _resp_sid = -1
+
+    async def _init_request_sub(self) -> None:
+        await super()._init_request_sub()
+        mux = bytes(self._resp_sub_prefix or b"").decode() + "*"
+        self._resp_sid = next((sid for sid, sub in self._subs.items() if sub.subject == mux), -1)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        # Replies on the request mux go straight to their future: nats-py would queue each one
+        # for the mux subscription's task, which then calls back to resolve the same future.
+        if sid != self._resp_sid:
+            return await super()._process_msg(sid, subject, reply, data, headers)
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        fut = self._resp_map.get(subject[len(self._resp_sub_prefix or b"") :].decode())
+        if fut is None or fut.done():
+            return None
+        hdr = await self._process_headers(headers)
+        msg = self._build_message(sid, subject, reply, data, hdr)
+        if msg is not None and not fut.done():
+            fut.set_result(msg)
+        return None
+
     async def call(
         self, subject: str, payload: bytes, timeout_s: float, wheel: DeadlineWheel, headers: dict[str, str] | None = None
     ) -> Msg:

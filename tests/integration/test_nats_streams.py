@@ -3,8 +3,12 @@ FastClient.call) keep the semantics of nats-py's own paths, edge cases included.
 
 from __future__ import annotations
 
+import asyncio
+
 import nats
+import nats.errors
 import pytest
+from nats.aio.msg import Msg
 
 from aiwfe.bus.codec import stream_names
 from aiwfe.bus.errors import NotAccepted
@@ -65,5 +69,43 @@ async def test_a_bucket_without_direct_reads_still_works(nats_url: str, prefix: 
         assert await bus.kv_get("j") == b"v"
         info = await bus.js.stream_info(f"KV_{stream_names(prefix)['results']}")
         assert not info.config.allow_direct  # the bucket was left as it was
+    finally:
+        await bus.close()
+
+
+async def test_replies_on_the_request_mux_reach_their_callers(nats_url: str, prefix: str) -> None:
+    """FastClient hands request-mux replies straight to their futures: nats-py's own
+    ``request`` (the JetStream API), ``call``, headers, no-responders and late replies still behave."""
+    bus = NatsBus(nats_url, prefix)
+    await bus.start()
+    try:
+        nc = bus.nc
+        assert nc is not None and nc._resp_sid in nc._subs
+        info = await bus.js.stream_info(stream_names(prefix)["jobs"])  # nats-py's request path
+        assert info.config.name == stream_names(prefix)["jobs"]
+        with pytest.raises(nats.errors.NoRespondersError):
+            await nc.call(f"{prefix}.nobody", b"x", 1.0, bus._wheel)
+
+        async def echo(msg: Msg) -> None:
+            if msg.data == b"h":
+                await nc.publish(msg.reply, b"h!", headers={"H": "v"})
+            else:
+                await msg.respond(msg.data + b"!")
+
+        async def slow(msg: Msg) -> None:
+            await asyncio.sleep(0.3)
+            await msg.respond(b"late")
+
+        await nc.subscribe(f"{prefix}.echo", cb=echo)
+        await nc.subscribe(f"{prefix}.slow", cb=slow)
+        replies = await asyncio.gather(*(nc.call(f"{prefix}.echo", str(i).encode(), 2.0, bus._wheel) for i in range(50)))
+        assert [r.data for r in replies] == [f"{i}!".encode() for i in range(50)]
+        with_headers = await nc.call(f"{prefix}.echo", b"h", 2.0, bus._wheel)
+        assert with_headers.data == b"h!" and with_headers.headers == {"H": "v"}
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.call(f"{prefix}.slow", b"", 0.05, bus._wheel)
+        await asyncio.sleep(0.5)  # the late reply arrives for nobody and is dropped
+        assert not nc._resp_map
+        assert (await nc.call(f"{prefix}.echo", b"again", 2.0, bus._wheel)).data == b"again!"
     finally:
         await bus.close()
