@@ -69,6 +69,7 @@ class QueueMixin:
     replicas: int
     _loops: list[asyncio.Task[Any]]
     _stopping: bool
+    _js_publish: Any  # StreamsMixin's lean JetStream publish
 
     def __init__(self) -> None:
         self._delivery_tasks: set[asyncio.Task[Any]] = set()
@@ -94,10 +95,10 @@ class QueueMixin:
         Raises:
             NotAccepted: JetStream did not acknowledge (the caller may retry with the same id).
         """
-        try:
-            ack = await self.js.publish(self._subject(kind), data, headers={**headers, "Nats-Msg-Id": msg_id}, timeout=5.0)
-        except (TimeoutError, nats.errors.Error) as e:
-            raise NotAccepted(f"{self._subject(kind)}: not accepted by JetStream: {e!r}") from None
+        subject = self._subject(kind)
+        ack = await self._js_publish(subject, data, {**headers, "Nats-Msg-Id": msg_id})
+        if ack.error is not None:
+            raise NotAccepted(f"{subject}: not accepted by JetStream: {ack.error.description}")
         return not ack.duplicate
 
     def _consumer_config(self, kind: str, options: ConsumerOptions) -> api.ConsumerConfig:

@@ -213,13 +213,14 @@ class Jobs:
 
     # -- submitting and cancelling -------------------------------------------------
 
-    async def submit(self, kind: str, data: bytes, headers: Headers, job_id: str) -> bool:
+    async def submit(self, kind: str, data: bytes, headers: Headers, job_id: str, *, fresh: bool = False) -> bool:
         """Durably enqueue; False when ``job_id`` was submitted before (or already finished).
 
         Raises:
             Unavailable: the bus did not accept it (retry with the same id).
         """
-        if await self.record(job_id) is not None:
+        # a `fresh` id was just drawn at random: no record can exist, so none is looked up
+        if not fresh and await self.record(job_id) is not None:
             return False
         with _unavailable():
             return await self.bus.enqueue(kind, data, headers, job_id)

@@ -29,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from ._config_keys import did_you_mean_keys
 from .errors import ConfigError
 
 __all__ = ["Autoscaling", "Manifest", "Pod", "Resources", "System", "interpolate", "load_manifest", "parse_manifest"]
@@ -173,8 +174,8 @@ def parse_manifest(text: str, source: str = "<string>", env: Mapping[str, str] |
     raw["source"] = source
     try:
         return msgspec.convert(raw, Manifest, strict=False)
-    except msgspec.ValidationError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    except msgspec.ValidationError as e:  # with every misspelled key and its closest known one
+        raise ConfigError(f"{source}: {e}{did_you_mean_keys(raw, Manifest)}") from None
 
 
 def load_manifest(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Manifest:

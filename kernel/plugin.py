@@ -22,7 +22,8 @@ The kernel builds it as ``PluginClass(config, kernel)``; ``self.kernel`` is a
 :class:`KernelHandle` (an :class:`aiwfe.kernel.routing.Caller`) restricted to the contracts
 listed in ``calls``.
 Handlers are validated when the plugin is registered (:func:`validate_plugin_class`);
-every problem names the plugin, the handler and the signature it expected.
+every problem names the plugin, the handler and the signature it expected; config is
+checked by :mod:`aiwfe.kernel.config_check` (``aiwfe check`` and pods alike).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import typing
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import msgspec
@@ -123,6 +124,18 @@ class Plugin:
     #: External services the plugin needs besides NATS: any of "postgres", "redis".
     #: ``aiwfe up`` starts an embedded one for each that has no URL in the environment.
     services: ClassVar[tuple[str, ...]] = ()
+    #: Config fields whose values name contract addresses that some pod of the manifest must
+    #: serve: field name → the contract kind (``"request"``, ``"job"``, ``"event"``, or ``""``
+    #: for any). A string field is one address, a list holds addresses, a dict maps names to
+    #: addresses (the gateway's ``job_kinds = {helios = "helios.ask"}``).
+    config_addresses: ClassVar[Mapping[str, str]] = {}
+
+    # Checks of a Config beyond its types (closed sets of values, fields that depend on each
+    # other), run by `aiwfe check` and before a pod builds the plugin: one problem per finding,
+    # "field: what is wrong" or (message, hint); [] when valid. See aiwfe.kernel.config_check.
+    @classmethod
+    def validate_config(cls, config: Any) -> list[str | tuple[str, str]]:
+        return []
 
     class _NoConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         pass

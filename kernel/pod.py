@@ -25,9 +25,10 @@ from aiwfe.bus.errors import BusError
 from . import gc_tuning, metrics, tracing
 from ._ops import OpsServer, stuck_handlers
 from .admin import answer_status
+from .config_check import config_problems, handler_options, manifest_served
 from .errors import ConfigError, Unavailable
 from .manifest import Manifest
-from .plugin import HandlerOptions, Plugin, config_type, handlers_of, validate_plugin_class
+from .plugin import Plugin, handlers_of, validate_plugin_class
 from .registry import discover, resolve
 from .routing import Kernel
 
@@ -72,22 +73,20 @@ class PodRunner:
             if found:
                 problems.extend(found)
                 continue
-            try:
-                cfg = msgspec.convert(self.manifest.plugins.get(name, {}), config_type(cls), strict=False)
-            except msgspec.ValidationError as e:
-                problems.append(f"[plugins.{name}]: {e}")
+            served = manifest_served(self.manifest) if cls.config_addresses else None
+            cfg, bad = config_problems(cls, self.manifest.plugins.get(name, {}), served)
+            if bad or cfg is None:
+                problems.extend(f"[plugins.{name}]: {what} ({hint})" for what, hint in bad)
                 continue
             plugin = cls(cfg, self.kernel.caller_for(cls.name, cls.calls))
             self.plugins[name] = plugin
             for spec in handlers_of(cls):
                 override = self.pod.handlers.get(spec.address)
                 if override:
-                    try:
-                        options = msgspec.convert(
-                            {**msgspec.structs.asdict(spec.options), **override}, HandlerOptions, strict=False
-                        )
-                    except (msgspec.ValidationError, TypeError) as e:
-                        problems.append(f"[pods.{self.pod_name}.handlers.{spec.address!r}]: {e}")
+                    options, bad = handler_options(spec.options, override)
+                    if bad or options is None:
+                        where = f"[pods.{self.pod_name}.handlers.{spec.address!r}]"
+                        problems.extend(f"{where}: {what} ({hint})" for what, hint in bad)
                         continue
                     spec = msgspec.structs.replace(spec, options=options)
                 self.kernel.add(spec, plugin)

@@ -235,14 +235,15 @@ class Kernel:
             Unavailable: the bus did not accept the job.
         """
         contract = type(job)
-        job_id = self._job_id(address_of(contract), job_id, idempotency_key)
-        headers = {H_MSG_ID: job_id, H_SCHEMA: schema_hash(contract)}
-        await self._submit(address_of(contract), _enc.encode(job), headers, job_id)
-        return job_id
+        jid = self._job_id(address_of(contract), job_id, idempotency_key)
+        headers = {H_MSG_ID: jid, H_SCHEMA: schema_hash(contract)}
+        # a new random id has nothing on record to look up
+        await self._submit(address_of(contract), _enc.encode(job), headers, jid, fresh=job_id is None and not idempotency_key)
+        return jid
 
-    async def _submit(self, address: str, data: bytes, headers: Headers, job_id: str) -> None:
+    async def _submit(self, address: str, data: bytes, headers: Headers, job_id: str, *, fresh: bool = False) -> None:
         with self._producer(f"{address} submit", headers, {"aiwfe.job_id": job_id}):
-            await self.jobs.submit(address, data, headers, job_id)
+            await self.jobs.submit(address, data, headers, job_id, fresh=fresh)
 
     async def submit_json(
         self,

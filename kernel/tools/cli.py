@@ -19,17 +19,15 @@ DEFAULT_MANIFEST = "manifests/monolith.toml"
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..manifest import load_manifest
-    from .check import Problem, check_manifests
+    from .check import Problem, check_manifests, load_for_check
 
     problems: list[Problem] = []
     manifests = []
     for path in args.manifests:
-        try:
-            manifests.append(load_manifest(path))
-        except ConfigError as e:
-            problems.append(Problem(path, e.message, "fix the manifest file"))
+        m, found = load_for_check(path)
+        problems.extend(found)
+        if m is not None:
+            manifests.append(m)
     problems.extend(check_manifests(manifests))
     if problems:
         print(f"{len(problems)} problem(s):", file=sys.stderr)

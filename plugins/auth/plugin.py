@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from aiwfe.kernel import metrics
+from aiwfe.kernel.config_check import one_of
 from aiwfe.kernel.errors import ConfigError, Overloaded, Unavailable
 from aiwfe.kernel.plugin import Plugin, serves
 
@@ -42,7 +43,7 @@ from .errors import InvalidCredentials, InvalidInput, InvalidToken, UserExists
 from .kdf import KdfGate, _lower_thread_priority
 from .keys import JwtKey, _material, _unverified_jti
 from .store import UserStore
-from .tokens import KeyRing, TokenService, token_digest
+from .tokens import ALGORITHMS, MIN_SECRET_BYTES, KeyRing, TokenService, token_digest
 
 __all__ = ["AuthPlugin", "JwtKey", "KdfGate"]
 
@@ -153,6 +154,34 @@ class AuthPlugin(Plugin):
 
     config: Config
     calls = (TokenRevoked,)
+
+    @classmethod
+    def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
+        """Algorithms from :data:`~.tokens.ALGORITHMS`, the key material each needs, unique key
+        ids, a long enough HS256 secret when one is configured, ``pool_min`` ≤ ``pool_max``."""
+        algs = sorted(ALGORITHMS)
+        problems = one_of("jwt_algorithm", config.jwt_algorithm, algs)
+        if (
+            config.jwt_algorithm in algs
+            and config.jwt_algorithm != "HS256"
+            and not (config.jwt_private_key or config.jwt_private_key_file)
+        ):
+            problems.append(f"jwt_private_key: {config.jwt_algorithm} needs jwt_private_key or jwt_private_key_file (PEM)")
+        if config.jwt_private_key and config.jwt_private_key_file:
+            problems.append("jwt_private_key_file: set jwt_private_key or jwt_private_key_file, not both")
+        if config.jwt_algorithm == "HS256" and config.jwt_secret and len(config.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            problems.append(f"jwt_secret: must be at least {MIN_SECRET_BYTES} bytes")
+        kids = [config.jwt_kid]
+        for i, k in enumerate(config.jwt_verify_keys):
+            problems += one_of(f"jwt_verify_keys[{i}].algorithm", k.algorithm, algs)
+            if not (k.key or k.key_file):
+                problems.append(f"jwt_verify_keys[{i}]: needs key or key_file")
+            if k.kid in kids:
+                problems.append(f"jwt_verify_keys[{i}].kid: {k.kid!r} is used twice")
+            kids.append(k.kid)
+        if config.pool_min > config.pool_max:
+            problems.append(f"pool_min: {config.pool_min} is more than pool_max ({config.pool_max})")
+        return problems
 
     def __init__(self, config: msgspec.Struct, kernel: Any) -> None:
         super().__init__(config, kernel)

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from aiwfe.kernel import ConfigError, Plugin, address_of, serves
+from aiwfe.kernel.config_check import one_of, problem_text
 from aiwfe.plugins.auth.contract import Login, Logout, Register, TokenRevoked, Verify
 from aiwfe.plugins.memory.contract import Recall, Remember
 from aiwfe.plugins.perception.contract import Perceive
@@ -45,24 +46,32 @@ class GatewayPlugin(Plugin):
     name = "gateway"
     calls = (Register, Login, Verify, Logout, Perceive, Remember, Recall)
     Config = GatewayConfig
+    #: ``job_kinds`` values must be jobs some pod of the manifest consumes (``aiwfe check``).
+    config_addresses = {"job_kinds": "job"}
 
     config: GatewayConfig
 
+    @classmethod
+    def validate_config(cls, config: GatewayConfig) -> list[str | tuple[str, str]]:
+        """``server`` one of :data:`SERVERS`; every ``ws_calls`` address among the gateway's ``calls``."""
+        problems = one_of("server", config.server, SERVERS)
+        declared = sorted(address_of(c) for c in cls.calls)
+        unknown = [a for a in config.ws_calls if a not in declared]
+        if unknown:
+            problems.append(f"ws_calls: {', '.join(unknown)} not among the gateway's calls ({', '.join(declared)})")
+        return problems
+
     def __init__(self, config: msgspec.Struct, kernel: Any) -> None:
-        """Check ``server`` and ``ws_calls`` against what the gateway can do.
+        """Check the config (:meth:`validate_config`) and build the handlers' services.
 
         Raises:
             ConfigError: an unknown ``server``, or a ``ws_calls`` address not among ``calls``.
         """
         super().__init__(config, kernel)
-        if self.config.server not in SERVERS:
-            raise ConfigError(f"[plugins.gateway] server: {self.config.server!r}; use {' or '.join(SERVERS)}")
+        problems = self.validate_config(self.config)
+        if problems:
+            raise ConfigError("[plugins.gateway] " + "; ".join(map(problem_text, problems)))
         declared = {address_of(c): c for c in self.calls}
-        unknown = [a for a in self.config.ws_calls if a not in declared]
-        if unknown:
-            raise ConfigError(
-                f"[plugins.gateway] ws_calls: {', '.join(unknown)} not among the gateway's calls ({', '.join(sorted(declared))})"
-            )
         self.hub = Hub()
         self.handles = GatewayServices(self.kernel, self.config, self.hub, {a: declared[a] for a in self.config.ws_calls})
         self.public_url: str | None = None

@@ -100,6 +100,23 @@ class HeliosPlugin(Plugin):
 
     config: Config
 
+    @classmethod
+    def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
+        """Unique expert names; ``fallback_experts`` among them; positive budgets."""
+        names = [e.name for e in config.experts]
+        problems: list[str | tuple[str, str]] = []
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            problems.append(f"experts: names used more than once: {', '.join(twice)}")
+        problems += [
+            f"fallback_experts: {n!r} is not an expert ({', '.join(names)})" for n in config.fallback_experts if n not in names
+        ]
+        if config.expert_timeout_s <= 0:
+            problems.append(f"expert_timeout_s: must be positive, not {config.expert_timeout_s}")
+        if config.recall_k < 0:
+            problems.append(f"recall_k: must not be negative, not {config.recall_k}")
+        return problems
+
     def __init__(self, config: Config, kernel: object) -> None:
         super().__init__(config, kernel)  # type: ignore[arg-type]
         self.index = ExpertIndex(config.experts)

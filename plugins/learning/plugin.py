@@ -74,6 +74,18 @@ class LearningPlugin(Plugin):
     config: Config
     pool: AsyncConnectionPool
 
+    @classmethod
+    def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
+        """``prior_mean`` within 0..1, a non-negative ``prior_weight``, a positive ``half_life_days``."""
+        problems: list[str | tuple[str, str]] = []
+        if not 0.0 <= config.prior_mean <= 1.0:
+            problems.append(f"prior_mean: must be from 0 to 1, not {config.prior_mean}")
+        if config.prior_weight < 0:
+            problems.append(f"prior_weight: must not be negative, not {config.prior_weight}")
+        if config.half_life_days <= 0:
+            problems.append(f"half_life_days: must be positive, not {config.half_life_days}")
+        return problems
+
     def __init__(self, config: Config, kernel: object) -> None:
         super().__init__(config, kernel)  # type: ignore[arg-type]
         self._cache: dict[tuple[tuple[str, ...], tuple[str, ...], bool], tuple[float, ExpertScoresResult]] = {}

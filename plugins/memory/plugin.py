@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from aiwfe.kernel import Plugin, pg, serves
+from aiwfe.kernel.config_check import one_of
 from aiwfe.kernel.errors import AiwfeError
 from aiwfe.kernel.metrics import REGISTRY
 
@@ -124,6 +125,19 @@ class MemoryPlugin(Plugin):
     index: VectorIndex
     embedder: Embedder
     _embeds: GroupCommit[str, list[float]] | None = None
+
+    @classmethod
+    def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
+        """``vector_store`` and ``embedder`` from their closed sets; HTTP embedders need
+        ``embed_model``; positive ``embed_dim``, ``max_k``, ``rrf_k``."""
+        problems = one_of("vector_store", config.vector_store, ("auto", "server", "edge", "local", "memory"))
+        problems += one_of("embedder", config.embedder, ("hashing", "ollama", "openai"))
+        if config.embedder in ("ollama", "openai") and not config.embed_model:
+            problems.append(f"embed_model: embedder {config.embedder} needs a model")
+        for field in ("embed_dim", "max_k", "rrf_k"):
+            if getattr(config, field) < 1:
+                problems.append(f"{field}: must be at least 1, not {getattr(config, field)}")
+        return problems
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:

@@ -22,6 +22,7 @@ import re
 import msgspec
 
 from aiwfe.kernel import AiwfeError, Plugin, serves
+from aiwfe.kernel.config_check import one_of, problem_text
 from aiwfe.plugins.reasoning.contract import Reason
 
 from .contract import ExpertiseScore, Perceive, Perception
@@ -88,11 +89,23 @@ class PerceptionPlugin(Plugin):
 
     config: Config
 
+    @classmethod
+    def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
+        """``mode`` builtin or llm; ``descriptions`` only for tags of ``expertise``."""
+        problems = one_of("mode", config.mode, ("builtin", "llm"))
+        stray = sorted(set(config.descriptions) - set(config.expertise))
+        if stray:
+            problems.append(
+                f"descriptions: {', '.join(stray)} not among the expertise tags ({', '.join(sorted(config.expertise))})"
+            )
+        return problems
+
     def __init__(self, config: Config, kernel: object) -> None:
-        if config.mode not in ("builtin", "llm"):
+        problems = self.validate_config(config)
+        if problems:
             from aiwfe.kernel.errors import ConfigError
 
-            raise ConfigError(f"perception: mode {config.mode!r}; use builtin or llm")
+            raise ConfigError("perception: " + "; ".join(map(problem_text, problems)))
         super().__init__(config, kernel)  # type: ignore[arg-type]
         descriptions = {
             t: config.descriptions.get(t) or _DEFAULT_DESCRIPTIONS.get(t) or " ".join([t, *kw])

@@ -32,6 +32,7 @@ import msgspec
 from prometheus_client import Gauge
 
 from aiwfe.kernel import ConfigError, Plugin, current_deadline, current_job, serves
+from aiwfe.kernel.config_check import one_of, problem_text
 from aiwfe.kernel.metrics import REGISTRY
 
 from .contract import AnswerStreamed, Reason, Reasoned
@@ -93,11 +94,23 @@ class ReasoningPlugin(Plugin):
 
     config: Config
 
+    @classmethod
+    def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
+        """``provider`` one of :data:`PROVIDERS`; ``model`` set for the HTTP providers; positive limits."""
+        problems = one_of("provider", config.provider, PROVIDERS)
+        if config.provider in _DEFAULT_URL and not config.model:
+            problems.append(f"model: provider {config.provider} needs `model`")
+        for field in ("max_concurrency", "max_attempts", "max_tokens"):
+            if getattr(config, field) < 1:
+                problems.append(f"{field}: must be at least 1, not {getattr(config, field)}")
+        if any(b < 0 for b in config.backoff_s):
+            problems.append(f"backoff_s: delays must not be negative, not {list(config.backoff_s)}")
+        return problems
+
     def __init__(self, config: Config, kernel: object) -> None:
-        if config.provider not in PROVIDERS:
-            raise ConfigError(f"reasoning: unknown provider {config.provider!r}; available: {', '.join(PROVIDERS)}")
-        if config.provider != "extractive" and not config.model:
-            raise ConfigError(f"reasoning: provider {config.provider} needs `model`")
+        problems = self.validate_config(config)
+        if problems:
+            raise ConfigError("reasoning: " + "; ".join(map(problem_text, problems)))
         super().__init__(config, kernel)  # type: ignore[arg-type]
         self._slots = asyncio.Semaphore(config.max_concurrency)
         self._active = ACTIVE_LLM_REQUESTS.labels(config.provider)

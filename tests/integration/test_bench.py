@@ -38,6 +38,10 @@ BENCHES = {
          "--kdf-time-cost", "1", "--kdf-memory-kib", "8192"],
         ["connects", "logins", "failures", "p99_connect_ms", "redis_down_failures", "pool_max_in_use"],
     ),
+    "jobs": (
+        ["--jobs", "50", "--rounds", "1", "--inflight", "8"],
+        ["jobs", "kernel_per_s", "raw_per_s", "ratio", "p50_ms", "p99_ms", "auth_ratio"],
+    ),
     "startup": (
         ["--runs", "1", "--no-up"],
         ["pods", "max_pod_ready_s", "up_ready_s", "pod_goal_s", "ok"],
