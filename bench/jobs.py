@@ -10,9 +10,9 @@ submitting the next, so throughput and submit-to-outcome latency are measured to
   event, the ack (:mod:`aiwfe.kernel.jobs`);
 * **raw**: nats-py alone on two connections: a work-queue stream, one durable pull consumer,
   ``js.publish`` with ``Nats-Msg-Id``, one KV ``create`` per message, ack;
-* **raw, same work**: raw nats-py doing what the kernel's semantics add per job (a read
-  of the record before running, so that a redelivered or cancelled job does not run again;
-  the terminal event between the record and the ack): ``same_work_ratio``;
+* **raw, same work**: raw nats-py doing what the kernel's semantics add per job (the
+  terminal event between the record and the ack; a first delivery reads no record, see
+  :meth:`aiwfe.kernel.jobs.Jobs.process`): ``same_work_ratio``;
 * **auth**: the kernel path again on a nats-server with authorization on (a user per pod
   with its least-privilege permissions, rendered by :mod:`aiwfe.kernel.tools.natsauth` as
   ``aiwfe up`` does), against the kernel path on one with it off; both
@@ -135,8 +135,7 @@ async def raw_path(
     """nats-py JetStream alone: work queue, pull consumer, a KV create per message, ack.
 
     ``same_work``: also what the kernel's semantics add per job, still with nats-py alone: a
-    read of the record before running (a redelivered or cancelled job must not run again)
-    and a terminal event on an events stream between the record and the ack.
+    terminal event on an events stream between the record and the ack.
     """
     import nats
     import nats.errors
@@ -164,9 +163,6 @@ async def raw_path(
     async def handle(msg: Any) -> None:
         job_id = msg.headers["Nats-Msg-Id"]
         try:
-            if same_work:
-                with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-                    await kv.get(job_id)
             await kv.create(job_id, b"done")
             if same_work:
                 await js_sub.publish(f"{events}.{job_id}", b"\x81\xa1n\x01", headers={"Aiwfe-Type": "job.done"})

@@ -125,3 +125,45 @@ async def test_dead_letters_replay_under_the_same_job_id(start_pods: StartPods) 
         assert first[-1].type == "job.failed"
         after = [ev.type async for ev in k.job_events(job_id, after_seq=first[-1].seq)]
         assert after == ["job.replayed", "probe.progressed", "job.done"]
+
+
+async def test_a_first_delivery_of_a_cancelled_job(prefix: str) -> None:
+    """A first delivery reads no record (aiwfe.kernel.jobs.Jobs.process): a pod that heard
+    the cancel broadcast skips the job; one that was away runs it, and the job still keeps
+    its one "cancelled" outcome and announces nothing else."""
+    from aiwfe.bus.local import LocalBus
+    from aiwfe.kernel.jobs import JobCall, Jobs
+    from aiwfe.kernel.plugin import HandlerOptions
+
+    bus = LocalBus(prefix)
+    await bus.start()
+    try:
+        canceller = Jobs(bus)
+        ran: list[str] = []
+
+        async def runner(call: JobCall) -> bytes:
+            ran.append(call.job_id)
+            return msgspec.msgpack.encode({"square": 4})
+
+        def call(job_id: str) -> JobCall:
+            return JobCall(job_id=job_id, kind="probe.crunch", data=b"", headers={}, attempt=1, max_deliver=3)
+
+        assert await canceller.cancel("away")  # no pod listening yet
+        worker = Jobs(bus)
+        await worker.start()
+        assert await canceller.cancel("heard")
+        for _ in range(100):  # the broadcast is delivered by the bus's own task
+            if "heard" in worker._recent_cancels:
+                break
+            await asyncio.sleep(0.01)
+        assert await worker.process(call("heard"), HandlerOptions(), runner) == ("ack", 0.0)
+        assert ran == []  # heard: never ran
+        assert await worker.process(call("away"), HandlerOptions(), runner) == ("ack", 0.0)
+        assert ran == ["away"]  # away: ran, but its outcome stands
+        for job_id in ("away", "heard"):
+            assert (await worker.record(job_id)).status == "cancelled"  # type: ignore[union-attr]
+            kinds = [m.headers.get("Aiwfe-Type") for m in await bus.read(f"{prefix}.events.{job_id}")]
+            assert kinds == ["job.cancelled"]
+        worker.stop()
+    finally:
+        await bus.close()

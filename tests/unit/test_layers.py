@@ -118,7 +118,7 @@ def _loc(path: Path) -> int:
 
 def test_the_kernel_core_is_small_and_no_file_is_large() -> None:
     core = sum(_loc(ROOT / "kernel" / f"{m}.py") for m in CORE)
-    assert core <= 1530, core  # 1500 before issue 12's checks of untrusted metadata (serving, routing, jobs)
+    assert core <= 1560, core  # 1500 before issue 12 (checks of untrusted metadata; jobs skipping the pre-read)
     for path in _modules().values():
         assert len(path.read_text().splitlines()) <= 450, path
 
