@@ -1,0 +1,27 @@
+"""aiwfe.testing: AIWFE's own testing power for plugin authors (a pytest plugin).
+
+* real servers chosen in order — a URL from the environment, testcontainers when a Docker
+  engine answers, embedded servers from pip packages (:mod:`aiwfe.testing.servers`);
+* a placement runner: one test body under every placement of the plugins — in one pod
+  in-process, one pod per plugin each in its own process over NATS, seeded random
+  partitions (:mod:`aiwfe.testing.placement`, :mod:`aiwfe.testing.system`);
+* the pytest fixtures and the ``aiwfe_placements`` marker (:mod:`aiwfe.testing.plugin`,
+  registered through the ``pytest11`` entry point).
+"""
+
+from .placement import Placement, SystemSpec, build_manifest, partition
+from .servers import ServerUnavailable, secured_nats, service
+from .system import PlacementMismatch, System, start_system
+
+__all__ = [
+    "Placement",
+    "PlacementMismatch",
+    "ServerUnavailable",
+    "System",
+    "SystemSpec",
+    "build_manifest",
+    "partition",
+    "secured_nats",
+    "service",
+    "start_system",
+]
