@@ -125,12 +125,15 @@ class SystemSpec:
 
     @classmethod
     def from_manifest(cls, manifest: str | os.PathLike[str], **kw: Any) -> SystemSpec:
-        """A spec from manifest TOML (a path, or the text itself): its plugins in pod order, their
-        configuration, its system settings and its pods. ``${VAR}`` stays for the pods to resolve."""
+        """A spec from manifest TOML (a path, or the text itself): its plugins in pod order (each
+        once, the gateway last), their configuration, its system settings and its pods.
+        ``${VAR}`` stays for the pods to resolve."""
         text = Path(manifest).read_text() if isinstance(manifest, os.PathLike) or "\n" not in str(manifest) else str(manifest)
         data = tomllib.loads(text)
         pods = {name: dict(pod) for name, pod in data.get("pods", {}).items()}
-        plugins = [p for pod in pods.values() for p in pod.get("plugins", [])]
+        plugins = list(dict.fromkeys(p for pod in pods.values() for p in pod.get("plugins", [])))
+        if "gateway" in plugins:  # the gateway opens last (and closes first) wherever it is placed
+            plugins = [p for p in plugins if p != "gateway"] + ["gateway"]
         return cls(plugins=plugins, config=dict(data.get("plugins", {})), system=dict(data.get("system", {})), pods=pods, **kw)
 
     @property
