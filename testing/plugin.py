@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover - the async fixtures need pytest-asyncio
 
 __all__ = [
     "aiwfe_placement",
+    "aiwfe_services",
     "aiwfe_spec",
     "aiwfe_system",
     "cleanup_streams",
@@ -219,11 +220,11 @@ _SERVICE_ENV = {
 }
 
 
-@_async_fixture
-async def aiwfe_system(
-    request: pytest.FixtureRequest, aiwfe_spec: SystemSpec, aiwfe_placement: Placement, prefix: str, tmp_path: Path
-) -> AsyncIterator[System]:
-    """The spec running under this run's placement (see :func:`aiwfe.testing.start_system`)."""
+@pytest.fixture
+def aiwfe_services(request: pytest.FixtureRequest, aiwfe_spec: SystemSpec) -> dict[str, str]:
+    """The environment of the spec's ``services``: their fixtures' URLs (``pg_url`` as
+    ``DATABASE_URL``, ``redis_url`` as ``REDIS_URL``, ``qdrant_url`` as ``QDRANT_URL``). A plain
+    fixture, so the async ones it asks for are set up outside the event loop."""
     env: dict[str, str] = {}
     for name in aiwfe_spec.services:
         if name == "nats":
@@ -232,7 +233,20 @@ async def aiwfe_system(
             raise pytest.UsageError(f"aiwfe_placements: services are of {', '.join(['nats', *_SERVICE_ENV])}, not {name!r}")
         fixture, var = _SERVICE_ENV[name]
         env[var] = str(request.getfixturevalue(fixture))
-    async with start_system(aiwfe_spec, aiwfe_placement, tmp_path / "system", prefix=prefix, env=env) as system:
+    return env
+
+
+@_async_fixture
+async def aiwfe_system(
+    request: pytest.FixtureRequest,
+    aiwfe_spec: SystemSpec,
+    aiwfe_services: dict[str, str],
+    aiwfe_placement: Placement,
+    prefix: str,
+    tmp_path: Path,
+) -> AsyncIterator[System]:
+    """The spec running under this run's placement (see :func:`aiwfe.testing.start_system`)."""
+    async with start_system(aiwfe_spec, aiwfe_placement, tmp_path / "system", prefix=prefix, env=aiwfe_services) as system:
         system.recorder = _recorder(request, str(aiwfe_placement))
         yield system
 

@@ -51,3 +51,39 @@ async def test_a_killed_pod_loses_no_job(aiwfe_system: System) -> None:
     recs = await asyncio.gather(*(s.kernel.wait_job(j, timeout_s=60) for j in ids))
     assert [msgspec.msgpack.decode(r.result)["square"] for r in recs] == [i * i for i in range(30)]
     assert s.pods[pod].ready()
+
+
+GATEWAY = [
+    "tests.support.auth_double:AuthDoublePlugin",  # a fake stands in for the auth plugin
+    "perception",
+    "reasoning",
+    "tests.support.probe:ProbePlugin",
+    "gateway",
+]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.aiwfe_placements(
+    "monolith", "per_plugin", plugins=GATEWAY, config={"gateway": {"job_kinds": {"crunch": "probe.crunch"}}}
+)
+async def test_the_gateway_helpers(aiwfe_system: System) -> None:
+    import json
+
+    from tests.support.auth_double import make_token
+
+    s = aiwfe_system
+    auth = {"Authorization": f"Bearer {make_token()}"}
+    async with s.http() as c:
+        r = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 4}}, headers=auth)
+        assert r.status_code == 202, r.text
+        rec = await s.kernel.wait_job(r.json()["job_id"])
+        assert msgspec.msgpack.decode(rec.result)["square"] == 16
+        assert (await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 4}})).status_code == 401
+    async with s.ws(make_token()) as ws:
+        await ws.send(json.dumps({"type": "submit", "kind": "crunch", "input": {"n": 5}, "id": "c1"}))
+        frames = []
+        while not frames or frames[-1]["type"] not in ("result", "error"):
+            async with asyncio.timeout(30):
+                frames.append(json.loads(await ws.recv()))
+    assert frames[0]["type"] == "accepted" and frames[-1]["result"]["square"] == 25
+    s.record("ws", [f.get("event") for f in frames if f["type"] == "event"])
