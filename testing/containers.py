@@ -35,7 +35,7 @@ def nats_container(img: str | None = None, **kw: Any) -> Any:
     from testcontainers.core.wait_strategies import LogMessageWaitStrategy
 
     password = secrets.token_urlsafe(24)
-    c = DockerContainer(img or image("nats"), **kw)
+    c: Any = DockerContainer(img or image("nats"), **kw)
     c.with_command(["-js", "--user", NATS_USER, "--pass", password]).with_exposed_ports(4222)
     c.waiting_for(LogMessageWaitStrategy("Server is ready"))
     c.aiwfe_password = password

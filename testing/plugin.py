@@ -158,7 +158,7 @@ async def pg_url(database_url: str, prefix: str) -> AsyncIterator[str]:
 
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
         await conn.execute(f'CREATE SCHEMA "{prefix}"')
-    params = conninfo_to_dict(database_url)
+    params: dict[str, Any] = conninfo_to_dict(database_url)
     params["options"] = (str(params.get("options") or "") + f" -c search_path={prefix}").strip()
     yield make_conninfo(**params)
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
@@ -197,11 +197,12 @@ def aiwfe_spec(request: pytest.FixtureRequest) -> SystemSpec:
     marker = request.node.get_closest_marker("aiwfe_placements")
     kw = dict(marker.kwargs) if marker else {}
     manifest = kw.pop("manifest", None)
-    extra = {"env": dict(kw.pop("env", {}) or {}), "services": tuple(kw.pop("services", ()) or ())}
+    env = {str(k): str(v) for k, v in (kw.pop("env", {}) or {}).items()}
+    services = tuple(kw.pop("services", ()) or ())
     if manifest is not None:
-        spec = SystemSpec.from_manifest(Path(manifest) if isinstance(manifest, Path) else manifest, **extra)
+        spec = SystemSpec.from_manifest(manifest, env=env, services=services)
     else:
-        spec = SystemSpec(plugins=list(kw.pop("plugins", []) or []), **extra)
+        spec = SystemSpec(plugins=list(kw.pop("plugins", []) or []), env=env, services=services)
     spec.config.update(kw.pop("config", {}) or {})
     spec.system.update(kw.pop("system", {}) or {})
     if kw:

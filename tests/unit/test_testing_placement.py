@@ -84,6 +84,23 @@ async def test_differ(aiwfe_system):
 @pytest.mark.aiwfe_placements(plugins=["perception"])
 def test_default_placements(aiwfe_placement):
     pass
+
+TOML = '''
+[system]
+call_timeout_s = 7
+[pods.front]
+plugins = ["perception"]
+[pods.back]
+plugins = ["reasoning"]
+[plugins.reasoning]
+latency_s = 0.0
+'''
+
+@pytest.mark.aiwfe_placements("monolith", manifest=TOML)
+async def test_from_a_manifest(aiwfe_system):
+    assert list(aiwfe_system.pods) == ["monolith"]
+    assert aiwfe_system.manifest.pods["monolith"].plugins == ["perception", "reasoning"]
+    assert aiwfe_system.manifest.system.call_timeout_s == 7
 """
 
 
@@ -99,7 +116,8 @@ def test_the_marker_runs_a_body_under_each_placement_and_compares(tmp_path: Path
         timeout=110,
     )
     out = r.stdout
-    for passed in ("test_agree[monolith]", "test_agree[random:3]", "test_agree[random:4]", "test_differ[monolith]"):
+    passing = ("test_agree[monolith]", "test_agree[random:3]", "test_agree[random:4]", "test_differ[monolith]")
+    for passed in (*passing, "test_from_a_manifest[monolith]"):
         assert f"{passed} PASSED" in out, out
     assert "test_differ[random:1] FAILED" in out and "PlacementMismatch: 'pods' differs between placements" in out, out
     for placement in ("monolith", "per_plugin", "random:3", "random:4"):
