@@ -9,10 +9,29 @@
   registered through the ``pytest11`` entry point).
 """
 
-from .placement import Placement, SystemSpec, build_manifest, partition
-from .servers import ServerUnavailable, secured_nats, service
-from .system import PlacementMismatch, System, start_system
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .placement import Placement, SystemSpec, build_manifest, partition
+    from .servers import ServerUnavailable, secured_nats, service
+    from .system import PlacementMismatch, System, start_system
+
+# Imported on first use: the pytest plugin loads this package in every pytest run.
+_WHERE = {
+    "Placement": "placement",
+    "SystemSpec": "placement",
+    "build_manifest": "placement",
+    "partition": "placement",
+    "ServerUnavailable": "servers",
+    "secured_nats": "servers",
+    "service": "servers",
+    "PlacementMismatch": "system",
+    "System": "system",
+    "start_system": "system",
+}
 __all__ = [
     "Placement",
     "PlacementMismatch",
@@ -25,3 +44,12 @@ __all__ = [
     "service",
     "start_system",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

@@ -21,13 +21,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from .placement import Placement, SystemSpec
 from .servers import SOURCES, service
-from .system import PlacementMismatch, System, start_system
+
+if TYPE_CHECKING:
+    from .system import System
 
 try:
     import pytest_asyncio
@@ -247,12 +249,16 @@ async def aiwfe_system(
     tmp_path: Path,
 ) -> AsyncIterator[System]:
     """The spec running under this run's placement (see :func:`aiwfe.testing.start_system`)."""
+    from .system import start_system
+
     async with start_system(aiwfe_spec, aiwfe_placement, tmp_path / "system", prefix=prefix, env=aiwfe_services) as system:
         system.recorder = _recorder(request, str(aiwfe_placement))
         yield system
 
 
 def _recorder(request: pytest.FixtureRequest, placement: str) -> Any:
+    from .system import PlacementMismatch
+
     node = request.node
     params = getattr(getattr(node, "callspec", None), "params", {})
     others = tuple(sorted((k, repr(v)) for k, v in params.items() if k != "aiwfe_placement"))
