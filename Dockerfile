@@ -20,6 +20,7 @@ COPY kernel ./kernel
 COPY bus ./bus
 COPY plugins ./plugins
 COPY bench ./bench
+COPY testing ./testing
 RUN /opt/aiwfe/bin/pip install --no-cache-dir . \
     && /opt/aiwfe/bin/python -m compileall -q -j 0 /opt/aiwfe/lib
 

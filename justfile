@@ -17,7 +17,7 @@ lint:
     ./dev help >/dev/null
     .venv/bin/ruff check .
     .venv/bin/ruff format --check .
-    mkdir -p .aiwfe/typecheck/aiwfe && for d in kernel bus plugins bench; do ln -sfn ../../../$d .aiwfe/typecheck/aiwfe/$d; done
+    mkdir -p .aiwfe/typecheck/aiwfe && for d in kernel bus plugins bench testing; do ln -sfn ../../../$d .aiwfe/typecheck/aiwfe/$d; done
     .venv/bin/mypy
 
 # format the code

@@ -1,6 +1,7 @@
-"""The placement suite: one end-to-end test body under every shipped manifest.
+"""The placement suite: one end-to-end test body under every shipped manifest and under seeded
+random partitions of the plugins (``--aiwfe-seeds``; CI runs several), through aiwfe.testing.
 
-Each manifest's pods run as child processes (``aiwfe run``), talking only over NATS, on a
+Each placement's pods run as child processes (``aiwfe run``), talking only over NATS, on a
 nats-server of the test's own with authorization on: each pod as its own least-privilege
 user (:mod:`aiwfe.kernel.tools.natsauth`), and no permission violation may occur; the test
 process is an outside client with a kernel and no plugins, as the operator (``admin``). The test-only
@@ -21,18 +22,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
-from aiwfe.kernel.manifest import load_manifest
 from aiwfe.kernel.routing import Kernel
-from aiwfe.kernel.tools.embedded import free_port
-from aiwfe.kernel.tools.natsauth import ADMIN
 from aiwfe.plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
 from aiwfe.plugins.reasoning.plugin import extract
+from aiwfe.testing import Placement, SystemSpec, start_system
+from aiwfe.testing.plugin import seeds
 from tests.conftest import wait_until
-from tests.support.pods import dump_toml, run_pods
 from tests.support.probe import Ask, Boom, Crunch, Sleep, Tally
-from tests.support.servers import secured_nats
 from tests.unit.test_routing import Unserved
 
 pytestmark = [pytest.mark.integration, pytest.mark.placement]
@@ -62,6 +59,25 @@ def build_manifest(name: str, prefix: str, root: Path) -> dict[str, Any]:
     return data
 
 
+def spec_for(name: str, root: Path) -> tuple[SystemSpec, Placement]:
+    """A shipped manifest as written (``manifest``), or a seeded random partition (``random:SEED``)
+    of the monolith's plugins and the probe plugins (the gateway last, so it opens last)."""
+    if name.startswith("random:"):
+        data = tomllib.loads((root / "manifests" / "monolith.toml").read_text())
+        plugins = [p for p in next(iter(data["pods"].values()))["plugins"] if p != "gateway"] + TEST_PLUGINS + ["gateway"]
+        return SystemSpec(plugins=plugins, config=data["plugins"], system=data["system"]), Placement.parse(name)
+    data = build_manifest(name, "aiwfe", root)
+    plugins = list(dict.fromkeys(p for pod in data["pods"].values() for p in pod["plugins"]))
+    return SystemSpec(plugins=plugins, config=data["plugins"], system=data["system"], pods=data["pods"]), Placement("manifest")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every shipped manifest, then a random placement per seed of ``--aiwfe-seeds``."""
+    if "system" in metafunc.fixturenames:
+        placements = [*PLACEMENTS, *(f"random:{s}" for s in seeds(metafunc.config))]
+        metafunc.parametrize("system", placements, indirect=True)
+
+
 class System(msgspec.Struct):
     """One placement, running: its name, an outside client kernel, the pod processes, the gateway."""
 
@@ -69,43 +85,21 @@ class System(msgspec.Struct):
     kernel: Kernel
     pods: dict[str, Any]
     gateway_url: str
+    co_located: bool  # the probe plugin runs in perception's pod
 
 
-@pytest.fixture(params=PLACEMENTS)
+@pytest.fixture
 async def system(
     request: pytest.FixtureRequest, prefix: str, pg_url: str, redis_url: str, tmp_path: Path, repo_root: Path
 ) -> AsyncIterator[System]:
-    data = build_manifest(request.param, prefix, repo_root)
-    path = tmp_path / f"{request.param}.toml"
-    path.write_text(dump_toml(data))
-    gateway_port = free_port()
-    # authorization on: each pod connects as its own user, this test's client as the operator
-    nats_cm = secured_nats(load_manifest(path, env={}), tmp_path)
-    nats = nats_cm.__enter__()
-    env = {
-        "DATABASE_URL": pg_url,
-        "REDIS_URL": redis_url,
-        "JWT_SECRET": "placement-test-secret-" + "x" * 32,
-        "AIWFE_PREFIX": prefix,
-        "AIWFE_DATA_DIR": str(tmp_path / "data"),
-        "AIWFE_GATEWAY_PORT": str(gateway_port),
-    }
-    cm = run_pods(path, list(data["pods"]), env, tmp_path, pod_env=nats.pod_env)
-    try:
-        pods = await asyncio.to_thread(cm.__enter__)
-    except BaseException:
-        nats_cm.__exit__(None, None, None)
-        raise
-    bus = NatsBus(nats.url(ADMIN), prefix, name="placement-client")
-    try:
-        await bus.start()
-        yield System(placement=request.param, kernel=Kernel(bus), pods=pods, gateway_url=f"http://127.0.0.1:{gateway_port}")
-    finally:
-        await bus.close()
-        await asyncio.to_thread(cm.__exit__, None, None, None)
-        nats_cm.__exit__(None, None, None)
-        violations = [line for line in nats.server.log_path.read_text().splitlines() if "Violation" in line]
-        assert not violations, "\n".join(violations)
+    # aiwfe.testing runs the pods as `aiwfe run` children, authorization on: each pod as its own
+    # user, this test's client as the operator; a permission violation fails the test
+    spec, placement = spec_for(request.param, repo_root)
+    env = {"DATABASE_URL": pg_url, "REDIS_URL": redis_url}
+    async with start_system(spec, placement, tmp_path, prefix=prefix, env=env) as s:
+        assert s.gateway_url is not None
+        co_located = s.pod_of(TEST_PLUGINS[0]) == s.pod_of("perception")
+        yield System(placement=request.param, kernel=s.kernel, pods=s.pods, gateway_url=s.gateway_url, co_located=co_located)
 
 
 def expected_answer(text: str, context: list[str]) -> dict[str, Any]:
@@ -161,7 +155,7 @@ async def test_end_to_end(system: System) -> None:
     served_by = {name: (await asyncio.to_thread(p.get, "/metrics"))[1].decode() for name, p in pods.items()}
     local = sum(_count(t, "perception.perceive", "local") for t in served_by.values())
     remote = sum(_count(t, "perception.perceive", "remote") for t in served_by.values())
-    if placement == "monolith":
+    if system.co_located:
         assert (local, remote) == (len(ASKS), 0)
     else:
         assert (local, remote) == (0, len(ASKS))
@@ -169,10 +163,10 @@ async def test_end_to_end(system: System) -> None:
 
 
 def test_placements_agree() -> None:
-    if len(RESULTS) < len(PLACEMENTS):
+    if not set(PLACEMENTS) <= set(RESULTS):
         pytest.skip("runs after the end-to-end test of every placement")
     first = RESULTS[PLACEMENTS[0]]
-    assert all(RESULTS[p] == first for p in PLACEMENTS)
+    assert all(r == first for r in RESULTS.values())
 
 
 @pytest.mark.timeout(180)

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,10 @@ def test_dockerfile_is_multi_stage_non_root_and_runs_aiwfe() -> None:
             for src in sources:
                 assert (ROOT / src).exists(), f"COPY {src}: no such path"
                 assert src not in ignored, f"COPY {src}: excluded by .dockerignore"
+    # `pip install .` needs every folder pyproject maps into the aiwfe namespace
+    copied = {ln.split()[1] for ln in lines if ln.startswith("COPY ") and "--from=" not in ln}
+    folders = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    assert folders <= copied, f"the image build does not copy {sorted(folders - copied)}"
 
 
 # -- alert rules ----------------------------------------------------------------------------

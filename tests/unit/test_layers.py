@@ -3,6 +3,8 @@
 * importing any plugin's ``contract.py`` or the kernel's contract module loads msgspec and
   the standard library only (a fresh interpreter each);
 * nothing under ``bus/`` imports the kernel or a plugin; the kernel never imports a plugin;
+* ``testing/`` (aiwfe.testing, the toolkit) builds on the kernel and the bus, never on a
+  plugin (it tests anyone's plugins) or a benchmark; nothing but tests imports it;
 * no import cycle among the project's modules (every import counted, TYPE_CHECKING and
   function-level ones included);
 * the kernel core stays small and no module grows past its limit.
@@ -19,7 +21,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = {"kernel": "aiwfe.kernel", "bus": "aiwfe.bus", "plugins": "aiwfe.plugins", "bench": "aiwfe.bench"}
+FOLDERS = {
+    "kernel": "aiwfe.kernel",
+    "bus": "aiwfe.bus",
+    "plugins": "aiwfe.plugins",
+    "bench": "aiwfe.bench",
+    "testing": "aiwfe.testing",
+}
 # The core of DESIGN.md §2 (the package __init__ only re-exports; tools, admin, tracing, metrics, pg are not core).
 CORE = ["contract", "errors", "plugin", "manifest", "registry", "routing", "serving", "jobs", "pod"]
 HEAVY = ("opentelemetry", "prometheus_client", "nats", "litestar", "psycopg", "redis", "qdrant_client", "uvicorn")
@@ -87,6 +95,14 @@ def test_the_bus_never_imports_the_kernel_and_the_kernel_never_a_plugin() -> Non
             assert not {d for d in deps if not d.startswith("aiwfe.bus")}, module
         if module.startswith("aiwfe.kernel"):
             assert not {d for d in deps if d.startswith(("aiwfe.plugins", "aiwfe.bench"))}, module
+
+
+def test_the_testing_toolkit_builds_on_the_kernel_only() -> None:
+    for module, deps in _graph().items():
+        if module.startswith("aiwfe.testing"):
+            assert not {d for d in deps if d.startswith(("aiwfe.plugins", "aiwfe.bench"))}, module
+        else:
+            assert not {d for d in deps if d.startswith("aiwfe.testing")}, module
 
 
 def test_no_import_cycle() -> None:

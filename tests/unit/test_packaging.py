@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = {"kernel": "aiwfe.kernel", "bus": "aiwfe.bus", "plugins": "aiwfe.plugins", "bench": "aiwfe.bench"}
+FOLDERS = {
+    "kernel": "aiwfe.kernel",
+    "bus": "aiwfe.bus",
+    "plugins": "aiwfe.plugins",
+    "bench": "aiwfe.bench",
+    "testing": "aiwfe.testing",
+}
 
 
 def _packages_on_disk() -> set[str]:
@@ -61,3 +67,5 @@ def test_wheel_has_only_the_aiwfe_namespace(tmp_path: Path) -> None:
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "aiwfe = aiwfe.kernel.tools.cli:main" in text
     assert "gateway = aiwfe.plugins.gateway.plugin:GatewayPlugin" in text
+    assert "[pytest11]\naiwfe = aiwfe.testing.plugin" in text  # the pytest plugin loads wherever aiwfe is installed
+    assert "aiwfe/testing/plugin.py" in names

@@ -1,0 +1,1 @@
+"""An example third-party AIWFE plugin package (see contract.py and plugin.py)."""
