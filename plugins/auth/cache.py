@@ -172,6 +172,42 @@ class ClaimCache:
         self.breaker.success()
         return True, result
 
+    async def execute(self, op: Any) -> tuple[bool, Any]:
+        """Run ``op()`` (a coroutine factory using :attr:`client`) under the breaker; ``(ok, result)``.
+
+        Never raises for Redis failures; ``ok`` is False when Redis was skipped or failed."""
+        return await self._run(op)
+
+    def _subject_key(self, sub: str) -> str:
+        return f"{self.prefix}:subject:{sub}"
+
+    async def revoke_subject(self, sub: str, before: int, ttl_s: int) -> bool:
+        """Deny every token of ``sub`` issued at or before ``before`` for ``ttl_s``; False when
+        Redis did not answer."""
+        ok, _ = await self._run(lambda: self.client.set(self._subject_key(sub), str(before), ex=max(1, ttl_s)))
+        return ok
+
+    async def revoked_subjects(self, limit: int = 100_000) -> dict[str, int] | None:
+        """Every subject cut-off in Redis (``sub → before``), at most ``limit``; None when Redis
+        did not answer."""
+
+        async def op() -> dict[str, int]:
+            out: dict[str, int] = {}
+            head = len(self._subject_key(""))
+            keys = []
+            async for key in self.client.scan_iter(match=self._subject_key("*"), count=1000):
+                keys.append(key)
+                if len(keys) >= limit:
+                    break
+            if keys:
+                for key, value in zip(keys, await self.client.mget(keys), strict=True):
+                    if value is not None:
+                        out[key.decode()[head:]] = int(value)
+            return out
+
+        ok, res = await self._run(op)
+        return res if ok else None
+
     def _claims_key(self, digest: str) -> str:
         return f"{self.prefix}:claims:{digest}"
 

@@ -37,12 +37,14 @@ from aiwfe.kernel.config_check import one_of
 from aiwfe.kernel.errors import ConfigError, Overloaded, Unavailable
 from aiwfe.kernel.plugin import Plugin, serves
 
+from .admin import AdminOps, SubjectDenylist, admin_names
 from .cache import ClaimCache, Denylist
-from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token, TokenRevoked, Verify
-from .errors import InvalidCredentials, InvalidInput, InvalidToken, UserExists
+from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, SubjectRevoked, Token, TokenRevoked, Verify
+from .errors import InvalidCredentials, InvalidInput, InvalidToken, TooManyAttempts, UserExists
 from .kdf import KdfGate, _lower_thread_priority
 from .keys import JwtKey, _material, _unverified_jti
 from .store import UserStore
+from .throttle import LoginThrottle
 from .tokens import ALGORITHMS, MIN_SECRET_BYTES, KeyRing, TokenService, token_digest
 
 __all__ = ["AuthPlugin", "JwtKey", "KdfGate"]
@@ -92,7 +94,7 @@ class _DegradedCollector(Collector):
 metrics.REGISTRY.register(_DegradedCollector())
 
 
-class AuthPlugin(Plugin):
+class AuthPlugin(AdminOps, Plugin):
     """Users, passwords, JWT access tokens, revocation. See the module docstring."""
 
     name = "auth"
@@ -113,6 +115,10 @@ class AuthPlugin(Plugin):
         With ``idle`` a login burst hashes only on CPU time nothing else wants, so token
         checks and open sockets keep their latency; a CPU-starved hash shows in the gate's
         measured hash time, which turns further logins into 503 + Retry-After at once.
+        ``login_*``: throttling (:mod:`.throttle`): failures allowed per username and per
+        client address before backoff, the first and longest lock, the window after which
+        failures are forgotten. ``admin_users``: user names that may disable and delete users
+        (plus ``$AIWFE_ADMIN_USERS``; see :mod:`.admin`).
         Measured with ``aiwfe bench auth-burst --replicas 1`` (2,000 handshakes + 200
         logins in one second, 2 cores): connect p99 ≈ 90–140 ms with ``idle``, ≈ 660 ms
         with ``low``, ≈ 1.2 s with ``normal``.
@@ -151,9 +157,15 @@ class AuthPlugin(Plugin):
         kdf_workers: int = 2
         kdf_max_wait_s: float = 2.0
         kdf_priority: Literal["idle", "low", "normal"] = "idle"
+        login_user_attempts: int = 5
+        login_addr_attempts: int = 20
+        login_backoff_s: float = 1.0
+        login_max_backoff_s: float = 900.0
+        login_window_s: float = 900.0
+        admin_users: list[str] = []
 
     config: Config
-    calls = (TokenRevoked,)
+    calls = (TokenRevoked, SubjectRevoked)
 
     @classmethod
     def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
@@ -189,6 +201,9 @@ class AuthPlugin(Plugin):
         self.store: UserStore | None = None
         self.cache: ClaimCache | None = None
         self.denylist = Denylist()
+        self.subjects = SubjectDenylist()
+        self.admins: frozenset[str] = frozenset()
+        self.throttle: LoginThrottle | None = None
         self._kdf: ThreadPoolExecutor | None = None
         self._gate = KdfGate(1, 1.0)
         self._hasher: PasswordHasher | None = None
@@ -252,6 +267,16 @@ class AuthPlugin(Plugin):
             max_connections=c.redis_max_connections,
             on_store_lost=REDIS_BYPASSED.inc,
         )
+        self.admins = admin_names(list(c.admin_users))
+        self.throttle = LoginThrottle(
+            self.cache,
+            prefix=c.redis_key_prefix,
+            user_free=c.login_user_attempts,
+            addr_free=c.login_addr_attempts,
+            base_s=c.login_backoff_s,
+            max_s=c.login_max_backoff_s,
+            window_s=c.login_window_s,
+        )
         try:
             await self.store.open(c.db_start_timeout_s)
             # A user who does not exist costs a login as much as one who does (no timing oracle).
@@ -261,6 +286,9 @@ class AuthPlugin(Plugin):
             hashes = await asyncio.gather(*(self._run_kdf(self._hasher.hash, os.urandom(16).hex()) for _ in range(c.kdf_workers)))
             self._gate.avg_s = time.perf_counter() - t0
             self._dummy_hash = hashes[0]
+            cutoffs = await self.cache.revoked_subjects() if redis_url else None
+            for sub, before in (cutoffs or {}).items():
+                self.subjects.add(sub, before, before + int(c.access_ttl_s + c.leeway_s) + 1)
             if not redis_url:
                 log.warning("auth: no REDIS_URL: running without the claims cache and shared revocation list")
             _plugins.add(self)
@@ -340,7 +368,15 @@ class AuthPlugin(Plugin):
             InvalidCredentials, Overloaded, Unavailable.
         """
         assert self.store is not None and self._hasher is not None and self.tokens is not None
-        if not (req.username and _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD):
+        assert self.throttle is not None
+        if not req.username or len(req.username) > 256:
+            raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+        try:
+            await self.throttle.check(req.username, req.client)
+        except TooManyAttempts as e:
+            raise self._fail("throttled", e) from None
+        if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
+            await self.throttle.failed(req.username, req.client)
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
         hasher = self._hasher
         with self._gate.slot():  # refuse at once, before touching the database, when hashing is saturated
@@ -351,7 +387,8 @@ class AuthPlugin(Plugin):
                 ok = user is not None
             except (VerifyMismatchError, VerificationError, InvalidHashError):
                 ok = False
-        if not ok or user is None:
+        if not ok or user is None or user.disabled:
+            await self.throttle.failed(req.username, req.client)
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
         if hasher.check_needs_rehash(stored):
             try:
@@ -360,6 +397,7 @@ class AuthPlugin(Plugin):
                 await self.store.update_hash(user.id, new_hash)
             except (Overloaded, Unavailable) as e:  # the login itself succeeded; upgrade next time
                 log.info("auth: password hash upgrade for user %s postponed: %s", user.id, e)
+        await self.throttle.succeeded(req.username)
         token, _claims = self.tokens.issue(user.id, user.username, user.scopes)
         return Token(access_token=token, token_type="bearer", expires_in=self.config.access_ttl_s)
 
@@ -392,6 +430,8 @@ class AuthPlugin(Plugin):
             raise self._fail("revoked", InvalidToken("revoked", "revoked: the token was logged out"))
         if cached is not None and cached.exp > time.time():
             CACHE.labels("hit").inc()
+            if check_revoked and self.subjects.denies(cached.sub, cached.iat):
+                raise self._fail("revoked", InvalidToken("revoked", "revoked: the user was disabled or deleted"))
             return cached
         CACHE.labels("miss").inc()
         try:
@@ -400,6 +440,8 @@ class AuthPlugin(Plugin):
             raise self._fail(e.reason, e) from None
         if ok:
             cache.store(digest, claims)
+        if check_revoked and self.subjects.denies(claims.sub, claims.iat):
+            raise self._fail("revoked", InvalidToken("revoked", "revoked: the user was disabled or deleted"))
         return claims
 
     @serves(Logout, concurrency=64, max_queue=1024, timeout_s=5.0)

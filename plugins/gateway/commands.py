@@ -28,6 +28,7 @@ from aiwfe.kernel import AiwfeError, RemoteError
 
 from . import frames
 from .frames import TERMINAL
+from .limits import too_deep
 from .services import GatewayServices
 
 __all__ = ["MAX_CALLS_IN_FLIGHT", "MAX_FOLLOWED_JOBS", "Commands", "FrameSink"]
@@ -62,6 +63,10 @@ class Commands:
 
     def dispatch(self, data: str | bytes) -> None:
         """Decode one client frame and start what it asks for (never blocks)."""
+        depth = self.services.config.max_frame_depth
+        if too_deep(data, depth):
+            self.out.push({"type": "error", "code": "bad_frame", "message": f"frame nested deeper than {depth} levels"})
+            return
         try:
             frame = frames.decode_frame(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:

@@ -60,6 +60,13 @@ class Hub:
             c.close_soon(CLOSE_REVOKED, "token revoked")
         return len(conns)
 
+    def revoke_subject(self, sub: str) -> int:
+        """Close every socket of user ``sub`` with 4001 (the user was disabled or deleted); return how many."""
+        conns = [c for cs in self.by_jti.values() for c in cs if getattr(c, "sub", None) == sub]
+        for c in conns:
+            c.close_soon(CLOSE_REVOKED, "user disabled or deleted")
+        return len(conns)
+
     async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:
         """Close every connection (at shutdown) and wait for their handlers to finish, up to 5 s."""
         conns = [c for cs in self.by_jti.values() for c in cs]

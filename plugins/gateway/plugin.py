@@ -21,7 +21,7 @@ import msgspec
 
 from aiwfe.kernel import ConfigError, Plugin, address_of, serves
 from aiwfe.kernel.config_check import one_of, problem_text
-from aiwfe.plugins.auth.contract import Login, Logout, Register, TokenRevoked, Verify
+from aiwfe.plugins.auth.contract import DeleteUser, DisableUser, Login, Logout, Register, SubjectRevoked, TokenRevoked, Verify
 from aiwfe.plugins.memory.contract import Recall, Remember
 from aiwfe.plugins.perception.contract import Perceive
 
@@ -44,7 +44,7 @@ class GatewayPlugin(Plugin):
     """
 
     name = "gateway"
-    calls = (Register, Login, Verify, Logout, Perceive, Remember, Recall)
+    calls = (Register, Login, Verify, Logout, DisableUser, DeleteUser, Perceive, Remember, Recall)
     Config = GatewayConfig
     #: ``job_kinds`` values must be jobs some pod of the manifest consumes (``aiwfe check``).
     config_addresses = {"job_kinds": "job"}
@@ -92,6 +92,7 @@ class GatewayPlugin(Plugin):
             backlog=cfg.backlog,
             keep_alive_s=cfg.keep_alive_s,
             reuse_port=cfg.reuse_port,
+            max_header_bytes=cfg.max_header_bytes,
         )
         await server.start()
         host = cfg.public_host or ("127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host)
@@ -117,3 +118,10 @@ class GatewayPlugin(Plugin):
         n = self.hub.revoke(ev.jti, float(ev.exp))
         if n:
             log.info("token %s revoked: closing %d socket(s)", ev.jti, n)
+
+    @serves(SubjectRevoked, concurrency=8, max_queue=100_000)
+    async def on_subject_revoked(self, ev: SubjectRevoked) -> None:
+        """Close every socket of a disabled or deleted user (4001)."""
+        n = self.hub.revoke_subject(ev.sub)
+        if n:
+            log.info("user %s revoked: closing %d socket(s)", ev.sub, n)
