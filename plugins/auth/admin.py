@@ -12,7 +12,8 @@ every auth pod holds it in memory (:class:`SubjectDenylist`) and refuses a token
 with ``iat ≤ before``, cached claims included, and the gateway closes that user's sockets
 with 4001. A pod that starts later loads the cut-offs from Redis. A disabled user cannot log
 in (answered like a wrong password); enabling it again lets it log in, but tokens from before
-the disable stay revoked (so does one issued within the same second as the disable).
+the disable stay revoked. Token times are whole seconds, so a token issued in the same second
+as the cut-off is dated one second later (``iat``/``nbf``, well inside the verifier's leeway).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ class SubjectDenylist:
         old = self._d.get(sub)
         if exp > now and (old is None or old[0] < before or old[1] < exp):
             self._d[sub] = (max(before, old[0] if old else 0), max(exp, old[1] if old else 0))
+
+    def before(self, sub: str) -> int | None:
+        """The cut-off of ``sub`` (epoch seconds), or None."""
+        v = self._d.get(sub)
+        return v[0] if v is not None and v[1] > time.time() else None
 
     def denies(self, sub: str, iat: int) -> bool:
         """True when a token of ``sub`` issued at ``iat`` is cut off."""

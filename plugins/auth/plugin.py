@@ -398,7 +398,9 @@ class AuthPlugin(AdminOps, Plugin):
             except (Overloaded, Unavailable) as e:  # the login itself succeeded; upgrade next time
                 log.info("auth: password hash upgrade for user %s postponed: %s", user.id, e)
         await self.throttle.succeeded(req.username)
-        token, _claims = self.tokens.issue(user.id, user.username, user.scopes)
+        cut = self.subjects.before(user.id)  # re-enabled after a disable: date the token after the cut-off
+        now = max(time.time(), cut + 1) if cut is not None else None
+        token, _claims = self.tokens.issue(user.id, user.username, user.scopes, now=now)
         return Token(access_token=token, token_type="bearer", expires_in=self.config.access_ttl_s)
 
     @serves(Verify, concurrency=512, max_queue=4096, timeout_s=5.0)

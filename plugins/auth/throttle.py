@@ -123,7 +123,7 @@ class LoginThrottle:
 
             ok, ttls = await cache.execute(op)
             if ok:
-                wait = max(wait, *(t / 1000 for t in ttls if t and t > 0))
+                wait = max([wait, *(t / 1000 for t in ttls if t and t > 0)])
         if wait > 0:
             raise TooManyAttempts("too many failed logins; retry later", retry_after_s=float(max(1, math.ceil(wait))))
 
