@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -98,7 +98,7 @@ class RecallIn(msgspec.Struct, frozen=True):
     """Body of ``POST /v1/memory/recall``: the calling user's memories closest to ``query``."""
 
     query: str
-    k: int = 5
+    k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     filters: dict[str, str | int | float | bool] = {}
 
 

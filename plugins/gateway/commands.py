@@ -28,7 +28,7 @@ from aiwfe.kernel import AiwfeError, RemoteError
 
 from . import frames
 from .frames import TERMINAL
-from .limits import too_deep
+from .limits import check_ranges, too_deep
 from .services import GatewayServices
 
 __all__ = ["MAX_CALLS_IN_FLIGHT", "MAX_FOLLOWED_JOBS", "Commands", "FrameSink"]
@@ -170,7 +170,8 @@ class Commands:
             return
         try:
             req: Any = msgspec.convert(f.input, contract)
-        except msgspec.ValidationError as e:
+            check_ranges(f.contract, req)
+        except (msgspec.ValidationError, ValueError) as e:
             self.out.push({"type": "error", "code": "bad_frame", "message": f"{f.contract}: {e}", "id": f.id})
             return
         try:

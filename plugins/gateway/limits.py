@@ -9,6 +9,9 @@
   reaches a JSON route. Requests without a body (logout) need no content type.
 * **Frame depth**: a WebSocket frame nested deeper than ``max_frame_depth`` (arrays and
   objects) is answered ``bad_frame`` and the socket stays open (:func:`too_deep`).
+* **Numbers of ``call`` frames** (:data:`CALL_RANGES`, :func:`check_ranges`): integer fields
+  of the request contracts a client may call, range-checked with ``bad_frame`` naming the field
+  (the plugins clamp them too, silently; a client should hear that it asked for too much).
 * **Sequences**: event sequences (``after_seq`` of ``resume`` frames and of the SSE query,
   ``Last-Event-ID``) must be integers in ``0 ≤ seq ≤ MAX_SEQ`` (:func:`parse_seq`).
 """
@@ -21,10 +24,17 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["MAX_SEQ", "guard", "header_bytes", "parse_seq", "too_deep"]
+__all__ = ["CALL_RANGES", "MAX_SEQ", "check_ranges", "guard", "header_bytes", "parse_seq", "too_deep"]
 
 #: The largest event sequence a client may name (2^53 − 1: exact in every JSON parser).
 MAX_SEQ = 2**53 - 1
+
+#: Contract address → integer field → inclusive range a client may send (``call`` frames; the
+#: HTTP bodies declare the same bounds on their Structs).
+CALL_RANGES: dict[str, dict[str, tuple[int, int]]] = {
+    "perception.perceive": {"max_tags": (0, 100)},
+    "memory.recall": {"k": (1, 100)},
+}
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _BRACKET = re.compile(rb"[\[\]{}]")
@@ -68,6 +78,18 @@ def parse_seq(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
         raise ValueError(f"{what} must be an integer from 0 to {MAX_SEQ}")
     return value
+
+
+def check_ranges(address: str, request: Any) -> None:
+    """Check ``request``'s integer fields against :data:`CALL_RANGES`.
+
+    Raises:
+        ValueError: a field out of range (the message names it and the range).
+    """
+    for field, (lo, hi) in CALL_RANGES.get(address, {}).items():
+        v = getattr(request, field, None)
+        if isinstance(v, int) and not lo <= v <= hi:
+            raise ValueError(f"{field} must be from {lo} to {hi}, got {v}")
 
 
 def header_bytes(scope: Scope) -> int:

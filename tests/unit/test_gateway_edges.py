@@ -129,3 +129,20 @@ async def test_json_routes_require_application_json(gateway: StartGateway) -> No
         token = await login(c, "carol")
         # a POST without a body needs no content type
         assert (await c.post("/v1/auth/logout", headers=bearer(token))).status_code == 200
+
+
+async def test_numeric_fields_of_calls_and_bodies_are_range_checked(gateway: StartGateway) -> None:
+    async with gateway() as s, httpx.AsyncClient(base_url=s.url) as c:
+        token = await login(c)
+        async with ws_connect(s.ws_url, token) as ws:
+            for bad in (-1, 101, 2**62, 2**70, "5", 1.5):
+                frame = {"type": "call", "contract": "perception.perceive", "input": {"text": "hi", "max_tags": bad}, "id": "c"}
+                await ws.send(json.dumps(frame))
+                err = await recv_json(ws)
+                assert err["type"] == "error" and err["code"] == "bad_frame" and "max_tags" in err["message"], (bad, err)
+            frame = {"type": "call", "contract": "perception.perceive", "input": {"text": "hi", "max_tags": 3}, "id": "ok"}
+            await ws.send(json.dumps(frame))
+            assert (await recv_json(ws))["type"] == "reply"
+        for k in (0, -3, 101, 10**30):
+            r = await c.post("/v1/memory/recall", json={"query": "x", "k": k}, headers=bearer(token))
+            assert r.status_code == 400 and "k" in r.text, (k, r.text)
