@@ -20,23 +20,19 @@ import logging
 import os
 import re
 import time
-import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import msgspec
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from prometheus_client import Counter
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from aiwfe.kernel import metrics
 from aiwfe.kernel.config_check import one_of
 from aiwfe.kernel.errors import ConfigError, Overloaded, Unavailable
 from aiwfe.kernel.plugin import Plugin, serves
 
+from ._metrics import CACHE, FAILURES, REDIS_BYPASSED, _plugins
 from .admin import AdminOps, SubjectDenylist, admin_names
 from .cache import ClaimCache, Denylist
 from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, SubjectRevoked, Token, TokenRevoked, Verify
@@ -51,47 +47,8 @@ __all__ = ["AuthPlugin", "JwtKey", "KdfGate"]
 
 log = logging.getLogger("aiwfe.auth")
 
-FAILURES = Counter(
-    "aiwfe_auth_failures_total",
-    "Authentication failures by reason (token reasons, invalid_credentials, user_exists, invalid_input)",
-    ["reason"],
-    registry=metrics.REGISTRY,
-)
-CACHE = Counter(
-    "aiwfe_auth_cache_total",
-    "Token verifications by claim-cache result (miss includes Redis unavailable)",
-    ["result"],
-    registry=metrics.REGISTRY,
-)
-REDIS_BYPASSED = Counter(
-    "aiwfe_auth_redis_bypassed_total",
-    "Token verifications that skipped or lost Redis (breaker open or Redis error)",
-    registry=metrics.REGISTRY,
-)
-
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{3,64}$")
 _MIN_PASSWORD, _MAX_PASSWORD = 8, 256
-
-_plugins: weakref.WeakSet[AuthPlugin] = weakref.WeakSet()
-
-
-class _DegradedCollector(Collector):
-    """``aiwfe_auth_degraded{dependency}``: 1 when a running auth plugin is bypassing it."""
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        fam = GaugeMetricFamily("aiwfe_auth_degraded", "1 while auth runs without a dependency", labels=["dependency"])
-        redis_down = db_down = 0
-        for p in list(_plugins):
-            if p.cache is not None and p.cache.status():
-                redis_down = 1
-            if p.store is not None and not p.store.breaker.closed:
-                db_down = 1
-        fam.add_metric(["redis"], redis_down)
-        fam.add_metric(["database"], db_down)
-        yield fam
-
-
-metrics.REGISTRY.register(_DegradedCollector())
 
 
 class AuthPlugin(AdminOps, Plugin):
