@@ -48,7 +48,7 @@ from aiwfe.plugins.memory.contract import Recall, RecallResult, Remember, Rememb
 
 from .admin import ADMIN_ROUTES
 from .frames import TERMINAL
-from .limits import guard, parse_seq
+from .limits import finished_last_seq, guard, parse_seq, past_end
 from .services import GatewayServices
 from .ws import Receive, Scope, Send, WebSocketEndpoint
 
@@ -240,7 +240,8 @@ async def job_events(
     """Server-Sent Events of a job (replay, then live) until it ends.
 
     Each event's ``id`` is its sequence; a reconnecting EventSource sends
-    ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same).
+    ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same). Sequences are
+    range-checked (400); past a finished job's last event: 400; at it: 204 (no more events).
     """
     try:
         seq = parse_seq(after_seq, "after_seq")
@@ -249,6 +250,11 @@ async def job_events(
             seq = max(seq, parse_seq(last, "Last-Event-ID"))
     except ValueError as e:
         raise HTTPException(status_code=400, detail=str(e)) from None
+    end = await finished_last_seq(svc.kernel, owned_job, seq)
+    if end is not None and seq > end:
+        raise HTTPException(status_code=400, detail=past_end(seq, end))
+    if end is not None and seq == end:  # the client saw the end; 204 stops EventSource reconnecting
+        return Response(content=b"", status_code=204)  # type: ignore[return-value]
 
     async def stream() -> AsyncIterator[ServerSentEventMessage]:
         async for ev in svc.kernel.job_events(owned_job, seq):

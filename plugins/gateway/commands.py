@@ -28,7 +28,7 @@ from aiwfe.kernel import AiwfeError, RemoteError
 
 from . import frames
 from .frames import TERMINAL
-from .limits import check_ranges, too_deep
+from .limits import check_ranges, finished_last_seq, past_end, too_deep
 from .services import GatewayServices
 
 __all__ = ["MAX_CALLS_IN_FLIGHT", "MAX_FOLLOWED_JOBS", "Commands", "FrameSink"]
@@ -148,8 +148,22 @@ class Commands:
         return False
 
     async def _resume(self, f: frames.Resume) -> None:
-        if await self._owned(f.job_id, f.id):
-            self._follow(f.job_id, f.after_seq)
+        if not await self._owned(f.job_id, f.id):
+            return
+        after = f.after_seq
+        try:
+            last = await finished_last_seq(self.kernel, f.job_id, after)
+        except AiwfeError as e:
+            self.out.push(self._error(e, f.id, job_id=f.job_id))
+            return
+        if last is not None and after > last:
+            self.out.push(
+                {"type": "error", "code": "bad_frame", "message": past_end(after, last), "id": f.id, "job_id": f.job_id}
+            )
+            return
+        if last is not None and after == last:
+            after = last - 1  # the client saw the end: send the result again rather than wait forever
+        self._follow(f.job_id, after)
 
     async def _cancel(self, f: frames.Cancel) -> None:
         if not await self._owned(f.job_id, f.id):

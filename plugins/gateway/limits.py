@@ -13,18 +13,30 @@
   of the request contracts a client may call, range-checked with ``bad_frame`` naming the field
   (the plugins clamp them too, silently; a client should hear that it asked for too much).
 * **Sequences**: event sequences (``after_seq`` of ``resume`` frames and of the SSE query,
-  ``Last-Event-ID``) must be integers in ``0 ≤ seq ≤ MAX_SEQ`` (:func:`parse_seq`).
+  ``Last-Event-ID``) must be integers in ``0 ≤ seq ≤ MAX_SEQ`` (:func:`parse_seq`), and for a
+  finished job not past its last event (:func:`finished_last_seq`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
-__all__ = ["CALL_RANGES", "MAX_SEQ", "check_ranges", "guard", "header_bytes", "parse_seq", "too_deep"]
+__all__ = [
+    "CALL_RANGES",
+    "MAX_SEQ",
+    "check_ranges",
+    "finished_last_seq",
+    "guard",
+    "header_bytes",
+    "parse_seq",
+    "past_end",
+    "too_deep",
+]
 
 #: The largest event sequence a client may name (2^53 − 1: exact in every JSON parser).
 MAX_SEQ = 2**53 - 1
@@ -142,3 +154,28 @@ def guard(app: Callable[[Scope, Receive, Send], Awaitable[None]], max_header_byt
         await app(scope, receive, send)
 
     return guarded
+
+
+async def finished_last_seq(kernel: Any, job_id: str, after_seq: int, wait_s: float = 2.0) -> int | None:
+    """The sequence of a finished job's last (terminal) event, when a resume after ``after_seq``
+    needs it; None for a running job, for ``after_seq`` 0, or when it cannot be told.
+
+    A resume at or past a finished job's last event would otherwise follow forever: the
+    callers answer it (past: an error; at: the terminal event again, or SSE 204). The job's
+    events are replayed once, for at most ``wait_s``.
+    """
+    if after_seq <= 0 or await kernel.job_record(job_id) is None:
+        return None
+    last = None
+    try:
+        async with asyncio.timeout(wait_s):
+            async for ev in kernel.job_events(job_id, 0):  # ends at the terminal event
+                last = ev.seq
+    except TimeoutError:
+        return None  # events no longer kept, or slow: do not refuse what might be valid
+    return last
+
+
+def past_end(after_seq: int, last: int) -> str:
+    """The error message of a resume past a finished job's last event."""
+    return f"after_seq {after_seq} is past the job's last event ({last})"

@@ -146,3 +146,25 @@ async def test_numeric_fields_of_calls_and_bodies_are_range_checked(gateway: Sta
         for k in (0, -3, 101, 10**30):
             r = await c.post("/v1/memory/recall", json={"query": "x", "k": k}, headers=bearer(token))
             assert r.status_code == 400 and "k" in r.text, (k, r.text)
+
+
+async def test_resume_past_the_end_of_a_finished_job_is_an_error(gateway: StartGateway) -> None:
+    async with gateway() as s, httpx.AsyncClient(base_url=s.url) as c:
+        h = bearer(await login(c))
+        r = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 2}}, headers=h)
+        job_id = r.json()["job_id"]
+        r = await c.get(f"/v1/jobs/{job_id}/events", headers=h, timeout=20)
+        last = max(int(line[3:]) for line in r.text.splitlines() if line.startswith("id:"))
+        r = await c.get(f"/v1/jobs/{job_id}/events", params={"after_seq": last + 1000}, headers=h, timeout=20)
+        assert r.status_code == 400 and "past the job's last event" in r.text, r.text
+        # at the end exactly (an EventSource reconnecting after the end): 204, which stops it
+        r = await c.get(f"/v1/jobs/{job_id}/events", headers={**h, "Last-Event-ID": str(last)}, timeout=20)
+        assert r.status_code == 204
+        async with ws_connect(s.ws_url, h["Authorization"].split()[1]) as ws:
+            await ws.send(json.dumps({"type": "resume", "job_id": job_id, "after_seq": last + 5, "id": "r"}))
+            err = await recv_json(ws)
+            assert err["code"] == "bad_frame" and "past the job's last event" in err["message"], err
+            for after in (last, last - 1):  # at the end: the result again, not an endless wait
+                await ws.send(json.dumps({"type": "resume", "job_id": job_id, "after_seq": after, "id": "r2"}))
+                f = await recv_json(ws)
+                assert f["type"] == "result" and f["seq"] == last, f
