@@ -1,0 +1,62 @@
+"""The login throttle's arithmetic and in-memory state, without Redis (the integration tests in
+tests/integration/test_auth_throttle.py run it against real Redis and PostgreSQL)."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiwfe.plugins.auth.admin import SubjectDenylist, admin_names
+from aiwfe.plugins.auth.errors import TooManyAttempts
+from aiwfe.plugins.auth.throttle import LoginThrottle, MemoryCounts
+
+
+def test_memory_counts_window_lock_and_bound() -> None:
+    m = MemoryCounts(window_s=100, max_keys=3)
+    assert [m.fail("a", now) for now in (0, 10, 20)] == [1, 2, 3]
+    assert m.fail("a", 200) == 1  # more than the window since the last failure: forgotten
+    m.lock("a", 260)
+    assert m.locked_for("a", 250) == 10 and m.locked_for("a", 270) == 0
+    for k in ("b", "c", "d"):
+        m.fail(k, 300)
+    assert m.locked_for("a", 250) == 0  # the oldest key made room (bounded memory)
+    m.clear("b")
+    assert m.fail("b", 301) == 1
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    t = LoginThrottle(None, prefix="p", user_free=3, addr_free=10, base_s=1.0, max_s=60.0)
+    assert [t.delay_s("user", n) for n in range(1, 11)] == [0, 0, 1, 2, 4, 8, 16, 32, 60, 60]
+    assert t.delay_s("addr", 9) == 0 and t.delay_s("addr", 10) == 1
+    assert t.delay_s("user", 10_000) == 60  # no overflow
+
+
+async def test_without_redis_the_pod_throttles_on_its_own_count() -> None:
+    t = LoginThrottle(None, prefix="p", user_free=2, addr_free=100, base_s=30.0)
+    await t.check("Mallory", "10.0.0.1")
+    await t.failed("Mallory", "10.0.0.1")
+    await t.check("mallory", "10.0.0.1")
+    await t.failed("mallory", "10.0.0.2")  # the name counts whatever the case and address
+    with pytest.raises(TooManyAttempts) as e:
+        await t.check("MALLORY", "10.0.0.3")
+    assert 1 <= e.value.retry_after_s <= 30
+    await t.check("someone-else", "10.0.0.1")
+    await t.succeeded("mallory")  # (only reachable after the lock ends) clears the name
+    await t.check("mallory", "10.0.0.1")
+
+
+def test_subject_cutoffs_and_admin_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    d = SubjectDenylist()
+    now = int(time.time())
+    d.add("u1", now, now + 3600)
+    assert d.denies("u1", now) and d.denies("u1", now - 100) and not d.denies("u1", now + 1)
+    assert not d.denies("u2", now) and d.before("u1") == now
+    d.add("u1", now - 50, now + 10)  # an older cut-off never loosens a newer one
+    assert d.denies("u1", now)
+    d.add("gone", now, now - 1)  # already expired: not kept
+    assert d.before("gone") is None
+    monkeypatch.setenv("AIWFE_ADMIN_USERS", " Ops, root ,,")
+    assert admin_names(["Alice"]) == {"alice", "ops", "root"}
+    monkeypatch.delenv("AIWFE_ADMIN_USERS")
+    assert admin_names([]) == frozenset()
