@@ -208,3 +208,39 @@ async def test_gateway_429_admin_routes_and_socket_close(prefix: str, nats_url: 
         r = await c.request("DELETE", "/v1/admin/users/bob", headers=root)
         assert r.status_code == 200 and r.json()["deleted"] is True
         assert (await c.post("/v1/auth/login", json={"username": "bob", "password": PASSWORD})).status_code == 401
+
+
+@pytest.mark.parametrize("bus_kind", ["local"])
+async def test_unknown_disabled_and_wrong_password_logins_cost_the_same_work(
+    start_auth: StartAuth, pg_url: str, redis_url: str, prefix: str
+) -> None:
+    """No timing oracle, shown without timing: each failed login runs exactly one argon2 check
+    (a dummy hash for a user that does not exist) and gets the same answer."""
+    async with start_auth(auth_config(pg_url, redis_url, prefix, admin_users=["root"])) as pods:
+        k = pods["client"].kernel
+        plugin = plugin_of(pods["auth"])
+        for name in ("root", "yuri", "yves"):
+            await k.call(Register(username=name, password=PASSWORD))
+        root = (await k.call(Login(username="root", password=PASSWORD))).access_token
+        await k.call(DisableUser(token=root, username="yves"))
+        hashes = 0
+        real = plugin._run_kdf
+
+        async def counting(fn: object, *args: object) -> object:
+            nonlocal hashes
+            hashes += 1
+            return await real(fn, *args)
+
+        plugin._run_kdf = counting  # type: ignore[method-assign]
+        answers = []
+        for name, password in (("yuri", WRONG), ("nobody", WRONG), ("nobody", PASSWORD), ("yves", PASSWORD)):
+            before = hashes
+            answers += await _fails_with(k, name, password)
+            assert hashes == before + 1, name
+        assert answers == ["InvalidCredentials: wrong username or password"] * 4
+
+
+async def _fails_with(k: object, username: str, password: str) -> list[str]:
+    with pytest.raises(RemoteError) as e:
+        await k.call(Login(username=username, password=password))  # type: ignore[attr-defined]
+    return [f"{e.value.type}: {e.value.message}"]
