@@ -65,6 +65,15 @@ async def test_handshake_with_oversized_headers_is_refused_at_once(gateway: Star
         assert (await c.get("/health", headers={"Cookie": "c=" + "x" * 1_000})).status_code == 200
 
 
+async def test_handshake_with_oversized_headers_under_granian(gateway: StartGateway) -> None:
+    """Granian has no limit of its own here: the gateway's ASGI guard answers 431 (a denial response)."""
+    async with gateway('server = "granian"') as s, httpx.AsyncClient(base_url=s.url) as c:
+        token = await login(c)
+        for size in (20_000, 200_000):
+            assert (await _raw_request(s.url, _handshake(token, size))).startswith(b"HTTP/1.1 431"), size
+        assert (await c.get("/health", headers={"Cookie": "c=" + "x" * 20_000})).status_code == 431
+
+
 async def test_handshake_header_limit_is_configurable(gateway: StartGateway) -> None:
     async with gateway("max_header_bytes = 2048") as s, httpx.AsyncClient(base_url=s.url) as c:
         token = await login(c)
