@@ -313,22 +313,8 @@ async def console() -> bytes:
     return (STATIC / "index.html").read_bytes()
 
 
-ROUTES = [
-    register,
-    login,
-    logout,
-    submit_job,
-    get_job,
-    job_events,
-    remember,
-    recall,
-    pods,
-    health,
-    ready,
-    prometheus,
-    console,
-    *ADMIN_ROUTES,
-]
+ROUTES = [register, login, logout, submit_job, get_job, job_events, remember, recall, pods, health, ready, prometheus, console]
+ROUTES += ADMIN_ROUTES  # plugins/gateway/admin.py
 
 
 def build_app(services: GatewayServices) -> Litestar:
