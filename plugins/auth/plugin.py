@@ -72,7 +72,7 @@ class AuthPlugin(AdminOps, Plugin):
         With ``idle`` a login burst hashes only on CPU time nothing else wants, so token
         checks and open sockets keep their latency; a CPU-starved hash shows in the gate's
         measured hash time, which turns further logins into 503 + Retry-After at once.
-        ``login_*``: throttling (:mod:`.throttle`): failures allowed per username and per
+        ``login_*``: throttling (:mod:`.throttle`): attempts allowed per username and per
         client address before backoff, the first and longest lock, the window after which
         failures are forgotten. ``admin_users``: user names that may disable and delete users
         (plus ``$AIWFE_ADMIN_USERS``; see :mod:`.admin`).
@@ -329,23 +329,25 @@ class AuthPlugin(AdminOps, Plugin):
         if not req.username or len(req.username) > 256:
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
         try:
-            await self.throttle.check(req.username, req.client)
+            await self.throttle.admit(req.username, req.client)  # counts this attempt
         except TooManyAttempts as e:
             raise self._fail("throttled", e) from None
         if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
-            await self.throttle.failed(req.username, req.client)
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
         hasher = self._hasher
-        with self._gate.slot():  # refuse at once, before touching the database, when hashing is saturated
-            user = await self.store.find_user(req.username)  # the connection is back in the pool here
-            stored = user.password_hash if user is not None else self._dummy_hash
-            try:
-                await self._run_kdf(hasher.verify, stored, req.password)
-                ok = user is not None
-            except (VerifyMismatchError, VerificationError, InvalidHashError):
-                ok = False
+        try:
+            with self._gate.slot():  # refuse at once, before touching the database, when hashing is saturated
+                user = await self.store.find_user(req.username)  # the connection is back in the pool here
+                stored = user.password_hash if user is not None else self._dummy_hash
+                try:
+                    await self._run_kdf(hasher.verify, stored, req.password)
+                    ok = user is not None
+                except (VerifyMismatchError, VerificationError, InvalidHashError):
+                    ok = False
+        except (Overloaded, Unavailable):
+            await self.throttle.release(req.username, req.client)  # not a password failure
+            raise
         if not ok or user is None or user.disabled:
-            await self.throttle.failed(req.username, req.client)
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
         if hasher.check_needs_rehash(stored):
             try:
@@ -354,7 +356,7 @@ class AuthPlugin(AdminOps, Plugin):
                 await self.store.update_hash(user.id, new_hash)
             except (Overloaded, Unavailable) as e:  # the login itself succeeded; upgrade next time
                 log.info("auth: password hash upgrade for user %s postponed: %s", user.id, e)
-        await self.throttle.succeeded(req.username)
+        await self.throttle.succeeded(req.username, req.client)
         cut = self.subjects.before(user.id)  # re-enabled after a disable: date the token after the cut-off
         now = max(time.time(), cut + 1) if cut is not None else None
         token, _claims = self.tokens.issue(user.id, user.username, user.scopes, now=now)

@@ -1,16 +1,21 @@
-"""Login throttling: failed attempts per username and per client address, exponential backoff.
+"""Login throttling: attempts per username and per client address, exponential backoff.
 
-Each failed login counts against two keys: the (lower-cased) username, whether or not such a
-user exists, and the client address the gateway saw. Once a key has ``free`` failures within
-``window_s``, every further failure locks it for ``base_s × 2^(failures − free)`` seconds (at
-most ``max_s``); a login against a locked key is refused before any database or hashing work
-with :class:`~.errors.TooManyAttempts` (HTTP 429, ``Retry-After``). The refusal is the same for
-a user that exists and one that does not, so throttling reveals nothing about who has an account.
-A successful login clears its username's count (never the address's).
+Every login attempt counts against two keys: the (lower-cased) username, whether or not such a
+user exists, and the client address the gateway saw. Attempts are counted when they are
+**admitted**, before any database or hashing work, so a burst of parallel guesses cannot slip
+past the allowance while the first ones are still hashing. The ``free``-th attempt within
+``window_s`` and every one after it lock the key for ``base_s × 2^(attempts − free)`` seconds
+(at most ``max_s``) as they are admitted: past the allowance one attempt per lock period gets
+through. An attempt against a locked key is refused with :class:`~.errors.TooManyAttempts`
+(HTTP 429, ``Retry-After``), and not counted. The refusal is the same for a user that exists and
+one that does not, so throttling reveals nothing about who has an account. A successful login
+clears its username's count and lock and takes its own attempt back from the address's count;
+an attempt that failed for another reason than the password (overload, database down) is taken
+back from both.
 
-State lives in Redis (``<prefix>:throttle:{user,addr}:<sha256>``, shared by every auth pod,
-expiring by itself) **and** in this pod's memory, and a check takes the stricter of the two:
-with Redis down (breaker open) the pod still throttles on its own count.
+State lives in Redis (``<prefix>:throttle:{user,addr}:<sha256>`` and ``…:lock``, shared by every
+auth pod, expiring by themselves; admission is one Lua script, atomic) **and** in this pod's
+memory; an attempt must pass both. With Redis down (breaker open) the pod throttles on its own.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class MemoryCounts:
         return max(0.0, e[2] - now) if e is not None else 0.0
 
     def fail(self, key: str, now: float) -> int:
-        """Count one failure of ``key``; return its count within the window."""
+        """Count one attempt of ``key``; return its count within the window."""
         fails, last, until = self._d.pop(key, (0, now, 0.0))
         if now - last > self.window_s:
             fails = 0
@@ -59,6 +64,43 @@ class MemoryCounts:
     def clear(self, key: str) -> None:
         self._d.pop(key, None)
 
+    def uncount(self, key: str) -> None:
+        """Take one attempt back (its lock, if it set one, stays)."""
+        e = self._d.get(key)
+        if e is not None:
+            self._d[key] = (max(0, e[0] - 1), e[1], e[2])
+
+
+# KEYS: count1, lock1[, count2, lock2]; ARGV: window_ms, base_ms, max_ms, free1[, free2].
+# Returns {0, ms until the longest lock ends} (refused, nothing counted) or {1, 0} (admitted).
+_ADMIT = """
+local wait = 0
+for i = 2, #KEYS, 2 do
+  local t = redis.call('PTTL', KEYS[i])
+  if t > wait then wait = t end
+end
+if wait > 0 then return {0, wait} end
+for i = 1, #KEYS, 2 do
+  local n = redis.call('INCR', KEYS[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  local free = tonumber(ARGV[4 + (i - 1) / 2])
+  if n >= free then
+    local d = math.min(tonumber(ARGV[3]), tonumber(ARGV[2]) * 2 ^ math.min(n - free, 32))
+    redis.call('SET', KEYS[i + 1], '1', 'PX', math.max(1, math.floor(d)))
+  end
+end
+return {1, 0}
+"""
+
+# KEYS: counts to take one attempt back from (never below 0, never creating a key; TTLs kept).
+_UNCOUNT = """
+for i = 1, #KEYS do
+  local n = tonumber(redis.call('GET', KEYS[i]))
+  if n and n > 0 then redis.call('DECR', KEYS[i]) end
+end
+return 0
+"""
+
 
 class LoginThrottle:
     """The login attempt limits (see the module doc).
@@ -66,9 +108,9 @@ class LoginThrottle:
     Args:
         cache: the plugin's :class:`~.cache.ClaimCache` (its Redis client and breaker), or None.
         prefix: Redis key prefix.
-        user_free, addr_free: failures allowed per username / per address before backoff.
+        user_free, addr_free: attempts allowed per username / per address before backoff.
         base_s, max_s: first lock and longest lock.
-        window_s: failures older than this (since the last one) are forgotten.
+        window_s: attempts older than this (since the last one) are forgotten.
     """
 
     def __init__(
@@ -84,11 +126,13 @@ class LoginThrottle:
     ) -> None:
         self.cache = cache
         self.prefix = prefix
-        self.free = {"user": user_free, "addr": addr_free}
+        self.free = {"user": max(1, user_free), "addr": max(1, addr_free)}
         self.base_s = base_s
         self.max_s = max_s
         self.window_s = window_s
         self.memory = MemoryCounts(window_s)
+        self._script: Any = None
+        self._uncount: Any = None
 
     def _keys(self, username: str, addr: str) -> list[tuple[str, str]]:
         out = [("user", username.lower())]
@@ -96,15 +140,19 @@ class LoginThrottle:
             out.append(("addr", addr))
         return [(kind, f"{self.prefix}:throttle:{kind}:{hashlib.sha256(v.encode()).hexdigest()}") for kind, v in out]
 
-    def delay_s(self, kind: str, fails: int) -> float:
-        """The lock after the ``fails``-th failure of a key of ``kind`` (0 while free)."""
-        over = fails - self.free[kind]
+    def delay_s(self, kind: str, attempts: int) -> float:
+        """The lock set when the ``attempts``-th attempt of a key of ``kind`` is admitted (0 while free)."""
+        over = attempts - self.free[kind]
         if over < 0:
             return 0.0
         return min(self.max_s, self.base_s * 2.0 ** min(over, 32))
 
-    async def check(self, username: str, addr: str) -> None:
-        """Refuse a login whose username or address is locked.
+    def _redis(self) -> Any:
+        cache = self.cache
+        return cache if cache is not None and cache.available else None
+
+    async def admit(self, username: str, addr: str) -> None:
+        """Count a login attempt, or refuse it while its username or address is locked.
 
         Raises:
             TooManyAttempts: with ``retry_after_s``, the seconds until the lock ends (at least 1).
@@ -112,61 +160,50 @@ class LoginThrottle:
         now = time.time()
         keys = self._keys(username, addr)
         wait = max(self.memory.locked_for(k, now) for _, k in keys)
-        cache = self.cache
-        if cache is not None and cache.available:
-
-            async def op() -> Any:
-                pipe = cache.client.pipeline(transaction=False)
-                for _, k in keys:
-                    pipe.pttl(k + ":lock")
-                return await pipe.execute()
-
-            ok, ttls = await cache.execute(op)
-            if ok:
-                wait = max([wait, *(t / 1000 for t in ttls if t and t > 0)])
         if wait > 0:
-            raise TooManyAttempts("too many failed logins; retry later", retry_after_s=float(max(1, math.ceil(wait))))
-
-    async def failed(self, username: str, addr: str) -> None:
-        """Count a failed login against its username and address; lock them past their allowance."""
-        now = time.time()
-        keys = self._keys(username, addr)
-        counts = {k: self.memory.fail(k, now) for _, k in keys}
-        cache = self.cache
-        if cache is not None and cache.available:
-            window = max(1, math.ceil(self.window_s))
-
-            async def op() -> Any:
-                pipe = cache.client.pipeline(transaction=False)
-                for _, k in keys:
-                    pipe.incr(k)
-                    pipe.expire(k, window)
-                return await pipe.execute()
-
-            ok, res = await cache.execute(op)
-            if ok:
-                for i, (_, k) in enumerate(keys):
-                    counts[k] = max(counts[k], int(res[2 * i]))
-        locks = []
-        for kind, k in keys:
-            d = self.delay_s(kind, counts[k])
+            raise self._refusal(wait)
+        cache = self._redis()
+        if cache is not None:
+            if self._script is None:
+                self._script = cache.client.register_script(_ADMIT)
+            flat = [x for _, k in keys for x in (k, k + ":lock")]
+            argv = [int(self.window_s * 1000), int(self.base_s * 1000), int(self.max_s * 1000)]
+            argv += [self.free[kind] for kind, _ in keys]
+            ok, res = await cache.execute(lambda: self._script(keys=flat, args=argv))
+            if ok and int(res[0]) == 0:
+                raise self._refusal(int(res[1]) / 1000)
+        for kind, k in keys:  # this pod's own count: the limit when Redis is down
+            d = self.delay_s(kind, self.memory.fail(k, now))
             if d > 0:
                 self.memory.lock(k, now + d)
-                locks.append((k, d))
-        if locks and cache is not None and cache.available:
 
-            async def lock_op() -> Any:
-                pipe = cache.client.pipeline(transaction=False)
-                for k, d in locks:
-                    pipe.set(k + ":lock", b"1", px=max(1, int(d * 1000)))
-                return await pipe.execute()
+    @staticmethod
+    def _refusal(wait_s: float) -> TooManyAttempts:
+        return TooManyAttempts("too many failed logins; retry later", retry_after_s=float(max(1, math.ceil(wait_s))))
 
-            await cache.execute(lock_op)
+    async def succeeded(self, username: str, addr: str) -> None:
+        """A correct password: clear the username's count and lock; take the attempt back from the address."""
+        keys = self._keys(username, addr)
+        (_, user_key), rest = keys[0], keys[1:]
+        self.memory.clear(user_key)
+        for _, k in rest:
+            self.memory.uncount(k)
+        cache = self._redis()
+        if cache is not None:
+            await cache.execute(lambda: cache.client.delete(user_key, user_key + ":lock"))
+            if rest:
+                await self._uncount_redis(cache, [k for _, k in rest])
 
-    async def succeeded(self, username: str) -> None:
-        """A correct password: forget the username's failures (the address keeps its count)."""
-        [(_, k)] = self._keys(username, "")
-        self.memory.clear(k)
-        cache = self.cache
-        if cache is not None and cache.available:
-            await cache.execute(lambda: cache.client.delete(k, k + ":lock"))
+    async def release(self, username: str, addr: str) -> None:
+        """The attempt failed for another reason than the password: take it back from both keys."""
+        keys = self._keys(username, addr)
+        for _, k in keys:
+            self.memory.uncount(k)
+        cache = self._redis()
+        if cache is not None:
+            await self._uncount_redis(cache, [k for _, k in keys])
+
+    async def _uncount_redis(self, cache: Any, keys: list[str]) -> None:
+        if self._uncount is None:
+            self._uncount = cache.client.register_script(_UNCOUNT)
+        await cache.execute(lambda: self._uncount(keys=keys))

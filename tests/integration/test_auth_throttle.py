@@ -6,6 +6,7 @@ and the 4001 close of a disabled user's sockets."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from pathlib import Path
@@ -74,10 +75,31 @@ async def test_username_locks_after_its_allowance_same_for_unknown_users(
             throttle = plugin_of(pods[name]).throttle
             assert throttle is not None
             with pytest.raises(TooManyAttempts):
-                await throttle.check("tina", "")
+                await throttle.admit("tina", "")
         # other users are not affected
         await k.call(Register(username="ursula", password=PASSWORD))
         assert (await k.call(Login(username="ursula", password=PASSWORD))).access_token
+
+
+async def test_a_parallel_burst_gets_no_more_than_the_allowance(
+    start_auth: StartAuth, pg_url: str, redis_url: str, prefix: str
+) -> None:
+    """Attempts are counted as they are admitted (one atomic Redis script), not when their hash
+    finishes: 20 guesses at once get 3 password checks, whichever auth pod takes them."""
+    cfg = auth_config(pg_url, redis_url, prefix, login_user_attempts=3, login_backoff_s=60.0)
+    async with start_auth(cfg, auth_pods=2) as pods:
+        k = pods["client"].kernel
+        await k.call(Register(username="yolanda", password=PASSWORD))
+
+        async def guess() -> str:
+            try:
+                await k.call(Login(username="yolanda", password=WRONG))
+            except RemoteError as e:
+                return e.type
+            return "ok"
+
+        results = await asyncio.gather(*(guess() for _ in range(20)))
+        assert sorted(results) == ["InvalidCredentials"] * 3 + ["TooManyAttempts"] * 17, results
 
 
 async def test_success_clears_the_username_count_and_backoff_doubles(

@@ -32,16 +32,23 @@ def test_backoff_doubles_up_to_the_cap() -> None:
 
 async def test_without_redis_the_pod_throttles_on_its_own_count() -> None:
     t = LoginThrottle(None, prefix="p", user_free=2, addr_free=100, base_s=30.0)
-    await t.check("Mallory", "10.0.0.1")
-    await t.failed("Mallory", "10.0.0.1")
-    await t.check("mallory", "10.0.0.1")
-    await t.failed("mallory", "10.0.0.2")  # the name counts whatever the case and address
+    await t.admit("Mallory", "10.0.0.1")
+    await t.admit("mallory", "10.0.0.2")  # the name counts whatever the case and address; this one locks it
     with pytest.raises(TooManyAttempts) as e:
-        await t.check("MALLORY", "10.0.0.3")
+        await t.admit("MALLORY", "10.0.0.3")
     assert 1 <= e.value.retry_after_s <= 30
-    await t.check("someone-else", "10.0.0.1")
-    await t.succeeded("mallory")  # (only reachable after the lock ends) clears the name
-    await t.check("mallory", "10.0.0.1")
+    await t.admit("someone-else", "10.0.0.1")
+    await t.succeeded("mallory", "10.0.0.1")  # a correct password clears the name's count and lock
+    await t.admit("mallory", "10.0.0.1")
+
+
+async def test_released_and_successful_attempts_do_not_lock_an_address() -> None:
+    t = LoginThrottle(None, prefix="p", user_free=100, addr_free=3, base_s=30.0)
+    for i in range(10):
+        await t.admit(f"user{i}", "192.0.2.7")
+        await (t.succeeded if i % 2 else t.release)(f"user{i}", "192.0.2.7")
+    await t.admit("user-x", "192.0.2.7")
+    await t.admit("user-y", "192.0.2.7")  # two counted attempts: below the allowance of 3
 
 
 def test_subject_cutoffs_and_admin_names(monkeypatch: pytest.MonkeyPatch) -> None:
