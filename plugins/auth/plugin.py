@@ -333,6 +333,7 @@ class AuthPlugin(AdminOps, Plugin):
         except TooManyAttempts as e:
             raise self._fail("throttled", e) from None
         if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
+            await self.throttle.failed(req.username, req.client)
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
         hasher = self._hasher
         try:
@@ -348,6 +349,7 @@ class AuthPlugin(AdminOps, Plugin):
             await self.throttle.release(req.username, req.client)  # not a password failure
             raise
         if not ok or user is None or user.disabled:
+            await self.throttle.failed(req.username, req.client)
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
         if hasher.check_needs_rehash(stored):
             try:

@@ -12,15 +12,18 @@ from aiwfe.plugins.auth.throttle import LoginThrottle, MemoryCounts
 
 def test_memory_counts_window_lock_and_bound() -> None:
     m = MemoryCounts(window_s=100, max_keys=3)
-    assert [m.fail("a", now) for now in (0, 10, 20)] == [1, 2, 3]
-    assert m.fail("a", 200) == 1  # more than the window since the last failure: forgotten
+    assert [m.count("a", now) for now in (0, 10, 20)] == [(1, False), (2, False), (3, False)]
+    assert m.failed("a", 20) == 3 and m.count("a", 30) == (4, True)
+    assert m.count("a", 200) == (1, False)  # more than the window since the last attempt: forgotten
     m.lock("a", 260)
     assert m.locked_for("a", 250) == 10 and m.locked_for("a", 270) == 0
     for k in ("b", "c", "d"):
-        m.fail(k, 300)
+        m.count(k, 300)
     assert m.locked_for("a", 250) == 0  # the oldest key made room (bounded memory)
-    m.clear("b")
-    assert m.fail("b", 301) == 1
+    m.uncount("b")
+    assert m.count("b", 301) == (1, False)
+    m.clear("c")
+    assert m.count("c", 302) == (1, False)
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:
@@ -33,22 +36,33 @@ def test_backoff_doubles_up_to_the_cap() -> None:
 async def test_without_redis_the_pod_throttles_on_its_own_count() -> None:
     t = LoginThrottle(None, prefix="p", user_free=2, addr_free=100, base_s=30.0)
     await t.admit("Mallory", "10.0.0.1")
-    await t.admit("mallory", "10.0.0.2")  # the name counts whatever the case and address; this one locks it
+    await t.failed("Mallory", "10.0.0.1")
+    await t.admit("mallory", "10.0.0.2")  # the name counts whatever the case; dirty, at the allowance: locks
     with pytest.raises(TooManyAttempts) as e:
-        await t.admit("MALLORY", "10.0.0.3")
+        await t.admit("MALLORY", "10.0.0.3")  # refused while the second guess is still in flight
     assert 1 <= e.value.retry_after_s <= 30
     await t.admit("someone-else", "10.0.0.1")
-    await t.succeeded("mallory", "10.0.0.1")  # a correct password clears the name's count and lock
+    await t.succeeded("mallory", "10.0.0.2")  # the in-flight one was right: the name is clean again
     await t.admit("mallory", "10.0.0.1")
+
+
+async def test_a_clean_name_admits_a_burst_and_its_failures_lock_it() -> None:
+    t = LoginThrottle(None, prefix="p", user_free=3, addr_free=100, base_s=30.0)
+    for _ in range(10):
+        await t.admit("nina", "")
+    await t.failed("nina", "")  # ten in flight, one wrong: 10 ≥ 3, locked at once
+    with pytest.raises(TooManyAttempts):
+        await t.admit("nina", "")
 
 
 async def test_released_and_successful_attempts_do_not_lock_an_address() -> None:
     t = LoginThrottle(None, prefix="p", user_free=100, addr_free=3, base_s=30.0)
-    for i in range(10):
+    await t.admit("user-0", "192.0.2.7")
+    await t.failed("user-0", "192.0.2.7")  # the address is dirty: strict from here
+    for i in range(1, 10):
         await t.admit(f"user{i}", "192.0.2.7")
         await (t.succeeded if i % 2 else t.release)(f"user{i}", "192.0.2.7")
-    await t.admit("user-x", "192.0.2.7")
-    await t.admit("user-y", "192.0.2.7")  # two counted attempts: below the allowance of 3
+    await t.admit("user-x", "192.0.2.7")  # count 2: below the allowance of 3
 
 
 def test_subject_cutoffs_and_admin_names(monkeypatch: pytest.MonkeyPatch) -> None:
