@@ -332,11 +332,13 @@ class AuthPlugin(AdminOps, Plugin):
             await self.throttle.admit(req.username, req.client)  # counts this attempt
         except TooManyAttempts as e:
             raise self._fail("throttled", e) from None
-        if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
-            await self.throttle.failed(req.username, req.client)
-            raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
-        hasher = self._hasher
+        settled = False  # True once the attempt is known to be a password failure or a success
         try:
+            if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
+                settled = True
+                await self.throttle.failed(req.username, req.client)
+                raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+            hasher = self._hasher
             with self._gate.slot():  # refuse at once, before touching the database, when hashing is saturated
                 user = await self.store.find_user(req.username)  # the connection is back in the pool here
                 stored = user.password_hash if user is not None else self._dummy_hash
@@ -345,12 +347,13 @@ class AuthPlugin(AdminOps, Plugin):
                     ok = user is not None
                 except (VerifyMismatchError, VerificationError, InvalidHashError):
                     ok = False
-        except (Overloaded, Unavailable):
-            await self.throttle.release(req.username, req.client)  # not a password failure
-            raise
-        if not ok or user is None or user.disabled:
-            await self.throttle.failed(req.username, req.client)
-            raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+            settled = True
+            if not ok or user is None or user.disabled:
+                await self.throttle.failed(req.username, req.client)
+                raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+        finally:
+            if not settled:  # overloaded, database down, cancelled: not a password failure
+                await self.throttle.release(req.username, req.client)
         if hasher.check_needs_rehash(stored):
             try:
                 with self._gate.slot():
