@@ -10,7 +10,8 @@ a cut-off ``sub → before`` (epoch seconds) is written to Redis (``<prefix>:sub
 expiring when the last such token would) and broadcast as :class:`~.contract.SubjectRevoked`;
 every auth pod holds it in memory (:class:`SubjectDenylist`) and refuses a token of ``sub``
 with ``iat ≤ before``, cached claims included, and the gateway closes that user's sockets
-with 4001. A pod that starts later loads the cut-offs from Redis. A disabled user cannot log
+with 4001. A pod that starts later loads the cut-offs from Redis, and every pod re-reads them
+every ``subject_refresh_s`` (so one that missed the event catches up within that). A disabled user cannot log
 in (answered like a wrong password); enabling it again lets it log in, but tokens from before
 the disable stay revoked. Token times are whole seconds, so a token issued in the same second
 as the cut-off is dated one second later (``iat``/``nbf``, well inside the verifier's leeway).
@@ -18,6 +19,7 @@ as the cut-off is dated one second later (``iat``/``nbf``, well inside the verif
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -83,6 +85,24 @@ class AdminOps:
     config: Any
 
     async def _verify(self, token: str, *, check_revoked: bool) -> Any: ...  # provided by the plugin
+
+    async def load_cutoffs(self) -> bool:
+        """Add every cut-off kept in Redis to this pod's memory; False when Redis did not answer."""
+        cutoffs = await self.cache.revoked_subjects()
+        ttl_s = int(self.config.access_ttl_s + self.config.leeway_s) + 1
+        for sub, before in (cutoffs or {}).items():
+            self.subjects.add(sub, before, before + ttl_s)
+        return cutoffs is not None
+
+    async def refresh_cutoffs(self, every_s: float) -> None:
+        """Re-read the cut-offs every ``every_s`` (runs until cancelled): a pod that missed a
+        ``SubjectRevoked`` event (disconnected from NATS at that moment) catches up within it."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.load_cutoffs()
+            except Exception as e:  # never let the loop die; Redis errors are already swallowed
+                log.warning("auth: reloading user cut-offs failed: %s", e)
 
     async def _require_admin(self, token: str) -> str:
         claims = await self._verify(token, check_revoked=True)

@@ -271,3 +271,22 @@ async def _fails_with(k: object, username: str, password: str) -> list[str]:
     with pytest.raises(RemoteError) as e:
         await k.call(Login(username=username, password=password))  # type: ignore[attr-defined]
     return [f"{e.value.type}: {e.value.message}"]
+
+
+@pytest.mark.parametrize("bus_kind", ["local"])
+async def test_a_pod_that_missed_the_event_catches_up_from_redis(
+    start_auth: StartAuth, pg_url: str, redis_url: str, prefix: str
+) -> None:
+    """The cut-off is written to Redis only (as if the SubjectRevoked event never reached the
+    pods): every pod refuses the user's token within ``subject_refresh_s``."""
+    async with start_auth(auth_config(pg_url, redis_url, prefix, subject_refresh_s=0.2), auth_pods=2) as pods:
+        k = pods["client"].kernel
+        await k.call(Register(username="quinn", password=PASSWORD))
+        token = (await k.call(Login(username="quinn", password=PASSWORD))).access_token
+        claims = await k.call(Verify(token=token))
+        cache = plugin_of(pods["auth"]).cache
+        assert cache is not None and await cache.revoke_subject(claims.sub, claims.iat, 3600)
+        for name in ("auth", "auth2"):
+            subjects = plugin_of(pods[name]).subjects
+            assert await wait_until(lambda s=subjects: s.denies(claims.sub, claims.iat), timeout_s=10)
+            await expect_invalid(pods[name].kernel.call(Verify(token=token)), "InvalidToken", "revoked")
