@@ -6,8 +6,8 @@ Nobody is an admin by default. Being an admin is checked on each call from the c
 (verified and not revoked), so removing a name from the list takes effect at the next restart.
 
 **Revocation.** Disabling or deleting a user cuts off every token of that user issued so far:
-a cut-off ``sub → before`` (epoch seconds) is written to Redis (``<prefix>:subject:<sub>``,
-expiring when the last such token would) and broadcast as :class:`~.contract.SubjectRevoked`;
+a cut-off ``sub → before`` (epoch seconds) is written to Redis (a field of the hash
+``<prefix>:subjects``, dropped once the last such token has expired) and broadcast as :class:`~.contract.SubjectRevoked`;
 every auth pod holds it in memory (:class:`SubjectDenylist`) and refuses a token of ``sub``
 with ``iat ≤ before``, cached claims included, and the gateway closes that user's sockets
 with 4001. A pod that starts later loads the cut-offs from Redis, and every pod re-reads them

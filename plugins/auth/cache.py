@@ -178,31 +178,33 @@ class ClaimCache:
         Never raises for Redis failures; ``ok`` is False when Redis was skipped or failed."""
         return await self._run(op)
 
-    def _subject_key(self, sub: str) -> str:
-        return f"{self.prefix}:subject:{sub}"
+    def _subjects_key(self) -> str:
+        return f"{self.prefix}:subjects"
 
     async def revoke_subject(self, sub: str, before: int, ttl_s: int) -> bool:
-        """Deny every token of ``sub`` issued at or before ``before`` for ``ttl_s``; False when
-        Redis did not answer."""
-        ok, _ = await self._run(lambda: self.client.set(self._subject_key(sub), str(before), ex=max(1, ttl_s)))
+        """Deny every token of ``sub`` issued at or before ``before`` for ``ttl_s`` (one field of
+        the hash ``<prefix>:subjects``: ``before:expiry``, removed by :meth:`revoked_subjects`
+        once expired); False when Redis did not answer."""
+        exp = int(time.time()) + max(1, ttl_s)
+        ok, _ = await self._run(lambda: self.client.hset(self._subjects_key(), sub, f"{before}:{exp}"))
         return ok
 
-    async def revoked_subjects(self, limit: int = 100_000) -> dict[str, int] | None:
-        """Every subject cut-off in Redis (``sub → before``), at most ``limit``; None when Redis
-        did not answer."""
+    async def revoked_subjects(self) -> dict[str, int] | None:
+        """Every live subject cut-off in Redis (``sub → before``); expired ones are removed.
+        None when Redis did not answer."""
 
         async def op() -> dict[str, int]:
+            now = time.time()
             out: dict[str, int] = {}
-            head = len(self._subject_key(""))
-            keys = []
-            async for key in self.client.scan_iter(match=self._subject_key("*"), count=1000):
-                keys.append(key)
-                if len(keys) >= limit:
-                    break
-            if keys:
-                for key, value in zip(keys, await self.client.mget(keys), strict=True):
-                    if value is not None:
-                        out[key.decode()[head:]] = int(value)
+            stale = []
+            for field, value in (await self.client.hgetall(self._subjects_key())).items():
+                before, _, exp = value.decode().partition(":")
+                if exp and int(exp) > now:
+                    out[field.decode()] = int(before)
+                else:
+                    stale.append(field)
+            if stale:
+                await self.client.hdel(self._subjects_key(), *stale)
             return out
 
         ok, res = await self._run(op)

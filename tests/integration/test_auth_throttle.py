@@ -290,3 +290,10 @@ async def test_a_pod_that_missed_the_event_catches_up_from_redis(
             subjects = plugin_of(pods[name]).subjects
             assert await wait_until(lambda s=subjects: s.denies(claims.sub, claims.iat), timeout_s=10)
             await expect_invalid(pods[name].kernel.call(Verify(token=token)), "InvalidToken", "revoked")
+        # expired cut-offs are dropped from the hash when read
+        r = aioredis.Redis.from_url(redis_url)
+        await r.hset(f"{prefix}:subjects", "long-gone", "100:200")
+        cutoffs = await cache.revoked_subjects()
+        assert cutoffs is not None and claims.sub in cutoffs and "long-gone" not in cutoffs
+        assert not await r.hexists(f"{prefix}:subjects", "long-gone")
+        await r.aclose()
