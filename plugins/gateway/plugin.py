@@ -55,6 +55,10 @@ class GatewayPlugin(Plugin):
     def validate_config(cls, config: GatewayConfig) -> list[str | tuple[str, str]]:
         """``server`` one of :data:`SERVERS`; every ``ws_calls`` address among the gateway's ``calls``."""
         problems = one_of("server", config.server, SERVERS)
+        if config.max_header_bytes < 1024:
+            problems.append("max_header_bytes: must be at least 1024")
+        if config.max_frame_depth < 1:
+            problems.append("max_frame_depth: must be at least 1")
         declared = sorted(address_of(c) for c in cls.calls)
         unknown = [a for a in config.ws_calls if a not in declared]
         if unknown:

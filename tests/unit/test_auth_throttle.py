@@ -81,3 +81,13 @@ def test_subject_cutoffs_and_admin_names(monkeypatch: pytest.MonkeyPatch) -> Non
     assert admin_names(["Alice"]) == {"alice", "ops", "root"}
     monkeypatch.delenv("AIWFE_ADMIN_USERS")
     assert admin_names([]) == frozenset()
+
+
+def test_config_checks() -> None:
+    from aiwfe.plugins.auth.plugin import AuthPlugin
+
+    bad = AuthPlugin.Config(login_user_attempts=0, login_window_s=-1, login_backoff_s=10, login_max_backoff_s=5)
+    problems = " ".join(map(str, AuthPlugin.validate_config(bad)))
+    assert "login_user_attempts: must be positive" in problems and "login_window_s: must be positive" in problems
+    assert "login_max_backoff_s: must be at least login_backoff_s" in problems
+    assert AuthPlugin.validate_config(AuthPlugin.Config()) == []

@@ -177,3 +177,12 @@ async def test_resume_past_the_end_of_a_finished_job_is_an_error(gateway: StartG
                 await ws.send(json.dumps({"type": "resume", "job_id": job_id, "after_seq": after, "id": "r2"}))
                 f = await recv_json(ws)
                 assert f["type"] == "result" and f["seq"] == last, f
+
+
+def test_limit_settings_are_checked() -> None:
+    from aiwfe.plugins.gateway.config import GatewayConfig
+    from aiwfe.plugins.gateway.plugin import GatewayPlugin
+
+    problems = GatewayPlugin.validate_config(GatewayConfig(max_header_bytes=100, max_frame_depth=0))
+    assert "max_header_bytes: must be at least 1024" in problems and "max_frame_depth: must be at least 1" in problems
+    assert GatewayPlugin.validate_config(GatewayConfig()) == []
