@@ -323,6 +323,9 @@ def build_app(services: GatewayServices) -> Litestar:
     The app does not configure logging (``logging_config=None``).
     """
 
+    def too_deep_body(request: Request[Any, Any, Any], e: RecursionError) -> Response[Any]:
+        return create_exception_response(request, HTTPException(status_code=400, detail="JSON body nested too deeply"))
+
     def on_error(request: Request[Any, Any, Any], e: AiwfeError) -> Response[Any]:
         return create_exception_response(request, http_error(e, services.retry_after_s(e)))
 
@@ -334,7 +337,7 @@ def build_app(services: GatewayServices) -> Litestar:
             "claims": Provide(_claims),
             "owned_job": Provide(_owned_job),
         },
-        exception_handlers={AiwfeError: on_error},
+        exception_handlers={AiwfeError: on_error, RecursionError: too_deep_body},
         openapi_config=OpenAPIConfig(title="AIWFE gateway", version="1", path="/schema"),
         logging_config=None,
         debug=False,

@@ -186,3 +186,16 @@ def test_limit_settings_are_checked() -> None:
     problems = GatewayPlugin.validate_config(GatewayConfig(max_header_bytes=100, max_frame_depth=0))
     assert "max_header_bytes: must be at least 1024" in problems and "max_frame_depth: must be at least 1" in problems
     assert GatewayPlugin.validate_config(GatewayConfig()) == []
+
+
+async def test_deeply_nested_json_body_is_400(gateway: StartGateway) -> None:
+    async with gateway() as s, httpx.AsyncClient(base_url=s.url) as c:
+        h = {**bearer(await login(c)), "Content-Type": "application/json"}
+        deep = "[" * 50_000 + "]" * 50_000
+        for path, body in (
+            ("/v1/auth/login", '{"username": "a", "password": ' + deep + "}"),
+            ("/v1/jobs", '{"kind": "crunch", "input": {"x": ' + deep + "}}"),
+        ):
+            r = await c.post(path, content=body, headers=h)
+            assert r.status_code == 400 and "nested too deeply" in r.text, (path, r.status_code, r.text[:200])
+        assert (await c.get("/health")).status_code == 200
