@@ -153,9 +153,11 @@ class AuthPlugin(AdminOps, Plugin):
             kids.append(k.kid)
         if config.pool_min > config.pool_max:
             problems.append(f"pool_min: {config.pool_min} is more than pool_max ({config.pool_max})")
-        for field in ("login_user_attempts", "login_addr_attempts", "login_backoff_s", "login_window_s", "subject_refresh_s"):
+        for field in ("login_user_attempts", "login_backoff_s", "login_window_s", "subject_refresh_s"):
             if getattr(config, field) <= 0:
                 problems.append(f"{field}: must be positive")
+        if config.login_addr_attempts < 0:
+            problems.append("login_addr_attempts: must be 0 (off) or positive")
         if config.login_max_backoff_s < config.login_backoff_s:
             problems.append("login_max_backoff_s: must be at least login_backoff_s")
         return problems

@@ -154,7 +154,8 @@ class LoginThrottle:
     Args:
         cache: the plugin's :class:`~.cache.ClaimCache` (its Redis client and breaker), or None.
         prefix: Redis key prefix.
-        user_free, addr_free: attempts allowed per username / per address before backoff.
+        user_free, addr_free: attempts allowed per username / per address before backoff
+            (``addr_free`` 0: no per-address limit).
         base_s, max_s: first lock and longest lock.
         window_s: attempts older than this (since the last one) are forgotten.
     """
@@ -173,6 +174,7 @@ class LoginThrottle:
         self.cache = cache
         self.prefix = prefix
         self.free = {"user": max(1, user_free), "addr": max(1, addr_free)}
+        self.by_addr = addr_free > 0  # 0: no per-address limit (e.g. every client behind one proxy)
         self.base_s = base_s
         self.max_s = max_s
         self.window_s = window_s
@@ -181,7 +183,7 @@ class LoginThrottle:
 
     def _keys(self, username: str, addr: str) -> list[tuple[str, str]]:
         out = [("user", username.lower())]
-        if addr:
+        if addr and self.by_addr:
             out.append(("addr", addr))
         return [(kind, f"{self.prefix}:throttle:{kind}:{hashlib.sha256(v.encode()).hexdigest()}") for kind, v in out]
 

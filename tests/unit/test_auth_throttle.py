@@ -91,3 +91,11 @@ def test_config_checks() -> None:
     assert "login_user_attempts: must be positive" in problems and "login_window_s: must be positive" in problems
     assert "login_max_backoff_s: must be at least login_backoff_s" in problems
     assert AuthPlugin.validate_config(AuthPlugin.Config()) == []
+
+
+async def test_address_limit_off() -> None:
+    t = LoginThrottle(None, prefix="p", user_free=100, addr_free=0, base_s=30.0)
+    for i in range(10):
+        await t.admit(f"u{i}", "198.51.100.4")
+        await t.failed(f"u{i}", "198.51.100.4")
+    await t.admit("u-next", "198.51.100.4")
