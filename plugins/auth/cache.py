@@ -172,6 +172,44 @@ class ClaimCache:
         self.breaker.success()
         return True, result
 
+    async def execute(self, op: Any) -> tuple[bool, Any]:
+        """Run ``op()`` (a coroutine factory using :attr:`client`) under the breaker; ``(ok, result)``.
+
+        Never raises for Redis failures; ``ok`` is False when Redis was skipped or failed."""
+        return await self._run(op)
+
+    def _subjects_key(self) -> str:
+        return f"{self.prefix}:subjects"
+
+    async def revoke_subject(self, sub: str, before: int, ttl_s: int) -> bool:
+        """Deny every token of ``sub`` issued at or before ``before`` for ``ttl_s`` (one field of
+        the hash ``<prefix>:subjects``: ``before:expiry``, removed by :meth:`revoked_subjects`
+        once expired); False when Redis did not answer."""
+        exp = int(time.time()) + max(1, ttl_s)
+        ok, _ = await self._run(lambda: self.client.hset(self._subjects_key(), sub, f"{before}:{exp}"))
+        return ok
+
+    async def revoked_subjects(self) -> dict[str, int] | None:
+        """Every live subject cut-off in Redis (``sub → before``); expired ones are removed.
+        None when Redis did not answer."""
+
+        async def op() -> dict[str, int]:
+            now = time.time()
+            out: dict[str, int] = {}
+            stale = []
+            for field, value in (await self.client.hgetall(self._subjects_key())).items():
+                before, _, exp = value.decode().partition(":")
+                if exp and int(exp) > now:
+                    out[field.decode()] = int(before)
+                else:
+                    stale.append(field)
+            if stale:
+                await self.client.hdel(self._subjects_key(), *stale)
+            return out
+
+        ok, res = await self._run(op)
+        return res if ok else None
+
     def _claims_key(self, digest: str) -> str:
         return f"{self.prefix}:claims:{digest}"
 

@@ -4,7 +4,9 @@ Errors a caller can see (``RemoteError.type``): ``InvalidCredentials`` (login),
 ``UserExists`` (register), ``InvalidInput`` (register: bad username/password),
 ``InvalidToken`` (verify/logout; the message says why: expired, bad signature,
 algorithm not allowed, unknown key, wrong audience, wrong issuer, not yet valid, revoked,
-malformed). Pool exhaustion surfaces as ``Overloaded`` (retryable).
+malformed), ``TooManyAttempts`` (login: throttled, with ``retry_after_s``), ``Forbidden``
+(admin operations by a non-admin), ``UnknownUser`` (admin operations). Pool exhaustion
+surfaces as ``Overloaded`` (retryable).
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ from aiwfe.kernel.contract import Event, Reply, Request
 
 __all__ = [
     "Claims",
+    "DeleteUser",
+    "DisableUser",
     "LoggedOut",
     "Login",
     "Logout",
     "Register",
     "Registered",
+    "SubjectRevoked",
     "Token",
     "TokenRevoked",
+    "UserUpdated",
     "Verify",
 ]
 
@@ -45,8 +51,11 @@ class Token(Reply):
 
 
 class Login(Request[Token], tag="auth.login"):
+    """``client``: the caller's address as the gateway saw it (throttling key; empty: none)."""
+
     username: str
     password: str
+    client: str = ""
 
 
 class Claims(Reply):
@@ -79,4 +88,39 @@ class TokenRevoked(Event, tag="auth.revoked"):
     until ``exp``; the gateway closes that token's WebSockets with 4001."""
 
     jti: str
+    exp: int
+
+
+class UserUpdated(Reply):
+    """What an admin operation did to a user."""
+
+    user_id: str
+    username: str
+    disabled: bool = False
+    deleted: bool = False
+
+
+class DisableUser(Request[UserUpdated], tag="auth.disable_user"):
+    """Admin (``token`` is an admin's): disable ``username`` (``disabled=False`` enables it
+    again). Disabling revokes every token of the user issued so far (:class:`SubjectRevoked`)."""
+
+    token: str
+    username: str
+    disabled: bool = True
+
+
+class DeleteUser(Request[UserUpdated], tag="auth.delete_user"):
+    """Admin (``token`` is an admin's): delete ``username`` and revoke all its tokens."""
+
+    token: str
+    username: str
+
+
+class SubjectRevoked(Event, tag="auth.subject_revoked"):
+    """Broadcast when a user is disabled or deleted: every pod denies tokens of ``sub`` issued
+    at or before ``before`` (epoch seconds) until ``exp``; the gateway closes that user's
+    WebSockets with 4001."""
+
+    sub: str
+    before: int
     exp: int

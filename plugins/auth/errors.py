@@ -6,7 +6,7 @@ Plain Exception subclasses on purpose: the kernel transmits the class name, mess
 
 from __future__ import annotations
 
-__all__ = ["InvalidCredentials", "InvalidInput", "InvalidToken", "UserExists"]
+__all__ = ["InvalidCredentials", "InvalidInput", "InvalidToken", "TooManyAttempts", "UnknownUser", "UserExists"]
 
 
 class InvalidToken(Exception):
@@ -35,5 +35,23 @@ class UserExists(Exception):
 
 class InvalidInput(Exception):
     """Register: the username or password does not meet the rules in the contract."""
+
+    retryable = False
+
+
+class TooManyAttempts(Exception):
+    """Login refused: too many failed attempts for this username or client address (the
+    gateway answers 429 with ``Retry-After``). Not retryable as such: ``retry_after_s`` says
+    when the lock ends. Said the same way whether or not the user exists."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnknownUser(Exception):
+    """An admin operation named a user that does not exist (admins only ever see this)."""
 
     retryable = False

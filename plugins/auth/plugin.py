@@ -20,79 +20,38 @@ import logging
 import os
 import re
 import time
-import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import msgspec
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from prometheus_client import Counter
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
-from aiwfe.kernel import metrics
 from aiwfe.kernel.config_check import one_of
 from aiwfe.kernel.errors import ConfigError, Overloaded, Unavailable
 from aiwfe.kernel.plugin import Plugin, serves
 
+from ._metrics import CACHE, FAILURES, REDIS_BYPASSED, _plugins
+from .admin import AdminOps, SubjectDenylist, admin_names
 from .cache import ClaimCache, Denylist
-from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token, TokenRevoked, Verify
-from .errors import InvalidCredentials, InvalidInput, InvalidToken, UserExists
+from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, SubjectRevoked, Token, TokenRevoked, Verify
+from .errors import InvalidCredentials, InvalidInput, InvalidToken, TooManyAttempts, UserExists
 from .kdf import KdfGate, _lower_thread_priority
 from .keys import JwtKey, _material, _unverified_jti
 from .store import UserStore
+from .throttle import LoginThrottle
 from .tokens import ALGORITHMS, MIN_SECRET_BYTES, KeyRing, TokenService, token_digest
 
 __all__ = ["AuthPlugin", "JwtKey", "KdfGate"]
 
 log = logging.getLogger("aiwfe.auth")
 
-FAILURES = Counter(
-    "aiwfe_auth_failures_total",
-    "Authentication failures by reason (token reasons, invalid_credentials, user_exists, invalid_input)",
-    ["reason"],
-    registry=metrics.REGISTRY,
-)
-CACHE = Counter(
-    "aiwfe_auth_cache_total",
-    "Token verifications by claim-cache result (miss includes Redis unavailable)",
-    ["result"],
-    registry=metrics.REGISTRY,
-)
-REDIS_BYPASSED = Counter(
-    "aiwfe_auth_redis_bypassed_total",
-    "Token verifications that skipped or lost Redis (breaker open or Redis error)",
-    registry=metrics.REGISTRY,
-)
-
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{3,64}$")
 _MIN_PASSWORD, _MAX_PASSWORD = 8, 256
 
-_plugins: weakref.WeakSet[AuthPlugin] = weakref.WeakSet()
 
-
-class _DegradedCollector(Collector):
-    """``aiwfe_auth_degraded{dependency}``: 1 when a running auth plugin is bypassing it."""
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        fam = GaugeMetricFamily("aiwfe_auth_degraded", "1 while auth runs without a dependency", labels=["dependency"])
-        redis_down = db_down = 0
-        for p in list(_plugins):
-            if p.cache is not None and p.cache.status():
-                redis_down = 1
-            if p.store is not None and not p.store.breaker.closed:
-                db_down = 1
-        fam.add_metric(["redis"], redis_down)
-        fam.add_metric(["database"], db_down)
-        yield fam
-
-
-metrics.REGISTRY.register(_DegradedCollector())
-
-
-class AuthPlugin(Plugin):
+class AuthPlugin(AdminOps, Plugin):
     """Users, passwords, JWT access tokens, revocation. See the module docstring."""
 
     name = "auth"
@@ -113,6 +72,12 @@ class AuthPlugin(Plugin):
         With ``idle`` a login burst hashes only on CPU time nothing else wants, so token
         checks and open sockets keep their latency; a CPU-starved hash shows in the gate's
         measured hash time, which turns further logins into 503 + Retry-After at once.
+        ``login_*``: throttling (:mod:`.throttle`): attempts allowed per username and per
+        client address before backoff, the first and longest lock, the window after which
+        failures are forgotten. ``admin_users``: user names that may disable and delete users
+        (plus ``$AIWFE_ADMIN_USERS``; see :mod:`.admin`). ``subject_refresh_s``: how often the
+        disabled/deleted users' token cut-offs are re-read from Redis (for a pod that missed an
+        ``auth.subject_revoked`` event).
         Measured with ``aiwfe bench auth-burst --replicas 1`` (2,000 handshakes + 200
         logins in one second, 2 cores): connect p99 ≈ 90–140 ms with ``idle``, ≈ 660 ms
         with ``low``, ≈ 1.2 s with ``normal``.
@@ -151,9 +116,16 @@ class AuthPlugin(Plugin):
         kdf_workers: int = 2
         kdf_max_wait_s: float = 2.0
         kdf_priority: Literal["idle", "low", "normal"] = "idle"
+        login_user_attempts: int = 5
+        login_addr_attempts: int = 20
+        login_backoff_s: float = 1.0
+        login_max_backoff_s: float = 900.0
+        login_window_s: float = 900.0
+        admin_users: list[str] = []
+        subject_refresh_s: float = 30.0
 
     config: Config
-    calls = (TokenRevoked,)
+    calls = (TokenRevoked, SubjectRevoked)
 
     @classmethod
     def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
@@ -181,6 +153,13 @@ class AuthPlugin(Plugin):
             kids.append(k.kid)
         if config.pool_min > config.pool_max:
             problems.append(f"pool_min: {config.pool_min} is more than pool_max ({config.pool_max})")
+        for field in ("login_user_attempts", "login_backoff_s", "login_window_s", "subject_refresh_s"):
+            if getattr(config, field) <= 0:
+                problems.append(f"{field}: must be positive")
+        if config.login_addr_attempts < 0:
+            problems.append("login_addr_attempts: must be 0 (off) or positive")
+        if config.login_max_backoff_s < config.login_backoff_s:
+            problems.append("login_max_backoff_s: must be at least login_backoff_s")
         return problems
 
     def __init__(self, config: msgspec.Struct, kernel: Any) -> None:
@@ -189,6 +168,9 @@ class AuthPlugin(Plugin):
         self.store: UserStore | None = None
         self.cache: ClaimCache | None = None
         self.denylist = Denylist()
+        self.subjects = SubjectDenylist()
+        self.admins: frozenset[str] = frozenset()
+        self.throttle: LoginThrottle | None = None
         self._kdf: ThreadPoolExecutor | None = None
         self._gate = KdfGate(1, 1.0)
         self._hasher: PasswordHasher | None = None
@@ -252,6 +234,16 @@ class AuthPlugin(Plugin):
             max_connections=c.redis_max_connections,
             on_store_lost=REDIS_BYPASSED.inc,
         )
+        self.admins = admin_names(list(c.admin_users))
+        self.throttle = LoginThrottle(
+            self.cache,
+            prefix=c.redis_key_prefix,
+            user_free=c.login_user_attempts,
+            addr_free=c.login_addr_attempts,
+            base_s=c.login_backoff_s,
+            max_s=c.login_max_backoff_s,
+            window_s=c.login_window_s,
+        )
         try:
             await self.store.open(c.db_start_timeout_s)
             # A user who does not exist costs a login as much as one who does (no timing oracle).
@@ -261,10 +253,18 @@ class AuthPlugin(Plugin):
             hashes = await asyncio.gather(*(self._run_kdf(self._hasher.hash, os.urandom(16).hex()) for _ in range(c.kdf_workers)))
             self._gate.avg_s = time.perf_counter() - t0
             self._dummy_hash = hashes[0]
+            refresher = None
+            if redis_url:
+                await self.load_cutoffs()
+                refresher = asyncio.get_running_loop().create_task(self.refresh_cutoffs(c.subject_refresh_s))
             if not redis_url:
                 log.warning("auth: no REDIS_URL: running without the claims cache and shared revocation list")
             _plugins.add(self)
-            yield
+            try:
+                yield
+            finally:
+                if refresher is not None:
+                    refresher.cancel()
         finally:
             _plugins.discard(self)
             await self.cache.close()
@@ -340,19 +340,35 @@ class AuthPlugin(Plugin):
             InvalidCredentials, Overloaded, Unavailable.
         """
         assert self.store is not None and self._hasher is not None and self.tokens is not None
-        if not (req.username and _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD):
+        assert self.throttle is not None
+        if not req.username or len(req.username) > 256:
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
-        hasher = self._hasher
-        with self._gate.slot():  # refuse at once, before touching the database, when hashing is saturated
-            user = await self.store.find_user(req.username)  # the connection is back in the pool here
-            stored = user.password_hash if user is not None else self._dummy_hash
-            try:
-                await self._run_kdf(hasher.verify, stored, req.password)
-                ok = user is not None
-            except (VerifyMismatchError, VerificationError, InvalidHashError):
-                ok = False
-        if not ok or user is None:
-            raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+        try:
+            await self.throttle.admit(req.username, req.client)  # counts this attempt
+        except TooManyAttempts as e:
+            raise self._fail("throttled", e) from None
+        settled = False  # True once the attempt is known to be a password failure or a success
+        try:
+            if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
+                settled = True
+                await self.throttle.failed(req.username, req.client)
+                raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+            hasher = self._hasher
+            with self._gate.slot():  # refuse at once, before touching the database, when hashing is saturated
+                user = await self.store.find_user(req.username)  # the connection is back in the pool here
+                stored = user.password_hash if user is not None else self._dummy_hash
+                try:
+                    await self._run_kdf(hasher.verify, stored, req.password)
+                    ok = user is not None
+                except (VerifyMismatchError, VerificationError, InvalidHashError):
+                    ok = False
+            settled = True
+            if not ok or user is None or user.disabled:
+                await self.throttle.failed(req.username, req.client)
+                raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+        finally:
+            if not settled:  # overloaded, database down, cancelled: not a password failure
+                await self.throttle.release(req.username, req.client)
         if hasher.check_needs_rehash(stored):
             try:
                 with self._gate.slot():
@@ -360,7 +376,10 @@ class AuthPlugin(Plugin):
                 await self.store.update_hash(user.id, new_hash)
             except (Overloaded, Unavailable) as e:  # the login itself succeeded; upgrade next time
                 log.info("auth: password hash upgrade for user %s postponed: %s", user.id, e)
-        token, _claims = self.tokens.issue(user.id, user.username, user.scopes)
+        await self.throttle.succeeded(req.username, req.client)
+        cut = self.subjects.before(user.id)  # re-enabled after a disable: date the token after the cut-off
+        now = max(time.time(), cut + 1) if cut is not None else None
+        token, _claims = self.tokens.issue(user.id, user.username, user.scopes, now=now)
         return Token(access_token=token, token_type="bearer", expires_in=self.config.access_ttl_s)
 
     @serves(Verify, concurrency=512, max_queue=4096, timeout_s=5.0)
@@ -392,6 +411,8 @@ class AuthPlugin(Plugin):
             raise self._fail("revoked", InvalidToken("revoked", "revoked: the token was logged out"))
         if cached is not None and cached.exp > time.time():
             CACHE.labels("hit").inc()
+            if check_revoked and self.subjects.denies(cached.sub, cached.iat):
+                raise self._fail("revoked", InvalidToken("revoked", "revoked: the user was disabled or deleted"))
             return cached
         CACHE.labels("miss").inc()
         try:
@@ -400,6 +421,8 @@ class AuthPlugin(Plugin):
             raise self._fail(e.reason, e) from None
         if ok:
             cache.store(digest, claims)
+        if check_revoked and self.subjects.denies(claims.sub, claims.iat):
+            raise self._fail("revoked", InvalidToken("revoked", "revoked: the user was disabled or deleted"))
         return claims
 
     @serves(Logout, concurrency=64, max_queue=1024, timeout_s=5.0)

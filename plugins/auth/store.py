@@ -91,13 +91,14 @@ class Breaker:
 class User:
     """A user row (without touching the password hash outside this plugin)."""
 
-    __slots__ = ("id", "password_hash", "scopes", "username")
+    __slots__ = ("disabled", "id", "password_hash", "scopes", "username")
 
-    def __init__(self, id: str, username: str, password_hash: str, scopes: list[str]) -> None:
+    def __init__(self, id: str, username: str, password_hash: str, scopes: list[str], disabled: bool = False) -> None:
         self.id = id
         self.username = username
         self.password_hash = password_hash
         self.scopes = scopes
+        self.disabled = disabled
 
 
 def migrations() -> list[tuple[str, str]]:
@@ -262,12 +263,44 @@ class UserStore:
         async with self.connection() as conn:
             with self._m_query.time():
                 cur = await conn.execute(
-                    "SELECT id, username, password_hash, scopes FROM auth_users WHERE lower(username) = lower(%s)", (username,)
+                    "SELECT id, username, password_hash, scopes, disabled FROM auth_users WHERE lower(username) = lower(%s)",
+                    (username,),
                 )
                 row = await cur.fetchone()
         if row is None:
             return None
-        return User(str(row[0]), row[1], row[2], list(row[3]))
+        return User(str(row[0]), row[1], row[2], list(row[3]), bool(row[4]))
+
+    async def set_disabled(self, username: str, disabled: bool) -> tuple[str, str] | None:
+        """Disable (or enable again) the user named ``username``; ``(id, username)`` or None
+        when there is no such user.
+
+        Raises:
+            Overloaded, Unavailable: see :meth:`connection`.
+        """
+        async with self.connection() as conn:
+            with self._m_query.time():
+                cur = await conn.execute(
+                    "UPDATE auth_users SET disabled = %s, updated_at = now() WHERE lower(username) = lower(%s)"
+                    " RETURNING id, username",
+                    (disabled, username),
+                )
+                row = await cur.fetchone()
+        return (str(row[0]), row[1]) if row is not None else None
+
+    async def delete_user(self, username: str) -> tuple[str, str] | None:
+        """Delete the user named ``username``; ``(id, username)`` or None when there is none.
+
+        Raises:
+            Overloaded, Unavailable: see :meth:`connection`.
+        """
+        async with self.connection() as conn:
+            with self._m_query.time():
+                cur = await conn.execute(
+                    "DELETE FROM auth_users WHERE lower(username) = lower(%s) RETURNING id, username", (username,)
+                )
+                row = await cur.fetchone()
+        return (str(row[0]), row[1]) if row is not None else None
 
     async def update_hash(self, user_id: str, password_hash: str) -> None:
         """Replace a user's password hash (after a KDF parameter upgrade).

@@ -3,7 +3,8 @@
 Routes: ``POST /v1/auth/register``, ``POST /v1/auth/login``, ``POST /v1/auth/logout``,
 ``POST /v1/jobs`` (202), ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (SSE,
 ``Last-Event-ID`` honoured), ``POST /v1/memory``, ``POST /v1/memory/recall``,
-``GET /v1/pods``, ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /`` (console).
+``GET /v1/pods``, ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /`` (console),
+and the admin routes of :mod:`~aiwfe.plugins.gateway.admin`.
 ``/v1/ws`` is the raw ASGI handler of :mod:`aiwfe.plugins.gateway.ws`, dispatched before
 Litestar.
 
@@ -15,7 +16,9 @@ that does not exist).
 
 Error mapping, in one exception handler for every :class:`~aiwfe.kernel.AiwfeError` a
 handler or dependency raises: ``InvalidToken``/``InvalidCredentials`` → 401 (with
-``WWW-Authenticate: Bearer``); ``UserExists`` → 409; ``InvalidInput`` → 400; other
+``WWW-Authenticate: Bearer``); ``UserExists`` → 409; ``InvalidInput`` → 400;
+``TooManyAttempts`` (login throttling) → 429 with ``Retry-After``; ``Forbidden`` → 403;
+``UnknownUser`` → 404; other
 retryable errors (``Overloaded``, ``Unavailable``, ...) → 503 with ``Retry-After`` at once;
 the rest → 502. Unknown job kinds → 400; malformed bodies → 400 (Litestar's validation
 message). Bodies are Litestar's ``{"status_code", "detail"}``.
@@ -28,7 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from litestar import Litestar, Request, Response, get, post
@@ -39,11 +42,13 @@ from litestar.openapi.config import OpenAPIConfig
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from aiwfe.kernel import AiwfeError, RemoteError, metrics
+from aiwfe.kernel import AiwfeError, Forbidden, RemoteError, metrics
 from aiwfe.plugins.auth.contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token
 from aiwfe.plugins.memory.contract import Recall, RecallResult, Remember, RememberResult
 
+from .admin import ADMIN_ROUTES
 from .frames import TERMINAL
+from .limits import finished_last_seq, guard, parse_seq, past_end
 from .services import GatewayServices
 from .ws import Receive, Scope, Send, WebSocketEndpoint
 
@@ -93,7 +98,7 @@ class RecallIn(msgspec.Struct, frozen=True):
     """Body of ``POST /v1/memory/recall``: the calling user's memories closest to ``query``."""
 
     query: str
-    k: int = 5
+    k: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
     filters: dict[str, str | int | float | bool] = {}
 
 
@@ -114,7 +119,14 @@ CallerClaims = NamedDependency[Claims]
 BearerToken = NamedDependency[str]
 OwnedJob = NamedDependency[str]
 
-_STATUS_OF_REMOTE = {"InvalidToken": 401, "InvalidCredentials": 401, "UserExists": 409, "InvalidInput": 400}
+_STATUS_OF_REMOTE = {
+    "InvalidToken": 401,
+    "InvalidCredentials": 401,
+    "UserExists": 409,
+    "InvalidInput": 400,
+    "TooManyAttempts": 429,
+    "UnknownUser": 404,
+}
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
@@ -125,7 +137,12 @@ def http_error(e: AiwfeError, retry_after_s: float) -> HTTPException:
     """
     if isinstance(e, RemoteError) and e.type in _STATUS_OF_REMOTE:
         status = _STATUS_OF_REMOTE[e.type]
-        return HTTPException(status_code=status, detail=f"{e.type}: {e.message}", headers=_CHALLENGE if status == 401 else None)
+        headers = _CHALLENGE if status == 401 else None
+        if status == 429:  # login throttling: the hint is when the lock ends
+            headers = {"Retry-After": str(max(1, math.ceil(e.retry_after_s or retry_after_s)))}
+        return HTTPException(status_code=status, detail=f"{e.type}: {e.message}", headers=headers)
+    if isinstance(e, Forbidden):
+        return HTTPException(status_code=403, detail=f"{e.code}: {e.message}")
     if e.retryable:
         retry = str(max(1, math.ceil(retry_after_s)))
         return HTTPException(status_code=503, detail=f"{e.code}: {e.message}", headers={"Retry-After": retry})
@@ -173,9 +190,11 @@ async def register(svc: Services, data: JSONBody[Credentials]) -> dict[str, str]
 
 
 @post("/v1/auth/login", status_code=200, tags=["auth"])
-async def login(svc: Services, data: JSONBody[Credentials]) -> dict[str, Any]:
-    """Log in: ``{access_token, token_type, expires_in}``."""
-    t: Token = await svc.kernel.call(Login(username=data.username, password=data.password))
+async def login(request: Request[Any, Any, Any], svc: Services, data: JSONBody[Credentials]) -> dict[str, Any]:
+    """Log in: ``{access_token, token_type, expires_in}``; 429 with ``Retry-After`` after too
+    many failures for the username or the client address."""
+    client = request.client.host if request.client else ""
+    t: Token = await svc.kernel.call(Login(username=data.username, password=data.password, client=client))
     return {"access_token": t.access_token, "token_type": t.token_type, "expires_in": t.expires_in}
 
 
@@ -221,17 +240,24 @@ async def job_events(
     """Server-Sent Events of a job (replay, then live) until it ends.
 
     Each event's ``id`` is its sequence; a reconnecting EventSource sends
-    ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same).
+    ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same). Sequences are
+    range-checked (400); past a finished job's last event: 400; at it: 204 (no more events).
     """
-    last = request.headers.get("last-event-id")
-    if last:
-        try:
-            after_seq = max(after_seq, int(last))
-        except ValueError:
-            raise HTTPException(status_code=400, detail="Last-Event-ID must be an integer sequence") from None
+    try:
+        seq = parse_seq(after_seq, "after_seq")
+        last = request.headers.get("last-event-id")
+        if last:
+            seq = max(seq, parse_seq(last, "Last-Event-ID"))
+    except ValueError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from None
+    end = await finished_last_seq(svc.kernel, owned_job, seq)
+    if end is not None and seq > end:
+        raise HTTPException(status_code=400, detail=past_end(seq, end))
+    if end is not None and seq == end:  # the client saw the end; 204 stops EventSource reconnecting
+        return Response(content=b"", status_code=204)  # type: ignore[return-value]
 
     async def stream() -> AsyncIterator[ServerSentEventMessage]:
-        async for ev in svc.kernel.job_events(owned_job, after_seq):
+        async for ev in svc.kernel.job_events(owned_job, seq):
             payload = {"job_id": owned_job, "seq": ev.seq, "event": ev.type, "data": ev.data}
             if ev.type in TERMINAL:
                 payload["status"] = TERMINAL[ev.type]
@@ -288,6 +314,7 @@ async def console() -> bytes:
 
 
 ROUTES = [register, login, logout, submit_job, get_job, job_events, remember, recall, pods, health, ready, prometheus, console]
+ROUTES += ADMIN_ROUTES  # plugins/gateway/admin.py
 
 
 def build_app(services: GatewayServices) -> Litestar:
@@ -295,6 +322,9 @@ def build_app(services: GatewayServices) -> Litestar:
 
     The app does not configure logging (``logging_config=None``).
     """
+
+    def too_deep_body(request: Request[Any, Any, Any], e: RecursionError) -> Response[Any]:
+        return create_exception_response(request, HTTPException(status_code=400, detail="JSON body nested too deeply"))
 
     def on_error(request: Request[Any, Any, Any], e: AiwfeError) -> Response[Any]:
         return create_exception_response(request, http_error(e, services.retry_after_s(e)))
@@ -307,7 +337,7 @@ def build_app(services: GatewayServices) -> Litestar:
             "claims": Provide(_claims),
             "owned_job": Provide(_owned_job),
         },
-        exception_handlers={AiwfeError: on_error},
+        exception_handlers={AiwfeError: on_error, RecursionError: too_deep_body},
         openapi_config=OpenAPIConfig(title="AIWFE gateway", version="1", path="/schema"),
         logging_config=None,
         debug=False,
@@ -315,7 +345,8 @@ def build_app(services: GatewayServices) -> Litestar:
 
 
 def build_asgi(services: GatewayServices) -> Any:
-    """The gateway's ASGI app: ``/v1/ws`` goes to the WebSocket endpoint, the rest to Litestar."""
+    """The gateway's ASGI app: ``/v1/ws`` goes to the WebSocket endpoint, the rest to Litestar;
+    both behind :func:`~aiwfe.plugins.gateway.limits.guard` (header size, JSON content type)."""
     app = build_app(services)
     ws = WebSocketEndpoint(services)
 
@@ -329,4 +360,4 @@ def build_asgi(services: GatewayServices) -> Any:
             return
         await app(scope, receive, send)  # type: ignore[arg-type]
 
-    return asgi
+    return guard(asgi, services.config.max_header_bytes)

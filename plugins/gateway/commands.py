@@ -28,6 +28,7 @@ from aiwfe.kernel import AiwfeError, RemoteError
 
 from . import frames
 from .frames import TERMINAL
+from .limits import check_ranges, finished_last_seq, past_end, too_deep
 from .services import GatewayServices
 
 __all__ = ["MAX_CALLS_IN_FLIGHT", "MAX_FOLLOWED_JOBS", "Commands", "FrameSink"]
@@ -62,6 +63,10 @@ class Commands:
 
     def dispatch(self, data: str | bytes) -> None:
         """Decode one client frame and start what it asks for (never blocks)."""
+        depth = self.services.config.max_frame_depth
+        if too_deep(data, depth):
+            self.out.push({"type": "error", "code": "bad_frame", "message": f"frame nested deeper than {depth} levels"})
+            return
         try:
             frame = frames.decode_frame(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
@@ -143,8 +148,22 @@ class Commands:
         return False
 
     async def _resume(self, f: frames.Resume) -> None:
-        if await self._owned(f.job_id, f.id):
-            self._follow(f.job_id, f.after_seq)
+        if not await self._owned(f.job_id, f.id):
+            return
+        after = f.after_seq
+        try:
+            last = await finished_last_seq(self.kernel, f.job_id, after)
+        except AiwfeError as e:
+            self.out.push(self._error(e, f.id, job_id=f.job_id))
+            return
+        if last is not None and after > last:
+            self.out.push(
+                {"type": "error", "code": "bad_frame", "message": past_end(after, last), "id": f.id, "job_id": f.job_id}
+            )
+            return
+        if last is not None and after == last:
+            after = last - 1  # the client saw the end: send the result again rather than wait forever
+        self._follow(f.job_id, after)
 
     async def _cancel(self, f: frames.Cancel) -> None:
         if not await self._owned(f.job_id, f.id):
@@ -165,7 +184,8 @@ class Commands:
             return
         try:
             req: Any = msgspec.convert(f.input, contract)
-        except msgspec.ValidationError as e:
+            check_ranges(f.contract, req)
+        except (msgspec.ValidationError, ValueError) as e:
             self.out.push({"type": "error", "code": "bad_frame", "message": f"{f.contract}: {e}", "id": f.id})
             return
         try:

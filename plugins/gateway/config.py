@@ -40,6 +40,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``reuse_port``: bind with ``SO_REUSEPORT`` so that several gateway processes on one
     host share the port and the kernel spreads connections over them (Linux; replicas
     behind a Service need it not).
+    ``max_header_bytes``: largest request headers (HTTP and WebSocket handshake) in bytes;
+    431 at once beyond. ``max_frame_depth``: deepest nesting of arrays/objects in a client
+    frame; deeper frames get ``bad_frame`` (the socket stays open).
     ``keep_alive_s``: idle HTTP keep-alive before the server closes a connection; longer
     than clients' pools keep idle connections, so a reused one is not closed under a request.
     """
@@ -66,3 +69,5 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     backlog: int = 4096
     keep_alive_s: float = 75.0
     reuse_port: bool = False
+    max_header_bytes: int = 16_384
+    max_frame_depth: int = 32

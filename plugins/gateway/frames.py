@@ -8,9 +8,11 @@ Server → client: ``accepted``, ``event``, ``result``, ``reply``, ``error`` and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+from .limits import MAX_SEQ
 
 __all__ = [
     "CLOSE_GOING_AWAY",
@@ -66,7 +68,7 @@ class Resume(_Frame, tag="resume"):
     """Follow a job's events after sequence ``after_seq`` (0 = from the start)."""
 
     job_id: str
-    after_seq: int = 0
+    after_seq: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)] = 0
     id: str = ""
 
 
@@ -93,6 +95,10 @@ def decode_frame(data: str | bytes) -> ClientFrame:
     """Decode one client frame.
 
     Raises:
-        msgspec.DecodeError, msgspec.ValidationError: not JSON, unknown ``type``, or bad fields.
+        msgspec.DecodeError, msgspec.ValidationError: not JSON, unknown ``type``, or bad fields
+            (numbers out of range included, e.g. ``after_seq`` outside ``0..MAX_SEQ``).
     """
-    return _decoder.decode(data)
+    try:
+        return _decoder.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON nested too deeply") from None

@@ -15,6 +15,7 @@ class Socket(Protocol):
     """What the hub needs of a connection (:class:`aiwfe.plugins.gateway.ws.Connection`)."""
 
     jti: str
+    sub: str
     finished: asyncio.Event
 
     def close_soon(self, code: int, reason: str) -> None:
@@ -58,6 +59,13 @@ class Hub:
         conns = list(self.by_jti.get(jti, ()))
         for c in conns:
             c.close_soon(CLOSE_REVOKED, "token revoked")
+        return len(conns)
+
+    def revoke_subject(self, sub: str) -> int:
+        """Close every socket of user ``sub`` with 4001 (the user was disabled or deleted); return how many."""
+        conns = [c for cs in self.by_jti.values() for c in cs if c.sub == sub]
+        for c in conns:
+            c.close_soon(CLOSE_REVOKED, "user disabled or deleted")
         return len(conns)
 
     async def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down") -> None:

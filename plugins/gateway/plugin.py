@@ -21,7 +21,7 @@ import msgspec
 
 from aiwfe.kernel import ConfigError, Plugin, address_of, serves
 from aiwfe.kernel.config_check import one_of, problem_text
-from aiwfe.plugins.auth.contract import Login, Logout, Register, TokenRevoked, Verify
+from aiwfe.plugins.auth.contract import DeleteUser, DisableUser, Login, Logout, Register, SubjectRevoked, TokenRevoked, Verify
 from aiwfe.plugins.memory.contract import Recall, Remember
 from aiwfe.plugins.perception.contract import Perceive
 
@@ -44,7 +44,7 @@ class GatewayPlugin(Plugin):
     """
 
     name = "gateway"
-    calls = (Register, Login, Verify, Logout, Perceive, Remember, Recall)
+    calls = (Register, Login, Verify, Logout, DisableUser, DeleteUser, Perceive, Remember, Recall)
     Config = GatewayConfig
     #: ``job_kinds`` values must be jobs some pod of the manifest consumes (``aiwfe check``).
     config_addresses = {"job_kinds": "job"}
@@ -55,6 +55,10 @@ class GatewayPlugin(Plugin):
     def validate_config(cls, config: GatewayConfig) -> list[str | tuple[str, str]]:
         """``server`` one of :data:`SERVERS`; every ``ws_calls`` address among the gateway's ``calls``."""
         problems = one_of("server", config.server, SERVERS)
+        if config.max_header_bytes < 1024:
+            problems.append("max_header_bytes: must be at least 1024")
+        if config.max_frame_depth < 1:
+            problems.append("max_frame_depth: must be at least 1")
         declared = sorted(address_of(c) for c in cls.calls)
         unknown = [a for a in config.ws_calls if a not in declared]
         if unknown:
@@ -92,6 +96,7 @@ class GatewayPlugin(Plugin):
             backlog=cfg.backlog,
             keep_alive_s=cfg.keep_alive_s,
             reuse_port=cfg.reuse_port,
+            max_header_bytes=cfg.max_header_bytes,
         )
         await server.start()
         host = cfg.public_host or ("127.0.0.1" if cfg.host in ("0.0.0.0", "::", "") else cfg.host)
@@ -117,3 +122,10 @@ class GatewayPlugin(Plugin):
         n = self.hub.revoke(ev.jti, float(ev.exp))
         if n:
             log.info("token %s revoked: closing %d socket(s)", ev.jti, n)
+
+    @serves(SubjectRevoked, concurrency=8, max_queue=100_000)
+    async def on_subject_revoked(self, ev: SubjectRevoked) -> None:
+        """Close every socket of a disabled or deleted user (4001)."""
+        n = self.hub.revoke_subject(ev.sub)
+        if n:
+            log.info("user %s revoked: closing %d socket(s)", ev.sub, n)

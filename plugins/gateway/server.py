@@ -111,6 +111,40 @@ class WsProtocol(WebSocketsSansIOProtocol):
     """
 
     high_water = 16
+    #: Largest opening handshake (request line and headers, in bytes); past it 431 at once.
+    max_header_bytes = 16_384
+    _hs_done = False
+    _hs_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        """Answer a handshake that is too large or that websockets refuses at once (431/400)
+        and close; upstream never writes websockets' refusal, leaving the client hanging."""
+        if not self._hs_done:
+            self._hs_bytes += len(data)
+            if self._hs_bytes > self.max_header_bytes:
+                self._refuse_handshake(431, "Request Header Fields Too Large", "handshake headers too large")
+                return
+        super().data_received(data)
+        if not self._hs_done and self.conn.handshake_exc is not None and not self.transport.is_closing():
+            out = b"".join(self.conn.data_to_send())
+            if out:
+                self.transport.write(out)
+                self.transport.close()
+            else:
+                self._refuse_handshake(400, "Bad Request", "invalid WebSocket handshake")
+
+    def _refuse_handshake(self, status: int, phrase: str, text: str) -> None:
+        body = text.encode() + b"\n"
+        head = f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain\r\ncontent-length: {len(body)}\r\n"
+        head += "connection: close\r\n\r\n"
+        self._hs_done = True
+        self.transport.write(head.encode() + body)
+        self.transport.close()
+
+    def handle_connect(self, event: Any) -> None:
+        """The handshake parsed: from here on, bytes are frames."""
+        self._hs_done = True
+        super().handle_connect(event)
 
     def send_receive_event_to_app(self) -> None:
         """Hand the message to the app; pause reading only at the high-water mark."""
@@ -150,6 +184,7 @@ class EmbeddedServer:
         graceful_s: float = 5.0,
         keep_alive_s: float = 75.0,
         reuse_port: bool = False,
+        max_header_bytes: int = 16_384,
     ) -> None:
         self.host = host
         self.port = port
@@ -159,7 +194,7 @@ class EmbeddedServer:
             app,
             lifespan="off",
             http="httptools",
-            ws=WsProtocol,
+            ws=type("WsProtocol", (WsProtocol,), {"max_header_bytes": max_header_bytes}),
             ws_max_size=max_frame_bytes,
             ws_ping_interval=ping_interval_s if ping_interval_s > 0 else None,
             ws_ping_timeout=ping_timeout_s if ping_timeout_s > 0 else None,

@@ -210,6 +210,7 @@ async def test_every_attack_is_refused_for_the_publisher(secured: Secured) -> No
         f"{p}.events.{pending_id}": enc({"answer": "forged"}),
         f"{p}.control.cancel": pending_id.encode(),
         f"{p}.auth.revoked": enc({"type": "auth.revoked", "jti": "x", "exp": 2**31}),
+        f"{p}.auth.subject_revoked": enc({"type": "auth.subject_revoked", "sub": victim_id, "before": 2**31, "exp": 2**31}),
         f"{p}.jobs.helios.ask": enc({"type": "helios.ask", "text": "forged"}),
     }
     for subject, data in publishes.items():

@@ -1,0 +1,157 @@
+"""Admin operations of the auth plugin: disable, enable and delete users.
+
+**Who is an admin.** A user whose name (case-insensitively) is in the plugin's ``admin_users``
+setting or the ``AIWFE_ADMIN_USERS`` environment variable (comma-separated); both lists count.
+Nobody is an admin by default. Being an admin is checked on each call from the caller's token
+(verified and not revoked), so removing a name from the list takes effect at the next restart.
+
+**Revocation.** Disabling or deleting a user cuts off every token of that user issued so far:
+a cut-off ``sub → before`` (epoch seconds) is written to Redis (a field of the hash
+``<prefix>:subjects``, dropped once the last such token has expired) and broadcast as :class:`~.contract.SubjectRevoked`;
+every auth pod holds it in memory (:class:`SubjectDenylist`) and refuses a token of ``sub``
+with ``iat ≤ before``, cached claims included, and the gateway closes that user's sockets
+with 4001. A pod that starts later loads the cut-offs from Redis, and every pod re-reads them
+every ``subject_refresh_s`` (so one that missed the event catches up within that). A disabled user cannot log
+in (answered like a wrong password); enabling it again lets it log in, but tokens from before
+the disable stay revoked. Token times are whole seconds, so a token issued in the same second
+as the cut-off is dated one second later (``iat``/``nbf``, well inside the verifier's leeway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from aiwfe.kernel.errors import Forbidden
+from aiwfe.kernel.plugin import serves
+
+from .contract import DeleteUser, DisableUser, SubjectRevoked, UserUpdated
+from .errors import UnknownUser
+
+__all__ = ["AdminOps", "SubjectDenylist", "admin_names"]
+
+log = logging.getLogger("aiwfe.auth")
+
+
+def admin_names(configured: list[str]) -> frozenset[str]:
+    """The admins' user names, lower-cased: ``configured`` plus ``$AIWFE_ADMIN_USERS``."""
+    env = os.environ.get("AIWFE_ADMIN_USERS", "")
+    return frozenset(n.strip().lower() for n in [*configured, *env.split(",")] if n.strip())
+
+
+class SubjectDenylist:
+    """Per-user token cut-offs held in memory until the last affected token expires."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: dict[str, tuple[int, int]] = {}  # sub → (before, exp)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def add(self, sub: str, before: int, exp: int) -> None:
+        """Deny tokens of ``sub`` issued at or before ``before`` until ``exp``."""
+        now = time.time()
+        if len(self._d) > 10_000:
+            self._d = {s: v for s, v in self._d.items() if v[1] > now}
+        old = self._d.get(sub)
+        if exp > now and (old is None or old[0] < before or old[1] < exp):
+            self._d[sub] = (max(before, old[0] if old else 0), max(exp, old[1] if old else 0))
+
+    def before(self, sub: str) -> int | None:
+        """The cut-off of ``sub`` (epoch seconds), or None."""
+        v = self._d.get(sub)
+        return v[0] if v is not None and v[1] > time.time() else None
+
+    def denies(self, sub: str, iat: int) -> bool:
+        """True when a token of ``sub`` issued at ``iat`` is cut off."""
+        v = self._d.get(sub)
+        return v is not None and iat <= v[0] and v[1] > time.time()
+
+
+class AdminOps:
+    """Handlers of ``auth.disable_user``, ``auth.delete_user`` and ``auth.subject_revoked``,
+    mixed into :class:`~.plugin.AuthPlugin` (which provides the attributes used here)."""
+
+    subjects: SubjectDenylist
+    admins: frozenset[str]
+    store: Any
+    cache: Any
+    kernel: Any
+    config: Any
+
+    async def _verify(self, token: str, *, check_revoked: bool) -> Any: ...  # provided by the plugin
+
+    async def load_cutoffs(self) -> bool:
+        """Add every cut-off kept in Redis to this pod's memory; False when Redis did not answer."""
+        cutoffs = await self.cache.revoked_subjects()
+        ttl_s = int(self.config.access_ttl_s + self.config.leeway_s) + 1
+        for sub, before in (cutoffs or {}).items():
+            self.subjects.add(sub, before, before + ttl_s)
+        return cutoffs is not None
+
+    async def refresh_cutoffs(self, every_s: float) -> None:
+        """Re-read the cut-offs every ``every_s`` (runs until cancelled): a pod that missed a
+        ``SubjectRevoked`` event (disconnected from NATS at that moment) catches up within it."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await self.load_cutoffs()
+            except Exception as e:  # never let the loop die; Redis errors are already swallowed
+                log.warning("auth: reloading user cut-offs failed: %s", e)
+
+    async def _require_admin(self, token: str) -> str:
+        claims = await self._verify(token, check_revoked=True)
+        if claims.username.lower() not in self.admins:
+            raise Forbidden("auth: admin only (see admin_users / AIWFE_ADMIN_USERS)")
+        return str(claims.username)
+
+    async def _cut_off(self, sub: str) -> None:
+        """Revoke every token of ``sub`` issued so far: Redis, this pod, every pod."""
+        before = int(time.time())
+        ttl_s = int(self.config.access_ttl_s + self.config.leeway_s) + 1
+        exp = before + ttl_s
+        self.subjects.add(sub, before, exp)
+        if not await self.cache.revoke_subject(sub, before, ttl_s):
+            log.warning("auth: redis unavailable; revocation of user %s held by the SubjectRevoked event only", sub)
+        await self.kernel.publish(SubjectRevoked(sub=sub, before=before, exp=exp))
+
+    @serves(DisableUser, concurrency=8, max_queue=64, timeout_s=10.0)
+    async def disable_user(self, req: DisableUser) -> UserUpdated:
+        """Disable (or enable) a user; disabling revokes its tokens.
+
+        Raises:
+            InvalidToken, Forbidden, UnknownUser, Overloaded, Unavailable.
+        """
+        admin = await self._require_admin(req.token)
+        row = await self.store.set_disabled(req.username, req.disabled)
+        if row is None:
+            raise UnknownUser(f"no user {req.username!r}")
+        if req.disabled:
+            await self._cut_off(row[0])
+        log.info("auth: %s %s user %s", admin, "disabled" if req.disabled else "enabled", row[1])
+        return UserUpdated(user_id=row[0], username=row[1], disabled=req.disabled)
+
+    @serves(DeleteUser, concurrency=8, max_queue=64, timeout_s=10.0)
+    async def delete_user(self, req: DeleteUser) -> UserUpdated:
+        """Delete a user and revoke its tokens.
+
+        Raises:
+            InvalidToken, Forbidden, UnknownUser, Overloaded, Unavailable.
+        """
+        admin = await self._require_admin(req.token)
+        row = await self.store.delete_user(req.username)
+        if row is None:
+            raise UnknownUser(f"no user {req.username!r}")
+        await self._cut_off(row[0])
+        log.info("auth: %s deleted user %s", admin, row[1])
+        return UserUpdated(user_id=row[0], username=row[1], deleted=True)
+
+    @serves(SubjectRevoked, concurrency=8, max_queue=100_000)
+    async def on_subject_revoked(self, ev: SubjectRevoked) -> None:
+        """Another pod (or this one) cut off a user's tokens: deny them here too."""
+        self.subjects.add(ev.sub, ev.before, ev.exp)

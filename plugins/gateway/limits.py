@@ -1,0 +1,181 @@
+"""Limits the gateway enforces where input enters, before any handler runs.
+
+* **Header size**: requests (HTTP and the WebSocket handshake) whose headers exceed
+  ``max_header_bytes`` in total are answered 431 at once. uvicorn's WebSocket protocol
+  (:class:`~aiwfe.plugins.gateway.server.WsProtocol`) refuses them before the app sees them;
+  :func:`guard` repeats the check in ASGI for HTTP and for servers that lack it.
+* **JSON bodies**: a POST/PUT/PATCH with a body must say ``Content-Type: application/json``
+  (or ``…+json``); anything else is 415, so a cross-site ``text/plain`` form post never
+  reaches a JSON route. Requests without a body (logout) need no content type.
+* **Frame depth**: a WebSocket frame nested deeper than ``max_frame_depth`` (arrays and
+  objects) is answered ``bad_frame`` and the socket stays open (:func:`too_deep`).
+* **Numbers of ``call`` frames** (:data:`CALL_RANGES`, :func:`check_ranges`): integer fields
+  of the request contracts a client may call, range-checked with ``bad_frame`` naming the field
+  (the plugins clamp them too, silently; a client should hear that it asked for too much).
+* **Sequences**: event sequences (``after_seq`` of ``resume`` frames and of the SSE query,
+  ``Last-Event-ID``) must be integers in ``0 ≤ seq ≤ MAX_SEQ`` (:func:`parse_seq`), and for a
+  finished job not past its last event (:func:`finished_last_seq`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "CALL_RANGES",
+    "MAX_SEQ",
+    "check_ranges",
+    "finished_last_seq",
+    "guard",
+    "header_bytes",
+    "parse_seq",
+    "past_end",
+    "too_deep",
+]
+
+#: The largest event sequence a client may name (2^53 − 1: exact in every JSON parser).
+MAX_SEQ = 2**53 - 1
+
+#: Contract address → integer field → inclusive range a client may send (``call`` frames; the
+#: HTTP bodies declare the same bounds on their Structs).
+CALL_RANGES: dict[str, dict[str, tuple[int, int]]] = {
+    "perception.perceive": {"max_tags": (0, 100)},
+    "memory.recall": {"k": (1, 100)},
+}
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def too_deep(data: str | bytes, max_depth: int) -> bool:
+    """True when the JSON text ``data`` nests arrays/objects deeper than ``max_depth``.
+
+    Cheap for ordinary frames: the scan runs only when the frame holds more than
+    ``max_depth`` opening brackets at all (one C-speed count).
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return False
+    depth = 0
+    for m in _BRACKET.finditer(_STRING.sub(b"", raw)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            if depth > max_depth:
+                return True
+        else:
+            depth -= 1
+    return False
+
+
+def parse_seq(value: Any, what: str) -> int:
+    """``value`` (an int or a decimal string) as an event sequence.
+
+    Raises:
+        ValueError: not an integer in ``0..MAX_SEQ``; the message names ``what``.
+    """
+    if isinstance(value, str):
+        v = value.strip()
+        if not v.isdecimal() or len(v) > 16:
+            raise ValueError(f"{what} must be an integer from 0 to {MAX_SEQ}")
+        value = int(v)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise ValueError(f"{what} must be an integer from 0 to {MAX_SEQ}")
+    return value
+
+
+def check_ranges(address: str, request: Any) -> None:
+    """Check ``request``'s integer fields against :data:`CALL_RANGES`.
+
+    Raises:
+        ValueError: a field out of range (the message names it and the range).
+    """
+    for field, (lo, hi) in CALL_RANGES.get(address, {}).items():
+        v = getattr(request, field, None)
+        if isinstance(v, int) and not lo <= v <= hi:
+            raise ValueError(f"{field} must be from {lo} to {hi}, got {v}")
+
+
+def header_bytes(scope: Scope) -> int:
+    """The size of a request's headers (names and values) as the ASGI scope holds them."""
+    return sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+
+
+def _json_type(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
+
+
+async def _respond(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    body = msgspec.json.encode({"status_code": status, "detail": detail})
+    hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": hdrs})
+    await send({"type": "http.response.body", "body": body})
+
+
+def guard(app: Callable[[Scope, Receive, Send], Awaitable[None]], max_header_bytes: int) -> Callable[..., Awaitable[None]]:
+    """Wrap an ASGI app with the header-size and JSON content-type checks (see the module doc)."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind in ("http", "websocket") and header_bytes(scope) > max_header_bytes:
+            detail = f"request headers exceed {max_header_bytes} bytes"
+            if kind == "http":
+                await _respond(send, 431, detail, [(b"connection", b"close")])
+                return
+            await receive()
+            if "websocket.http.response" in scope.get("extensions", {}):
+                body = detail.encode()
+                hdrs = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+                await send({"type": "websocket.http.response.start", "status": 431, "headers": hdrs})
+                await send({"type": "websocket.http.response.body", "body": body})
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+            return
+        if kind == "http" and scope.get("method") in ("POST", "PUT", "PATCH"):
+            ctype = b""
+            has_body = False
+            for k, v in scope.get("headers", ()):
+                if k == b"content-type":
+                    ctype = v
+                elif (k == b"content-length" and v.strip() not in (b"", b"0")) or k == b"transfer-encoding":
+                    has_body = True
+            if (has_body or ctype) and not _json_type(ctype):
+                await _respond(send, 415, "the body must be JSON: send Content-Type: application/json")
+                return
+        await app(scope, receive, send)
+
+    return guarded
+
+
+async def finished_last_seq(kernel: Any, job_id: str, after_seq: int, wait_s: float = 2.0) -> int | None:
+    """The sequence of a finished job's last (terminal) event, when a resume after ``after_seq``
+    needs it; None for a running job, for ``after_seq`` 0, or when it cannot be told.
+
+    A resume at or past a finished job's last event would otherwise follow forever: the
+    callers answer it (past: an error; at: the terminal event again, or SSE 204). The job's
+    events are replayed once, for at most ``wait_s``.
+    """
+    if after_seq <= 0 or await kernel.job_record(job_id) is None:
+        return None
+    last = None
+    try:
+        async with asyncio.timeout(wait_s):
+            async for ev in kernel.job_events(job_id, 0):  # ends at the terminal event
+                last = ev.seq
+    except TimeoutError:
+        return None  # events no longer kept, or slow: do not refuse what might be valid
+    return last
+
+
+def past_end(after_seq: int, last: int) -> str:
+    """The error message of a resume past a finished job's last event."""
+    return f"after_seq {after_seq} is past the job's last event ({last})"
