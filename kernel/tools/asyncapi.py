@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 from ..contract import Event, address_of, kind_of, reply_type
 from ..errors import ConfigError
 from ..manifest import Manifest
-from ..plugin import Plugin, handlers_of
+from ..plugin import Plugin, handlers_of, validate_plugin_class
 from ..registry import discover, resolve
 from ._asyncapi_parts import Parts, Surface
 
@@ -171,11 +171,18 @@ def _load(names: Iterable[str]) -> tuple[dict[str, type[Plugin]], list[str]]:
         if pname in classes:
             continue
         try:
-            classes[pname] = resolve(pname, installed)
+            cls = resolve(pname, installed)
         except LookupError as e:
             problems.append(str(e))
+            continue
         except Exception as e:  # an import failure is reported, not raised (as aiwfe check does)
             problems.append(f"plugin {pname}: failed to import: {e!r}")
+            continue
+        found = validate_plugin_class(cls)
+        if found:
+            problems.extend(found)
+        else:
+            classes[pname] = cls
     return classes, problems
 
 
