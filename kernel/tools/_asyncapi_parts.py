@@ -28,7 +28,6 @@ class Surface:
         self.requests: dict[type, set[str]] = {}
         self.callers: dict[type, set[str]] = {}
         self.jobs: dict[type, set[str]] = {}
-        self.job_submitters: dict[type, set[str]] = {}
         self.event_subscribers: dict[type, set[str]] = {}
         self.event_emitters: dict[type, set[str]] = {}
         self.job_events: set[type] = set()
@@ -157,7 +156,7 @@ class Parts:
             **self._served(subject, "pods", pods, **{"x-aiwfe-callers": callers}),
         )
 
-    def job(self, contract: type, pods: list[str], submitters: list[str]) -> None:
+    def job(self, contract: type, pods: list[str]) -> None:
         """A job kind consumed by ``pods``: its submit subject and its stream subject."""
         addr, h = address_of(contract), schema_hash(contract)
         submit, stream = f"{self.prefix}.submit.{addr}", f"{self.prefix}.jobs.{addr}"
@@ -212,7 +211,7 @@ class Parts:
             f"jobs.{addr}",
             ["job"],
             f"Run {addr} jobs",
-            **{"x-aiwfe-access": "pods", "x-aiwfe-consumed-by": pods, "x-aiwfe-submitters": submitters},
+            **{"x-aiwfe-access": "pods", "x-aiwfe-consumed-by": pods},
         )
 
     def event(self, contract: type, emitters: list[str], subscribers: list[str]) -> None:

@@ -64,8 +64,9 @@ def surface(pods: Mapping[str, Iterable[type[Plugin]]]) -> Surface:
                 except TypeError:
                     continue
                 modules.add(c.__module__)
-                table = {"request": s.callers, "job": s.job_submitters, "event": s.event_emitters}[kind]
-                table.setdefault(c, set()).add(pod)
+                if kind != "job":  # any pod may queue a job: its kind is all that matters
+                    table = s.callers if kind == "request" else s.event_emitters
+                    table.setdefault(c, set()).add(pod)
     bus_events = set(s.event_subscribers) | set(s.event_emitters)
     for name in sorted(modules):
         mod = sys.modules.get(name)
@@ -131,7 +132,7 @@ def document(
         parts.rpc(contract, sorted(s.requests[contract]), sorted(s.callers.get(contract, ())))
     jobs = sorted(s.jobs, key=address_of)
     for contract in jobs:
-        parts.job(contract, sorted(s.jobs[contract]), sorted(s.job_submitters.get(contract, ())))
+        parts.job(contract, sorted(s.jobs[contract]))
     for contract in sorted(set(s.event_subscribers) | set(s.event_emitters), key=address_of):
         parts.event(contract, sorted(s.event_emitters.get(contract, ())), sorted(s.event_subscribers.get(contract, ())))
     results = [rt for c in jobs if (rt := reply_type(c)) is not None]
