@@ -57,6 +57,14 @@ def _headers(names: tuple[str, ...], required: tuple[str, ...] = (), **const: st
     return schema
 
 
+def _event_headers(typ: str) -> dict[str, Any]:
+    """Headers of a job event of type ``typ`` (its ``Nats-Msg-Id``, when set, dedupes the kernel's
+    own terminal events and is not a job id)."""
+    schema = _headers(JOB_EVENT_H, ("Aiwfe-Type",), Aiwfe_Type=typ)
+    schema["properties"]["Nats-Msg-Id"] = {"type": "string", "description": "Dedupes a repeated write of the same event."}
+    return schema
+
+
 def _summary(cls: type) -> str:
     doc = inspect.getdoc(cls) or ""
     return doc.split("\n\n", 1)[0].replace("\n", " ") or cls.__name__
@@ -244,7 +252,7 @@ class Parts:
         done = self._message(
             "job.done",
             results,
-            _headers(JOB_EVENT_H, ("Aiwfe-Type",), Aiwfe_Type="job.done"),
+            _event_headers("job.done"),
             MSGPACK,
             summary="The job finished (final): its result.",
         )
@@ -253,7 +261,7 @@ class Parts:
             names[typ] = self._message(
                 typ,
                 [payload] if payload else [],
-                _headers(JOB_EVENT_H, ("Aiwfe-Type",), Aiwfe_Type=typ),
+                _event_headers(typ),
                 MSGPACK,
                 summary=summary,
             )
@@ -262,7 +270,7 @@ class Parts:
             names[addr] = self._message(
                 f"job-event.{addr}",
                 [ev],
-                _headers(JOB_EVENT_H, ("Aiwfe-Type",), Aiwfe_Type=addr),
+                _event_headers(addr),
                 MSGPACK,
                 title=ev.__name__,
                 summary=_summary(ev),

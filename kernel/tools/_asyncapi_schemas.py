@@ -97,8 +97,10 @@ HEADERS: dict[str, dict[str, Any]] = {
     "Aiwfe-Deadline-Ms": {
         "type": "string",
         "pattern": "^[0-9]+(\\.[0-9]+)?$",
-        "description": "Time remaining in milliseconds (each hop recomputes it, so clock skew does not matter); "
-        "finite and bounded by the server; without it the handler's own timeout_s applies.",
+        "maxLength": 32,
+        "description": "Time remaining in milliseconds (each hop recomputes it, so clock skew does not matter): "
+        "a finite number > 0, capped at the handler's timeout_s; without it timeout_s applies. A malformed "
+        "value is answered with BadMessage naming the header.",
     },
     "Aiwfe-Schema": {
         "type": "string",
@@ -112,10 +114,14 @@ HEADERS: dict[str, dict[str, Any]] = {
     },
     "Nats-Msg-Id": {
         "type": "string",
-        "description": "The job id: JetStream drops a duplicate within its dedupe window.",
+        "pattern": "^[A-Za-z0-9_-]{1,128}$",
+        "description": "The job id (it names the job's event subject and outcome key): JetStream drops a "
+        "duplicate within its dedupe window.",
     },
     "Aiwfe-Idempotency-Key": {
         "type": "string",
+        "minLength": 1,
+        "maxLength": 200,
         "description": "The same key gives the same job id (one job, also after it finished).",
     },
     "Aiwfe-Error": {
