@@ -153,7 +153,13 @@ def cmd_asyncapi(args: argparse.Namespace) -> int:
     from ..manifest import load_manifest
     from .asyncapi import for_manifest
 
-    text = json.dumps(for_manifest(load_manifest(args.manifest)), indent=2) + "\n"
+    doc = for_manifest(load_manifest(args.manifest))
+    if args.output is not None and args.output.endswith((".yaml", ".yml")):
+        import yaml
+
+        text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    else:
+        text = json.dumps(doc, indent=2) + "\n"
     if args.output is None:
         sys.stdout.write(text)
     else:
@@ -225,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("asyncapi", help="the AsyncAPI 3 document (JSON) of every NATS subject a manifest serves")
     s.add_argument("manifest")
-    s.add_argument("-o", "--output", metavar="FILE", help="write the document to FILE (default: stdout)")
+    s.add_argument("-o", "--output", metavar="FILE", help="write the document to FILE, YAML for .yaml/.yml (default: stdout)")
     s.set_defaults(fn=cmd_asyncapi)
     return p
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import yaml
 
 from aiwfe.kernel.contract import address_of, reply_type
 from aiwfe.kernel.manifest import load_manifest, parse_manifest
@@ -118,6 +119,9 @@ def test_cli_writes_the_document(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "background-worker-engine",
         "cognitive-processing-engine",
     ]
+    as_yaml = tmp_path / "asyncapi.yaml"
+    assert main(["asyncapi", str(ROOT / "manifests" / "consolidated.toml"), "-o", str(as_yaml)]) == 0
+    assert yaml.safe_load(as_yaml.read_text()) == doc
     assert main(["asyncapi", str(ROOT / "manifests" / "monolith.toml")]) == 0
     assert json.loads(capsys.readouterr().out)["asyncapi"] == "3.0.0"
     bad = tmp_path / "bad.toml"
