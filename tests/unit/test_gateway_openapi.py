@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
+from aiwfe.bus.local import LocalBus
 from aiwfe.kernel import Forbidden, Overloaded, RemoteError
 from aiwfe.plugins.gateway.app import build_app, http_error
 from aiwfe.plugins.gateway.busdoc import BusDocument
 from aiwfe.plugins.gateway.config import GatewayConfig
 from aiwfe.plugins.gateway.hub import Hub
 from aiwfe.plugins.gateway.services import GatewayServices
+from tests.support.gateway import gateway_manifest, run_system
 
 PROTECTED = {
     ("/v1/auth/logout", "post"),
@@ -137,3 +140,15 @@ async def test_the_document_is_rebuilt_only_when_it_is_old_and_the_layout_change
 async def test_no_answering_pod_gives_an_empty_but_valid_document(statuses: list[Any]) -> None:
     body = await BusDocument(StatusKernel(statuses)).body()
     assert b'"asyncapi": "3.0.0"' in body and b"status.job" in body
+
+
+async def test_a_running_gateway_describes_its_system(prefix: str) -> None:
+    async with run_system(gateway_manifest(prefix), LocalBus(prefix)) as s, httpx.AsyncClient(base_url=s.url) as c:
+        r = await c.get("/v1/asyncapi.json")
+        assert r.status_code == 200, r.text
+        doc = r.json()
+    channels = doc["channels"]
+    assert channels["rpc.probe.ask"]["address"] == f"{prefix}.probe.ask"  # a plugin named module:Class
+    assert channels["submit.probe.crunch"]["address"] == f"{prefix}.submit.probe.crunch"
+    assert channels["rpc.perception.perceive"]["address"] == f"{prefix}.perception.perceive"
+    assert doc["operations"]["rpc.probe.ask"]["x-aiwfe-served-by"] == ["edge"]
