@@ -4,6 +4,10 @@ operations, messages, header schemas and payload schemas, built contract by cont
 System perspective: the document describes the whole system, so a subject it serves is a
 ``receive`` operation (with a ``reply`` for request/reply) and a subject it emits is ``send``;
 an external client does the opposite.
+
+Ids: channels and operations are ``rpc-<address>``, ``submit-<kind>``, ``jobs-<kind>``,
+``event-<address>``, ``job-events`` and ``status-job``; a reply channel adds ``-reply``.
+Addresses never contain ``-``, so no two ids collide whatever the addresses.
 """
 
 from __future__ import annotations
@@ -111,12 +115,12 @@ class Parts:
     def _reply(self, cid: str, key: str) -> dict[str, Any]:
         """A reply channel without an address (the requester's inbox) and the operation's ``reply``."""
         self._channel(
-            f"{cid}.reply",
+            f"{cid}-reply",
             None,
             "The requester's reply inbox (`_INBOX.<user>.…`, set by NATS request/reply).",
             {"reply": key},
         )
-        return {"channel": _ref("channels", f"{cid}.reply"), "messages": [_ref(f"channels/{cid}.reply/messages", "reply")]}
+        return {"channel": _ref("channels", f"{cid}-reply"), "messages": [_ref(f"channels/{cid}-reply/messages", "reply")]}
 
     def _served(self, subject: str, access: str, pods: list[str], **more: Any) -> dict[str, Any]:
         return {
@@ -129,10 +133,10 @@ class Parts:
     def rpc(self, contract: type, pods: list[str], callers: list[str]) -> None:
         """A request served by ``pods`` (queue group = the subject), called by ``callers``."""
         addr, h = address_of(contract), schema_hash(contract)
-        subject, cid = f"{self.prefix}.{addr}", f"rpc.{addr}"
+        subject, cid = f"{self.prefix}.{addr}", f"rpc-{addr}"
         rt = reply_type(contract)
         req = self._message(
-            f"{addr}.request",
+            f"rpc-{addr}-request",
             [contract],
             _headers(REQUEST_H, Aiwfe_Schema=h),
             JSON,
@@ -144,7 +148,7 @@ class Parts:
             **{"x-aiwfe-schema-hash": h},
         )
         rep = self._message(
-            f"{addr}.reply",
+            f"rpc-{addr}-reply",
             [rt] if rt is not None else [],
             _headers(REPLY_H),
             JSON,
@@ -169,7 +173,7 @@ class Parts:
         addr, h = address_of(contract), schema_hash(contract)
         submit, stream = f"{self.prefix}.submit.{addr}", f"{self.prefix}.jobs.{addr}"
         sub = self._message(
-            f"{addr}.submit",
+            f"submit-{addr}",
             [contract],
             _headers(SUBMIT_H),
             JSON,
@@ -179,25 +183,25 @@ class Parts:
             "contract before anything is recorded or queued.",
         )
         acc = self._message(
-            f"{addr}.accepted",
+            f"submit-{addr}-accepted",
             [SubmitAccepted],
             _headers(REPLY_H),
             JSON,
             summary="The job id (msgpack when the request was msgpack). On error `Aiwfe-Error` names the bad field.",
         )
-        self._channel(f"submit.{addr}", submit, f"Submit a `{addr}` job (validated, then queued).", {"submit": sub})
-        reply = self._reply(f"submit.{addr}", acc)
+        self._channel(f"submit-{addr}", submit, f"Submit a `{addr}` job (validated, then queued).", {"submit": sub})
+        reply = self._reply(f"submit-{addr}", acc)
         self._operation(
-            f"submit.{addr}",
+            f"submit-{addr}",
             "receive",
-            f"submit.{addr}",
+            f"submit-{addr}",
             ["submit"],
             f"Accept {addr} jobs",
             reply=reply,
             **self._served(submit, "pods, publisher", pods),
         )
         queued = self._message(
-            f"{addr}.job",
+            f"job-{addr}",
             [contract],
             _headers(JOB_H, ("Nats-Msg-Id",), Aiwfe_Schema=h),
             MSGPACK,
@@ -207,16 +211,16 @@ class Parts:
             **{"x-aiwfe-schema-hash": h},
         )
         self._channel(
-            f"jobs.{addr}",
+            f"jobs-{addr}",
             stream,
             f"The durable `{addr}` jobs (JetStream work queue; one durable pull consumer per kind). Pods only: "
             f"external clients use `{submit}`.",
             {"job": queued},
         )
         self._operation(
-            f"jobs.{addr}",
+            f"jobs-{addr}",
             "receive",
-            f"jobs.{addr}",
+            f"jobs-{addr}",
             ["job"],
             f"Run {addr} jobs",
             **{"x-aiwfe-access": "pods", "x-aiwfe-consumed-by": pods},
@@ -226,7 +230,7 @@ class Parts:
         """A bus event emitted by ``emitters`` and delivered to every pod in ``subscribers``."""
         addr, h = address_of(contract), schema_hash(contract)
         key = self._message(
-            addr,
+            f"event-{addr}",
             [contract],
             _headers(EVENT_H, Aiwfe_Schema=h),
             MSGPACK,
@@ -235,12 +239,12 @@ class Parts:
             **{"x-aiwfe-schema-hash": h},
         )
         self._channel(
-            f"event.{addr}", f"{self.prefix}.{addr}", f"Event `{addr}` (fan-out to every subscribing pod).", {"event": key}
+            f"event-{addr}", f"{self.prefix}.{addr}", f"Event `{addr}` (fan-out to every subscribing pod).", {"event": key}
         )
         self._operation(
-            f"event.{addr}",
+            f"event-{addr}",
             "send",
-            f"event.{addr}",
+            f"event-{addr}",
             ["event"],
             f"Emit {addr}",
             **{"x-aiwfe-access": "pods", "x-aiwfe-emitted-by": emitters, "x-aiwfe-subscribers": subscribers},
@@ -250,7 +254,7 @@ class Parts:
         """``<prefix>.events.{job_id}``: the kernel's job events and the plugins' ``events``."""
         names = {}
         done = self._message(
-            "job.done",
+            "job-event-job.done",
             results,
             _event_headers("job.done"),
             MSGPACK,
@@ -259,7 +263,7 @@ class Parts:
         names["job.done"] = done
         for typ, (payload, summary) in KERNEL_EVENTS.items():
             names[typ] = self._message(
-                typ,
+                f"job-event-{typ}",
                 [payload] if payload else [],
                 _event_headers(typ),
                 MSGPACK,
@@ -268,7 +272,7 @@ class Parts:
         for ev in events:
             addr = address_of(ev)
             names[addr] = self._message(
-                f"job-event.{addr}",
+                f"job-event-{addr}",
                 [ev],
                 _event_headers(addr),
                 MSGPACK,
@@ -296,19 +300,19 @@ class Parts:
         """``<prefix>.status.job``: outcome and events as JSON, served by every pod."""
         subject = f"{self.prefix}.status.job"
         req = self._message(
-            "status.job.request",
+            "status-job-request",
             [JobStatusRequest],
             _headers(("Content-Type", "traceparent")),
             JSON,
             summary=_summary(JobStatusRequest),
         )
-        rep = self._message("status.job.reply", [JobStatus], _headers(REPLY_H), JSON, summary=_summary(JobStatus))
-        self._channel("status.job", subject, "A job's outcome and events as JSON; long-polls up to `wait_s`.", {"request": req})
-        reply = self._reply("status.job", rep)
+        rep = self._message("status-job-reply", [JobStatus], _headers(REPLY_H), JSON, summary=_summary(JobStatus))
+        self._channel("status-job", subject, "A job's outcome and events as JSON; long-polls up to `wait_s`.", {"request": req})
+        reply = self._reply("status-job", rep)
         self._operation(
-            "status.job",
+            "status-job",
             "receive",
-            "status.job",
+            "status-job",
             ["request"],
             "Answer job status",
             reply=reply,

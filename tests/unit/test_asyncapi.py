@@ -41,35 +41,35 @@ def test_every_subject_of_a_shipped_manifest_is_described(path: Path) -> None:
     doc = for_manifest(load_manifest(path, env={}))
     assert doc["asyncapi"] == "3.0.0"
     channels, ops = doc["channels"], doc["operations"]
-    rpc = channels["rpc.memory.recall"]
+    rpc = channels["rpc-memory.recall"]
     assert rpc["address"] == "aiwfe.memory.recall"
-    op = ops["rpc.memory.recall"]
+    op = ops["rpc-memory.recall"]
     assert op["action"] == "receive" and op["bindings"]["nats"]["queue"] == "aiwfe.memory.recall"
-    assert op["reply"]["channel"] == {"$ref": "#/channels/rpc.memory.recall.reply"}
-    assert channels["rpc.memory.recall.reply"]["address"] is None
-    reply = _message(doc, "rpc.memory.recall.reply", "reply")
+    assert op["reply"]["channel"] == {"$ref": "#/channels/rpc-memory.recall-reply"}
+    assert channels["rpc-memory.recall-reply"]["address"] is None
+    reply = _message(doc, "rpc-memory.recall-reply", "reply")
     assert "Aiwfe-Error" in reply["headers"]["properties"]
     assert _schema(doc, reply["payload"])["title"] == "RecallResult"
-    request = _message(doc, "rpc.memory.recall", "request")
+    request = _message(doc, "rpc-memory.recall", "request")
     headers = request["headers"]["properties"]
     assert {"traceparent", "Aiwfe-Deadline-Ms", "Aiwfe-Schema", "Content-Type"} <= set(headers)
     assert headers["Aiwfe-Schema"]["const"] == request["x-aiwfe-schema-hash"]
     # every request a pod serves, every job kind (submit + stream), the bus event, status
     for addr in ("auth.login", "auth.verify", "memory.recall", "perception.perceive", "reasoning.reason"):
-        assert channels[f"rpc.{addr}"]["address"] == f"aiwfe.{addr}"
-    assert channels["submit.helios.ask"]["address"] == "aiwfe.submit.helios.ask"
-    assert ops["submit.helios.ask"]["x-aiwfe-access"] == "pods, publisher"
-    accepted = _message(doc, "submit.helios.ask.reply", "reply")
+        assert channels[f"rpc-{addr}"]["address"] == f"aiwfe.{addr}"
+    assert channels["submit-helios.ask"]["address"] == "aiwfe.submit.helios.ask"
+    assert ops["submit-helios.ask"]["x-aiwfe-access"] == "pods, publisher"
+    accepted = _message(doc, "submit-helios.ask-reply", "reply")
     assert _schema(doc, accepted["payload"])["required"] == ["job_id"]
-    assert "Aiwfe-Idempotency-Key" in _message(doc, "submit.helios.ask", "submit")["headers"]["properties"]
-    assert channels["jobs.helios.ask"]["address"] == "aiwfe.jobs.helios.ask"
-    assert ops["jobs.helios.ask"]["x-aiwfe-access"] == "pods"
-    assert ops["event.auth.revoked"]["action"] == "send"
+    assert "Aiwfe-Idempotency-Key" in _message(doc, "submit-helios.ask", "submit")["headers"]["properties"]
+    assert channels["jobs-helios.ask"]["address"] == "aiwfe.jobs.helios.ask"
+    assert ops["jobs-helios.ask"]["x-aiwfe-access"] == "pods"
+    assert ops["event-auth.revoked"]["action"] == "send"
     events = channels["job-events"]
     assert events["address"] == "aiwfe.events.{job_id}" and "job_id" in events["parameters"]
     assert {"job.done", "job.failed", "job.cancelled", "helios.perceived", "reasoning.answer_streamed"} <= set(events["messages"])
     assert _schema(doc, _message(doc, "job-events", "job.done")["payload"])["title"] == "Synthesis"
-    status = _schema(doc, _message(doc, "status.job.reply", "reply")["payload"])
+    status = _schema(doc, _message(doc, "status-job-reply", "reply")["payload"])
     assert set(status["properties"]) == {"job_id", "status", "result", "error", "events", "last_seq", "final"}
     assert doc["components"]["securitySchemes"]["userPassword"]["type"] == "userPassword"
     assert all(s["security"] for s in doc["servers"].values())
@@ -77,7 +77,11 @@ def test_every_subject_of_a_shipped_manifest_is_described(path: Path) -> None:
 
 def test_payload_schemas_are_the_contracts_own() -> None:
     doc = for_manifest(load_manifest(ROOT / "manifests" / "monolith.toml", env={}))
-    for contract, message in ((Recall, "memory.recall.request"), (Ask, "helios.ask.submit"), (TokenRevoked, "auth.revoked")):
+    for contract, message in (
+        (Recall, "rpc-memory.recall-request"),
+        (Ask, "submit-helios.ask"),
+        (TokenRevoked, "event-auth.revoked"),
+    ):
         schema = _schema(doc, doc["components"]["messages"][message]["payload"])
         fields = set(contract.__struct_fields__)
         assert set(schema["properties"]) == fields | {"type"}
@@ -106,8 +110,8 @@ def test_servers_name_hosts_and_never_credentials() -> None:
 
 def test_a_running_systems_document_leaves_out_what_it_cannot_load() -> None:
     doc = for_pods({"api": ["gateway", "auth"], "odd": ["no.such.module:Plugin"]}, prefix="p1", name="sys")
-    assert doc["channels"]["rpc.auth.verify"]["address"] == "p1.auth.verify"
-    assert doc["operations"]["rpc.auth.verify"]["x-aiwfe-served-by"] == ["api"]
+    assert doc["channels"]["rpc-auth.verify"]["address"] == "p1.auth.verify"
+    assert doc["operations"]["rpc-auth.verify"]["x-aiwfe-served-by"] == ["api"]
     assert "no.such.module" in doc["info"]["description"]
 
 
@@ -115,7 +119,7 @@ def test_cli_writes_the_document(tmp_path: Path, capsys: pytest.CaptureFixture[s
     out = tmp_path / "asyncapi.json"
     assert main(["asyncapi", str(ROOT / "manifests" / "consolidated.toml"), "-o", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert doc["operations"]["jobs.helios.ask"]["x-aiwfe-consumed-by"] == [
+    assert doc["operations"]["jobs-helios.ask"]["x-aiwfe-consumed-by"] == [
         "background-worker-engine",
         "cognitive-processing-engine",
     ]
