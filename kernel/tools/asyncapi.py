@@ -28,6 +28,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from urllib.parse import urlsplit
 
+import msgspec
+
 from ..contract import Event, address_of, kind_of, reply_type
 from ..errors import ConfigError
 from ..manifest import Manifest
@@ -210,3 +212,22 @@ def for_pods(pods: Mapping[str, Iterable[str]], *, prefix: str, name: str = "aiw
     notes = [f"Generated from the running pods ({', '.join(sorted(pods)) or 'none answered'})."]
     notes += [f"Left out: {p}" for p in problems]
     return document(layout, prefix=prefix, name=name, notes=notes)
+
+
+class _PodsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pods: dict[str, list[str]]
+    prefix: str
+    name: str = "aiwfe"
+
+
+def main() -> int:
+    """``python -m aiwfe.kernel.tools.asyncapi``: read ``{"pods", "prefix", "name"?}`` as JSON on
+    stdin, write :func:`for_pods`' document as JSON on stdout (how the gateway builds it in a
+    child process, so the plugins it loads stay out of the gateway's own process)."""
+    req = msgspec.json.decode(sys.stdin.buffer.read(), type=_PodsRequest)
+    sys.stdout.buffer.write(msgspec.json.encode(for_pods(req.pods, prefix=req.prefix, name=req.name)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,14 +7,18 @@ those plugins' contracts — the same generator as ``aiwfe asyncapi MANIFEST``, 
 the same subjects for a system whose pods are all up (a pod that is down is missing until it
 answers again). Status answers are untrusted input: names are bounded, and a plugin is
 loaded only by its installed entry-point name or when its module is already imported here
-(nothing is imported from a module path another process sent). The document is rebuilt at
-most every ``ttl_s`` seconds, by one request at a time, off the event loop.
+(nothing is imported from a module path another process sent). The document is built in a
+child process (``python -m aiwfe.kernel.tools.asyncapi``), so the other pods' plugin modules,
+their imports and metrics never load into the gateway, and the event loop is not held; it is
+rebuilt only when the layout changed, checked at most every ``ttl_s`` seconds, by one request
+at a time; a build that fails or exceeds ``build_timeout_s`` answers 503.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -23,9 +27,9 @@ from litestar import Response, get
 from litestar.handlers import HTTPRouteHandler
 from litestar.openapi.datastructures import ResponseSpec
 
+from aiwfe.kernel import Unavailable
 from aiwfe.kernel.plugin import KernelHandle, Plugin
 from aiwfe.kernel.registry import discover
-from aiwfe.kernel.tools.asyncapi import for_pods
 
 from .openapi import error_response
 
@@ -47,16 +51,19 @@ def _loaded_plugin(name: str) -> bool:
     module, _, attr = name.partition(":")
     obj: Any = sys.modules.get(module)
     for part in attr.split(".") if obj is not None and attr else ():
-        obj = getattr(obj, part, None)
+        obj = vars(obj).get(part) if hasattr(obj, "__dict__") else None  # no __getattr__ hooks
     return isinstance(obj, type) and issubclass(obj, Plugin)
 
 
 class BusDocument:
     """The cached AsyncAPI document of the pods that answer status requests through ``kernel``."""
 
-    def __init__(self, kernel: KernelHandle, *, ttl_s: float = 10.0, status_timeout_s: float = 0.5) -> None:
+    def __init__(
+        self, kernel: KernelHandle, *, ttl_s: float = 10.0, status_timeout_s: float = 0.5, build_timeout_s: float = 30.0
+    ) -> None:
         self.kernel = kernel
         self.ttl_s = ttl_s
+        self.build_timeout_s = build_timeout_s
         self.status_timeout_s = status_timeout_s
         self._body: bytes | None = None
         self._layout: tuple[str, tuple[tuple[str, tuple[str, ...]], ...]] | None = None
@@ -91,10 +98,38 @@ class BusDocument:
             prefix, pods = self.layout(await self.kernel.cluster_status(self.status_timeout_s))
             key = (prefix, tuple(sorted((k, tuple(v)) for k, v in pods.items())))
             if self._body is None or key != self._layout:
-                doc = await asyncio.to_thread(for_pods, pods, prefix=prefix, name=prefix)
-                self._body, self._layout = json.dumps(doc).encode(), key
+                self._body, self._layout = await self._build(pods, prefix), key
             self._until = time.monotonic() + self.ttl_s
             return self._body
+
+    async def _build(self, pods: dict[str, list[str]], prefix: str) -> bytes:
+        """Run ``python -m aiwfe.kernel.tools.asyncapi`` on the layout; return its stdout.
+
+        Raises:
+            Unavailable: it failed or took longer than ``build_timeout_s``.
+        """
+        # The child finds what this process finds (plugins named module:Class included).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "aiwfe.kernel.tools.asyncapi",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        request = json.dumps({"pods": pods, "prefix": prefix, "name": prefix}).encode()
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(request), self.build_timeout_s)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise Unavailable(f"asyncapi: building the document took longer than {self.build_timeout_s} s") from None
+        if proc.returncode != 0:
+            tail = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise Unavailable(f"asyncapi: building the document failed: {tail[0][:300]}")
+        return out
 
 
 def asyncapi_route(doc: BusDocument) -> HTTPRouteHandler:

@@ -5,6 +5,7 @@ typed answers, error statuses with their headers, SSE) and the AsyncAPI document
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from aiwfe.bus.local import LocalBus
-from aiwfe.kernel import Forbidden, Overloaded, RemoteError
+from aiwfe.kernel import Forbidden, Overloaded, RemoteError, Unavailable
 from aiwfe.plugins.gateway.app import build_app, http_error
 from aiwfe.plugins.gateway.busdoc import BusDocument
 from aiwfe.plugins.gateway.config import GatewayConfig
@@ -138,8 +139,16 @@ async def test_the_document_is_rebuilt_only_when_it_is_old_and_the_layout_change
 
 @pytest.mark.parametrize("statuses", [[], [{"pod": "a", "plugins": "memory"}]])
 async def test_no_answering_pod_gives_an_empty_but_valid_document(statuses: list[Any]) -> None:
-    body = await BusDocument(StatusKernel(statuses)).body()
-    assert b'"asyncapi": "3.0.0"' in body and b"status-job" in body
+    doc = json.loads(await BusDocument(StatusKernel(statuses)).body())
+    assert doc["asyncapi"] == "3.0.0" and "status-job" in doc["channels"]
+
+
+async def test_a_build_that_cannot_finish_answers_503() -> None:
+    kernel = StatusKernel([{"pod": "a", "plugins": ["memory"], "prefix": "p"}])
+    with pytest.raises(Unavailable, match="longer than"):  # the child process is killed
+        await BusDocument(kernel, build_timeout_s=0.001).body()
+    async with AsyncTestClient(_app(kernel)) as c:
+        assert (await c.get("/v1/asyncapi.json")).status_code == 200
 
 
 async def test_a_running_gateway_describes_its_system(prefix: str) -> None:
