@@ -348,8 +348,16 @@ class Parts:
                     "type": "userPassword",
                     "description": "Every connection authenticates. `aiwfe up` and `aiwfe k8s` render one NATS user per "
                     "pod (`pod-<name>`, allowed exactly the subjects its plugins need) and the `publisher` role "
-                    "(the submit and status subjects only, replies on `_INBOX.publisher.>`). The server also "
-                    "accepts nkeys and decentralized JWT `.creds` files where configured, and TLS (`tls://`).",
-                }
+                    "(the submit and status subjects only, replies on `_INBOX.publisher.>`). Clients give the user "
+                    "and password in the URL (`nats://USER:PASSWORD@host`) or as NATS_USER/NATS_PASSWORD. Where the "
+                    "server is configured so, the same users authenticate instead with a token (NATS_TOKEN), an "
+                    "nkey (NATS_NKEY_SEED) or a decentralized-JWT `.creds` file (NATS_CREDS): NATS-specific "
+                    "mechanisms AsyncAPI has no scheme type for.",
+                },
+                "clientCertificate": {
+                    "type": "X509",
+                    "description": "TLS with a client certificate, for a server that verifies them (`tls://` URL, "
+                    "NATS_TLS_CERT/NATS_TLS_KEY, the server's CA in NATS_TLS_CA).",
+                },
             },
         }

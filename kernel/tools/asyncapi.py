@@ -85,7 +85,10 @@ def surface(pods: Mapping[str, Iterable[type[Plugin]]]) -> Surface:
 
 def _servers(nats_url: str) -> dict[str, object]:
     """The NATS servers of a manifest (credentials never copied), else one templated server."""
-    security = [{"$ref": "#/components/securitySchemes/userPassword"}]
+    security = [
+        {"$ref": "#/components/securitySchemes/userPassword"},
+        {"$ref": "#/components/securitySchemes/clientCertificate"},
+    ]
     servers: dict[str, object] = {}
     urls = [u.strip() for u in nats_url.split(",") if u.strip()] if not nats_url.startswith("local:") else []
     for i, url in enumerate(urls):

@@ -72,6 +72,7 @@ def test_every_subject_of_a_shipped_manifest_is_described(path: Path) -> None:
     status = _schema(doc, _message(doc, "status-job-reply", "reply")["payload"])
     assert set(status["properties"]) == {"job_id", "status", "result", "error", "events", "last_seq", "final"}
     assert doc["components"]["securitySchemes"]["userPassword"]["type"] == "userPassword"
+    assert doc["components"]["securitySchemes"]["clientCertificate"]["type"] == "X509"
     assert all(s["security"] for s in doc["servers"].values())
 
 
