@@ -15,7 +15,9 @@ loaded through the kernel's registry as ``aiwfe check`` does — never written b
 
 Payloads are JSON Schemas from msgspec (``msgspec.json.schema_components``); headers,
 the ``Aiwfe-Error`` reply header and the server's security scheme are described too.
-Which pods serve, publish or consume a subject is in ``x-aiwfe-*`` extensions.
+Which pods serve, publish or consume a subject, and which NATS users of the rendered
+authorization (:func:`aiwfe.kernel.tools.natsauth.permissions`) may publish to it, are in
+``x-aiwfe-*`` extensions.
 :func:`for_manifest` builds the document of a manifest; :func:`for_pods` of a running system
 (pod name → plugin names, as ``<prefix>.control.status`` reports them: the gateway's
 ``GET /v1/asyncapi.json``). Bus message details: :mod:`._asyncapi_parts`.
@@ -32,12 +34,13 @@ import msgspec
 
 from ..contract import Event, address_of, kind_of, reply_type
 from ..errors import ConfigError
-from ..manifest import Manifest
+from ..manifest import Manifest, Pod, System
 from ..plugin import Plugin, handlers_of, validate_plugin_class
 from ..registry import discover, resolve
 from ._asyncapi_parts import Parts, Surface
+from .natsauth import Permissions, permissions
 
-__all__ = ["Surface", "document", "for_manifest", "for_pods", "surface"]
+__all__ = ["Surface", "document", "for_manifest", "for_pods", "publishers", "surface"]
 
 ASYNCAPI_VERSION = "3.0.0"
 
@@ -124,12 +127,15 @@ def document(
     name: str = "aiwfe",
     nats_url: str = "",
     notes: Iterable[str] = (),
+    users: Mapping[str, Permissions] | None = None,
 ) -> dict[str, object]:
     """Build the AsyncAPI 3.0.0 document (a JSON-ready dict) of a layout.
 
     ``pods`` maps pod name → plugin classes; ``prefix`` is the subject prefix; ``nats_url``
     the manifest's ``system.nats_url`` (hosts only go into ``servers``); ``notes`` are
-    appended to the description (e.g. plugins that could not be loaded).
+    appended to the description (e.g. plugins that could not be loaded); ``users`` the NATS
+    users of the layout's authorization (:func:`aiwfe.kernel.tools.natsauth.permissions`): each
+    operation then lists those that may publish to its subject in ``x-aiwfe-publishers``.
     """
     s = surface(pods)
     parts = Parts(prefix)
@@ -143,6 +149,10 @@ def document(
     results = [rt for c in jobs if (rt := reply_type(c)) is not None]
     parts.job_events(sorted(s.job_events, key=address_of), results, sorted({p for c in jobs for p in s.jobs[c]}))
     parts.status(sorted(pods))
+    if users is not None:
+        for op in parts.operations.values():
+            address = parts.channels[op["channel"]["$ref"].rsplit("/", 1)[1]]["address"]
+            op["x-aiwfe-publishers"] = publishers(users, address.replace("{job_id}", "0"))
     try:
         version = importlib.metadata.version("aiwfe")
     except importlib.metadata.PackageNotFoundError:
@@ -152,8 +162,10 @@ def document(
         "contracts its plugins declare. Pods talk msgpack among themselves; external publishers send "
         "JSON (`Content-Type: application/json`) to the submit and status subjects and get JSON back. "
         "A reply that carries an `Aiwfe-Error` header has an empty body: the header holds the error "
-        "as JSON `{type, message, retryable, retry_after_s?}`. `x-aiwfe-access` says who may publish "
-        "(`pods`: only the pods' NATS users; `publisher`: also the external-publisher role)."
+        "as JSON `{type, message, retryable, retry_after_s?}`. `x-aiwfe-access` says which roles may "
+        "publish (`pods`: the pods' NATS users; `publisher`: also the external-publisher role; the "
+        "operator's `admin` user may publish anything under the prefix); `x-aiwfe-publishers` names the "
+        "NATS users of the rendered authorization that may."
     )
     for note in notes:
         description += f"\n\n{note}"
@@ -167,6 +179,33 @@ def document(
         "operations": parts.operations,
         "components": parts.components(),
     }
+
+
+def _matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` is one token, ``>`` one or more at the end."""
+    pat, sub = pattern.split("."), subject.split(".")
+    for i, token in enumerate(pat):
+        if token == ">":
+            return len(sub) > i
+        if i >= len(sub) or (token != "*" and token != sub[i]):
+            return False
+    return len(pat) == len(sub)
+
+
+def publishers(users: Mapping[str, Permissions], subject: str) -> list[str]:
+    """The users whose permissions allow publishing to ``subject`` (and do not deny it)."""
+    return sorted(
+        user
+        for user, perm in users.items()
+        if any(_matches(p, subject) for p in perm.publish) and not any(_matches(p, subject) for p in perm.publish_deny)
+    )
+
+
+def _users(manifest: Manifest) -> tuple[Mapping[str, Permissions] | None, list[str]]:
+    try:
+        return permissions(manifest), []
+    except ConfigError as e:
+        return None, [f"No NATS users listed: {e.message}"]
 
 
 def _load(names: Iterable[str]) -> tuple[dict[str, type[Plugin]], list[str]]:
@@ -203,7 +242,8 @@ def for_manifest(manifest: Manifest) -> dict[str, object]:
         raise ConfigError(f"{manifest.source or 'manifest'}: " + "; ".join(problems))
     pods = {name: [classes[p] for p in pod.plugins] for name, pod in manifest.pods.items()}
     sys_ = manifest.system
-    return document(pods, prefix=sys_.subject_prefix, name=sys_.name, nats_url=sys_.nats_url)
+    users, notes = _users(manifest)
+    return document(pods, prefix=sys_.subject_prefix, name=sys_.name, nats_url=sys_.nats_url, users=users, notes=notes)
 
 
 def for_pods(pods: Mapping[str, Iterable[str]], *, prefix: str, name: str = "aiwfe") -> dict[str, object]:
@@ -214,7 +254,9 @@ def for_pods(pods: Mapping[str, Iterable[str]], *, prefix: str, name: str = "aiw
     layout = {pod: [classes[p] for p in plugins if p in classes] for pod, plugins in pods.items()}
     notes = [f"Generated from the running pods ({', '.join(sorted(pods)) or 'none answered'})."]
     notes += [f"Left out: {p}" for p in problems]
-    return document(layout, prefix=prefix, name=name, notes=notes)
+    loaded = {pod: [p for p in plugins if p in classes] for pod, plugins in pods.items()}
+    users, more = _users(Manifest(pods={k: Pod(plugins=v) for k, v in loaded.items()}, system=System(subject_prefix=prefix)))
+    return document(layout, prefix=prefix, name=name, notes=notes + more, users=users)
 
 
 class _PodsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -15,8 +15,9 @@ import yaml
 
 from aiwfe.kernel.contract import address_of, reply_type
 from aiwfe.kernel.manifest import load_manifest, parse_manifest
-from aiwfe.kernel.tools.asyncapi import for_manifest, for_pods
+from aiwfe.kernel.tools.asyncapi import for_manifest, for_pods, publishers
 from aiwfe.kernel.tools.cli import main
+from aiwfe.kernel.tools.natsauth import Permissions
 from aiwfe.plugins.auth.contract import TokenRevoked
 from aiwfe.plugins.helios.contract import Ask, Perceived, Synthesis
 from aiwfe.plugins.memory.contract import Recall, RecallResult
@@ -64,6 +65,12 @@ def test_every_subject_of_a_shipped_manifest_is_described(path: Path) -> None:
     assert "Aiwfe-Idempotency-Key" in _message(doc, "submit-helios.ask", "submit")["headers"]["properties"]
     assert channels["jobs-helios.ask"]["address"] == "aiwfe.jobs.helios.ask"
     assert ops["jobs-helios.ask"]["x-aiwfe-access"] == "pods"
+    # who may publish, from the authorization `aiwfe up` / `aiwfe k8s` render (natsauth)
+    assert "publisher" in ops["submit-helios.ask"]["x-aiwfe-publishers"]
+    assert "publisher" in ops["status-job"]["x-aiwfe-publishers"]
+    for oid in ("rpc-memory.recall", "jobs-helios.ask", "job-events", "event-auth.revoked"):
+        assert "publisher" not in ops[oid]["x-aiwfe-publishers"], oid
+        assert any(u.startswith("pod-") for u in ops[oid]["x-aiwfe-publishers"]), oid
     assert ops["event-auth.revoked"]["action"] == "send"
     events = channels["job-events"]
     assert events["address"] == "aiwfe.events.{job_id}" and "job_id" in events["parameters"]
@@ -114,6 +121,19 @@ def test_a_running_systems_document_leaves_out_what_it_cannot_load() -> None:
     assert doc["channels"]["rpc-auth.verify"]["address"] == "p1.auth.verify"
     assert doc["operations"]["rpc-auth.verify"]["x-aiwfe-served-by"] == ["api"]
     assert "no.such.module" in doc["info"]["description"]
+    assert doc["operations"]["rpc-auth.verify"]["x-aiwfe-publishers"] == ["admin", "pod-api"]
+
+
+def test_publishers_follow_nats_subject_wildcards() -> None:
+    users = {
+        "a": Permissions(publish=("p.jobs.*", "p.x.>"), subscribe=()),
+        "b": Permissions(publish=("p.>",), subscribe=(), publish_deny=("p.x.>",)),
+    }
+    assert publishers(users, "p.jobs.k") == ["a", "b"]
+    assert publishers(users, "p.jobs.k.more") == ["b"]
+    assert publishers(users, "p.x.y.z") == ["a"]
+    assert publishers(users, "p.x") == ["b"]
+    assert publishers(users, "q.jobs.k") == []
 
 
 def test_cli_writes_the_document(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
