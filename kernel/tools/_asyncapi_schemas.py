@@ -92,7 +92,8 @@ HEADERS: dict[str, dict[str, Any]] = {
     "traceparent": {
         "type": "string",
         "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
-        "description": "W3C trace context; the handler's span continues this trace.",
+        "maxLength": 255,
+        "description": "W3C trace context; the handler's span continues this trace (an invalid one is ignored).",
     },
     "Aiwfe-Deadline-Ms": {
         "type": "string",
@@ -109,8 +110,10 @@ HEADERS: dict[str, dict[str, Any]] = {
     },
     "Content-Type": {
         "type": "string",
-        "description": "`application/json` for a JSON body (answered in JSON); absent or anything else means msgpack.",
-        "examples": [JSON],
+        "description": "`application/json` for a JSON body (answered in JSON); absent or `application/msgpack` "
+        "(also `application/x-msgpack`, `application/vnd.msgpack`) for msgpack; any other type is refused with "
+        "BadMessage.",
+        "examples": [JSON, "application/msgpack"],
     },
     "Nats-Msg-Id": {
         "type": "string",
