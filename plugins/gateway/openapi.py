@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -177,7 +176,7 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
-def document_security(app: Litestar, token_dependencies: Collection[str]) -> None:
+def document_security(app: Litestar, token_dependencies: frozenset[str]) -> None:
     """Finish ``app``'s OpenAPI description (built here, once, instead of on the first ``/schema``).
 
     A route whose handler takes one of ``token_dependencies`` gets ``security`` (:data:`SECURITY`)
