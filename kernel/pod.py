@@ -111,7 +111,8 @@ class PodRunner:
         return notes + stuck_handlers(self.kernel, all_slots=False)
 
     def status(self) -> dict[str, Any]:
-        """This pod's status as ``aiwfe`` pods report it to each other."""
+        """This pod's status as ``aiwfe`` pods report it to each other (``prefix``: the subject
+        prefix, which the gateway's AsyncAPI document needs)."""
         reasons = self._not_ready()
         return {
             "pod": self.pod_name,
@@ -120,6 +121,7 @@ class PodRunner:
             "reasons": reasons,
             "degraded": self._degraded(),
             "ops_url": self.ops.url,
+            "prefix": self.bus.prefix,
         }
 
     @property

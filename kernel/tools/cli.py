@@ -149,6 +149,25 @@ def _target_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--prefix", help="subject prefix (default: system.json's, else aiwfe)")
 
 
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    from ..manifest import load_manifest
+    from .asyncapi import for_manifest
+
+    doc = for_manifest(load_manifest(args.manifest))
+    if args.output is not None and args.output.endswith((".yaml", ".yml")):
+        import yaml
+
+        text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    else:
+        text = json.dumps(doc, indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aiwfe", description="AIWFE: a message-bus microkernel for AI workflows")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -209,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the NATS users' passwords in FILE (created mode 0600, reused); default: new ones on every render",
     )
     s.set_defaults(fn=cmd_k8s)
+
+    s = sub.add_parser("asyncapi", help="the AsyncAPI 3 document (JSON) of every NATS subject a manifest serves")
+    s.add_argument("manifest")
+    s.add_argument("-o", "--output", metavar="FILE", help="write the document to FILE, YAML for .yaml/.yml (default: stdout)")
+    s.set_defaults(fn=cmd_asyncapi)
     return p
 
 

@@ -3,8 +3,10 @@
 Routes: ``POST /v1/auth/register``, ``POST /v1/auth/login``, ``POST /v1/auth/logout``,
 ``POST /v1/jobs`` (202), ``GET /v1/jobs/{id}``, ``GET /v1/jobs/{id}/events`` (SSE,
 ``Last-Event-ID`` honoured), ``POST /v1/memory``, ``POST /v1/memory/recall``,
-``GET /v1/pods``, ``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /`` (console),
-and the admin routes of :mod:`~aiwfe.plugins.gateway.admin`.
+``GET /v1/pods``, ``GET /v1/asyncapi.json`` (:mod:`~aiwfe.plugins.gateway.busdoc`),
+``GET /health``, ``GET /ready``, ``GET /metrics``, ``GET /`` (console), and the admin routes
+of :mod:`~aiwfe.plugins.gateway.admin`. What OpenAPI says beyond the types (security schemes,
+error statuses and their headers, SSE) is in :mod:`~aiwfe.plugins.gateway.openapi`.
 ``/v1/ws`` is the raw ASGI handler of :mod:`aiwfe.plugins.gateway.ws`, dispatched before
 Litestar.
 
@@ -38,7 +40,7 @@ from litestar import Litestar, Request, Response, get, post
 from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException
 from litestar.exceptions.responses import create_exception_response
-from litestar.openapi.config import OpenAPIConfig
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
@@ -47,8 +49,22 @@ from aiwfe.plugins.auth.contract import Claims, LoggedOut, Login, Logout, Regist
 from aiwfe.plugins.memory.contract import Recall, RecallResult, Remember, RememberResult
 
 from .admin import ADMIN_ROUTES
+from .busdoc import BusDocument, asyncapi_route
 from .frames import TERMINAL
 from .limits import finished_last_seq, guard, parse_seq, past_end
+from .openapi import (
+    SSE_RESPONSE,
+    Health,
+    LoggedOutBody,
+    MemoryStored,
+    PodStatus,
+    ReadyBody,
+    TokenBody,
+    UserBody,
+    document_security,
+    errors,
+    openapi_config,
+)
 from .services import GatewayServices
 from .ws import Receive, Scope, Send, WebSocketEndpoint
 
@@ -112,6 +128,9 @@ class JobView(msgspec.Struct, frozen=True, omit_defaults=True):
     attempts: int = 0
     finished_at: float = 0.0
 
+
+#: The dependencies that need a bearer token: a route using one is documented as protected.
+TOKEN_DEPENDENCIES = frozenset({"bearer", "claims", "owned_job"})
 
 # The dependencies of ``build_app``, as handlers declare them (by parameter name).
 Services = NamedDependency[GatewayServices]
@@ -182,30 +201,30 @@ async def _owned_job(svc: Services, claims: CallerClaims, job_id: FromPath[str])
 # -- routes ----------------------------------------------------------------------------
 
 
-@post("/v1/auth/register", status_code=201, tags=["auth"])
-async def register(svc: Services, data: JSONBody[Credentials]) -> dict[str, str]:
+@post("/v1/auth/register", status_code=201, tags=["auth"], responses=errors(400, 409, 413, 502, 503))
+async def register(svc: Services, data: JSONBody[Credentials]) -> UserBody:
     """Create a user."""
     r: Registered = await svc.kernel.call(Register(username=data.username, password=data.password))
-    return {"user_id": r.user_id, "username": r.username}
+    return UserBody(user_id=r.user_id, username=r.username)
 
 
-@post("/v1/auth/login", status_code=200, tags=["auth"])
-async def login(request: Request[Any, Any, Any], svc: Services, data: JSONBody[Credentials]) -> dict[str, Any]:
+@post("/v1/auth/login", status_code=200, tags=["auth"], responses=errors(400, 401, 413, 429, 502, 503))
+async def login(request: Request[Any, Any, Any], svc: Services, data: JSONBody[Credentials]) -> TokenBody:
     """Log in: ``{access_token, token_type, expires_in}``; 429 with ``Retry-After`` after too
     many failures for the username or the client address."""
     client = request.client.host if request.client else ""
     t: Token = await svc.kernel.call(Login(username=data.username, password=data.password, client=client))
-    return {"access_token": t.access_token, "token_type": t.token_type, "expires_in": t.expires_in}
+    return TokenBody(access_token=t.access_token, token_type=t.token_type, expires_in=t.expires_in)
 
 
-@post("/v1/auth/logout", status_code=200, tags=["auth"])
-async def logout(svc: Services, bearer: BearerToken) -> dict[str, str]:
+@post("/v1/auth/logout", status_code=200, tags=["auth"], responses=errors(502, 503))
+async def logout(svc: Services, bearer: BearerToken) -> LoggedOutBody:
     """Revoke the bearer token; its open WebSockets close with 4001."""
     r: LoggedOut = await svc.kernel.call(Logout(token=bearer))
-    return {"jti": r.jti}
+    return LoggedOutBody(jti=r.jti)
 
 
-@post("/v1/jobs", status_code=202, tags=["jobs"])
+@post("/v1/jobs", status_code=202, tags=["jobs"], responses=errors(400, 403, 413, 502, 503))
 async def submit_job(svc: Services, claims: CallerClaims, data: JSONBody[JobSubmission]) -> JobAccepted:
     """Submit a durable job; ``202 {job_id}``. The same ``idempotency_key`` gives the same job."""
     job_kinds = svc.config.job_kinds
@@ -216,7 +235,7 @@ async def submit_job(svc: Services, claims: CallerClaims, data: JSONBody[JobSubm
     return JobAccepted(job_id=await svc.submit(address, data.input, claims.sub, data.idempotency_key))
 
 
-@get("/v1/jobs/{job_id:str}", tags=["jobs"])
+@get("/v1/jobs/{job_id:str}", tags=["jobs"], responses=errors(404, 502, 503))
 async def get_job(svc: Services, owned_job: OwnedJob) -> JobView:
     """A job's stored outcome, or ``status: pending`` while it has none; 404 for a job
     that does not exist or belongs to someone else."""
@@ -233,7 +252,15 @@ async def get_job(svc: Services, owned_job: OwnedJob) -> JobView:
     )
 
 
-@get("/v1/jobs/{job_id:str}/events", tags=["jobs"])
+@get(
+    "/v1/jobs/{job_id:str}/events",
+    tags=["jobs"],
+    responses={
+        200: SSE_RESPONSE,
+        204: ResponseSpec(None, description="The client has seen the job's last event: nothing more to stream."),
+        **errors(400, 404, 502, 503),
+    },
+)
 async def job_events(
     request: Request[Any, Any, Any], svc: Services, owned_job: OwnedJob, after_seq: FromQuery[int] = 0
 ) -> ServerSentEvent:
@@ -266,39 +293,40 @@ async def job_events(
     return ServerSentEvent(stream())
 
 
-@post("/v1/memory", status_code=201, tags=["memory"])
-async def remember(svc: Services, claims: CallerClaims, data: JSONBody[MemoryIn]) -> dict[str, str]:
+@post("/v1/memory", status_code=201, tags=["memory"], responses=errors(400, 413, 502, 503))
+async def remember(svc: Services, claims: CallerClaims, data: JSONBody[MemoryIn]) -> MemoryStored:
     """Store a memory for the calling user (the owner is always the token's subject)."""
     r: RememberResult = await svc.kernel.call(Remember(text=data.text, owner=claims.sub, metadata=data.metadata))
-    return {"id": r.id}
+    return MemoryStored(id=r.id)
 
 
-@post("/v1/memory/recall", status_code=200, tags=["memory"])
-async def recall(svc: Services, claims: CallerClaims, data: JSONBody[RecallIn]) -> dict[str, Any]:
+@post("/v1/memory/recall", status_code=200, tags=["memory"], responses=errors(400, 413, 502, 503))
+async def recall(svc: Services, claims: CallerClaims, data: JSONBody[RecallIn]) -> RecallResult:
     """The calling user's memories closest to ``query`` (never another user's)."""
     r: RecallResult = await svc.kernel.call(Recall(query=data.query, owner=claims.sub, k=data.k, filters=data.filters))
-    out: dict[str, Any] = msgspec.to_builtins(r)
-    return out
+    return r
 
 
-@get("/v1/pods", tags=["ops"])
+@get("/v1/pods", tags=["ops"], responses={200: ResponseSpec(list[PodStatus], description="The pods that answered")})
 async def pods(svc: Services) -> list[dict[str, Any]]:
     """Every running pod of the system with its plugins and readiness."""
     return await svc.kernel.cluster_status()
 
 
 @get("/health", tags=["ops"])
-async def health() -> dict[str, str]:
+async def health() -> Health:
     """The gateway process is alive."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
-@get("/ready", tags=["ops"])
-async def ready(svc: Services) -> Response[dict[str, Any]]:
+@get(
+    "/ready", tags=["ops"], responses={503: ResponseSpec(ReadyBody, description="Starting or stopping", generate_examples=False)}
+)
+async def ready(svc: Services) -> Response[ReadyBody]:
     """200 while the gateway serves, 503 while starting or stopping."""
     if svc.serving:
-        return Response({"ready": True, "connections": svc.hub.count()})
-    return Response({"ready": False}, status_code=503)
+        return Response(ReadyBody(ready=True, connections=svc.hub.count()))
+    return Response(ReadyBody(ready=False), status_code=503)
 
 
 @get("/metrics", tags=["ops"], media_type="text/plain; version=0.0.4")
@@ -318,7 +346,8 @@ ROUTES += ADMIN_ROUTES  # plugins/gateway/admin.py
 
 
 def build_app(services: GatewayServices) -> Litestar:
-    """Build the Litestar app serving ``services`` (the handlers get it as the ``svc`` dependency).
+    """Build the Litestar app serving ``services`` (the handlers get it as the ``svc`` dependency),
+    with ``GET /v1/asyncapi.json`` for the pods that answer through ``services.kernel``.
 
     The app does not configure logging (``logging_config=None``).
     """
@@ -329,8 +358,8 @@ def build_app(services: GatewayServices) -> Litestar:
     def on_error(request: Request[Any, Any, Any], e: AiwfeError) -> Response[Any]:
         return create_exception_response(request, http_error(e, services.retry_after_s(e)))
 
-    return Litestar(
-        route_handlers=ROUTES,
+    app = Litestar(
+        route_handlers=[*ROUTES, asyncapi_route(BusDocument(services.kernel))],
         dependencies={
             "svc": Provide(lambda: services, use_cache=True, sync_to_thread=False),
             "bearer": Provide(_bearer),
@@ -338,10 +367,12 @@ def build_app(services: GatewayServices) -> Litestar:
             "owned_job": Provide(_owned_job),
         },
         exception_handlers={AiwfeError: on_error, RecursionError: too_deep_body},
-        openapi_config=OpenAPIConfig(title="AIWFE gateway", version="1", path="/schema"),
+        openapi_config=openapi_config(),
         logging_config=None,
         debug=False,
     )
+    document_security(app, TOKEN_DEPENDENCIES)
+    return app
 
 
 def build_asgi(services: GatewayServices) -> Any:
