@@ -72,8 +72,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         result.update({f"semantic_{k}": None for k in hashing})
     else:
         figures = await _measure(semantic, args.sentences, args.batch, args.rounds)
-        result.update(semantic_available=True, semantic_reason="", model=semantic.model.name)
+        result.update(semantic_available=True, semantic_reason="", model=semantic.model.name, threads=semantic.model.threads)
         result.update({f"semantic_{k}": v for k, v in figures.items()})
+    result["load_avg_1m"] = round(os.getloadavg()[0], 2)
     return result
 
 

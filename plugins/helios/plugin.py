@@ -27,6 +27,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import msgspec
 from prometheus_client import Histogram
@@ -272,7 +273,8 @@ class HeliosPlugin(Plugin):
                 everyone = asyncio.gather(*tasks.values())
                 quorum_reached = asyncio.create_task(enough.wait())
                 try:
-                    await asyncio.wait({everyone, quorum_reached}, return_when=asyncio.FIRST_COMPLETED)
+                    waiters: set[asyncio.Future[Any]] = {everyone, quorum_reached}
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     quorum_reached.cancel()
                 if everyone.done():
@@ -325,9 +327,9 @@ class HeliosPlugin(Plugin):
             grant = token_budget.reserve(prompt_est, c.expert_max_tokens, c.min_completion_tokens)
             if grant is None:
                 need = prompt_est + c.min_completion_tokens
-                reason = f"token budget: {token_budget.left} of {token_budget.total} left, the call needs {need}"
-                out[e.name] = ExpertAnswer(expert=e.name, status="skipped", error=reason)
-                await ctx.emit(ExpertSkipped(expert=e.name, reason=reason, tokens_left=token_budget.left))
+                why = f"token budget: {token_budget.left} of {token_budget.total} left, the call needs {need}"
+                out[e.name] = ExpertAnswer(expert=e.name, status="skipped", error=why)
+                await ctx.emit(ExpertSkipped(expert=e.name, reason=why, tokens_left=token_budget.left))
                 return
             reserved = prompt_est + grant
             # A call cancelled (quorum, job cancel) or timed out is charged its prompt: the model had it.
