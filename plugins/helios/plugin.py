@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -57,6 +56,7 @@ from .contract import (
 )
 from .experts import DEFAULT_EXPERTS, Expert, ExpertIndex
 from .store import RunStore, database_url
+from .synthesis import SENTENCE_BREAK, synthesise
 
 __all__ = ["HeliosPlugin", "NoAnswers", "synthesise"]
 
@@ -68,7 +68,6 @@ JOB_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
     registry=REGISTRY,
 )
-_SENT = re.compile(r"(?<=[.!?])\s+")
 
 
 class NoAnswers(Exception):
@@ -388,7 +387,7 @@ class HeliosPlugin(Plugin):
         ctx = current_job()
         assert ctx is not None
         text, confidence = synthesise(answers, self.config.max_synthesis_sentences)
-        for sentence in _SENT.split(text) if text else ():
+        for sentence in SENTENCE_BREAK.split(text) if text else ():
             await ctx.emit(SynthesisDelta(text=sentence))
         return Synthesis(
             answer=text,
@@ -399,26 +398,3 @@ class HeliosPlugin(Plugin):
             token_budget=budget.total,
             tokens_spent=sum(a.tokens for a in answers),
         )
-
-
-def synthesise(answers: list[ExpertAnswer], max_sentences: int) -> tuple[str, float]:
-    """Combine answered experts: sentences from the heaviest answers first, deduplicated.
-
-    An answer's weight is relevance × expert weight × max(confidence, 0.05); the
-    synthesis confidence is the weight-averaged confidence. Returns (text, confidence).
-    """
-    ok = [a for a in answers if a.status == "answered"]
-    if not ok:
-        return "", 0.0
-    weighted = sorted(ok, key=lambda a: (-(a.weight * max(a.confidence, 0.05)), a.expert))
-    seen: set[str] = set()
-    sentences: list[str] = []
-    for a in weighted:
-        for s in _SENT.split(a.answer):
-            norm = s.strip().lower()
-            if norm and norm not in seen:
-                seen.add(norm)
-                sentences.append(s.strip())
-    total = sum(a.weight * max(a.confidence, 0.05) for a in ok)
-    confidence = sum(a.weight * max(a.confidence, 0.05) * a.confidence for a in ok) / total if total else 0.0
-    return " ".join(sentences[: max(1, max_sentences)]), round(confidence, 4)

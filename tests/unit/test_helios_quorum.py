@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+import pytest
 
 from aiwfe.bus.local import LocalBus
 from aiwfe.kernel.manifest import parse_manifest
@@ -25,6 +26,7 @@ plugins = ["helios", "perception", "reasoning"]
 [plugins.helios]
 fallback_experts = ["quick"]
 cache_prefix = "{prefix}:"
+database_url = "{db}"
 {extra}
 [[plugins.helios.experts]]
 name = "quick"
@@ -45,8 +47,8 @@ latency_s = 20.0
 
 
 @contextlib.asynccontextmanager
-async def helios(prefix: str, extra: str = "") -> AsyncIterator[PodRunner]:
-    m = parse_manifest(M.format(prefix=prefix, extra=extra), env={})
+async def helios(prefix: str, extra: str = "", db: str = "") -> AsyncIterator[PodRunner]:
+    m = parse_manifest(M.format(prefix=prefix, extra=extra, db=db), env={})
     async with PodRunner(m, "all", LocalBus(prefix), ops_port=0) as pod:
         yield pod
 
@@ -134,6 +136,21 @@ async def test_nothing_fits_fails_the_job_with_the_reason(prefix: str) -> None:
         rec, _, _ = await run(pod, Ask(text="database", max_experts=3, token_budget=10, use_cache=False))
         assert rec.status == "failed" and rec.error is not None
         assert "skipped" in rec.error["message"] and "token budget" in rec.error["message"]
+
+
+@pytest.mark.integration
+async def test_outcomes_and_spend_are_stored(prefix: str, pg_url: str) -> None:
+    import psycopg
+
+    async with helios(prefix, db=pg_url) as pod:
+        rec, result, _ = await run(pod, Ask(text="database indexes", max_experts=3, min_answers=2, use_cache=False))
+        assert rec.status == "done", rec.error
+    async with await psycopg.AsyncConnection.connect(pg_url) as conn:
+        run_row = await (await conn.execute("SELECT min_answers, token_budget, tokens_spent FROM helios_runs")).fetchone()
+        rows = await (await conn.execute("SELECT expert, status, tokens FROM helios_answers ORDER BY expert")).fetchall()
+    assert run_row == (2, result["token_budget"], result["tokens_spent"])
+    assert rows == sorted((e["expert"], e["status"], e["tokens"]) for e in result["experts"])
+    assert ("slow", "cancelled") in [(r[0], r[1]) for r in rows]
 
 
 def test_config_rejects_a_default_budget_above_the_cap() -> None:
