@@ -6,7 +6,8 @@
   the share of queries whose memory is among the first 5 / first.
 * **speed** -- ``*_per_s``: embeddings per second for ``--sentences`` texts embedded in
   batches of ``--batch`` (best of ``--rounds``); ``semantic_one_p50_ms``: one text at a
-  time, as one ``memory.remember`` embeds.
+  time, as one ``memory.remember`` embeds; ``*_concurrent_per_s``: every text as its own call,
+  all at once (concurrent requests, which the semantic embedder batches together).
 
 The semantic figures are null (``semantic_available`` false, with ``semantic_reason``)
 where the semantic embedder cannot run. The last line is one JSON object. ``--url`` is
@@ -48,12 +49,21 @@ async def _measure(embedder: Any, sentences: int, batch: int, rounds: int) -> di
         for start in range(0, len(texts), batch):
             await embedder.embed(texts[start : start + batch])
         best = max(best, len(texts) / (time.perf_counter() - t0))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(embedder.embed([t]) for t in texts))
+    concurrent = len(texts) / (time.perf_counter() - t0)
     one = []
     for t in texts[: min(len(texts), 50)]:
         t0 = time.perf_counter()
         await embedder.embed([t])
         one.append((time.perf_counter() - t0) * 1000)
-    return {"hit_at_5": hit5, "hit_at_1": hit1, "per_s": round(best, 1), "one_p50_ms": round(percentile(one, 50), 3)}
+    return {
+        "hit_at_5": hit5,
+        "hit_at_1": hit1,
+        "per_s": round(best, 1),
+        "concurrent_per_s": round(concurrent, 1),
+        "one_p50_ms": round(percentile(one, 50), 3),
+    }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -26,6 +26,7 @@ against the committed reference vectors); GELU uses an erf approximation accurat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import math
@@ -38,6 +39,7 @@ from typing import Any
 __all__ = ["SemanticEmbedder", "SemanticUnavailable", "load_model", "resolve_model_dir"]
 
 _BATCH = 32
+_MAX_TEXTS = 256  # per call into the model: a long queue is served in parts, not in one long stall
 _LOCK = threading.Lock()
 _MODELS: dict[Path, _Model] = {}
 
@@ -95,17 +97,55 @@ class SemanticEmbedder:
         self.model = load_model(resolve_model_dir(model_dir))
         self.dim = self.model.dim
         self.description = f"semantic ({self.model.name}, {self.model.path})"
+        self._pending: list[tuple[list[str], asyncio.Future[list[list[float]]]]] = []
+        self._worker: asyncio.Task[None] | None = None
 
     def embed_sync(self, texts: list[str]) -> list[list[float]]:
         """Embed ``texts`` in this thread (CPU-bound)."""
         return self.model.encode(texts)
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        """Embed ``texts`` in a worker thread, so the event loop keeps serving."""
-        return await asyncio.to_thread(self.model.encode, texts)
+        """Embed ``texts`` in a worker thread, so the event loop keeps serving. Calls that
+        arrive while one batch runs are embedded together in the next (a batch costs less
+        per text than single texts do)."""
+        fut: asyncio.Future[list[list[float]]] = asyncio.get_running_loop().create_future()
+        self._pending.append((texts, fut))
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch, size = [], 0
+            while self._pending and (not batch or size + len(self._pending[0][0]) <= _MAX_TEXTS):
+                item = self._pending.pop(0)
+                if not item[1].done():  # a caller that was cancelled is skipped
+                    batch.append(item)
+                    size += len(item[0])
+            if not batch:
+                continue
+            try:
+                vectors = await asyncio.to_thread(self.model.encode, [t for texts, _ in batch for t in texts])
+            except Exception as e:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            at = 0
+            for texts, fut in batch:
+                if not fut.done():
+                    fut.set_result(vectors[at : at + len(texts)])
+                at += len(texts)
 
     async def aclose(self) -> None:
-        """Nothing to release (the model stays loaded for the process)."""
+        """Stop batching (the model stays loaded for the process)."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        for _, fut in self._pending:
+            fut.cancel()
+        self._pending.clear()
 
 
 class _Model:

@@ -115,3 +115,17 @@ async def test_perception_finds_expertise_worded_differently() -> None:
     hashing = PerceptionPlugin(PerceptionPlugin.Config(), None)
     r = await hashing.perceive(Perceive(text="Someone stole credentials and logged in as admin", max_tags=2))
     assert "security" not in [s.tag for s in r.expertise]
+
+
+@needs_model
+async def test_concurrent_calls_share_batches_and_match_single_calls() -> None:
+    e = SemanticEmbedder()
+    texts = [f"sentence number {i} about databases" for i in range(40)]
+    together = await asyncio.gather(*(e.embed([t]) for t in texts))
+    alone = e.embed_sync(texts[:3])
+    for (v,), w in zip(together[:3], alone, strict=True):
+        assert _cos(v, w) > 0.99999
+    cancelled = asyncio.ensure_future(e.embed(["never mind"]))
+    cancelled.cancel()
+    assert len((await e.embed(["still served"]))[0]) == 384
+    await e.aclose()
