@@ -74,8 +74,8 @@ class Ask(Job[Synthesis], tag="helios.ask"):
     (default: the plugin's) inside it, leaving room for synthesis and storage.
     ``latency_s``: simulated latency for the extractive provider (benchmarks, tests).
     ``min_answers``: synthesise as soon as this many experts have answered and cancel the
-    rest (0: wait for every expert; capped at the number selected).
-    ``token_budget``: tokens the job may spend across its experts (0: the plugin's
+    rest (0 or less: wait for every expert; capped at the number selected).
+    ``token_budget``: tokens the job may spend across its experts (0 or less: the plugin's
     ``default_token_budget``); capped at the plugin's ``max_token_budget``. Each expert
     call reserves its prompt estimate plus its completion cap before it starts; a call the
     remaining budget cannot cover is not started.

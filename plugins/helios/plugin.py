@@ -198,7 +198,8 @@ class HeliosPlugin(Plugin):
             chosen = self.index.select(tags, quality, job.max_experts, self.config.fallback_experts)
             # Server-side caps: a quorum of at most the experts selected, a budget of at most max_token_budget.
             quorum = min(max(0, job.min_answers), len(chosen))
-            budget = TokenBudget(min(job.token_budget or self.config.default_token_budget, self.config.max_token_budget))
+            asked = job.token_budget if job.token_budget > 0 else self.config.default_token_budget
+            budget = TokenBudget(min(asked, self.config.max_token_budget))
             await ctx.emit(Selected(experts=[n for n, _ in chosen], min_answers=quorum, token_budget=budget.total))
             answers = await self._fan_out(job, chosen, context, deadline, quorum, budget)
             result = await self._synthesise(answers, t0, quorum, budget)

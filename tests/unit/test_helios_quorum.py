@@ -129,6 +129,8 @@ async def test_token_budget_is_capped_server_side(prefix: str) -> None:
         assert result["token_budget"] == 1000
         _, result, _ = await run(pod, Ask(text="database", max_experts=1))
         assert result["token_budget"] == 500
+        _, result, _ = await run(pod, Ask(text="database", max_experts=1, token_budget=-5, min_answers=-1))
+        assert (result["token_budget"], result["min_answers"]) == (500, 0)
 
 
 async def test_nothing_fits_fails_the_job_with_the_reason(prefix: str) -> None:
