@@ -116,7 +116,8 @@ class SemanticEmbedder:
 
     async def _drain(self) -> None:
         while self._pending:
-            batch, size = [], 0
+            batch: list[tuple[list[str], asyncio.Future[list[list[float]]]]] = []
+            size = 0
             while self._pending and (not batch or size + len(self._pending[0][0]) <= _MAX_TEXTS):
                 item = self._pending.pop(0)
                 if not item[1].done():  # a caller that was cancelled is skipped
