@@ -251,8 +251,9 @@ class HeliosPlugin(Plugin):
         budget: TokenBudget,
     ) -> list[ExpertAnswer]:
         """Run every chosen expert in parallel until all are done or ``quorum`` (> 0) have
-        answered; the rest are then cancelled and recorded so. Cancelling the job cancels
-        them all."""
+        answered; those still without an outcome are then cancelled and recorded so (an
+        expert records its outcome before emitting it, so no answer is lost to the cut).
+        Cancelling the job cancels them all."""
         ctx = current_job()
         assert ctx is not None
         results: dict[str, ExpertAnswer] = {}
@@ -268,22 +269,35 @@ class HeliosPlugin(Plugin):
             )
             for name, relevance in chosen
         }
+        quorum_reached = asyncio.create_task(enough.wait())
         try:
-            if tasks:
-                everyone = asyncio.gather(*tasks.values())
-                quorum_reached = asyncio.create_task(enough.wait())
-                try:
-                    waiters: set[asyncio.Future[Any]] = {everyone, quorum_reached}
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    quorum_reached.cancel()
-                if everyone.done():
-                    everyone.result()  # an unexpected error in an expert fails the job
+            pending: set[asyncio.Task[Any]] = set(tasks.values())
+            while pending and not enough.is_set():
+                done, pending = await asyncio.wait(pending | {quorum_reached}, return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(quorum_reached)
+                for t in done - {quorum_reached}:
+                    t.result()  # an unexpected error in an expert fails the job
+            if pending:
+                # Quorum: cancel the experts still waiting for an outcome; those that have
+                # one (in ``results``) finish emitting it and caching it.
+                for name, t in tasks.items():
+                    if name not in results:
+                        t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
         finally:
-            # Runs on quorum, on an error and when the job itself is cancelled.
+            # On an error and when the job itself is cancelled: no expert outlives the job,
+            # even when the job is cancelled again while its experts wind down (as TaskGroup).
+            quorum_reached.cancel()
             for t in tasks.values():
                 t.cancel()
-            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            recancelled = False
+            while running := [t for t in (quorum_reached, *tasks.values()) if not t.done()]:
+                try:
+                    await asyncio.wait(running)
+                except asyncio.CancelledError:
+                    recancelled = True
+            if recancelled:
+                raise asyncio.CancelledError
         for name, _ in chosen:
             if name not in results:
                 reason = f"{quorum} experts had answered"
@@ -365,7 +379,6 @@ class HeliosPlugin(Plugin):
             finally:
                 token_budget.settle(reserved, token_budget.charged[e.name])
             answer, confidence, cached = r.answer, r.confidence, False
-            await self.cache.put(key, answer, confidence)
         latency_ms = round((time.perf_counter() - t0) * 1000, 3)
         out[e.name] = ExpertAnswer(
             expert=e.name,
@@ -383,6 +396,8 @@ class HeliosPlugin(Plugin):
                 expert=e.name, answer=answer, confidence=confidence, cached=cached, latency_ms=latency_ms, tokens=tokens
             )
         )
+        if not cached:
+            await self.cache.put(key, answer, confidence)
 
     async def _synthesise(self, answers: list[ExpertAnswer], t0: float, quorum: int, budget: TokenBudget) -> Synthesis:
         ctx = current_job()

@@ -164,3 +164,22 @@ async def _idle(pod: PodRunner) -> bool:
     from tests.conftest import wait_until
 
     return await wait_until(lambda: all(ep.limiter.active == 0 for ep in pod.kernel.endpoints.values()), timeout_s=2)
+
+
+async def test_cache_honours_a_cancel_that_redis_lost() -> None:
+    import asyncio
+
+    from aiwfe.plugins.helios.cache import AnswerCache
+
+    class Swallowing:  # what redis-py can do with a cancel that lands mid-command
+        async def get(self, key: str) -> None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(10)
+
+    cache = AnswerCache("", "p:", 60)
+    cache.redis = Swallowing()  # type: ignore[assignment]
+    t = asyncio.create_task(cache.get("k"))
+    await asyncio.sleep(0.01)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
