@@ -26,7 +26,6 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import msgspec
 from prometheus_client import Histogram
@@ -55,6 +54,7 @@ from .contract import (
     SynthesisDelta,
 )
 from .experts import DEFAULT_EXPERTS, Expert, ExpertIndex
+from .quorum import until_quorum
 from .store import RunStore, database_url
 from .synthesis import SENTENCE_BREAK, synthesise
 
@@ -269,35 +269,7 @@ class HeliosPlugin(Plugin):
             )
             for name, relevance in chosen
         }
-        quorum_reached = asyncio.create_task(enough.wait())
-        try:
-            pending: set[asyncio.Task[Any]] = set(tasks.values())
-            while pending and not enough.is_set():
-                done, pending = await asyncio.wait(pending | {quorum_reached}, return_when=asyncio.FIRST_COMPLETED)
-                pending.discard(quorum_reached)
-                for t in done - {quorum_reached}:
-                    t.result()  # an unexpected error in an expert fails the job
-            if pending:
-                # Quorum: cancel the experts still waiting for an outcome; those that have
-                # one (in ``results``) finish emitting it and caching it.
-                for name, t in tasks.items():
-                    if name not in results:
-                        t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-        finally:
-            # On an error and when the job itself is cancelled: no expert outlives the job,
-            # even when the job is cancelled again while its experts wind down (as TaskGroup).
-            quorum_reached.cancel()
-            for t in tasks.values():
-                t.cancel()
-            recancelled = False
-            while running := [t for t in (quorum_reached, *tasks.values()) if not t.done()]:
-                try:
-                    await asyncio.wait(running)
-                except asyncio.CancelledError:
-                    recancelled = True
-            if recancelled:
-                raise asyncio.CancelledError
+        await until_quorum(tasks, results, enough)
         for name, _ in chosen:
             if name not in results:
                 reason = f"{quorum} experts had answered"
