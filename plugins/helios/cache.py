@@ -7,6 +7,7 @@ timeout and a circuit breaker skips Redis for ``open_s`` after a failure.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 
@@ -61,9 +62,11 @@ class AnswerCache:
         try:
             raw = await self.redis.get(self.prefix + key)
         except Exception:
+            _reraise_cancel()
             self._down_until = time.monotonic() + self.open_s
             CACHE.labels("unavailable").inc()
             return None
+        _reraise_cancel()
         if raw is None:
             CACHE.labels("miss").inc()
             return None
@@ -79,9 +82,21 @@ class AnswerCache:
         try:
             await self.redis.set(self.prefix + key, _enc.encode(_Entry(answer, confidence)), px=int(self.ttl_s * 1000))
         except Exception:
+            _reraise_cancel()
             self._down_until = time.monotonic() + self.open_s
+        _reraise_cancel()
 
     async def close(self) -> None:
         """Close the connection pool."""
         if self.redis is not None:
             await self.redis.aclose()
+
+
+def _reraise_cancel() -> None:
+    """Raise CancelledError when this task is being cancelled: redis-py can lose a
+    cancellation that arrives mid-command (seen: the command returns normally, or fails
+    with a connection error), and the expert would then go on to call its model after the
+    job was cancelled. Checked after every Redis await."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

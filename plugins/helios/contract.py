@@ -4,6 +4,8 @@ A request is a durable job, ``helios.ask``; its progress is a stream of events o
 job's event subject, in this order: ``helios.perceived``, ``helios.selected``, per expert
 ``helios.expert_started`` then one of ``helios.expert_answered`` /
 ``helios.expert_failed`` / ``helios.expert_timed_out`` (as each lands, so interleaved),
+``helios.expert_cancelled`` for the experts still running when ``min_answers`` were reached,
+``helios.expert_skipped`` for an expert whose call the job's token budget could not cover,
 ``helios.synthesis_delta`` chunks, then the kernel's ``job.done`` carrying the
 :class:`Synthesis` (or ``job.failed`` with the reasons when no expert answered).
 """
@@ -16,7 +18,9 @@ __all__ = [
     "Ask",
     "ExpertAnswer",
     "ExpertAnswered",
+    "ExpertCancelled",
     "ExpertFailed",
+    "ExpertSkipped",
     "ExpertStarted",
     "ExpertTimedOut",
     "Perceived",
@@ -27,7 +31,13 @@ __all__ = [
 
 
 class ExpertAnswer(Reply):
-    """One expert's outcome. ``status``: ``answered``, ``failed`` or ``timed_out``."""
+    """One expert's outcome. ``status``: ``answered``, ``failed``, ``timed_out``,
+    ``cancelled`` (still running when ``min_answers`` were reached) or ``skipped`` (its
+    call was never started: the token budget could not cover it).
+
+    ``tokens``: what the call spent (prompt + completion as the provider reported them;
+    a cancelled call is charged its reservation's prompt part, a cache hit or a skip 0).
+    """
 
     expert: str
     status: str
@@ -37,15 +47,23 @@ class ExpertAnswer(Reply):
     latency_ms: float = 0.0
     cached: bool = False
     error: str = ""
+    tokens: int = 0
 
 
 class Synthesis(Reply):
-    """The result of a helios job."""
+    """The result of a helios job.
+
+    ``min_answers`` and ``token_budget``: the values the job ran with (after the server's
+    caps); ``tokens_spent``: the sum of the experts' ``tokens``.
+    """
 
     answer: str
     confidence: float
     experts: list[ExpertAnswer] = []
     elapsed_ms: float = 0.0
+    min_answers: int = 0
+    token_budget: int = 0
+    tokens_spent: int = 0
 
 
 class Ask(Job[Synthesis], tag="helios.ask"):
@@ -55,6 +73,12 @@ class Ask(Job[Synthesis], tag="helios.ask"):
     ``deadline_s``: budget for the whole job; each expert gets ``expert_timeout_s``
     (default: the plugin's) inside it, leaving room for synthesis and storage.
     ``latency_s``: simulated latency for the extractive provider (benchmarks, tests).
+    ``min_answers``: synthesise as soon as this many experts have answered and cancel the
+    rest (0 or less: wait for every expert; capped at the number selected).
+    ``token_budget``: tokens the job may spend across its experts (0 or less: the plugin's
+    ``default_token_budget``); capped at the plugin's ``max_token_budget``. Each expert
+    call reserves its prompt estimate plus its completion cap before it starts; a call the
+    remaining budget cannot cover is not started.
     """
 
     text: str
@@ -64,6 +88,8 @@ class Ask(Job[Synthesis], tag="helios.ask"):
     expert_timeout_s: float | None = None
     use_cache: bool = True
     latency_s: float | None = None
+    min_answers: int = 0
+    token_budget: int = 0
 
 
 class Perceived(Event, tag="helios.perceived"):
@@ -73,11 +99,14 @@ class Perceived(Event, tag="helios.perceived"):
 
 class Selected(Event, tag="helios.selected"):
     experts: list[str]
+    min_answers: int = 0
+    token_budget: int = 0
 
 
 class ExpertStarted(Event, tag="helios.expert_started"):
     expert: str
     budget_s: float
+    tokens_reserved: int = 0
 
 
 class ExpertAnswered(Event, tag="helios.expert_answered"):
@@ -86,6 +115,7 @@ class ExpertAnswered(Event, tag="helios.expert_answered"):
     confidence: float
     cached: bool = False
     latency_ms: float = 0.0
+    tokens: int = 0
 
 
 class ExpertFailed(Event, tag="helios.expert_failed"):
@@ -96,6 +126,17 @@ class ExpertFailed(Event, tag="helios.expert_failed"):
 class ExpertTimedOut(Event, tag="helios.expert_timed_out"):
     expert: str
     budget_s: float
+
+
+class ExpertCancelled(Event, tag="helios.expert_cancelled"):
+    expert: str
+    reason: str
+
+
+class ExpertSkipped(Event, tag="helios.expert_skipped"):
+    expert: str
+    reason: str
+    tokens_left: int = 0
 
 
 class SynthesisDelta(Event, tag="helios.synthesis_delta"):

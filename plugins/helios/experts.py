@@ -15,7 +15,9 @@ __all__ = ["DEFAULT_EXPERTS", "Expert", "ExpertIndex"]
 
 
 class Expert(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One expert role. ``expertise`` maps a perception tag to how well it fits (0..1)."""
+    """One expert role. ``expertise`` maps a perception tag to how well it fits (0..1).
+    ``latency_s``: simulated latency for the extractive provider (overrides the job's;
+    tests and benchmarks of quorums)."""
 
     name: str
     role: str
@@ -23,6 +25,7 @@ class Expert(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prompt: str = "As the {role}, answer precisely: {task}"
     weight: float = 1.0
     timeout_s: float | None = None
+    latency_s: float | None = None
 
 
 def _e(name: str, role: str, **tags: float) -> Expert:

@@ -8,6 +8,11 @@ own budget inside the job's deadline, their partial output streamed as
 weighted by confidence × relevance × learned quality, streamed as deltas → one database
 transaction for all answers and the synthesis → the result (recorded once by the kernel).
 
+``min_answers`` (quorum): once that many experts have answered, the rest are cancelled
+and recorded as ``cancelled``. A per-job token budget (:mod:`.budget`) is reserved
+before each expert call; a call it cannot cover is not started (``skipped``). Spend is
+reported per expert and in total.
+
 Failed and late experts are reported and the rest still count; a job with no answer at
 all fails with the reasons (not retried: ``NoAnswers.retryable`` is False). Cancelling
 the job (client cancel, or a disconnect when the client asked for it) cancels the
@@ -19,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from prometheus_client import Histogram
@@ -33,12 +37,15 @@ from aiwfe.plugins.memory.contract import Recall
 from aiwfe.plugins.perception.contract import Perceive
 from aiwfe.plugins.reasoning.contract import Reason
 
+from .budget import TokenBudget, estimate_tokens
 from .cache import AnswerCache
 from .contract import (
     Ask,
     ExpertAnswer,
     ExpertAnswered,
+    ExpertCancelled,
     ExpertFailed,
+    ExpertSkipped,
     ExpertStarted,
     ExpertTimedOut,
     Perceived,
@@ -47,7 +54,9 @@ from .contract import (
     SynthesisDelta,
 )
 from .experts import DEFAULT_EXPERTS, Expert, ExpertIndex
+from .quorum import until_quorum
 from .store import RunStore, database_url
+from .synthesis import SENTENCE_BREAK, synthesise
 
 __all__ = ["HeliosPlugin", "NoAnswers", "synthesise"]
 
@@ -59,7 +68,6 @@ JOB_SECONDS = Histogram(
     buckets=(0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120),
     registry=REGISTRY,
 )
-_SENT = re.compile(r"(?<=[.!?])\s+")
 
 
 class NoAnswers(Exception):
@@ -82,7 +90,12 @@ class HeliosPlugin(Plugin):
         ``database_url`` / ``redis_url``: empty → ``DATABASE_URL`` / ``REDIS_URL``; with
         neither, runs are not stored / answers not cached (logged at start).
         ``llm_provider`` / ``llm_model`` are part of the cache key: set them to what the
-        reasoning plugin runs."""
+        reasoning plugin runs.
+
+        Token budgets: a job's ``token_budget`` defaults to ``default_token_budget`` and
+        is capped at ``max_token_budget``; each expert call reserves its prompt estimate
+        plus ``expert_max_tokens`` (sent to the model as ``max_tokens``; less when less is
+        left, down to ``min_completion_tokens``, below which the call is not started)."""
 
         experts: list[Expert] = msgspec.field(default_factory=lambda: list(DEFAULT_EXPERTS))
         fallback_experts: list[str] = msgspec.field(default_factory=lambda: ["architect", "writer"])
@@ -97,6 +110,10 @@ class HeliosPlugin(Plugin):
         llm_provider: str = "extractive"
         llm_model: str = ""
         pool_max: int = 10
+        default_token_budget: int = 20_000
+        max_token_budget: int = 200_000
+        expert_max_tokens: int = 512
+        min_completion_tokens: int = 16
 
     config: Config
 
@@ -115,6 +132,13 @@ class HeliosPlugin(Plugin):
             problems.append(f"expert_timeout_s: must be positive, not {config.expert_timeout_s}")
         if config.recall_k < 0:
             problems.append(f"recall_k: must not be negative, not {config.recall_k}")
+        for field in ("default_token_budget", "max_token_budget", "expert_max_tokens", "min_completion_tokens"):
+            if getattr(config, field) <= 0:
+                problems.append(f"{field}: must be positive, not {getattr(config, field)}")
+        if config.default_token_budget > config.max_token_budget:
+            problems.append(
+                f"default_token_budget: {config.default_token_budget} is above max_token_budget {config.max_token_budget}"
+            )
         return problems
 
     def __init__(self, config: Config, kernel: object) -> None:
@@ -172,9 +196,13 @@ class HeliosPlugin(Plugin):
             candidates = self.index.select(tags, {}, len(self.index.experts), self.config.fallback_experts)
             quality = await self._quality([n for n, _ in candidates], list(tags), deadline)
             chosen = self.index.select(tags, quality, job.max_experts, self.config.fallback_experts)
-            await ctx.emit(Selected(experts=[n for n, _ in chosen]))
-            answers = await self._fan_out(job, chosen, context, deadline)
-            result = await self._synthesise(answers, t0)
+            # Server-side caps: a quorum of at most the experts selected, a budget of at most max_token_budget.
+            quorum = min(max(0, job.min_answers), len(chosen))
+            asked = job.token_budget if job.token_budget > 0 else self.config.default_token_budget
+            budget = TokenBudget(min(asked, self.config.max_token_budget))
+            await ctx.emit(Selected(experts=[n for n, _ in chosen], min_answers=quorum, token_budget=budget.total))
+            answers = await self._fan_out(job, chosen, context, deadline, quorum, budget)
+            result = await self._synthesise(answers, t0, quorum, budget)
             if not any(a.status == "answered" for a in answers):
                 reasons = "; ".join(f"{a.expert}: {a.status} {a.error}".strip() for a in answers) or "no expert selected"
                 raise NoAnswers(f"no expert answered ({reasons})")
@@ -214,17 +242,51 @@ class HeliosPlugin(Plugin):
         return r.scores
 
     async def _fan_out(
-        self, job: Ask, chosen: list[tuple[str, float]], context: list[str], deadline: float
+        self,
+        job: Ask,
+        chosen: list[tuple[str, float]],
+        context: list[str],
+        deadline: float,
+        quorum: int,
+        budget: TokenBudget,
     ) -> list[ExpertAnswer]:
-        """Run every chosen expert in parallel; cancelling the job cancels them all."""
+        """Run every chosen expert in parallel until all are done or ``quorum`` (> 0) have
+        answered; those still without an outcome are then cancelled and recorded so (an
+        expert records its outcome before emitting it, so no answer is lost to the cut).
+        Cancelling the job cancels them all."""
+        ctx = current_job()
+        assert ctx is not None
         results: dict[str, ExpertAnswer] = {}
-        async with asyncio.TaskGroup() as tg:
-            for name, relevance in chosen:
-                tg.create_task(self._expert(job, self.index.experts[name], relevance, context, deadline, results))
+        enough = asyncio.Event()
+
+        def answered() -> None:
+            if quorum and sum(a.status == "answered" for a in results.values()) >= quorum:
+                enough.set()
+
+        tasks = {
+            name: asyncio.create_task(
+                self._expert(job, self.index.experts[name], relevance, context, deadline, results, budget, answered)
+            )
+            for name, relevance in chosen
+        }
+        await until_quorum(tasks, results, enough)
+        for name, _ in chosen:
+            if name not in results:
+                reason = f"{quorum} experts had answered"
+                results[name] = ExpertAnswer(expert=name, status="cancelled", error=reason, tokens=budget.charged.get(name, 0))
+                await ctx.emit(ExpertCancelled(expert=name, reason=reason))
         return [results[n] for n, _ in chosen]
 
     async def _expert(
-        self, job: Ask, e: Expert, relevance: float, context: list[str], deadline: float, out: dict[str, ExpertAnswer]
+        self,
+        job: Ask,
+        e: Expert,
+        relevance: float,
+        context: list[str],
+        deadline: float,
+        out: dict[str, ExpertAnswer],
+        token_budget: TokenBudget,
+        answered: Callable[[], None],
     ) -> None:
         ctx = current_job()
         assert ctx is not None and self.cache is not None
@@ -237,29 +299,58 @@ class HeliosPlugin(Plugin):
             out[e.name] = ExpertAnswer(expert=e.name, status="timed_out", error="no time left in the job's deadline")
             await ctx.emit(ExpertTimedOut(expert=e.name, budget_s=0.0))
             return
-        await ctx.emit(ExpertStarted(expert=e.name, budget_s=round(budget, 3)))
         t0 = time.perf_counter()
         prompt = e.prompt.format(role=e.role, task=job.text)
         key = AnswerCache.key(self.config.llm_provider, self.config.llm_model, e.role, prompt, context)
         hit = await self.cache.get(key) if job.use_cache else None
+        tokens = 0
         if hit is not None:
+            await ctx.emit(ExpertStarted(expert=e.name, budget_s=round(budget, 3)))
             answer, confidence, cached = hit[0], hit[1], True
         else:
+            c = self.config
+            prompt_est = estimate_tokens(e.role, prompt, *context)
+            grant = token_budget.reserve(prompt_est, c.expert_max_tokens, c.min_completion_tokens)
+            if grant is None:
+                need = prompt_est + c.min_completion_tokens
+                why = f"token budget: {token_budget.left} of {token_budget.total} left, the call needs {need}"
+                out[e.name] = ExpertAnswer(expert=e.name, status="skipped", error=why)
+                await ctx.emit(ExpertSkipped(expert=e.name, reason=why, tokens_left=token_budget.left))
+                return
+            reserved = prompt_est + grant
+            # A call cancelled (quorum, job cancel) or timed out is charged its prompt: the model had it.
+            token_budget.charged[e.name] = prompt_est
             try:
+                await ctx.emit(ExpertStarted(expert=e.name, budget_s=round(budget, 3), tokens_reserved=reserved))
                 # stream=True: reasoning adds its partial output to this job's events
                 # (reasoning.answer_streamed, labelled with the expert), from any pod.
-                reason = Reason(role=e.role, task=prompt, context=context, latency_s=job.latency_s, stream=True, label=e.name)
-                r = await self.kernel.call(reason, timeout_s=budget)
-            except DeadlineExceeded:
-                out[e.name] = ExpertAnswer(expert=e.name, status="timed_out", error=f"no answer within {budget:.2f} s")
-                await ctx.emit(ExpertTimedOut(expert=e.name, budget_s=round(budget, 3)))
-                return
-            except AiwfeError as err:
-                out[e.name] = ExpertAnswer(expert=e.name, status="failed", error=str(err))
-                await ctx.emit(ExpertFailed(expert=e.name, reason=str(err)))
-                return
+                reason = Reason(
+                    role=e.role,
+                    task=prompt,
+                    context=context,
+                    latency_s=e.latency_s if e.latency_s is not None else job.latency_s,
+                    stream=True,
+                    label=e.name,
+                    options={"max_tokens": grant},
+                )
+                try:
+                    r = await self.kernel.call(reason, timeout_s=budget)
+                except DeadlineExceeded:
+                    out[e.name] = ExpertAnswer(
+                        expert=e.name, status="timed_out", error=f"no answer within {budget:.2f} s", tokens=prompt_est
+                    )
+                    await ctx.emit(ExpertTimedOut(expert=e.name, budget_s=round(budget, 3)))
+                    return
+                except AiwfeError as err:
+                    out[e.name] = ExpertAnswer(expert=e.name, status="failed", error=str(err), tokens=prompt_est)
+                    await ctx.emit(ExpertFailed(expert=e.name, reason=str(err)))
+                    return
+                # What the provider reported, else the estimate; never more than was reserved.
+                tokens = min(reserved, (r.prompt_tokens or prompt_est) + r.completion_tokens)
+                token_budget.charged[e.name] = tokens
+            finally:
+                token_budget.settle(reserved, token_budget.charged[e.name])
             answer, confidence, cached = r.answer, r.confidence, False
-            await self.cache.put(key, answer, confidence)
         latency_ms = round((time.perf_counter() - t0) * 1000, 3)
         out[e.name] = ExpertAnswer(
             expert=e.name,
@@ -269,38 +360,29 @@ class HeliosPlugin(Plugin):
             weight=round(relevance * e.weight, 6),
             latency_ms=latency_ms,
             cached=cached,
+            tokens=tokens,
         )
-        await ctx.emit(ExpertAnswered(expert=e.name, answer=answer, confidence=confidence, cached=cached, latency_ms=latency_ms))
+        answered()
+        await ctx.emit(
+            ExpertAnswered(
+                expert=e.name, answer=answer, confidence=confidence, cached=cached, latency_ms=latency_ms, tokens=tokens
+            )
+        )
+        if not cached:
+            await self.cache.put(key, answer, confidence)
 
-    async def _synthesise(self, answers: list[ExpertAnswer], t0: float) -> Synthesis:
+    async def _synthesise(self, answers: list[ExpertAnswer], t0: float, quorum: int, budget: TokenBudget) -> Synthesis:
         ctx = current_job()
         assert ctx is not None
         text, confidence = synthesise(answers, self.config.max_synthesis_sentences)
-        for sentence in _SENT.split(text) if text else ():
+        for sentence in SENTENCE_BREAK.split(text) if text else ():
             await ctx.emit(SynthesisDelta(text=sentence))
         return Synthesis(
-            answer=text, confidence=confidence, experts=answers, elapsed_ms=round((time.perf_counter() - t0) * 1000, 3)
+            answer=text,
+            confidence=confidence,
+            experts=answers,
+            elapsed_ms=round((time.perf_counter() - t0) * 1000, 3),
+            min_answers=quorum,
+            token_budget=budget.total,
+            tokens_spent=sum(a.tokens for a in answers),
         )
-
-
-def synthesise(answers: list[ExpertAnswer], max_sentences: int) -> tuple[str, float]:
-    """Combine answered experts: sentences from the heaviest answers first, deduplicated.
-
-    An answer's weight is relevance × expert weight × max(confidence, 0.05); the
-    synthesis confidence is the weight-averaged confidence. Returns (text, confidence).
-    """
-    ok = [a for a in answers if a.status == "answered"]
-    if not ok:
-        return "", 0.0
-    weighted = sorted(ok, key=lambda a: (-(a.weight * max(a.confidence, 0.05)), a.expert))
-    seen: set[str] = set()
-    sentences: list[str] = []
-    for a in weighted:
-        for s in _SENT.split(a.answer):
-            norm = s.strip().lower()
-            if norm and norm not in seen:
-                seen.add(norm)
-                sentences.append(s.strip())
-    total = sum(a.weight * max(a.confidence, 0.05) for a in ok)
-    confidence = sum(a.weight * max(a.confidence, 0.05) * a.confidence for a in ok) / total if total else 0.0
-    return " ".join(sentences[: max(1, max_sentences)]), round(confidence, 4)

@@ -58,19 +58,41 @@ class RunStore:
         async with pg.connection(self.pool) as conn, conn.transaction():
             with pg.QUERY_SECONDS.labels("helios").time():
                 cur = await conn.execute(
-                    "INSERT INTO helios_runs (job_id, owner, question, answer, confidence, elapsed_ms)"
-                    " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (job_id) DO NOTHING",
-                    (job_id, owner, question, result.answer, result.confidence, result.elapsed_ms),
+                    "INSERT INTO helios_runs (job_id, owner, question, answer, confidence, elapsed_ms,"
+                    " min_answers, token_budget, tokens_spent)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (job_id) DO NOTHING",
+                    (
+                        job_id,
+                        owner,
+                        question,
+                        result.answer,
+                        result.confidence,
+                        result.elapsed_ms,
+                        result.min_answers,
+                        result.token_budget,
+                        result.tokens_spent,
+                    ),
                 )
                 if cur.rowcount == 0:
                     return False
                 async with conn.cursor() as c:
                     await c.executemany(
                         "INSERT INTO helios_answers"
-                        " (job_id, expert, status, answer, confidence, weight, latency_ms, cached, error)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                        " (job_id, expert, status, answer, confidence, weight, latency_ms, cached, error, tokens)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                         [
-                            (job_id, a.expert, a.status, a.answer, a.confidence, a.weight, a.latency_ms, a.cached, a.error)
+                            (
+                                job_id,
+                                a.expert,
+                                a.status,
+                                a.answer,
+                                a.confidence,
+                                a.weight,
+                                a.latency_ms,
+                                a.cached,
+                                a.error,
+                                a.tokens,
+                            )
                             for a in result.experts
                         ],
                     )

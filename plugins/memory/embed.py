@@ -4,6 +4,10 @@
   character trigrams hashed (BLAKE2b, stable across processes, unlike ``hash()``) into
   ``dim`` signed buckets, then L2-normalised. A bag-of-features vector, not a language
   model, but texts sharing words land close together.
+* ``semantic`` -- a sentence-embedding model (all-MiniLM-L6-v2) on the CPU from installed
+  files (:mod:`.semantic`; ``pip install 'aiwfe[semantic]'`` plus the model files).
+* ``auto`` -- ``semantic`` when it can run here, else ``hashing`` (the embedder's
+  ``description`` says which runs and why).
 * ``ollama`` -- ``POST {base_url}/api/embed`` ``{"model", "input": [...]}`` → ``{"embeddings"}``.
 * ``openai`` -- ``POST {base_url}/v1/embeddings`` ``{"model", "input": [...]}`` → ``{"data": [{"embedding", "index"}]}``.
 
@@ -21,7 +25,9 @@ from typing import Any, Protocol
 
 import httpx
 
-__all__ = ["EmbedError", "Embedder", "HashingEmbedder", "HttpEmbedder", "make_embedder"]
+__all__ = ["EMBEDDERS", "EmbedError", "Embedder", "HashingEmbedder", "HttpEmbedder", "make_embedder"]
+
+EMBEDDERS = ("hashing", "semantic", "auto", "ollama", "openai")
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -38,6 +44,8 @@ class Embedder(Protocol):
     """What the memory plugin needs of an embedder."""
 
     dim: int
+    #: which embedder runs, for logs and ``/ready`` (e.g. "hashing (semantic unavailable: ...)")
+    description: str
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         """Return one unit vector of length ``dim`` per text."""
@@ -51,8 +59,9 @@ class Embedder(Protocol):
 class HashingEmbedder:
     """The built-in deterministic embedder (see the module docstring)."""
 
-    def __init__(self, dim: int = 384) -> None:
+    def __init__(self, dim: int = 384, description: str = "hashing") -> None:
         self.dim = dim
+        self.description = description
 
     def embed_one(self, text: str) -> list[float]:
         """Embed one text synchronously."""
@@ -84,6 +93,7 @@ class HttpEmbedder:
     def __init__(self, api: str, base_url: str, model: str, dim: int, *, api_key: str = "", timeout_s: float = 30.0) -> None:
         self.api = api
         self.dim = dim
+        self.description = f"{api} ({model} at {base_url})"
         self.model = model
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
@@ -128,18 +138,36 @@ def _unit(v: list[float]) -> list[float]:
 
 
 def make_embedder(
-    kind: str, *, dim: int, base_url: str = "", model: str = "", api_key: str = "", timeout_s: float = 30.0
+    kind: str,
+    *,
+    dim: int,
+    base_url: str = "",
+    model: str = "",
+    api_key: str = "",
+    timeout_s: float = 30.0,
+    model_dir: str = "",
 ) -> Embedder:
-    """Build the embedder named ``kind`` (``hashing``, ``ollama`` or ``openai``).
+    """Build the embedder named ``kind`` (one of :data:`EMBEDDERS`). ``model_dir``: the
+    semantic model's files (empty: see :func:`.semantic.resolve_model_dir`).
 
     Raises:
         ValueError: an unknown kind, or an HTTP kind without ``model``.
+        SemanticUnavailable: ``semantic`` asked for and it cannot run here.
     """
     if kind == "hashing":
         return HashingEmbedder(dim)
+    if kind in ("semantic", "auto"):
+        from .semantic import SemanticEmbedder, SemanticUnavailable
+
+        try:
+            return SemanticEmbedder(model_dir)
+        except SemanticUnavailable as e:
+            if kind == "semantic":
+                raise
+            return HashingEmbedder(dim, description=f"hashing (semantic unavailable: {e})")
     if kind in ("ollama", "openai"):
         if not model:
             raise ValueError(f"embedder {kind} needs a model")
         default = "http://127.0.0.1:11434" if kind == "ollama" else "https://api.openai.com"
         return HttpEmbedder(kind, base_url or default, model, dim, api_key=api_key, timeout_s=timeout_s)
-    raise ValueError(f"unknown embedder {kind!r}; available: hashing, ollama, openai")
+    raise ValueError(f"unknown embedder {kind!r}; available: {', '.join(EMBEDDERS)}")

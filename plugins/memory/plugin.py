@@ -35,12 +35,13 @@ from psycopg_pool import AsyncConnectionPool
 
 from aiwfe.kernel import Plugin, pg, serves
 from aiwfe.kernel.config_check import one_of
-from aiwfe.kernel.errors import AiwfeError
+from aiwfe.kernel.errors import AiwfeError, ConfigError
 from aiwfe.kernel.metrics import REGISTRY
 
 from ._batch import GroupCommit
 from .contract import Forget, ForgetResult, MemoryHit, Recall, RecallResult, Remember, RememberResult
-from .embed import Embedder, EmbedError, HashingEmbedder, make_embedder
+from .embed import EMBEDDERS, Embedder, EmbedError, HashingEmbedder, make_embedder
+from .semantic import SemanticUnavailable
 from .vectors import ClientIndex, EdgeIndex, VectorIndex, payload_for
 
 __all__ = ["MemoryPlugin", "fuse"]
@@ -90,7 +91,10 @@ class MemoryPlugin(Plugin):
         mode, on disk under ``data_dir``; ``auto``'s fallback when qdrant-edge-py is
         not installed) or ``memory`` (qdrant-client in RAM, for tests).
         ``collection``: collection / shard name (give each test its own). ``embedder``:
-        ``hashing``, ``ollama`` or ``openai``, with ``embed_dim``, ``embed_url``,
+        ``hashing``, ``semantic`` (all-MiniLM-L6-v2 on the CPU from installed files, in
+        ``embed_model_dir`` or found as :mod:`.semantic` says), ``auto`` (semantic when it
+        can run, else hashing, noted under ``/ready``'s degraded), ``ollama`` or ``openai``,
+        with ``embed_dim`` (a semantic model's own width wins), ``embed_url``,
         ``embed_model``, ``embed_api_key`` (empty: ``OPENAI_API_KEY`` for openai).
         ``rrf_k``: the fusion constant; ``candidates``: hits taken from each index (0 =
         ``max(4 k, 20)``); ``max_k``: the most hits one Recall returns. Pool: ``pool_max``
@@ -111,6 +115,7 @@ class MemoryPlugin(Plugin):
         embed_model: str = ""
         embed_api_key: str = ""
         embed_timeout_s: float = 30.0
+        embed_model_dir: str = ""
         rrf_k: int = 60
         candidates: int = 0
         max_k: int = 100
@@ -131,7 +136,7 @@ class MemoryPlugin(Plugin):
         """``vector_store`` and ``embedder`` from their closed sets; HTTP embedders need
         ``embed_model``; positive ``embed_dim``, ``max_k``, ``rrf_k``."""
         problems = one_of("vector_store", config.vector_store, ("auto", "server", "edge", "local", "memory"))
-        problems += one_of("embedder", config.embedder, ("hashing", "ollama", "openai"))
+        problems += one_of("embedder", config.embedder, EMBEDDERS)
         if config.embedder in ("ollama", "openai") and not config.embed_model:
             problems.append(f"embed_model: embedder {config.embedder} needs a model")
         for field in ("embed_dim", "max_k", "rrf_k"):
@@ -147,9 +152,19 @@ class MemoryPlugin(Plugin):
         self._upserts = GroupCommit(self._upsert_points)
         self._marks = GroupCommit(self._mark_indexed)
         api_key = c.embed_api_key or (os.environ.get("OPENAI_API_KEY", "") if c.embedder == "openai" else "")
-        self.embedder = make_embedder(
-            c.embedder, dim=c.embed_dim, base_url=c.embed_url, model=c.embed_model, api_key=api_key, timeout_s=c.embed_timeout_s
-        )
+        try:
+            self.embedder = make_embedder(
+                c.embedder,
+                dim=c.embed_dim,
+                base_url=c.embed_url,
+                model=c.embed_model,
+                api_key=api_key,
+                timeout_s=c.embed_timeout_s,
+                model_dir=c.embed_model_dir,
+            )
+        except SemanticUnavailable as e:
+            raise ConfigError(f"memory: embedder semantic: {e}") from None
+        log.info("memory: embedder %s", self.embedder.description)
         # an HTTP embedder takes many texts per request: concurrent calls share one
         self._embeds = None if isinstance(self.embedder, HashingEmbedder) else GroupCommit(self.embedder.embed, max_batch=64)
         async with contextlib.AsyncExitStack() as stack:
@@ -176,6 +191,13 @@ class MemoryPlugin(Plugin):
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
 
+    def degraded(self) -> list[str]:
+        """``embedder hashing (semantic unavailable: ...)`` when ``auto`` fell back to hashing."""
+        embedder = getattr(self, "embedder", None)
+        if self.config.embedder == "auto" and isinstance(embedder, HashingEmbedder):
+            return [f"embedder {embedder.description}"]
+        return []
+
     async def _open_index(self) -> VectorIndex:
         c = self.config
         url = c.qdrant_url or os.environ.get("QDRANT_URL", "")
@@ -186,14 +208,14 @@ class MemoryPlugin(Plugin):
                 log.warning("memory: qdrant-edge-py is not installed; vectors in qdrant-client's (slow) local mode")
         base = Path(c.data_dir) / "qdrant"
         if kind == "server":
-            return await ClientIndex(c.collection, c.embed_dim, url=url, api_key=c.qdrant_api_key).open()
+            return await ClientIndex(c.collection, self.embedder.dim, url=url, api_key=c.qdrant_api_key).open()
         if kind == "edge":
-            return EdgeIndex(base / "edge" / c.collection, c.embed_dim)
+            return EdgeIndex(base / "edge" / c.collection, self.embedder.dim)
         if kind == "local":
             base.mkdir(parents=True, exist_ok=True)
-            return await ClientIndex(c.collection, c.embed_dim, path=str(base / "local")).open()
+            return await ClientIndex(c.collection, self.embedder.dim, path=str(base / "local")).open()
         if kind == "memory":
-            return await ClientIndex(c.collection, c.embed_dim, location=":memory:").open()
+            return await ClientIndex(c.collection, self.embedder.dim, location=":memory:").open()
         raise ValueError(f"memory: unknown vector_store {kind!r}; use auto, server, edge, local or memory")
 
     async def _embed(self, texts: list[str]) -> list[list[float]]:

@@ -3,9 +3,13 @@
 Built-in mode (``mode = "builtin"``): intent from the sentence form, language from
 stopwords, entities from capitalised words and numbers; each expertise tag scores the
 higher of (a) the share of the tag's keywords found in the text and (b) the embedding
-similarity of the text to the tag's description (character-trigram hashing vectors,
-cosine; counted from ``min_similarity`` on, scaled by ``similarity_weight``), so a request
-that words things differently still finds its experts. Deterministic and free of I/O.
+similarity of the text to the tag's description (cosine; counted from ``min_similarity``
+on, scaled by ``similarity_weight``), so a request that words things differently still
+finds its experts. ``embedder``: ``hashing`` compares character-trigram hashing vectors;
+``semantic`` uses memory's sentence-embedding model (:mod:`aiwfe.plugins.memory.semantic`,
+the same loaded model when both run in one pod) with its own ``semantic_min_similarity``;
+``auto`` is semantic when it can run here, else hashing (noted under ``/ready``'s degraded).
+Deterministic and free of I/O.
 
 LLM mode (``mode = "llm"``): the built-in analysis, plus one ``reasoning.reason`` call
 asking a model which tags apply; a tag the model names scores at least
@@ -23,6 +27,8 @@ import msgspec
 
 from aiwfe.kernel import AiwfeError, Plugin, serves
 from aiwfe.kernel.config_check import one_of, problem_text
+from aiwfe.kernel.errors import ConfigError
+from aiwfe.plugins.memory.semantic import SemanticEmbedder, SemanticUnavailable
 from aiwfe.plugins.reasoning.contract import Reason
 
 from .contract import ExpertiseScore, Perceive, Perception
@@ -86,6 +92,9 @@ class PerceptionPlugin(Plugin):
         mode: str = "builtin"
         llm_weight: float = 0.9
         llm_timeout_s: float = 10.0
+        embedder: str = "hashing"
+        embed_model_dir: str = ""
+        semantic_min_similarity: float = 0.2
 
     config: Config
 
@@ -93,6 +102,7 @@ class PerceptionPlugin(Plugin):
     def validate_config(cls, config: Config) -> list[str | tuple[str, str]]:
         """``mode`` builtin or llm; ``descriptions`` only for tags of ``expertise``."""
         problems = one_of("mode", config.mode, ("builtin", "llm"))
+        problems += one_of("embedder", config.embedder, ("hashing", "semantic", "auto"))
         stray = sorted(set(config.descriptions) - set(config.expertise))
         if stray:
             problems.append(
@@ -103,8 +113,6 @@ class PerceptionPlugin(Plugin):
     def __init__(self, config: Config, kernel: object) -> None:
         problems = self.validate_config(config)
         if problems:
-            from aiwfe.kernel.errors import ConfigError
-
             raise ConfigError("perception: " + "; ".join(map(problem_text, problems)))
         super().__init__(config, kernel)  # type: ignore[arg-type]
         descriptions = {
@@ -112,14 +120,39 @@ class PerceptionPlugin(Plugin):
             for t, kw in config.expertise.items()
         }
         self.vectors = {t: trigram_vector(d) for t, d in descriptions.items()}
+        self.semantic: SemanticEmbedder | None = None
+        self.embedder_note = ""
+        if config.embedder != "hashing":
+            try:
+                self.semantic = SemanticEmbedder(config.embed_model_dir)
+            except SemanticUnavailable as e:
+                if config.embedder == "semantic":
+                    raise ConfigError(f"perception: embedder semantic: {e}") from None
+                self.embedder_note = f"embedder hashing (semantic unavailable: {e})"
+        if self.semantic is not None:
+            tags = list(descriptions)
+            self.dense = dict(zip(tags, self.semantic.embed_sync([descriptions[t] for t in tags]), strict=True))
+
+    def degraded(self) -> list[str]:
+        """``embedder hashing (semantic unavailable: ...)`` when ``auto`` fell back to hashing."""
+        return [self.embedder_note] if self.embedder_note else []
+
+    async def _similarities(self, text: str) -> dict[str, float] | None:
+        """Semantic cosine of ``text`` to each tag's description (None with hashing)."""
+        if self.semantic is None:
+            return None
+        (v,) = await self.semantic.embed([text])
+        return {t: sum(a * b for a, b in zip(v, d, strict=True)) for t, d in self.dense.items()}
 
     @serves(Perceive, concurrency=256)
     async def perceive(self, req: Perceive) -> Perception:
         """Analyse the text (see the module docstring)."""
         c = self.config
+        sims = await self._similarities(req.text)
+        floor = c.min_similarity if sims is None else c.semantic_min_similarity
         if c.mode == "builtin":
-            return analyse(req.text, c.expertise, req.max_tags, self.vectors, c.similarity_weight, c.min_similarity)
-        base = analyse(req.text, c.expertise, len(c.expertise), self.vectors, c.similarity_weight, c.min_similarity)
+            return analyse(req.text, c.expertise, req.max_tags, self.vectors, c.similarity_weight, floor, sims)
+        base = analyse(req.text, c.expertise, len(c.expertise), self.vectors, c.similarity_weight, floor, sims)
         tags = ", ".join(sorted(c.expertise))
         ask = Reason(
             role="request router", task=f"Which of these expertise tags does this request need: {tags}? Request: {req.text}"
@@ -169,11 +202,13 @@ def analyse(
     vectors: dict[str, dict[int, float]] | None = None,
     similarity_weight: float = 0.8,
     min_similarity: float = 0.2,
+    similarities: dict[str, float] | None = None,
 ) -> Perception:
     """Pure function behind the built-in mode of :meth:`PerceptionPlugin.perceive`.
 
     ``vectors`` are the tags' description vectors (:func:`trigram_vector`); without them
-    only keywords count.
+    only keywords count. ``similarities`` (tag → cosine, from a semantic embedder), when
+    given, replace the trigram similarities.
     """
     words = _WORD.findall(text)
     lower = [w.lower().strip(".") for w in words]
@@ -194,12 +229,16 @@ def analyse(
             if w not in entities:
                 entities.append(w.strip("."))
     scores = []
-    text_vec = trigram_vector(text) if vectors else {}
+    text_vec = trigram_vector(text) if vectors and similarities is None else {}
     for tag, keywords in expertise.items():
         hits = sum(1 for k in keywords if k.lower() in bag)
         score = min(1.0, hits / min(3, len(keywords))) if keywords else 0.0
-        if vectors and tag in vectors:
+        sim = None
+        if similarities is not None:
+            sim = similarities.get(tag)
+        elif vectors and tag in vectors:
             sim = _cosine(text_vec, vectors[tag])
+        if sim is not None:
             if sim >= min_similarity:
                 score = max(score, similarity_weight * sim)
         if score > 0:

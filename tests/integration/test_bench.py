@@ -42,6 +42,11 @@ BENCHES = {
         ["--jobs", "50", "--rounds", "1", "--inflight", "8"],
         ["jobs", "kernel_per_s", "raw_per_s", "ratio", "p50_ms", "p99_ms", "auth_ratio"],
     ),
+    "embed": (
+        ["--sentences", "16", "--batch", "8", "--rounds", "1"],
+        ["pairs", "semantic_available", "model", "hashing_hit_at_5", "semantic_hit_at_5", "hashing_per_s", "semantic_per_s",
+         "semantic_one_p50_ms"],
+    ),
     "startup": (
         ["--runs", "1", "--no-up"],
         ["pods", "max_pod_ready_s", "up_ready_s", "pod_goal_s", "ok"],

@@ -24,7 +24,8 @@ import pytest
 
 from aiwfe.kernel import DeadlineExceeded, Overloaded, RemoteError, Unavailable
 from aiwfe.kernel.routing import Kernel
-from aiwfe.plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
+from aiwfe.plugins.perception.contract import Perceive
+from aiwfe.plugins.perception.plugin import PerceptionPlugin
 from aiwfe.plugins.reasoning.plugin import extract
 from aiwfe.testing import Placement, SystemSpec, start_system
 from aiwfe.testing.plugin import seeds
@@ -102,9 +103,9 @@ async def system(
         yield System(placement=request.param, kernel=s.kernel, pods=s.pods, gateway_url=s.gateway_url, co_located=co_located)
 
 
-def expected_answer(text: str, context: list[str]) -> dict[str, Any]:
-    vectors = PerceptionPlugin(PerceptionPlugin.Config(), None).vectors  # type: ignore[arg-type]
-    p = analyse(text, _DEFAULT_EXPERTISE, 5, vectors)
+async def expected_answer(text: str, context: list[str]) -> dict[str, Any]:
+    # the manifests' perception embedder: auto (semantic where its model is installed, else hashing)
+    p = await PerceptionPlugin(PerceptionPlugin.Config(embedder="auto"), None).perceive(Perceive(text=text))  # type: ignore[arg-type]
     answer, confidence = extract("generalist", text, context, 3)
     return {"intent": p.intent, "tags": [e.tag for e in p.expertise], "answer": answer, "confidence": confidence}
 
@@ -119,7 +120,7 @@ async def test_end_to_end(system: System) -> None:
     placement, k, pods = system.placement, system.kernel, system.pods
     # RPC through a front plugin that calls perception and reasoning
     answers = [msgspec.to_builtins(await k.call(Ask(text=t, context=c))) for t, c in ASKS]
-    assert answers == [expected_answer(t, c) for t, c in ASKS]
+    assert answers == [await expected_answer(t, c) for t, c in ASKS]
 
     # durable jobs, through two job consumers
     crunch_ids = [await k.submit(Crunch(n=i)) for i in range(40)]
@@ -203,6 +204,27 @@ async def test_helios_over_the_websocket(system: System) -> None:
     assert answered == events.count("helios.expert_started") == len(f["result"]["experts"]) > 0
     assert "reasoning.answer_streamed" in events
     assert "B-tree index on order_id" in f["result"]["answer"]  # recalled from wendy's memories, not someone-else's
+
+
+@pytest.mark.timeout(120)
+async def test_helios_quorum_and_token_budget(system: System) -> None:
+    """min_answers and token_budget under every placement: the result and the events carry
+    them, every expert's outcome is recorded, no more is spent than the budget."""
+    from aiwfe.plugins.helios.contract import Ask as HeliosAsk
+
+    ask = HeliosAsk(text="Secure the database and speed up its queries", max_experts=4, min_answers=2, token_budget=3000)
+    job_id = await system.kernel.submit(ask)
+    rec = await system.kernel.wait_job(job_id, timeout_s=60)
+    assert rec.status == "done", rec.error
+    result = msgspec.msgpack.decode(rec.result)
+    assert (result["min_answers"], result["token_budget"]) == (2, 3000)
+    statuses = [e["status"] for e in result["experts"]]
+    assert statuses.count("answered") >= 2 and set(statuses) <= {"answered", "cancelled", "skipped"}, statuses
+    assert result["tokens_spent"] == sum(e["tokens"] for e in result["experts"]) <= 3000
+    events = [ev async for ev in system.kernel.job_events(job_id)]
+    selected = next(ev.data for ev in events if ev.type == "helios.selected")
+    assert (selected["min_answers"], selected["token_budget"]) == (2, 3000)
+    assert sum(ev.type == "helios.expert_cancelled" for ev in events) == statuses.count("cancelled")
 
 
 @pytest.mark.timeout(120)
