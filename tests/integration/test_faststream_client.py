@@ -1,0 +1,62 @@
+"""The FastStream example client (examples/faststream_client/client.py) against real pods
+on a real NATS server: it submits JSON jobs on ``<prefix>.submit.<kind>``, follows their
+events on ``<prefix>.status.job`` and prints the result, all as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from aiwfe.kernel.manifest import parse_manifest
+from aiwfe.kernel.pod import PodRunner
+from tests.support.pods import StartPods, running
+from tests.unit.test_routing import TWO_PODS
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT = ROOT / "examples" / "faststream_client" / "client.py"
+
+
+@pytest.fixture
+def start_pods(prefix: str, nats_url: str) -> StartPods:
+    @contextlib.asynccontextmanager
+    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
+        async with running(parse_manifest(text.replace("{prefix}", prefix), env={}), nats_url=nats_url) as pods:
+            yield pods
+
+    return start
+
+
+def client(url: str, prefix: str, kind: str, job: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run the example as a user would (its own process, nothing of aiwfe imported)."""
+    args = [sys.executable, str(CLIENT), "--url", url, "--prefix", prefix, "--kind", kind, "--timeout", "60", *extra, job]
+    return subprocess.run(args, capture_output=True, text=True, timeout=90, cwd=ROOT)
+
+
+async def test_faststream_client_submits_follows_and_reads_the_result(start_pods: StartPods, nats_url: str, prefix: str) -> None:
+    async with start_pods(TWO_PODS):
+        ok, bad = await asyncio.gather(
+            asyncio.to_thread(client, nats_url, prefix, "probe.crunch", '{"n": 6, "delay_s": 0.2}', "--key", "order-1"),
+            asyncio.to_thread(client, nats_url, prefix, "probe.crunch", '{"n": "six"}'),
+        )
+        assert ok.returncode == 0, ok.stderr
+        lines = [json.loads(line) for line in ok.stdout.splitlines()]
+        events, outcome = lines[:-1], lines[-1]
+        assert outcome["status"] == "done" and outcome["result"]["n"] == 6 and outcome["result"]["square"] == 36
+        assert events[0]["type"] == "probe.progressed" and events[-1]["type"] == "job.done"
+        assert events[0]["data"] == {"type": "probe.progressed", "n": 6, "step": "started"}
+        assert events[-1]["data"]["square"] == 36 and [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+        assert bad.returncode == 1
+        error = json.loads(bad.stdout)["error"]
+        assert error["type"] == "BadInput" and "Expected `int`, got `str` - at `$.n`" in error["message"]
+        # the same idempotency key names the same job, already done
+        again = await asyncio.to_thread(client, nats_url, prefix, "probe.crunch", '{"n": 6}', "--key", "order-1")
+        assert json.loads(again.stdout.splitlines()[-1])["job_id"] == outcome["job_id"]
