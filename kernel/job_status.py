@@ -119,11 +119,28 @@ class JobStatus:
                 out = await self.status(req)
             finally:
                 self.polls -= 1
-            return reply(out, as_json)
+            return self._fit(out, as_json)
         except AiwfeError as e:
             return error_reply(e)
         except BusError as e:
             return error_reply(Unavailable(str(e)))
+
+    def _fit(self, out: StatusReply, as_json: bool) -> tuple[bytes, Headers | None]:
+        """The encoded reply, made to fit one message: fewer events first (``final`` false,
+        ask again), then an oversized event's data or result replaced by a ``TooLarge`` note."""
+        limit = self.bus.max_payload() - 4096
+        body, h = reply(out, as_json)
+        while len(body) > limit and len(out.events) > 1:
+            keep = out.events[: len(out.events) // 2]
+            out = msgspec.structs.replace(out, events=keep, last_seq=keep[-1].seq, final=False)
+            body, h = reply(out, as_json)
+        if len(body) > limit:
+            note = {"type": "TooLarge", "message": f"does not fit one reply of {limit} bytes", "retryable": False}
+            events = [StatusEvent(seq=e.seq, type=e.type, data=note) for e in out.events]
+            big = out.result is not None
+            out = msgspec.structs.replace(out, events=events, result=None, error=note if big else out.error)
+            body, h = reply(out, as_json)
+        return body, h
 
     async def status(self, req: StatusRequest) -> StatusReply:
         """The job's status and its events after ``req.after_seq`` (see the module docstring)."""

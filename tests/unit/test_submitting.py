@@ -158,3 +158,19 @@ async def test_status_of_unknown_bad_ids_and_long_poll(start_pods: StartPods) ->
         assert first["status"] in ("pending", "done") and first["events"]
         r = await request(back, "status.job", {"job_id": job_id, "after_seq": first["last_seq"], "wait_s": 10})
         assert r["events"] and r["events"][0]["seq"] > first["last_seq"]
+
+
+def test_status_replies_are_made_to_fit_one_message() -> None:
+    from aiwfe.bus.local import LocalBus
+    from aiwfe.kernel.job_status import JobStatus, StatusEvent, StatusReply
+    from aiwfe.kernel.jobs import Jobs
+
+    status = JobStatus(Jobs(LocalBus("p", max_payload=20_000)))
+    events = [StatusEvent(seq=i, type="x", data="y" * 1000) for i in range(1, 41)]
+    body, _ = status._fit(StatusReply(job_id="j", status="done", events=events, last_seq=40, final=True), True)
+    out = json.loads(body)
+    assert len(body) <= 20_000 - 4096 and not out["final"] and out["last_seq"] == out["events"][-1]["seq"] < 40
+    assert [e["seq"] for e in out["events"]] == list(range(1, len(out["events"]) + 1))
+    body, _ = status._fit(StatusReply(job_id="j", status="done", result="z" * 30_000, last_seq=3, final=True), False)
+    out = msgspec.msgpack.decode(body)
+    assert out["result"] is None and out["error"]["type"] == "TooLarge" and out["final"]
