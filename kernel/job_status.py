@@ -27,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from typing import Annotated, Any
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any, cast
 
 import msgspec
 
@@ -125,6 +126,9 @@ class JobStatus:
         except BusError as e:
             return error_reply(Unavailable(str(e)))
 
+    def _follow(self, subject: str, after: int) -> AsyncGenerator[StreamMessage, None]:
+        return cast("AsyncGenerator[StreamMessage, None]", self.bus.follow(subject, after))  # both buses: generators
+
     def _fit(self, out: StatusReply, as_json: bool) -> tuple[bytes, Headers | None]:
         """The encoded reply, made to fit one message: fewer events first (``final`` false,
         ask again), then an oversized event's data or result replaced by a ``TooLarge`` note."""
@@ -185,7 +189,7 @@ class JobStatus:
         """Events after ``after`` up to ``upto`` (already stored); (events, more remain)."""
         out: list[StatusEvent] = []
         size = 0
-        async with contextlib.aclosing(self.bus.follow(subject, after)) as it:
+        async with contextlib.aclosing(self._follow(subject, after)) as it:
             try:
                 async with asyncio.timeout(READ_TIMEOUT_S):
                     async for m in it:
@@ -202,7 +206,7 @@ class JobStatus:
 
     async def _wait(self, subject: str, after: int, wait_s: float) -> tuple[list[StatusEvent], bool]:
         """Wait up to ``wait_s`` for an event after ``after``; then read what else is stored."""
-        async with contextlib.aclosing(self.bus.follow(subject, after)) as it:
+        async with contextlib.aclosing(self._follow(subject, after)) as it:
             try:
                 async with asyncio.timeout(wait_s):
                     first = _event(await anext(it))

@@ -178,7 +178,8 @@ class Submissions:
         async def handle(data: bytes, headers: Headers | None) -> tuple[bytes, Headers | None]:
             as_json = is_json(data, headers)
             h = headers or {}
-            token = _trace.set(h[H_TRACE]) if h.get(H_TRACE) else None
+            tp = h.get(H_TRACE, "")
+            token = _trace.set(tp) if 0 < len(tp) <= 64 and tp.isascii() else None  # W3C traceparent: 55 chars
             try:
                 await self.limiter.enter()
                 try:

@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("manifests", nargs="+")
     s.set_defaults(fn=cmd_check)
 
-    s = sub.add_parser("publish", help="submit a job (SUBJECT <prefix>.submit.<kind>, validated by its pod) or an RPC from the shell")
+    s = sub.add_parser("publish", help="submit a job (SUBJECT <prefix>.submit.<kind>: its pod validates it) or make an RPC")
     s.add_argument("subject", help="e.g. aiwfe.submit.helios.ask (or aiwfe.jobs.helios.ask) or aiwfe.perception.perceive")
     s.add_argument("json", help="the message as JSON")
     s.add_argument("--wait", action="store_true", help="jobs: wait for the result and print it")
