@@ -60,3 +60,48 @@ async def test_faststream_client_submits_follows_and_reads_the_result(start_pods
         # the same idempotency key names the same job, already done
         again = await asyncio.to_thread(client, nats_url, prefix, "probe.crunch", '{"n": 6}', "--key", "order-1")
         assert json.loads(again.stdout.splitlines()[-1])["job_id"] == outcome["job_id"]
+
+
+async def test_faststream_client_as_a_restricted_publisher(tmp_path: Path) -> None:
+    """The publisher role of the plan: it may publish only the submit and status subjects and
+    read only its own inbox; the client works with that and nothing more."""
+    import nats
+    import nats.errors
+
+    from tests.support.nats_secure import ConfiguredNats
+
+    prefix = "fsauth"
+    publisher = {
+        "user": "publisher",
+        "password": "pub-secret",
+        "permissions": {
+            "publish": {"allow": [f"{prefix}.submit.probe.crunch", f"{prefix}.status.job"]},
+            "subscribe": {"allow": ["_INBOX.publisher.>"]},
+        },
+    }
+    conf = "authorization: " + json.dumps({"users": [{"user": "pod", "password": "pod-secret"}, publisher]}) + "\n"
+    srv = ConfiguredNats(tmp_path / "nats", conf).start()
+    try:
+        pod_url, pub_url = f"nats://pod:pod-secret@{srv.address}", f"nats://publisher:pub-secret@{srv.address}"
+        async with running(parse_manifest(TWO_PODS.replace("{prefix}", prefix), env={}), nats_url=pod_url):
+            r = await asyncio.to_thread(client, pub_url, prefix, "probe.crunch", '{"n": 4}')
+            assert r.returncode == 0, r.stdout + r.stderr
+            outcome = json.loads(r.stdout.splitlines()[-1])
+            assert outcome["status"] == "done" and outcome["result"]["square"] == 16
+            # and nothing else: not the jobs stream, not the bucket, not another inbox
+            errors: list[Exception] = []
+
+            async def on_error(e: Exception) -> None:
+                errors.append(e)
+
+            nc = await nats.connect(pub_url, inbox_prefix="_INBOX.publisher", error_cb=on_error)
+            try:
+                await nc.publish(f"{prefix}.jobs.probe.crunch", b'{"n": 1}')
+                await nc.subscribe("_INBOX.>")
+                await nc.flush()
+                await asyncio.sleep(0.3)
+            finally:
+                await nc.close()
+            assert sum("permissions violation" in str(e).lower() for e in errors) == 2, errors
+    finally:
+        srv.stop()
