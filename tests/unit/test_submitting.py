@@ -174,3 +174,16 @@ def test_status_replies_are_made_to_fit_one_message() -> None:
     body, _ = status._fit(StatusReply(job_id="j", status="done", result="z" * 30_000, last_seq=3, final=True), False)
     out = msgspec.msgpack.decode(body)
     assert out["result"] is None and out["error"]["type"] == "TooLarge" and out["final"]
+
+
+async def test_submit_subject_refuses_a_job_over_the_bus_limit(start_pods: StartPods) -> None:
+    from aiwfe.bus.local import LocalBus
+
+    async with start_pods(TWO_PODS) as pods:
+        back = pods["back"]
+        if not isinstance(back.bus, LocalBus):
+            pytest.skip("a NATS server's max_payload is what it is")
+        back.bus._max_payload = 300  # smaller than a queued job with its headers
+        with pytest.raises(TooLarge, match="max_payload"):
+            await request(back, "submit.probe.crunch", {"n": 1}, {H_IDEMPOTENCY: "small-bus"})
+        assert await back.kernel.job_owner(back.kernel._job_id("probe.crunch", None, "submit:small-bus")) is None
