@@ -7,9 +7,12 @@ Bad input is refused where it enters, before anything is recorded or queued:
   application/json``, or a body starting with ``{``) or msgpack. It is decoded against the
   job's contract; a body that does not fit is answered with an ``Aiwfe-Error`` header
   (``BadInput``, the message naming the field: ``Expected `int`, got `str` - at `$.n```).
-  A valid job is re-encoded as msgpack, recorded as submitted (the owner entry
-  :data:`SUBMITTED`, which makes it readable on ``<prefix>.status.job`` while pending) and
-  queued; the reply is ``{"job_id": ...}`` (JSON for a JSON request, msgpack otherwise).
+  A job's ``owner`` field (the user it acts for, e.g. whose memories helios recalls; the
+  gateway sets it to the caller) is set to :data:`SUBMITTED`: an external publisher acts
+  as no user, whatever it sent. A valid job is re-encoded as msgpack, recorded as
+  submitted (the owner entry :data:`SUBMITTED`, which makes it readable on
+  ``<prefix>.status.job`` while pending) and queued; the reply is ``{"job_id": ...}``
+  (JSON for a JSON request, msgpack otherwise).
   ``Aiwfe-Idempotency-Key`` (at most :data:`MAX_KEY_CHARS` characters) makes the id
   deterministic, in a namespace of its own (never another surface's job);
   ``Aiwfe-Validate-Only: 1`` only validates and answers ``{"valid": true}``.
@@ -45,17 +48,23 @@ from .job_status import JobStatus
 from .jobs import _unavailable
 from .serving import Endpoint, Limiter, _trace
 
-__all__ = ["H_IDEMPOTENCY", "H_VALIDATE_ONLY", "MAX_KEY_CHARS", "Submissions"]
+__all__ = ["H_IDEMPOTENCY", "H_VALIDATE_ONLY", "MAX_KEY_CHARS", "OWNER_FIELD", "Submissions"]
 
 H_IDEMPOTENCY = "Aiwfe-Idempotency-Key"
 H_VALIDATE_ONLY = "Aiwfe-Validate-Only"
 MAX_KEY_CHARS = 200
+#: The job field naming the user a job acts for: set by the edge, never by the client.
+OWNER_FIELD = "owner"
 #: Room left for the headers the kernel adds on the way to the stream (traceparent, ...).
 HEADROOM_BYTES = 256
 VALIDATE_TIMEOUT_S = 5.0
 HANDLE_TIMEOUT_S = 15.0
 
 _enc = msgspec.msgpack.Encoder()
+
+
+def _has_owner(contract: type) -> bool:
+    return any(f.name == OWNER_FIELD and f.type is str for f in msgspec.structs.fields(contract))
 
 
 class Submissions:
@@ -199,6 +208,8 @@ class Submissions:
 
     async def _submit_one(self, ep: Endpoint, address: str, data: bytes, h: Headers, as_json: bool) -> dict[str, Any]:
         job = self.decode(ep, data, as_json)
+        if _has_owner(type(job)):  # an external publisher acts as no user, whatever it sent
+            job = msgspec.structs.replace(job, **{OWNER_FIELD: SUBMITTED})
         if h.get(H_VALIDATE_ONLY):
             return {"valid": True}
         key = h.get(H_IDEMPOTENCY)

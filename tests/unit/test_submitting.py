@@ -12,6 +12,8 @@ import pytest
 
 from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, JSON
 from aiwfe.bus.errors import NotAccepted
+from aiwfe.kernel import Job, Plugin, Reply, serves
+from aiwfe.kernel._external import SUBMITTED
 from aiwfe.kernel.errors import BadInput, TooLarge, Unavailable, from_wire
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.submitting import H_IDEMPOTENCY, H_VALIDATE_ONLY
@@ -187,3 +189,28 @@ async def test_submit_subject_refuses_a_job_over_the_bus_limit(start_pods: Start
         with pytest.raises(TooLarge, match="max_payload"):
             await request(back, "submit.probe.crunch", {"n": 1}, {H_IDEMPOTENCY: "small-bus"})
         assert await back.kernel.job_owner(back.kernel._job_id("probe.crunch", None, "submit:small-bus")) is None
+
+
+class Owned(Reply):
+    owner: str
+
+
+class Whose(Job[Owned], tag="edgeprobe.whose"):
+    owner: str = ""
+
+
+class WhosePlugin(Plugin):
+    name = "edgeprobe"
+
+    @serves(Whose)
+    async def whose(self, job: Whose) -> Owned:
+        return Owned(owner=job.owner)
+
+
+async def test_an_external_publisher_acts_as_no_user(start_pods: StartPods) -> None:
+    text = TWO_PODS.replace('"perception", "reasoning"', '"perception", "reasoning", "tests.unit.test_submitting:WhosePlugin"')
+    async with start_pods(text) as pods:
+        front = pods["front"]
+        job_id = (await request(front, "submit.edgeprobe.whose", {"owner": "victim-user-id"}))["job_id"]
+        final, _ = await follow(front, job_id)
+        assert final["result"] == {"owner": SUBMITTED}
