@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import math
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any, cast
@@ -42,6 +43,8 @@ from .jobs import TERMINAL, Jobs
 
 __all__ = ["MAX_EVENTS", "MAX_POLLS", "MAX_WAIT_S", "JobStatus", "StatusEvent", "StatusReply", "StatusRequest"]
 
+log = logging.getLogger("aiwfe.jobs")
+
 MAX_WAIT_S = 25.0
 MAX_EVENTS = 256
 MAX_EVENT_BYTES = 256 * 1024
@@ -56,7 +59,7 @@ class StatusRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A status request. ``job_id``: letters, digits, ``-`` and ``_`` only (it names a subject)."""
 
     job_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,128}$")]
-    after_seq: Annotated[int, msgspec.Meta(ge=0)] = 0
+    after_seq: Annotated[int, msgspec.Meta(ge=0, le=2**53)] = 0
     wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
@@ -125,6 +128,9 @@ class JobStatus:
             return error_reply(e)
         except BusError as e:
             return error_reply(Unavailable(str(e)))
+        except Exception as e:  # never a request without an answer
+            log.exception("status.job failed")
+            return error_reply(Unavailable(f"status.job: {type(e).__name__}"))
 
     def _follow(self, subject: str, after: int) -> AsyncGenerator[StreamMessage, None]:
         return cast("AsyncGenerator[StreamMessage, None]", self.bus.follow(subject, after))  # both buses: generators

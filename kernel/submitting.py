@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -61,6 +62,7 @@ VALIDATE_TIMEOUT_S = 5.0
 HANDLE_TIMEOUT_S = 15.0
 
 _enc = msgspec.msgpack.Encoder()
+log = logging.getLogger("aiwfe.jobs")
 
 
 def _has_owner(contract: type) -> bool:
@@ -200,6 +202,9 @@ class Submissions:
                     self.limiter.leave()
             except AiwfeError as e:
                 return error_reply(e)
+            except Exception as e:  # never a request without an answer
+                log.exception("submit %s failed", address)
+                return error_reply(Unavailable(f"submitting {address}: {type(e).__name__}"))
             finally:
                 if token is not None:
                     _trace.reset(token)

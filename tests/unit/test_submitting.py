@@ -214,3 +214,35 @@ async def test_an_external_publisher_acts_as_no_user(start_pods: StartPods) -> N
         job_id = (await request(front, "submit.edgeprobe.whose", {"owner": "victim-user-id"}))["job_id"]
         final, _ = await follow(front, job_id)
         assert final["result"] == {"owner": SUBMITTED}
+
+
+async def test_hostile_requests_always_get_an_answer(start_pods: StartPods) -> None:
+    """Random bytes, mangled JSON and odd headers on both subjects: every request is answered
+    (a reply or an error header), nothing is queued for a refused one, and the pod still works."""
+    import random
+
+    rnd = random.Random(12)
+    valid = [b'{"job_id": "abc", "after_seq": 0}', b'{"n": 3}', msgspec.msgpack.encode({"job_id": "x", "wait_s": 0.0})]
+    weird = [b"", b"{", b"[]", b"null", b'{"job_id": ">"}', b'{"job_id": "a", "after_seq": 1e400}', b'{"n": 1e400}',
+             b'{"job_id": "a", "wait_s": -1}', b'{"n": 1, "type": "other.kind"}', b"\xc1\x02", b"\xff" * 64]  # fmt: skip
+    payloads = weird + [bytes(rnd.getrandbits(8) for _ in range(rnd.randint(0, 80))) for _ in range(60)]
+    for v in valid:
+        for _ in range(20):
+            b = bytearray(v)
+            for _ in range(rnd.randint(1, 4)):
+                b[rnd.randrange(len(b))] = rnd.getrandbits(8)
+            payloads.append(bytes(b))
+    header_sets = [None, {H_CONTENT_TYPE: JSON}, {H_CONTENT_TYPE: "text/plain"}, {H_IDEMPOTENCY: ""},
+                   {"traceparent": "x" * 500}, {H_VALIDATE_ONLY: "1", H_CONTENT_TYPE: JSON}]  # fmt: skip
+    async with start_pods(TWO_PODS) as pods:
+        back = pods["back"]
+        bus = back.bus
+        for i, data in enumerate(payloads):
+            for subject in ("status.job", "submit.probe.crunch"):
+                reply, rh = await bus.request(f"{bus.prefix}.{subject}", data, header_sets[i % len(header_sets)], 10.0)
+                assert reply or (rh and H_ERROR in rh), (subject, data)
+                if rh and H_ERROR in rh:
+                    assert from_wire(rh[H_ERROR]).code in ("bad_input", "overloaded"), (subject, data, rh)
+        r = await request(back, "submit.probe.crunch", {"n": 2})
+        final, _ = await follow(back, r["job_id"])
+        assert final["status"] == "done"
