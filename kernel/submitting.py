@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -65,6 +66,7 @@ _enc = msgspec.msgpack.Encoder()
 log = logging.getLogger("aiwfe.jobs")
 
 
+@functools.cache
 def _has_owner(contract: type) -> bool:
     return any(f.name == OWNER_FIELD and f.type is str for f in msgspec.structs.fields(contract))
 
