@@ -62,39 +62,41 @@ async def test_faststream_client_submits_follows_and_reads_the_result(start_pods
         assert json.loads(again.stdout.splitlines()[-1])["job_id"] == outcome["job_id"]
 
 
-async def test_faststream_client_as_a_restricted_publisher(tmp_path: Path) -> None:
-    """The publisher role of the plan: it may publish only the submit and status subjects and
-    read only its own inbox; the client works with that and nothing more."""
+async def test_faststream_client_as_the_publisher_user(tmp_path: Path) -> None:
+    """With authorization on, as ``aiwfe up`` runs it (users and permissions derived from the
+    manifest): every pod as its own NATS user, the client as ``publisher``, which may publish
+    only the submit and status subjects and read only its own inbox."""
     import nats
     import nats.errors
 
-    from tests.support.nats_secure import ConfiguredNats
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.tools.natsauth import PUBLISHER
+    from tests.support.servers import secured_nats
 
-    prefix = "fsauth"
-    publisher = {
-        "user": "publisher",
-        "password": "pub-secret",
-        "permissions": {
-            "publish": {"allow": [f"{prefix}.submit.probe.crunch", f"{prefix}.status.job"]},
-            "subscribe": {"allow": ["_INBOX.publisher.>"]},
-        },
-    }
-    conf = "authorization: " + json.dumps({"users": [{"user": "pod", "password": "pod-secret"}, publisher]}) + "\n"
-    srv = ConfiguredNats(tmp_path / "nats", conf).start()
-    try:
-        pod_url, pub_url = f"nats://pod:pod-secret@{srv.address}", f"nats://publisher:pub-secret@{srv.address}"
-        async with running(parse_manifest(TWO_PODS.replace("{prefix}", prefix), env={}), nats_url=pod_url):
-            r = await asyncio.to_thread(client, pub_url, prefix, "probe.crunch", '{"n": 4}')
-            assert r.returncode == 0, r.stdout + r.stderr
-            outcome = json.loads(r.stdout.splitlines()[-1])
+    prefix = "fs" + tmp_path.name[-8:].lower().replace("_", "")
+    m = parse_manifest(TWO_PODS.replace("{prefix}", prefix), env={})
+    with secured_nats(m, tmp_path) as sec:
+        runners = [PodRunner(m, name, NatsBus(sec.pod_url(name), prefix, name=name), ops_port=0) for name in m.pods]
+        async with contextlib.AsyncExitStack() as stack:
+            for r in runners:
+                await stack.enter_async_context(r)
+            pub_url = sec.url(PUBLISHER)
+            ok, bad = await asyncio.gather(
+                asyncio.to_thread(client, pub_url, prefix, "probe.crunch", '{"n": 4}'),
+                asyncio.to_thread(client, pub_url, prefix, "probe.crunch", '{"n": []}'),
+            )
+            assert ok.returncode == 0, ok.stdout + ok.stderr
+            outcome = json.loads(ok.stdout.splitlines()[-1])
             assert outcome["status"] == "done" and outcome["result"]["square"] == 16
+            assert json.loads(ok.stdout.splitlines()[0])["type"] == "probe.progressed"
+            assert bad.returncode == 1 and "$.n" in json.loads(bad.stdout)["error"]["message"]
             # and nothing else: not the jobs stream, not the bucket, not another inbox
             errors: list[Exception] = []
 
             async def on_error(e: Exception) -> None:
                 errors.append(e)
 
-            nc = await nats.connect(pub_url, inbox_prefix="_INBOX.publisher", error_cb=on_error)
+            nc = await nats.connect(pub_url, inbox_prefix=f"_INBOX.{PUBLISHER}", error_cb=on_error)
             try:
                 await nc.publish(f"{prefix}.jobs.probe.crunch", b'{"n": 1}')
                 await nc.subscribe("_INBOX.>")
@@ -103,5 +105,3 @@ async def test_faststream_client_as_a_restricted_publisher(tmp_path: Path) -> No
             finally:
                 await nc.close()
             assert sum("permissions violation" in str(e).lower() for e in errors) == 2, errors
-    finally:
-        srv.stop()
