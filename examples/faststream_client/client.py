@@ -3,6 +3,9 @@ print its result. It imports nothing of AIWFE: the subjects and their JSON are t
 
     python examples/faststream_client/client.py --url nats://publisher:PASSWORD@127.0.0.1:4222 \\
         --kind helios.ask '{"text": "How do I speed up customer lookups?"}'
+    python examples/faststream_client/client.py --system .aiwfe/system.json '{"text": "..."}'
+
+(``--system``: the file ``aiwfe up`` writes; its ``publisher`` credentials and prefix are used.)
 
 Prints one JSON line per job event (``{"seq", "type", "data"}``), then the outcome
 ``{"job_id", "status", "result"|"error"}``; exit status 0 when the job is done.
@@ -26,12 +29,13 @@ import json
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from faststream.nats import NatsBroker
 
-__all__ = ["JobError", "follow_job", "main", "run", "submit_job"]
+__all__ = ["JobError", "follow_job", "from_system", "main", "run", "submit_job"]
 
 MAX_POLL_S = 25.0
 
@@ -48,6 +52,18 @@ def inbox_prefix(url: str) -> str:
     """``_INBOX.<user>`` for a URL with credentials (what a restricted user may subscribe to), else ``_INBOX``."""
     user = urlsplit(url.split(",")[0].strip()).username
     return f"_INBOX.{unquote(user)}" if user else "_INBOX"
+
+
+def from_system(path: str) -> tuple[str, str]:
+    """(URL with the ``publisher`` credentials, prefix) from the ``system.json`` of ``aiwfe up``."""
+    info = json.loads(Path(path).read_text())
+    pub = info["publisher"]
+    cred = f"{quote(pub['nats_user'], safe='')}:{quote(pub['nats_password'], safe='')}@"
+    urls = []
+    for part in str(info["nats_url"]).split(","):
+        u = urlsplit(part.strip())
+        urls.append(urlunsplit((u.scheme, cred + u.netloc.rpartition("@")[2], u.path, u.query, u.fragment)))
+    return ",".join(urls), str(info.get("prefix") or "aiwfe")
 
 
 async def _request(broker: NatsBroker, subject: str, body: dict[str, Any], timeout_s: float, **headers: str) -> Any:
@@ -108,12 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Submit a JSON job to AIWFE over NATS (FastStream) and follow it.")
     p.add_argument("input", help="the job's input as JSON")
     p.add_argument("--url", default="nats://127.0.0.1:4222", help="NATS URL, credentials included (nats://user:pw@host:port)")
-    p.add_argument("--prefix", default="aiwfe", help="subject prefix (default aiwfe)")
+    p.add_argument("--prefix", default=None, help="subject prefix (default aiwfe, or the system file's)")
+    p.add_argument("--system", default=None, help="the system.json of `aiwfe up`: its publisher credentials and prefix")
     p.add_argument("--kind", default="helios.ask", help="job kind (default helios.ask)")
     p.add_argument("--key", default=None, help="idempotency key (the same key gives the same job)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the outcome")
     a = p.parse_args(argv)
-    return asyncio.run(run(a.url, a.prefix, a.kind, json.loads(a.input), timeout_s=a.timeout, key=a.key or uuid.uuid4().hex))
+    url, prefix = from_system(a.system) if a.system else (a.url, "aiwfe")
+    job = json.loads(a.input)
+    return asyncio.run(run(url, a.prefix or prefix, a.kind, job, timeout_s=a.timeout, key=a.key or uuid.uuid4().hex))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ def start_pods(prefix: str, nats_url: str) -> StartPods:
 
 def client(url: str, prefix: str, kind: str, job: str, *extra: str) -> subprocess.CompletedProcess[str]:
     """Run the example as a user would (its own process, nothing of aiwfe imported)."""
-    args = [sys.executable, str(CLIENT), "--url", url, "--prefix", prefix, "--kind", kind, "--timeout", "60", *extra, job]
+    where = [*(["--url", url] if url else []), *(["--prefix", prefix] if prefix else [])]
+    args = [sys.executable, str(CLIENT), *where, "--kind", kind, "--timeout", "60", *extra, job]
     return subprocess.run(args, capture_output=True, text=True, timeout=90, cwd=ROOT)
 
 
@@ -71,6 +72,7 @@ async def test_faststream_client_as_the_publisher_user(tmp_path: Path) -> None:
 
     from aiwfe.bus.nats import NatsBus
     from aiwfe.kernel.tools.natsauth import PUBLISHER
+    from aiwfe.kernel.tools.up import write_system
     from tests.support.servers import secured_nats
 
     prefix = "fs" + tmp_path.name[-8:].lower().replace("_", "")
@@ -81,8 +83,10 @@ async def test_faststream_client_as_the_publisher_user(tmp_path: Path) -> None:
             for r in runners:
                 await stack.enter_async_context(r)
             pub_url = sec.url(PUBLISHER)
+            # the system.json `aiwfe up` writes: --system takes the publisher's credentials and the prefix from it
+            system = write_system(tmp_path, m, {"NATS_URL": sec.server.url}, sec.auth)
             ok, bad = await asyncio.gather(
-                asyncio.to_thread(client, pub_url, prefix, "probe.crunch", '{"n": 4}'),
+                asyncio.to_thread(client, "", "", "probe.crunch", '{"n": 4}', "--system", str(system)),
                 asyncio.to_thread(client, pub_url, prefix, "probe.crunch", '{"n": []}'),
             )
             assert ok.returncode == 0, ok.stdout + ok.stderr
