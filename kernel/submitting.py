@@ -215,7 +215,7 @@ class Submissions:
 
     async def _submit_one(self, ep: Endpoint, address: str, data: bytes, h: Headers, as_json: bool) -> dict[str, Any]:
         job = self.decode(ep, data, as_json)
-        if _has_owner(type(job)):  # an external publisher acts as no user, whatever it sent
+        if _has_owner(ep.contract):  # an external publisher acts as no user, whatever it sent
             job = msgspec.structs.replace(job, **{OWNER_FIELD: SUBMITTED})
         if h.get(H_VALIDATE_ONLY):
             return {"valid": True}
