@@ -99,7 +99,8 @@ class Submissions:
             await self.bus.accept_kinds(sorted(set(eps) | self.declared))
         for address, ep in eps.items():
             await self.bus.serve(f"{self.bus.prefix}.submit.{address}", self._handler(ep))
-        await JobStatus(self.kernel.jobs).start()
+        self.status = JobStatus(self.kernel.jobs)
+        await self.status.start()
 
     # -- checks ------------------------------------------------------------------------
 

@@ -246,3 +246,19 @@ async def test_hostile_requests_always_get_an_answer(start_pods: StartPods) -> N
         r = await request(back, "submit.probe.crunch", {"n": 2})
         final, _ = await follow(back, r["job_id"])
         assert final["status"] == "done"
+
+
+async def test_long_polls_and_submissions_are_bounded_per_pod(start_pods: StartPods) -> None:
+    from aiwfe.kernel.errors import Overloaded
+    from aiwfe.kernel.job_status import MAX_POLLS
+
+    async with start_pods(TWO_PODS) as pods:
+        front = pods["front"]  # the one pod that serves probe.crunch's submit subject
+        for pod in pods.values():  # every pod serves status.job: fill them all
+            pod.kernel.submissions.status.polls = MAX_POLLS
+        with pytest.raises(Overloaded):
+            await request(front, "status.job", {"job_id": "abc", "wait_s": 20})
+        lim = front.kernel.submissions.limiter
+        lim.active, lim.max_queue = lim.limit, 0
+        with pytest.raises(Overloaded):
+            await request(front, "submit.probe.crunch", {"n": 1})
