@@ -54,7 +54,9 @@ async def test_http_bodies_over_the_limits_are_413_and_leave_nothing_pending(gat
         assert r.status_code == 413 and "too_large" in r.json()["detail"], r.text
         assert "retry-after" not in r.headers
         assert await _owner_of_keyed_job(s, h["Authorization"][7:], "probe.crunch", "big") is None
-        r = await c.post("/v1/jobs", content=json.dumps({**body, "pad": "y" * 4_000_000}), headers=h)
+        r = await c.post(
+            "/v1/jobs", content=json.dumps({**body, "pad": "y" * 4_000_000}), headers={**h, "content-type": "application/json"}
+        )
         assert r.status_code == 413
     async with gateway() as s, httpx.AsyncClient(base_url=s.url, timeout=20) as c:  # the default body limit (1 MiB)
         h = bearer(await login(c))
