@@ -9,7 +9,7 @@ It knows nothing of contracts, jobs, retries or outcomes: those are the kernel's
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Protocol
 
 import msgspec
@@ -27,6 +27,7 @@ __all__ = [
     "Streams",
     "Transport",
     "WorkQueue",
+    "message_size",
 ]
 
 Headers = dict[str, str]
@@ -34,6 +35,13 @@ Headers = dict[str, str]
 RemoteHandler = Callable[[bytes, Headers | None], Awaitable[tuple[bytes, Headers | None]]]
 #: Receives one published message.
 EventHandler = Callable[[bytes, Headers | None], Awaitable[None]]
+
+
+def message_size(data: bytes, headers: Headers | None) -> int:
+    """The size NATS counts against ``max_payload``: the payload plus the encoded header block."""
+    if not headers:
+        return len(data)
+    return len(data) + 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 class Delivery(Protocol):
@@ -96,6 +104,9 @@ class Transport(Protocol):
     def ready(self) -> str | None:
         """None when connected, else the reason."""
 
+    def max_payload(self) -> int:
+        """The largest message (payload plus headers) the server accepts, in bytes."""
+
     async def flush(self) -> None:
         """Return once the server has processed everything sent so far (subscriptions included)."""
 
@@ -125,10 +136,23 @@ class Transport(Protocol):
 
 
 class WorkQueue(Protocol):
-    """A durable work queue per kind (``<prefix>.jobs.<kind>``), one shared consumer per kind."""
+    """A durable work queue per kind (``<prefix>.jobs.<kind>``), one shared consumer per kind.
+
+    The queue takes only the kinds some pod declared (:meth:`accept_kinds`): a message of
+    any other kind is refused with NotAccepted instead of being kept where no consumer
+    will ever take it.
+    """
+
+    async def accept_kinds(self, kinds: Collection[str]) -> None:
+        """Make the queue take ``kinds`` too (kinds accepted before stay). Raises NotAccepted."""
+
+    async def job_kinds(self) -> list[str]:
+        """The kinds the queue takes now, sorted."""
 
     async def enqueue(self, kind: str, data: bytes, headers: Headers, msg_id: str) -> bool:
-        """Durably enqueue; False when ``msg_id`` was enqueued before (dedupe). Raises NotAccepted."""
+        """Durably enqueue; False when ``msg_id`` was enqueued before (dedupe).
+
+        Raises NotAccepted (a kind the queue does not take), PayloadTooLarge."""
 
     async def consume(self, kind: str, options: ConsumerOptions, handler: DeliveryHandler) -> None:
         """Start handing deliveries of ``kind`` to ``handler``, each in its own task."""
@@ -147,6 +171,9 @@ class Streams(Protocol):
     def follow(self, subject: str, after_seq: int = 0) -> AsyncIterator[StreamMessage]:
         """Replay the messages on ``subject`` after ``after_seq``, then follow new ones."""
         ...
+
+    async def last_seq(self, subject: str) -> int:
+        """The sequence of the last message stored under ``subject`` (no wildcards), 0 for none."""
 
     async def read(self, subject: str) -> list[StreamMessage]:
         """Every message stored under ``subject`` (wildcards allowed) right now."""

@@ -3,7 +3,7 @@ types (a timeout to ``DeadlineExceeded``, the rest to ``Unavailable``)."""
 
 from __future__ import annotations
 
-__all__ = ["BusError", "BusTimeout", "NoResponders", "NotAccepted", "NotConnected"]
+__all__ = ["BusError", "BusTimeout", "NoResponders", "NotAccepted", "NotConnected", "PayloadTooLarge"]
 
 
 class BusError(Exception):
@@ -24,3 +24,8 @@ class BusTimeout(BusError):
 
 class NotAccepted(BusError):
     """The server did not acknowledge a durable write (stream publish, KV write)."""
+
+
+class PayloadTooLarge(NotAccepted):
+    """The message (payload and headers) is larger than the server accepts (``max_payload``);
+    sending it would make the server close the connection, so it is refused before it is sent."""

@@ -16,11 +16,11 @@ import contextlib
 import functools
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
-from .base import ConsumerOptions, DeliveryHandler, EventHandler, Headers, RemoteHandler, StreamMessage
-from .errors import BusTimeout, NoResponders
+from .base import ConsumerOptions, DeliveryHandler, EventHandler, Headers, RemoteHandler, StreamMessage, message_size
+from .errors import BusTimeout, NoResponders, NotAccepted, PayloadTooLarge
 
 __all__ = ["LocalBus"]
 
@@ -70,10 +70,13 @@ class _LocalDelivery:
 
 
 class LocalBus:
-    """An in-process bus under ``prefix``."""
+    """An in-process bus under ``prefix``; ``max_payload`` bounds a queued or appended
+    message like NATS's server setting (default 1 MiB, NATS's default)."""
 
-    def __init__(self, prefix: str = "aiwfe") -> None:
+    def __init__(self, prefix: str = "aiwfe", *, max_payload: int = 1024 * 1024) -> None:
         self.prefix = prefix
+        self._max_payload = max_payload
+        self._kinds: set[str] = set()
         self._serve: dict[str, list[RemoteHandler]] = {}
         self._answer: dict[str, list[RemoteHandler]] = {}
         self._rr: dict[str, itertools.count[int]] = {}
@@ -100,6 +103,15 @@ class LocalBus:
     def ready(self) -> str | None:
         """Always ready."""
         return None
+
+    def max_payload(self) -> int:
+        """The largest message queued or appended (payload plus headers)."""
+        return self._max_payload
+
+    def _check_size(self, subject: str, data: bytes, headers: Headers | None) -> None:
+        size = message_size(data, headers)
+        if size > self._max_payload:
+            raise PayloadTooLarge(f"{subject}: {size} bytes, over the limit of {self._max_payload}")
 
     async def flush(self) -> None:
         """Nothing is buffered."""
@@ -186,8 +198,20 @@ class LocalBus:
             self._pending[kind] = {}
         return q
 
+    async def accept_kinds(self, kinds: Collection[str]) -> None:
+        """Take ``kinds`` too."""
+        self._kinds.update(kinds)
+
+    async def job_kinds(self) -> list[str]:
+        """The kinds taken now."""
+        return sorted(self._kinds)
+
     async def enqueue(self, kind: str, data: bytes, headers: Headers, msg_id: str) -> bool:
-        """Queue a message unless ``msg_id`` was seen before."""
+        """Queue a message of an accepted kind unless ``msg_id`` was seen before."""
+        subject = f"{self.prefix}.jobs.{kind}"
+        if kind not in self._kinds:
+            raise NotAccepted(f"{subject}: no stream takes this kind (no pod consumes or declares {kind})")
+        self._check_size(subject, data, {**headers, "Nats-Msg-Id": msg_id})
         if msg_id in self._msg_ids:
             return False
         self._msg_ids.add(msg_id)
@@ -244,6 +268,7 @@ class LocalBus:
 
     async def append(self, subject: str, data: bytes, headers: Headers, msg_id: str | None = None) -> int:
         """Append to the stream of ``subject`` (a repeated ``msg_id`` is dropped)."""
+        self._check_size(subject, data, {**headers, "Nats-Msg-Id": msg_id} if msg_id else headers)
         role = self._role(subject)
         if msg_id is not None:
             key = f"{role}\0{msg_id}"
@@ -272,6 +297,11 @@ class LocalBus:
                 yield m
             async with self._appended:
                 await self._appended.wait_for(functools.partial(self._has_after, subject, last))
+
+    async def last_seq(self, subject: str) -> int:
+        """The sequence of the last message under ``subject``, 0 for none."""
+        found = [m.seq for m in self._streams.get(self._role(subject), ()) if m.subject == subject]
+        return found[-1] if found else 0
 
     async def read(self, subject: str) -> list[StreamMessage]:
         """Every stored message under ``subject``."""

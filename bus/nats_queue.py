@@ -2,6 +2,13 @@
 ``<prefix>.jobs.<kind>``), one durable pull consumer per kind shared by every replica,
 explicit acks, ``Nats-Msg-Id`` dedupe within a 2-minute window.
 
+The stream's subjects are the kinds the pods accept, not ``<prefix>.jobs.>``: each pod adds
+its kinds when it starts (:meth:`QueueMixin.accept_kinds`, created with the first one). A
+publish to any other kind finds no stream and gets no JetStream ack, so nothing is kept
+that no consumer will take. JetStream has no compare-and-set for a stream's configuration:
+two pods adding kinds at once could overwrite each other, so a pod re-reads the subjects
+after a pause and adds its kinds again until they stay.
+
 nats-py pull fetches can stall across a server restart: every fetch is bounded by
 ``wait_for``, and after an error the pull subscription and the consumer are re-created
 before fetching again. What a delivery means (attempts, retries, outcomes) is the
@@ -13,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
+from collections.abc import Collection
 from typing import Any
 
 import nats.errors
@@ -21,8 +30,8 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import api
 
-from .base import ConsumerOptions, DeliveryHandler, Headers
-from .errors import NotAccepted
+from .base import ConsumerOptions, DeliveryHandler, Headers, message_size
+from .errors import NotAccepted, PayloadTooLarge
 
 __all__ = ["NatsDelivery", "QueueMixin"]
 
@@ -76,10 +85,10 @@ class QueueMixin:
         self._fetching: set[asyncio.Task[Any]] = set()
         self._unsettled: dict[int, NatsDelivery] = {}
 
-    def _jobs_stream(self) -> api.StreamConfig:
+    def _jobs_stream(self, subjects: list[str]) -> api.StreamConfig:
         return api.StreamConfig(
             name=self.names["jobs"],
-            subjects=[f"{self.prefix}.jobs.>"],
+            subjects=subjects,
             retention=api.RetentionPolicy.WORK_QUEUE,
             storage=api.StorageType.FILE,
             duplicate_window=120.0,
@@ -89,14 +98,65 @@ class QueueMixin:
     def _subject(self, kind: str) -> str:
         return f"{self.prefix}.jobs.{kind}"
 
+    def max_payload(self) -> int:
+        """The server's ``max_payload`` (from its INFO; nats-py's default before connecting)."""
+        return int(self.nc.max_payload) if self.nc is not None else 1024 * 1024
+
+    def check_size(self, subject: str, data: bytes, headers: Headers | None) -> None:
+        """Raise PayloadTooLarge for a message the server would refuse (and close the connection for)."""
+        size = message_size(data, headers)
+        if size > self.max_payload():
+            raise PayloadTooLarge(f"{subject}: {size} bytes, over the server's max_payload of {self.max_payload()}")
+
+    async def accept_kinds(self, kinds: Collection[str]) -> None:
+        """Add ``kinds`` to the jobs stream's subjects (creating the stream with them).
+
+        A stream still holding the old catch-all ``<prefix>.jobs.>`` is narrowed to the kinds.
+
+        Raises:
+            NotAccepted: the stream could not be created or updated.
+        """
+        mine = {self._subject(k) for k in kinds}
+        if not mine:
+            return
+        name, catch_all = self.names["jobs"], f"{self.prefix}.jobs.>"
+        try:
+            for _ in range(10):
+                try:
+                    have = set((await self.js.stream_info(name)).config.subjects or ())
+                except nats.js.errors.NotFoundError:
+                    with contextlib.suppress(nats.js.errors.BadRequestError):  # another pod created it first
+                        await self.js.add_stream(self._jobs_stream(sorted(mine)))
+                    continue
+                if mine <= have and catch_all not in have:
+                    return
+                await self.js.update_stream(self._jobs_stream(sorted((have - {catch_all}) | mine)))
+                await asyncio.sleep(0.05 + random.random() * 0.1)  # then check that no other pod overwrote them
+        except (TimeoutError, nats.errors.Error) as e:
+            raise NotAccepted(f"stream {name}: kinds {', '.join(sorted(kinds))} not added: {e!r}") from None
+        raise NotAccepted(f"stream {name}: kinds {', '.join(sorted(kinds))} did not stay in its subjects")
+
+    async def job_kinds(self) -> list[str]:
+        """The kinds the jobs stream takes (none before any pod accepted one)."""
+        try:
+            subjects = (await self.js.stream_info(self.names["jobs"])).config.subjects or ()
+        except nats.js.errors.NotFoundError:
+            return []
+        start = len(self.prefix) + len(".jobs.")
+        return sorted(s[start:] for s in subjects if s.startswith(f"{self.prefix}.jobs.") and not s.endswith(">"))
+
     async def enqueue(self, kind: str, data: bytes, headers: Headers, msg_id: str) -> bool:
         """Publish to the jobs stream and wait for its ack; False for a duplicate ``msg_id``.
 
         Raises:
-            NotAccepted: JetStream did not acknowledge (the caller may retry with the same id).
+            PayloadTooLarge: over the server's ``max_payload`` (checked before sending).
+            NotAccepted: JetStream did not acknowledge (the caller may retry with the same id),
+                or no stream takes ``kind``.
         """
-        subject = self._subject(kind)
-        ack = await self._js_publish(subject, data, {**headers, "Nats-Msg-Id": msg_id})
+        subject, headers = self._subject(kind), {**headers, "Nats-Msg-Id": msg_id}
+        self.check_size(subject, data, headers)
+        no_stream = f"no stream takes this kind (no pod consumes or declares {kind})"
+        ack = await self._js_publish(subject, data, headers, no_stream=no_stream)
         if ack.error is not None:
             raise NotAccepted(f"{subject}: not accepted by JetStream: {ack.error.description}")
         return not ack.duplicate

@@ -1,4 +1,5 @@
-"""NatsBus's streams and bucket: ``<PREFIX>_EVENTS`` (``<prefix>.events.>``, limited by
+"""NatsBus's streams and bucket (the jobs stream is created by the first pod that accepts a
+kind: :mod:`aiwfe.bus.nats_queue`): ``<PREFIX>_EVENTS (``<prefix>.events.>``, limited by
 age), ``<PREFIX>_DLQ`` (``<prefix>.dlq.>``) and the KV bucket ``<PREFIX>_RESULTS``
 (history 1, create-only writes for records written once).
 
@@ -67,13 +68,12 @@ class StreamsMixin:
     result_ttl_s: float
     _kv: Any
 
-    def _jobs_stream(self) -> api.StreamConfig:
+    def check_size(self, subject: str, data: bytes, headers: Headers | None) -> None:
         raise NotImplementedError
 
     async def _ensure_streams(self) -> None:
         n, p = self.names, self.prefix
         configs = [
-            self._jobs_stream(),
             api.StreamConfig(
                 name=n["events"],
                 subjects=[f"{p}.events.>"],
@@ -110,15 +110,20 @@ class StreamsMixin:
                 direct=True,
             )
 
-    async def _js_publish(self, subject: str, data: bytes, headers: Headers, timeout_s: float = 5.0) -> _PubAck:
+    async def _js_publish(
+        self, subject: str, data: bytes, headers: Headers, timeout_s: float = 5.0, *, no_stream: str = "no stream takes it"
+    ) -> _PubAck:
         """Publish to a stream and wait for its ack (the ack's ``error`` is the caller's to judge).
 
         Raises:
-            NotAccepted: no stream takes ``subject``, no answer in time, a malformed ack.
+            NotAccepted: no stream takes ``subject`` (``no_stream`` says so), no answer in
+                time, a malformed ack.
         """
         try:
             msg = await self.nc.call(subject, data, timeout_s, self._wheel, headers=headers or None)
             return _puback.decode(msg.data)
+        except nats.errors.NoRespondersError:
+            raise NotAccepted(f"{subject}: {no_stream}") from None
         except (TimeoutError, nats.errors.Error, msgspec.DecodeError) as e:
             raise NotAccepted(f"{subject}: not accepted by JetStream: {e!r}") from None
 
@@ -132,6 +137,7 @@ class StreamsMixin:
         """Publish to the stream of ``subject`` and wait for its ack; return the sequence."""
         if msg_id:
             headers = {**headers, "Nats-Msg-Id": msg_id}
+        self.check_size(subject, data, headers)
         ack = await self._js_publish(subject, data, headers)
         if ack.error is not None:
             raise NotAccepted(f"{subject}: not accepted by JetStream: {ack.error.description}")
@@ -160,6 +166,20 @@ class StreamsMixin:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def last_seq(self, subject: str) -> int:
+        """The sequence of the last message stored under ``subject``, 0 for none.
+
+        Raises:
+            BusError: the server did not answer.
+        """
+        try:
+            m = await self.js.get_last_msg(self._stream_of(subject), subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        except (TimeoutError, nats.errors.Error) as e:
+            raise BusError(f"{subject}: last message not read: {e!r}") from None
+        return int(m.seq or 0)
 
     async def read(self, subject: str) -> list[StreamMessage]:
         """Every message stored under ``subject`` now (wildcards allowed)."""

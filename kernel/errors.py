@@ -13,8 +13,8 @@ from typing import ClassVar
 import msgspec
 
 __all__ = [
-    "AiwfeError", "BadMessage", "ConfigError", "DeadlineExceeded", "Forbidden", "Overloaded",
-    "RemoteError", "SchemaMismatch", "Unavailable", "UndeclaredCall", "from_wire", "to_wire",
+    "AiwfeError", "BadInput", "BadMessage", "ConfigError", "DeadlineExceeded", "Forbidden", "Overloaded",
+    "RemoteError", "SchemaMismatch", "TooLarge", "Unavailable", "UndeclaredCall", "from_wire", "to_wire",
 ]  # fmt: skip
 
 
@@ -72,6 +72,18 @@ class BadMessage(AiwfeError):
     code = "bad_message"
 
 
+class BadInput(BadMessage):
+    """Input refused where it entered (a job's input does not fit its contract); names the field."""
+
+    code = "bad_input"
+
+
+class TooLarge(AiwfeError):
+    """The message is larger than the bus (NATS ``max_payload``) or the entry point accepts."""
+
+    code = "too_large"
+
+
 class UndeclaredCall(AiwfeError):
     """A plugin called a contract it did not list in ``calls``."""
 
@@ -105,10 +117,8 @@ class RemoteError(AiwfeError):
         return f"{self.type}: {self.message}"
 
 
-_KNOWN: dict[str, type[AiwfeError]] = {
-    cls.__name__: cls
-    for cls in (DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, UndeclaredCall, Forbidden)
-}
+_WIRE = (DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, BadInput, TooLarge, UndeclaredCall, Forbidden)
+_KNOWN: dict[str, type[AiwfeError]] = {cls.__name__: cls for cls in _WIRE}
 
 
 class _WireError(msgspec.Struct, frozen=True, omit_defaults=True):

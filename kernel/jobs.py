@@ -30,10 +30,10 @@ import msgspec
 
 from aiwfe.bus.base import Bus, ConsumerOptions, Delivery, Headers
 from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, H_TYPE, check_job_id, is_job_id, show
-from aiwfe.bus.errors import BusError
+from aiwfe.bus.errors import BusError, PayloadTooLarge
 
 from . import metrics
-from .errors import BadMessage, SchemaMismatch, Unavailable
+from .errors import BadMessage, SchemaMismatch, TooLarge, Unavailable
 from .plugin import HandlerOptions
 
 __all__ = ["TERMINAL", "JobCall", "JobContext", "JobEvent", "JobRecord", "Jobs", "current_job"]
@@ -145,6 +145,8 @@ async def _refuse(problem: str, call: JobCall) -> bytes:
 def _unavailable() -> Iterator[None]:
     try:
         yield
+    except PayloadTooLarge as e:
+        raise TooLarge(str(e)) from None
     except BusError as e:
         raise Unavailable(str(e)) from None
 
@@ -190,14 +192,6 @@ class Jobs:
         with _unavailable():
             raw = await self.bus.kv_get(job_id)
         return _record_dec.decode(raw) if raw else None
-
-    async def claim(self, job_id: str, owner: str) -> str:
-        """Record ``owner`` as the job's owner unless it has one; return the owner on record."""
-        check_job_id(job_id)  # raises BadField (ValueError): ids become KV keys
-        with _unavailable():
-            if await self.bus.kv_create(f"owner.{job_id}", owner.encode()):
-                return owner
-        return await self.owner(job_id) or owner
 
     async def owner(self, job_id: str) -> str | None:
         """The job's owner, or None for a job never submitted with one."""

@@ -23,16 +23,17 @@ import msgspec
 
 from aiwfe.bus import codec
 from aiwfe.bus.base import Bus, Headers
-from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, pack_call
+from aiwfe.bus.codec import H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, pack_call
 from aiwfe.bus.errors import BusError, BusTimeout
 from aiwfe.bus.wheel import DeadlineWheel
 
 from . import metrics, tracing
 from .contract import Event, Job, Message, Request, address_of, kind_of, reply_type, schema_hash
-from .errors import AiwfeError, BadMessage, DeadlineExceeded, Forbidden, Unavailable, UndeclaredCall, from_wire
+from .errors import AiwfeError, BadMessage, DeadlineExceeded, Unavailable, UndeclaredCall, from_wire
 from .jobs import JobCall, JobContext, JobRecord, Jobs, _job, _unavailable
 from .plugin import HandlerSpec, Plugin
 from .serving import Endpoint, _deadline, _trace
+from .submitting import Submissions
 
 __all__ = ["Caller", "Kernel"]
 
@@ -62,6 +63,7 @@ class Kernel:
         self._subjects: dict[type, str] = {}
         self._reply_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
         self._schemas: dict[type, bytes] = {}
+        self.submissions = Submissions(self)
 
     # -- wiring -------------------------------------------------------------------
 
@@ -85,6 +87,7 @@ class Kernel:
     async def start(self) -> None:
         """Expose this pod's handlers on the bus: requests, event subscriptions, job consumers."""
         await self.jobs.start()
+        await self.submissions.start()  # before the consumers: the jobs stream must take their kinds
         for contract, ep in self.endpoints.items():
             await self.bus.serve(self.subject(contract), ep.handle_remote)
         for contract, eps in self.events.items():
@@ -254,23 +257,14 @@ class Kernel:
         idempotency_key: str | None = None,
         owner: str | None = None,
     ) -> str:
-        """Durably enqueue a job given as JSON (the gateway's path: no contract import needed).
-
-        The consumer decodes it against its contract and answers a bad payload by
-        dead-lettering the job with a ``BadMessage`` reason. ``owner`` is recorded before
-        the job is queued (:meth:`job_owner`), so whoever serves the job to clients can
-        tell an unknown job from a pending one and one user's job from another's.
+        """Durably enqueue a job given as JSON, validated against its contract first, ``owner``
+        recorded before it is queued; see :mod:`aiwfe.kernel.submitting`.
 
         Raises:
+            TooLarge, BadInput (naming the field), Forbidden, Unavailable, DeadlineExceeded,
             ValueError (aiwfe.bus.codec.BadField): ``job_id`` is not a job id.
-            Forbidden: ``job_id`` already belongs to another owner.
-            Unavailable: the bus did not accept the job.
         """
-        job_id = self._job_id(address, job_id, idempotency_key)
-        if owner is not None and await self.jobs.claim(job_id, owner) != owner:
-            raise Forbidden(f"job {job_id} belongs to someone else")
-        await self._submit(address, data, {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}, job_id)
-        return job_id
+        return await self.submissions.submit_json(address, data, job_id, idempotency_key, owner)
 
     async def wait_job(self, job_id: str, *, timeout_s: float = 30.0, poll_s: float = 0.05) -> JobRecord:
         """Wait for a job's record.
@@ -294,6 +288,7 @@ class Kernel:
 
     def caller_for(self, plugin_name: str, allowed: tuple[type, ...]) -> Caller:
         """A :class:`Caller` restricted to the contracts a plugin declared in ``calls``."""
+        self.submissions.declare(allowed)
         return Caller(self, plugin_name, frozenset(allowed))
 
 

@@ -193,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("manifests", nargs="+")
     s.set_defaults(fn=cmd_check)
 
-    s = sub.add_parser("publish", help="submit a job (SUBJECT <prefix>.jobs.<kind>) or an RPC from the shell")
-    s.add_argument("subject", help="e.g. aiwfe.jobs.probe.crunch or aiwfe.perception.perceive")
+    s = sub.add_parser("publish", help="submit a job (SUBJECT <prefix>.submit.<kind>: its pod validates it) or make an RPC")
+    s.add_argument("subject", help="e.g. aiwfe.submit.helios.ask (or aiwfe.jobs.helios.ask) or aiwfe.perception.perceive")
     s.add_argument("json", help="the message as JSON")
     s.add_argument("--wait", action="store_true", help="jobs: wait for the result and print it")
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for a reply or result (default 30)")

@@ -8,15 +8,13 @@ give one line naming the URL and what to do, and exit status 1.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-import uuid
 from typing import Any
 
 import msgspec
 
-from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, JSON
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, JSON
 
 __all__ = ["Target", "dead_letters", "publish", "target"]
 
@@ -96,46 +94,30 @@ async def _connect(t: Target, name: str) -> Any:
 async def publish(
     url: str, subject: str, payload: Any, *, wait: bool, timeout_s: float, prefix: str = "aiwfe", source: str = "--url"
 ) -> int:
-    """Publish ``payload`` as JSON. Jobs (``<prefix>.jobs.*``) print ``{"job_id"}`` and,
-    with ``wait``, the job's record; RPCs print the reply. Returns the exit status.
+    """Publish ``payload`` as JSON. Jobs (``<prefix>.submit.<kind>`` or ``<prefix>.jobs.<kind>``)
+    go through the submit subject (validated by the consumer's pod) and print ``{"job_id"}``
+    and, with ``wait``, the outcome (:mod:`aiwfe.kernel.tools.submit`); RPCs print the reply.
+    A subject nobody serves fails with the known job kinds. Returns the exit status.
     ``source``: what named ``url`` (``--url``, a ``system.json``), for the error line.
     """
-    from aiwfe.bus.errors import BusError, BusTimeout
+    from aiwfe.bus.errors import BusError, BusTimeout, NoResponders
     from aiwfe.kernel.errors import AiwfeError, DeadlineExceeded, Unavailable, from_wire
-    from aiwfe.kernel.jobs import Jobs
+
+    from .submit import hint, job_kind, known_kinds, print_error, submit_job
 
     bus = await _connect(Target(url, prefix, source), "aiwfe-publish")
     if bus is None:
         return 1
-    jobs = Jobs(bus)
     try:
         data = json.dumps(payload).encode()
         headers = {H_CONTENT_TYPE: JSON}
-        jobs_prefix = f"{prefix}.jobs."
-        if subject.startswith(jobs_prefix):
-            kind = subject[len(jobs_prefix) :]
-            job_id = uuid.uuid4().hex
-            headers[H_MSG_ID] = job_id
-            await jobs.submit(kind, data, headers, job_id)
-            print(json.dumps({"job_id": job_id}))
-            if not wait:
-                return 0
-            loop = asyncio.get_running_loop()
-            end = loop.time() + timeout_s
-            while (rec := await jobs.record(job_id)) is None:
-                if loop.time() > end:
-                    print(f"error: job {job_id} not finished after {timeout_s} s", file=sys.stderr)
-                    return 1
-                await asyncio.sleep(0.1)
-            out = {"job_id": job_id, "status": rec.status, "attempts": rec.attempts}
-            if rec.status == "done":
-                out["result"] = rec.decoded()
-            else:
-                out["error"] = rec.error
-            print(json.dumps(out))
-            return 0 if rec.status == "done" else 1
+        kind = job_kind(subject, prefix)
+        if kind is not None:
+            return await submit_job(bus, prefix, kind, data, wait=wait, timeout_s=timeout_s)
         try:
             reply, rh = await bus.request(subject, data, headers, timeout_s)
+        except NoResponders:
+            return print_error("unavailable", f"no pod serves {subject}; {hint(await known_kinds(bus))}", True)
         except BusTimeout as e:
             raise DeadlineExceeded(str(e)) from None
         except BusError as e:

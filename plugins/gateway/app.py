@@ -18,12 +18,14 @@ that does not exist).
 
 Error mapping, in one exception handler for every :class:`~aiwfe.kernel.AiwfeError` a
 handler or dependency raises: ``InvalidToken``/``InvalidCredentials`` → 401 (with
-``WWW-Authenticate: Bearer``); ``UserExists`` → 409; ``InvalidInput`` → 400;
+``WWW-Authenticate: Bearer``); ``UserExists`` → 409; ``InvalidInput`` and ``BadInput`` (job
+input that does not fit its contract, the field named) → 400; ``TooLarge`` → 413;
 ``TooManyAttempts`` (login throttling) → 429 with ``Retry-After``; ``Forbidden`` → 403;
 ``UnknownUser`` → 404; other
 retryable errors (``Overloaded``, ``Unavailable``, ...) → 503 with ``Retry-After`` at once;
 the rest → 502. Unknown job kinds → 400; malformed bodies → 400 (Litestar's validation
-message). Bodies are Litestar's ``{"status_code", "detail"}``.
+message); bodies over ``max_body_bytes`` → 413 before any handler runs. Bodies are
+Litestar's ``{"status_code", "detail"}``.
 
 The app leaves logging alone (``logging_config=None``): the pod configures it once.
 """
@@ -45,6 +47,7 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from aiwfe.kernel import AiwfeError, Forbidden, RemoteError, metrics
+from aiwfe.kernel.errors import BadInput, TooLarge
 from aiwfe.plugins.auth.contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token
 from aiwfe.plugins.memory.contract import Recall, RecallResult, Remember, RememberResult
 
@@ -154,6 +157,8 @@ def http_error(e: AiwfeError, retry_after_s: float) -> HTTPException:
 
     ``retry_after_s`` is the hint for retryable errors (rounded up to whole seconds, at least 1).
     """
+    if isinstance(e, (BadInput, TooLarge)):  # refused at the edge, nothing recorded
+        return HTTPException(status_code=413 if isinstance(e, TooLarge) else 400, detail=f"{e.code}: {e.message}")
     if isinstance(e, RemoteError) and e.type in _STATUS_OF_REMOTE:
         status = _STATUS_OF_REMOTE[e.type]
         headers = _CHALLENGE if status == 401 else None
@@ -368,6 +373,7 @@ def build_app(services: GatewayServices) -> Litestar:
         },
         exception_handlers={AiwfeError: on_error, RecursionError: too_deep_body},
         openapi_config=openapi_config(),
+        request_max_body_size=services.config.max_body_bytes,
         logging_config=None,
         debug=False,
     )

@@ -24,6 +24,8 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``allowed_origins``: browser Origins allowed to open WebSockets (``"*"`` = any);
     the gateway's own origin is always allowed; clients that send no Origin are not browsers.
     ``max_frame_bytes``: largest WebSocket frame a client may send (close 1009 beyond).
+    ``max_body_bytes``: largest HTTP request body (413 beyond, nothing recorded); job input
+    must also fit the bus's limit (NATS ``max_payload``, 1 MiB by default), else 413 too.
     ``rate_per_s``/``rate_burst``: per-connection token bucket for client frames;
     ``rate_strikes``: consecutive over-limit frames answered with ``error`` before close 1008.
     ``ping_interval_s``/``ping_timeout_s``: protocol-level keepalive (0 = off).
@@ -53,6 +55,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     public_host: str = ""
     allowed_origins: list[str] = []
     max_frame_bytes: int = 65_536
+    max_body_bytes: int = 1_048_576
     rate_per_s: float = 20.0
     rate_burst: int = 40
     rate_strikes: int = 10

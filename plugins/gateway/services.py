@@ -59,8 +59,10 @@ class GatewayServices:
         they can read, stream, resume or cancel it. The idempotency key is scoped to the
         user, so two users' keys never collide.
 
+        The input is validated against the job's contract before anything is recorded.
+
         Raises:
-            Forbidden, Unavailable (from ``submit_json``).
+            BadInput (naming the field), TooLarge, Forbidden, Unavailable (from ``submit_json``).
         """
         key = f"{subject}:{idempotency_key}" if idempotency_key else None
         body = msgspec.json.encode({**input, "owner": subject})

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
 from aiwfe.kernel import admin
+from aiwfe.kernel.errors import BadInput
 from tests.support.pods import StartPods
 from tests.support.probe import Crunch
 from tests.unit.test_routing import PROBE, TWO_PODS
@@ -98,13 +100,16 @@ async def test_cancel_before_start_and_after_done(start_pods: StartPods) -> None
         assert (await k.job_record(done)).status == "done"  # type: ignore[union-attr]
 
 
-async def test_submit_json_job_and_bad_json_is_dead_lettered(start_pods: StartPods) -> None:
+async def test_submit_json_job_bad_json_refused_and_bad_payload_dead_lettered(start_pods: StartPods) -> None:
     async with start_pods(TWO_PODS) as pods:
         k = pods["back"].kernel
         ok = await k.submit_json("probe.crunch", b'{"n": 12}')
         rec = await k.wait_job(ok, timeout_s=10)
         assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 144
-        bad = await k.submit_json("probe.crunch", b'{"n": "twelve"}')
+        with pytest.raises(BadInput, match=r"\$\.n"):  # validated by the consumer's pod before queueing
+            await k.submit_json("probe.crunch", b'{"n": "twelve"}')
+        bad = "bad-payload-job"  # a payload that got past validation is dead-lettered by the consumer
+        await k.jobs.submit("probe.crunch", b'{"n": "twelve"}', {"Nats-Msg-Id": bad, "Content-Type": "application/json"}, bad)
         rec = await k.wait_job(bad, timeout_s=10)
         assert rec.status == "failed" and rec.attempts == 1 and rec.error is not None
         assert rec.error["type"] == "BadMessage"

@@ -1,0 +1,228 @@
+"""Validated job submission: the ``<prefix>.submit.<kind>`` subjects and the kernel's JSON path.
+
+Bad input is refused where it enters, before anything is recorded or queued:
+
+* ``<prefix>.submit.<kind>`` (request/reply) is served, in a queue group, by every pod that
+  consumes ``kind``. The body is the job's input as JSON (``Content-Type:
+  application/json``, or a body starting with ``{``) or msgpack. It is decoded against the
+  job's contract; a body that does not fit is answered with an ``Aiwfe-Error`` header
+  (``BadInput``, the message naming the field: ``Expected `int`, got `str` - at `$.n```).
+  A job's ``owner`` field (the user it acts for, e.g. whose memories helios recalls; the
+  gateway sets it to the caller) is set to :data:`SUBMITTED`: an external publisher acts
+  as no user, whatever it sent. A valid job is re-encoded as msgpack, recorded as
+  submitted (the owner entry :data:`SUBMITTED`, which makes it readable on
+  ``<prefix>.status.job`` while pending) and queued; the reply is ``{"job_id": ...}``
+  (JSON for a JSON request, msgpack otherwise).
+  ``Aiwfe-Idempotency-Key`` (at most :data:`MAX_KEY_CHARS` characters) makes the id
+  deterministic, in a namespace of its own (never another surface's job);
+  ``Aiwfe-Validate-Only: 1`` only validates and answers ``{"valid": true}``.
+* :meth:`Submissions.submit_json` (``Kernel.submit_json``, the gateway's path) checks the
+  size, validates the JSON against the contract (in-process when the consumer runs in this
+  pod, else with a validate-only request to the consumer's pod), records the owner and
+  queues. When queueing fails, the owner entry this call made is removed again, so no
+  job id is left looking pending.
+
+Sizes: a job over the bus's limit (NATS ``max_payload`` from the server, headers included)
+is refused with ``TooLarge`` before anything is recorded. The jobs stream takes only the
+kinds the pods consume or declare in ``calls`` (:meth:`Submissions.start` adds this pod's),
+so a job of any other kind is refused instead of being kept where no one takes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from aiwfe.bus.base import Headers, message_size
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON
+from aiwfe.bus.errors import BusError, BusTimeout, NoResponders
+
+from ._external import _JSON_HEADERS, SUBMITTED, error_reply, is_json, reply
+from .contract import address_of, kind_of
+from .errors import AiwfeError, BadInput, BadMessage, DeadlineExceeded, Forbidden, TooLarge, Unavailable, from_wire
+from .job_status import JobStatus
+from .jobs import _unavailable
+from .serving import Endpoint, Limiter, _trace
+
+__all__ = ["H_IDEMPOTENCY", "H_VALIDATE_ONLY", "MAX_KEY_CHARS", "OWNER_FIELD", "Submissions"]
+
+H_IDEMPOTENCY = "Aiwfe-Idempotency-Key"
+H_VALIDATE_ONLY = "Aiwfe-Validate-Only"
+MAX_KEY_CHARS = 200
+#: The job field naming the user a job acts for: set by the edge, never by the client.
+OWNER_FIELD = "owner"
+#: Room left for the headers the kernel adds on the way to the stream (traceparent, ...).
+HEADROOM_BYTES = 256
+VALIDATE_TIMEOUT_S = 5.0
+HANDLE_TIMEOUT_S = 15.0
+
+_enc = msgspec.msgpack.Encoder()
+log = logging.getLogger("aiwfe.jobs")
+
+
+@functools.cache
+def _has_owner(contract: type) -> bool:
+    return any(f.name == OWNER_FIELD and f.type is str for f in msgspec.structs.fields(contract))
+
+
+class Submissions:
+    """One pod's submit subjects and validated submission (see the module docstring).
+
+    ``kernel`` is the pod's :class:`~aiwfe.kernel.routing.Kernel` (its bus, jobs, job
+    endpoints and submit path).
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.bus = kernel.bus
+        self.declared: set[str] = set()
+        self.limiter = Limiter("submit", 256, 1024)
+
+    def declare(self, contracts: Iterable[type]) -> None:
+        """Note the job contracts a plugin of this pod submits (they join the stream's kinds)."""
+        self.declared.update(address_of(c) for c in contracts if kind_of(c) == "job")
+
+    def _endpoints(self) -> dict[str, Endpoint]:
+        return {ep.spec.address: ep for ep in self.kernel.job_endpoints.values()}
+
+    async def start(self) -> None:
+        """Add this pod's kinds to the jobs stream, serve the submit subjects and the status
+        subject (before the consumers start: a consumer's kind must be a stream subject)."""
+        eps = self._endpoints()
+        with _unavailable():
+            await self.bus.accept_kinds(sorted(set(eps) | self.declared))
+        for address, ep in eps.items():
+            await self.bus.serve(f"{self.bus.prefix}.submit.{address}", self._handler(ep))
+        self.status = JobStatus(self.kernel.jobs)
+        await self.status.start()
+
+    # -- checks ------------------------------------------------------------------------
+
+    def check_size(self, address: str, data: bytes, headers: Headers) -> None:
+        """Raise TooLarge when the job would not fit in one bus message."""
+        size, limit = message_size(data, headers) + HEADROOM_BYTES, self.bus.max_payload()
+        if size > limit:
+            raise TooLarge(f"job {address}: {size} bytes with its headers, over the bus's limit of {limit} (NATS max_payload)")
+
+    @staticmethod
+    def decode(ep: Endpoint, data: bytes, as_json: bool) -> Any:
+        """Decode job input against ``ep``'s contract. Raises BadInput naming the field."""
+        try:
+            return ep.decode(data, _JSON_HEADERS if as_json else None)[0]
+        except BadMessage as e:
+            raise BadInput(e.message) from None
+
+    async def validate(self, address: str, data: bytes) -> None:
+        """Validate JSON input of job ``address`` against its contract, in-process when this
+        pod consumes it, else by the consumer's pod (a validate-only submit request).
+
+        Raises:
+            BadInput, TooLarge, Unavailable (no pod consumes ``address`` now), DeadlineExceeded.
+        """
+        ep = self._endpoints().get(address)
+        if ep is not None:
+            self.decode(ep, data, True)
+            return
+        subject = f"{self.bus.prefix}.submit.{address}"
+        try:
+            _, rh = await self.bus.request(subject, data, {**_JSON_HEADERS, H_VALIDATE_ONLY: "1"}, VALIDATE_TIMEOUT_S)
+        except NoResponders:
+            kinds = ", ".join(await self._kinds()) or "none"
+            raise Unavailable(f"no pod consumes job kind {address} now (kinds the jobs stream takes: {kinds})") from None
+        except BusTimeout as e:
+            raise DeadlineExceeded(f"validating {address}: {e}") from None
+        except BusError as e:
+            raise Unavailable(f"validating {address}: {e}") from None
+        if rh and H_ERROR in rh:
+            raise from_wire(rh[H_ERROR])
+
+    async def _kinds(self) -> list[str]:
+        with contextlib.suppress(Exception):
+            return list(await self.bus.job_kinds())
+        return []
+
+    # -- submitting --------------------------------------------------------------------
+
+    async def submit_json(
+        self, address: str, data: bytes, job_id: str | None, idempotency_key: str | None, owner: str | None
+    ) -> str:
+        """``Kernel.submit_json``: size, validation, owner, queue (see the module docstring).
+
+        Raises:
+            TooLarge, BadInput, Forbidden, Unavailable, DeadlineExceeded.
+        """
+        job_id = self.kernel._job_id(address, job_id, idempotency_key)
+        headers = {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}
+        self.check_size(address, data, headers)
+        await self.validate(address, data)
+        await self.enqueue(address, data, headers, job_id, owner)
+        return job_id
+
+    async def enqueue(self, address: str, data: bytes, headers: Headers, job_id: str, owner: str | None) -> None:
+        """Record ``owner`` (unless the job has one: then it must be the same) and queue the job;
+        when queueing fails, remove the owner entry this call made and re-raise.
+
+        Raises:
+            TooLarge, Forbidden, Unavailable.
+        """
+        self.check_size(address, data, headers)
+        created, key = False, f"owner.{job_id}"
+        if owner is not None:
+            with _unavailable():
+                created = await self.bus.kv_create(key, owner.encode())
+            if not created and await self.kernel.jobs.owner(job_id) != owner:
+                raise Forbidden(f"job {job_id} belongs to someone else")
+        try:
+            await self.kernel._submit(address, data, headers, job_id)
+        except BaseException:
+            if created:
+                with contextlib.suppress(Exception):
+                    await self.bus.kv_delete(key)
+            raise
+
+    def _handler(self, ep: Endpoint) -> Any:
+        address = ep.spec.address
+
+        async def handle(data: bytes, headers: Headers | None) -> tuple[bytes, Headers | None]:
+            as_json = is_json(data, headers)
+            h = headers or {}
+            tp = h.get(H_TRACE, "")
+            token = _trace.set(tp) if 0 < len(tp) <= 64 and tp.isascii() else None  # W3C traceparent: 55 chars
+            try:
+                await self.limiter.enter()
+                try:
+                    async with asyncio.timeout(HANDLE_TIMEOUT_S):
+                        return reply(await self._submit_one(ep, address, data, h, as_json), as_json)
+                except TimeoutError:
+                    raise DeadlineExceeded(f"submitting {address}: no answer within {HANDLE_TIMEOUT_S} s") from None
+                finally:
+                    self.limiter.leave()
+            except AiwfeError as e:
+                return error_reply(e)
+            except Exception as e:  # never a request without an answer
+                log.exception("submit %s failed", address)
+                return error_reply(Unavailable(f"submitting {address}: {type(e).__name__}"))
+            finally:
+                if token is not None:
+                    _trace.reset(token)
+
+        return handle
+
+    async def _submit_one(self, ep: Endpoint, address: str, data: bytes, h: Headers, as_json: bool) -> dict[str, Any]:
+        job = self.decode(ep, data, as_json)
+        if _has_owner(ep.contract):  # an external publisher acts as no user, whatever it sent
+            job = msgspec.structs.replace(job, **{OWNER_FIELD: SUBMITTED})
+        if h.get(H_VALIDATE_ONLY):
+            return {"valid": True}
+        key = h.get(H_IDEMPOTENCY)
+        if key is not None and not 0 < len(key) <= MAX_KEY_CHARS:
+            raise BadInput(f"{H_IDEMPOTENCY}: 1 to {MAX_KEY_CHARS} characters, got {len(key)}")
+        job_id = self.kernel._job_id(address, None, f"submit:{key}" if key else None)
+        await self.enqueue(address, _enc.encode(job), {H_MSG_ID: job_id, H_SCHEMA: ep.schema}, job_id, SUBMITTED)
+        return {"job_id": job_id}
