@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import msgspec
 
@@ -64,18 +64,18 @@ class StatusRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class StatusEvent(msgspec.Struct, frozen=True):
-    """One event of a job: stream sequence, type tag, data as plain values."""
+    """One event of a job: stream sequence, type tag (``Aiwfe-Type``), data as plain values."""
 
     seq: int
     type: str
-    data: Any
+    data: Any = None
 
 
 class StatusReply(msgspec.Struct, frozen=True):
     """The answer of ``<prefix>.status.job`` (see the module docstring)."""
 
     job_id: str
-    status: str
+    status: Literal["pending", "done", "failed", "cancelled", "unknown"]
     result: Any = None
     error: dict[str, Any] | None = None
     events: list[StatusEvent] = []

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from ..contract import Message, address_of, reply_type, schema_hash
-from ._asyncapi_schemas import HEADERS, ErrorInfo, JobReplayed, JobRetrying, JobStatus, JobStatusRequest, SubmitAccepted
+from ._asyncapi_schemas import HEADERS, ErrorInfo, JobReplayed, JobRetrying, StatusReply, StatusRequest, SubmitAccepted
 
 __all__ = ["Parts", "Surface"]
 
@@ -39,7 +39,7 @@ class Surface:
 
 REQUEST_H = ("traceparent", "Aiwfe-Deadline-Ms", "Aiwfe-Schema", "Content-Type")
 REPLY_H = ("Aiwfe-Error", "Content-Type")
-SUBMIT_H = ("Content-Type", "Aiwfe-Idempotency-Key", "traceparent")
+SUBMIT_H = ("Content-Type", "Aiwfe-Idempotency-Key", "Aiwfe-Validate-Only", "traceparent")
 JOB_H = ("Nats-Msg-Id", "Aiwfe-Schema", "traceparent", "Content-Type")
 EVENT_H = ("Aiwfe-Schema", "traceparent")
 JOB_EVENT_H = ("Aiwfe-Type", "Nats-Msg-Id")
@@ -301,12 +301,12 @@ class Parts:
         subject = f"{self.prefix}.status.job"
         req = self._message(
             "status-job-request",
-            [JobStatusRequest],
+            [StatusRequest],
             _headers(("Content-Type", "traceparent")),
             JSON,
-            summary=_summary(JobStatusRequest),
+            summary=_summary(StatusRequest),
         )
-        rep = self._message("status-job-reply", [JobStatus], _headers(REPLY_H), JSON, summary=_summary(JobStatus))
+        rep = self._message("status-job-reply", [StatusReply], _headers(REPLY_H), JSON, summary=_summary(StatusReply))
         self._channel("status-job", subject, "A job's outcome and events as JSON; long-polls up to `wait_s`.", {"request": req})
         reply = self._reply("status-job", rep)
         self._operation(

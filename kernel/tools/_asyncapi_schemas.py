@@ -5,18 +5,20 @@ events, the error header, and every header the kernel reads or writes.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
+
+# The status subject's schemas are the ones its pods decode and encode with.
+from aiwfe.kernel.job_status import StatusReply, StatusRequest
 
 __all__ = [
     "HEADERS",
     "ErrorInfo",
     "JobReplayed",
     "JobRetrying",
-    "JobStatus",
-    "JobStatusEvent",
-    "JobStatusRequest",
+    "StatusReply",
+    "StatusRequest",
     "SubmitAccepted",
 ]
 
@@ -32,23 +34,6 @@ class SubmitAccepted(msgspec.Struct, frozen=True):
     job_id: str
 
 
-class JobStatusRequest(msgspec.Struct, frozen=True):
-    """Request of ``<prefix>.status.job``: events after ``after_seq``, waiting up to ``wait_s``
-    (the server caps it at 25 s) for new ones."""
-
-    job_id: str
-    after_seq: int = 0
-    wait_s: float = 0.0
-
-
-class JobStatusEvent(msgspec.Struct, frozen=True):
-    """One job event as JSON: stream sequence, type (``Aiwfe-Type``), decoded data."""
-
-    seq: int
-    type: str
-    data: Any = None
-
-
 class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     """An error as it travels: ``Aiwfe-Error`` header, dead-letter reason, failed job outcome."""
 
@@ -56,19 +41,6 @@ class ErrorInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     message: str
     retryable: bool = False
     retry_after_s: float | None = None
-
-
-class JobStatus(msgspec.Struct, frozen=True):
-    """Reply of ``<prefix>.status.job``: the outcome (when final) and the events after
-    ``after_seq``. ``result`` is the job's result Struct as JSON, ``error`` why it failed."""
-
-    job_id: str
-    status: Literal["pending", "done", "failed", "cancelled", "unknown"]
-    result: Any = None
-    error: ErrorInfo | None = None
-    events: list[JobStatusEvent] = []
-    last_seq: int = 0
-    final: bool = False
 
 
 class JobRetrying(msgspec.Struct, frozen=True):
@@ -126,6 +98,12 @@ HEADERS: dict[str, dict[str, Any]] = {
         "minLength": 1,
         "maxLength": 200,
         "description": "The same key gives the same job id (one job, also after it finished).",
+    },
+    "Aiwfe-Validate-Only": {
+        "type": "string",
+        "enum": ["1"],
+        "description": 'Only validate the input against the job contract: the reply is `{"valid": true}` or an '
+        "error naming the field; nothing is recorded or queued.",
     },
     "Aiwfe-Error": {
         "type": "string",
