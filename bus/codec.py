@@ -32,6 +32,7 @@ __all__ = [
     "check_schema",
     "is_job_id",
     "is_json",
+    "is_reply_inbox",
     "pack_call",
     "parse_deadline_ms",
     "read_headers",
@@ -118,6 +119,21 @@ def valid_traceparent(tp: str | None) -> str | None:
     if version == "ff" or (version == "00" and rest) or not trace_id.strip("0") or not parent_id.strip("0"):
         return None
     return tp
+
+
+def is_reply_inbox(subject: str) -> bool:
+    """True for a reply subject a pod may answer on: an inbox (``_INBOX.`` and at least one
+    more token, none empty, no wildcard).
+
+    NATS does not check a requester's reply subject against the requester's permissions,
+    but the answer is published with the *server's*: a reply subject such as
+    ``$KV.<bucket>.<job id>`` or ``$JS.API.CONSUMER.DELETE...`` would make a pod write
+    where only pods may. Every user's inbox is ``_INBOX.<user>...``
+    (:mod:`aiwfe.kernel.tools.natsauth`), so nothing legitimate is refused.
+    """
+    if not subject.startswith("_INBOX.") or len(subject) > 255:
+        return False
+    return all(t and t not in ("*", ">") and t.isprintable() and " " not in t for t in subject.split("."))
 
 
 def is_job_id(job_id: object) -> bool:

@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 
 from ._client import FastClient
 from .base import EventHandler, Headers, RemoteHandler
-from .codec import stream_names
+from .codec import is_reply_inbox, stream_names
 from .errors import BusTimeout, NoResponders, NotConnected
 from .nats_connect import NatsConnectOptions, connect_first, redact_url
 from .nats_queue import QueueMixin
@@ -103,6 +103,8 @@ class NatsBus(QueueMixin, StreamsMixin):
         self._kv: Any = None
         self._wheel = DeadlineWheel()
         self._subs: list[Any] = []
+        #: Requests dropped because their reply subject was not an inbox (codec.is_reply_inbox).
+        self.refused_replies = 0
         self._inflight: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -263,6 +265,12 @@ class NatsBus(QueueMixin, StreamsMixin):
                 inflight.discard(current_task())  # type: ignore[arg-type]
 
         async def on_msg(msg: Msg) -> None:
+            if msg.reply and not is_reply_inbox(msg.reply):
+                # A reply subject that is not an inbox would be written with this pod's
+                # permissions (codec.is_reply_inbox): the request is dropped unanswered.
+                self.refused_replies += 1
+                log.debug("%s: request with reply subject %r dropped (not an inbox)", subject, msg.reply[:80])
+                return
             inflight.add(loop.create_task(respond(msg)))
 
         self._subs.append(await nc.subscribe(subject, queue=subject if queue else "", cb=on_msg))

@@ -231,3 +231,40 @@ async def test_every_attack_is_refused_for_the_publisher(secured: Secured) -> No
     assert await secured.admin.job_owner(job_id) == victim_id
     assert await secured.admin.job_record(pending_id) is None
     assert (await secured.admin.job_record(job_id)).status == "done"
+
+
+async def test_a_reply_subject_cannot_make_a_pod_write_for_the_publisher(secured: Secured) -> None:
+    """NATS does not check a requester's reply subject against its permissions, but a pod's
+    answer goes out with the pod's: requests whose reply subject is not an inbox are dropped
+    (aiwfe.bus.codec.is_reply_inbox), so the publisher cannot blank a record or an owner
+    entry, delete a job consumer or queue a raw job through a pod's answer."""
+    h, victim_id, job_id = await _victim(secured)
+    p = secured.prefix
+    names = stream_names(p)
+    results = names["results"]
+    before = await secured.admin.job_record(job_id)
+    targets = [
+        f"$KV.{results}.{job_id}",
+        f"$KV.{results}.owner.{job_id}",
+        f"$JS.API.CONSUMER.DELETE.{names['jobs']}.jobs_helios_ask",
+        f"{p}.jobs.helios.ask",
+        "_INBOX.>",
+    ]
+    nc = await nats.connect(secured.url(PUBLISHER), inbox_prefix=f"_INBOX.{PUBLISHER}", allow_reconnect=False)
+    try:
+        for reply in targets:
+            await nc.publish(f"{p}.status.job", b"{}", reply=reply, headers={"Content-Type": "application/json"})
+            await nc.publish(f"{p}.submit.helios.ask", b'{"text": 1}', reply=reply, headers={"Content-Type": "application/json"})
+        await nc.flush()
+        # the same requests with a proper inbox are answered: the subjects work, only the replies were refused
+        r = await nc.request(f"{p}.status.job", b"{}", timeout=5, headers={"Content-Type": "application/json"})
+        assert "Aiwfe-Error" in (r.headers or {})
+    finally:
+        await nc.close()
+    assert await secured.admin.job_record(job_id) == before
+    assert await secured.admin.job_owner(job_id) == victim_id
+    async with httpx.AsyncClient(base_url=secured.gateway, timeout=30) as c:
+        r = await c.post("/v1/jobs", json={"kind": "helios", "input": {"text": "Still served?"}}, headers=h)
+        assert r.status_code == 202, r.text
+        job2 = r.json()["job_id"]
+    assert (await secured.admin.wait_job(job2, timeout_s=60)).status == "done"  # the consumer is still there

@@ -125,3 +125,24 @@ def test_preamble_with_garbage_traceparent_is_accepted_without_it() -> None:
     assert pre is not None and pre[2] is None and pre[3] == "job-1" and bytes(pre[4]) == b"\x80"
     pre = unpack_call(pack_call(0, b"\0" * 8, TP, b"", "j"))  # less than 1 ms left is still time left
     assert pre is not None and pre[0] == 1 and pre[2] == TP
+
+
+def test_only_inboxes_are_reply_subjects() -> None:
+    from aiwfe.bus.codec import is_reply_inbox
+
+    for ok in ("_INBOX.abc", "_INBOX.publisher.x1y2", "_INBOX.pod-gateway.tok.17"):
+        assert is_reply_inbox(ok), ok
+    for bad in (
+        "$KV.AIWFE_RESULTS.j1",
+        "$JS.API.CONSUMER.DELETE.S.c",
+        "aiwfe.jobs.k",
+        "_INBOX.>",
+        "_INBOX.*.x",
+        "_INBOX",
+        "_INBOX.",
+        "_INBOX..x",
+        "_INBOX.a b",
+        "_INBOX.a\x00",
+        "_INBOX." + "x" * 300,
+    ):
+        assert not is_reply_inbox(bad), bad
