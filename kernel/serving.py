@@ -81,7 +81,7 @@ class Limiter:
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.leave()  # the slot was handed to us as we were cancelled: pass it on
-            else:
+            elif fut in self._waiters:  # leave() may have dropped it already (cancelled futures are skipped)
                 self._waiters.remove(fut)
             raise
 

@@ -40,7 +40,7 @@ from typing import Any
 import msgspec
 
 from aiwfe.bus.base import Headers, message_size
-from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON
+from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, JSON, valid_traceparent
 from aiwfe.bus.errors import BusError, BusTimeout, NoResponders
 
 from ._external import _JSON_HEADERS, SUBMITTED, error_reply, is_json, reply
@@ -67,8 +67,14 @@ log = logging.getLogger("aiwfe.jobs")
 
 
 @functools.cache
-def _has_owner(contract: type) -> bool:
-    return any(f.name == OWNER_FIELD and f.type is str for f in msgspec.structs.fields(contract))
+def _owner_field(contract: type) -> str | None:
+    """``"str"`` when the contract has a plain ``owner: str`` (set by the edge), ``"other"``
+    for an ``owner`` field of any other type (such a job cannot be submitted from outside:
+    the edge could not neutralise it), None without one."""
+    for f in msgspec.structs.fields(contract):
+        if f.name == OWNER_FIELD:
+            return "str" if f.type is str else "other"
+    return None
 
 
 class Submissions:
@@ -192,8 +198,8 @@ class Submissions:
         async def handle(data: bytes, headers: Headers | None) -> tuple[bytes, Headers | None]:
             as_json = is_json(data, headers)
             h = headers or {}
-            tp = h.get(H_TRACE, "")
-            token = _trace.set(tp) if 0 < len(tp) <= 64 and tp.isascii() else None  # W3C traceparent: 55 chars
+            tp = valid_traceparent(h.get(H_TRACE))  # W3C or ignored, as on every subject
+            token = _trace.set(tp) if tp else None
             try:
                 await self.limiter.enter()
                 try:
@@ -216,9 +222,15 @@ class Submissions:
 
     async def _submit_one(self, ep: Endpoint, address: str, data: bytes, h: Headers, as_json: bool) -> dict[str, Any]:
         job = self.decode(ep, data, as_json)
-        if _has_owner(ep.contract):  # an external publisher acts as no user, whatever it sent
+        owner = _owner_field(ep.contract)
+        if owner == "other":
+            raise Forbidden(f"job {address} acts for a user (its {OWNER_FIELD} field): submit it through the gateway")
+        if owner == "str":  # an external publisher acts as no user, whatever it sent
             job = msgspec.structs.replace(job, **{OWNER_FIELD: SUBMITTED})
-        if h.get(H_VALIDATE_ONLY):
+        validate_only = h.get(H_VALIDATE_ONLY, "0").strip().lower()
+        if validate_only not in ("0", "1", "false", "true"):
+            raise BadInput(f"{H_VALIDATE_ONLY}: 1/true or 0/false, got {validate_only[:20]!r}")
+        if validate_only in ("1", "true"):
             return {"valid": True}
         key = h.get(H_IDEMPOTENCY)
         if key is not None and not 0 < len(key) <= MAX_KEY_CHARS:

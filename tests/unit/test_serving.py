@@ -248,3 +248,21 @@ async def test_job_ids_that_are_not_job_ids_are_refused(start_pods: StartPods) -
         reason = json.loads(letters[0][1]["Aiwfe-Reason"])
         assert reason["type"] == "BadMessage" and "Nats-Msg-Id" in reason["message"]
         assert letters[0][1]["Aiwfe-Job-Id"].startswith("seq")
+
+
+async def test_a_waiter_cancelled_after_leave_skipped_it_stays_cancelled() -> None:
+    """A queued waiter whose future was cancelled, then dropped by leave() before the waiter
+    ran again, still ends with CancelledError (not ValueError) and the count stays right."""
+    import asyncio
+
+    from aiwfe.kernel.serving import Limiter
+
+    lim = Limiter("t", 1, 4)
+    await lim.enter()
+    waiter = asyncio.ensure_future(lim.enter())
+    await asyncio.sleep(0)  # queued
+    waiter.cancel()
+    lim.leave()  # skips the cancelled future and frees the slot
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert lim.active == 0 and lim.waiting == 0

@@ -87,6 +87,10 @@ async def test_validate_only_and_msgpack_requests(start_pods: StartPods) -> None
     async with start_pods(TWO_PODS) as pods:
         back = pods["back"]
         assert await request(back, "submit.probe.crunch", {"n": 1}, {H_VALIDATE_ONLY: "1"}) == {"valid": True}
+        assert await request(back, "submit.probe.crunch", {"n": 1}, {H_VALIDATE_ONLY: "TRUE"}) == {"valid": True}
+        assert "job_id" in await request(back, "submit.probe.crunch", {"n": 1}, {H_VALIDATE_ONLY: "false"})
+        with pytest.raises(BadInput, match=H_VALIDATE_ONLY):
+            await request(back, "submit.probe.crunch", {"n": 1}, {H_VALIDATE_ONLY: "yes please"})
         with pytest.raises(BadInput, match=r"\$\.n"):
             await request(back, "submit.probe.crunch", {"n": []}, {H_VALIDATE_ONLY: "1"})
         bus = back.bus
