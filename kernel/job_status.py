@@ -19,7 +19,8 @@ returned. ``unknown``: no trace of the job — also for a job a gateway user own
 read through the gateway, by their owner only). A job queued by a pod's kernel that has no
 event yet also reads as ``unknown``; one submitted on ``<prefix>.submit.<kind>`` reads as
 ``pending`` at once. At most :data:`MAX_POLLS` requests run at once per pod; more are
-answered ``Overloaded`` at once.
+answered ``Overloaded`` at once. At most :data:`MAX_WAITING` of them wait; past that a
+long-poll is answered at once with what there is (as with ``wait_s = 0``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ MAX_WAIT_S = 25.0
 MAX_EVENTS = 256
 MAX_EVENT_BYTES = 256 * 1024
 MAX_POLLS = 512
+#: Long-polls (``wait_s`` > 0) waiting at once per pod; past it a request is answered at once,
+#: as with ``wait_s = 0``, so long-polls cannot take every slot from other clients.
+MAX_WAITING = 64
 #: Bound on reading events that are already stored.
 READ_TIMEOUT_S = 5.0
 #: How long to wait for the terminal event of a job whose outcome is recorded.
@@ -103,6 +107,7 @@ class JobStatus:
         self.jobs = jobs
         self.bus = jobs.bus
         self.polls = 0
+        self.waiting = 0
 
     async def start(self) -> None:
         """Serve the subject (queue group: one pod answers each request)."""
@@ -118,11 +123,16 @@ class JobStatus:
                 raise BadInput(f"status.job: {e}") from None
             if self.polls >= MAX_POLLS:
                 raise Overloaded(f"status.job: {self.polls} requests running; retry later", retry_after_s=1.0)
+            waits = req.wait_s > 0
+            if waits and self.waiting >= MAX_WAITING:  # no client holds every slot with long-polls
+                req, waits = msgspec.structs.replace(req, wait_s=0.0), False
             self.polls += 1
+            self.waiting += waits
             try:
                 out = await self.status(req)
             finally:
                 self.polls -= 1
+                self.waiting -= waits
             return self._fit(out, as_json)
         except AiwfeError as e:
             return error_reply(e)

@@ -266,3 +266,27 @@ async def test_long_polls_and_submissions_are_bounded_per_pod(start_pods: StartP
         lim.active, lim.max_queue = lim.limit, 0
         with pytest.raises(Overloaded):
             await request(front, "submit.probe.crunch", {"n": 1})
+
+
+async def test_long_polls_past_the_waiting_cap_are_answered_at_once(start_pods: StartPods) -> None:
+    """MAX_WAITING long-polls wait at once per pod; the next one is answered at once with what
+    there is (no client keeps every slot with long-polls), and the counters return to zero."""
+    import time
+
+    from aiwfe.kernel.job_status import MAX_WAITING
+
+    async with start_pods(TWO_PODS) as pods:
+        front = pods["front"]
+        r = await request(front, "submit.probe.crunch", {"n": 2, "delay_s": 30})
+        job_id = r["job_id"]
+        for pod in pods.values():
+            pod.kernel.submissions.status.waiting = MAX_WAITING
+        t0 = time.monotonic()
+        reply = await request(front, "status.job", {"job_id": job_id, "after_seq": 10**6, "wait_s": 20})
+        assert time.monotonic() - t0 < 10, "a long-poll past the cap waited"
+        assert reply["status"] == "pending" and reply["events"] == [] and not reply["final"]
+        for pod in pods.values():
+            st = pod.kernel.submissions.status
+            assert st.waiting == MAX_WAITING and st.polls == 0
+            st.waiting = 0
+        await front.kernel.cancel_job(job_id)
