@@ -43,8 +43,11 @@ async def test_enqueue_dedupes_and_append_returns_sequences(nats_url: str, prefi
     bus = NatsBus(nats_url, prefix)
     await bus.start()
     try:
+        await bus.accept_kinds(["k.one"])  # the jobs stream takes only the kinds pods accept
         assert await bus.enqueue("k.one", b"x", {"Aiwfe-Schema": "s"}, "m1") is True
         assert await bus.enqueue("k.one", b"x", {}, "m1") is False  # the same id within the window
+        with pytest.raises(NotAccepted, match="no stream takes this kind"):
+            await bus.enqueue("k.other", b"x", {}, "m2")  # a kind nobody accepted is not kept
         s1 = await bus.append(f"{prefix}.events.j", b"a", {"Aiwfe-Type": "t"})
         s2 = await bus.append(f"{prefix}.events.j", b"b", {}, msg_id="e2")
         assert s2 == s1 + 1
@@ -81,6 +84,7 @@ async def test_replies_on_the_request_mux_reach_their_callers(nats_url: str, pre
     try:
         nc = bus.nc
         assert nc is not None and nc._resp_sid in nc._subs
+        await bus.accept_kinds(["k.one"])  # creates the jobs stream
         info = await bus.js.stream_info(stream_names(prefix)["jobs"])  # nats-py's request path
         assert info.config.name == stream_names(prefix)["jobs"]
         with pytest.raises(nats.errors.NoRespondersError):
