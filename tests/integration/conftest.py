@@ -11,7 +11,7 @@ import pytest
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from tests.support.auth import WHO, StartAuth
-from tests.support.pods import dump_toml, running
+from tests.support.pods import StartPods, dump_toml, running
 
 
 @pytest.fixture(params=["local", "nats"])
@@ -38,6 +38,20 @@ def start_auth(bus_kind: str, prefix: str, request: pytest.FixtureRequest) -> St
         data = {"system": {"subject_prefix": prefix, "drain_timeout_s": 1}, "pods": pods_def, "plugins": {"auth": cfg}}
         m = parse_manifest(dump_toml(data), env={})
         async with running(m, nats_url=None if bus_kind == "local" else nats_url) as pods:
+            yield pods
+
+    return start
+
+
+@pytest.fixture
+def start_pods(prefix: str, nats_url: str) -> StartPods:
+    """Start every pod of a manifest, each with its own NATS connection (so calls between
+    pods cross the server); the integration twin of tests/unit/conftest.py's LocalBus one,
+    which is how the unit test bodies imported here run over NATS."""
+
+    @contextlib.asynccontextmanager
+    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
+        async with running(parse_manifest(text.replace("{prefix}", prefix), env={}), nats_url=nats_url) as pods:
             yield pods
 
     return start

@@ -9,30 +9,19 @@ import contextlib
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
-from tests.support.pods import StartPods, running
+from tests.support.pods import StartPods
 from tests.unit.test_routing import TWO_PODS
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "examples" / "faststream_client" / "client.py"
-
-
-@pytest.fixture
-def start_pods(prefix: str, nats_url: str) -> StartPods:
-    @contextlib.asynccontextmanager
-    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
-        async with running(parse_manifest(text.replace("{prefix}", prefix), env={}), nats_url=nats_url) as pods:
-            yield pods
-
-    return start
 
 
 def client(url: str, prefix: str, kind: str, job: str, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -7,12 +7,10 @@ Also: JSON from external publishers, heartbeats for long jobs, and drain on stop
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -22,26 +20,13 @@ from aiwfe.bus.nats import NatsBus
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from tests.conftest import wait_until
-from tests.support.pods import StartPods, running
+from tests.support.pods import StartPods
 from tests.support.probe import Crunch
 from tests.unit.test_jobs import *  # noqa: F403  (the same job test bodies, over NATS)
 from tests.unit.test_routing import *  # noqa: F403  (the same call test bodies, over NATS)
 from tests.unit.test_routing import PROBE, TWO_PODS
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
-
-
-@pytest.fixture
-def start_pods(prefix: str, nats_url: str) -> StartPods:  # overrides the LocalBus fixture
-    """Start every pod of a manifest, each with its own NATS connection."""
-
-    @contextlib.asynccontextmanager
-    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
-        m = parse_manifest(text.replace("{prefix}", prefix), env={})
-        async with running(m, nats_url=nats_url) as pods:
-            yield pods
-
-    return start
 
 
 def _publish(nats_url: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -5,29 +5,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 
-from aiwfe.kernel.manifest import parse_manifest
-from aiwfe.kernel.pod import PodRunner
 from tests.integration.test_nats_bus import _publish
-from tests.support.pods import StartPods, running
+from tests.support.pods import StartPods
 from tests.unit.test_routing import TWO_PODS
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
-
-
-@pytest.fixture
-def start_pods(prefix: str, nats_url: str) -> StartPods:
-    @contextlib.asynccontextmanager
-    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
-        async with running(parse_manifest(text.replace("{prefix}", prefix), env={}), nats_url=nats_url) as pods:
-            yield pods
-
-    return start
 
 
 async def test_publish_validates_jobs_and_names_the_known_kinds(start_pods: StartPods, nats_url: str, prefix: str) -> None:

@@ -5,8 +5,6 @@ by pods starting at once, narrowed from the old catch-all."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -15,25 +13,9 @@ from nats.js import api
 from aiwfe.bus.codec import stream_names
 from aiwfe.bus.errors import NotAccepted
 from aiwfe.bus.nats import NatsBus
-from aiwfe.kernel.manifest import parse_manifest
-from aiwfe.kernel.pod import PodRunner
-from tests.support.pods import StartPods, running
 from tests.unit.test_submitting import *  # noqa: F403  (the same bodies, over NATS)
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
-
-
-@pytest.fixture
-def start_pods(prefix: str, nats_url: str) -> StartPods:  # overrides the LocalBus fixture
-    """Start every pod of a manifest, each with its own NATS connection."""
-
-    @contextlib.asynccontextmanager
-    async def start(text: str) -> AsyncIterator[dict[str, PodRunner]]:
-        m = parse_manifest(text.replace("{prefix}", prefix), env={})
-        async with running(m, nats_url=nats_url) as pods:
-            yield pods
-
-    return start
 
 
 async def test_pods_starting_at_once_all_get_their_kinds_in_the_stream(nats_url: str, prefix: str) -> None:
