@@ -75,11 +75,14 @@ class StatusEvent(msgspec.Struct, frozen=True):
     data: Any = None
 
 
+Status = Literal["pending", "done", "failed", "cancelled", "unknown"]
+
+
 class StatusReply(msgspec.Struct, frozen=True):
     """The answer of ``<prefix>.status.job`` (see the module docstring)."""
 
     job_id: str
-    status: Literal["pending", "done", "failed", "cancelled", "unknown"]
+    status: Status
     result: Any = None
     error: dict[str, Any] | None = None
     events: list[StatusEvent] = []
@@ -193,7 +196,7 @@ class JobStatus:
             return StatusReply(job_id=job_id, status="pending", events=events, last_seq=seq)
         return StatusReply(
             job_id=job_id,
-            status=rec.status,
+            status=cast(Status, rec.status),  # a JobRecord's status is done, failed or cancelled
             result=rec.decoded() if rec.status == "done" else None,
             error=rec.error,
             events=events,
