@@ -17,7 +17,9 @@ before anything is recorded (HTTP 400, an ``error`` frame, ``BadInput`` on NATS)
 clamped silently. ``None`` (unset) values are not checked.
 
 **Slots.** Each owner (the gateway's user id) may have at most ``max_per_owner`` jobs of a
-kind not yet finished; the NATS submit subjects act for no user (owner ``~submit``: NATS
+kind not yet finished (unset: the contract's ``max_jobs_per_owner: ClassVar[int]``, else
+:data:`DEFAULT_PER_OWNER`; the gateway learns the contract's value from the consumer's
+validate-only answer when the consumer runs in another pod); the NATS submit subjects act for no user (owner ``~submit``: NATS
 does not tell a subscriber who published), so all their publishers share one pool of
 ``max_submitted`` slots per kind. A slot is a create-only key ``quota.<kind>.<owner
 hash>.<i>`` (``i`` < the limit) in the jobs' key-value bucket, so every gateway replica and
@@ -49,13 +51,17 @@ import msgspec
 
 from .errors import BadInput, ConfigError, Overloaded
 
-__all__ = ["JobLimits", "JobQuotas", "TooManyJobs", "caps_of", "check_caps"]
+__all__ = ["DEFAULT_PER_OWNER", "JobLimits", "JobQuotas", "TooManyJobs", "caps_of", "check_caps"]
+
+#: Unfinished jobs per user of a kind that neither the manifest nor its contract limits.
+DEFAULT_PER_OWNER = 64
 
 
 class JobLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The limits of one job kind (``[system.jobs."<address>"]``).
 
-    ``max_per_owner``: jobs not yet finished per gateway user (0: no limit);
+    ``max_per_owner``: jobs not yet finished per gateway user (0: no limit; unset: the
+    contract's ``max_jobs_per_owner``, else :data:`DEFAULT_PER_OWNER`);
     ``max_submitted``: the same for all NATS submit-subject publishers together;
     ``caps``: field → largest value a client may send (added to the contract's ``input_caps``);
     ``lease_s``: how long a slot is held when the job has no ``deadline_s``;
@@ -63,7 +69,7 @@ class JobLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ``retry_after_s``: the hint given with ``TooManyJobs``.
     """
 
-    max_per_owner: int = 8
+    max_per_owner: int | None = None
     max_submitted: int = 64
     caps: dict[str, float] = {}
     lease_s: float = 600.0
@@ -71,7 +77,7 @@ class JobLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     retry_after_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.max_per_owner < 0 or self.max_submitted < 0:
+        if (self.max_per_owner or 0) < 0 or self.max_submitted < 0:
             raise ValueError("max_per_owner and max_submitted must not be negative (0: no limit)")
         if min(self.lease_s, self.lease_grace_s, self.retry_after_s) <= 0:
             raise ValueError("lease_s, lease_grace_s and retry_after_s must be positive")
@@ -161,16 +167,24 @@ class JobQuotas:
             deadline = lim.lease_s
         return float(deadline) + lim.lease_grace_s
 
-    async def acquire(self, address: str, owner: str, job_id: str, hold_s: float, *, submitted: bool = False) -> str | None:
-        """Take a slot of ``owner`` for ``job_id`` (``submitted``: the shared NATS pool);
-        return its key (for :meth:`release` when queueing fails), None when there is no limit.
+    async def acquire(
+        self, address: str, owner: str, job_id: str, hold_s: float, *, submitted: bool = False, declared: int | None = None
+    ) -> str | None:
+        """Take a slot of ``owner`` for ``job_id`` (``submitted``: the shared NATS pool;
+        ``declared``: the contract's ``max_jobs_per_owner``); return its key (for
+        :meth:`release` when queueing fails), None when there is no limit.
 
         Raises:
             TooManyJobs: every slot is held by an unfinished job with a live lease.
             BusError: the bucket did not answer (callers map it to Unavailable).
         """
         lim = self.of(address)
-        limit = lim.max_submitted if submitted else lim.max_per_owner
+        if submitted:
+            limit = lim.max_submitted
+        elif lim.max_per_owner is not None:
+            limit = lim.max_per_owner
+        else:
+            limit = DEFAULT_PER_OWNER if declared is None else declared
         if limit == 0:
             return None
         base = f"quota.{address}.{hashlib.sha256(owner.encode()).hexdigest()[:32]}"

@@ -15,12 +15,18 @@ Bad input is refused where it enters, before anything is recorded or queued:
   (JSON for a JSON request, msgpack otherwise).
   ``Aiwfe-Idempotency-Key`` (at most :data:`MAX_KEY_CHARS` characters) makes the id
   deterministic, in a namespace of its own (never another surface's job);
-  ``Aiwfe-Validate-Only: 1`` only validates and answers ``{"valid": true}``.
+  ``Aiwfe-Validate-Only: 1`` only validates and answers ``{"valid": true}`` (with the
+  contract's ``max_jobs_per_owner`` when it declares one: the gateway's pod counts by it).
 * :meth:`Submissions.submit_json` (``Kernel.submit_json``, the gateway's path) checks the
   size, validates the JSON against the contract (in-process when the consumer runs in this
   pod, else with a validate-only request to the consumer's pod), records the owner and
   queues. When queueing fails, the owner entry this call made is removed again, so no
   job id is left looking pending.
+
+Fair share (:mod:`~aiwfe.kernel.quotas`): decoding checks the server's caps on the
+client's budgets (``BadInput`` naming field, value and cap), and a new job takes one of its
+owner's slots before it is queued (``TooManyJobs``, on the bus ``Overloaded`` with
+``retry_after_s``); jobs on the submit subjects share the owner ``~submit``'s pool.
 
 Sizes: a job over the bus's limit (NATS ``max_payload`` from the server, headers included)
 is refused with ``TooLarge`` before anything is recorded. The jobs stream takes only the
@@ -76,6 +82,18 @@ def _owner_field(contract: type) -> str | None:
         if f.name == OWNER_FIELD:
             return "str" if f.type is str else "other"
     return None
+
+
+class _Validated(msgspec.Struct):
+    max_jobs_per_owner: int | None = None
+
+
+_validated_dec = msgspec.json.Decoder(_Validated)
+
+
+def _declared(contract: type) -> int | None:
+    value = getattr(contract, "max_jobs_per_owner", None)
+    return value if isinstance(value, int) else None
 
 
 class Submissions:
@@ -138,9 +156,10 @@ class Submissions:
         check_caps(address, job, caps)
         return job
 
-    async def validate(self, address: str, data: bytes) -> None:
+    async def validate(self, address: str, data: bytes) -> int | None:
         """Validate JSON input of job ``address`` against its contract, in-process when this
-        pod consumes it, else by the consumer's pod (a validate-only submit request).
+        pod consumes it, else by the consumer's pod (a validate-only submit request); return
+        the contract's ``max_jobs_per_owner`` (None when it declares none).
 
         Raises:
             BadInput, TooLarge, Unavailable (no pod consumes ``address`` now), DeadlineExceeded.
@@ -148,10 +167,10 @@ class Submissions:
         ep = self._endpoints().get(address)
         if ep is not None:
             self.decode(ep, data, True)
-            return
+            return _declared(ep.contract)
         subject = f"{self.bus.prefix}.submit.{address}"
         try:
-            _, rh = await self.bus.request(subject, data, {**_JSON_HEADERS, H_VALIDATE_ONLY: "1"}, VALIDATE_TIMEOUT_S)
+            body, rh = await self.bus.request(subject, data, {**_JSON_HEADERS, H_VALIDATE_ONLY: "1"}, VALIDATE_TIMEOUT_S)
         except NoResponders:
             kinds = ", ".join(await self._kinds()) or "none"
             raise Unavailable(f"no pod consumes job kind {address} now (kinds the jobs stream takes: {kinds})") from None
@@ -161,6 +180,10 @@ class Submissions:
             raise Unavailable(f"validating {address}: {e}") from None
         if rh and H_ERROR in rh:
             raise from_wire(rh[H_ERROR])
+        try:
+            return _validated_dec.decode(body).max_jobs_per_owner
+        except msgspec.DecodeError:
+            return None  # a pod of an older version: the default limit
 
     async def _kinds(self) -> list[str]:
         with contextlib.suppress(Exception):
@@ -180,15 +203,23 @@ class Submissions:
         job_id = self.kernel._job_id(address, job_id, idempotency_key)
         headers = {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}
         self.check_size(address, data, headers)
-        await self.validate(address, data)
-        await self.enqueue(address, data, headers, job_id, owner, self.quotas.hold_s(address, data=data))
+        declared = await self.validate(address, data)
+        await self.enqueue(address, data, headers, job_id, owner, self.quotas.hold_s(address, data=data), declared)
         return job_id
 
     async def enqueue(
-        self, address: str, data: bytes, headers: Headers, job_id: str, owner: str | None, hold_s: float | None = None
+        self,
+        address: str,
+        data: bytes,
+        headers: Headers,
+        job_id: str,
+        owner: str | None,
+        hold_s: float | None = None,
+        declared: int | None = None,
     ) -> None:
         """Record ``owner`` (unless the job has one: then it must be the same), take one of the
-        owner's job slots for ``hold_s`` seconds when the job is new (``hold_s`` None: no slot),
+        owner's job slots for ``hold_s`` seconds when the job is new (``hold_s`` None: no slot;
+        ``declared``: the contract's ``max_jobs_per_owner``),
         and queue the job; when queueing fails, give back what this call took and re-raise.
 
         Raises:
@@ -204,7 +235,9 @@ class Submissions:
         try:
             if created and owner is not None and hold_s is not None:  # a resubmission holds its first slot
                 with _unavailable():
-                    slot = await self.quotas.acquire(address, owner, job_id, hold_s, submitted=owner == SUBMITTED)
+                    slot = await self.quotas.acquire(
+                        address, owner, job_id, hold_s, submitted=owner == SUBMITTED, declared=declared
+                    )
             await self.kernel._submit(address, data, headers, job_id)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -254,8 +287,9 @@ class Submissions:
         validate_only = h.get(H_VALIDATE_ONLY, "0").strip().lower()
         if validate_only not in ("0", "1", "false", "true"):
             raise BadInput(f"{H_VALIDATE_ONLY}: 1/true or 0/false, got {validate_only[:20]!r}")
-        if validate_only in ("1", "true"):
-            return {"valid": True}
+        if validate_only in ("1", "true"):  # the gateway's pod learns the contract's slot limit here
+            declared = _declared(ep.contract)
+            return {"valid": True} if declared is None else {"valid": True, "max_jobs_per_owner": declared}
         key = h.get(H_IDEMPOTENCY)
         if key is not None and not 0 < len(key) <= MAX_KEY_CHARS:
             raise BadInput(f"{H_IDEMPOTENCY}: 1 to {MAX_KEY_CHARS} characters, got {len(key)}")

@@ -88,7 +88,11 @@ class Ask(Job[Synthesis], tag="helios.ask"):
     overrides them): a job of 6 experts, 120 s, 30 s per expert, 200,000 tokens, a quorum
     of at most its experts; ``latency_s`` 0, so a client's simulated latency is refused
     unless a manifest for tests and benchmarks raises that cap (e.g. ``latency_s = 60``).
+    ``max_jobs_per_owner``: unfinished ``helios.ask`` jobs per user (the manifest's
+    ``max_per_owner`` overrides it): 8 jobs × 6 experts stay below reasoning's 64 calls.
     """
+
+    max_jobs_per_owner: ClassVar[int] = 8
 
     input_caps: ClassVar[Mapping[str, float | str]] = {
         "max_experts": 6,

@@ -23,13 +23,12 @@ from tests.support.pods import running
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
 
-LIMIT = 8
+LIMIT = 8  # helios.ask's own max_jobs_per_owner (the gateway pods learn it from the consumer's answer)
 MANIFEST = """
 [system]
 subject_prefix = "{prefix}"
 drain_timeout_s = 2
 [system.jobs."helios.ask"]
-max_per_owner = {limit}
 max_submitted = 2
 caps = {{ latency_s = 10 }}
 [pods.brain]
@@ -59,7 +58,7 @@ FLOOD |= {"expert_timeout_s": 30.0, "latency_s": 3.0, "use_cache": False}
 
 
 def _manifest(prefix: str, db: str, redis: str, data: Path) -> str:
-    return MANIFEST.format(prefix=prefix, limit=LIMIT, auth=AUTH_DOUBLE, db=db, redis=redis, data=data)
+    return MANIFEST.format(prefix=prefix, auth=AUTH_DOUBLE, db=db, redis=redis, data=data)
 
 
 async def _wait_done(c: httpx.AsyncClient, job_id: str, token: str, timeout_s: float = 60.0) -> dict[str, Any]:
