@@ -34,13 +34,15 @@ frees itself at its expiry. Two submitters may reclaim the same stale slot at on
 one that creates the marker ``<slot>.freed.<lease hash>`` deletes it, so a delete never
 removes a newer lease (markers expire with the bucket). A full set of slots answers
 :class:`TooManyJobs` (retryable, with ``retry_after_s``): HTTP 429 with ``Retry-After``, a
-``too_many_jobs`` error frame, and ``Overloaded`` on NATS. Without the key-value bucket
+``too_many_jobs`` error frame, and ``Overloaded`` on NATS. A pod that found an owner's
+slots full refuses its next submissions for :data:`FULL_MEMO_S` without asking the bucket. Without the key-value bucket
 nothing is submitted anyway (the owner entry lives there too): ``Unavailable``, and no
 in-memory fallback that would let each pod admit the limit on its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
@@ -53,6 +55,9 @@ from .errors import BadInput, ConfigError, Overloaded
 
 __all__ = ["DEFAULT_PER_OWNER", "JobLimits", "JobQuotas", "TooManyJobs", "caps_of", "check_caps"]
 
+#: After finding an owner's slots full, this pod refuses its next submissions of the kind
+#: for this long without asking the bucket (a flood of refused submissions stays cheap).
+FULL_MEMO_S = 0.25
 #: Unfinished jobs per user of a kind that neither the manifest nor its contract limits.
 DEFAULT_PER_OWNER = 64
 
@@ -148,6 +153,7 @@ class JobQuotas:
         self.finished = finished
         self.limits: Mapping[str, JobLimits] = limits or {}
         self.default = JobLimits()
+        self._full: dict[str, float] = {}  # slot key prefix → monotonic time until which it is full
 
     def of(self, address: str) -> JobLimits:
         """The limits of job kind ``address``."""
@@ -188,18 +194,30 @@ class JobQuotas:
         if limit == 0:
             return None
         base = f"quota.{address}.{hashlib.sha256(owner.encode()).hexdigest()[:32]}"
+        if self._full.get(base, 0.0) > time.monotonic():  # found full a moment ago: no bucket round trips
+            raise self._refusal(address, limit, submitted, lim)
         lease = _lease_enc.encode(_Lease(job_id, time.time() + hold_s))
-        start = random.randrange(limit)  # spread concurrent submitters over the slots
-        order = [(start + i) % limit for i in range(limit)]
+        keys = [f"{base}.{i}" for i in range(limit)]
+        first = keys[random.randrange(limit)]  # a user below the limit: usually one round trip
+        if await self.bus.kv_create(first, lease):
+            return first
         for _ in range(3):
-            for i in order:
-                if await self.bus.kv_create(f"{base}.{i}", lease):
-                    return f"{base}.{i}"
-            if not await self._reclaim(base, limit):
+            free = await self._free(keys)
+            for key in free:
+                if await self.bus.kv_create(key, lease):
+                    return key
+            if not free:
                 break
-        raise TooManyJobs(
-            f"too many jobs: {limit} {address} jobs of this {'submit subject' if submitted else 'user'} are not "
-            f"finished (limit {limit}); retry when one has finished",
+        if len(self._full) > 10_000:
+            self._full.clear()
+        self._full[base] = time.monotonic() + FULL_MEMO_S
+        raise self._refusal(address, limit, submitted, lim)
+
+    @staticmethod
+    def _refusal(address: str, limit: int, submitted: bool, lim: JobLimits) -> TooManyJobs:
+        who = "submit subject" if submitted else "user"
+        return TooManyJobs(
+            f"too many jobs: {limit} {address} jobs of this {who} are not finished (limit {limit}); retry when one has finished",
             retry_after_s=lim.retry_after_s,
         )
 
@@ -207,24 +225,29 @@ class JobQuotas:
         """Give back a slot taken by :meth:`acquire` whose job was not queued after all."""
         await self.bus.kv_delete(key)
 
-    async def _reclaim(self, base: str, limit: int) -> bool:
-        """Free the slots whose job finished or whose lease expired; True when one is free."""
-        freed = False
+    async def _free(self, keys: list[str]) -> list[str]:
+        """The slots that are free now, in random order: empty ones, and those reclaimed
+        because their job has an outcome or their lease expired (read all at once)."""
+        raws = await asyncio.gather(*(self.bus.kv_get(k) for k in keys))
         now = time.time()
-        for i in range(limit):
-            key = f"{base}.{i}"
-            raw = await self.bus.kv_get(key)
-            if raw is None:
-                freed = True
-                continue
-            try:
-                lease = _lease_dec.decode(raw)
-            except msgspec.DecodeError:
-                lease = _Lease("", 0.0)  # unreadable: treat as expired
-            if lease.expires_at > now and not (lease.job_id and await self.finished(lease.job_id)):
-                continue
+        leases = [None if raw is None else _decode(raw) for raw in raws]
+        live = [i for i, le in enumerate(leases) if le is not None and le.expires_at > now and le.job_id]
+        done = await asyncio.gather(*(self.finished(leases[i].job_id) for i in live))  # type: ignore[union-attr]
+        stale = {i for i, le in enumerate(leases) if le is not None} - {i for i, d in zip(live, done, strict=True) if not d}
+        free = [keys[i] for i, le in enumerate(leases) if le is None]
+        for i in stale:
+            raw = raws[i]
+            assert raw is not None
             # only the submitter that marks this lease freed deletes it (never a newer lease)
-            if await self.bus.kv_create(f"{key}.freed.{hashlib.sha256(raw).hexdigest()[:32]}", b""):
-                await self.bus.kv_delete(key)
-            freed = True
-        return freed
+            if await self.bus.kv_create(f"{keys[i]}.freed.{hashlib.sha256(raw).hexdigest()[:32]}", b""):
+                await self.bus.kv_delete(keys[i])
+            free.append(keys[i])
+        random.shuffle(free)
+        return free
+
+
+def _decode(raw: bytes) -> _Lease:
+    try:
+        return _lease_dec.decode(raw)
+    except msgspec.DecodeError:
+        return _Lease("", 0.0)  # unreadable: treat as expired
