@@ -13,8 +13,10 @@ client may ask for is allowed here (cap ``--flood-latency``).
    pausing ``--flood-pause`` s after a 429; once the flooder holds all its slots, the same
    ``--jobs`` of ``other`` again, while the flood goes on.
 
-The issue this answers: without limits, six such jobs with 12 experts and 40 s each filled
-reasoning's 64 slots and another user's job failed after 30 s.
+The issue this answers: without limits, six jobs with 12 experts and 40 s each filled
+reasoning's 64 slots and another user's job failed after 30 s. ``--without-limits`` repeats
+that in the same run (a second system with no slot limit and those budgets allowed; about
+35 s more) and adds ``unprotected_other_ms`` and ``unprotected_other_status``.
 
 Pods run in this process on a private embedded nats-server (or ``--url``); the load
 generator shares the cores. Last line, one JSON object: ``jobs``, ``limit``,
@@ -30,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -38,14 +41,20 @@ import msgspec
 from ._support import emit, nats_server, percentile
 
 QUESTION = "How should the orders database index be designed?"
+#: The flood's question touches every expertise tag, so its jobs get every expert they ask for.
+FLOOD_QUESTION = (
+    "Review the architecture, security, database, performance, deploy pipeline, frontend page, backend api, "
+    "data, model training, test coverage, user feature and docs of the system"
+)
 LIMIT = 8  # helios.ask's max_jobs_per_owner
+RUN = uuid.uuid4().hex[:8]
 
 MANIFEST = """
 [system]
 subject_prefix = "{prefix}"
 drain_timeout_s = 1
 [system.jobs."helios.ask"]
-caps = {{ latency_s = {latency_cap} }}
+{limits}
 [pods.all]
 plugins = ["helios", "perception", "reasoning", "aiwfe.bench.ws:BenchAuthPlugin", "gateway"]
 [plugins.gateway]
@@ -55,12 +64,12 @@ job_kinds = {{ helios = "helios.ask" }}
 
 
 @contextlib.asynccontextmanager
-async def _system(url: str, prefix: str, latency_cap: float) -> AsyncIterator[Any]:
+async def _system(url: str, prefix: str, limits: str) -> AsyncIterator[Any]:
     from aiwfe.bus.nats import NatsBus
     from aiwfe.kernel.manifest import parse_manifest
     from aiwfe.kernel.pod import PodRunner
 
-    m = parse_manifest(MANIFEST.format(prefix=prefix, latency_cap=latency_cap), env={})
+    m = parse_manifest(MANIFEST.format(prefix=prefix, limits=limits), env={})
     async with PodRunner(m, "all", NatsBus(url, prefix, name="bench-fairshare"), ops_port=0) as pod:
         yield pod
 
@@ -72,7 +81,8 @@ async def _other_jobs(ws_url: str, token: str, n: int, tag: str) -> tuple[list[f
     times, failed = [], 0
     async with websockets.connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
         for i in range(n):
-            frame = {"type": "submit", "kind": "helios", "input": {"text": f"{QUESTION} {tag}{i}"}, "id": str(i)}
+            # a text of this run only: every expert call misses the answer cache, as a new question does
+            frame = {"type": "submit", "kind": "helios", "input": {"text": f"{QUESTION} {RUN} {tag}{i}"}, "id": str(i)}
             t0 = time.perf_counter()
             await ws.send(msgspec.json.encode(frame).decode())
             while True:
@@ -95,14 +105,14 @@ class _Flood:
     async def loop(self, k: int) -> None:
         import httpx
 
-        job = {"text": QUESTION, "max_experts": 6, "deadline_s": 120.0, "expert_timeout_s": 30.0}
+        job = {"text": FLOOD_QUESTION, "max_experts": 6, "deadline_s": 120.0, "expert_timeout_s": 30.0}
         job |= {"latency_s": self.latency_s, "use_cache": False}
         headers = {"Authorization": f"Bearer {self.token}"}
         async with httpx.AsyncClient(base_url=self.url, timeout=30) as c:
             i = 0
             while not self.stop.is_set():
                 i += 1
-                body = {"kind": "helios", "input": {**job, "text": f"{QUESTION} flood {k}.{i}"}}
+                body = {"kind": "helios", "input": {**job, "text": f"{FLOOD_QUESTION} {k}.{i}"}}
                 r = await c.post("/v1/jobs", json=body, headers=headers)
                 if r.status_code == 202:
                     self.accepted += 1
@@ -114,13 +124,41 @@ class _Flood:
                 await asyncio.sleep(self.pause_s)
 
 
-async def run(url: str, jobs: int, flooders: int, flood_latency_s: float, pause_s: float) -> dict[str, Any]:
-    import uuid
+async def _unprotected(url: str) -> tuple[float, str]:
+    """The issue's measurement without fair share: six jobs of 12 experts at 40 s each, then
+    one ordinary job of another user: (its ms from submit to result, its status)."""
+    import httpx
 
     from aiwfe.bench.ws import make_token
 
+    limits = "max_per_owner = 0\ncaps = { max_experts = 12, latency_s = 40 }"
+    async with _system(url, "bfair" + uuid.uuid4().hex[:8], limits) as pod:
+        http_url = pod.plugins["gateway"].public_url
+        job = {"text": FLOOD_QUESTION, "max_experts": 12, "latency_s": 40.0, "use_cache": False}
+        async with httpx.AsyncClient(base_url=http_url, timeout=30) as c:
+            for i in range(6):
+                r = await c.post(
+                    "/v1/jobs",
+                    json={"kind": "helios", "input": {**job, "text": f"{FLOOD_QUESTION} {i}"}},
+                    headers={"Authorization": f"Bearer {make_token('flooder')}"},
+                )
+                r.raise_for_status()
+        slots = pod.plugins["reasoning"]._slots  # the flood's expert calls take every one of them
+        async with asyncio.timeout(20):
+            while not slots.locked():
+                await asyncio.sleep(0.05)
+        ws_url = http_url.replace("http://", "ws://") + "/v1/ws"
+        times, failed = await _other_jobs(ws_url, make_token("other"), 1, "unprotected ")
+    return times[0], "failed" if failed else "done"
+
+
+async def run(
+    url: str, jobs: int, flooders: int, flood_latency_s: float, pause_s: float, without_limits: bool = False
+) -> dict[str, Any]:
+    from aiwfe.bench.ws import make_token
+
     prefix = "bfair" + uuid.uuid4().hex[:8]
-    async with _system(url, prefix, flood_latency_s) as pod:
+    async with _system(url, prefix, f"caps = {{ latency_s = {flood_latency_s} }}") as pod:
         http_url = pod.plugins["gateway"].public_url
         ws_url = http_url.replace("http://", "ws://") + "/v1/ws"
         other = make_token("other")
@@ -137,6 +175,10 @@ async def run(url: str, jobs: int, flooders: int, flood_latency_s: float, pause_
         finally:
             flood.stop.set()
             await asyncio.gather(*loops, return_exceptions=True)
+    extra: dict[str, Any] = {}
+    if without_limits:
+        ms, status = await _unprotected(url)
+        extra = {"unprotected_other_ms": round(ms, 1), "unprotected_other_status": status}
     u50, l50 = percentile(unloaded, 50), percentile(loaded, 50)
     u95, l95 = percentile(unloaded, 95), percentile(loaded, 95)
     return {
@@ -154,6 +196,7 @@ async def run(url: str, jobs: int, flooders: int, flood_latency_s: float, pause_
         "flood_accepted": flood.accepted,
         "flood_refused": flood.refused,
         "flood_errors": flood.errors,
+        **extra,
     }
 
 
@@ -167,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flooders", type=int, default=4, help="concurrent submit loops of the flooder (default 4)")
     p.add_argument("--flood-latency", type=float, default=20.0, help="latency per expert call of the flood's jobs (default 20)")
     p.add_argument("--flood-pause", type=float, default=0.05, help="a flood loop's pause after a 429, seconds (default 0.05)")
+    p.add_argument("--without-limits", action="store_true", help="also measure the same flood with no fair share")
     a = p.parse_args(argv)
     # one line per request or per job without memory/learning pods would drown the result
     for name, level in (("httpx", logging.WARNING), ("aiwfe.helios", logging.ERROR)):
         logging.getLogger(name).setLevel(level)
     with nats_server(a.url) as url:
-        result = asyncio.run(run(url, a.jobs, a.flooders, a.flood_latency, a.flood_pause))
+        result = asyncio.run(run(url, a.jobs, a.flooders, a.flood_latency, a.flood_pause, a.without_limits))
     emit(result)
     return 0
 
