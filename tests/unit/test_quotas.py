@@ -98,3 +98,15 @@ async def test_concurrent_reclaims_never_admit_more_than_the_limit() -> None:
         return True
 
     assert sum(await asyncio.gather(*(submit(i) for i in range(30)))) == 4
+
+
+async def test_reasoning_refuses_a_simulated_latency_over_its_cap() -> None:
+    from aiwfe.kernel.manifest import parse_manifest
+    from aiwfe.kernel.pod import PodRunner
+    from aiwfe.plugins.reasoning.contract import Reason
+
+    text = '[system]\nsubject_prefix = "rq"\n[pods.p]\nplugins = ["reasoning"]\n[plugins.reasoning]\nmax_latency_s = 0.5\n'
+    async with PodRunner(parse_manifest(text, env={}), "p", LocalBus("rq"), ops_port=0) as pod:
+        assert (await pod.kernel.call(Reason(role="r", task="t", latency_s=0.01))).answer is not None
+        with pytest.raises(BadInput, match=r"latency_s = 30 is over its cap \(0.5, max_latency_s\)"):
+            await pod.kernel.call(Reason(role="r", task="t", latency_s=30))
