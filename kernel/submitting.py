@@ -219,8 +219,8 @@ class Submissions:
     ) -> None:
         """Record ``owner`` (unless the job has one: then it must be the same), take one of the
         owner's job slots for ``hold_s`` seconds when the job is new (``hold_s`` None: no slot;
-        ``declared``: the contract's ``max_jobs_per_owner``),
-        and queue the job; when queueing fails, give back what this call took and re-raise.
+        ``declared``: the contract's ``max_jobs_per_owner``) and queue the job; when queueing
+        fails, give back what this call took and re-raise.
 
         Raises:
             TooLarge, Forbidden, TooManyJobs, Unavailable.
