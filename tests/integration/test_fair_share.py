@@ -144,3 +144,32 @@ async def test_the_nats_submit_subject_is_one_pool_answering_overloaded(
             assert err["type"] == "Overloaded" and err["retryable"] and err["retry_after_s"] > 0, err
         finally:
             await nc.close()
+
+
+async def test_pods_reclaiming_the_same_stale_slots_at_once_never_admit_more_than_the_limit(prefix: str, nats_url: str) -> None:
+    from aiwfe.bus.nats import NatsBus
+    from aiwfe.kernel.quotas import JobLimits, JobQuotas, TooManyJobs
+
+    finished: set[str] = set()
+
+    async def is_finished(job_id: str) -> bool:
+        return job_id in finished
+
+    buses = [NatsBus(nats_url, prefix, name=f"q{i}") for i in range(4)]
+    await asyncio.gather(*(b.start() for b in buses))
+    try:
+        pods = [JobQuotas(b, is_finished, {"work": JobLimits(max_per_owner=4)}) for b in buses]
+        for i in range(4):
+            await pods[i].acquire("work", "u", f"old{i}", 60)
+        finished.update(f"old{i}" for i in range(4))  # every slot's job has an outcome now
+
+        async def submit(i: int) -> bool:
+            try:
+                await pods[i % 4].acquire("work", "u", f"new{i}", 60)
+            except TooManyJobs:
+                return False
+            return True
+
+        assert sum(await asyncio.gather(*(submit(i) for i in range(40)))) == 4
+    finally:
+        await asyncio.gather(*(b.close() for b in buses))
