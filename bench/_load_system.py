@@ -48,6 +48,10 @@ name = "aiwfe"
 subject_prefix = "{prefix}"
 drain_timeout_s = 5
 
+# the load's jobs ask the extractive provider for a simulated latency (refused by default)
+[system.jobs."helios.ask"]
+caps = {{ latency_s = 60 }}
+
 [pods.unified-api-gateway]
 plugins = ["auth", "gateway"]
 

@@ -31,6 +31,7 @@ import msgspec
 
 from ._config_keys import did_you_mean_keys
 from .errors import ConfigError
+from .quotas import JobLimits
 
 __all__ = ["Autoscaling", "Manifest", "Pod", "Resources", "System", "interpolate", "load_manifest", "parse_manifest"]
 
@@ -88,6 +89,7 @@ class System(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     (``OTEL_EXPORTER_OTLP_ENDPOINT`` set); parent-based, so a trace is kept whole.
     ``gc_thresholds``: the pod process's ``gc.set_threshold`` (empty = Python's own
     ``700, 10, 10``); see :mod:`aiwfe.kernel.gc_tuning` for why the default is higher.
+    ``jobs``: job address → :class:`~aiwfe.kernel.quotas.JobLimits` (caps, per-user slots).
     """
 
     name: str = "aiwfe"
@@ -100,6 +102,7 @@ class System(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     trace_sample_ratio: float = 1.0
     stream_replicas: int = 1
     gc_thresholds: tuple[int, ...] = (50_000, 20, 100)
+    jobs: dict[str, JobLimits] = {}
 
     def __post_init__(self) -> None:
         if self.gc_thresholds and (len(self.gc_thresholds) != 3 or min(self.gc_thresholds) < 1):

@@ -52,6 +52,7 @@ class PodRunner:
         self.pod = manifest.pod(pod)
         self.bus = bus
         self.kernel = Kernel(bus, call_timeout_s=manifest.system.call_timeout_s)
+        self.kernel.submissions.quotas.limits = manifest.system.jobs
         self.plugins: dict[str, Plugin] = {}
         port = self.pod.ops_port if ops_port is None else ops_port
         self.ops = OpsServer(pod, self._not_ready, ops_host, port, degraded=self._degraded)

@@ -15,12 +15,18 @@ Bad input is refused where it enters, before anything is recorded or queued:
   (JSON for a JSON request, msgpack otherwise).
   ``Aiwfe-Idempotency-Key`` (at most :data:`MAX_KEY_CHARS` characters) makes the id
   deterministic, in a namespace of its own (never another surface's job);
-  ``Aiwfe-Validate-Only: 1`` only validates and answers ``{"valid": true}``.
+  ``Aiwfe-Validate-Only: 1`` only validates and answers ``{"valid": true}`` (with the
+  contract's ``max_jobs_per_owner`` when it declares one: the gateway's pod counts by it).
 * :meth:`Submissions.submit_json` (``Kernel.submit_json``, the gateway's path) checks the
   size, validates the JSON against the contract (in-process when the consumer runs in this
   pod, else with a validate-only request to the consumer's pod), records the owner and
   queues. When queueing fails, the owner entry this call made is removed again, so no
   job id is left looking pending.
+
+Fair share (:mod:`~aiwfe.kernel.quotas`): decoding checks the server's caps on the
+client's budgets (``BadInput`` naming field, value and cap), and a new job takes one of its
+owner's slots before it is queued (``TooManyJobs``, on the bus ``Overloaded`` with
+``retry_after_s``); jobs on the submit subjects share the owner ``~submit``'s pool.
 
 Sizes: a job over the bus's limit (NATS ``max_payload`` from the server, headers included)
 is refused with ``TooLarge`` before anything is recorded. The jobs stream takes only the
@@ -45,9 +51,10 @@ from aiwfe.bus.errors import BusError, BusTimeout, NoResponders
 
 from ._external import _JSON_HEADERS, SUBMITTED, error_reply, is_json, reply
 from .contract import address_of, kind_of
-from .errors import AiwfeError, BadInput, BadMessage, DeadlineExceeded, Forbidden, TooLarge, Unavailable, from_wire
+from .errors import AiwfeError, BadInput, BadMessage, DeadlineExceeded, Forbidden, Overloaded, TooLarge, Unavailable, from_wire
 from .job_status import JobStatus
 from .jobs import _unavailable
+from .quotas import JobQuotas, TooManyJobs, caps_of, check_caps
 from .serving import Endpoint, Limiter, _trace
 
 __all__ = ["H_IDEMPOTENCY", "H_VALIDATE_ONLY", "MAX_KEY_CHARS", "OWNER_FIELD", "Submissions"]
@@ -77,6 +84,18 @@ def _owner_field(contract: type) -> str | None:
     return None
 
 
+class _Validated(msgspec.Struct):
+    max_jobs_per_owner: int | None = None
+
+
+_validated_dec = msgspec.json.Decoder(_Validated)
+
+
+def _declared(contract: type) -> int | None:
+    value = getattr(contract, "max_jobs_per_owner", None)
+    return value if isinstance(value, int) else None
+
+
 class Submissions:
     """One pod's submit subjects and validated submission (see the module docstring).
 
@@ -89,6 +108,11 @@ class Submissions:
         self.bus = kernel.bus
         self.declared: set[str] = set()
         self.limiter = Limiter("submit", 256, 1024)
+        self.quotas = JobQuotas(self.bus, self._finished)  # the pod sets ``quotas.limits`` from the manifest
+        self._caps: dict[str, dict[str, float | str]] = {}
+
+    async def _finished(self, job_id: str) -> bool:
+        return await self.kernel.jobs.record(job_id) is not None
 
     def declare(self, contracts: Iterable[type]) -> None:
         """Note the job contracts a plugin of this pod submits (they join the stream's kinds)."""
@@ -101,6 +125,8 @@ class Submissions:
         """Add this pod's kinds to the jobs stream, serve the submit subjects and the status
         subject (before the consumers start: a consumer's kind must be a stream subject)."""
         eps = self._endpoints()
+        for address, ep in eps.items():  # a cap naming no field is a manifest error, found at start
+            self._caps[address] = caps_of(ep.contract, self.quotas.of(address))
         with _unavailable():
             await self.bus.accept_kinds(sorted(set(eps) | self.declared))
         for address, ep in eps.items():
@@ -116,17 +142,24 @@ class Submissions:
         if size > limit:
             raise TooLarge(f"job {address}: {size} bytes with its headers, over the bus's limit of {limit} (NATS max_payload)")
 
-    @staticmethod
-    def decode(ep: Endpoint, data: bytes, as_json: bool) -> Any:
-        """Decode job input against ``ep``'s contract. Raises BadInput naming the field."""
+    def decode(self, ep: Endpoint, data: bytes, as_json: bool) -> Any:
+        """Decode job input against ``ep``'s contract and check its caps
+        (:mod:`~aiwfe.kernel.quotas`). Raises BadInput naming the field (and the cap)."""
         try:
-            return ep.decode(data, _JSON_HEADERS if as_json else None)[0]
+            job = ep.decode(data, _JSON_HEADERS if as_json else None)[0]
         except BadMessage as e:
             raise BadInput(e.message) from None
+        address = ep.spec.address
+        caps = self._caps.get(address)
+        if caps is None:
+            caps = self._caps[address] = caps_of(ep.contract, self.quotas.of(address))
+        check_caps(address, job, caps)
+        return job
 
-    async def validate(self, address: str, data: bytes) -> None:
+    async def validate(self, address: str, data: bytes) -> int | None:
         """Validate JSON input of job ``address`` against its contract, in-process when this
-        pod consumes it, else by the consumer's pod (a validate-only submit request).
+        pod consumes it, else by the consumer's pod (a validate-only submit request); return
+        the contract's ``max_jobs_per_owner`` (None when it declares none).
 
         Raises:
             BadInput, TooLarge, Unavailable (no pod consumes ``address`` now), DeadlineExceeded.
@@ -134,10 +167,10 @@ class Submissions:
         ep = self._endpoints().get(address)
         if ep is not None:
             self.decode(ep, data, True)
-            return
+            return _declared(ep.contract)
         subject = f"{self.bus.prefix}.submit.{address}"
         try:
-            _, rh = await self.bus.request(subject, data, {**_JSON_HEADERS, H_VALIDATE_ONLY: "1"}, VALIDATE_TIMEOUT_S)
+            body, rh = await self.bus.request(subject, data, {**_JSON_HEADERS, H_VALIDATE_ONLY: "1"}, VALIDATE_TIMEOUT_S)
         except NoResponders:
             kinds = ", ".join(await self._kinds()) or "none"
             raise Unavailable(f"no pod consumes job kind {address} now (kinds the jobs stream takes: {kinds})") from None
@@ -147,6 +180,10 @@ class Submissions:
             raise Unavailable(f"validating {address}: {e}") from None
         if rh and H_ERROR in rh:
             raise from_wire(rh[H_ERROR])
+        try:
+            return _validated_dec.decode(body).max_jobs_per_owner
+        except msgspec.DecodeError:
+            return None  # a pod of an older version: the default limit
 
     async def _kinds(self) -> list[str]:
         with contextlib.suppress(Exception):
@@ -161,34 +198,52 @@ class Submissions:
         """``Kernel.submit_json``: size, validation, owner, queue (see the module docstring).
 
         Raises:
-            TooLarge, BadInput, Forbidden, Unavailable, DeadlineExceeded.
+            TooLarge, BadInput, Forbidden, TooManyJobs, Unavailable, DeadlineExceeded.
         """
         job_id = self.kernel._job_id(address, job_id, idempotency_key)
         headers = {H_MSG_ID: job_id, H_CONTENT_TYPE: JSON}
         self.check_size(address, data, headers)
-        await self.validate(address, data)
-        await self.enqueue(address, data, headers, job_id, owner)
+        declared = await self.validate(address, data)
+        await self.enqueue(address, data, headers, job_id, owner, self.quotas.hold_s(address, data=data), declared)
         return job_id
 
-    async def enqueue(self, address: str, data: bytes, headers: Headers, job_id: str, owner: str | None) -> None:
-        """Record ``owner`` (unless the job has one: then it must be the same) and queue the job;
-        when queueing fails, remove the owner entry this call made and re-raise.
+    async def enqueue(
+        self,
+        address: str,
+        data: bytes,
+        headers: Headers,
+        job_id: str,
+        owner: str | None,
+        hold_s: float | None = None,
+        declared: int | None = None,
+    ) -> None:
+        """Record ``owner`` (unless the job has one: then it must be the same), take one of the
+        owner's job slots for ``hold_s`` seconds when the job is new (``hold_s`` None: no slot;
+        ``declared``: the contract's ``max_jobs_per_owner``) and queue the job; when queueing
+        fails, give back what this call took and re-raise.
 
         Raises:
-            TooLarge, Forbidden, Unavailable.
+            TooLarge, Forbidden, TooManyJobs, Unavailable.
         """
         self.check_size(address, data, headers)
-        created, key = False, f"owner.{job_id}"
+        created, key, slot = False, f"owner.{job_id}", None
         if owner is not None:
             with _unavailable():
                 created = await self.bus.kv_create(key, owner.encode())
             if not created and await self.kernel.jobs.owner(job_id) != owner:
                 raise Forbidden(f"job {job_id} belongs to someone else")
         try:
+            if created and owner is not None and hold_s is not None:  # a resubmission holds its first slot
+                with _unavailable():
+                    slot = await self.quotas.acquire(
+                        address, owner, job_id, hold_s, submitted=owner == SUBMITTED, declared=declared
+                    )
             await self.kernel._submit(address, data, headers, job_id)
         except BaseException:
-            if created:
-                with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):
+                if slot is not None:
+                    await self.quotas.release(slot)
+                if created:
                     await self.bus.kv_delete(key)
             raise
 
@@ -209,6 +264,8 @@ class Submissions:
                     raise DeadlineExceeded(f"submitting {address}: no answer within {HANDLE_TIMEOUT_S} s") from None
                 finally:
                     self.limiter.leave()
+            except TooManyJobs as e:  # on the bus: the known retryable type, with its hint
+                return error_reply(Overloaded(e.message, retry_after_s=e.retry_after_s))
             except AiwfeError as e:
                 return error_reply(e)
             except Exception as e:  # never a request without an answer
@@ -230,11 +287,13 @@ class Submissions:
         validate_only = h.get(H_VALIDATE_ONLY, "0").strip().lower()
         if validate_only not in ("0", "1", "false", "true"):
             raise BadInput(f"{H_VALIDATE_ONLY}: 1/true or 0/false, got {validate_only[:20]!r}")
-        if validate_only in ("1", "true"):
-            return {"valid": True}
+        if validate_only in ("1", "true"):  # the gateway's pod learns the contract's slot limit here
+            declared = _declared(ep.contract)
+            return {"valid": True} if declared is None else {"valid": True, "max_jobs_per_owner": declared}
         key = h.get(H_IDEMPOTENCY)
         if key is not None and not 0 < len(key) <= MAX_KEY_CHARS:
             raise BadInput(f"{H_IDEMPOTENCY}: 1 to {MAX_KEY_CHARS} characters, got {len(key)}")
         job_id = self.kernel._job_id(address, None, f"submit:{key}" if key else None)
-        await self.enqueue(address, _enc.encode(job), {H_MSG_ID: job_id, H_SCHEMA: ep.schema}, job_id, SUBMITTED)
+        headers: Headers = {H_MSG_ID: job_id, H_SCHEMA: ep.schema}
+        await self.enqueue(address, _enc.encode(job), headers, job_id, SUBMITTED, self.quotas.hold_s(address, job=job))
         return {"job_id": job_id}

@@ -6,7 +6,8 @@ classes (each bad handler named with the signature it should have), config that 
 fit a plugin's ``Config`` or its own :meth:`~aiwfe.kernel.plugin.Plugin.validate_config`,
 config values naming contracts no pod serves (:attr:`~aiwfe.kernel.plugin.Plugin.config_addresses`,
 e.g. the gateway's ``job_kinds``), empty pods, a subject served twice in one pod, handler
-overrides for contracts the pod does not serve, contracts called but served by no pod.
+overrides for contracts the pod does not serve, contracts called but served by no pod,
+``[system.jobs."<address>"]`` for a job no pod serves or caps naming no field of its contract.
 A pod checks its own plugins again, with the same messages, when it starts.
 """
 
@@ -25,6 +26,7 @@ from ..contract import address_of, kind_of
 from ..errors import ConfigError
 from ..manifest import Manifest, interpolate
 from ..plugin import Plugin, config_type, handlers_of, validate_plugin_class
+from ..quotas import caps_of
 from ..registry import discover, resolve
 
 __all__ = ["Problem", "check_manifests", "load_for_check"]
@@ -167,6 +169,20 @@ def _check_calls(src: str, classes: dict[str, type[Plugin]], served: dict[str, s
                 )
 
 
+def _check_job_limits(m: Manifest, src: str, classes: dict[str, type[Plugin]], problems: list[Problem]) -> None:
+    jobs = {s.address: s.contract for cls in classes.values() for s in handlers_of(cls) if s.kind == "job"}
+    for address, limits in m.system.jobs.items():
+        where = f'{src}: [system.jobs."{address}"]'
+        contract = jobs.get(address)
+        if contract is None:
+            problems.append(Problem(where, "no pod serves this job", did_you_mean(address, jobs, what="jobs served")))
+            continue
+        try:
+            caps_of(contract, limits)
+        except ConfigError as e:
+            problems.append(Problem(where, e.message, "name fields of the job's contract in caps"))
+
+
 def check_manifests(manifests: Iterable[Manifest]) -> list[Problem]:
     """Validate manifests; return every problem at once (empty list = valid).
 
@@ -182,4 +198,5 @@ def check_manifests(manifests: Iterable[Manifest]) -> list[Problem]:
         _check_config(m, src, classes, served, problems)
         _check_pods(m, src, classes, problems)
         _check_calls(src, classes, served, problems)
+        _check_job_limits(m, src, classes, problems)
     return problems

@@ -20,7 +20,8 @@ Error mapping, in one exception handler for every :class:`~aiwfe.kernel.AiwfeErr
 handler or dependency raises: ``InvalidToken``/``InvalidCredentials`` → 401 (with
 ``WWW-Authenticate: Bearer``); ``UserExists`` → 409; ``InvalidInput`` and ``BadInput`` (job
 input that does not fit its contract, the field named) → 400; ``TooLarge`` → 413;
-``TooManyAttempts`` (login throttling) → 429 with ``Retry-After``; ``Forbidden`` → 403;
+``TooManyAttempts`` (login throttling) and ``TooManyJobs`` (the user's job slots of that
+kind are all taken, :mod:`aiwfe.kernel.quotas`) → 429 with ``Retry-After``; ``Forbidden`` → 403;
 ``UnknownUser`` → 404; other
 retryable errors (``Overloaded``, ``Unavailable``, ...) → 503 with ``Retry-After`` at once;
 the rest → 502. Unknown job kinds → 400; malformed bodies → 400 (Litestar's validation
@@ -48,6 +49,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from aiwfe.kernel import AiwfeError, Forbidden, RemoteError, metrics
 from aiwfe.kernel.errors import BadInput, TooLarge
+from aiwfe.kernel.quotas import TooManyJobs
 from aiwfe.plugins.auth.contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token
 from aiwfe.plugins.memory.contract import Recall, RecallResult, Remember, RememberResult
 
@@ -165,6 +167,9 @@ def http_error(e: AiwfeError, retry_after_s: float) -> HTTPException:
         if status == 429:  # login throttling: the hint is when the lock ends
             headers = {"Retry-After": str(max(1, math.ceil(e.retry_after_s or retry_after_s)))}
         return HTTPException(status_code=status, detail=f"{e.type}: {e.message}", headers=headers)
+    if isinstance(e, TooManyJobs):  # fair share: this user's slots are full, others' are not
+        retry = str(max(1, math.ceil(e.retry_after_s or retry_after_s)))
+        return HTTPException(status_code=429, detail=f"{e.code}: {e.message}", headers={"Retry-After": retry})
     if isinstance(e, Forbidden):
         return HTTPException(status_code=403, detail=f"{e.code}: {e.message}")
     if e.retryable:
@@ -229,9 +234,11 @@ async def logout(svc: Services, bearer: BearerToken) -> LoggedOutBody:
     return LoggedOutBody(jti=r.jti)
 
 
-@post("/v1/jobs", status_code=202, tags=["jobs"], responses=errors(400, 403, 413, 502, 503))
+@post("/v1/jobs", status_code=202, tags=["jobs"], responses=errors(400, 403, 413, 429, 502, 503))
 async def submit_job(svc: Services, claims: CallerClaims, data: JSONBody[JobSubmission]) -> JobAccepted:
-    """Submit a durable job; ``202 {job_id}``. The same ``idempotency_key`` gives the same job."""
+    """Submit a durable job; ``202 {job_id}``. The same ``idempotency_key`` gives the same job.
+    400 for a budget over the server's cap (the field, value and cap named); 429 with
+    ``Retry-After`` when the caller already has as many unfinished jobs of the kind as allowed."""
     job_kinds = svc.config.job_kinds
     address = job_kinds.get(data.kind)
     if address is None:

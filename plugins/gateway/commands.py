@@ -9,9 +9,12 @@ dispatches it: ``ping`` → ``pong``; ``submit`` → ``accepted``, then the job'
 
 Limits: at most :data:`MAX_CALLS_IN_FLIGHT` commands run at once per socket and at most
 :data:`MAX_FOLLOWED_JOBS` jobs are followed (``too_many_in_flight`` / ``too_many_jobs``
-otherwise). Someone else's job is indistinguishable from no job (``not_found``). The frames
-go out through the connection (:class:`FrameSink`), which owns the send queue and its
-slow-reader policy (:mod:`~aiwfe.plugins.gateway.ws`).
+otherwise). A ``submit`` past the user's job slots of the kind (:mod:`aiwfe.kernel.quotas`)
+is answered ``too_many_jobs`` with ``retry_after_s``, a budget over the server's cap
+``bad_input`` naming the field; the socket stays open. Someone else's job is
+indistinguishable from no job (``not_found``). The frames go out through the connection
+(:class:`FrameSink`), which owns the send queue and its slow-reader policy
+(:mod:`~aiwfe.plugins.gateway.ws`).
 """
 
 from __future__ import annotations

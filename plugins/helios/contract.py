@@ -12,6 +12,9 @@ job's event subject, in this order: ``helios.perceived``, ``helios.selected``, p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 from aiwfe.kernel.contract import Event, Job, Reply
 
 __all__ = [
@@ -79,7 +82,26 @@ class Ask(Job[Synthesis], tag="helios.ask"):
     ``default_token_budget``); capped at the plugin's ``max_token_budget``. Each expert
     call reserves its prompt estimate plus its completion cap before it starts; a call the
     remaining budget cannot cover is not started.
+
+    ``input_caps``: the largest values a client may send (the server's caps, checked where
+    the job is submitted from outside; the manifest's ``[system.jobs."helios.ask"].caps``
+    overrides them): a job of 6 experts, 120 s, 30 s per expert, 200,000 tokens, a quorum
+    of at most its experts; ``latency_s`` 0, so a client's simulated latency is refused
+    unless a manifest for tests and benchmarks raises that cap (e.g. ``latency_s = 60``).
+    ``max_jobs_per_owner``: unfinished ``helios.ask`` jobs per user (the manifest's
+    ``max_per_owner`` overrides it): 8 jobs × 6 experts stay below reasoning's 64 calls.
     """
+
+    max_jobs_per_owner: ClassVar[int] = 8
+
+    input_caps: ClassVar[Mapping[str, float | str]] = {
+        "max_experts": 6,
+        "deadline_s": 120.0,
+        "expert_timeout_s": 30.0,
+        "token_budget": 200_000,
+        "min_answers": "max_experts",
+        "latency_s": 0.0,
+    }
 
     text: str
     owner: str = ""

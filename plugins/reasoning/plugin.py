@@ -33,6 +33,7 @@ from prometheus_client import Gauge
 
 from aiwfe.kernel import ConfigError, Plugin, current_deadline, current_job, serves
 from aiwfe.kernel.config_check import one_of, problem_text
+from aiwfe.kernel.errors import BadInput
 from aiwfe.kernel.metrics import REGISTRY
 
 from .contract import AnswerStreamed, Reason, Reasoned
@@ -64,7 +65,10 @@ class ReasoningPlugin(Plugin):
         """Configuration.
 
         ``provider``: ``extractive``, ``ollama`` or ``openai``. ``latency_s``: simulated
-        latency per extractive call. ``max_concurrency``: provider calls in flight per pod.
+        latency per extractive call; ``max_latency_s``: the most a caller's ``Reason.latency_s``
+        may ask for (a longer one is refused with ``BadInput``: a sleep holds a provider slot).
+        Clients reach it only through helios, whose edge refuses ``latency_s`` unless the
+        manifest raises its cap (README "Limits and fair share"). ``max_concurrency``: provider calls in flight per pod.
         ``base_url`` (empty: ``OLLAMA_URL`` / ``OPENAI_BASE_URL``, else the provider's
         default), ``model``, ``api_key`` (empty: ``OPENAI_API_KEY``). ``connect_timeout_s``,
         ``read_timeout_s`` (per chunk). ``max_attempts`` and ``backoff_s``: retries.
@@ -75,6 +79,7 @@ class ReasoningPlugin(Plugin):
 
         provider: str = "extractive"
         latency_s: float = 0.0
+        max_latency_s: float = 60.0
         max_concurrency: int = 64
         base_url: str = ""
         model: str = ""
@@ -181,6 +186,9 @@ class ReasoningPlugin(Plugin):
     async def _answer(self, req: Reason, sink: Sink | None) -> Reasoned:
         t0 = time.perf_counter()
         if self.config.provider == "extractive":
+            if req.latency_s is not None and req.latency_s > self.config.max_latency_s:
+                cap = self.config.max_latency_s
+                raise BadInput(f"reasoning.reason: latency_s = {req.latency_s:g} is over its cap ({cap:g}, max_latency_s)")
             async with self._slot():
                 latency = self.config.latency_s if req.latency_s is None else req.latency_s
                 if latency > 0:

@@ -47,6 +47,10 @@ BENCHES = {
         ["pairs", "semantic_available", "model", "hashing_hit_at_5", "semantic_hit_at_5", "hashing_per_s", "semantic_per_s",
          "semantic_one_p50_ms"],
     ),
+    "fairshare": (
+        ["--jobs", "3", "--flooders", "1", "--flood-latency", "2"],
+        ["jobs", "limit", "unloaded_p50_ms", "loaded_p50_ms", "ratio", "other_failed", "flood_accepted", "flood_refused"],
+    ),
     "startup": (
         ["--runs", "1", "--no-up"],
         ["pods", "max_pod_ready_s", "up_ready_s", "pod_goal_s", "ok"],

@@ -119,6 +119,23 @@ def test_all_served_is_valid() -> None:
     )
 
 
+def test_job_limits_name_served_jobs_and_fields_of_their_contracts() -> None:
+    text = "\n".join(
+        _problems(
+            f"""
+            [system.jobs."ck.wrk"]
+            max_per_owner = 2
+            [system.jobs."ck.work"]
+            caps = {{ n = 3 }}
+            [pods.a]
+            plugins = ["{HERE}:Worker"]
+            """
+        )
+    )
+    assert '[system.jobs."ck.wrk"]: no pod serves this job' in text and "did you mean 'ck.work'?" in text
+    assert '[system.jobs."ck.work"]: caps name no field of Work: n' in text
+
+
 def test_validate_config_closed_sets_and_cross_field_rules() -> None:
     problems = _problems(
         f"""
