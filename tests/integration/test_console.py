@@ -1,19 +1,28 @@
-"""The console page in headless Chromium: log in, submit a job, watch it stream, see the pods.
+"""The console page in headless Chromium, step by step, on real NATS, PostgreSQL and Redis:
+log in, pick a kind and see its example input, get inline errors, watch a helios job fill
+its expert cards and stream its synthesis, reload mid-job and go on without duplicates,
+reopen the job from the history, replay a dead letter as an admin, read the pods table.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``playwright`` pip
 package; Playwright never downloads a browser here (``executable_path`` is the system one).
+The screenshots of the README's "Console" section are written to ``docs/console-*.png``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
-from tests.integration.test_gateway_http import nats_gateway
-from tests.unit.test_gateway_http import StartGateway
+from aiwfe.bus.nats import NatsBus
+from tests.support.gateway import PROBE, GatewaySystem, real_auth_config, run_system
+from tests.unit.test_gateway_http import PASSWORD, bearer, login
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -25,6 +34,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+ADMIN = "console_admin"
+MEMORIES = [
+    "The orders database uses a B-tree index on customer_id for fast lookups.",
+    "Security review: tokens must expire after fifteen minutes.",
+    "The cafeteria serves soup on Fridays.",
+]
+WAIT_MS = 30_000
 
 pytestmark = [
     pytest.mark.integration,
@@ -32,11 +49,51 @@ pytestmark = [
     pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} absent: apt-get install -y chromium"),
 ]
 
+MANIFEST = """
+[system]
+subject_prefix = "{prefix}"
+drain_timeout_s = 2
+[pods.edge]
+plugins = ["gateway", "auth", "{probe}", "perception", "reasoning", "memory", "learning", "helios"]
+[plugins.gateway]
+port = 0
+job_kinds = {{ helios = "helios.ask", crunch = "probe.crunch" }}
+[plugins.auth]
+{auth}
+admin_users = ["{admin}"]
+[plugins.reasoning]
+latency_s = {latency_s}
+[plugins.memory]
+database_url = "{db}"
+data_dir = "{data}"
+collection = "{prefix}"
+[plugins.learning]
+database_url = "{db}"
+[plugins.helios]
+database_url = "{db}"
+redis_url = "{redis}"
+cache_prefix = "{prefix}:"
+"""
 
-@pytest.fixture
-def gateway(prefix: str, nats_url: str, pg_url: str, redis_url: str) -> StartGateway:
-    """The one-pod gateway system on NATS with the real auth plugin."""
-    return nats_gateway(prefix, nats_url, pg_url, redis_url)
+
+@contextlib.asynccontextmanager
+async def console_system(
+    prefix: str, nats_url: str, pg_url: str, redis_url: str, data: Path, latency_s: float = 2.0
+) -> AsyncIterator[GatewaySystem]:
+    """One pod with the gateway, the real auth (``console_admin`` an admin), helios and its
+    collaborators, and the probe's ``crunch`` jobs; reasoning answers after ``latency_s``."""
+    text = MANIFEST.format(
+        prefix=prefix,
+        probe=PROBE,
+        auth=real_auth_config(pg_url, redis_url, prefix),
+        admin=ADMIN,
+        latency_s=latency_s,
+        db=pg_url,
+        redis=redis_url,
+        data=data,
+    )
+    async with run_system(text, NatsBus(nats_url, prefix, name="edge")) as s:
+        yield s
 
 
 @pytest.fixture
@@ -46,38 +103,173 @@ async def page() -> AsyncIterator[Any]:
     async with pw_api.async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
-            yield await browser.new_page()
+            ctx = await browser.new_context(viewport={"width": 1200, "height": 900})
+            p = await ctx.new_page()
+            p.on("pageerror", lambda e: print("page error:", e))
+            yield p
         finally:
             await browser.close()
 
 
-async def test_console_login_submit_watch_and_pods(gateway: StartGateway, page: Any) -> None:
-    async with gateway() as s:
+async def text_of(page: Any, selector: str) -> str:
+    return str(await page.locator(selector).inner_text())
+
+
+async def wait_text(page: Any, selector: str, needle: str, timeout_ms: int = WAIT_MS) -> None:
+    """Wait until the element's text contains ``needle``."""
+    await page.wait_for_function(
+        "([s, n]) => { const e = document.querySelector(s); return !!e && e.textContent.includes(n); }",
+        arg=[selector, needle],
+        timeout=timeout_ms,
+    )
+
+
+async def log_in(page: Any, username: str) -> None:
+    await page.fill("#username", username)
+    await page.fill("#password", PASSWORD)
+    await page.click("#register")
+    await wait_text(page, "#auth-status", "registered")
+    await page.click("#login")
+    await wait_text(page, "#auth-status", f"logged in as {username}")
+    await wait_text(page, "#ws-status", "socket open")
+
+
+async def shot(page: Any, name: str) -> None:
+    DOCS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(DOCS / f"console-{name}.png"), full_page=True)
+
+
+async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis_url: str, tmp_path: Path, page: Any) -> None:
+    async with console_system(prefix, nats_url, pg_url, redis_url, tmp_path) as s:
         await page.goto(s.url + "/")
         assert await page.title() == "AIWFE console"
-        # The pods table fills from GET /v1/pods (cluster_status).
-        row = page.locator("#pods tr.pod").first
-        await row.wait_for(timeout=10_000)
-        assert "edge" in await row.inner_text() and "gateway" in await row.inner_text()
-        assert await row.locator("td.ok").inner_text() == "ready"
 
-        await page.fill("#username", "console_user")
-        await page.fill("#password", "correct horse battery")
-        await page.click("#register")
-        await page.wait_for_function("document.getElementById('auth-status').textContent.startsWith('registered')")
-        await page.click("#login")
-        await page.wait_for_function("document.getElementById('ws-status').textContent === 'socket open'", timeout=10_000)
+        # Pods: one replica of edge, ready, its plugins; and the live figures.
+        row = page.locator('#pods tr.pod[data-pod="edge"]')
+        await row.wait_for(timeout=WAIT_MS)
+        assert await row.locator("td.replicas").inner_text() == "1"
+        assert await row.locator("td.ready.ok").inner_text() == "ready"
+        assert "helios" in await row.inner_text() and "gateway" in await row.inner_text()
+        assert "open sockets" in await text_of(page, "#figures")
 
-        await page.fill("#kind", "crunch")
-        await page.fill("#input", '{"n": 6}')
+        # Log in; the user has memories for the experts to answer from.
+        await log_in(page, "console_user")
+        async with httpx.AsyncClient(base_url=s.url) as c:
+            h = bearer(await login(c, "console_user"))
+            for text in MEMORIES:
+                assert (await c.post("/v1/memory", json={"text": text}, headers=h)).status_code == 201
+        assert await page.locator("#dlq-panel").is_hidden()  # not an admin
+
+        # Kind picker: the example input comes from the contract's JSON Schema (AsyncAPI).
+        await wait_text(page, "#schema-help", "fields:")
+        options = await page.locator("#kind option").all_inner_texts()
+        assert sorted(options) == ["crunch", "helios"]
+        await page.select_option("#kind", "helios")
+        await wait_text(page, "#schema-help", "required: text")
+        example = json.loads(await page.input_value("#input"))
+        assert isinstance(example["text"], str) and example["text"] and "owner" not in example and "type" not in example
+        assert example["max_experts"] == 4  # the contract's default
+        await shot(page, "submit")
+
+        # Invalid input: a JSON parse error in the page, then the gateway's 400 next to the editor.
+        await page.fill("#input", '{"text": "oops",')
         await page.click("#submit")
-        result = page.locator("#events .frame-result")
-        await result.wait_for(timeout=15_000)
-        text = await result.inner_text()
-        assert '"status":"done"' in text and '"square":36' in text
-        assert await page.locator("#events .frame-accepted").count() == 1
-        assert await page.locator("#events .frame-event").count() >= 1  # streamed before the result
+        await wait_text(page, "#input-error", "not JSON")
+        assert await page.get_attribute("#input", "aria-invalid") == "true"
+        await page.fill("#input", '{"max_experts": 2}')
+        await page.click("#submit")
+        await wait_text(page, "#input-error", "400")
+        assert "text" in await text_of(page, "#input-error")  # the missing field is named
+        await shot(page, "invalid")
 
-        # Logging out revokes the token: the socket closes with 4001.
+        # A helios job: expert cards fill; reload while the experts still think.
+        ask = {"text": "Which database index speeds up customer lookups?", "max_experts": 3, "use_cache": False}
+        await page.fill("#input", json.dumps(ask))
+        await page.click("#submit")
+        await page.locator("#experts .card.expert").first.wait_for(timeout=WAIT_MS)
+        await page.wait_for_function("document.querySelectorAll('#events li').length >= 3", timeout=WAIT_MS)
+        job_id = await text_of(page, "#job-id")
+        before = json.loads(await page.evaluate("sessionStorage.getItem('aiwfe.follow')"))
+        assert job_id in before, "the running job is followed"
+        assert await text_of(page, "#job-status") != "done", "reasoning latency keeps the job running here"
+        rows_before = await page.locator("#events li").count()
+
+        await page.reload()
+        # Still logged in, the job redrawn from the tab's storage, then resumed after its last sequence.
+        await wait_text(page, "#auth-status", "logged in as console_user")
+        await wait_text(page, "#ws-status", "socket open")
+        assert await text_of(page, "#job-id") == job_id
+        assert await page.locator("#events li").count() >= rows_before
+        await wait_text(page, "#job-status", "done")
+        stats = await page.evaluate("window.aiwfeConsole")
+        resumed = [r for r in stats["resumed"] if r["job_id"] == job_id]
+        assert resumed and resumed[0]["after_seq"] > 0, stats
+        assert stats["duplicates"] == 0, stats
+        assert all(f["seq"] > resumed[0]["after_seq"] for f in stats["frames"] if f["job_id"] == job_id), stats
+        seqs = [int(x) for x in await page.locator("#events li").evaluate_all("els => els.map(e => e.dataset.seq)")]
+        assert seqs == sorted(set(seqs)), "every event once, in order"
+
+        # Expert cards: status, confidence, latency and the streamed text; the synthesis as text.
+        assert await page.locator("#helios-view").is_visible()
+        cards = page.locator("#experts .card.expert")
+        assert await cards.count() >= 1 and await cards.first.is_visible()
+        for i in range(await cards.count()):
+            c = cards.nth(i)
+            assert await c.get_attribute("data-status") == "answered"
+            meta = await c.locator(".meta").inner_text()
+            assert "confidence" in meta and " ms" in meta
+            assert (await c.locator(".text").inner_text()).strip()
+        await wait_text(page, "#synthesis-meta", "confidence")
+        synthesis = (await text_of(page, "#synthesis")).strip()
+        assert "B-tree index on customer_id" in synthesis and not synthesis.startswith("{")
+        assert await page.locator("#cancel").is_hidden()  # nothing left to cancel
+        await shot(page, "helios")
+
+        # History: the job with its status; reopening it replays its events from the start.
+        hist = page.locator(f'#history tr.history-row[data-job="{job_id}"]')
+        await hist.wait_for(timeout=WAIT_MS)
+        await wait_text(page, f'#history tr.history-row[data-job="{job_id}"]', "done")
+        n_events = len(seqs)
+        await page.fill("#input", json.dumps({"text": "What does the cafeteria serve?", "max_experts": 1}))
+        await page.click("#submit")
+        await wait_text(page, "#job-status", "done")
+        assert await text_of(page, "#job-id") != job_id
+        await hist.locator("button.open").click()
+        await wait_text(page, "#job-id", job_id)
+        await wait_text(page, "#job-status", "done")
+        await page.wait_for_function(f"document.querySelectorAll('#events li').length === {n_events}", timeout=WAIT_MS)
+        assert (await text_of(page, "#synthesis")).strip() == synthesis
+        await shot(page, "history")
+
+        # A job that dead-letters (the probe fails every attempt), shown as readable rows.
+        await page.select_option("#kind", "crunch")
+        await wait_text(page, "#kind-address", "probe.crunch")
+        await page.fill("#input", '{"n": 3, "fail_times": 9}')
+        await page.click("#submit")
+        await wait_text(page, "#job-status", "failed", timeout_ms=60_000)
+        dead_job = await text_of(page, "#job-id")
+        assert "Flaky" in await text_of(page, "#events")
+
+        # The dead-letter routes are admins' only, checked by the server.
+        async with httpx.AsyncClient(base_url=s.url) as c:
+            user = bearer(await login(c, "console_user"))
+            assert (await c.get("/v1/admin/dead-letters", headers=user)).status_code == 403
+            assert (await c.post(f"/v1/admin/dead-letters/{dead_job}/replay", headers=user)).status_code == 403
+            assert (await c.get("/v1/admin/dead-letters")).status_code == 401
+            assert (await c.get("/v1/console/jobs", headers=user)).status_code == 200
+            r = await c.post("/v1/console/jobs", json={"job_id": "x" * 129, "kind": "crunch"}, headers=user)
+            assert r.status_code == 400
+
+        # An admin sees the dead letter with its reason and replays it.
         await page.click("#logout")
-        await page.wait_for_function("document.getElementById('ws-status').textContent.includes('4001')", timeout=10_000)
+        await wait_text(page, "#auth-status", "logged out")
+        await log_in(page, ADMIN)
+        assert await page.locator("#dlq-panel").is_visible()
+        dl = page.locator(f'#dlq tr.dlq-row[data-job="{dead_job}"]')
+        await dl.wait_for(timeout=WAIT_MS)
+        assert "Flaky" in await dl.locator("td.reason").inner_text()
+        assert '"n":3' in await dl.locator("td.preview").inner_text()
+        await shot(page, "admin")
+        await dl.locator("button.replay").click()
+        await wait_text(page, "#dlq-status", f"replayed {dead_job}")
+        await shot(page, "pods")
