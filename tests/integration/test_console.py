@@ -10,6 +10,7 @@ The screenshots of the README's "Console" section are written to ``docs/console-
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -223,6 +224,9 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         synthesis = (await text_of(page, "#synthesis")).strip()
         assert "B-tree index on customer_id" in synthesis and not synthesis.startswith("{")
         assert await page.locator("#cancel").is_hidden()  # nothing left to cancel
+        await page.click("#refresh")  # the live figures: this socket, the job just done
+        await wait_text(page, '#figures [data-figure="ws_connections"] b', "1")
+        await wait_text(page, '#figures [data-figure="jobs_done"] b', "1")
         await shot(page, "helios")
 
         # History: the job with its status; reopening it replays its events from the start.
@@ -273,3 +277,77 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await dl.locator("button.replay").click()
         await wait_text(page, "#dlq-status", f"replayed {dead_job}")
         await shot(page, "pods")
+
+
+async def test_console_routes_validate_and_check_the_caller(
+    prefix: str, nats_url: str, pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    async with console_system(prefix, nats_url, pg_url, redis_url, tmp_path, latency_s=0.0) as s:
+        async with httpx.AsyncClient(base_url=s.url) as c:
+            alice, bob = bearer(await login(c, "alice")), bearer(await login(c, "bob"))
+            admin = bearer(await login(c, ADMIN))
+            # Every console route but the kinds, the figures and the page's files needs a token.
+            for method, path in [("GET", "/v1/console/me"), ("GET", "/v1/console/jobs"), ("POST", "/v1/console/jobs")]:
+                assert (await c.request(method, path, json={})).status_code == 401, path
+            assert (await c.get("/v1/console/kinds")).json()["kinds"] == [
+                {"kind": "crunch", "address": "probe.crunch"},
+                {"kind": "helios", "address": "helios.ask"},
+            ]
+            assert (await c.get("/v1/console/figures")).json()["ws_connections"] == 0
+            assert (await c.get("/v1/console/me", headers=alice)).json() == {"username": "alice", "admin": False}
+            assert (await c.get("/v1/console/me", headers=admin)).json() == {"username": ADMIN, "admin": True}
+
+            # Only the page's own files are served.
+            assert (await c.get("/console/console.js")).headers["content-type"].startswith("text/javascript")
+            for name in ("index.html", "..%2Fapp.py", "nope.js"):
+                assert (await c.get(f"/console/{name}")).status_code == 404, name
+
+            # History: only one's own jobs, bounded fields, known kinds; newest first, each once.
+            jobs = [
+                (await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": n}}, headers=alice)).json()["job_id"]
+                for n in (2, 3)
+            ]
+            for job_id in [*jobs, jobs[0]]:
+                r = await c.post("/v1/console/jobs", json={"job_id": job_id, "kind": "crunch"}, headers=alice)
+                assert r.status_code == 201, r.text
+            assert (await c.post("/v1/console/jobs", json={"job_id": jobs[0], "kind": "crunch"}, headers=bob)).status_code == 404
+            for body in (
+                {"job_id": jobs[1], "kind": "nope"},
+                {"job_id": "a.b", "kind": "crunch"},
+                {"job_id": "x" * 129, "kind": "crunch"},
+                {"job_id": jobs[1], "kind": "crunch", "extra": 1},
+                {"job_id": jobs[1]},
+            ):
+                assert (await c.post("/v1/console/jobs", json=body, headers=alice)).status_code == 400, body
+            for _ in range(50):
+                rows = (await c.get("/v1/console/jobs", headers=alice)).json()
+                if all(r["status"] == "done" for r in rows):
+                    break
+                await asyncio.sleep(0.1)
+            assert [r["job_id"] for r in rows] == [jobs[0], jobs[1]]
+            assert [r["status"] for r in rows] == ["done", "done"] and rows[0]["finished_at"] > 0
+            assert (await c.get("/v1/console/jobs", headers=bob)).json() == []
+
+            # Dead letters: admins only (checked by the server), kind validated, unknown ids 404.
+            failing = (
+                await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 1, "fail_times": 9}}, headers=alice)
+            ).json()
+            for _ in range(100):
+                letters = (await c.get("/v1/admin/dead-letters", headers=admin)).json()
+                if letters:
+                    break
+                await asyncio.sleep(0.1)
+            assert [d["job_id"] for d in letters] == [failing["job_id"]]
+            assert letters[0]["kind"] == "probe.crunch" and letters[0]["attempts"] == 3
+            assert letters[0]["reason"]["type"] == "Flaky" and '"fail_times":9' in letters[0]["input_preview"]
+            assert (await c.get("/v1/admin/dead-letters?kind=probe.crunch", headers=admin)).json() == letters
+            assert (await c.get("/v1/admin/dead-letters?kind=helios.ask", headers=admin)).json() == []
+            for bad in ("probe.>", "a..b", "*", "x" * 300):
+                assert (await c.get("/v1/admin/dead-letters", params={"kind": bad}, headers=admin)).status_code == 400, bad
+            assert (await c.get("/v1/admin/dead-letters", headers=alice)).status_code == 403
+            assert (await c.post("/v1/admin/dead-letters/nope/replay", headers=admin)).status_code == 404
+            assert (await c.post("/v1/admin/dead-letters/a.b/replay", headers=admin)).status_code == 404
+            r = await c.post(f"/v1/admin/dead-letters/{failing['job_id']}/replay", headers=alice)
+            assert r.status_code == 403
+            r = await c.post(f"/v1/admin/dead-letters/{failing['job_id']}/replay", headers=admin)
+            assert r.status_code == 200 and r.json() == {"replayed": [failing["job_id"]]}
