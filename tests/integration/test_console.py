@@ -236,8 +236,8 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         n_events = len(seqs)
         await page.fill("#input", json.dumps({"text": "What does the cafeteria serve?", "max_experts": 1}))
         await page.click("#submit")
+        await page.wait_for_function("j => document.getElementById('job-id').textContent !== j", arg=job_id, timeout=WAIT_MS)
         await wait_text(page, "#job-status", "done")
-        assert await text_of(page, "#job-id") != job_id
         await hist.locator("button.open").click()
         await wait_text(page, "#job-id", job_id)
         await wait_text(page, "#job-status", "done")
@@ -250,6 +250,7 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await wait_text(page, "#kind-address", "probe.crunch")
         await page.fill("#input", '{"n": 3, "fail_times": 9}')
         await page.click("#submit")
+        await wait_text(page, "#job-kind", "crunch")
         await wait_text(page, "#job-status", "failed", timeout_ms=60_000)
         dead_job = await text_of(page, "#job-id")
         assert "Flaky" in await text_of(page, "#events")
@@ -267,6 +268,8 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         # An admin sees the dead letter with its reason and replays it.
         await page.click("#logout")
         await wait_text(page, "#auth-status", "logged out")
+        assert await page.locator("#job-panel").is_hidden() and await page.locator("#history tr").count() == 0
+        assert await page.evaluate("sessionStorage.getItem('aiwfe.token')") is None
         await log_in(page, ADMIN)
         assert await page.locator("#dlq-panel").is_visible()
         dl = page.locator(f'#dlq tr.dlq-row[data-job="{dead_job}"]')

@@ -93,6 +93,8 @@ function loggedOut(why) {
   for (const k of ["aiwfe.token", "aiwfe.user", "aiwfe.view", "aiwfe.follow"]) store.removeItem(k);
   if (ws) { const s = ws; ws = null; s.close(); }
   clearTimeout(wsTimer);
+  // Nothing of this user stays on the page for the next one.
+  renderView(); clear($("history")); clear($("dlq")); inputError(""); $("dlq-status").textContent = "";
   $("auth-status").textContent = why;
   $("logout").hidden = true; $("app").hidden = true; $("auth").hidden = false; $("dlq-panel").hidden = true;
 }
