@@ -135,14 +135,16 @@ class JobHistory:
             return []
 
     async def add(self, sub: str, job_id: str, kind: str) -> None:
-        """Put ``job_id`` first in the user's list (once), dropping the oldest past :data:`HISTORY_MAX`."""
+        """Put ``job_id`` first in the user's list, dropping the oldest past :data:`HISTORY_MAX`;
+        a job already listed keeps its place (the list stays in the order jobs were first seen)."""
         bus = job_store(self.kernel).bus
         key = self.key(sub)
         async with _LOCKS[hash(key) % len(_LOCKS)]:
             for _ in range(HISTORY_RETRIES):
                 old = await self.entries(sub)
-                at = next((e[2] for e in old if e[0] == job_id), time.time())
-                new = [(job_id, kind, at), *(e for e in old if e[0] != job_id)][:HISTORY_MAX]
+                if any(e[0] == job_id for e in old):
+                    return
+                new = [(job_id, kind, time.time()), *old][:HISTORY_MAX]
                 if old:
                     await bus.kv_delete(key)
                 if await bus.kv_create(key, msgspec.msgpack.encode(new)):

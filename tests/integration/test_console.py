@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from aiwfe.bus.nats import NatsBus
+from aiwfe.plugins.gateway.console_api import HISTORY_MAX, JobHistory
 from tests.support.gateway import PROBE, GatewaySystem, real_auth_config, run_system
 from tests.unit.test_gateway_http import PASSWORD, bearer, login
 
@@ -243,6 +244,8 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await wait_text(page, "#job-status", "done")
         await page.wait_for_function(f"document.querySelectorAll('#events li').length === {n_events}", timeout=WAIT_MS)
         assert (await text_of(page, "#synthesis")).strip() == synthesis
+        order = await page.locator("#history tr.history-row").evaluate_all("els => els.map(e => e.dataset.job)")
+        assert len(order) == 2 and order[1] == job_id, "newest first; reopening does not reorder"
         await shot(page, "history")
 
         # A job that dead-letters (the probe fails every attempt), shown as readable rows.
@@ -327,9 +330,14 @@ async def test_console_routes_validate_and_check_the_caller(
                 if all(r["status"] == "done" for r in rows):
                     break
                 await asyncio.sleep(0.1)
-            assert [r["job_id"] for r in rows] == [jobs[0], jobs[1]]
+            assert [r["job_id"] for r in rows] == [jobs[1], jobs[0]]  # newest first, each once
             assert [r["status"] for r in rows] == ["done", "done"] and rows[0]["finished_at"] > 0
             assert (await c.get("/v1/console/jobs", headers=bob)).json() == []
+            history = JobHistory(s.gateway.handles.kernel)
+            for i in range(HISTORY_MAX + 5):
+                await history.add("carol", f"job{i}", "crunch")
+            kept = [e[0] for e in await history.entries("carol")]
+            assert kept == [f"job{i}" for i in range(HISTORY_MAX + 4, 4, -1)]  # bounded: the oldest dropped
 
             # Dead letters: admins only (checked by the server), kind validated, unknown ids 404.
             failing = (
