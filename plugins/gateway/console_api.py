@@ -58,7 +58,8 @@ HISTORY_MAX = 50
 HISTORY_RETRIES = 5
 _LOCKS = [asyncio.Lock() for _ in range(64)]
 _STATIC = Path(__file__).resolve().parent / "static"
-_FILES = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
+_JS, _CSS = "text/javascript; charset=utf-8", "text/css; charset=utf-8"
+_FILES = {"console.js": _JS, "dom.js": _JS, "jobview.js": _JS, "console.css": _CSS}
 
 Services = NamedDependency[GatewayServices]
 CallerClaims = NamedDependency[Claims]

@@ -3,12 +3,11 @@
 // and the last sequence seen of every followed job) lives in sessionStorage: one tab, one
 // session. After a reload the page redraws the stored events and resumes each followed job
 // after its last sequence, so no event is shown twice.
-"use strict";
+import {$, clear, el, short, when} from "./dom.js";
+import {renderFrame, renderView} from "./jobview.js";
 
-const $ = (id) => document.getElementById(id);
 const store = window.sessionStorage;
 const MAX_STORED_EVENTS = 1500;   // per job on screen (sessionStorage holds a few MB)
-const TERMINAL = {"job.done": "done", "job.failed": "failed", "job.cancelled": "cancelled"};
 
 // What tests and curious users can read: frames received, duplicates dropped.
 const stats = window.aiwfeConsole = {frames: [], duplicates: 0, resumed: []};
@@ -30,19 +29,6 @@ function save() {
     try { store.setItem("aiwfe.view", JSON.stringify(view)); } catch { view.events = view.events.slice(-200); }
   } else store.removeItem("aiwfe.view");
 }
-function el(tag, attrs = {}, ...children) {
-  const e = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v; else if (k === "text") e.textContent = v;
-    else if (k.startsWith("on")) e.addEventListener(k.slice(2), v); else e.setAttribute(k, v);
-  }
-  for (const c of children) if (c !== null && c !== undefined) e.append(c);
-  return e;
-}
-function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
-function short(id) { return id.length > 12 ? id.slice(0, 12) + "…" : id; }
-function when(t) { return t ? new Date(t * 1000).toLocaleTimeString() : ""; }
-
 class ApiError extends Error {
   constructor(status, detail, body) { super(detail); this.status = status; this.detail = detail; this.body = body; }
 }
@@ -94,7 +80,7 @@ function loggedOut(why) {
   if (ws) { const s = ws; ws = null; s.close(); }
   clearTimeout(wsTimer);
   // Nothing of this user stays on the page for the next one.
-  renderView(); clear($("history")); clear($("dlq")); inputError(""); $("dlq-status").textContent = "";
+  renderView(view); clear($("history")); clear($("dlq")); inputError(""); $("dlq-status").textContent = "";
   $("auth-status").textContent = why;
   $("logout").hidden = true; $("app").hidden = true; $("auth").hidden = false; $("dlq-panel").hidden = true;
 }
@@ -108,7 +94,7 @@ async function start() {
   $("auth-status").textContent = "logged in as " + me.username + (me.admin ? " (admin)" : "");
   $("logout").hidden = false; $("auth").hidden = true; $("app").hidden = false;
   $("dlq-panel").hidden = !me.admin;
-  if (view) renderView();
+  if (view) renderView(view);
   openSocket();
   loadKinds();
   refreshHistory();
@@ -154,7 +140,7 @@ function onFrame(f) {
     if (view && view.job_id === f.job_id) {
       view.events.push(f);
       if (f.type === "result") view.status = f.status;
-      save(); renderFrame(f, true);
+      save(); renderFrame(view, f, true);
     } else save();
     if (f.type === "result") { refreshHistory(); refreshPods(); }
   } else if (f.type === "error") {
@@ -281,133 +267,11 @@ function openJob(job_id, kind, fresh) {
   const k = kinds.find((x) => x.kind === kind);
   view = {job_id, kind, address: k ? k.address : kind, status: "pending", events: []};
   save();
-  renderView();
+  renderView(view);
   followJob(job_id, 0);
   api("/v1/console/jobs", {method: "POST", body: JSON.stringify({job_id, kind})})
     .then(() => refreshHistory()).catch(() => {});
   if (fresh) $("job-panel").scrollIntoView({block: "nearest"});
-}
-
-let experts = {};   // expert name -> {card parts, text, attempt}
-let synthesis = "";
-
-function renderView() {
-  $("job-panel").hidden = !view;
-  if (!view) return;
-  $("job-id").textContent = view.job_id;
-  $("job-kind").textContent = view.kind;
-  setStatus(view.status || "pending");
-  const helios = isHelios();
-  $("helios-view").hidden = !helios;
-  $("result-view").hidden = true;
-  clear($("events")); clear($("experts"));
-  $("synthesis").textContent = ""; $("synthesis-meta").textContent = ""; $("perceived").textContent = "";
-  $("event-count").textContent = "0";
-  experts = {}; synthesis = "";
-  for (const f of view.events) renderFrame(f, false);
-}
-// Helios jobs get expert cards and the synthesis as text; other kinds their result.
-function isHelios() { return (view.address || view.kind || "").startsWith("helios."); }
-function setStatus(s) {
-  const b = $("job-status"); b.textContent = s; b.className = "badge " + s;
-  $("cancel").hidden = s === "done" || s === "failed" || s === "cancelled";
-}
-
-function renderFrame(f, live) {
-  const type = f.type === "result" ? "job." + f.status : f.event;
-  const data = f.type === "result" ? (f.status === "done" ? f.result : f.error) : f.data;
-  const row = el("li", {"data-seq": String(f.seq), class: "event"},
-    el("span", {class: "seq", text: "#" + f.seq}), el("span", {class: "type", text: type}),
-    el("span", {class: "summary", text: summary(type, data)}));
-  $("events").append(row);
-  $("event-count").textContent = String($("events").children.length);
-  if (live) $("events").scrollTop = $("events").scrollHeight;
-  if (f.type === "result") setStatus(f.status); else setStatus("running");
-  if (isHelios()) heliosEvent(type, data || {});
-  else if (f.type === "result") {
-    $("result-view").hidden = false;
-    $("result-view").textContent = f.status === "done" ? readable(data) : "failed: " + summary(type, data);
-  }
-}
-
-// One line a person can read: `key: value` pairs, long text cut short.
-function summary(type, data) {
-  if (data === null || data === undefined) return "";
-  if (typeof data !== "object") return String(data);
-  const parts = [];
-  for (const [k, v] of Object.entries(data)) {
-    if (k === "owner" || (k === "type" && v === type)) continue;  // the tag repeats the event's type
-    let s = typeof v === "object" && v !== null ? JSON.stringify(v) : String(v);
-    if (s.length > 140) s = s.slice(0, 139) + "…";
-    parts.push(k + ": " + s);
-  }
-  return parts.join(" · ");
-}
-function readable(data) {
-  if (data && typeof data === "object") {
-    return Object.entries(data).map(([k, v]) => k + ": " + (typeof v === "object" ? JSON.stringify(v, null, 2) : v)).join("\n");
-  }
-  return String(data);
-}
-
-function card(name) {
-  if (experts[name]) return experts[name];
-  const status = el("span", {class: "badge started", text: "started"});
-  const meta = el("div", {class: "meta"});
-  const text = el("div", {class: "text"});
-  const c = el("div", {class: "card expert", "data-expert": name}, el("h4", {}, el("span", {text: name}), status), meta, text);
-  $("experts").append(c);
-  return experts[name] = {c, status, meta, text, attempt: 0, streamed: ""};
-}
-function cardStatus(x, s, metaText) {
-  x.status.textContent = s; x.status.className = "badge " + s.replace(" ", "-");
-  x.c.dataset.status = s;
-  if (metaText !== undefined) x.meta.textContent = metaText;
-}
-
-function heliosEvent(type, d) {
-  switch (type) {
-    case "helios.perceived": $("perceived").textContent = "intent: " + d.intent; break;
-    case "helios.selected":
-      for (const name of d.experts || []) cardStatus(card(name), "selected", "");
-      break;
-    case "helios.expert_started":
-      cardStatus(card(d.expert), "started", "budget " + (+d.budget_s).toFixed(1) + " s" + (d.tokens_reserved ? " · " + d.tokens_reserved + " tokens reserved" : ""));
-      break;
-    case "reasoning.answer_streamed": {
-      const x = card(d.label || d.role);
-      if (d.attempt !== x.attempt) { x.attempt = d.attempt; x.streamed = ""; }
-      x.streamed += d.text; x.text.textContent = x.streamed;
-      if (x.status.textContent !== "answered") cardStatus(x, "streaming");
-      break;
-    }
-    case "helios.expert_answered": {
-      const x = card(d.expert);
-      cardStatus(x, "answered", "confidence " + (+d.confidence).toFixed(2) + " · " + Math.round(d.latency_ms) + " ms" +
-        (d.tokens ? " · " + d.tokens + " tokens" : "") + (d.cached ? " · cached" : ""));
-      x.text.textContent = d.answer;
-      break;
-    }
-    case "helios.expert_failed": cardStatus(card(d.expert), "failed", d.reason); break;
-    case "helios.expert_timed_out": cardStatus(card(d.expert), "timed out", "no answer within " + d.budget_s + " s"); break;
-    case "helios.expert_cancelled": cardStatus(card(d.expert), "cancelled", d.reason); break;
-    case "helios.expert_skipped": cardStatus(card(d.expert), "skipped", d.reason); break;
-    case "helios.synthesis_delta": synthesis += d.text; $("synthesis").textContent = synthesis; break;
-    case "job.done":
-      if (d.answer && !synthesis) $("synthesis").textContent = d.answer;
-      $("synthesis-meta").textContent = "confidence " + (+d.confidence || 0).toFixed(2) +
-        (d.elapsed_ms ? " · " + Math.round(d.elapsed_ms) + " ms" : "") + (d.tokens_spent ? " · " + d.tokens_spent + " tokens" : "");
-      for (const e of d.experts || []) {
-        const x = card(e.expert);
-        if (!x.c.dataset.status || ["started", "selected", "streaming"].includes(x.c.dataset.status)) {
-          cardStatus(x, e.status.replace("_", " "), (e.error || "") + (e.latency_ms ? " " + Math.round(e.latency_ms) + " ms" : ""));
-        }
-      }
-      break;
-    case "job.failed": case "job.cancelled":
-      $("synthesis-meta").textContent = type.slice(4) + ": " + (d.message || d.type || "");
-      break;
-  }
 }
 
 // -- history --------------------------------------------------------------------------
