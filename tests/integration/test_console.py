@@ -248,6 +248,17 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         assert len(order) == 2 and order[1] == job_id, "newest first; reopening does not reorder"
         await shot(page, "history")
 
+        # Cancelling a running helios job: its experts end with it.
+        await page.fill("#input", json.dumps({"text": "What must tokens do?", "max_experts": 2, "use_cache": False}))
+        await page.click("#submit")
+        await page.wait_for_function("j => document.getElementById('job-id').textContent !== j", arg=job_id, timeout=WAIT_MS)
+        await page.locator("#experts .card.expert").first.wait_for(timeout=WAIT_MS)
+        await page.click("#cancel")
+        await wait_text(page, "#job-status", "cancelled")
+        statuses = await page.locator("#experts .card.expert").evaluate_all("els => els.map(e => e.dataset.status)")
+        assert statuses and set(statuses) <= {"cancelled", "answered"}, statuses
+        assert await page.locator("#cancel").is_hidden()
+
         # A job that dead-letters (the probe fails every attempt), shown as readable rows.
         await page.select_option("#kind", "crunch")
         await wait_text(page, "#kind-address", "probe.crunch")

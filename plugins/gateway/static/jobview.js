@@ -121,8 +121,14 @@ function heliosEvent(type, d) {
         }
       }
       break;
-    case "job.failed": case "job.cancelled":
-      $("synthesis-meta").textContent = type.slice(4) + ": " + (d.message || d.type || "");
+    case "job.failed": case "job.cancelled": {
+      const outcome = type.slice(4);
+      $("synthesis-meta").textContent = outcome + ": " + (d.message || d.type || "");
+      // Experts still at work when the job ended have no outcome of their own: they end with it.
+      for (const x of Object.values(experts)) {
+        if (["started", "selected", "streaming"].includes(x.c.dataset.status)) cardStatus(x, outcome, "ended with the job");
+      }
       break;
+    }
   }
 }
