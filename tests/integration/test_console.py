@@ -178,10 +178,13 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await page.click("#submit")
         await wait_text(page, "#input-error", "not JSON")
         assert await page.get_attribute("#input", "aria-invalid") == "true"
+        await page.fill("#input", '{"text": 5}')
+        await page.click("#submit")
+        await wait_text(page, "#input-error", "field text: the gateway refused it (400)")
         await page.fill("#input", '{"max_experts": 2}')
         await page.click("#submit")
-        await wait_text(page, "#input-error", "400")
-        assert "text" in await text_of(page, "#input-error")  # the missing field is named
+        await wait_text(page, "#input-error", "field text: the gateway refused it (400)")
+        assert "missing required field" in await text_of(page, "#input-error")
         await shot(page, "invalid")
 
         # A helios job: expert cards fill; reload while the experts still think.

@@ -232,6 +232,21 @@ async function showKind(fill) {
   if (fill) { $("input").value = JSON.stringify(example(schema, ""), null, 2); inputError(""); }
 }
 
+// Where a parse error is: line and column, and the caret put there.
+function jsonError(e, text) {
+  const m = /position (\d+)/.exec(e.message);
+  if (!m) return "not JSON: " + e.message;
+  const pos = Math.min(+m[1], text.length), before = text.slice(0, pos);
+  const line = before.split("\n").length, col = pos - before.lastIndexOf("\n");
+  $("input").focus(); $("input").setSelectionRange(pos, pos + 1);
+  return `not JSON (line ${line}, column ${col}): ${e.message}`;
+}
+// The field a gateway error names (`at $.field` or `required field `f``), said first.
+function fieldOf(message) {
+  const m = /at `\$\.([^`]+)`/.exec(message) || /required field `([^`]+)`/.exec(message);
+  return m ? "field " + m[1] + ": " : "";
+}
+
 function inputError(text) {
   $("input-error").textContent = text;
   $("input").classList.toggle("invalid", !!text);
@@ -245,7 +260,7 @@ $("input").addEventListener("input", () => {
 $("submit").onclick = async () => {
   const kind = $("kind").value;
   let input;
-  try { input = JSON.parse($("input").value || "{}"); } catch (e) { inputError("not JSON: " + e.message); return; }
+  try { input = JSON.parse($("input").value || "{}"); } catch (e) { inputError(jsonError(e, $("input").value)); return; }
   if (input === null || typeof input !== "object" || Array.isArray(input)) { inputError("the input must be a JSON object"); return; }
   inputError("");
   $("submit").disabled = true;
@@ -253,7 +268,7 @@ $("submit").onclick = async () => {
     const r = await api("/v1/jobs", {method: "POST", body: JSON.stringify({kind, input})});
     openJob(r.job_id, kind, true);
   } catch (e) {
-    inputError("the gateway refused it (" + e.status + "): " + e.message);
+    inputError(fieldOf(e.message) + "the gateway refused it (" + e.status + "): " + e.message);
   } finally { $("submit").disabled = false; }
 };
 
