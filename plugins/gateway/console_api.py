@@ -18,10 +18,11 @@ Routes:
 * ``GET /v1/console/figures``: this gateway pod's open WebSockets, job deliveries by
   outcome, dead letters, queue depths and memory (from its Prometheus registry).
 
-**Job history: where and how big.** One entry per job in the JetStream results bucket under
+**Job history: where and how big.** One key per user in the JetStream results bucket,
 ``hist.<h>``, ``h`` the first 32 hex digits of SHA-256 of the user id (a key the bucket always
 accepts, and that does not spell the id out): a msgpack list of at most
-:data:`HISTORY_MAX` ``[job_id, kind, submitted_at]``, newest first. It lives as long as the
+:data:`HISTORY_MAX` ``[job_id, kind, submitted_at]``, newest first. Jobs are listed as the
+console records them (each one it submits or opens), not by the submit path itself. It lives as long as the
 bucket keeps values (the results TTL), like the job records it points to, and is shared by
 every gateway replica. The bucket writes create-once, so an update is read, delete, create;
 writes of one user are serialised inside this process (striped locks), and a create that
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+import weakref
 from pathlib import Path
 from typing import Annotated
 
@@ -56,7 +58,6 @@ __all__ = ["CONSOLE_ROUTES", "HISTORY_MAX", "HISTORY_RETRIES", "HistoryEntry", "
 
 HISTORY_MAX = 50
 HISTORY_RETRIES = 5
-_LOCKS = [asyncio.Lock() for _ in range(64)]
 _STATIC = Path(__file__).resolve().parent / "static"
 _JS, _CSS = "text/javascript; charset=utf-8", "text/css; charset=utf-8"
 _FILES = {"console.js": _JS, "dom.js": _JS, "jobview.js": _JS, "console.css": _CSS}
@@ -115,6 +116,17 @@ class Figures(msgspec.Struct, frozen=True):
     resident_memory_mb: float
 
 
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[asyncio.Lock]] = weakref.WeakKeyDictionary()
+
+
+def _lock(key: str) -> asyncio.Lock:
+    """One of 64 striped locks of the running loop (a lock belongs to one loop)."""
+    locks = _locks.setdefault(asyncio.get_running_loop(), [])
+    if not locks:
+        locks.extend(asyncio.Lock() for _ in range(64))
+    return locks[hash(key) % len(locks)]
+
+
 class JobHistory:
     """The bounded per-user job lists in the results bucket (see the module docstring)."""
 
@@ -140,7 +152,7 @@ class JobHistory:
         a job already listed keeps its place (the list stays in the order jobs were first seen)."""
         bus = job_store(self.kernel).bus
         key = self.key(sub)
-        async with _LOCKS[hash(key) % len(_LOCKS)]:
+        async with _lock(key):
             for _ in range(HISTORY_RETRIES):
                 old = await self.entries(sub)
                 if any(e[0] == job_id for e in old):
@@ -195,14 +207,14 @@ async def console_jobs(svc: Services, claims: CallerClaims) -> list[HistoryEntry
 
 
 @post("/v1/console/jobs", status_code=201, tags=["console"], responses=errors(400, 404, 502, 503))
-async def console_add_job(svc: Services, claims: CallerClaims, data: JSONBody[HistoryIn]) -> HistoryEntry:
+async def console_add_job(svc: Services, claims: CallerClaims, data: JSONBody[HistoryIn]) -> HistoryIn:
     """Add one of the caller's own jobs to its history (404 when the job is not the caller's)."""
     if data.kind not in svc.config.job_kinds:
         raise HTTPException(status_code=400, detail=f"unknown job kind {data.kind!r}")
     if not is_job_id(data.job_id) or not await svc.owns(data.job_id, claims.sub):
         raise HTTPException(status_code=404, detail=f"no job {data.job_id}")
     await JobHistory(svc.kernel).add(claims.sub, data.job_id, data.kind)
-    return HistoryEntry(job_id=data.job_id, kind=data.kind, submitted_at=time.time(), status="pending")
+    return data
 
 
 @get("/v1/console/figures", tags=["console"])
