@@ -296,7 +296,9 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await shot(page, "admin")
         await dl.locator("button.replay").click()
         await wait_text(page, "#dlq-status", f"replayed {dead_job}")
-        await shot(page, "pods")
+        await page.click("#refresh")
+        await wait_text(page, '#figures [data-figure="dead_letters"] b', "1")
+        await page.locator("#cluster").screenshot(path=str(DOCS / "console-pods.png"))
 
 
 async def test_console_routes_validate_and_check_the_caller(

@@ -358,7 +358,7 @@ async function refreshPods() {
     const depth = Object.values(fig.queue_depth || {}).reduce((a, b) => a + b, 0);
     for (const [key, v, label] of [["ws_connections", fig.ws_connections, "open sockets"], ["jobs_done", jobs.done || 0, "jobs done"],
       ["jobs_failed", jobs.failed || 0, "jobs failed"], ["dead_letters", fig.dead_letters, "dead letters"],
-      ["queued", depth, "jobs queued"], ["memory", fig.resident_memory_mb + " MB", "gateway pod memory"]]) {
+      ["queued", depth, "jobs waiting or running"], ["memory", fig.resident_memory_mb + " MB", "gateway pod memory"]]) {
       figs.append(el("div", {class: "figure", "data-figure": key}, el("b", {text: String(v)}), el("span", {text: label})));
     }
     $("pods-error").textContent = "";
