@@ -378,3 +378,67 @@ async def test_console_routes_validate_and_check_the_caller(
             assert r.status_code == 403
             r = await c.post(f"/v1/admin/dead-letters/{failing['job_id']}/replay", headers=admin)
             assert r.status_code == 200 and r.json() == {"replayed": [failing["job_id"]]}
+
+
+SECURED = """
+[system]
+subject_prefix = "{prefix}"
+drain_timeout_s = 2
+[pods.edge]
+plugins = ["gateway", "auth"]
+[pods.work]
+plugins = ["{probe}"]
+[plugins.gateway]
+port = 0
+job_kinds = {{ crunch = "probe.crunch" }}
+[plugins.auth]
+{auth}
+admin_users = ["{admin}"]
+"""
+
+
+async def test_the_console_routes_work_with_the_gateway_pods_least_privilege_nats_user(
+    prefix: str, pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """On a nats-server with the users of ``aiwfe.kernel.tools.natsauth``, the gateway's pod
+    (its own user) reads and replays dead letters of a job another pod consumes and keeps the
+    history in the bucket, and no pod user hits its permissions."""
+    from aiwfe.kernel.manifest import parse_manifest
+    from aiwfe.kernel.pod import PodRunner
+    from aiwfe.kernel.tools import natsauth
+    from aiwfe.kernel.tools.embedded import EmbeddedNats
+    from aiwfe.kernel.tools.natsauth import pod_user, user_url
+
+    text = SECURED.format(prefix=prefix, probe=PROBE, auth=real_auth_config(pg_url, redis_url, prefix), admin=ADMIN)
+    manifest = parse_manifest(text, env={})
+    perms = natsauth.permissions(manifest)
+    passwords = natsauth.load_passwords(tmp_path / "nats-passwords.json", list(perms))
+    server = EmbeddedNats(tmp_path / "nats", config=natsauth.render_config(perms, passwords)).start()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            pods = {}
+            for name in ("work", "edge"):
+                url = user_url(server.url, pod_user(name), passwords[pod_user(name)])
+                pods[name] = await stack.enter_async_context(
+                    PodRunner(manifest, name, NatsBus(url, prefix, name=name), ops_port=0)
+                )
+            gateway_url = str(pods["edge"].plugins["gateway"].public_url)  # type: ignore[attr-defined]
+            async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as c:
+                user, admin = bearer(await login(c, "alice")), bearer(await login(c, ADMIN))
+                r = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 1, "fail_times": 9}}, headers=user)
+                job_id = r.json()["job_id"]
+                r = await c.post("/v1/console/jobs", json={"job_id": job_id, "kind": "crunch"}, headers=user)
+                assert r.status_code == 201, r.text
+                for _ in range(100):
+                    letters = (await c.get("/v1/admin/dead-letters", headers=admin)).json()
+                    if letters:
+                        break
+                    await asyncio.sleep(0.1)
+                assert [d["job_id"] for d in letters] == [job_id], letters
+                assert [h["status"] for h in (await c.get("/v1/console/jobs", headers=user)).json()] == ["failed"]
+                r = await c.post(f"/v1/admin/dead-letters/{job_id}/replay", headers=admin)
+                assert r.status_code == 200 and r.json() == {"replayed": [job_id]}, r.text
+        violations = [line for line in server.log_path.read_text().splitlines() if "Violation" in line]
+        assert not [v for v in violations if "user:pod-" in v], "a pod hit its permissions:\n" + "\n".join(violations)
+    finally:
+        server.stop()
