@@ -141,6 +141,7 @@ async def shot(page: Any, name: str) -> None:
     await page.screenshot(path=str(DOCS / f"console-{name}.png"), full_page=True)
 
 
+@pytest.mark.timeout(240)  # a browser, a helios job with reasoning latency and a reload, on a shared machine
 async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis_url: str, tmp_path: Path, page: Any) -> None:
     async with console_system(prefix, nats_url, pg_url, redis_url, tmp_path) as s:
         await page.goto(s.url + "/")
