@@ -1,10 +1,12 @@
 """Admin routes of the gateway: disable, enable and delete users (``auth.disable_user``,
 ``auth.delete_user``), list dead letters with their reasons and replay them.
 
-Who is an admin is the auth plugin's decision (``admin_users`` / ``AIWFE_ADMIN_USERS``),
-checked server-side on every admin call from the caller's bearer token: the user routes
-pass the token to the auth plugin, the dead-letter routes ask it first with
-:func:`is_admin`. A non-admin gets 403, an unknown user 404.
+Who is an admin is the auth plugin's decision (``admin_users`` / ``AIWFE_ADMIN_USERS``, an
+enabled user; see :mod:`aiwfe.plugins.auth.admin`), checked server-side on every admin call
+from the caller's bearer token: the user routes pass the token to the auth plugin, the
+dead-letter routes ask it first with ``auth.whoami`` (:func:`whoami`, never cached here, so
+a disabled admin loses its rights at once: its token answers 401, and 403 should a pod have
+missed the token cut-off). A non-admin gets 403, an unknown user 404.
 
 Dead letters: ``GET /v1/admin/dead-letters`` (``?kind=`` one job kind's address) lists the
 newest :data:`MAX_DEAD_LETTERS` with the reason of their last attempt, their attempts and
@@ -26,16 +28,16 @@ from litestar.params import FromPath, FromQuery
 
 from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_REASON, is_job_id
 from aiwfe.bus.errors import BusError
-from aiwfe.kernel import Forbidden, RemoteError, Unavailable
+from aiwfe.kernel import Unavailable
 from aiwfe.kernel.admin import replay_dead_letters
 from aiwfe.kernel.jobs import Jobs
 from aiwfe.kernel.plugin import KernelHandle
-from aiwfe.plugins.auth.contract import DeleteUser, DisableUser, UserUpdated
+from aiwfe.plugins.auth.contract import DeleteUser, DisableUser, Identity, UserUpdated, WhoAmI
 
 from .openapi import errors
 from .services import GatewayServices
 
-__all__ = ["ADMIN_ROUTES", "MAX_DEAD_LETTERS", "DeadLetter", "Replayed", "is_admin", "job_store"]
+__all__ = ["ADMIN_ROUTES", "MAX_DEAD_LETTERS", "DeadLetter", "Replayed", "job_store", "whoami"]
 
 MAX_DEAD_LETTERS = 200
 _PREVIEW_CHARS = 500
@@ -72,31 +74,19 @@ def job_store(kernel: KernelHandle) -> Jobs:
     return jobs
 
 
-async def is_admin(svc: GatewayServices, bearer: str) -> bool:
-    """True when the auth plugin counts the token's user as an admin.
-
-    Asks ``auth.disable_user`` to enable the user named ``""`` (a name no user can have, so
-    nothing changes): the auth plugin checks the token and the admin list first and answers
-    ``Forbidden`` for a non-admin, ``UnknownUser`` for an admin.
+async def whoami(svc: GatewayServices, bearer: str) -> Identity:
+    """The caller's identity as the auth plugin sees it now (``auth.whoami``): user id, name,
+    whether it is an admin (an enabled user of the admin list) and disabled.
 
     Raises:
-        AiwfeError: the token is invalid (``InvalidToken``) or auth did not answer.
+        AiwfeError: the token is invalid (``InvalidToken`` → 401), or auth did not answer
+        (for an admin's token also while auth's database is down → 503).
     """
-    try:
-        await svc.kernel.call(DisableUser(token=bearer, username="", disabled=False))
-    except Forbidden:
-        return False
-    except RemoteError as e:
-        if e.type == "Forbidden":
-            return False
-        if e.type == "UnknownUser":
-            return True
-        raise
-    return True  # pragma: no cover - no user is named ""
+    return await svc.kernel.call(WhoAmI(token=bearer), timeout_s=svc.config.verify_timeout_s)
 
 
 async def _require_admin(svc: GatewayServices, bearer: str) -> None:
-    if not await is_admin(svc, bearer):
+    if not (await whoami(svc, bearer)).admin:
         raise HTTPException(status_code=403, detail="Forbidden: admin only (see admin_users / AIWFE_ADMIN_USERS)")
 
 

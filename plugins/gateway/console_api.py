@@ -9,7 +9,8 @@ Routes:
   addresses; the page finds each kind's JSON Schema in ``GET /v1/asyncapi.json`` (message
   ``submit-<address>``) and generates an example input from it.
 * ``GET /v1/console/me``: the caller's name and whether it is an admin (asked of the auth
-  plugin, :func:`~aiwfe.plugins.gateway.admin.is_admin`; the admin routes check it again).
+  plugin with ``auth.whoami``, :func:`~aiwfe.plugins.gateway.admin.whoami`; the admin routes
+  ask again on every call, so the page's answer only decides what it shows).
 * ``GET /v1/console/jobs``: the caller's recent jobs, newest first, each with its status
   (``pending`` until the job has an outcome record).
 * ``POST /v1/console/jobs``: ``{job_id, kind}`` adds one of the caller's own jobs to that
@@ -50,7 +51,7 @@ from aiwfe.kernel import metrics
 from aiwfe.kernel.plugin import KernelHandle
 from aiwfe.plugins.auth.contract import Claims
 
-from .admin import is_admin, job_store
+from .admin import job_store, whoami
 from .openapi import errors
 from .services import GatewayServices
 
@@ -183,9 +184,10 @@ async def console_kinds(svc: Services) -> Kinds:
 
 
 @get("/v1/console/me", tags=["console"], responses=errors(502, 503))
-async def console_me(svc: Services, claims: CallerClaims, bearer: BearerToken) -> Me:
+async def console_me(svc: Services, bearer: BearerToken) -> Me:
     """The caller's name and whether the auth plugin counts it as an admin."""
-    return Me(username=claims.username, admin=await is_admin(svc, bearer))
+    who = await whoami(svc, bearer)
+    return Me(username=who.username, admin=who.admin)
 
 
 @get("/v1/console/jobs", tags=["console"], responses=errors(502, 503))

@@ -381,12 +381,48 @@ async def test_console_routes_validate_and_check_the_caller(
             assert r.status_code == 200 and r.json() == {"replayed": [failing["job_id"]]}
 
 
+async def test_admin_routes_ask_auth_who_the_caller_is_on_every_call(
+    prefix: str, nats_url: str, pg_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``auth.whoami`` decides: a non-admin gets 403, an admin 200, and an admin disabled since
+    its last call 401 (its token cut off) or, when only its row says so, 403."""
+    monkeypatch.setenv("AIWFE_ADMIN_USERS", "second_admin,third_admin")
+    async with console_system(prefix, nats_url, pg_url, redis_url, tmp_path, latency_s=0.0) as s:
+        async with httpx.AsyncClient(base_url=s.url) as c:
+            alice, admin = bearer(await login(c, "alice")), bearer(await login(c, ADMIN))
+            second, third = bearer(await login(c, "second_admin")), bearer(await login(c, "third_admin"))
+            for h in (admin, second, third):
+                assert (await c.get("/v1/admin/dead-letters", headers=h)).status_code == 200
+                assert (await c.get("/v1/console/me", headers=h)).json()["admin"] is True
+            assert (await c.get("/v1/admin/dead-letters", headers=alice)).status_code == 403
+            assert (await c.post("/v1/admin/users/alice/disable", headers=alice)).status_code == 403
+            assert (await c.get("/v1/console/me", headers=bearer("x"))).status_code == 401
+
+            # Disabled by another admin: the token is refused at once (nothing cached in the gateway).
+            assert (await c.post("/v1/admin/users/second_admin/disable", headers=admin)).status_code == 200
+            for r in (
+                await c.get("/v1/admin/dead-letters", headers=second),
+                await c.post("/v1/admin/dead-letters/x/replay", headers=second),
+                await c.post("/v1/admin/users/alice/disable", headers=second),
+                await c.get("/v1/console/me", headers=second),
+            ):
+                assert r.status_code == 401, r.text
+
+            # Disabled in the database only (as if this pod had missed the cut-off): no admin rights.
+            await s.plugin("auth").store.set_disabled("third_admin", True)
+            assert (await c.get("/v1/admin/dead-letters", headers=third)).status_code == 403
+            assert (await c.post("/v1/admin/users/alice/disable", headers=third)).status_code == 403
+            assert (await c.get("/v1/console/me", headers=third)).json() == {"username": "third_admin", "admin": False}
+
+
 SECURED = """
 [system]
 subject_prefix = "{prefix}"
 drain_timeout_s = 2
 [pods.edge]
-plugins = ["gateway", "auth"]
+plugins = ["gateway"]
+[pods.auth]
+plugins = ["auth"]
 [pods.work]
 plugins = ["{probe}"]
 [plugins.gateway]
@@ -402,8 +438,9 @@ async def test_the_console_routes_work_with_the_gateway_pods_least_privilege_nat
     prefix: str, pg_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     """On a nats-server with the users of ``aiwfe.kernel.tools.natsauth``, the gateway's pod
-    (its own user) reads and replays dead letters of a job another pod consumes and keeps the
-    history in the bucket, and no pod user hits its permissions."""
+    (its own user) asks the auth pod who the caller is (``auth.whoami``), reads and replays
+    dead letters of a job another pod consumes and keeps the history in the bucket, and no
+    pod user hits its permissions."""
     from aiwfe.kernel.manifest import parse_manifest
     from aiwfe.kernel.pod import PodRunner
     from aiwfe.kernel.tools import natsauth
@@ -418,7 +455,7 @@ async def test_the_console_routes_work_with_the_gateway_pods_least_privilege_nat
     try:
         async with contextlib.AsyncExitStack() as stack:
             pods = {}
-            for name in ("work", "edge"):
+            for name in ("work", "auth", "edge"):
                 url = user_url(server.url, pod_user(name), passwords[pod_user(name)])
                 pods[name] = await stack.enter_async_context(
                     PodRunner(manifest, name, NatsBus(url, prefix, name=name), ops_port=0)
@@ -426,6 +463,8 @@ async def test_the_console_routes_work_with_the_gateway_pods_least_privilege_nat
             gateway_url = str(pods["edge"].plugins["gateway"].public_url)  # type: ignore[attr-defined]
             async with httpx.AsyncClient(base_url=gateway_url, timeout=30) as c:
                 user, admin = bearer(await login(c, "alice")), bearer(await login(c, ADMIN))
+                assert (await c.get("/v1/console/me", headers=admin)).json() == {"username": ADMIN, "admin": True}
+                assert (await c.get("/v1/admin/dead-letters", headers=user)).status_code == 403
                 r = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 1, "fail_times": 9}}, headers=user)
                 job_id = r.json()["job_id"]
                 r = await c.post("/v1/console/jobs", json={"job_id": job_id, "kind": "crunch"}, headers=user)
