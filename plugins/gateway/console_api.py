@@ -16,6 +16,10 @@ Routes:
 * ``POST /v1/console/jobs``: ``{job_id, kind}`` adds one of the caller's own jobs to that
   list (the page does it for every job it submits or opens); 404 for a job that is not
   the caller's.
+* ``GET /v1/console/jobs/{job_id}``: one of the caller's jobs by id (the page's "open by
+  id"), with its status and kind: the kind the history lists, else the outcome record's
+  (empty for a job neither knows yet: one submitted elsewhere and still running, or
+  cancelled); 404 for a job that is not the caller's, as for every job route.
 * ``GET /v1/console/figures``: this gateway pod's open WebSockets, job deliveries by
   outcome, dead letters, queue depths and memory (from its Prometheus registry).
 
@@ -48,6 +52,7 @@ from litestar.params import FromPath, JSONBody
 
 from aiwfe.bus.codec import is_job_id
 from aiwfe.kernel import metrics
+from aiwfe.kernel.jobs import JobRecord
 from aiwfe.kernel.plugin import KernelHandle
 from aiwfe.plugins.auth.contract import Claims
 
@@ -190,22 +195,34 @@ async def console_me(svc: Services, bearer: BearerToken) -> Me:
     return Me(username=who.username, admin=who.admin)
 
 
+def _entry(job_id: str, kind: str, at: float, rec: JobRecord | None) -> HistoryEntry:
+    if rec is None:
+        return HistoryEntry(job_id=job_id, kind=kind, submitted_at=at, status="pending")
+    err = rec.error or {}
+    text = f"{err.get('type', '')}: {err.get('message', '')}"[:300] if err else ""
+    return HistoryEntry(job_id=job_id, kind=kind, submitted_at=at, status=rec.status, finished_at=rec.finished_at, error=text)
+
+
 @get("/v1/console/jobs", tags=["console"], responses=errors(502, 503))
 async def console_jobs(svc: Services, claims: CallerClaims) -> list[HistoryEntry]:
     """The caller's recent jobs (at most 50), newest first, each with its status."""
     entries = await JobHistory(svc.kernel).entries(claims.sub)
     records = await asyncio.gather(*(svc.kernel.job_record(e[0]) for e in entries))
-    out = []
-    for (job_id, kind, at), rec in zip(entries, records, strict=True):
-        if rec is None:
-            out.append(HistoryEntry(job_id=job_id, kind=kind, submitted_at=at, status="pending"))
-            continue
-        err = rec.error or {}
-        text = f"{err.get('type', '')}: {err.get('message', '')}"[:300] if err else ""
-        out.append(
-            HistoryEntry(job_id=job_id, kind=kind, submitted_at=at, status=rec.status, finished_at=rec.finished_at, error=text)
-        )
-    return out
+    return [_entry(*e, rec) for e, rec in zip(entries, records, strict=True)]
+
+
+@get("/v1/console/jobs/{job_id:str}", tags=["console"], responses=errors(404, 502, 503))
+async def console_job(svc: Services, claims: CallerClaims, job_id: FromPath[str]) -> HistoryEntry:
+    """One of the caller's jobs by id, with its status and kind (empty while unknown; see the
+    module docstring); 404 when the job is not the caller's."""
+    if not is_job_id(job_id) or not await svc.owns(job_id, claims.sub):
+        raise HTTPException(status_code=404, detail=f"no job {job_id}")
+    entries, rec = await asyncio.gather(JobHistory(svc.kernel).entries(claims.sub), svc.kernel.job_record(job_id))
+    listed = next((e for e in entries if e[0] == job_id), None)
+    if listed is not None:
+        return _entry(*listed, rec)
+    by_address = {a: k for k, a in svc.config.job_kinds.items()}
+    return _entry(job_id, by_address.get(rec.kind, "") if rec is not None else "", 0.0, rec)
 
 
 @post("/v1/console/jobs", status_code=201, tags=["console"], responses=errors(400, 404, 502, 503))
@@ -244,4 +261,4 @@ async def console_figures(svc: Services) -> Figures:
     )
 
 
-CONSOLE_ROUTES = [console_file, console_kinds, console_me, console_jobs, console_add_job, console_figures]
+CONSOLE_ROUTES = [console_file, console_kinds, console_me, console_jobs, console_job, console_add_job, console_figures]

@@ -1,7 +1,8 @@
 """The console page in headless Chromium, step by step, on real NATS, PostgreSQL and Redis:
 log in, pick a kind and see its example input, get inline errors, watch a helios job fill
 its expert cards and stream its synthesis, reload mid-job and go on without duplicates,
-reopen the job from the history, replay a dead letter as an admin, read the pods table.
+reopen the job from the history, open a job by its id, replay a dead letter as an admin,
+read the pods table.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``playwright`` pip
 package; Playwright never downloads a browser here (``executable_path`` is the system one).
@@ -252,6 +253,29 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         assert len(order) == 2 and order[1] == job_id, "newest first; reopening does not reorder"
         await shot(page, "history")
 
+        # Open by id: a job of this user submitted elsewhere opens (its kind from its record);
+        # someone else's is refused by the server (404), named next to the field.
+        async with httpx.AsyncClient(base_url=s.url) as c:
+            mine = (await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 4}}, headers=h)).json()["job_id"]
+            other = bearer(await login(c, "console_other"))
+            theirs = (await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 5}}, headers=other)).json()["job_id"]
+            for _ in range(100):
+                if (await c.get(f"/v1/jobs/{mine}", headers=h)).json()["status"] == "done":
+                    break
+                await asyncio.sleep(0.1)
+        await page.fill("#open-id", theirs)
+        await page.click("#open-job")
+        await wait_text(page, "#open-error", f"no job {theirs} of yours")
+        assert await text_of(page, "#job-id") == job_id
+        await page.fill("#open-id", mine)
+        await page.click("#open-job")
+        await wait_text(page, "#job-id", mine)
+        await wait_text(page, "#job-kind", "crunch")
+        await wait_text(page, "#job-status", "done")
+        await wait_text(page, "#result-view", "square: 16")
+        assert await text_of(page, "#open-error") == ""
+        await page.locator(f'#history tr.history-row[data-job="{mine}"]').wait_for(timeout=WAIT_MS)
+
         # Cancelling a running helios job: its experts end with it.
         await page.fill("#input", json.dumps({"text": "What must tokens do?", "max_experts": 2, "use_cache": False}))
         await page.click("#submit")
@@ -350,6 +374,19 @@ async def test_console_routes_validate_and_check_the_caller(
             assert [r["job_id"] for r in rows] == [jobs[1], jobs[0]]  # newest first, each once
             assert [r["status"] for r in rows] == ["done", "done"] and rows[0]["finished_at"] > 0
             assert (await c.get("/v1/console/jobs", headers=bob)).json() == []
+            # One job by id: the caller's only (404 otherwise, also for a malformed id); listed or not.
+            one = (await c.get(f"/v1/console/jobs/{jobs[0]}", headers=alice)).json()
+            assert (one["job_id"], one["kind"], one["status"]) == (jobs[0], "crunch", "done") and one["submitted_at"] > 0
+            for who, path in [(bob, jobs[0]), (alice, "a.b"), (alice, "nope")]:
+                assert (await c.get(f"/v1/console/jobs/{path}", headers=who)).status_code == 404, path
+            assert (await c.get(f"/v1/console/jobs/{jobs[0]}")).status_code == 401
+            unlisted = (await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 7}}, headers=bob)).json()["job_id"]
+            for _ in range(100):
+                one = (await c.get(f"/v1/console/jobs/{unlisted}", headers=bob)).json()
+                if one["status"] != "pending":
+                    break
+                await asyncio.sleep(0.1)
+            assert (one["kind"], one["status"], one["submitted_at"]) == ("crunch", "done", 0.0)  # the kind from its record
             history = JobHistory(s.gateway.handles.kernel)
             for i in range(HISTORY_MAX + 5):
                 await history.add("carol", f"job{i}", "crunch")

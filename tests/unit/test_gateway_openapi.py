@@ -36,6 +36,7 @@ PROTECTED = {
     ("/v1/console/me", "get"),
     ("/v1/console/jobs", "get"),
     ("/v1/console/jobs", "post"),
+    ("/v1/console/jobs/{job_id}", "get"),
 }
 
 

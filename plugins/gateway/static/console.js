@@ -81,6 +81,7 @@ function loggedOut(why) {
   clearTimeout(wsTimer);
   // Nothing of this user stays on the page for the next one.
   renderView(view); clear($("history")); clear($("dlq")); inputError(""); $("dlq-status").textContent = "";
+  $("open-id").value = ""; $("open-error").textContent = "";
   $("auth-status").textContent = why;
   $("logout").hidden = true; $("app").hidden = true; $("auth").hidden = false; $("dlq-panel").hidden = true;
 }
@@ -284,7 +285,7 @@ function openJob(job_id, kind, fresh) {
   save();
   renderView(view);
   followJob(job_id, 0);
-  api("/v1/console/jobs", {method: "POST", body: JSON.stringify({job_id, kind})})
+  if (kind) api("/v1/console/jobs", {method: "POST", body: JSON.stringify({job_id, kind})})
     .then(() => refreshHistory()).catch(() => {});
   if (fresh) $("job-panel").scrollIntoView({block: "nearest"});
 }
@@ -307,6 +308,22 @@ async function refreshHistory() {
       el("td", {}, el("button", {class: "secondary open", type: "button", text: "open", onclick: () => openJob(h.job_id, h.kind, true)}))));
   }
 }
+
+// Open one of the user's jobs by its id (submitted elsewhere, or gone from the history);
+// the server answers 404 for a job that is not the caller's.
+$("open-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const id = $("open-id").value.trim();
+  $("open-error").textContent = "";
+  if (!/^[A-Za-z0-9_-]{1,128}$/.test(id)) { $("open-error").textContent = "not a job id (1 to 128 of A-Z a-z 0-9 _ -)"; return; }
+  try {
+    const j = await api(`/v1/console/jobs/${encodeURIComponent(id)}`);
+    $("open-id").value = "";
+    openJob(j.job_id, j.kind, true);
+  } catch (e) {
+    $("open-error").textContent = e.status === 404 ? `no job ${id} of yours` : "could not open it: " + e.message;
+  }
+});
 
 // -- dead letters (admins) ------------------------------------------------------------
 
