@@ -64,6 +64,9 @@ job_kinds = {{ helios = "helios.ask", crunch = "probe.crunch" }}
 [plugins.auth]
 {auth}
 admin_users = ["{admin}"]
+[plugins.perception]
+embedder = "auto"
+embed_model_dir = "{nomodel}"
 [plugins.reasoning]
 latency_s = {latency_s}
 [plugins.memory]
@@ -84,7 +87,10 @@ async def console_system(
     prefix: str, nats_url: str, pg_url: str, redis_url: str, data: Path, latency_s: float = 2.0
 ) -> AsyncIterator[GatewaySystem]:
     """One pod with the gateway, the real auth (``console_admin`` an admin), helios and its
-    collaborators, and the probe's ``crunch`` jobs; reasoning answers after ``latency_s``."""
+    collaborators, and the probe's ``crunch`` jobs; reasoning answers after ``latency_s``.
+    Perception is told to use a semantic model from an empty directory: it falls back to
+    hashing (as with the default) and says so, a degraded note of the pod."""
+    (data / "no-model").mkdir(exist_ok=True)
     text = MANIFEST.format(
         prefix=prefix,
         probe=PROBE,
@@ -94,6 +100,7 @@ async def console_system(
         db=pg_url,
         redis=redis_url,
         data=data,
+        nomodel=data / "no-model",
     )
     async with run_system(text, NatsBus(nats_url, prefix, name="edge")) as s:
         yield s
@@ -154,6 +161,8 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         assert await row.locator("td.replicas").inner_text() == "1"
         assert await row.locator("td.ready.ok").inner_text() == "ready"
         assert "helios" in await row.inner_text() and "gateway" in await row.inner_text()
+        notes = await row.locator("td.notes").inner_text()  # a degraded plugin keeps the pod ready, noted
+        assert notes.startswith("degraded: perception: embedder hashing (semantic unavailable:"), notes
         assert "open sockets" in await text_of(page, "#figures")
 
         # Log in; the user has memories for the experts to answer from.
@@ -324,6 +333,27 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await page.click("#refresh")
         await wait_text(page, '#figures [data-figure="dead_letters"] b', "1")
         await page.locator("#cluster").screenshot(path=str(DOCS / "console-pods.png"))
+
+        # Experts slower than their budget end "timed out", those the token budget cannot cover
+        # "skipped" (neither is retried); with no answer the job fails.
+        await page.select_option("#kind", "helios")
+        await wait_text(page, "#kind-address", "helios.ask")
+        for extra, status, meta in [
+            ({"expert_timeout_s": 0.3}, "timed out", "no answer within 0.3 s"),
+            ({"token_budget": 1}, "skipped", "token budget: 1 of 1 left"),
+        ]:
+            before_id = await text_of(page, "#job-id")
+            ask = {"text": "Which database index speeds up customer lookups?", "max_experts": 2, "use_cache": False}
+            await page.fill("#input", json.dumps({**ask, **extra}))
+            await page.click("#submit")
+            changed = "j => document.getElementById('job-id').textContent !== j"
+            await page.wait_for_function(changed, arg=before_id, timeout=WAIT_MS)
+            await wait_text(page, "#job-status", "failed")
+            cards = page.locator("#experts .card.expert")
+            assert await cards.count() == 2
+            assert await cards.evaluate_all("els => els.map(e => e.dataset.status)") == [status, status]
+            assert meta in await cards.first.locator(".meta").inner_text()
+            assert (await text_of(page, "#synthesis-meta")).startswith("failed: no expert answered")
 
 
 async def test_console_routes_validate_and_check_the_caller(

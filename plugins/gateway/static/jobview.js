@@ -6,6 +6,7 @@
 import {$, clear, el} from "./dom.js";
 
 let experts = {};   // expert name -> {card parts, text, attempt}
+const ENDED = ["answered", "failed", "timed out", "cancelled", "skipped"];
 let synthesis = "";
 
 export function renderView(view) {
@@ -95,7 +96,7 @@ function heliosEvent(type, d) {
       const x = card(d.label || d.role);
       if (d.attempt !== x.attempt) { x.attempt = d.attempt; x.streamed = ""; }
       x.streamed += d.text; x.text.textContent = x.streamed;
-      if (x.status.textContent !== "answered") cardStatus(x, "streaming");
+      if (!ENDED.includes(x.c.dataset.status)) cardStatus(x, "streaming");  // a late chunk never reopens a card
       break;
     }
     case "helios.expert_answered": {
