@@ -2,8 +2,17 @@
 
 **Who is an admin.** A user whose name (case-insensitively) is in the plugin's ``admin_users``
 setting or the ``AIWFE_ADMIN_USERS`` environment variable (comma-separated); both lists count.
-Nobody is an admin by default. Being an admin is checked on each call from the caller's token
-(verified and not revoked), so removing a name from the list takes effect at the next restart.
+Nobody is an admin by default. Being an admin is decided on each call, in one place
+(:meth:`AdminOps.identity`): the caller's token is verified (and not revoked), its user's name
+is in the list, and the user's row says it exists, is the token's subject and is not
+disabled. So removing a name from the list takes effect at the next restart, and disabling an
+admin takes its rights away at once, even on a pod that missed the cut-off below. Other
+services ask with ``auth.whoami`` (:class:`~.contract.WhoAmI`, answered by :meth:`AdminOps.whoami`
+and never cached): the gateway's admin and console routes do. Why a request and not an
+``admin`` claim in the token or in :class:`~.contract.Claims`: a claim would outlive a
+disable or a change of the list for as long as the token or its cached claims live, while
+the request reads the row each time (a claim would also have to be carried through the
+verify path and its cache, which serve every request of every user; admin checks are rare).
 
 **Revocation.** Disabling or deleting a user cuts off every token of that user issued so far:
 a cut-off ``sub → before`` (epoch seconds) is written to Redis (a field of the hash
@@ -25,10 +34,10 @@ import os
 import time
 from typing import Any
 
-from aiwfe.kernel.errors import Forbidden
+from aiwfe.kernel.errors import Forbidden, Overloaded, Unavailable
 from aiwfe.kernel.plugin import serves
 
-from .contract import DeleteUser, DisableUser, SubjectRevoked, UserUpdated
+from .contract import DeleteUser, DisableUser, Identity, SubjectRevoked, UserUpdated, WhoAmI
 from .errors import UnknownUser
 
 __all__ = ["AdminOps", "SubjectDenylist", "admin_names"]
@@ -74,8 +83,8 @@ class SubjectDenylist:
 
 
 class AdminOps:
-    """Handlers of ``auth.disable_user``, ``auth.delete_user`` and ``auth.subject_revoked``,
-    mixed into :class:`~.plugin.AuthPlugin` (which provides the attributes used here)."""
+    """Handlers of ``auth.whoami``, ``auth.disable_user``, ``auth.delete_user`` and
+    ``auth.subject_revoked``, mixed into :class:`~.plugin.AuthPlugin` (which provides the attributes used here)."""
 
     subjects: SubjectDenylist
     admins: frozenset[str]
@@ -104,11 +113,40 @@ class AdminOps:
             except Exception as e:  # never let the loop die; Redis errors are already swallowed
                 log.warning("auth: reloading user cut-offs failed: %s", e)
 
-    async def _require_admin(self, token: str) -> str:
+    async def identity(self, token: str) -> Identity:
+        """The token's user now, and whether it is an admin (see the module docstring).
+
+        Raises:
+            InvalidToken: the token does not verify or is revoked.
+            Unavailable, Overloaded: an admin's row could not be read (rights are never
+            granted unchecked); a non-admin is then answered from the token alone.
+        """
         claims = await self._verify(token, check_revoked=True)
-        if claims.username.lower() not in self.admins:
+        listed = claims.username.lower() in self.admins
+        try:
+            user = await self.store.find_user(claims.username)
+        except (Unavailable, Overloaded):
+            if listed:
+                raise
+            return Identity(user_id=claims.sub, username=claims.username)
+        # No row, or another user's (deleted, its name registered again): counted as disabled.
+        disabled = user is None or user.id != claims.sub or bool(user.disabled)
+        return Identity(user_id=claims.sub, username=claims.username, admin=listed and not disabled, disabled=disabled)
+
+    async def _require_admin(self, token: str) -> str:
+        who = await self.identity(token)
+        if not who.admin:
             raise Forbidden("auth: admin only (see admin_users / AIWFE_ADMIN_USERS)")
-        return str(claims.username)
+        return who.username
+
+    @serves(WhoAmI, concurrency=16, max_queue=256, timeout_s=5.0)
+    async def whoami(self, req: WhoAmI) -> Identity:
+        """The caller's identity: user id, name, admin, disabled (never cached).
+
+        Raises:
+            InvalidToken; Unavailable or Overloaded for an admin's token while its row cannot be read.
+        """
+        return await self.identity(req.token)
 
     async def _cut_off(self, sub: str) -> None:
         """Revoke every token of ``sub`` issued so far: Redis, this pod, every pod."""

@@ -6,7 +6,8 @@ Errors a caller can see (``RemoteError.type``): ``InvalidCredentials`` (login),
 algorithm not allowed, unknown key, wrong audience, wrong issuer, not yet valid, revoked,
 malformed), ``TooManyAttempts`` (login: throttled, with ``retry_after_s``), ``Forbidden``
 (admin operations by a non-admin), ``UnknownUser`` (admin operations). Pool exhaustion
-surfaces as ``Overloaded`` (retryable).
+surfaces as ``Overloaded`` (retryable); ``auth.whoami`` of an admin while the database is
+down as ``Unavailable`` (retryable).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ __all__ = [
     "Claims",
     "DeleteUser",
     "DisableUser",
+    "Identity",
     "LoggedOut",
     "Login",
     "Logout",
@@ -27,6 +29,7 @@ __all__ = [
     "TokenRevoked",
     "UserUpdated",
     "Verify",
+    "WhoAmI",
 ]
 
 
@@ -124,3 +127,24 @@ class SubjectRevoked(Event, tag="auth.subject_revoked"):
     sub: str
     before: int
     exp: int
+
+
+class Identity(Reply):
+    """Who a token's user is now: ``admin`` is True only for an enabled user named in the
+    auth plugin's admin list; ``disabled`` is True for a user the database marks disabled or
+    no longer holds (a token that outlived its user's cut-off)."""
+
+    user_id: str
+    username: str
+    admin: bool = False
+    disabled: bool = False
+
+
+class WhoAmI(Request[Identity], tag="auth.whoami"):
+    """The caller's identity and whether it is an admin, decided by the auth plugin at each
+    call (never cached): the token is verified (revocation included), then the user's row
+    is read. Raises ``InvalidToken``; ``Unavailable`` only for an admin's token while the
+    database is down (admin rights are never granted unchecked; a non-admin is answered
+    from the token alone)."""
+
+    token: str

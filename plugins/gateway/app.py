@@ -55,6 +55,7 @@ from aiwfe.plugins.memory.contract import Recall, RecallResult, Remember, Rememb
 
 from .admin import ADMIN_ROUTES
 from .busdoc import BusDocument, asyncapi_route
+from .console_api import CONSOLE_ROUTES
 from .frames import TERMINAL
 from .limits import finished_last_seq, guard, parse_seq, past_end
 from .openapi import (
@@ -355,6 +356,7 @@ async def console() -> bytes:
 
 ROUTES = [register, login, logout, submit_job, get_job, job_events, remember, recall, pods, health, ready, prometheus, console]
 ROUTES += ADMIN_ROUTES  # plugins/gateway/admin.py
+ROUTES += CONSOLE_ROUTES  # plugins/gateway/console_api.py
 
 
 def build_app(services: GatewayServices) -> Litestar:

@@ -21,7 +21,17 @@ import msgspec
 
 from aiwfe.kernel import ConfigError, Plugin, address_of, serves
 from aiwfe.kernel.config_check import one_of, problem_text
-from aiwfe.plugins.auth.contract import DeleteUser, DisableUser, Login, Logout, Register, SubjectRevoked, TokenRevoked, Verify
+from aiwfe.plugins.auth.contract import (
+    DeleteUser,
+    DisableUser,
+    Login,
+    Logout,
+    Register,
+    SubjectRevoked,
+    TokenRevoked,
+    Verify,
+    WhoAmI,
+)
 from aiwfe.plugins.memory.contract import Recall, Remember
 from aiwfe.plugins.perception.contract import Perceive
 
@@ -44,7 +54,7 @@ class GatewayPlugin(Plugin):
     """
 
     name = "gateway"
-    calls = (Register, Login, Verify, Logout, DisableUser, DeleteUser, Perceive, Remember, Recall)
+    calls = (Register, Login, Verify, Logout, WhoAmI, DisableUser, DeleteUser, Perceive, Remember, Recall)
     Config = GatewayConfig
     #: ``job_kinds`` values must be jobs some pod of the manifest consumes (``aiwfe check``).
     config_addresses = {"job_kinds": "job"}

@@ -31,6 +31,12 @@ PROTECTED = {
     ("/v1/admin/users/{username}/disable", "post"),
     ("/v1/admin/users/{username}/enable", "post"),
     ("/v1/admin/users/{username}", "delete"),
+    ("/v1/admin/dead-letters", "get"),
+    ("/v1/admin/dead-letters/{job_id}/replay", "post"),
+    ("/v1/console/me", "get"),
+    ("/v1/console/jobs", "get"),
+    ("/v1/console/jobs", "post"),
+    ("/v1/console/jobs/{job_id}", "get"),
 }
 
 
