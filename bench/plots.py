@@ -12,10 +12,11 @@ picture, keeps those lines in a JSON-lines file, and draws each sweep as an SVG 
 * ``jobs.svg`` -- ``aiwfe bench jobs``: durable jobs per second against jobs in flight,
   through the kernel and raw nats-py JetStream.
 
-``aiwfe bench plots`` runs the sweeps at quick sizes (minutes on two cores; ``--sizes full``
-for the sizes of PERFORMANCE.md's tables), appends each JSON line to ``--jsonl`` (default
-``docs/perf/bench.jsonl``, replaced at the start of a sweep) and draws. ``--from FILE``
-draws from a file of JSON lines instead, running nothing. A line is either a benchmark's own
+``aiwfe bench plots`` runs the sweeps at quick sizes (two minutes on two cores; ``--sizes
+full`` for the sizes of PERFORMANCE.md's tables; ``--only ws,jobs`` for some), writes each
+JSON line to ``--jsonl`` (default ``docs/perf/bench.jsonl``; a sweep replaces the lines of
+the benchmarks it runs and keeps the others) and draws. ``--from FILE`` draws from a file of
+JSON lines instead, running nothing. A line is either a benchmark's own
 last line (which benchmark it is is told by its keys) or ``{"bench": NAME, "result": {...}}``
 as the sweep writes them. Last line printed: ``{"plots": [files], "lines": N}``.
 """
@@ -23,6 +24,7 @@ as the sweep writes them. Last line printed: ``{"plots": [files], "lines": N}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import subprocess
@@ -40,7 +42,7 @@ Series = dict[str, list[tuple[float, float]]]
 #: the benchmark runs of a sweep, per size: (bench name, its arguments)
 SWEEPS: dict[str, list[tuple[str, list[str]]]] = {
     "quick": [
-        *[("ws", ["-n", str(n), "--duration", "4", "--clients", "1", "--warmup", "1"]) for n in (50, 200, 500)],
+        *[("ws", ["-n", str(n), "--duration", "5", "--clients", "1", "--warmup", "3"]) for n in (50, 200, 500)],
         *[("helios", ["--latency", str(s), "--concurrent", "10", "--concurrent-latency", "0.1"]) for s in (0.1, 0.3, 0.6)],
         *[("jobs", ["--jobs", "300", "--rounds", "1", "--inflight", str(n)]) for n in (1, 4, 16, 64)],
     ],
@@ -101,7 +103,12 @@ def _series(rows: list[Row], x: str, ys: dict[str, str], scale: float = 1.0) -> 
 
 def _ws(rows: list[Row]) -> tuple[str, str, str, str, Series, bool]:
     ys = {"gateway p99": "p99_ms", "gateway p50": "p50_ms", "bare echo p99": "echo_p99_ms"}
-    return "ws", "WebSocket round trip, 1 msg/s per connection", "connections", "ms", _series(rows, "connections", ys), False
+    title = "WebSocket round trip, 1 msg/s per connection"
+    loads = sorted(float(r["load_avg_1m"]) for r in rows if isinstance(r.get("load_avg_1m"), int | float))
+    cpus = next((r["cpus"] for r in rows if isinstance(r.get("cpus"), int)), None)
+    if loads:  # the machine's state moves p99 more than anything: say it on the chart
+        title += f" (load average {loads[0]:g}–{loads[-1]:g}" + (f" on {cpus} cores)" if cpus else ")")
+    return "ws", title, "connections", "ms", _series(rows, "connections", ys), False
 
 
 def _helios(rows: list[Row]) -> tuple[str, str, str, str, Series, bool]:
@@ -239,9 +246,17 @@ def _run_bench(name: str, args: Sequence[str], url: str | None) -> Row | None:
 
 
 def sweep(size: str, jsonl: Path, url: str | None, only: set[str]) -> None:
-    """Run the ``size`` sweep of the benchmarks in ``only``; write their lines to ``jsonl``."""
+    """Run the ``size`` sweep of the benchmarks in ``only``; write their lines to ``jsonl``,
+    keeping the lines it holds of the other benchmarks."""
     jsonl.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    for line in jsonl.read_text().splitlines() if jsonl.exists() else []:
+        with contextlib.suppress(ValueError, TypeError):
+            found = classify(json.loads(line))
+            if found is not None and found[0] not in only:
+                kept.append(line)
     with jsonl.open("w") as fh:
+        fh.writelines(line + "\n" for line in kept)
         for name, args in SWEEPS[size]:
             if name not in only:
                 continue

@@ -75,3 +75,22 @@ def test_registered_as_a_bench_command(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["lines"] == 11
+
+
+def test_a_sweep_of_one_benchmark_keeps_the_others_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import aiwfe.bench.plots as plots
+
+    jsonl = tmp_path / "bench.jsonl"
+    jsonl.write_text(FIXTURE.read_text())
+    ran: list[tuple[str, list[str]]] = []
+
+    def fake_run(name: str, args: list[str], url: str | None) -> dict[str, object]:  # the benchmark's last line
+        ran.append((name, list(args)))
+        return {"jobs": 1, "kernel_per_s": 10, "raw_per_s": 12, "inflight": int(args[args.index("--inflight") + 1])}
+
+    monkeypatch.setattr(plots, "_run_bench", fake_run)
+    plots.sweep("quick", jsonl, None, {"jobs"})
+    assert [n for n, _ in ran] == ["jobs"] * 4
+    results = read_lines(jsonl.read_text().splitlines())
+    assert {k: len(v) for k, v in results.items()} == {"ws": 3, "helios": 3, "jobs": 4}
+    assert {r["kernel_per_s"] for r in results["jobs"]} == {10}
