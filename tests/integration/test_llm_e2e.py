@@ -28,7 +28,8 @@ import pytest
 
 from aiwfe.kernel.errors import ConfigError
 from aiwfe.kernel.tools.embedded import free_port
-from aiwfe.kernel.tools.llm import LlmTarget, resolve_llm
+from aiwfe.kernel.manifest import load_manifest, parse_manifest
+from aiwfe.kernel.tools.llm import LlmTarget, check_manifest_takes, resolve_llm
 from tests.support.llm_servers import FakeLLMServer
 
 pytestmark = [pytest.mark.integration]
@@ -225,3 +226,16 @@ def test_up_refuses_model_without_llm_and_a_dead_llm(tmp_path: Path) -> None:
         [*base, "--llm", f"http://127.0.0.1:{free_port()}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30
     )
     assert r.returncode == 2 and "speaks neither Ollama nor" in r.stderr, r.stderr
+
+
+def test_a_manifest_that_ignores_the_llm_variables_is_an_error() -> None:
+
+    target = LlmTarget("ollama", "http://127.0.0.1:11434", "m", "test")
+    fixed = parse_manifest('[pods.p]\nplugins = ["reasoning"]\n[plugins.reasoning]\nprovider = "extractive"\n', env={})
+    with pytest.raises(ConfigError, match=r"AIWFE_LLM_PROVIDER"):
+        check_manifest_takes(fixed, target)
+    without = parse_manifest('[pods.p]\nplugins = ["perception"]\n', env={})
+    with pytest.raises(ConfigError, match=r"no pod .* runs the reasoning plugin"):
+        check_manifest_takes(without, target)
+    for name in ("monolith", "consolidated", "microservices"):  # the shipped manifests take them
+        check_manifest_takes(load_manifest(ROOT / "manifests" / f"{name}.toml", env=target.env()), target)
