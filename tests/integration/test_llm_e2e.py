@@ -27,8 +27,8 @@ import httpx
 import pytest
 
 from aiwfe.kernel.errors import ConfigError
-from aiwfe.kernel.tools.embedded import free_port
 from aiwfe.kernel.manifest import load_manifest, parse_manifest
+from aiwfe.kernel.tools.embedded import free_port
 from aiwfe.kernel.tools.llm import LlmTarget, check_manifest_takes, resolve_llm
 from tests.support.llm_servers import FakeLLMServer
 
