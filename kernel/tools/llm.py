@@ -31,7 +31,7 @@ import httpx
 from ..errors import ConfigError
 from ..manifest import Manifest
 
-__all__ = ["LLM_ENV", "LlmTarget", "check_manifest_takes", "resolve_llm"]
+__all__ = ["LLM_ENV", "LlmTarget", "check_manifest_takes", "resolve_llm", "shown"]
 
 #: the variables the shipped manifests read for ``[plugins.reasoning]`` and ``[plugins.helios]``
 LLM_ENV = ("AIWFE_LLM_PROVIDER", "AIWFE_LLM_URL", "AIWFE_LLM_MODEL")
@@ -67,7 +67,7 @@ def resolve_llm(url: str, model: str = "", *, api_key: str | None = None, timeou
             provider, url = name, url.removeprefix(prefix)
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--llm {url!r}: not an http(s) URL (e.g. http://127.0.0.1:11434 or http://host:8000/v1)")
+        raise ConfigError(f"--llm {shown(url)!r}: not an http(s) URL (e.g. http://127.0.0.1:11434 or http://host:8000/v1)")
     path = parts.path.rstrip("/")
     how = f"{provider}+ in the URL" if provider else ""
     if path.endswith("/v1") and provider != "ollama":
@@ -86,20 +86,29 @@ def resolve_llm(url: str, model: str = "", *, api_key: str | None = None, timeou
     if not provider:
         said = "; ".join(f"GET {_LIST[api]}: {what}" for api, what in listed.items())
         raise ConfigError(
-            f"--llm {base}: speaks neither Ollama nor an OpenAI-compatible API ({said}); "
+            f"--llm {shown(base)}: speaks neither Ollama nor an OpenAI-compatible API ({said}); "
             "name the API with ollama+http://... or openai+http://..., or end an OpenAI-compatible URL with /v1"
         )
     names = listed[provider]
     if model:
         return LlmTarget(provider, base, model, f"API from {how}; model given")
     if isinstance(names, str):
-        raise ConfigError(f"--llm {base}: cannot list its models (GET {_LIST[provider]}: {names}); pass --model")
+        raise ConfigError(f"--llm {shown(base)}: cannot list its models (GET {_LIST[provider]}: {names}); pass --model")
     if not names:
-        raise ConfigError(f"--llm {base}: the server lists no model (GET {_LIST[provider]}); pull one or pass --model")
+        raise ConfigError(f"--llm {shown(base)}: the server lists no model (GET {_LIST[provider]}); pull one or pass --model")
     return LlmTarget(provider, base, names[0], f"API from {how}; model: the first of {len(names)} the server lists")
 
 
 _LIST = {"ollama": "/api/tags", "openai": "/v1/models"}
+
+
+def shown(url: str) -> str:
+    """``url`` for logs and messages: a password in it replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@" + parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _models(client: httpx.Client, api: str, api_key: str) -> list[str] | str:

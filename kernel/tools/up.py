@@ -62,11 +62,11 @@ def up(manifest_path: str, *, data_dir: Path, llm: str = "", model: str = "") ->
     """
     target = None
     if llm:
-        from .llm import resolve_llm
+        from .llm import resolve_llm, shown
 
         target = resolve_llm(llm, model)
         os.environ.update(target.env())  # before the manifest is read: it interpolates them
-        log.info("LLM: %s at %s, model %s (%s)", target.provider, target.base_url, target.model, target.how)
+        log.info("LLM: %s at %s, model %s (%s)", target.provider, shown(target.base_url), target.model, target.how)
     elif model:
         raise ConfigError("--model needs --llm URL (the server to ask)")
     manifest = load_manifest(manifest_path)

@@ -86,6 +86,9 @@ async def test_a_server_speaking_neither_api_is_refused_with_a_hint() -> None:
         await resolve(f"http://127.0.0.1:{port}")
     with pytest.raises(ConfigError, match="not an http"):
         await resolve("nats://127.0.0.1:4222")
+    with pytest.raises(ConfigError) as e:  # credentials in the URL stay out of the message
+        await resolve(f"http://user:hunter2@127.0.0.1:{port}/v1")
+    assert "hunter2" not in str(e.value) and "user:***@127.0.0.1" in str(e.value)
 
 
 # -- aiwfe up --llm, end to end ----------------------------------------------------------------
