@@ -107,7 +107,7 @@ def _ws(rows: list[Row]) -> tuple[str, str, str, str, Series, bool]:
     loads = sorted(float(r["load_avg_1m"]) for r in rows if isinstance(r.get("load_avg_1m"), int | float))
     cpus = next((r["cpus"] for r in rows if isinstance(r.get("cpus"), int)), None)
     if loads:  # the machine's state moves p99 more than anything: say it on the chart
-        title += f" (load average {loads[0]:g}–{loads[-1]:g}" + (f" on {cpus} cores)" if cpus else ")")
+        title += f"\nload average {loads[0]:g}–{loads[-1]:g} during the runs" + (f", {cpus} cores" if cpus else "")
     return "ws", title, "connections", "ms", _series(rows, "connections", ys), False
 
 
@@ -152,7 +152,7 @@ def draw(results: dict[str, list[Row]], out_dir: Path) -> list[Path]:
 # -- SVG -----------------------------------------------------------------------------------
 
 _W, _H = 640, 360
-_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 36, 48
+_LEFT, _RIGHT, _TOP, _BOTTOM = 64, 16, 44, 48
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 _DASHES = ("", "6 3", "2 3", "8 3 2 3", "")
 
@@ -176,7 +176,9 @@ def _fmt(v: float) -> str:
 
 def line_chart(title: str, xlabel: str, ylabel: str, series: Series, *, log_x: bool = False) -> str:
     """An SVG line chart: one polyline with markers per series, axes from 0 (y) with round
-    ticks, a grid and a legend. ``log_x``: a base-2 logarithmic x axis (positive x only)."""
+    ticks, a grid and a legend. A second line of ``title`` is drawn smaller, as a note.
+    ``log_x``: a base-2 logarithmic x axis (positive x only)."""
+    title, _, note = title.partition("\n")
     xs = [x for pts in series.values() for x, _ in pts]
     ys = [y for pts in series.values() for _, y in pts]
     fx: Callable[[float], float] = (lambda v: math.log2(v)) if log_x else (lambda v: v)
@@ -201,6 +203,8 @@ def line_chart(title: str, xlabel: str, ylabel: str, series: Series, *, log_x: b
         f'<rect width="{_W}" height="{_H}" fill="white"/>',
         f'<text x="{_W / 2}" y="20" text-anchor="middle" font-size="14" font-weight="bold">{escape(title)}</text>',
     ]
+    if note:
+        out.append(f'<text x="{_W / 2}" y="34" text-anchor="middle" font-size="11" fill="#555">{escape(note)}</text>')
     for v in yt:
         out.append(f'<line x1="{_LEFT}" y1="{py(v)}" x2="{_W - _RIGHT}" y2="{py(v)}" stroke="#ddd"/>')
         out.append(f'<text x="{_LEFT - 6}" y="{py(v) + 4}" text-anchor="end">{_fmt(v)}</text>')
