@@ -35,12 +35,24 @@ def stuck_handlers(kernel: Any, *, all_slots: bool) -> list[str]:
     ]
 
 
+def plugin_details(plugins: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each plugin says it runs (e.g. memory's ``{"embedder": "hashing"}``), from its
+    optional ``details() -> dict`` method; plugins with nothing to say are left out."""
+    out = {}
+    for name, plugin in plugins.items():
+        details = getattr(plugin, "details", None)
+        if callable(details) and (d := details()):
+            out[name] = d
+    return out
+
+
 _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 class OpsServer:
     """Serves health (process alive), readiness (``ready()`` returns no reasons; a degraded
-    pod is still ready and lists ``degraded()`` notes) and metrics."""
+    pod is still ready and lists ``degraded()`` notes; ``details()`` says what each plugin
+    runs, e.g. ``{"memory": {"embedder": "hashing"}}``) and metrics."""
 
     def __init__(
         self,
@@ -49,10 +61,12 @@ class OpsServer:
         host: str = "127.0.0.1",
         port: int = 0,
         degraded: Callable[[], list[str]] = list,
+        details: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.pod = pod
         self.ready = ready
         self.degraded = degraded
+        self.details = details
         self.host = host
         self.port = port
         self._server: asyncio.base_events.Server | None = None
@@ -90,7 +104,13 @@ class OpsServer:
                 reasons = self.ready()
                 status = 503 if reasons else 200
                 body = json.dumps(
-                    {"ready": not reasons, "pod": self.pod, "reasons": reasons, "degraded": self.degraded()}
+                    {
+                        "ready": not reasons,
+                        "pod": self.pod,
+                        "reasons": reasons,
+                        "degraded": self.degraded(),
+                        "plugins": self.details(),
+                    }
                 ).encode()
             elif path == "/metrics":
                 status, body, ctype = 200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"

@@ -23,7 +23,7 @@ from aiwfe.bus.base import Bus
 from aiwfe.bus.errors import BusError
 
 from . import gc_tuning, metrics, tracing
-from ._ops import OpsServer, stuck_handlers
+from ._ops import OpsServer, plugin_details, stuck_handlers
 from .admin import answer_status
 from .config_check import config_problems, handler_options, manifest_served
 from .errors import ConfigError, Unavailable
@@ -55,7 +55,9 @@ class PodRunner:
         self.kernel.submissions.quotas.limits = manifest.system.jobs
         self.plugins: dict[str, Plugin] = {}
         port = self.pod.ops_port if ops_port is None else ops_port
-        self.ops = OpsServer(pod, self._not_ready, ops_host, port, degraded=self._degraded)
+        self.ops = OpsServer(
+            pod, self._not_ready, ops_host, port, degraded=self._degraded, details=lambda: plugin_details(self.plugins)
+        )
         self._stack = contextlib.AsyncExitStack()
         self._ready = False
         self._gc_before: tuple[int, ...] | None = None
@@ -121,6 +123,7 @@ class PodRunner:
             "ready": not reasons,
             "reasons": reasons,
             "degraded": self._degraded(),
+            "details": plugin_details(self.plugins),
             "ops_url": self.ops.url,
             "prefix": self.bus.prefix,
         }

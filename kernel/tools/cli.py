@@ -72,7 +72,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .up import up
 
     logs.setup("up", verbose=args.verbose)
-    return up(args.manifest, data_dir=Path(args.data_dir))
+    return up(args.manifest, data_dir=Path(args.data_dir), llm=args.llm, model=args.model)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("up", help="development: embedded services where no URL is set, then every pod of the manifest")
     s.add_argument("-m", "--manifest", default=DEFAULT_MANIFEST, help=f"manifest (default {DEFAULT_MANIFEST})")
     s.add_argument("--data-dir", default=".aiwfe", help="where embedded services keep their data (default .aiwfe)")
+    s.add_argument("--llm", default="", metavar="URL", help="an Ollama or OpenAI-compatible (…/v1) server for reasoning")
+    s.add_argument("--model", default="", help="the model --llm asks (default: the first the server lists)")
     s.set_defaults(fn=cmd_up)
 
     s = sub.add_parser("run", help="production: run one pod of a manifest (what a container runs)")

@@ -17,6 +17,7 @@ process per pod replica (``aiwfe run``); everything logs in one format with the 
 that dies is restarted after a short backoff. Ctrl-C / SIGTERM stops the pods (each
 drains) and then the embedded services. What it started, with the ``admin`` and
 ``publisher`` credentials, goes to ``<data_dir>/system.json`` (mode 0600; :func:`write_system`).
+``--llm URL [--model M]`` points reasoning at a real LLM server (:mod:`aiwfe.kernel.tools.llm`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..manifest import Manifest, load_manifest
 from . import logs, natsauth
 from .natsauth import ADMIN, PUBLISHER, pod_user
@@ -47,9 +49,31 @@ SYSTEM_FILE = "system.json"
 log = logging.getLogger("aiwfe.up")
 
 
-def up(manifest_path: str, *, data_dir: Path) -> int:
-    """Bring the system up and block until interrupted; returns the exit status."""
+def up(manifest_path: str, *, data_dir: Path, llm: str = "", model: str = "") -> int:
+    """Bring the system up and block until interrupted; returns the exit status.
+
+    ``llm`` (``--llm URL``) points reasoning, and so helios's experts, at an Ollama or
+    OpenAI-compatible server, asking ``model`` (``--model``; empty: the first the server
+    lists), through the ``AIWFE_LLM_*`` variables the manifests read
+    (:mod:`aiwfe.kernel.tools.llm`).
+
+    Raises:
+        ConfigError: ``--model`` without ``--llm``, or an ``--llm`` that cannot be used.
+    """
+    target = None
+    if llm:
+        from .llm import resolve_llm, shown
+
+        target = resolve_llm(llm, model)
+        os.environ.update(target.env())  # before the manifest is read: it interpolates them
+        log.info("LLM: %s at %s, model %s (%s)", target.provider, shown(target.base_url), target.model, target.how)
+    elif model:
+        raise ConfigError("--model needs --llm URL (the server to ask)")
     manifest = load_manifest(manifest_path)
+    if target is not None:
+        from .llm import check_manifest_takes
+
+        check_manifest_takes(manifest, target)
     env = dict(os.environ)
     needed = _services(manifest)
     started: list[Any] = []

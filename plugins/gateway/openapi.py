@@ -89,13 +89,15 @@ class MemoryStored(msgspec.Struct, frozen=True):
 
 
 class PodStatus(msgspec.Struct, frozen=True):
-    """One running pod as it reports itself (``prefix``: its subject prefix)."""
+    """One running pod as it reports itself (``prefix``: its subject prefix; ``details``: what
+    its plugins say they run, e.g. ``{"memory": {"embedder": "hashing"}}``)."""
 
     pod: str
     plugins: list[str]
     ready: bool
     reasons: list[str] = []
     degraded: list[str] = []
+    details: dict[str, dict[str, Any]] = {}
     ops_url: str | None = None
     prefix: str = ""
 

