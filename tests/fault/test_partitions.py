@@ -38,7 +38,7 @@ from aiwfe.kernel.routing import Kernel
 from aiwfe.kernel.tools.natsauth import ADMIN, inbox_prefix, pod_user
 from aiwfe.kernel.tools.up import Auth
 from tests.fault._outcomes import TERMINAL
-from tests.support.cluster import netns_cluster, netns_unavailable_reason
+from tests.support.cluster import NetnsCluster, netns_cluster, netns_unavailable_reason
 from tests.support.probe import Tally
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -110,6 +110,11 @@ async def _start(make: Callable[[], PodRunner], timeout_s: float = 60.0) -> PodR
             await asyncio.sleep(0.5)
 
 
+def _node_of(cluster: NetnsCluster, bus: Any) -> int:
+    """The node ``bus`` (a NatsBus) is connected to now."""
+    return cluster.node_at(str(bus.nc.connected_url.hostname))
+
+
 async def _terminal_events(url: str) -> dict[str, list[str]]:
     """Every job's terminal event types, replayed from the events stream."""
     out: dict[str, list[str]] = collections.defaultdict(list)
@@ -167,13 +172,13 @@ async def test_cut_a_node_then_the_workers_node_mid_stream(tmp_path: Path, recor
             while (now := time.monotonic() - t0) < STOP_AT_S:
                 if script and now >= script[0][0]:
                     _, step = script.pop(0)
-                    worker_node = cluster.node_at(worker.bus.nc.connected_url.hostname)  # type: ignore[attr-defined]
+                    worker_node = _node_of(cluster, worker.bus)
                     if step == "cut first":
                         info = await client.js.stream_info(stream_names(PREFIX)["jobs"])
                         leader = cluster.nodes.index(next(x for x in cluster.nodes if x.name == info.cluster.leader))
                         # not the worker's node (that one is next), nor the submitter's: the one cut first
                         # measures the cluster, not how soon a client notices a stalled connection
-                        busy = {worker_node, cluster.node_at(client.nc.connected_url.hostname)}
+                        busy = {worker_node, _node_of(cluster, client)}
                         spare = [i for i in range(len(cluster.nodes)) if i not in busy]
                         victim = leader if leader in spare else spare[0]
                     elif step == "cut worker's":
