@@ -69,7 +69,7 @@ class Pending:
         self.refused: collections.Counter[str] = collections.Counter()
         self.done_at: dict[str, float] = {}
         self.acked_in: collections.Counter[str] = collections.Counter()
-        self.acked_at: list[float] = []
+        self.acked_at: list[tuple[str, float]] = []
 
     async def submit(self, kernel: Kernel, n: int, phase: str) -> None:
         try:
@@ -79,7 +79,7 @@ class Pending:
             return
         self.acked[job_id] = n
         self.acked_in[phase] += 1
-        self.acked_at.append(time.monotonic())
+        self.acked_at.append((phase, time.monotonic()))
 
     async def poll(self, kernel: Kernel, stop: asyncio.Event) -> None:
         """Note when each acknowledged job's record appears (lookups fail while NATS is cut off)."""
@@ -216,7 +216,9 @@ async def test_cut_a_node_then_the_workers_node_mid_stream(tmp_path: Path, recor
             twice = [j for j in jobs.acked if len(terminal.get(j, [])) > 1]
             no_event = [j for j in jobs.acked if terminal.get(j) != [EV_DONE] and j not in twice]
             after_heal = [t for t in jobs.done_at.values() if t >= healed_at]
-            acked_after_heal = [t for t in jobs.acked_at if t >= healed_at]
+            acked_after_heal = [t for _, t in jobs.acked_at if t >= healed_at]
+            # submitted after the first cut, acknowledged by the two nodes left
+            acked_one_cut = [t for ph, t in jobs.acked_at if ph == "one cut off"]
             fig = {
                 "fault": "partition",
                 "nodes": 3,
@@ -229,6 +231,7 @@ async def test_cut_a_node_then_the_workers_node_mid_stream(tmp_path: Path, recor
                 "failed": len(failed),
                 "recorded_twice": len(twice),
                 "retried": sum(1 for r in records if r is not None and r.attempts > 1),
+                "first_ack_after_first_cut_s": round(min(acked_one_cut) - marks["cut first"], 2) if acked_one_cut else None,
                 "first_ack_after_heal_s": round(min(acked_after_heal) - healed_at, 2) if acked_after_heal else None,
                 "first_done_after_heal_s": round(min(after_heal) - healed_at, 2) if after_heal else None,
                 "all_done_after_heal_s": round(max(jobs.done_at.values()) - healed_at, 2) if jobs.done_at else None,
