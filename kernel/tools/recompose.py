@@ -117,7 +117,7 @@ def render_steps(p: Plan, old: Manifest, new: Manifest, old_path: str, new_path:
             f"  3. kill -TERM <pid of the {old_path} pod {x}>   # drains up to {drain_s:g} s; wait for it to exit"
             for x in p.drain
         ),
-        f"  4. NATS: keep only {new_path}'s users (`aiwfe k8s {new_path} --nats-passwords PASSWORDS.json` renders them), reload",
+        f"  4. NATS: keep only {new_path}'s users (`aiwfe recompose {new_path} {new_path} --nats-config PASSWORDS.json`), reload",
         "",
         "Kubernetes (`aiwfe k8s NEW -o DIR` writes one file per pod):",
         "  1. the <name>-nats-auth Secret: both manifests' users (--nats-config), reload the NATS servers;",
