@@ -12,6 +12,12 @@ round trip, ``aiwfe bench jobs``). It overrides private methods of nats-py
 pyproject pins nats-py to the 2.x series these were read from;
 ``tests/unit/test_bus_client.py`` checks the header handling against nats-py's own
 implementation, ``tests/integration/test_nats_streams.py`` the reply path.
+
+A ``live`` call also follows its callee's liveness heartbeats (:mod:`aiwfe.bus.nats`,
+"Liveness of calls"): its token carries :data:`~aiwfe.bus.codec.LIVE_MARK`, heartbeats
+arriving on the mux token :data:`~aiwfe.bus.codec.ALIVE_TOKEN` refresh it, and a sweep every
+quarter second fails the ones heard of neither by reply nor by heartbeat for
+:data:`~aiwfe.bus.codec.LIVENESS_WINDOW_S` with :class:`~aiwfe.bus.errors.CalleeLost`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from nats.aio import client as _nc
 from nats.aio.msg import Msg
 from nats.protocol import command as _cmd
 
+from .codec import ALIVE_TOKEN, LIVE_MARK, LIVENESS_WINDOW_S
+from .errors import CalleeLost
 from .wheel import DeadlineWheel
 
 __all__ = ["FastClient"]
@@ -30,6 +38,7 @@ __all__ = ["FastClient"]
 _CRLF = b"\r\n"
 _HDR_START = b"NATS/1.0\r\n"
 _key_cache: dict[str, bytes] = {}
+_SWEEP_S = 0.25
 
 
 def _encode_headers(headers: dict[str, Any]) -> bytes:
@@ -60,6 +69,12 @@ class FastClient(_nc.Client):
 
     _call_seq = 0
     _resp_prefix_str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # live call token -> loop time it was last heard of (sent, or named by a heartbeat)
+        self._live: dict[str, float] = {}
+        self._live_sweep: asyncio.TimerHandle | None = None
 
     @staticmethod
     def _parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -107,8 +122,13 @@ class FastClient(_nc.Client):
             return await super()._process_msg(sid, subject, reply, data, headers)
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
-        fut = self._resp_map.get(subject[len(self._resp_sub_prefix or b"") :].decode())
-        if fut is None or fut.done():
+        token = subject[len(self._resp_sub_prefix or b"") :].decode()
+        fut = self._resp_map.get(token)
+        if fut is None:
+            if token == ALIVE_TOKEN and self._live:
+                self._heard(data)
+            return None
+        if fut.done():
             return None
         hdr = await self._process_headers(headers)
         msg = self._build_message(sid, subject, reply, data, hdr)
@@ -116,18 +136,49 @@ class FastClient(_nc.Client):
             fut.set_result(msg)
         return None
 
+    def _heard(self, data: bytes) -> None:
+        """A heartbeat: the calls it names (space-separated tokens) are still running."""
+        now = asyncio.get_running_loop().time()
+        live = self._live
+        for token in data.decode("utf-8", "replace").split(" "):
+            if token in live:
+                live[token] = now
+
+    def _sweep(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        """Fail the live calls not heard of within the liveness window."""
+        now = loop.time()
+        # A sweep that runs late ran after a blocked loop: heartbeats that came meanwhile may
+        # still wait unread in the socket, so the window is stretched by the lateness.
+        limit = now - LIVENESS_WINDOW_S - max(0.0, now - due)
+        live = self._live
+        for token in [t for t, seen in live.items() if seen < limit]:
+            del live[token]
+            fut = self._resp_map.get(token)
+            if fut is not None and not fut.done():
+                fut.set_exception(CalleeLost(f"no reply and no heartbeat for {LIVENESS_WINDOW_S:g} s"))
+        self._live_sweep = loop.call_at(now + _SWEEP_S, self._sweep, loop, now + _SWEEP_S) if live else None
+
     async def call(
-        self, subject: str, payload: bytes, timeout_s: float, wheel: DeadlineWheel, headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        timeout_s: float,
+        wheel: DeadlineWheel,
+        headers: dict[str, str] | None = None,
+        *,
+        live: bool = False,
     ) -> Msg:
         """Request/reply on nats-py's response mux, with less per-call work than ``request``.
 
         ``request`` draws random bytes for every token and wraps the reply future in
         ``asyncio.wait_for``; here tokens come from a counter and the timeout from the
         caller's deadline wheel. ``headers``: NATS headers of the request (JetStream publishes).
+        ``live``: follow the callee's liveness heartbeats (a kernel call to a kernel pod).
 
         Raises:
             nats.errors.TimeoutError: no reply within ``timeout_s``.
             nats.errors.NoRespondersError: nobody subscribes to ``subject``.
+            CalleeLost: ``live`` and neither reply nor heartbeat within the liveness window.
         """
         if not self._resp_prefix_str:
             if not self._resp_sub_prefix:
@@ -135,8 +186,14 @@ class FastClient(_nc.Client):
             assert self._resp_sub_prefix is not None
             self._resp_prefix_str = self._resp_sub_prefix.decode()
         self._call_seq += 1
-        token = f"k{self._call_seq}"
         loop = asyncio.get_running_loop()
+        if live:
+            token = f"{LIVE_MARK}{self._call_seq}"
+            self._live[token] = loop.time()
+            if self._live_sweep is None:
+                self._live_sweep = loop.call_at(loop.time() + _SWEEP_S, self._sweep, loop, loop.time() + _SWEEP_S)
+        else:
+            token = f"k{self._call_seq}"
         fut: asyncio.Future[Msg] = loop.create_future()
         resp_map = self._resp_map
         resp_map[token] = fut
@@ -153,6 +210,8 @@ class FastClient(_nc.Client):
                 wheel.remove(timer)
         finally:
             resp_map.pop(token, None)
+            if live:
+                self._live.pop(token, None)
         if msg.headers and msg.headers.get("Status") == "503":
             raise _nc.errors.NoRespondersError
         return msg

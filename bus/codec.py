@@ -13,6 +13,8 @@ import struct
 from collections.abc import Mapping
 
 __all__ = [
+    "ALIVE_TOKEN",
+    "HEARTBEAT_S",
     "H_ATTEMPTS",
     "H_CONTENT_TYPE",
     "H_DEADLINE",
@@ -24,6 +26,8 @@ __all__ = [
     "H_TRACE",
     "H_TYPE",
     "JSON",
+    "LIVENESS_WINDOW_S",
+    "LIVE_MARK",
     "MAX_JOB_ID_LEN",
     "MAX_TRACEPARENT_LEN",
     "PREAMBLE_SIZE",
@@ -53,6 +57,17 @@ H_REASON = "Aiwfe-Reason"
 H_ATTEMPTS = "Aiwfe-Attempts"
 H_JOB_ID = "Aiwfe-Job-Id"  # a job's id when it differs from its Nats-Msg-Id (dead letters, replays)
 JSON = "application/json"
+
+# Liveness of calls (aiwfe.bus.nats): a caller that follows heartbeats marks its reply token
+# (the inbox's last token) with LIVE_MARK, a character no nats-py, nats.go or nats.js token
+# holds; every HEARTBEAT_S the serving pod publishes, to ``<caller's inbox>.<ALIVE_TOKEN>``,
+# the tokens of those marked calls that have run for HEARTBEAT_S or more (any other caller's
+# request mux drops a token it does not know). A marked call heard of neither by reply nor
+# by heartbeat for LIVENESS_WINDOW_S fails with CalleeLost.
+LIVE_MARK = "~"
+ALIVE_TOKEN = "_alive"
+HEARTBEAT_S = 0.5
+LIVENESS_WINDOW_S = 2.0
 
 
 # -- metadata is untrusted input ----------------------------------------------------------

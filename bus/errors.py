@@ -3,7 +3,7 @@ types (a timeout to ``DeadlineExceeded``, the rest to ``Unavailable``)."""
 
 from __future__ import annotations
 
-__all__ = ["BusError", "BusTimeout", "NoResponders", "NotAccepted", "NotConnected", "PayloadTooLarge"]
+__all__ = ["BusError", "BusTimeout", "CalleeLost", "NoResponders", "NotAccepted", "NotConnected", "PayloadTooLarge"]
 
 
 class BusError(Exception):
@@ -20,6 +20,11 @@ class NoResponders(BusError):
 
 class BusTimeout(BusError):
     """No reply within the time given."""
+
+
+class CalleeLost(BusError):
+    """The request was taken but its callee went silent: neither a reply nor a liveness
+    heartbeat within the liveness window (:mod:`aiwfe.bus.nats`, "Liveness of calls")."""
 
 
 class NotAccepted(BusError):

@@ -10,6 +10,27 @@ Choices (after reading nats-py 2.16's defaults):
   Every request is its own task, so a slow handler never blocks the subscription.
 * The work queue, the streams and the bucket are in :mod:`aiwfe.bus.nats_queue` and
   :mod:`aiwfe.bus.nats_streams`; this module holds the connection and core NATS.
+
+Liveness of calls. A request over core NATS is answered by whichever queue-group member
+took it; if that process dies (``kill -9``, a lost connection, a cancelled handler) nothing
+else ever answers, and the caller used to wait out its whole deadline. Now a kernel call
+(:meth:`NatsBus.request` without headers: its metadata rides in the call preamble) marks
+its reply token (``codec.LIVE_MARK``), and a serving pod, every ``codec.HEARTBEAT_S``
+(0.5 s), publishes one heartbeat per caller connection to ``<its inbox>.<codec.ALIVE_TOKEN>``
+naming the marked calls that have run for at least that long — waiting for a slot or
+running. A call heard of neither by reply nor by heartbeat for ``codec.LIVENESS_WINDOW_S``
+(2 s) fails with :class:`~aiwfe.bus.errors.CalleeLost` (``_client.FastClient``), so a dead
+callee is noticed 1.5 to 2.5 s after its last heartbeat, while one that keeps beating may
+run to the call's deadline. Calls shorter than 0.5 s never see a heartbeat: the fast path
+costs a dict entry on either side and one timer every 0.25 s while live calls are pending.
+
+Compatibility: callers that do not mark their token get no heartbeats; heartbeats go to a
+token no request uses, which nats-py's and the older kernel's request muxes drop, and only
+to inboxes (``codec.is_reply_inbox``, same as replies). Pods need publish permission on
+``_INBOX.*.*._alive`` (:mod:`aiwfe.kernel.tools.natsauth` grants it); a caller of this
+version calling a pod of an older one sees calls longer than 2 s fail with CalleeLost, so
+pods are upgraded together, as for any change of the call preamble. JetStream API calls and
+requests with headers (JSON, external publishers) are not followed: nothing heartbeats them.
 """
 
 from __future__ import annotations
@@ -26,8 +47,8 @@ from nats.aio.msg import Msg
 
 from ._client import FastClient
 from .base import EventHandler, Headers, RemoteHandler
-from .codec import is_reply_inbox, stream_names
-from .errors import BusTimeout, NoResponders, NotConnected
+from .codec import ALIVE_TOKEN, HEARTBEAT_S, LIVE_MARK, is_reply_inbox, stream_names
+from .errors import BusTimeout, CalleeLost, NoResponders, NotConnected
 from .nats_connect import NatsConnectOptions, connect_first, redact_url
 from .nats_queue import QueueMixin
 from .nats_streams import StreamsMixin
@@ -106,6 +127,9 @@ class NatsBus(QueueMixin, StreamsMixin):
         #: Requests dropped because their reply subject was not an inbox (codec.is_reply_inbox).
         self.refused_replies = 0
         self._inflight: set[asyncio.Task[Any]] = set()
+        # Requests of callers that follow heartbeats → (reply subject, loop time taken).
+        self._beating: dict[asyncio.Task[Any], tuple[str, float]] = {}
+        self._beater: asyncio.Task[None] | None = None
         self._loops: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._closing = False
@@ -194,6 +218,8 @@ class NatsBus(QueueMixin, StreamsMixin):
         """Flush and close the connection."""
         await self.stop_taking_work()
         self._closing = True
+        if self._beater is not None:
+            self._beater.cancel()
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=2)
@@ -208,13 +234,21 @@ class NatsBus(QueueMixin, StreamsMixin):
         return self.nc
 
     async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
-        """Core NATS request. Raises BusTimeout, NoResponders or NotConnected."""
+        """Core NATS request. One without ``headers`` is a kernel call (metadata in the call
+        preamble) and follows the callee's heartbeats (module docstring).
+
+        Raises:
+            BusTimeout, NoResponders, NotConnected, CalleeLost (no reply nor heartbeat
+            within the liveness window).
+        """
         nc = self._conn()
         try:
             if headers is None:
-                msg = await nc.call(subject, data, timeout_s, self._wheel)
+                msg = await nc.call(subject, data, timeout_s, self._wheel, live=True)
             else:
                 msg = await nc.request(subject, data, timeout=timeout_s, headers=headers)
+        except CalleeLost as e:
+            raise CalleeLost(f"{subject}: the pod serving the call went silent ({e})") from None
         except nats.errors.NoRespondersError:
             raise NoResponders(f"no pod serves {subject}") from None
         except nats.errors.TimeoutError:
@@ -250,6 +284,7 @@ class NatsBus(QueueMixin, StreamsMixin):
         nc = self._conn()
         loop = asyncio.get_running_loop()
         inflight = self._inflight
+        beating = self._beating
         current_task = asyncio.current_task
 
         async def respond(msg: Msg) -> None:
@@ -262,18 +297,54 @@ class NatsBus(QueueMixin, StreamsMixin):
                     except Exception as e:
                         log.warning("reply on %s lost: %r", subject, e)
             finally:
-                inflight.discard(current_task())  # type: ignore[arg-type]
+                task = current_task()
+                inflight.discard(task)  # type: ignore[arg-type]
+                beating.pop(task, None)  # type: ignore[arg-type]
 
         async def on_msg(msg: Msg) -> None:
-            if msg.reply and not is_reply_inbox(msg.reply):
+            reply = msg.reply
+            if reply and not is_reply_inbox(reply):
                 # A reply subject that is not an inbox would be written with this pod's
                 # permissions (codec.is_reply_inbox): the request is dropped unanswered.
                 self.refused_replies += 1
-                log.debug("%s: request with reply subject %r dropped (not an inbox)", subject, msg.reply[:80])
+                log.debug("%s: request with reply subject %r dropped (not an inbox)", subject, reply[:80])
                 return
-            inflight.add(loop.create_task(respond(msg)))
+            task = loop.create_task(respond(msg))
+            inflight.add(task)
+            if reply and reply.rpartition(".")[2][:1] == LIVE_MARK:
+                beating[task] = (reply, loop.time())
+                if self._beater is None:
+                    self._beater = loop.create_task(self._beat())
 
         self._subs.append(await nc.subscribe(subject, queue=subject if queue else "", cb=on_msg))
+
+    async def _beat(self) -> None:
+        """Every HEARTBEAT_S until close: one heartbeat per caller inbox naming its calls
+        that have run for HEARTBEAT_S or more (module docstring), in messages of at most 32 KiB."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            nc = self.nc
+            if nc is None or not nc.is_connected or not self._beating:
+                continue
+            due = loop.time() - HEARTBEAT_S
+            by_inbox: dict[str, list[bytes]] = {}
+            for reply, t0 in self._beating.values():
+                if t0 <= due:
+                    inbox, _, token = reply.rpartition(".")
+                    by_inbox.setdefault(inbox, []).append(token.encode())
+            for inbox, tokens in by_inbox.items():
+                chunk: list[bytes] = []
+                size = 0
+                for i, raw in enumerate(tokens):
+                    chunk.append(raw)
+                    size += len(raw) + 1
+                    if size >= 32768 or i == len(tokens) - 1:
+                        try:
+                            await nc.publish(f"{inbox}.{ALIVE_TOKEN}", b" ".join(chunk))
+                        except Exception as e:  # the connection went; the calls' callers will see it
+                            log.debug("heartbeat to %s lost: %r", inbox, e)
+                        chunk, size = [], 0
 
     async def subscribe(self, subject: str, handler: EventHandler, *, until_close: bool = False) -> None:
         """Subscribe ``subject`` without a queue group (every pod gets every message)."""

@@ -12,7 +12,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "contract": ("Event", "Job", "Message", "Reply", "Request", "address_of", "kind_of", "reply_type", "schema_hash"),
+    "contract": (
+        "Event",
+        "Idempotent",
+        "Job",
+        "Message",
+        "Reply",
+        "Request",
+        "address_of",
+        "kind_of",
+        "reply_type",
+        "schema_hash",
+    ),
     "errors": (
         "AiwfeError",
         "BadMessage",
@@ -20,6 +31,7 @@ _EXPORTS = {
         "DeadlineExceeded",
         "Forbidden",
         "Overloaded",
+        "PeerLost",
         "RemoteError",
         "SchemaMismatch",
         "Unavailable",
@@ -41,6 +53,7 @@ __all__ = [
     "Event",
     "Forbidden",
     "HandlerOptions",
+    "Idempotent",
     "Job",
     "JobContext",
     "JobEvent",
@@ -49,6 +62,7 @@ __all__ = [
     "Manifest",
     "Message",
     "Overloaded",
+    "PeerLost",
     "Plugin",
     "RemoteError",
     "Reply",
@@ -68,7 +82,7 @@ __all__ = [
 ]  # the names of _EXPORTS (tests/unit/test_layers.py checks)
 
 if TYPE_CHECKING:
-    from .contract import Event, Job, Message, Reply, Request, address_of, kind_of, reply_type, schema_hash
+    from .contract import Event, Idempotent, Job, Message, Reply, Request, address_of, kind_of, reply_type, schema_hash
     from .errors import (
         AiwfeError,
         BadMessage,
@@ -76,6 +90,7 @@ if TYPE_CHECKING:
         DeadlineExceeded,
         Forbidden,
         Overloaded,
+        PeerLost,
         RemoteError,
         SchemaMismatch,
         Unavailable,

@@ -10,6 +10,12 @@ The tag is the address: ``class Recall(Request[RecallResult], tag="memory.recall
 New fields must always get defaults so that older senders keep working; the schema
 hash (:func:`schema_hash`) lets a receiver detect a sender on a different contract
 version and fail with a clear error instead of mis-decoding.
+
+A request whose handler may run twice for one call without harm (a pure function of its
+input, a read) declares it by also deriving from :class:`Idempotent`:
+``class Recall(Request[RecallResult], Idempotent, tag="memory.recall")``. When the pod
+serving such a call is lost mid-call, the kernel calls again once (another replica, or the
+restarted pod); any other call fails at once with the retryable ``PeerLost``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-__all__ = ["ADDRESS_RE", "Event", "Job", "Message", "Reply", "Request", "address_of", "kind_of", "reply_type", "schema_hash"]
+__all__ = [
+    "ADDRESS_RE", "Event", "Idempotent", "Job", "Message", "Reply", "Request", "address_of", "kind_of", "reply_type",
+    "schema_hash",
+]  # fmt: skip
 
 R = TypeVar("R")
 
@@ -44,6 +53,13 @@ class Job(Message, Generic[R]):
 
 class Event(Message):
     """A fire-and-forget event delivered to every subscriber."""
+
+
+class Idempotent:
+    """Marks a request contract idempotent (module docstring): list it after ``Request[R]``.
+    It adds no field, so the schema hash is unchanged."""
+
+    __slots__ = ()
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,7 +13,7 @@ from typing import ClassVar
 import msgspec
 
 __all__ = [
-    "AiwfeError", "BadInput", "BadMessage", "ConfigError", "DeadlineExceeded", "Forbidden", "Overloaded",
+    "AiwfeError", "BadInput", "BadMessage", "ConfigError", "DeadlineExceeded", "Forbidden", "Overloaded", "PeerLost",
     "RemoteError", "SchemaMismatch", "TooLarge", "Unavailable", "UndeclaredCall", "from_wire", "to_wire",
 ]  # fmt: skip
 
@@ -45,6 +45,15 @@ class Unavailable(AiwfeError):
 
     code = "unavailable"
     retryable = True
+
+
+class PeerLost(Unavailable):
+    """The pod serving a call went silent mid-call: no reply and no liveness heartbeat within
+    the liveness window (it died, lost its connection, or stopped). Whether the handler ran
+    is unknown, so only an idempotent contract is retried by the kernel (once); retry others
+    only where running them twice is harmless."""
+
+    code = "peer_lost"
 
 
 class Overloaded(AiwfeError):
@@ -117,7 +126,10 @@ class RemoteError(AiwfeError):
         return f"{self.type}: {self.message}"
 
 
-_WIRE = (DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, BadInput, TooLarge, UndeclaredCall, Forbidden)
+_WIRE = (
+    DeadlineExceeded, Unavailable, PeerLost, Overloaded, SchemaMismatch, BadMessage, BadInput, TooLarge, UndeclaredCall,
+    Forbidden,
+)  # fmt: skip
 _KNOWN: dict[str, type[AiwfeError]] = {cls.__name__: cls for cls in _WIRE}
 
 

@@ -9,6 +9,13 @@ written once. The consumer allows one delivery more than ``max_deliver``: a deli
 the limit means a worker died during the last attempt, and it is dead-lettered instead of
 being silently dropped by the server.
 
+A client sees why a job runs again before it sees the job's progress repeated: the kernel
+emits ``job.retrying`` (attempt, reason) before it naks a failed attempt, and a delivery it
+did not nak itself (attempt > 1 after a worker crash, an expired ack wait, a pod that
+stopped mid-job) emits one with reason ``WorkerLost`` before the handler runs again. Both
+name the attempt in their message id, so when the kernel did nak, the stream drops the
+second one (within its two-minute duplicate window).
+
 Where things live: records under ``<job_id>`` and owners under ``owner.<job_id>`` in the
 bucket; events on ``<prefix>.events.<job_id>``; dead letters on ``<prefix>.dlq.<kind>``
 with the reason in ``Aiwfe-Reason``; cancels broadcast on ``<prefix>.control.cancel``.
@@ -90,6 +97,7 @@ class JobCall(msgspec.Struct, kw_only=True):
     headers: Headers
     attempt: int
     max_deliver: int
+    seq: int = 0  # the message's sequence in the queue (a replayed job has a new one)
 
 
 #: Runs one job delivery and returns the encoded result; raises to fail the attempt.
@@ -271,6 +279,7 @@ class Jobs:
         call = JobCall(
             job_id=job_id, kind=kind, data=d.data, headers=d.headers, attempt=d.attempt, max_deliver=options.max_deliver
         )
+        call.seq = d.seq
         hb = asyncio.get_running_loop().create_task(self._heartbeat(d, max(0.2, options.ack_wait_s / 3)))
         try:
             outcome, delay = await self.process(call, options, runner)
@@ -321,6 +330,9 @@ class Jobs:
             reason = {"type": "WorkerLost", "message": f"no outcome after {options.max_deliver} attempts", "retryable": False}
             await self._fail(call, reason)
             return "term", 0.0
+        if call.attempt > 1:
+            why = f"attempt {call.attempt - 1} ended without an outcome (its worker stopped or lost its connection)"
+            await self._retrying(call, call.attempt - 1, {"type": "WorkerLost", "message": why, "retryable": True})
         task = asyncio.current_task()
         assert task is not None
         self._running[call.job_id] = task
@@ -345,12 +357,17 @@ class Jobs:
                 await self._fail(call, reason)
                 return "term", 0.0
             metrics.JOBS.labels(kind, "retry").inc()
-            await self.emit(call.job_id, EV_RETRYING, _enc.encode({"attempt": call.attempt, **reason}))
+            await self._retrying(call, call.attempt, reason)
             return "nak", backoff_for(options, call.attempt)
         finally:
             self._running.pop(call.job_id, None)
         await self._record(JobRecord(job_id=call.job_id, kind=kind, status="done", result=result, attempts=call.attempt))
         return "ack", 0.0
+
+    async def _retrying(self, call: JobCall, attempt: int, reason: dict[str, Any]) -> None:
+        """Announce that ``attempt`` failed and the job runs again (once per attempt: see the module docstring)."""
+        msg_id = f"{call.job_id}.retrying.{call.seq}.{attempt}"
+        await self.emit(call.job_id, EV_RETRYING, _enc.encode({"attempt": attempt, **reason}), msg_id=msg_id)
 
     async def _put(self, rec: JobRecord) -> bool:
         with _unavailable():

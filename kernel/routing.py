@@ -6,6 +6,13 @@ the bus otherwise. Jobs always go through the bus's work queue (durability is th
 of a job); events always go through the bus (fan-out to every pod). The kernel does all
 contract encoding and decoding; the bus sees bytes. Serving is :mod:`aiwfe.kernel.serving`,
 job semantics :mod:`aiwfe.kernel.jobs`.
+
+Liveness of a remote call (:mod:`aiwfe.bus.nats` notices a lost callee in about 2 s):
+no responders means the request reached nobody, so it is sent again (after 25, 50 ... 400 ms)
+for at most ``NO_RESPONDERS_WAIT_S`` or half the time left, then fails with ``Unavailable``.
+A lost callee may have run the handler: a contract declared ``Idempotent`` is called again
+once (another replica, or the restarted pod), any other fails at once with ``PeerLost``.
+Both are retryable; only the first request is on the fast path (:meth:`Kernel._call_again`).
 """
 
 from __future__ import annotations
@@ -24,12 +31,12 @@ import msgspec
 from aiwfe.bus import codec
 from aiwfe.bus.base import Bus, Headers
 from aiwfe.bus.codec import H_ERROR, H_MSG_ID, H_SCHEMA, H_TRACE, pack_call
-from aiwfe.bus.errors import BusError, BusTimeout
+from aiwfe.bus.errors import BusError, BusTimeout, CalleeLost, NoResponders
 from aiwfe.bus.wheel import DeadlineWheel
 
 from . import metrics, tracing
-from .contract import Event, Job, Message, Request, address_of, kind_of, reply_type, schema_hash
-from .errors import AiwfeError, BadMessage, DeadlineExceeded, Unavailable, UndeclaredCall, from_wire
+from .contract import Event, Idempotent, Job, Message, Request, address_of, kind_of, reply_type, schema_hash
+from .errors import AiwfeError, BadMessage, DeadlineExceeded, PeerLost, Unavailable, UndeclaredCall, from_wire
 from .jobs import JobCall, JobContext, JobRecord, Jobs, _job, _unavailable
 from .plugin import HandlerSpec, Plugin
 from .serving import Endpoint, _deadline, _trace
@@ -40,6 +47,8 @@ __all__ = ["Caller", "Kernel"]
 log = logging.getLogger("aiwfe.kernel")
 R = TypeVar("R")
 _enc = msgspec.msgpack.Encoder()
+#: The longest a call waits for a subject nobody serves to be served again (module docstring).
+NO_RESPONDERS_WAIT_S = 2.0
 
 
 class Kernel:
@@ -181,9 +190,12 @@ class Kernel:
             self._schemas[contract] = bytes.fromhex(schema_hash(contract))
         tp = tracing.current_traceparent() if tracing.STATE.enabled else _trace.get()
         job = _job.get()
-        payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, _enc.encode(req), job.job_id if job else None)
+        body = _enc.encode(req)
+        payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, body, job.job_id if job else None)
         try:
             data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
+        except (NoResponders, CalleeLost) as e:
+            data, rh = await self._call_again(e, contract, body, tp, job.job_id if job else None, deadline)
         except BusTimeout as e:
             raise DeadlineExceeded(str(e)) from None
         except BusError as e:
@@ -196,6 +208,43 @@ class Kernel:
             return dec.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             raise BadMessage(f"{address_of(contract)}: reply does not decode: {e}") from None
+
+    async def _call_again(
+        self, err: BusError, contract: type, body: bytes, tp: str | None, job_id: str | None, deadline: float
+    ) -> tuple[bytes, Headers | None]:
+        """Send a call again after no responders or a lost callee (module docstring).
+        Raises Unavailable (no responders), PeerLost, DeadlineExceeded."""
+        loop = asyncio.get_running_loop()
+        subject = self.subject(contract)
+        again = int(issubclass(contract, Idempotent))
+        t0 = loop.time()
+        wait_until, delay = t0 + min(NO_RESPONDERS_WAIT_S, (deadline - t0) / 2), 0.025
+        while True:
+            if isinstance(err, NoResponders) and loop.time() + delay < wait_until:
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 0.4)
+            elif isinstance(err, CalleeLost) and again:
+                again -= 1
+                log.warning("%s; calling again (%s is idempotent)", err, address_of(contract))
+                now = loop.time()
+                wait_until, delay = now + min(NO_RESPONDERS_WAIT_S, (deadline - now) / 2), 0.025
+            elif isinstance(err, CalleeLost):
+                why = "after calling again once" if issubclass(contract, Idempotent) else "not called again (not Idempotent)"
+                raise PeerLost(f"{err}; {why}") from None
+            elif isinstance(err, NoResponders):
+                raise Unavailable(f"{err} (waited {loop.time() - t0:.1f} s for one)") from None
+            elif isinstance(err, BusTimeout):
+                raise DeadlineExceeded(str(err)) from None
+            else:
+                raise Unavailable(str(err)) from None
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{address_of(contract)}: deadline passed while calling again ({err})")
+            payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, body, job_id)
+            try:
+                return await self.bus.request(subject, payload, None, remaining)
+            except BusError as e:
+                err = e
 
     async def publish(self, event: Event) -> None:
         """Publish an event to every subscriber in every pod (through the bus)."""

@@ -197,12 +197,21 @@ class SecuredNats:
 
 
 @contextlib.contextmanager
-def secured_nats(manifest: Any, data_dir: Path) -> Iterator[SecuredNats]:
+def secured_nats(manifest: Any, data_dir: Path, *more: Any) -> Iterator[SecuredNats]:
     """Start a nats-server whose users and permissions are derived from ``manifest`` (a
-    Manifest) exactly as ``aiwfe up`` does; pods run against it, each as its own user."""
+    Manifest) exactly as ``aiwfe up`` does; pods run against it, each as its own user.
+    ``more``: further manifests whose users it also has, as during a re-composition
+    (:func:`aiwfe.kernel.tools.recompose.transition_permissions`)."""
+    from aiwfe.kernel.tools import natsauth
     from aiwfe.kernel.tools.embedded import EmbeddedNats
+    from aiwfe.kernel.tools.recompose import transition_permissions
     from aiwfe.kernel.tools.up import Auth
 
-    auth = Auth.create(manifest, data_dir)
+    if more:
+        perms = transition_permissions(manifest, *more)
+        passwords = natsauth.load_passwords(data_dir / "nats-passwords.json", list(perms))
+        auth = Auth(passwords, natsauth.render_config(perms, passwords))
+    else:
+        auth = Auth.create(manifest, data_dir)
     with EmbeddedNats(data_dir / "nats", config=auth.config) as srv:
         yield SecuredNats(srv, auth)

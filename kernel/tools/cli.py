@@ -141,6 +141,20 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recompose(args: argparse.Namespace) -> int:
+    from ..manifest import load_manifest
+    from . import natsauth, recompose
+
+    old, new = load_manifest(args.old), load_manifest(args.new)
+    plan = recompose.plan(old, new)
+    if args.nats_config:
+        perms = recompose.transition_permissions(old, new)
+        sys.stdout.write(natsauth.render_config(perms, natsauth.load_passwords(Path(args.nats_config), list(perms))))
+        return 0
+    sys.stdout.write(recompose.render_steps(plan, old, new, args.old, args.new))
+    return 0
+
+
 def _target_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--data-dir", help="read system.json that `aiwfe up` wrote here (default $AIWFE_DATA_DIR, else .aiwfe)")
     s.add_argument(
@@ -230,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the NATS users' passwords in FILE (created mode 0600, reused); default: new ones on every render",
     )
     s.set_defaults(fn=cmd_k8s)
+
+    s = sub.add_parser("recompose", help="move plugins between pods without loss: which pods to start and drain, in order")
+    s.add_argument("old", help="the manifest running now")
+    s.add_argument("new", help="the manifest to move to (the same plugins, another split)")
+    s.add_argument(
+        "--nats-config",
+        metavar="PASSWORDS",
+        help="print the nats-server authorization for the transition (both manifests' users; passwords kept in PASSWORDS)",
+    )
+    s.set_defaults(fn=cmd_recompose)
 
     s = sub.add_parser("asyncapi", help="the AsyncAPI 3 document (JSON) of every NATS subject a manifest serves")
     s.add_argument("manifest")

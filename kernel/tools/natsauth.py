@@ -6,7 +6,8 @@ Users (``P`` is the manifest's subject prefix, streams ``<PFX>_JOBS`` ... as in
 * ``pod-<name>``, one per pod. Publishes the request and event subjects of what its
   plugins declare in ``calls``, the jobs, submit and status subjects of the kinds some pod
   of the manifest consumes, ``P.events.>`` and ``P.dlq.>`` (through JetStream),
-  ``P.control.status`` / ``P.control.cancel``, the results bucket (``$KV.<PFX>_RESULTS.>``)
+  ``P.control.status`` / ``P.control.cancel``, liveness heartbeats to callers' inboxes
+  (``_INBOX.*.*._alive``, see :mod:`aiwfe.bus.nats`), the results bucket (``$KV.<PFX>_RESULTS.>``)
   and the JetStream API calls the kernel makes on the P streams and the bucket, nothing
   else of it (no stream delete or purge); subscribes to what it serves (requests, events,
   ``P.submit.<kind>`` of the kinds it consumes, ``P.status.job``), ``P.control.>``,
@@ -39,7 +40,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import msgspec
 
-from aiwfe.bus.codec import stream_names
+from aiwfe.bus.codec import ALIVE_TOKEN, stream_names
 
 from ..contract import address_of, kind_of
 from ..errors import ConfigError
@@ -167,6 +168,7 @@ def permissions(manifest: Manifest) -> dict[str, Permissions]:
         f"{p}.dlq.>",
         f"{p}.control.status",
         f"{p}.control.cancel",
+        f"_INBOX.*.*.{ALIVE_TOKEN}",  # liveness heartbeats to callers' request muxes (aiwfe.bus.nats)
     ]
     out: dict[str, Permissions] = {}
     for name, s in surface.items():

@@ -13,8 +13,13 @@ and recorded as ``cancelled``. A per-job token budget (:mod:`.budget`) is reserv
 before each expert call; a call it cannot cover is not started (``skipped``). Spend is
 reported per expert and in total.
 
-Failed and late experts are reported and the rest still count; a job with no answer at
-all fails with the reasons (not retried: ``NoAnswers.retryable`` is False). Cancelling
+Failed and late experts are reported and the rest still count. A job with no answer at
+all is retried (``ExpertsUnavailable``, retryable: the kernel naks it with backoff) when an
+expert failed for an infrastructure reason — its pod lost mid-call, unavailable or
+overloaded, any error its raiser marked retryable but a timeout — since another attempt
+may reach a live replica; when every expert failed for a reason that would repeat (a
+content error, a timeout within its budget, the token budget) it fails with the reasons
+(``NoAnswers``, final). Cancelling
 the job (client cancel, or a disconnect when the client asked for it) cancels the
 expert calls in flight. Identical expert prompts hit the Redis cache.
 """
@@ -58,7 +63,7 @@ from .quorum import until_quorum
 from .store import RunStore, database_url
 from .synthesis import SENTENCE_BREAK, synthesise
 
-__all__ = ["HeliosPlugin", "NoAnswers", "synthesise"]
+__all__ = ["ExpertsUnavailable", "HeliosPlugin", "NoAnswers", "synthesise"]
 
 log = logging.getLogger("aiwfe.helios")
 JOB_SECONDS = Histogram(
@@ -71,9 +76,24 @@ JOB_SECONDS = Histogram(
 
 
 class NoAnswers(Exception):
-    """No expert answered; the message lists why each one did not."""
+    """No expert answered, for reasons another attempt would meet again; the message lists
+    why each one did not."""
 
     retryable = False
+
+
+class ExpertsUnavailable(Exception):
+    """No expert answered and at least one failed for an infrastructure reason (its pod
+    lost, unavailable or overloaded): the job is retried."""
+
+    retryable = True
+
+
+def _infrastructure(err: AiwfeError) -> bool:
+    """True for a failure another attempt may not meet: a lost or unreachable pod
+    (``Unavailable``, ``PeerLost``), ``Overloaded``, any error marked retryable but a timeout
+    (an expert slower than its budget would be as slow again)."""
+    return err.retryable and not isinstance(err, DeadlineExceeded)
 
 
 class HeliosPlugin(Plugin):
@@ -201,10 +221,14 @@ class HeliosPlugin(Plugin):
             asked = job.token_budget if job.token_budget > 0 else self.config.default_token_budget
             budget = TokenBudget(min(asked, self.config.max_token_budget))
             await ctx.emit(Selected(experts=[n for n, _ in chosen], min_answers=quorum, token_budget=budget.total))
-            answers = await self._fan_out(job, chosen, context, deadline, quorum, budget)
+            infra: set[str] = set()  # experts that failed for an infrastructure reason
+            answers = await self._fan_out(job, chosen, context, deadline, quorum, budget, infra)
             result = await self._synthesise(answers, t0, quorum, budget)
             if not any(a.status == "answered" for a in answers):
                 reasons = "; ".join(f"{a.expert}: {a.status} {a.error}".strip() for a in answers) or "no expert selected"
+                lost = [a.expert for a in answers if a.expert in infra]
+                if lost:
+                    raise ExpertsUnavailable(f"no expert answered; {', '.join(lost)} could not be reached ({reasons})")
                 raise NoAnswers(f"no expert answered ({reasons})")
             if self.store is not None:
                 await self.store.save(ctx.job_id, job.owner, job.text, result)
@@ -249,6 +273,7 @@ class HeliosPlugin(Plugin):
         deadline: float,
         quorum: int,
         budget: TokenBudget,
+        infra: set[str],
     ) -> list[ExpertAnswer]:
         """Run every chosen expert in parallel until all are done or ``quorum`` (> 0) have
         answered; those still without an outcome are then cancelled and recorded so (an
@@ -265,7 +290,7 @@ class HeliosPlugin(Plugin):
 
         tasks = {
             name: asyncio.create_task(
-                self._expert(job, self.index.experts[name], relevance, context, deadline, results, budget, answered)
+                self._expert(job, self.index.experts[name], relevance, context, deadline, results, budget, answered, infra)
             )
             for name, relevance in chosen
         }
@@ -287,6 +312,7 @@ class HeliosPlugin(Plugin):
         out: dict[str, ExpertAnswer],
         token_budget: TokenBudget,
         answered: Callable[[], None],
+        infra: set[str],
     ) -> None:
         ctx = current_job()
         assert ctx is not None and self.cache is not None
@@ -342,6 +368,8 @@ class HeliosPlugin(Plugin):
                     await ctx.emit(ExpertTimedOut(expert=e.name, budget_s=round(budget, 3)))
                     return
                 except AiwfeError as err:
+                    if _infrastructure(err):
+                        infra.add(e.name)
                     out[e.name] = ExpertAnswer(expert=e.name, status="failed", error=str(err), tokens=prompt_est)
                     await ctx.emit(ExpertFailed(expert=e.name, reason=str(err)))
                     return

@@ -6,7 +6,7 @@ weights their answers by ``scores``; clients send :class:`Feedback` on answers.
 
 from __future__ import annotations
 
-from aiwfe.kernel.contract import Reply, Request
+from aiwfe.kernel.contract import Idempotent, Reply, Request
 
 __all__ = ["ExpertScore", "ExpertScores", "ExpertScoresResult", "Feedback", "FeedbackResult"]
 
@@ -51,7 +51,7 @@ class ExpertScoresResult(Reply):
     detail: dict[str, ExpertScore] = {}
 
 
-class ExpertScores(Request[ExpertScoresResult], tag="learning.expert_scores"):
+class ExpertScores(Request[ExpertScoresResult], Idempotent, tag="learning.expert_scores"):
     """Quality scores of ``experts``, for the request's ``expertise`` tags."""
 
     experts: list[str]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiwfe.kernel.contract import Reply, Request
+from aiwfe.kernel.contract import Idempotent, Reply, Request
 
 __all__ = ["Forget", "ForgetResult", "MemoryHit", "Recall", "RecallResult", "Remember", "RememberResult"]
 
@@ -56,7 +56,7 @@ class RecallResult(Reply):
     took_ms: float = 0.0
 
 
-class Recall(Request[RecallResult], tag="memory.recall"):
+class Recall(Request[RecallResult], Idempotent, tag="memory.recall"):
     """Find ``owner``'s memories closest to ``query``: full text and vectors, fused.
 
     ``filters`` match metadata values exactly (all must match). Never returns another

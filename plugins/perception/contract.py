@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aiwfe.kernel.contract import Reply, Request
+from aiwfe.kernel.contract import Idempotent, Reply, Request
 
 __all__ = ["ExpertiseScore", "Perceive", "Perception"]
 
@@ -23,7 +23,7 @@ class Perception(Reply):
     expertise: list[ExpertiseScore] = []
 
 
-class Perceive(Request[Perception], tag="perception.perceive"):
+class Perceive(Request[Perception], Idempotent, tag="perception.perceive"):
     """Analyse ``text``; return at most ``max_tags`` expertise tags, best first."""
 
     text: str

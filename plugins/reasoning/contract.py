@@ -7,7 +7,7 @@ that job's event stream as :class:`AnswerStreamed` events while the answer is pr
 
 from __future__ import annotations
 
-from aiwfe.kernel.contract import Event, Reply, Request
+from aiwfe.kernel.contract import Event, Idempotent, Reply, Request
 
 __all__ = ["AnswerStreamed", "Reason", "Reasoned"]
 
@@ -30,7 +30,7 @@ class Reasoned(Reply):
     attempts: int = 1
 
 
-class Reason(Request[Reasoned], tag="reasoning.reason"):
+class Reason(Request[Reasoned], Idempotent, tag="reasoning.reason"):
     """Answer ``task`` in the voice of ``role`` from ``context``.
 
     ``latency_s`` (extractive provider only) overrides the configured simulated latency.

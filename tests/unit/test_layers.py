@@ -134,7 +134,10 @@ def _loc(path: Path) -> int:
 
 def test_the_kernel_core_is_small_and_no_file_is_large() -> None:
     core = sum(_loc(ROOT / "kernel" / f"{m}.py") for m in CORE)
-    assert core <= 1560, core  # 1500 before issue 12 (checks of untrusted metadata; jobs skipping the pre-read)
+    # 1500 before issue 12 (checks of untrusted metadata; jobs skipping the pre-read), 1560 before
+    # issue 13's liveness of calls (no-responders wait, idempotent contracts called again, PeerLost,
+    # job.retrying before a redelivered job runs again)
+    assert core <= 1620, core
     for path in _modules().values():
         assert len(path.read_text().splitlines()) <= 450, path
 
