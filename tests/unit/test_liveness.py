@@ -215,7 +215,7 @@ async def test_helios_retries_a_job_only_for_infrastructure_failures(prefix: str
     try:
         async with PodRunner(m, "all", LocalBus(prefix), ops_port=0) as pod:
             k = pod.kernel
-            job_id = await k.submit(Ask(text="Design the database", max_experts=2))
+            job_id = await k.submit(Ask(text="Design the database", max_experts=2, use_cache=False))
             types: list[str] = []
             async for ev in k.job_events(job_id):
                 types.append(ev.type)
