@@ -205,6 +205,8 @@ HELIOS = """
 subject_prefix = "{prefix}"
 [pods.all]
 plugins = ["helios", "perception", "tests.unit.test_liveness:FlakyReasoning"]
+[plugins.helios]
+cache_prefix = "{prefix}:"
 """
 
 
