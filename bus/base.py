@@ -111,7 +111,8 @@ class Transport(Protocol):
         """Return once the server has processed everything sent so far (subscriptions included)."""
 
     async def request(self, subject: str, data: bytes, headers: Headers | None, timeout_s: float) -> tuple[bytes, Headers | None]:
-        """Send a request. Raises BusTimeout, NoResponders or NotConnected."""
+        """Send a request. Raises BusTimeout, NoResponders or NotConnected; a request without
+        ``headers`` (a kernel call) also CalleeLost when its callee goes silent (NatsBus)."""
 
     async def request_many(self, subject: str, data: bytes, timeout_s: float) -> list[bytes]:
         """Send one request and collect every reply that arrives within ``timeout_s``."""

@@ -1,5 +1,5 @@
 """Transport failures. The bus raises only these; the kernel maps them to its own error
-types (a timeout to ``DeadlineExceeded``, the rest to ``Unavailable``)."""
+types (a timeout to ``DeadlineExceeded``, a lost callee to ``PeerLost``, the rest to ``Unavailable``)."""
 
 from __future__ import annotations
 

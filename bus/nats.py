@@ -220,6 +220,8 @@ class NatsBus(QueueMixin, StreamsMixin):
         self._closing = True
         if self._beater is not None:
             self._beater.cancel()
+            await asyncio.gather(self._beater, return_exceptions=True)
+            self._beater = None
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=2)
@@ -329,8 +331,10 @@ class NatsBus(QueueMixin, StreamsMixin):
                 continue
             due = loop.time() - HEARTBEAT_S
             by_inbox: dict[str, list[bytes]] = {}
-            for reply, t0 in self._beating.values():
-                if t0 <= due:
+            for task, (reply, t0) in list(self._beating.items()):
+                if task.done():  # cancelled before it ever ran: its finally never ran either
+                    del self._beating[task]
+                elif t0 <= due:
                     inbox, _, token = reply.rpartition(".")
                     by_inbox.setdefault(inbox, []).append(token.encode())
             for inbox, tokens in by_inbox.items():

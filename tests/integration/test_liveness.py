@@ -28,7 +28,7 @@ import pytest
 from aiwfe.bus.base import Headers
 from aiwfe.bus.codec import ALIVE_TOKEN
 from aiwfe.bus.nats import NatsBus
-from aiwfe.kernel import Idempotent, PeerLost, Plugin, Reply, Request, serves
+from aiwfe.kernel import Event, Idempotent, Job, PeerLost, Plugin, Reply, Request, current_job, serves
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.routing import Kernel
@@ -37,7 +37,7 @@ from aiwfe.kernel.tools.embedded import EmbeddedNats
 from aiwfe.kernel.tools.natsauth import pod_user, user_url
 from tests.support.pods import dump_toml, running, start_pod, wait_ready
 
-pytestmark = [pytest.mark.integration]
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("cleanup_streams")]
 
 NAP = "tests.integration.test_liveness:NapPlugin"
 CALLER = "tests.integration.test_liveness:CallerPlugin"
@@ -63,9 +63,25 @@ class Hang(Request[Napped], tag="live.hang"):
     mark: str = ""
 
 
+class Chore(Job[Napped], tag="live.chore"):
+    """A job that reports a step and then finishes (never, in a pod with AIWFE_TEST_NAP_HANGS)."""
+
+
+class Stepped(Event, tag="live.stepped"):
+    pid: int
+
+
 class NapPlugin(Plugin):
     name = "nap"
     calls_seen = 0
+
+    @serves(Chore, ack_wait_s=2.0, max_deliver=3)
+    async def chore(self, job: Chore) -> Napped:
+        ctx = current_job()
+        assert ctx is not None
+        await ctx.emit(Stepped(pid=os.getpid()))
+        await asyncio.sleep(3600 if os.environ.get(HANG_ENV) else 0)
+        return Napped(pid=os.getpid(), calls=ctx.attempt)
 
     async def _nap(self, seconds: float, mark: str) -> Napped:
         NapPlugin.calls_seen += 1
@@ -152,6 +168,22 @@ async def test_an_idempotent_call_is_answered_by_another_replica(nats_url: str, 
             r = await call
             assert r.pid == os.getpid()
             assert time.monotonic() - t0 < 10
+
+
+async def test_a_job_whose_worker_was_killed_says_so_before_repeating_its_progress(
+    nats_url: str, prefix: str, tmp_path: Path
+) -> None:
+    async with _kernel(nats_url, prefix) as k, _hanging_pod(tmp_path, nats_url, prefix) as pid:
+        job_id = await k.submit(Chore())
+        events = k.jobs.events(job_id)
+        first = await anext(events)
+        assert (first.type, first.data["pid"]) == ("live.stepped", pid)
+        async with running(parse_manifest(_manifest(prefix, {"nap2": [NAP]}), env={}), nats_url=nats_url):
+            os.kill(pid, signal.SIGKILL)  # the job is redelivered after its ack wait, to nap2
+            rest = [(ev.type, ev.data) async for ev in events]
+    assert [t for t, _ in rest] == ["job.retrying", "live.stepped", "job.done"]
+    assert (rest[0][1]["attempt"], rest[0][1]["type"]) == (1, "WorkerLost")
+    assert rest[1][1]["pid"] == os.getpid()
 
 
 async def test_a_slow_callee_that_is_alive_runs_past_the_liveness_window(nats_url: str, prefix: str) -> None:

@@ -1,6 +1,6 @@
 """Liveness of calls, the kernel's half, on LocalBus: no-responders is sent again within its
 window, an Idempotent contract is called again once after its callee was lost and any other
-fails fast with PeerLost, helios tells infrastructure failures from content ones, and a
+fails fast with PeerLost, helios retries a job only for infrastructure failures, and a
 redelivered job says so before running again.
 
 The bus's half (heartbeats, a callee killed mid-call) needs a real server:
@@ -23,20 +23,25 @@ from aiwfe.kernel import (
     Idempotent,
     Overloaded,
     PeerLost,
+    Plugin,
     RemoteError,
     Reply,
     Request,
     Unavailable,
+    serves,
 )
 from aiwfe.kernel.errors import from_wire, to_wire
 from aiwfe.kernel.jobs import JobCall, Jobs
+from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.plugin import HandlerOptions
+from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.routing import NO_RESPONDERS_WAIT_S, Kernel
+from aiwfe.plugins.helios.contract import Ask
 from aiwfe.plugins.helios.plugin import _infrastructure
 from aiwfe.plugins.learning.contract import ExpertScores, Feedback
 from aiwfe.plugins.memory.contract import Forget, Recall, Remember
 from aiwfe.plugins.perception.contract import Perceive
-from aiwfe.plugins.reasoning.contract import Reason
+from aiwfe.plugins.reasoning.contract import Reason, Reasoned
 
 
 class Done(Reply):
@@ -179,3 +184,52 @@ async def test_a_job_the_kernel_naked_says_so_once(prefix: str) -> None:
     events = await _events(bus, prefix, "j2")
     assert [t for t, _ in events] == ["probe.progressed", "job.retrying", "probe.progressed", "job.done"]
     assert events[1][1]["type"] == "Unavailable"  # the kernel's own reason, not repeated as WorkerLost
+
+
+class FlakyReasoning(Plugin):
+    """Serves reasoning.reason by raising ``error`` (None: answering) -- a stand-in for a
+    reasoning pod that is unreachable (infrastructure) or refuses the prompt (content)."""
+
+    name = "flaky_reasoning"
+    error: Exception | None = None
+
+    @serves(Reason)
+    async def reason(self, req: Reason) -> Reasoned:
+        if FlakyReasoning.error is not None:
+            raise FlakyReasoning.error
+        return Reasoned(answer=f"{req.role} says yes.", confidence=0.8, provider="flaky")
+
+
+HELIOS = """
+[system]
+subject_prefix = "{prefix}"
+[pods.all]
+plugins = ["helios", "perception", "tests.unit.test_liveness:FlakyReasoning"]
+[plugins.helios]
+cache_prefix = "{prefix}:"
+"""
+
+
+@pytest.mark.parametrize("infrastructure", [True, False])
+async def test_helios_retries_a_job_only_for_infrastructure_failures(prefix: str, infrastructure: bool) -> None:
+    FlakyReasoning.error = Overloaded("reasoning is full") if infrastructure else ValueError("prompt refused")
+    m = parse_manifest(HELIOS.format(prefix=prefix), env={})
+    try:
+        async with PodRunner(m, "all", LocalBus(prefix), ops_port=0) as pod:
+            k = pod.kernel
+            job_id = await k.submit(Ask(text="Design the database", max_experts=2, use_cache=False))
+            types: list[str] = []
+            async for ev in k.job_events(job_id):
+                types.append(ev.type)
+                if ev.type == "job.retrying":
+                    assert ev.data["type"] == "ExpertsUnavailable" and ev.data["retryable"]
+                    FlakyReasoning.error = None  # the pod is back: the next attempt gets answers
+            rec = await k.wait_job(job_id, timeout_s=20)
+    finally:
+        FlakyReasoning.error = None
+    if infrastructure:
+        assert rec.status == "done" and rec.attempts == 2
+        assert types.index("job.retrying") < types.index("helios.expert_answered")
+    else:
+        assert rec.status == "failed" and rec.error is not None and rec.error["type"] == "NoAnswers"
+        assert "job.retrying" not in types
