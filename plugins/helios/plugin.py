@@ -189,7 +189,7 @@ class HeliosPlugin(Plugin):
                 await self.store.close()
             await self.cache.close()
 
-    @serves(Ask, concurrency=512, max_queue=8192, timeout_s=3600.0, ack_wait_s=30.0, max_deliver=3, backoff_s=(1.0, 5.0))
+    @serves(Ask, concurrency=512, max_queue=8192, timeout_s=3600.0, ack_wait_s=10.0, max_deliver=3, backoff_s=(1.0, 5.0))
     async def ask(self, job: Ask) -> Synthesis:
         """Run one helios request (see the module docstring).
 
