@@ -84,9 +84,14 @@ def bind_socket(host: str, port: int, backlog: int, *, reuse_port: bool = False)
         OSError: the address is taken or not available.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio's transport
+    # turns Nagle's algorithm off (TCP_NODELAY) only for sockets whose proto says TCP. With
+    # proto 0 every small frame written while an earlier one was unacknowledged waited for
+    # the client's delayed ACK: a job's first event reached the client ≈ 40 ms late.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
