@@ -10,8 +10,9 @@ accept, which the server answers with HTTP 403.
 
 Per connection:
 
-* every frame sent to the client goes through one bounded queue (``send_queue_size``)
-  drained by one writer task. **Slow-reader policy**: job events wait for queue space for
+* every frame sent to the client that cannot be written at once (see "Direct paths") goes
+  through one bounded queue (``send_queue_size``) drained by one writer task, started when
+  first needed. **Slow-reader policy**: job events wait for queue space for
   at most ``slow_reader_timeout_s`` (a replay burst is paced, not dropped); a queue that
   stays full that long, or is full when a reply frame must go out, closes the connection
   with 1013 (try again later). Nothing is dropped silently: the client reconnects and sends
@@ -153,6 +154,7 @@ class Connection:
         data = _enc.encode(frame)
         if self._write_now(data):
             return True
+        self._start_writer()
         try:
             self.out.put_nowait(data.decode())
             return True
@@ -171,6 +173,7 @@ class Connection:
         data = _enc.encode(frame)
         if self._write_now(data):
             return True
+        self._start_writer()
         text = data.decode()
         try:
             self.out.put_nowait(text)
@@ -191,6 +194,11 @@ class Connection:
         it without waiting (uvicorn with :class:`WsProtocol`); False: queue it."""
         proto = self._proto
         return proto is not None and not self._sending and self.out.empty() and proto.write_text_nowait(data)
+
+    def _start_writer(self) -> None:
+        # Started on the first frame that must wait: with the direct path most sockets never need one.
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
     async def _write_loop(self) -> None:
         while True:
@@ -238,7 +246,6 @@ class Connection:
         """Serve the connection until the client leaves or it is closed."""
         loop = asyncio.get_running_loop()
         self._reader = asyncio.current_task()
-        self._writer = loop.create_task(self._write_loop())
         ttl_s = self.exp - time.time()
         expiry = loop.call_later(max(0.0, ttl_s), self.close_soon, CLOSE_REVOKED, "token expired") if self.exp else None
         self._idle = loop.call_later(self.config.idle_timeout_s, self._idle_check)
