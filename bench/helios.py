@@ -6,11 +6,11 @@ With the extractive provider and a simulated latency L per expert call:
   calls made one after another through the kernel (the old system's shape, ≈ 12·L);
 * the time from a WebSocket client's submit frame to the job's first event frame on the
   same socket (``first_event_ms``, through the gateway; ``first_event_kernel_ms`` is the
-  same seen from the kernel's job event stream);
+  same seen from the kernel's job event stream; ``first_event_ratio`` the first over the second);
 * the same job again with a warm answer cache (``cached_ms``; needs Redis: ``REDIS_URL``,
   else an embedded Valkey when available);
 * ``--concurrent`` jobs at once with latency ``--concurrent-latency`` (goal: all complete,
-  p95 ≤ 3·L).
+  p95 ≤ 2·L; ``concurrent_p95_per_latency`` is p95 / L).
 
 Pods run in this process on a private embedded nats-server (or ``--url``).
 Last line: one JSON object.
@@ -153,6 +153,7 @@ async def run(url: str, latency_s: float, concurrent: int, concurrent_latency_s:
 
         times = await asyncio.gather(*(one(i) for i in range(concurrent)))
         done = [t for t in times if t is not None]
+    p95 = percentile(done, 95) if done else None
     return {
         "experts": experts,
         "latency_s": latency_s,
@@ -160,11 +161,13 @@ async def run(url: str, latency_s: float, concurrent: int, concurrent_latency_s:
         "sequential_s": round(sequential_s, 3),
         "first_event_ms": round(ws_first_ms, 1),
         "first_event_kernel_ms": round(first_ms, 1),
+        "first_event_ratio": round(ws_first_ms / first_ms, 2) if first_ms else None,
         "cached_ms": round(cached_s * 1000, 1) if cached_all else None,
         "concurrent_jobs": concurrent,
         "concurrent_completed": len(done),
-        "concurrent_p95_s": round(percentile(done, 95), 3) if done else None,
+        "concurrent_p95_s": round(p95, 3) if p95 else None,
         "concurrent_latency_s": concurrent_latency_s,
+        "concurrent_p95_per_latency": round(p95 / concurrent_latency_s, 2) if p95 and concurrent_latency_s else None,
     }
 
 

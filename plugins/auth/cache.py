@@ -1,18 +1,32 @@
-"""Redis claim cache and revocation list, behind a circuit breaker; the in-memory denylist.
+"""Auth's shared state in Redis, behind a circuit breaker; the in-memory denylist.
 
-Redis is an optimisation and a shared revocation list, never a dependency of a valid
-token: every Redis call has a short timeout, and after one failure the breaker skips
-Redis for ``retry_s`` (one probe per interval), so a dead Redis costs nothing per request.
-Keys: ``<prefix>:claims:<sha256 of token>`` and ``<prefix>:revoked:<jti>``, both expiring
-with the token.
+**Decision (measured, issue 13): token verification never waits for Redis.** Until then a
+verify made one Redis round trip (cached claims? revoked?) before checking the signature. A
+local HS256 check costs ≈ 16 µs (:mod:`.tokens`); the round trip cost far more: a redis-py
+command is ≈ 120 µs of event-loop CPU here before any network wait, and under a handshake
+burst the batched pipelines queued behind each other. ``aiwfe bench auth-burst --connects
+5000`` (2 cores): connect p50 248 ms / p99 347 ms with Redis up against p99 64 ms in the same
+run with Redis stopped (breaker open, signatures only). A claim cache cannot pay for itself
+when it is slower than what it saves, and the asymmetric algorithms (RS256 ≈ 30 µs, EdDSA
+≈ 60 µs) are no different. So a verify is: header and key, signature and registered
+claims, then two in-memory sets — revoked ``jti`` (:class:`Denylist`) and users' cut-offs.
 
-Lookups and stores are batched: one pipeline (the pending ``SET``s, then one ``MGET`` of
-every pending lookup's keys) is in flight at a time, and what arrives meanwhile goes into
-the next one. An idle cache sends a lone lookup at once (one loop iteration later); a
-burst shares round trips. A redis-py command costs ≈ 120 µs of event-loop CPU here, so a
-fresh token's lookup plus store was ≈ 240 µs of the ≈ 320 µs a verify took; batched, a
-handshake burst of 2,000 tokens in one second costs a few dozen pipelines. Stores are not
-awaited by the verifier: the claims are valid whether or not Redis took them.
+**What Redis is for** (every call with a short timeout; after one failure the breaker
+skips Redis for ``retry_s``, one probe per interval, so a dead Redis costs nothing):
+
+* the shared revocation list, a sorted set ``<prefix>:revocations`` (member ``<exp>:<jti>``,
+  score the revocation time): the ``TokenRevoked`` event puts a revocation into every
+  running pod's memory at once; the set is for a pod that starts later (it loads the set)
+  and for one that missed the event while cut off from NATS (every pod re-reads what was
+  added since its last read every ``subject_refresh_s``). Entries older than the longest
+  token lifetime are dropped on write;
+* users' cut-offs (``<prefix>:subjects``, :mod:`.admin`) and login throttling
+  (:mod:`.throttle`, through :meth:`ClaimCache.execute`).
+
+A revocation holds in the pod that made it at once and in every other pod once the event
+reached it (about a millisecond on a healthy bus; at worst ``subject_refresh_s``). Redis down:
+logouts still hold through the event, tokens verify exactly as with it up.
+The class keeps its historical name; it holds no claims.
 """
 
 from __future__ import annotations
@@ -21,24 +35,18 @@ import asyncio
 import heapq
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.exceptions import MaxConnectionsError, RedisError
 from redis.retry import Retry
 
-from .contract import Claims
 from .store import Breaker
 
 __all__ = ["ClaimCache", "Denylist"]
 
 log = logging.getLogger("aiwfe.auth.cache")
-
-_claims_enc = msgspec.msgpack.Encoder()
-_claims_dec = msgspec.msgpack.Decoder(Claims)
 
 
 class Denylist:
@@ -80,23 +88,18 @@ class Denylist:
 
 
 class ClaimCache:
-    """Verified claims and revocations in Redis.
+    """Auth's Redis: the shared revocation list, users' cut-offs, a client for the throttle.
 
     Args:
         url: ``redis://...``; empty means no Redis (always degraded).
         key_prefix: namespace of every key.
         timeout_s: socket and per-operation timeout.
         retry_s: breaker open time after a failure.
-        max_connections: Redis operations in flight at once; past it a call skips Redis
-            (a burst is served from signatures rather than queued behind the cache).
-        on_store_lost: called with the number of stores a failed batch lost.
+        max_connections: Redis operations in flight at once; past it a call skips Redis.
 
-    Every method swallows Redis failures (they open the breaker) and reports them
-    through its return value (or ``on_store_lost``), so callers never see a Redis exception.
+    Every method swallows Redis failures (they open the breaker) and reports them through
+    its return value, so callers never see a Redis exception.
     """
-
-    #: Most lookups in one pipeline (their keys go in one MGET); the rest wait for the next.
-    MAX_BATCH = 512
 
     def __init__(
         self,
@@ -106,13 +109,8 @@ class ClaimCache:
         timeout_s: float = 0.2,
         retry_s: float = 2.0,
         max_connections: int = 64,
-        on_store_lost: Callable[[int], None] | None = None,
     ) -> None:
         self.url = url
-        self.on_store_lost = on_store_lost
-        self._lookups: list[tuple[list[str], asyncio.Future[list[Any] | None]]] = []
-        self._stores: list[tuple[str, bytes, int]] = []
-        self._flusher: asyncio.Task[None] | None = None
         self.max_connections = max_connections
         self._inflight = 0
         self.prefix = key_prefix
@@ -136,19 +134,15 @@ class ClaimCache:
         return self.client is not None and self.breaker.closed
 
     def status(self) -> str | None:
-        """None when healthy, else why the cache is bypassed."""
+        """None when healthy, else why Redis is bypassed."""
         if self.client is None:
-            return "no redis configured: claims cache and shared revocation list disabled"
+            return "no redis configured: shared revocation list disabled (revocations travel by event only)"
         if not self.breaker.closed:
-            return f"redis unavailable ({self.breaker.last_error}): verifying from signatures and the in-memory denylist"
+            return f"redis unavailable ({self.breaker.last_error}): revocations travel by event only"
         return None
 
     async def close(self) -> None:
-        """Send what is pending (for at most ``2 × timeout_s``), then close the connections."""
-        flusher = self._flusher
-        if flusher is not None:
-            await asyncio.wait([flusher], timeout=self.timeout_s * 2)
-            flusher.cancel()
+        """Close the connections."""
         if self.client is not None:
             await self.client.aclose()
 
@@ -210,101 +204,43 @@ class ClaimCache:
         ok, res = await self._run(op)
         return res if ok else None
 
-    def _claims_key(self, digest: str) -> str:
-        return f"{self.prefix}:claims:{digest}"
+    def _revocations_key(self) -> str:
+        return f"{self.prefix}:revocations"
 
-    def _revoked_key(self, jti: str) -> str:
-        return f"{self.prefix}:revoked:{jti}"
-
-    async def lookup(self, digest: str, jti_hint: str | None) -> tuple[bool, Claims | None, bool]:
-        """Cached claims for a token digest, and whether ``jti_hint`` is revoked (batched).
-
-        ``jti_hint`` is read from the token's payload without verification; it equals the
-        cached claims' ``jti`` whenever those exist (same digest, same payload).
-        Returns ``(redis_ok, claims or None, revoked)``.
-        """
-        if self.client is None or self.breaker.blocking:
-            return False, None, False
-        keys = [self._claims_key(digest)]
-        if jti_hint:
-            keys.append(self._revoked_key(jti_hint))
-        fut: asyncio.Future[list[Any] | None] = asyncio.get_running_loop().create_future()
-        self._lookups.append((keys, fut))
-        self._kick()
-        values = await fut
-        if values is None:
-            return False, None, False
-        claims = None
-        if values[0] is not None:
-            try:
-                claims = _claims_dec.decode(values[0])
-            except msgspec.DecodeError:
-                claims = None
-        revoked = len(values) > 1 and values[1] is not None
-        return True, claims, revoked
-
-    def _kick(self) -> None:
-        if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
-
-    async def _flush(self) -> None:
-        """Send pending lookups and stores, one pipeline at a time, until none are left."""
-        lookups: list[tuple[list[str], asyncio.Future[list[Any] | None]]] = []
-        try:
-            while self._lookups or self._stores:
-                lookups, self._lookups = self._lookups[: self.MAX_BATCH], self._lookups[self.MAX_BATCH :]
-                stores, self._stores = self._stores, []
-                keys = [k for ks, _ in lookups for k in ks]
-
-                async def op(keys: list[str] = keys, stores: list[tuple[str, bytes, int]] = stores) -> Any:
-                    # Stores first: a lookup queued after a store sees it (read your writes).
-                    pipe = self.client.pipeline(transaction=False)
-                    for key, value, ttl_s in stores:
-                        pipe.set(key, value, ex=ttl_s)
-                    if keys:
-                        pipe.mget(keys)
-                    return await pipe.execute()
-
-                ok, results = await self._run(op)
-                values: list[Any] = results[-1] if ok and keys else []
-                i = 0
-                for ks, fut in lookups:
-                    if not fut.done():
-                        fut.set_result(values[i : i + len(ks)] if ok else None)
-                    i += len(ks)
-                if not ok and stores and self.on_store_lost is not None:
-                    self.on_store_lost(len(stores))
-        finally:
-            self._flusher = None
-            for _, fut in [*lookups, *self._lookups]:  # cancelled or broken: nobody waits forever
-                if not fut.done():
-                    fut.set_result(None)
-            self._lookups.clear()
-
-    async def is_revoked(self, jti: str) -> bool | None:
-        """Whether ``jti`` is on the shared revocation list; None when Redis did not answer."""
-        ok, n = await self._run(lambda: self.client.exists(self._revoked_key(jti)))
-        return bool(n) if ok else None
-
-    def store(self, digest: str, claims: Claims) -> None:
-        """Cache verified claims until the token expires (queued for the next batch; a lost
-        batch is reported through ``on_store_lost``)."""
-        ttl_s = claims.exp - int(time.time())
-        if ttl_s <= 0 or self.client is None or self.breaker.blocking:
-            return
-        self._stores.append((self._claims_key(digest), _claims_enc.encode(claims), ttl_s))
-        self._kick()
-
-    async def revoke(self, digest: str, jti: str, exp: int) -> bool:
-        """Put ``jti`` on the shared revocation list until ``exp`` and drop the token's cached
-        claims; False when Redis did not answer."""
-        ttl_s = max(1, exp - int(time.time()))
+    async def revoke(self, jti: str, exp: int, *, keep_s: float) -> bool:
+        """Add ``jti`` (valid until ``exp``) to the shared revocation list and drop entries
+        revoked more than ``keep_s`` ago (the longest token lifetime); False when Redis did
+        not answer."""
+        now = time.time()
 
         async def op() -> Any:
             pipe = self.client.pipeline(transaction=False)
-            pipe.set(self._revoked_key(jti), b"1", ex=ttl_s)
-            pipe.delete(self._claims_key(digest))
+            pipe.zadd(self._revocations_key(), {f"{exp}:{jti}": now})
+            pipe.zremrangebyscore(self._revocations_key(), "-inf", now - keep_s)
             return await pipe.execute()
 
         ok, _ = await self._run(op)
         return ok
+
+    async def revocations_since(self, since: float) -> list[tuple[str, int]] | None:
+        """``(jti, exp)`` of every revocation added at or after ``since`` (epoch seconds, the
+        revoking pod's clock); None when Redis did not answer."""
+
+        async def op() -> list[tuple[str, int]]:
+            out = []
+            for member in await self.client.zrangebyscore(self._revocations_key(), since, "+inf"):
+                exp, _, jti = member.decode().partition(":")
+                if exp.isdigit() and jti:
+                    out.append((jti, int(exp)))
+            return out
+
+        ok, res = await self._run(op)
+        return res if ok else None
+
+    async def load_revocations(self, into: Denylist, since: float = 0.0) -> bool:
+        """Add the revocations stored at or after ``since`` to ``into``; False when Redis did
+        not answer."""
+        revoked = await self.revocations_since(since)
+        for jti, exp in revoked or ():
+            into.add(jti, exp)
+        return revoked is not None

@@ -15,6 +15,8 @@ import msgspec
 from .limits import MAX_SEQ
 
 __all__ = [
+    "CLOSE_BAD_DATA",
+    "CLOSE_ERROR",
     "CLOSE_GOING_AWAY",
     "CLOSE_IDLE",
     "CLOSE_POLICY",
@@ -34,8 +36,10 @@ __all__ = [
 # WebSocket close codes the gateway sends.
 CLOSE_IDLE = 1000  # no client frame for idle_timeout_s
 CLOSE_GOING_AWAY = 1001  # the gateway stops
+CLOSE_BAD_DATA = 1007  # a text frame that is not UTF-8
 CLOSE_POLICY = 1008  # refused handshake (before accept) or rate limit exceeded
 CLOSE_TOO_BIG = 1009  # frame larger than max_frame_bytes
+CLOSE_ERROR = 1011  # the gateway failed handling a frame (a bug: logged)
 CLOSE_SLOW = 1013  # send queue full: the client reads too slowly (reconnect and resume)
 CLOSE_REVOKED = 4001  # token revoked or expired
 

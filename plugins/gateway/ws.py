@@ -10,8 +10,9 @@ accept, which the server answers with HTTP 403.
 
 Per connection:
 
-* every frame sent to the client goes through one bounded queue (``send_queue_size``)
-  drained by one writer task. **Slow-reader policy**: job events wait for queue space for
+* every frame sent to the client that cannot be written at once (see "Direct paths") goes
+  through one bounded queue (``send_queue_size``) drained by one writer task, started when
+  first needed. **Slow-reader policy**: job events wait for queue space for
   at most ``slow_reader_timeout_s`` (a replay burst is paced, not dropped); a queue that
   stays full that long, or is full when a reply frame must go out, closes the connection
   with 1013 (try again later). Nothing is dropped silently: the client reconnects and sends
@@ -24,6 +25,14 @@ Per connection:
   enforces the same limit at the protocol level).
 * no client frame for ``idle_timeout_s`` closes it with 1000; the server's protocol
   pings (``ping_interval_s``) find dead peers.
+* **Direct paths** (uvicorn with :class:`~aiwfe.plugins.gateway.server.WsProtocol`, the
+  default): the protocol hands each client frame to the connection by a plain call
+  (``on_message``) instead of queueing it for ``receive`` and waking the reader task, and a
+  frame for the client is written at once when nothing is queued before it and the
+  transport is not paused (``write_text_nowait``); otherwise it takes the send queue and
+  writer task above. With 10,000 sockets the queue, task switches and a timer per frame were
+  a third of the gateway's CPU (PERFORMANCE.md, "Capacity"). Other servers use ``receive``
+  and ``send`` as ASGI defines them; the behaviour is the same.
 * on disconnect, follower tasks stop and jobs submitted with ``cancel_on_disconnect``
   are cancelled (``kernel.cancel_job``); jobs keep running otherwise and can be resumed.
 * when the token is revoked (``auth.revoked``) or expires, the socket closes with 4001.
@@ -45,7 +54,8 @@ from aiwfe.kernel import AiwfeError, Overloaded, RemoteError
 
 from ._metrics import WS_CLOSED, WS_CONNECT_FAILURES, WS_CONNECT_SECONDS, WS_CONNECTIONS
 from .commands import Commands
-from .frames import CLOSE_IDLE, CLOSE_POLICY, CLOSE_REVOKED, CLOSE_SLOW, CLOSE_TOO_BIG
+from .frames import CLOSE_BAD_DATA, CLOSE_ERROR, CLOSE_IDLE, CLOSE_POLICY, CLOSE_REVOKED, CLOSE_SLOW, CLOSE_TOO_BIG
+from .server import WsProtocol
 from .services import GatewayServices
 
 __all__ = ["Connection", "Receive", "Scope", "Send", "WebSocketEndpoint", "token_from_scope"]
@@ -126,6 +136,11 @@ class Connection:
         self._strikes = 0
         self._cleaning = False
         self._closer: asyncio.Task[None] | None = None
+        self._last_frame = time.monotonic()
+        self._idle: asyncio.TimerHandle | None = None
+        self._sending = False  # the writer task is inside send(): nothing may overtake its frame
+        proto = getattr(send, "__self__", None)
+        self._proto = proto if isinstance(proto, WsProtocol) else None  # the direct paths (module doc)
 
     # -- sending --------------------------------------------------------------------
 
@@ -136,8 +151,12 @@ class Connection:
         """
         if self.closing:
             return False
+        data = _enc.encode(frame)
+        if self._write_now(data):
+            return True
+        self._start_writer()
         try:
-            self.out.put_nowait(_enc.encode(frame).decode())
+            self.out.put_nowait(data.decode())
             return True
         except asyncio.QueueFull:
             log.info("ws %s: send queue full (%d frames); closing the slow reader", self.jti, self.out.maxsize)
@@ -151,7 +170,11 @@ class Connection:
         """
         if self.closing:
             return False
-        text = _enc.encode(frame).decode()
+        data = _enc.encode(frame)
+        if self._write_now(data):
+            return True
+        self._start_writer()
+        text = data.decode()
         try:
             self.out.put_nowait(text)
             return True
@@ -166,12 +189,27 @@ class Connection:
             self.close_soon(CLOSE_SLOW, "send queue full; reconnect and resume")
             return False
 
+    def _write_now(self, data: bytes) -> bool:
+        """Write a frame at once when nothing queued must go before it and the transport takes
+        it without waiting (uvicorn with :class:`WsProtocol`); False: queue it."""
+        proto = self._proto
+        return proto is not None and not self._sending and self.out.empty() and proto.write_text_nowait(data)
+
+    def _start_writer(self) -> None:
+        # Started on the first frame that must wait: with the direct path most sockets never need one.
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
     async def _write_loop(self) -> None:
         while True:
             text = await self.out.get()
             if text is None:
                 return
-            await self._send({"type": "websocket.send", "text": text})
+            self._sending = True
+            try:
+                await self._send({"type": "websocket.send", "text": text})
+            finally:
+                self._sending = False
 
     def close_soon(self, code: int, reason: str) -> None:
         """Close the socket with ``code`` from any task (idempotent)."""
@@ -208,9 +246,12 @@ class Connection:
         """Serve the connection until the client leaves or it is closed."""
         loop = asyncio.get_running_loop()
         self._reader = asyncio.current_task()
-        self._writer = loop.create_task(self._write_loop())
         ttl_s = self.exp - time.time()
         expiry = loop.call_later(max(0.0, ttl_s), self.close_soon, CLOSE_REVOKED, "token expired") if self.exp else None
+        self._idle = loop.call_later(self.config.idle_timeout_s, self._idle_check)
+        proto = self._proto
+        if proto is not None and proto.queue.empty():
+            proto.on_message = self._on_message  # frames arrive by call; receive() sees the disconnect
         try:
             await self._read_loop()
         except asyncio.CancelledError:
@@ -220,39 +261,70 @@ class Connection:
             if task is not None:
                 task.uncancel()  # we cancelled ourselves to stop reading: not a cancellation of the handler
         finally:
+            if proto is not None:
+                proto.on_message = None
             if expiry is not None:
                 expiry.cancel()
+            if self._idle is not None:
+                self._idle.cancel()
             await self._cleanup()
 
     async def _read_loop(self) -> None:
-        cfg = self.config
         while not self.closing:
-            try:
-                async with asyncio.timeout(cfg.idle_timeout_s):
-                    msg = await self._receive()
-            except TimeoutError:
-                self.close_soon(CLOSE_IDLE, "idle timeout")
-                return
+            msg = await self._receive()
             if msg["type"] == "websocket.disconnect":
                 self.closing = True
                 return
             data = msg.get("text")
             if data is None:
                 data = msg.get("bytes") or b""
-            size = len(data) if isinstance(data, bytes) else len(data.encode())
-            if size > cfg.max_frame_bytes:
-                self.close_soon(CLOSE_TOO_BIG, f"frame of {size} bytes exceeds {cfg.max_frame_bytes}")
+            if not self._frame(data, len(data) if isinstance(data, bytes) else len(data.encode())):
                 return
-            wait_s = self._bucket.take()
-            if wait_s:
-                self._strikes += 1
-                if self._strikes > cfg.rate_strikes:
-                    self.close_soon(CLOSE_POLICY, "rate limit exceeded")
-                    return
-                self.push({"type": "error", "code": "rate_limited", "message": "too many frames", "retry_after_s": wait_s})
-                continue
-            self._strikes = 0
-            self.commands.dispatch(data)
+
+    def _on_message(self, data: bytes, text: bool) -> None:
+        """A client frame straight from :class:`WsProtocol` (no queue, no task switch)."""
+        if self.closing:
+            return
+        if text:
+            try:
+                data.decode()
+            except UnicodeDecodeError:
+                self.close_soon(CLOSE_BAD_DATA, "text frame is not UTF-8")
+                return
+        try:
+            self._frame(data, len(data))
+        except Exception:  # it runs inside the protocol's data_received: never let it break the transport
+            log.exception("ws %s: frame handling failed", self.jti)
+            self.close_soon(CLOSE_ERROR, "internal error")
+
+    def _frame(self, data: str | bytes, size: int) -> bool:
+        """Handle one client frame of ``size`` bytes; False when it closes the connection."""
+        cfg = self.config
+        self._last_frame = time.monotonic()
+        if size > cfg.max_frame_bytes:
+            self.close_soon(CLOSE_TOO_BIG, f"frame of {size} bytes exceeds {cfg.max_frame_bytes}")
+            return False
+        wait_s = self._bucket.take()
+        if wait_s:
+            self._strikes += 1
+            if self._strikes > cfg.rate_strikes:
+                self.close_soon(CLOSE_POLICY, "rate limit exceeded")
+                return False
+            self.push({"type": "error", "code": "rate_limited", "message": "too many frames", "retry_after_s": wait_s})
+            return True
+        self._strikes = 0
+        self.commands.dispatch(data)
+        return True
+
+    def _idle_check(self) -> None:
+        # One timer per idle period rather than one per frame: re-armed for what is left.
+        if self.closing:
+            return
+        left = self._last_frame + self.config.idle_timeout_s - time.monotonic()
+        if left > 0:
+            self._idle = asyncio.get_running_loop().call_later(left, self._idle_check)
+        else:
+            self.close_soon(CLOSE_IDLE, "idle timeout")
 
     async def _cleanup(self) -> None:
         self.closing = True

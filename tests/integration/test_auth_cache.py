@@ -1,64 +1,49 @@
-"""aiwfe.plugins.auth.cache against a real Redis: batching, and Redis gone."""
+"""aiwfe.plugins.auth.cache against a real Redis: the shared revocation list, and Redis gone."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import pytest
-
-from aiwfe.plugins.auth.contract import Claims
 
 pytestmark = pytest.mark.integration
 
 
-async def test_claim_cache_batches_a_burst_into_few_pipelines(redis_url: str, prefix: str) -> None:
-    """A burst of lookups and stores shares round trips; every answer is still its own."""
-    from aiwfe.plugins.auth.cache import ClaimCache
+async def test_revocations_reach_a_pod_that_starts_later(redis_url: str, prefix: str) -> None:
+    """What one pod revoked, a fresh denylist loads; a later read takes only what is new;
+    entries older than the longest token lifetime are dropped on write."""
+    from aiwfe.plugins.auth.cache import ClaimCache, Denylist
 
-    cache = ClaimCache(redis_url, key_prefix=f"{prefix}:batch")
-    pipelines = 0
-    make_pipeline = cache.client.pipeline
-
-    def counting_pipeline(*a: Any, **kw: Any) -> Any:
-        nonlocal pipelines
-        pipelines += 1
-        return make_pipeline(*a, **kw)
-
-    cache.client.pipeline = counting_pipeline
+    cache = ClaimCache(redis_url, key_prefix=f"{prefix}:rev")
     exp = int(time.time()) + 600
     try:
-        stored = [Claims(sub=f"u{i}", username=f"u{i}", jti=f"j{i}", exp=exp, iat=exp - 600) for i in range(0, 500, 2)]
-        for c in stored:
-            cache.store(f"d{c.sub[1:]}", c)
-        await cache.revoke("d-none", "j3", exp)  # one jti revoked (a separate round trip)
-        results = await asyncio.gather(*(cache.lookup(f"d{i}", f"j{i}") for i in range(500)))
-        assert pipelines <= 10, pipelines
-        for i, (ok, claims, revoked) in enumerate(results):
-            assert ok
-            assert (claims is not None) == (i % 2 == 0), i
-            assert claims is None or claims.sub == f"u{i}"
-            assert revoked == (i == 3)
+        assert await cache.revoke("j1", exp, keep_s=700)
+        assert await cache.revoke("j2", exp, keep_s=700)
+        later = Denylist()
+        assert await cache.load_revocations(later)
+        assert "j1" in later and "j2" in later and len(later) == 2
+        mark = time.time()
+        assert await cache.revoke("j3", exp, keep_s=700)
+        assert [j for j, _ in await cache.revocations_since(mark) or []] == ["j3"]
+        await asyncio.sleep(0.05)
+        assert await cache.revoke("j4", exp, keep_s=0.01)  # the others were written more than keep_s ago
+        assert [j for j, _ in await cache.revocations_since(0) or []] == ["j4"]
     finally:
         await cache.close()
 
 
-async def test_claim_cache_with_redis_gone_answers_at_once_and_counts_lost_stores(prefix: str) -> None:
-    from aiwfe.plugins.auth.cache import ClaimCache
+async def test_with_redis_gone_answers_at_once(prefix: str) -> None:
+    from aiwfe.plugins.auth.cache import ClaimCache, Denylist
 
-    lost: list[int] = []
-    cache = ClaimCache("redis://127.0.0.1:1/0", key_prefix=prefix, timeout_s=0.2, on_store_lost=lost.append)
-    exp = int(time.time()) + 600
+    cache = ClaimCache("redis://127.0.0.1:1/0", key_prefix=prefix, timeout_s=0.2)
+    t0 = time.monotonic()
     try:
-        cache.store("d1", Claims(sub="u", username="u", jti="j", exp=exp, iat=exp - 600))
-        t0 = time.monotonic()
-        results = await asyncio.gather(*(cache.lookup(f"d{i}", "j") for i in range(50)))
-        assert all(r == (False, None, False) for r in results)
-        assert sum(lost) == 1
-        assert not cache.available
-        # breaker open: no queueing, no waiting
-        assert await cache.lookup("d1", "j") == (False, None, False)
+        assert not await cache.revoke("j", int(time.time()) + 600, keep_s=700)
+        assert not cache.available and cache.status() is not None
+        # breaker open: no waiting
+        assert await cache.revocations_since(0) is None
+        assert not await cache.load_revocations(Denylist())
         assert time.monotonic() - t0 < 1.0
     finally:
         await cache.close()

@@ -161,7 +161,7 @@ async def test_admin_disables_enables_and_deletes_users(start_auth: StartAuth, p
         root = (await k.call(Login(username="root", password=PASSWORD))).access_token
         bob = (await k.call(Login(username="bob", password=PASSWORD))).access_token
         dave = (await k.call(Login(username="dave", password=PASSWORD))).access_token
-        bob_claims = await k.call(Verify(token=bob))  # now cached in Redis
+        bob_claims = await k.call(Verify(token=bob))
 
         with pytest.raises(Forbidden):
             await k.call(DisableUser(token=bob, username="dave"))
@@ -188,6 +188,9 @@ async def test_admin_disables_enables_and_deletes_users(start_auth: StartAuth, p
 
         out = await k.call(DeleteUser(token=root, username="dave"))
         assert out.deleted and out.username == "dave"
+        # every auth pod holds the cut-off once the event reached it (verify never asks Redis)
+        for name in ("auth", "auth2"):
+            assert await wait_until(lambda n=name: plugin_of(pods[n]).subjects.before(out.user_id) is not None, timeout_s=5)
         await expect_invalid(k.call(Verify(token=dave)), "InvalidToken", "revoked")
         await expect_invalid(k.call(Login(username="dave", password=PASSWORD)), "InvalidCredentials", "wrong")
         await expect_invalid(k.call(DeleteUser(token=root, username="dave")), "UnknownUser", "no user")
