@@ -40,6 +40,8 @@ CONTEXT_NOTE = "The system has a database, an api and a deploy pipeline."
 MANIFEST = """
 [system]
 subject_prefix = "{prefix}"
+[system.jobs."helios.ask"]
+caps = {{ max_experts = 12, latency_s = 60 }}  # the WebSocket client's jobs: 12 experts, simulated latency
 [pods.all]
 plugins = ["helios", "perception", "reasoning", "aiwfe.bench.ws:BenchAuthPlugin", "gateway"]
 [pods.all.handlers."reasoning.reason"]

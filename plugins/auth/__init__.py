@@ -1,1 +1,1 @@
-"""auth: users in PostgreSQL, JWT issue/verify, Redis claim cache and revocation."""
+"""auth: users in PostgreSQL, JWT issue/verify (local, never waiting for Redis), revocation in memory and Redis."""

@@ -13,23 +13,12 @@ from prometheus_client.registry import Collector
 
 from aiwfe.kernel import metrics
 
-__all__ = ["CACHE", "FAILURES", "REDIS_BYPASSED"]
+__all__ = ["FAILURES"]
 
 FAILURES = Counter(
     "aiwfe_auth_failures_total",
     "Authentication failures by reason (token reasons, invalid_credentials, throttled, user_exists, invalid_input)",
     ["reason"],
-    registry=metrics.REGISTRY,
-)
-CACHE = Counter(
-    "aiwfe_auth_cache_total",
-    "Token verifications by claim-cache result (miss includes Redis unavailable)",
-    ["result"],
-    registry=metrics.REGISTRY,
-)
-REDIS_BYPASSED = Counter(
-    "aiwfe_auth_redis_bypassed_total",
-    "Token verifications that skipped or lost Redis (breaker open or Redis error)",
     registry=metrics.REGISTRY,
 )
 

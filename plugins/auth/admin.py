@@ -10,15 +10,15 @@ admin takes its rights away at once, even on a pod that missed the cut-off below
 services ask with ``auth.whoami`` (:class:`~.contract.WhoAmI`, answered by :meth:`AdminOps.whoami`
 and never cached): the gateway's admin and console routes do. Why a request and not an
 ``admin`` claim in the token or in :class:`~.contract.Claims`: a claim would outlive a
-disable or a change of the list for as long as the token or its cached claims live, while
-the request reads the row each time (a claim would also have to be carried through the
-verify path and its cache, which serve every request of every user; admin checks are rare).
+disable or a change of the list for as long as the token lives, while the request reads the
+row each time (a claim would also have to be carried through the verify path, which serves
+every request of every user; admin checks are rare).
 
 **Revocation.** Disabling or deleting a user cuts off every token of that user issued so far:
 a cut-off ``sub → before`` (epoch seconds) is written to Redis (a field of the hash
 ``<prefix>:subjects``, dropped once the last such token has expired) and broadcast as :class:`~.contract.SubjectRevoked`;
 every auth pod holds it in memory (:class:`SubjectDenylist`) and refuses a token of ``sub``
-with ``iat ≤ before``, cached claims included, and the gateway closes that user's sockets
+with ``iat ≤ before``, and the gateway closes that user's sockets
 with 4001. A pod that starts later loads the cut-offs from Redis, and every pod re-reads them
 every ``subject_refresh_s`` (so one that missed the event catches up within that). A disabled user cannot log
 in (answered like a wrong password); enabling it again lets it log in, but tokens from before

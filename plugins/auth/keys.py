@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import msgspec
@@ -33,14 +32,3 @@ def _material(value: str, path: str, what: str) -> str:
         except OSError as e:
             raise ConfigError(f"auth: cannot read {what} from {path}: {e}") from None
     return ""
-
-
-def _unverified_jti(token: str) -> str | None:
-    """The ``jti`` in a token's payload, read WITHOUT verification (a cache lookup hint only)."""
-    try:
-        payload = token.split(".")[1]
-        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
-        jti = msgspec.json.decode(raw).get("jti")
-    except (IndexError, ValueError, AttributeError, msgspec.DecodeError):
-        return None
-    return jti if isinstance(jti, str) else None
