@@ -11,17 +11,59 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from aiwfe.bench._paraphrases import DISTRACTORS, PAIRS, shared_words
 from aiwfe.kernel.tools.embedded import free_port, wait_port
+from aiwfe.plugins.memory.semantic import SemanticEmbedder, SemanticUnavailable
 from tests.support.servers import nats_hello
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 AIWFE = [sys.executable, "-m", "aiwfe.kernel.tools.cli"]
+
+try:
+    SemanticEmbedder()
+    SEMANTIC_MISSING = ""
+except SemanticUnavailable as e:
+    SEMANTIC_MISSING = str(e)
+
+
+def manifest_plugins(manifest: str) -> set[str]:
+    import tomllib
+
+    pods = tomllib.loads((ROOT / "manifests" / f"{manifest}.toml").read_text())["pods"]
+    return {p for pod in pods.values() for p in pod["plugins"]}
+
+
+def _http(method: str, url: str, body: dict[str, Any], token: str = "") -> Any:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method=method)
+    req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def _paraphrase_recalled(gateway: str) -> bool:
+    """Through the gateway of the running system: remember a memory among distractors, then
+    recall it with a paraphrase that shares no word with it (what hashing misses)."""
+    memory, query = PAIRS[0]
+    assert not shared_words(memory, query)
+    user = {"username": f"para{os.getpid()}", "password": "correct horse battery"}
+    _http("POST", f"{gateway}/v1/auth/register", user)
+    token = _http("POST", f"{gateway}/v1/auth/login", user)["access_token"]
+    for text in [*DISTRACTORS[:8], memory]:
+        _http("POST", f"{gateway}/v1/memory", {"text": text}, token)
+    hits = _http("POST", f"{gateway}/v1/memory/recall", {"query": query, "k": 5}, token)
+    texts = [h["text"] for h in hits["hits"]]
+    assert memory in texts, texts
+    return True
 
 
 @pytest.mark.timeout(180)
@@ -80,6 +122,15 @@ def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path)
         assert r.returncode == 1 and r.stdout == ""
         assert r.stderr.count("\n") == 1 and "refused the connection: Authorization Violation" in r.stderr, r.stderr
         assert nats_url in r.stderr, r.stderr
+        if "gateway" in manifest_plugins(manifest) and not SEMANTIC_MISSING:
+            # the semantic embedder by default (`embedder = auto`); the gateway's port (0: any) is
+            # written to system.json once it listens
+            for _ in range(100):
+                if gateway := json.loads(system.read_text())["gateway_url"]:
+                    break
+                time.sleep(0.1)
+            assert gateway, "system.json never named the gateway"
+            assert _paraphrase_recalled(gateway)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
