@@ -121,6 +121,7 @@ class PerceptionPlugin(Plugin):
             for t, kw in config.expertise.items()
         }
         self.vectors = {t: trigram_vector(d) for t, d in descriptions.items()}
+        self.index = trigram_index(self.vectors)
         self.semantic: SemanticEmbedder | None = None
         self.embedder_note = ""
         if config.embedder != "hashing":
@@ -159,6 +160,8 @@ class PerceptionPlugin(Plugin):
         c = self.config
         sims = await self._similarities(req.text)
         floor = c.min_similarity if sims is None else c.semantic_min_similarity
+        if sims is None:  # the same trigram cosines analyse() would compute, from the inverted index
+            sims = trigram_similarities(req.text, self.index)
         if c.mode == "builtin":
             return analyse(req.text, c.expertise, req.max_tags, self.vectors, c.similarity_weight, floor, sims)
         base = analyse(req.text, c.expertise, len(c.expertise), self.vectors, c.similarity_weight, floor, sims)
@@ -196,6 +199,27 @@ def _word_trigrams(word: str) -> tuple[int, ...]:
         int.from_bytes(hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "little")
         for i in range(len(padded) - 2)
     )
+
+
+def trigram_index(vectors: dict[str, dict[int, float]]) -> dict[int, tuple[tuple[str, float], ...]]:
+    """Trigram → (tag, weight) of every tag vector holding it: :func:`trigram_similarities`
+    then touches only the tags that share a trigram with the text, instead of a cosine against
+    every tag (that scan was ~60 % of a perceive call's CPU; PERFORMANCE.md "Capacity")."""
+    index: dict[int, list[tuple[str, float]]] = {}
+    for tag, vec in vectors.items():
+        for h, w in vec.items():
+            index.setdefault(h, []).append((tag, w))
+    return {h: tuple(entries) for h, entries in index.items()}
+
+
+def trigram_similarities(text: str, index: dict[int, tuple[tuple[str, float], ...]]) -> dict[str, float]:
+    """The cosine of ``text``'s trigram vector to each tag vector of ``index`` that shares a
+    trigram with it (the others are 0 and left out): the same values as :func:`_cosine`."""
+    sims: dict[str, float] = {}
+    for h, v in trigram_vector(text).items():
+        for tag, w in index.get(h, ()):
+            sims[tag] = sims.get(tag, 0.0) + v * w
+    return sims
 
 
 def _cosine(a: dict[int, float], b: dict[int, float]) -> float:

@@ -12,7 +12,15 @@ from aiwfe.kernel import Plugin, serves
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.plugins.perception.contract import Perceive
-from aiwfe.plugins.perception.plugin import _DEFAULT_EXPERTISE, PerceptionPlugin, analyse
+from aiwfe.plugins.perception.plugin import (
+    _DEFAULT_EXPERTISE,
+    PerceptionPlugin,
+    _cosine,
+    analyse,
+    trigram_index,
+    trigram_similarities,
+    trigram_vector,
+)
 from aiwfe.plugins.reasoning.contract import Reason, Reasoned
 
 
@@ -79,3 +87,19 @@ async def test_llm_mode_falls_back_to_builtin_without_a_model() -> None:
     async with pod("llm", with_model=False) as p:
         r = await p.kernel.call(Perceive(text="How fast is the Postgres database index?"))
         assert [s.tag for s in r.expertise][:2] == ["database", "performance"]
+
+
+def test_the_inverted_index_gives_the_cosines_of_the_scan() -> None:
+    vectors = {t: trigram_vector(" ".join([t, *kw])) for t, kw in _DEFAULT_EXPERTISE.items()}
+    index = trigram_index(vectors)
+    texts = ["How fast is the Postgres database index?", "Deploy it to Kubernetes", "", "zzzz qqqq", "Ünïcode naïve café 東京"]
+    for text in texts:
+        tv = trigram_vector(text)
+        scan = {t: _cosine(tv, v) for t, v in vectors.items()}
+        sims = trigram_similarities(text, index)
+        assert set(sims) == {t for t, c in scan.items() if c != 0.0}, text
+        for tag, c in sims.items():
+            assert abs(c - scan[tag]) < 1e-12, (text, tag)
+        # and the perception analyse() makes from them is the one the scan made
+        c = PerceptionPlugin.Config()
+        assert analyse(text, c.expertise, 5, vectors, 0.8, 0.2, sims) == analyse(text, c.expertise, 5, vectors, 0.8, 0.2)
