@@ -214,6 +214,13 @@ class Jobs:
         with _unavailable():
             return await self.bus.append(f"{self.prefix}.events.{job_id}", data, {H_TYPE: type}, msg_id)
 
+    async def last_event_seq(self, job_id: str) -> int:
+        """The sequence of the job's last event so far (0 for none): a client resuming after a
+        later one claims an event the job does not have."""
+        check_job_id(job_id)
+        with _unavailable():
+            return await self.bus.last_seq(f"{self.prefix}.events.{job_id}")
+
     async def events(self, job_id: str, after_seq: int = 0) -> AsyncIterator[JobEvent]:
         """Replay then follow a job's events after ``after_seq``, until its terminal event."""
         check_job_id(job_id)  # raises BadField (ValueError): ids become subject tokens

@@ -63,6 +63,7 @@ class Kernel:
         self.jobs = Jobs(bus)
         # Reading and cancelling jobs is the job store's, under the kernel's names.
         self.job_record, self.job_owner, self.job_events = self.jobs.record, self.jobs.owner, self.jobs.events
+        self.job_last_seq = self.jobs.last_event_seq
         self.cancel_job = self.jobs.cancel
         self.call_timeout_s = call_timeout_s
         self.wheel = DeadlineWheel()
@@ -345,12 +346,12 @@ class Caller:
     """A plugin's view of its pod's :class:`Kernel`: ``call``, ``publish`` and ``submit``
     are checked against the contracts the plugin declared in ``calls`` (UndeclaredCall
     otherwise); the job and status methods (``submit_json``, ``job_record``, ``job_owner``,
-    ``wait_job``, ``job_events``, ``cancel_job``, ``cluster_status``) take ids and
+    ``wait_job``, ``job_events``, ``job_last_seq``, ``cancel_job``, ``cluster_status``) take ids and
     addresses as data and pass through. Nothing else of the kernel is visible."""
 
     __slots__ = ("_allowed", "_kernel", "_plugin")
     _PASS_THROUGH = frozenset(
-        {"submit_json", "job_record", "job_owner", "wait_job", "job_events", "cancel_job", "cluster_status"}
+        {"submit_json", "job_record", "job_owner", "wait_job", "job_events", "job_last_seq", "cancel_job", "cluster_status"}
     )
 
     def __init__(self, kernel: Kernel, plugin: str, allowed: frozenset[type]) -> None:

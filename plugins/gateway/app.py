@@ -57,7 +57,7 @@ from .admin import ADMIN_ROUTES
 from .busdoc import BusDocument, asyncapi_route
 from .console_api import CONSOLE_ROUTES
 from .frames import TERMINAL
-from .limits import finished_last_seq, guard, parse_seq, past_end
+from .limits import finished_last_seq, guard, parse_seq, past_end, running_past_end
 from .openapi import (
     SSE_RESPONSE,
     Health,
@@ -281,7 +281,8 @@ async def job_events(
 
     Each event's ``id`` is its sequence; a reconnecting EventSource sends
     ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same). Sequences are
-    range-checked (400); past a finished job's last event: 400; at it: 204 (no more events).
+    range-checked (400); past a job's last event (finished or not): 400; at a finished job's
+    last event: 204 (no more events).
     """
     try:
         seq = parse_seq(after_seq, "after_seq")
@@ -291,6 +292,8 @@ async def job_events(
     except ValueError as e:
         raise HTTPException(status_code=400, detail=str(e)) from None
     end = await finished_last_seq(svc.kernel, owned_job, seq)
+    if end is None and (now := await running_past_end(svc.kernel, owned_job, seq)) is not None:
+        raise HTTPException(status_code=400, detail=past_end(seq, now))
     if end is not None and seq > end:
         raise HTTPException(status_code=400, detail=past_end(seq, end))
     if end is not None and seq == end:  # the client saw the end; 204 stops EventSource reconnecting

@@ -31,7 +31,7 @@ from aiwfe.kernel import AiwfeError, RemoteError
 
 from . import frames
 from .frames import TERMINAL
-from .limits import check_ranges, finished_last_seq, past_end, too_deep
+from .limits import check_ranges, finished_last_seq, past_end, running_past_end, too_deep
 from .services import GatewayServices
 
 __all__ = ["MAX_CALLS_IN_FLIGHT", "MAX_FOLLOWED_JOBS", "Commands", "FrameSink"]
@@ -156,6 +156,8 @@ class Commands:
         after = f.after_seq
         try:
             last = await finished_last_seq(self.kernel, f.job_id, after)
+            if last is None and (now := await running_past_end(self.kernel, f.job_id, after)) is not None:
+                last = now  # refused below: past the running job's last event
         except AiwfeError as e:
             self.out.push(self._error(e, f.id, job_id=f.job_id))
             return

@@ -13,8 +13,9 @@
   of the request contracts a client may call, range-checked with ``bad_frame`` naming the field
   (the plugins clamp them too, silently; a client should hear that it asked for too much).
 * **Sequences**: event sequences (``after_seq`` of ``resume`` frames and of the SSE query,
-  ``Last-Event-ID``) must be integers in ``0 ≤ seq ≤ MAX_SEQ`` (:func:`parse_seq`), and for a
-  finished job not past its last event (:func:`finished_last_seq`).
+  ``Last-Event-ID``) must be integers in ``0 ≤ seq ≤ MAX_SEQ`` (:func:`parse_seq`), and not
+  past the job's last event, finished (:func:`finished_last_seq`) or running
+  (:func:`running_past_end`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ __all__ = [
     "header_bytes",
     "parse_seq",
     "past_end",
+    "running_past_end",
     "too_deep",
 ]
 
@@ -174,6 +176,17 @@ async def finished_last_seq(kernel: Any, job_id: str, after_seq: int, wait_s: fl
     except TimeoutError:
         return None  # events no longer kept, or slow: do not refuse what might be valid
     return last
+
+
+async def running_past_end(kernel: Any, job_id: str, after_seq: int) -> int | None:
+    """For a job that has not finished: the sequence of its last event so far when
+    ``after_seq`` is past it, else None. No client can have seen a later event of this job,
+    and following after it would skip the job's next events (sequences are the stream's, so
+    they only reach ``after_seq`` once the whole stream does): the callers refuse it."""
+    if after_seq <= 0:
+        return None
+    last = int(await kernel.job_last_seq(job_id))
+    return last if after_seq > last else None
 
 
 def past_end(after_seq: int, last: int) -> str:

@@ -179,6 +179,26 @@ async def test_resume_past_the_end_of_a_finished_job_is_an_error(gateway: StartG
                 assert f["type"] == "result" and f["seq"] == last, f
 
 
+async def test_resume_past_the_last_event_of_a_running_job_is_an_error(gateway: StartGateway) -> None:
+    async with gateway() as s, httpx.AsyncClient(base_url=s.url) as c:
+        h = bearer(await login(c))
+        r = await c.post("/v1/jobs", json={"kind": "crunch", "input": {"n": 3, "delay_s": 3.0}}, headers=h)
+        job_id = r.json()["job_id"]
+        async with ws_connect(s.ws_url, h["Authorization"].split()[1]) as ws:
+            # sequences are the stream's: a number past this job's events would skip its next ones
+            await ws.send(json.dumps({"type": "resume", "job_id": job_id, "after_seq": 2**40, "id": "r"}))
+            err = await recv_json(ws)
+            assert err["code"] == "bad_frame" and "past the job's last event" in err["message"], err
+            r = await c.get(f"/v1/jobs/{job_id}/events", params={"after_seq": 2**40}, headers=h, timeout=20)
+            assert r.status_code == 400 and "past the job's last event" in r.text, r.text
+            assert (await c.get(f"/v1/jobs/{job_id}", headers=h)).json()["status"] == "pending"  # still running
+            # a resume from 0 of the running job follows it to its result
+            await ws.send(json.dumps({"type": "resume", "job_id": job_id, "after_seq": 0, "id": "r0"}))
+            while (f := await recv_json(ws, timeout_s=20))["type"] != "result":
+                assert f["type"] == "event", f
+            assert f["result"]["square"] == 9, f
+
+
 def test_limit_settings_are_checked() -> None:
     from aiwfe.plugins.gateway.config import GatewayConfig
     from aiwfe.plugins.gateway.plugin import GatewayPlugin
