@@ -24,26 +24,28 @@ does not tell a subscriber who published), so all their publishers share one poo
 ``max_submitted`` slots per kind. A slot is a create-only key ``quota.<kind>.<owner
 hash>.<i>`` (``i`` < the limit) in the jobs' key-value bucket, so every gateway replica and
 pod counts against the same slots and a race is decided by the server, not by a read and a
-write. The lease in a slot holds the job id and when it expires: the job's ``deadline_s``
-(else ``lease_s``) plus ``lease_grace_s`` after submission.
+write. The lease in a slot holds the job id and when it expires (:meth:`JobQuotas.hold_s`:
+a backstop of ``lease_s``, 30 minutes by default, for a job that never gets an outcome).
 
-Slots are freed lazily, by the submission that finds them all taken: a slot whose job has
-an outcome record (done, failed, cancelled) or whose lease expired is reclaimed, so a
-finished job's slot is free for the next submission at once, and a slot leaked by a crash
-frees itself at its expiry. Two submitters may reclaim the same stale slot at once: only the
-one that creates the marker ``<slot>.freed.<lease hash>`` deletes it, so a delete never
-removes a newer lease (markers expire with the bucket). A full set of slots answers
-:class:`TooManyJobs` (retryable, with ``retry_after_s``): HTTP 429 with ``Retry-After``, a
-``too_many_jobs`` error frame, and ``Overloaded`` on NATS. A pod that found an owner's
-slots full refuses its next submissions for :data:`FULL_MEMO_S` without asking the bucket. Without the key-value bucket
-nothing is submitted anyway (the owner entry lives there too): ``Unavailable``, and no
-in-memory fallback that would let each pod admit the limit on its own.
+Slots are freed lazily, by the submission that finds them all taken: a slot whose job has an
+outcome record (done, failed, cancelled) or whose lease expired is reclaimed, so a finished
+job's slot is free for the next submission at once, a queued or retried job keeps its slot
+however long the queue, and a slot leaked by a crash frees itself at its expiry. Two submitters
+may reclaim the same stale slot at once: only the one that creates the marker
+``<slot>.freed.<lease hash>`` deletes it, so a delete never removes a newer lease (markers
+expire with the bucket). A full set of slots answers :class:`TooManyJobs` (retryable, with
+``retry_after_s``): HTTP 429 with ``Retry-After``, a ``too_many_jobs`` error frame, and
+``Overloaded`` on NATS. A pod that found an owner's slots full refuses its next submissions for
+:data:`FULL_MEMO_S` without asking the bucket. Without the key-value bucket nothing is
+submitted anyway (the owner entry lives there too): ``Unavailable``, and no in-memory fallback
+that would let each pod admit the limit on its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
 import time
 from collections.abc import Mapping
@@ -69,15 +71,16 @@ class JobLimits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     contract's ``max_jobs_per_owner``, else :data:`DEFAULT_PER_OWNER`);
     ``max_submitted``: the same for all NATS submit-subject publishers together;
     ``caps``: field → largest value a client may send (added to the contract's ``input_caps``);
-    ``lease_s``: how long a slot is held when the job has no ``deadline_s``;
-    ``lease_grace_s``: added to the deadline (queueing, retries, recording);
+    ``lease_s``: the backstop — a slot whose job never gets an outcome record (the submitting
+    pod died between taking the slot and queueing the job) frees itself after this long, or
+    after the job's ``deadline_s`` when that is longer; ``lease_grace_s`` is added to it;
     ``retry_after_s``: the hint given with ``TooManyJobs``.
     """
 
     max_per_owner: int | None = None
     max_submitted: int = 64
     caps: dict[str, float] = {}
-    lease_s: float = 600.0
+    lease_s: float = 1800.0
     lease_grace_s: float = 60.0
     retry_after_s: float = 1.0
 
@@ -134,7 +137,7 @@ def check_caps(address: str, job: Any, caps: Mapping[str, float | str]) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue  # unset (None) or not a number
         limit = getattr(job, cap) if isinstance(cap, str) else cap
-        if value > limit:
+        if not math.isfinite(value) or value > limit:  # NaN compares False: refuse it, not pass it
             named = f"{cap} = {limit}" if isinstance(cap, str) else f"{limit:g}"
             over.append(f"{field} = {value:g} is over its cap ({named})")
     if over:
@@ -160,8 +163,13 @@ class JobQuotas:
         return self.limits.get(address, self.default)
 
     def hold_s(self, address: str, job: Any = None, data: bytes | None = None) -> float:
-        """How long a slot of this job is leased: its ``deadline_s`` (from the decoded ``job``
-        or its JSON ``data``; else ``lease_s``) plus ``lease_grace_s``."""
+        """How long a slot of this job is leased: ``lease_s`` or its ``deadline_s`` (from the
+        decoded ``job`` or its JSON ``data``), whichever is longer, plus ``lease_grace_s``.
+
+        The lease is a backstop only: a slot is reclaimed as soon as its job has an outcome
+        record, and every job the stream took gets one (done, failed, dead-lettered with
+        ``WorkerLost``, cancelled). A lease near the deadline would stop counting jobs that wait
+        in a backlogged queue or between retries, letting an owner past its limit."""
         lim = self.of(address)
         deadline = getattr(job, "deadline_s", None)
         if job is None and data is not None:
@@ -171,7 +179,7 @@ class JobQuotas:
                 deadline = None  # validated elsewhere; a bad value cannot shorten the lease
         if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
             deadline = lim.lease_s
-        return float(deadline) + lim.lease_grace_s
+        return max(lim.lease_s, float(deadline)) + lim.lease_grace_s
 
     async def acquire(
         self, address: str, owner: str, job_id: str, hold_s: float, *, submitted: bool = False, declared: int | None = None

@@ -131,8 +131,10 @@ class SubjectRevoked(Event, tag="auth.subject_revoked"):
 
 class Identity(Reply):
     """Who a token's user is now: ``admin`` is True only for an enabled user named in the
-    auth plugin's admin list; ``disabled`` is True for a user the database marks disabled or
-    no longer holds (a token that outlived its user's cut-off)."""
+    auth plugin's admin list; ``disabled`` is True for a listed user the database marks
+    disabled or no longer holds (a token that outlived its user's cut-off). Only listed users'
+    rows are read; anyone else is answered from the verified token (``disabled`` False: a
+    disabled user's tokens are refused by its cut-off)."""
 
     user_id: str
     username: str

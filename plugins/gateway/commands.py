@@ -8,11 +8,11 @@ dispatches it: ``ping`` → ``pong``; ``submit`` → ``accepted``, then the job'
 ``message``, the frame's ``id`` and, for retryable errors, ``retry_after_s``.
 
 Limits: at most :data:`MAX_CALLS_IN_FLIGHT` commands run at once per socket and at most
-:data:`MAX_FOLLOWED_JOBS` jobs are followed (``too_many_in_flight`` / ``too_many_jobs``
-otherwise). A ``submit`` past the user's job slots of the kind (:mod:`aiwfe.kernel.quotas`)
-is answered ``too_many_jobs`` with ``retry_after_s``, a budget over the server's cap
-``bad_input`` naming the field; the socket stays open. Someone else's job is
-indistinguishable from no job (``not_found``). The frames go out through the connection
+:data:`MAX_FOLLOWED_JOBS` jobs are followed (``too_many_in_flight`` / ``too_many_followed``
+otherwise: the job was accepted, only not followed; resume it later). A ``submit`` past the
+user's job slots of the kind (:mod:`aiwfe.kernel.quotas`) is answered ``too_many_jobs`` with
+``retry_after_s``, a budget over the server's cap ``bad_input`` naming the field; the socket
+stays open. Someone else's job is indistinguishable from no job (``not_found``). The frames go out through the connection
 (:class:`FrameSink`), which owns the send queue and its slow-reader policy
 (:mod:`~aiwfe.plugins.gateway.ws`).
 """
@@ -206,7 +206,8 @@ class Commands:
             old.cancel()
         elif len(self.followers) >= MAX_FOLLOWED_JOBS:
             msg = f"at most {MAX_FOLLOWED_JOBS} jobs followed per socket; wait for results or reconnect"
-            self.out.push({"type": "error", "code": "too_many_jobs", "message": msg, "job_id": job_id})
+            # not too_many_jobs: that one means "not submitted"; this job was accepted, only not followed
+            self.out.push({"type": "error", "code": "too_many_followed", "message": msg, "job_id": job_id})
             return
         t = asyncio.get_running_loop().create_task(self._follow_job(job_id, after_seq))
         self.followers[job_id] = t

@@ -53,7 +53,10 @@ class Reason(Request[Reasoned], Idempotent, tag="reasoning.reason"):
 class AnswerStreamed(Event, tag="reasoning.answer_streamed"):
     """A piece of an answer being produced, in order (``index`` from 0).
 
-    ``attempt`` counts from 1; after a retry the pieces of the earlier attempt are void.
+    ``attempt`` counts from 1; after a retry the pieces of the earlier attempt are void. A
+    piece with ``index`` 0 starts the answer again: ``Reason`` is idempotent, so a call whose
+    pod was lost mid-answer is sent once more to another replica, whose stream starts over
+    (the reader drops what it had of that answer).
     ``done`` marks the last piece of an attempt that completed. ``label``: the Reason's.
     """
 

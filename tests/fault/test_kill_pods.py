@@ -4,11 +4,12 @@ The consolidated manifest runs as ``aiwfe up`` runs it: every pod an ``aiwfe run
 nats-server of the test's own with authorization on (each pod its own least-privilege user).
 Each expert call takes 1 s (the extractive provider's simulated
 latency, set in the test's manifest), so 200 jobs keep the pods busy for several seconds.
-For each pod in turn: submit 200 helios jobs (through NATS, as ``aiwfe publish`` does),
+For each pod in turn: submit 200 helios jobs (``system.submit``: the test's own kernel submits
+straight into the jobs stream: the kill is the subject here, not the edge's quotas),
 ``kill -9`` the pod about 1.5 s in, start it again at once (``aiwfe up``'s supervisor restarts
 a child that died; here the test owns the processes), and wait for every job's outcome.
 
-Asserted: 0 failed, 0 lost (every job has its record and one terminal event), each outcome
+Asserted: jobs were in flight at each kill, 0 failed, 0 lost (every job has its record and one terminal event), each outcome
 recorded once (one ``job.done`` per job, one ``helios_runs`` row). Reported, one JSON line per
 pod (in the output and as the test's ``recovery`` property): seconds from the kill to the pod
 answering ``/ready`` again, to the first job finishing after the kill, and to the last one.
@@ -91,6 +92,8 @@ async def test_kill_each_pod_with_jobs_in_flight(
                 }
                 figures.append(fig)
                 print(json.dumps(fig), flush=True)
+                if in_flight == 0:  # the kill came after the work: it would prove nothing
+                    problems.append(f"{pod}: no job was in flight at the kill")
                 if failed or lost or twice or pending:
                     reasons = sorted({str(r.error)[:160] for r in failed})[:3]
                     problems.append(f"{pod}: {len(failed)} failed {reasons}, {len(lost)} lost, {len(twice)} recorded twice")

@@ -238,6 +238,7 @@ async def test_cut_a_node_then_the_workers_node_mid_stream(tmp_path: Path, recor
             }
             print(json.dumps(fig), flush=True)
             record_property("partition", json.dumps(fig))
+            assert jobs.acked_in.get("healed"), f"no job acknowledged after the heal: {fig}"
             assert not lost and not failed and not wrong, fig
             assert not twice and not no_event, f"terminal events: {len(twice)} twice, {len(no_event)} missing or not job.done"
         finally:

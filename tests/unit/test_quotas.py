@@ -42,13 +42,23 @@ def test_caps_name_field_value_and_cap_and_the_manifest_overrides_them() -> None
         caps_of(Work, JobLimits(caps={"nn": 1}))
 
 
-def test_the_lease_is_the_deadline_plus_grace() -> None:
+def test_the_lease_is_a_backstop_never_shorter_than_lease_s() -> None:
+    # a slot is freed by its job's outcome; the lease only frees one whose job never got one,
+    # so a job waiting in a backlogged queue keeps its slot however short its deadline
     q = quotas(LocalBus("q"), set(), lease_s=300, lease_grace_s=30)
-    assert q.hold_s("work", job=Work(deadline_s=10)) == 40
-    assert q.hold_s("work", data=b'{"deadline_s": 20}') == 50
+    assert q.hold_s("work", job=Work(deadline_s=10)) == 330
+    assert q.hold_s("work", job=Work(deadline_s=1000)) == 1030  # a longer deadline: the deadline
+    assert q.hold_s("work", data=b'{"deadline_s": 2000}') == 2030
     assert q.hold_s("work", data=b'{"deadline_s": "x"}') == 330  # not a number: the default lease
     assert q.hold_s("work", data=b"{}") == 330
-    assert q.hold_s("other", data=b"{}") == 600 + 60  # a kind not named: the defaults
+    assert q.hold_s("other", data=b"{}") == 1800 + 60  # a kind not named: the defaults
+
+
+def test_a_non_finite_value_is_over_every_cap() -> None:
+    caps = caps_of(Work, JobLimits(caps={"latency_s": 2}))
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(BadInput, match=r"latency_s = (nan|inf) is over its cap"):
+            check_caps("work", Work(latency_s=bad), caps)
 
 
 async def test_slots_are_shared_by_pods_and_freed_by_outcome_or_expiry() -> None:

@@ -94,7 +94,9 @@ function heliosEvent(type, d) {
       break;
     case "reasoning.answer_streamed": {
       const x = card(d.label || d.role);
-      if (d.attempt !== x.attempt) { x.attempt = d.attempt; x.streamed = ""; }
+      // a new attempt, or a stream starting again at index 0 (the call was sent again to another
+      // replica after its pod was lost), voids what came before
+      if (d.attempt !== x.attempt || d.index === 0) { x.attempt = d.attempt; x.streamed = ""; }
       x.streamed += d.text; x.text.textContent = x.streamed;
       if (!ENDED.includes(x.c.dataset.status)) cardStatus(x, "streaming");  // a late chunk never reopens a card
       break;
