@@ -176,8 +176,9 @@ class Streams(Protocol):
     async def last_seq(self, subject: str) -> int:
         """The sequence of the last message stored under ``subject`` (no wildcards), 0 for none."""
 
-    async def read(self, subject: str) -> list[StreamMessage]:
-        """Every message stored under ``subject`` (wildcards allowed) right now."""
+    async def read(self, subject: str, last: int | None = None) -> list[StreamMessage]:
+        """Every message stored under ``subject`` (wildcards allowed) right now; ``last``: only
+        among the stream's newest ``last`` messages (a bounded read of a large stream)."""
 
     async def delete(self, subject: str, seq: int) -> None:
         """Delete one message of the stream that holds ``subject``."""

@@ -303,9 +303,11 @@ class LocalBus:
         found = [m.seq for m in self._streams.get(self._role(subject), ()) if m.subject == subject]
         return found[-1] if found else 0
 
-    async def read(self, subject: str) -> list[StreamMessage]:
-        """Every stored message under ``subject``."""
-        return self._after(subject, 0)
+    async def read(self, subject: str, last: int | None = None) -> list[StreamMessage]:
+        """Every stored message under ``subject`` (``last``: among the stream's newest ``last``)."""
+        stream = self._streams.get(self._role(subject), [])
+        after = stream[-last].seq - 1 if last is not None and 0 < last <= len(stream) else 0
+        return self._after(subject, after)
 
     async def delete(self, subject: str, seq: int) -> None:
         """Delete message ``seq`` of the stream holding ``subject``."""

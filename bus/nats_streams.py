@@ -181,13 +181,22 @@ class StreamsMixin:
             raise BusError(f"{subject}: last message not read: {e!r}") from None
         return int(m.seq or 0)
 
-    async def read(self, subject: str) -> list[StreamMessage]:
-        """Every message stored under ``subject`` now (wildcards allowed)."""
+    async def read(self, subject: str, last: int | None = None) -> list[StreamMessage]:
+        """Every message stored under ``subject`` now (wildcards allowed); ``last``: only among
+        the stream's newest ``last`` messages."""
         out: list[StreamMessage] = []
         info = await self.js.stream_info(self._stream_of(subject))
         if info.state.messages == 0:
             return out
-        sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+        if last is not None and last > 0:
+            start = max(int(info.state.first_seq or 1), int(info.state.last_seq or 0) - last + 1)
+            policy: dict[str, Any] = {
+                "deliver_policy": api.DeliverPolicy.BY_START_SEQUENCE,
+                "config": api.ConsumerConfig(opt_start_seq=start),
+            }
+        else:
+            policy = {"deliver_policy": api.DeliverPolicy.ALL}
+        sub = await self.js.subscribe(subject, ordered_consumer=True, **policy)
         try:
             while True:
                 try:

@@ -44,8 +44,11 @@ async def dead_letters(jobs: Jobs, kind: str | None = None) -> list[tuple[bytes,
     return [(m.data, m.headers) for m in await jobs.bus.read(f"{jobs.prefix}.dlq.{kind or '>'}")]
 
 
-async def replay_dead_letters(jobs: Jobs, kind: str | None = None, job_id: str | None = None) -> list[str]:
-    """Re-queue dead-lettered jobs (all, one kind, or one job) under their own job ids.
+async def replay_dead_letters(
+    jobs: Jobs, kind: str | None = None, job_id: str | None = None, *, last: int | None = None
+) -> list[str]:
+    """Re-queue dead-lettered jobs (all, one kind, or one job) under their own job ids
+    (``last``: only among the newest ``last`` dead letters, a bounded read for the gateway).
 
     The failed record is removed first so the job runs again; the replay gets a fresh
     message id (the dedupe window would drop the old one) and a ``job.replayed`` event;
@@ -53,7 +56,7 @@ async def replay_dead_letters(jobs: Jobs, kind: str | None = None, job_id: str |
     """
     done: list[str] = []
     dlq = f"{jobs.prefix}.dlq."
-    for m in await jobs.bus.read(f"{dlq}{kind or '>'}"):
+    for m in await jobs.bus.read(f"{dlq}{kind or '>'}", last):
         jid = m.headers.get(H_JOB_ID, "")
         if not is_job_id(jid) or (job_id is not None and jid != job_id):  # never a wildcard key
             continue

@@ -136,15 +136,19 @@ async def delete_user(svc: Services, bearer: BearerToken, username: FromPath[str
 
 @get("/v1/admin/dead-letters", tags=["admin"], responses=errors(400, 403, 502, 503))
 async def list_dead_letters(svc: Services, bearer: BearerToken, kind: FromQuery[str | None] = None) -> list[DeadLetter]:
-    """The newest dead-lettered jobs (at most 200; ``?kind=`` a job address such as ``helios.ask``)
-    with the reason of their last attempt; admins only."""
+    """The newest dead-lettered jobs with the reason of their last attempt; admins only.
+
+    Only the dead-letter stream's newest 200 messages are read (``?kind=``, a job address such
+    as ``helios.ask``, filters among them): a page load never pulls the whole stream, whose
+    letters may each be as large as NATS' ``max_payload``. Older ones: ``aiwfe dlq list``.
+    Replay (below) looks among the same 200."""
     if kind is not None and not _ADDRESS.fullmatch(kind):
         raise HTTPException(status_code=400, detail=f"kind: not a job address: {kind[:100]!r}")
     await _require_admin(svc, bearer)
     jobs = job_store(svc.kernel)
     dlq = f"{jobs.prefix}.dlq."
     try:
-        letters = await jobs.bus.read(f"{dlq}{kind or '>'}")
+        letters = await jobs.bus.read(f"{dlq}{kind or '>'}", MAX_DEAD_LETTERS)  # bounded: never the whole stream
     except BusError as e:
         raise Unavailable(f"dead letters not read: {e}") from None
     out = []
@@ -169,7 +173,7 @@ async def replay_dead_letter(svc: Services, bearer: BearerToken, job_id: FromPat
     if not is_job_id(job_id):
         raise HTTPException(status_code=404, detail="no dead letter for that job id")
     await _require_admin(svc, bearer)
-    done = await replay_dead_letters(job_store(svc.kernel), job_id=job_id)
+    done = await replay_dead_letters(job_store(svc.kernel), job_id=job_id, last=MAX_DEAD_LETTERS)
     if not done:
         raise HTTPException(status_code=404, detail=f"no dead letter for job {job_id}")
     return Replayed(replayed=done)

@@ -113,3 +113,21 @@ async def test_replies_on_the_request_mux_reach_their_callers(nats_url: str, pre
         assert (await nc.call(f"{prefix}.echo", b"again", 2.0, bus._wheel)).data == b"again!"
     finally:
         await bus.close()
+
+
+@pytest.mark.parametrize("bus_kind", ["nats", "local"])
+async def test_a_bounded_read_takes_only_the_newest_messages(nats_url: str, prefix: str, bus_kind: str) -> None:
+    from aiwfe.bus.local import LocalBus
+
+    bus = NatsBus(nats_url, prefix) if bus_kind == "nats" else LocalBus(prefix)
+    await bus.start()
+    try:
+        for i in range(10):
+            await bus.append(f"{prefix}.dlq.{'a' if i % 2 else 'b'}", str(i).encode(), {})
+        every = await bus.read(f"{prefix}.dlq.>")
+        assert [m.data for m in every] == [str(i).encode() for i in range(10)]
+        assert [m.data for m in await bus.read(f"{prefix}.dlq.>", 3)] == [b"7", b"8", b"9"]
+        assert [m.data for m in await bus.read(f"{prefix}.dlq.a", 4)] == [b"7", b"9"]  # filtered among the newest 4
+        assert len(await bus.read(f"{prefix}.dlq.>", 1000)) == 10
+    finally:
+        await bus.close()
