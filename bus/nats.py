@@ -91,6 +91,11 @@ class NatsBus(QueueMixin, StreamsMixin):
     deliveries go. None: ``_INBOX.<user>`` for a user/password login (``connect_options.user``
     or the URL's ``user:password@``), the only inboxes that user may subscribe to under the
     least-privilege permissions of :mod:`aiwfe.kernel.tools.natsauth`; else nats-py's ``_INBOX``.
+
+    ``manage_streams``: create (or update) the streams and the results bucket on start, what
+    every pod does. False for a client that only makes requests (``aiwfe publish`` with the
+    ``publisher`` user, who may not touch the JetStream API): nothing is created, and the
+    stream and bucket operations are not available.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class NatsBus(QueueMixin, StreamsMixin):
         replicas: int = 1,
         connect_options: NatsConnectOptions | None = None,
         inbox_prefix: str | None = None,
+        manage_streams: bool = True,
     ) -> None:
         self.url = redact_url(url)
         self._url = url
@@ -118,6 +124,7 @@ class NatsBus(QueueMixin, StreamsMixin):
         self.result_ttl_s = result_ttl_s
         self.dlq_ttl_s = dlq_ttl_s
         self.replicas = replicas
+        self.manage_streams = manage_streams
         self.names = stream_names(prefix)
         self.nc: FastClient | None = None
         self.js: Any = None
@@ -176,7 +183,8 @@ class NatsBus(QueueMixin, StreamsMixin):
         )
         self.nc = nc
         self.js = nc.jetstream()
-        await self._ensure_streams()
+        if self.manage_streams:
+            await self._ensure_streams()
 
     def ready(self) -> str | None:
         """None when connected, else why not."""

@@ -61,7 +61,7 @@ def target(url: str | None, prefix: str | None, data_dir: str | None) -> Target:
     raise ConfigError(f"no NATS to talk to: no {path} (start `aiwfe up`, or pass --data-dir, --url or set NATS_URL)")
 
 
-async def _connect(t: Target, name: str) -> Any:
+async def _connect(t: Target, name: str, *, manage_streams: bool = True) -> Any:
     """A started NatsBus, or None after printing one line saying why not and what to do.
 
     Credentials and TLS: the URL's userinfo and, unless the URL came from ``system.json``,
@@ -76,7 +76,7 @@ async def _connect(t: Target, name: str) -> Any:
     from .up import SYSTEM_FILE
 
     options = NatsConnectOptions() if t.source.endswith(SYSTEM_FILE) else nats_connect_options()
-    bus = NatsBus(t.url, t.prefix, name=name, connect_timeout_s=5.0, connect_options=options)
+    bus = NatsBus(t.url, t.prefix, name=name, connect_timeout_s=5.0, connect_options=options, manage_streams=manage_streams)
     try:
         await bus.start()
     except BusError as e:
@@ -105,7 +105,8 @@ async def publish(
 
     from .submit import hint, job_kind, known_kinds, print_error, submit_job
 
-    bus = await _connect(Target(url, prefix, source), "aiwfe-publish")
+    # only requests (submit, status, RPC): no stream is touched, so the `publisher` user can publish
+    bus = await _connect(Target(url, prefix, source), "aiwfe-publish", manage_streams=False)
     if bus is None:
         return 1
     try:

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -115,6 +116,16 @@ def test_up_starts_everything_and_stops_on_ctrl_c(manifest: str, tmp_path: Path)
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["expertise"][0]["tag"] == "devops"
+        # the `publisher` user (submit and status only, no JetStream API) submits a job with it too
+        pub = info["publisher"]
+        pub_url = f"nats://{pub['nats_user']}:{quote(pub['nats_password'], safe='')}@{nats_url.removeprefix('nats://')}"
+        r = subprocess.run(
+            [*AIWFE, "publish", "--url", pub_url, "--prefix", env["AIWFE_PREFIX"], "--wait", "--timeout", "60",
+             f"{env['AIWFE_PREFIX']}.submit.helios.ask", '{"text": "How do I index a database?", "max_experts": 2}'],
+            cwd=ROOT, capture_output=True, text=True, timeout=90,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(r.stdout.splitlines()[-1])["status"] == "done", r.stdout
         r = subprocess.run(  # the server's URL without credentials: refused, one line
             [*AIWFE, "publish", "--url", nats_url, f"{env['AIWFE_PREFIX']}.perception.perceive", "{}"],
             cwd=ROOT, capture_output=True, text=True, timeout=60,
