@@ -153,11 +153,14 @@ class Kernel:
             deadline = inherited
         return deadline
 
-    async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R:
+    async def call(self, req: Request[R], *, timeout_s: float | None = None, optional: bool = False) -> R:
         """Call a request contract; in-process when served here, over the bus otherwise.
 
         ``timeout_s`` defaults to the system's ``call_timeout_s``; the handler's own
         ``timeout_s`` caps it, and inside a handler so does the caller's own deadline.
+        ``optional``: the caller does without the answer (helios's memory recall), so a call
+        that reaches no pod fails at once with ``Unavailable`` instead of waiting for one to
+        come (a manifest without that plugin would otherwise pay the wait on every call).
 
         Raises:
             DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, RemoteError.
@@ -171,15 +174,15 @@ class Kernel:
             with tracing.span(f"{address_of(contract)} call", tracing.SpanKind.CLIENT, None, {"aiwfe.path": path}):
                 if ep is not None:
                     return await ep.invoke(req, deadline)  # type: ignore[no-any-return]
-                return await self._call_remote(req, contract, deadline)  # type: ignore[no-any-return]
+                return await self._call_remote(req, contract, deadline, optional)  # type: ignore[no-any-return]
         if ep is not None:
             t0 = time.perf_counter()
             result = await ep.invoke(req, deadline)
             ep.m_local.observe(time.perf_counter() - t0)
             return result  # type: ignore[no-any-return]
-        return await self._call_remote(req, contract, deadline)  # type: ignore[no-any-return]
+        return await self._call_remote(req, contract, deadline, optional)  # type: ignore[no-any-return]
 
-    async def _call_remote(self, req: Message, contract: type, deadline: float) -> Any:
+    async def _call_remote(self, req: Message, contract: type, deadline: float, optional: bool = False) -> Any:
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise DeadlineExceeded(f"{address_of(contract)}: deadline passed before the call")
@@ -196,6 +199,8 @@ class Kernel:
         try:
             data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
         except (NoResponders, CalleeLost) as e:
+            if optional and isinstance(e, NoResponders):
+                raise Unavailable(str(e)) from None
             data, rh = await self._call_again(e, contract, body, tp, job.job_id if job else None, deadline)
         except BusTimeout as e:
             raise DeadlineExceeded(str(e)) from None
@@ -365,11 +370,11 @@ class Caller:
                 f"plugin {self._plugin} uses {contract.__qualname__} without declaring it; add it to {self._plugin}'s `calls`"
             )
 
-    async def call(self, req: Request[R], *, timeout_s: float | None = None) -> R:
+    async def call(self, req: Request[R], *, timeout_s: float | None = None, optional: bool = False) -> R:
         """See :meth:`Kernel.call`."""
         if type(req) not in self._allowed:
             self._check(type(req))
-        return await self._kernel.call(req, timeout_s=timeout_s)
+        return await self._kernel.call(req, timeout_s=timeout_s, optional=optional)
 
     async def publish(self, event: Event) -> None:
         """See :meth:`Kernel.publish`."""

@@ -247,7 +247,9 @@ class HeliosPlugin(Plugin):
             return []
         timeout_s = max(0.01, min(2.0, deadline - asyncio.get_running_loop().time()))
         try:
-            r = await self.kernel.call(Recall(query=job.text, owner=job.owner, k=self.config.recall_k), timeout_s=timeout_s)
+            r = await self.kernel.call(
+                Recall(query=job.text, owner=job.owner, k=self.config.recall_k), timeout_s=timeout_s, optional=True
+            )
         except AiwfeError as e:
             log.warning("helios: memory recall failed (%s); experts answer without context", e)
             return []
@@ -259,7 +261,7 @@ class HeliosPlugin(Plugin):
             return {}
         timeout_s = max(0.01, min(1.0, deadline - asyncio.get_running_loop().time()))
         try:
-            r = await self.kernel.call(ExpertScores(experts=experts, expertise=expertise), timeout_s=timeout_s)
+            r = await self.kernel.call(ExpertScores(experts=experts, expertise=expertise), timeout_s=timeout_s, optional=True)
         except AiwfeError as e:
             log.warning("helios: expert scores unavailable (%s); experts weighted alike", e)
             return {}

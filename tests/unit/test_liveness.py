@@ -139,6 +139,21 @@ async def test_no_responders_waits_at_most_its_window(prefix: str) -> None:
     assert loop.time() - t0 < NO_RESPONDERS_WAIT_S + 3
 
 
+async def test_an_optional_call_does_not_wait_for_a_pod(prefix: str) -> None:
+    bus, calls = LocalBus(prefix), list[int]()
+
+    async def later() -> None:
+        await asyncio.sleep(0.3)
+        await _serve(bus, f"{prefix}.live.write", calls)
+
+    task = asyncio.create_task(later())
+    with pytest.raises(Unavailable, match=f"no pod serves {prefix}.live.write"):
+        await Kernel(bus).call(Write(), timeout_s=5, optional=True)  # not sent again: nobody got it
+    await task
+    assert calls == []  # ... so the pod that came later never ran it
+    assert (await Kernel(bus).call(Write(), timeout_s=5, optional=True)).n == 1  # served now: answered
+
+
 def test_helios_tells_infrastructure_failures_from_content_ones() -> None:
     assert _infrastructure(PeerLost("lost")) and _infrastructure(Unavailable("down")) and _infrastructure(Overloaded("full"))
     assert _infrastructure(RemoteError("ConnectError", "llm unreachable", retryable=True))
