@@ -28,7 +28,15 @@ class CalleeLost(BusError):
 
 
 class NotAccepted(BusError):
-    """The server did not acknowledge a durable write (stream publish, KV write)."""
+    """The server did not acknowledge a durable write (stream publish, KV write).
+
+    ``uncertain``: no answer came (a timeout, a connection lost after the publish went out),
+    so the write may have been stored; False when the server refused it (nothing stored).
+    """
+
+    def __init__(self, message: str = "", *, uncertain: bool = False) -> None:
+        super().__init__(message)
+        self.uncertain = uncertain
 
 
 class PayloadTooLarge(NotAccepted):

@@ -124,7 +124,9 @@ class StreamsMixin:
             return _puback.decode(msg.data)
         except nats.errors.NoRespondersError:
             raise NotAccepted(f"{subject}: {no_stream}") from None
-        except (TimeoutError, nats.errors.Error, msgspec.DecodeError) as e:
+        except (TimeoutError, nats.errors.Error) as e:  # no answer: it may have been stored
+            raise NotAccepted(f"{subject}: not confirmed by JetStream: {e!r}", uncertain=True) from None
+        except msgspec.DecodeError as e:
             raise NotAccepted(f"{subject}: not accepted by JetStream: {e!r}") from None
 
     def _stream_of(self, subject: str) -> str:

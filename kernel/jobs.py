@@ -37,10 +37,10 @@ import msgspec
 
 from aiwfe.bus.base import Bus, ConsumerOptions, Delivery, Headers
 from aiwfe.bus.codec import H_ATTEMPTS, H_JOB_ID, H_MSG_ID, H_REASON, H_TYPE, check_job_id, is_job_id, show
-from aiwfe.bus.errors import BusError, PayloadTooLarge
+from aiwfe.bus.errors import BusError, NotAccepted, PayloadTooLarge
 
 from . import metrics
-from .errors import BadMessage, SchemaMismatch, TooLarge, Unavailable
+from .errors import BadMessage, DeadlineExceeded, SchemaMismatch, TooLarge, Unavailable
 from .plugin import HandlerOptions
 
 __all__ = ["TERMINAL", "JobCall", "JobContext", "JobEvent", "JobRecord", "Jobs", "current_job"]
@@ -236,13 +236,20 @@ class Jobs:
         """Durably enqueue; False when ``job_id`` was submitted before (or already finished).
 
         Raises:
-            Unavailable: the bus did not accept it (retry with the same id).
+            Unavailable: the bus refused it (nothing was queued; retry with the same id).
+            DeadlineExceeded: the bus did not confirm it in time: it may be queued (retry with
+                the same id; the stream drops the duplicate).
         """
         # a `fresh` id was just drawn at random: no record can exist, so none is looked up
         if not fresh and await self.record(job_id) is not None:
             return False
         with _unavailable():
-            return await self.bus.enqueue(kind, data, headers, job_id)
+            try:
+                return await self.bus.enqueue(kind, data, headers, job_id)
+            except NotAccepted as e:
+                if e.uncertain:  # no answer: the job may be queued (a resubmission with its id is safe)
+                    raise DeadlineExceeded(f"{e}; the job may be queued: submit it again with the same id") from None
+                raise
 
     async def cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
         """Record ``job_id`` cancelled (unless it has an outcome), announce it, and stop it in

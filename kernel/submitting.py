@@ -220,10 +220,12 @@ class Submissions:
         """Record ``owner`` (unless the job has one: then it must be the same), take one of the
         owner's job slots for ``hold_s`` seconds when the job is new (``hold_s`` None: no slot;
         ``declared``: the contract's ``max_jobs_per_owner``) and queue the job; when queueing
-        fails, give back what this call took and re-raise.
+        was refused, give back what this call took and re-raise. When it was not confirmed
+        (``DeadlineExceeded``) or the caller was cancelled, the job may be queued: its owner
+        entry and slot stay (a job without its owner would answer 404 to that owner).
 
         Raises:
-            TooLarge, Forbidden, TooManyJobs, Unavailable.
+            TooLarge, Forbidden, TooManyJobs, Unavailable, DeadlineExceeded.
         """
         self.check_size(address, data, headers)
         created, key, slot = False, f"owner.{job_id}", None
@@ -239,6 +241,8 @@ class Submissions:
                         address, owner, job_id, hold_s, submitted=owner == SUBMITTED, declared=declared
                     )
             await self.kernel._submit(address, data, headers, job_id)
+        except (DeadlineExceeded, asyncio.CancelledError):
+            raise  # not confirmed, or the caller left: the job may be queued, its owner and slot stay
         except BaseException:
             with contextlib.suppress(Exception):
                 if slot is not None:

@@ -14,7 +14,7 @@ from aiwfe.bus.codec import H_CONTENT_TYPE, H_ERROR, JSON
 from aiwfe.bus.errors import NotAccepted
 from aiwfe.kernel import Job, Plugin, Reply, serves
 from aiwfe.kernel._external import SUBMITTED
-from aiwfe.kernel.errors import BadInput, TooLarge, Unavailable, from_wire
+from aiwfe.kernel.errors import BadInput, DeadlineExceeded, TooLarge, Unavailable, from_wire
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.kernel.submitting import H_IDEMPOTENCY, H_VALIDATE_ONLY
 from tests.support.pods import StartPods
@@ -135,6 +135,20 @@ async def test_a_failed_enqueue_leaves_no_owner_entry(start_pods: StartPods, mon
         with pytest.raises(Unavailable, match="the stream is down"):
             await k.submit_json("probe.crunch", b'{"n": 1}', owner="alice", idempotency_key="x")
         assert await k.job_owner(k._job_id("probe.crunch", None, "x")) is None
+
+
+async def test_an_unconfirmed_enqueue_keeps_the_owner_entry(start_pods: StartPods, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+
+        async def no_answer(*a: Any, **kw: Any) -> bool:
+            raise NotAccepted("no ack in time", uncertain=True)
+
+        monkeypatch.setattr(k.bus, "enqueue", no_answer)
+        with pytest.raises(DeadlineExceeded, match="may be queued"):
+            await k.submit_json("probe.crunch", b'{"n": 1}', owner="alice", idempotency_key="y")
+        # the job may have been stored: its owner must still find it (a resubmission is deduplicated)
+        assert await k.job_owner(k._job_id("probe.crunch", None, "y")) == "alice"
 
 
 async def test_jobs_of_a_kind_no_pod_takes_are_refused(start_pods: StartPods) -> None:
