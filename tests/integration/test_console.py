@@ -6,7 +6,9 @@ read the pods table.
 
 Needs Debian's ``chromium`` (``apt-get install -y chromium``) and the ``playwright`` pip
 package; Playwright never downloads a browser here (``executable_path`` is the system one).
-The screenshots of the README's "Console" section are written to ``docs/console-*.png``.
+Every step takes its screenshot; they go to ``docs/console-*.png`` (the README's "Console"
+section) when ``AIWFE_SCREENSHOTS=docs`` is set, else to the test's temporary directory, so
+that running the suite does not rewrite files git tracks.
 """
 
 from __future__ import annotations
@@ -144,13 +146,22 @@ async def log_in(page: Any, username: str) -> None:
     await wait_text(page, "#ws-status", "socket open")
 
 
-async def shot(page: Any, name: str) -> None:
-    DOCS.mkdir(exist_ok=True)
-    await page.screenshot(path=str(DOCS / f"console-{name}.png"), full_page=True)
+def shots_dir(tmp_path: Path) -> Path:
+    """``docs/`` when ``AIWFE_SCREENSHOTS=docs`` (regenerating the README's pictures), else ``tmp_path``."""
+    out = DOCS if os.environ.get("AIWFE_SCREENSHOTS") == "docs" else tmp_path / "screenshots"
+    out.mkdir(exist_ok=True)
+    return out
+
+
+async def shot(page: Any, shots: Path, name: str) -> None:
+    path = shots / f"console-{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 0
 
 
 @pytest.mark.timeout(240)  # a browser, a helios job with reasoning latency and a reload, on a shared machine
 async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis_url: str, tmp_path: Path, page: Any) -> None:
+    shots = shots_dir(tmp_path)
     async with console_system(prefix, nats_url, pg_url, redis_url, tmp_path) as s:
         await page.goto(s.url + "/")
         assert await page.title() == "AIWFE console"
@@ -182,7 +193,7 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         example = json.loads(await page.input_value("#input"))
         assert isinstance(example["text"], str) and example["text"] and "owner" not in example and "type" not in example
         assert example["max_experts"] == 4  # the contract's default
-        await shot(page, "submit")
+        await shot(page, shots, "submit")
 
         # Invalid input: a JSON parse error in the page, then the gateway's 400 next to the editor.
         await page.fill("#input", '{"text": "oops",')
@@ -196,7 +207,7 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await page.click("#submit")
         await wait_text(page, "#input-error", "field text: the gateway refused it (400)")
         assert "missing required field" in await text_of(page, "#input-error")
-        await shot(page, "invalid")
+        await shot(page, shots, "invalid")
 
         # A helios job: expert cards fill; reload while the experts still think.
         ask = {"text": "Which database index speeds up customer lookups?", "max_experts": 3, "use_cache": False}
@@ -242,7 +253,7 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await page.click("#refresh")  # the live figures: this socket, the job just done
         await wait_text(page, '#figures [data-figure="ws_connections"] b', "1")
         await wait_text(page, '#figures [data-figure="jobs_done"] b', "1")
-        await shot(page, "helios")
+        await shot(page, shots, "helios")
 
         # History: the job with its status; reopening it replays its events from the start.
         hist = page.locator(f'#history tr.history-row[data-job="{job_id}"]')
@@ -260,7 +271,7 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         assert (await text_of(page, "#synthesis")).strip() == synthesis
         order = await page.locator("#history tr.history-row").evaluate_all("els => els.map(e => e.dataset.job)")
         assert len(order) == 2 and order[1] == job_id, "newest first; reopening does not reorder"
-        await shot(page, "history")
+        await shot(page, shots, "history")
 
         # Open by id: a job of this user submitted elsewhere opens (its kind from its record);
         # someone else's is refused by the server (404), named next to the field.
@@ -327,12 +338,12 @@ async def test_console_end_to_end(prefix: str, nats_url: str, pg_url: str, redis
         await dl.wait_for(timeout=WAIT_MS)
         assert "Flaky" in await dl.locator("td.reason").inner_text()
         assert '"n":3' in await dl.locator("td.preview").inner_text()
-        await shot(page, "admin")
+        await shot(page, shots, "admin")
         await dl.locator("button.replay").click()
         await wait_text(page, "#dlq-status", f"replayed {dead_job}")
         await page.click("#refresh")
         await wait_text(page, '#figures [data-figure="dead_letters"] b', "1")
-        await page.locator("#cluster").screenshot(path=str(DOCS / "console-pods.png"))
+        await page.locator("#cluster").screenshot(path=str(shots / "console-pods.png"))
 
         # Experts slower than their budget end "timed out", those the token budget cannot cover
         # "skipped" (neither is retried); with no answer the job fails.
