@@ -11,6 +11,15 @@ the same loaded model when both run in one pod) with its own ``semantic_min_simi
 ``auto`` is semantic when it can run here, else hashing (noted under ``/ready``'s degraded).
 Deterministic and free of I/O.
 
+Cost per call (hashing): what depends only on the config is computed at start-up (the tag
+vectors and their inverted index, keyword → tags, stopword → languages, each tag's keyword
+divisor); the text is tokenised once; each distinct word's trigrams and its per-tag partial
+dot products are cached (bounded LRU, never whole texts), so a call sums a few cached
+per-word values and counts the text's trigrams for the norm. Those sums are in another order
+than :func:`analyse`'s, so they may differ in the last bits: when one is within that error of
+a decision (the ``min_similarity`` floor, a rounding boundary of the 4-decimal score) the
+call recomputes the similarities in analyse()'s order, so the answer is always analyse()'s.
+
 LLM mode (``mode = "llm"``): the built-in analysis, plus one ``reasoning.reason`` call
 asking a model which tags apply; a tag the model names scores at least
 ``llm_weight``. When the call fails the built-in result stands (never worse than built-in).
@@ -22,6 +31,10 @@ import functools
 import hashlib
 import math
 import re
+from collections import Counter
+from collections.abc import Callable
+from itertools import chain
+from operator import itemgetter, mul
 from typing import Any
 
 import msgspec
@@ -71,6 +84,11 @@ _STOPWORDS = {
     "es": {"el", "los", "las", "y", "es", "una", "para", "con", "como", "por"},
 }
 _WORD = re.compile(r"[A-Za-zÀ-ÿ0-9_+#.-]+")
+# The characters outside _WORD's class whose lower-case form has characters inside it (İ, Ÿ,
+# ẞ, Kelvin K, Ångström Å; a test checks every code point): in a text without them the words
+# of text.lower() are the lower-cased words of text, so one tokenisation serves both.
+_LOWER_JOINS = re.compile("[\u0130\u0178\u1e9e\u212a\u212b]")
+_QUESTION = {"what", "how", "why", "when", "where", "who", "which", "can", "is", "are"}
 _COMMAND = {"write", "create", "build", "make", "fix", "deploy", "explain", "design", "list", "show", "add", "remove"}
 
 
@@ -122,6 +140,8 @@ class PerceptionPlugin(Plugin):
         }
         self.vectors = {t: trigram_vector(d) for t, d in descriptions.items()}
         self.index = trigram_index(self.vectors)
+        self.table = _Table(config.expertise)
+        self.words = _word_info(self.index)
         self.semantic: SemanticEmbedder | None = None
         self.embedder_note = ""
         if config.embedder != "hashing":
@@ -147,24 +167,33 @@ class PerceptionPlugin(Plugin):
         """``embedder hashing (semantic unavailable: ...)`` when ``auto`` fell back to hashing."""
         return [self.embedder_note] if self.embedder_note else []
 
-    async def _similarities(self, text: str) -> dict[str, float] | None:
-        """Semantic cosine of ``text`` to each tag's description (None with hashing)."""
-        if self.semantic is None:
-            return None
+    async def _similarities(self, text: str) -> dict[str, float]:
+        """Semantic cosine of ``text`` to each tag's description (needs ``self.semantic``)."""
+        assert self.semantic is not None
         (v,) = await self.semantic.embed([text])
         return {t: sum(a * b for a, b in zip(v, d, strict=True)) for t, d in self.dense.items()}
 
     @serves(Perceive, concurrency=256)
     async def perceive(self, req: Perceive) -> Perception:
-        """Analyse the text (see the module docstring)."""
+        """Analyse the text (see the module docstring): one tokenisation of the text feeds both
+        the similarities (hashing: per-word sums, exact ones when a decision is that close;
+        semantic: the model's) and :func:`_analyse`, which gives what :func:`analyse` would."""
         c = self.config
-        sims = await self._similarities(req.text)
-        floor = c.min_similarity if sims is None else c.semantic_min_similarity
-        if sims is None:  # the same trigram cosines analyse() would compute, from the inverted index
-            sims = trigram_similarities(req.text, self.index)
+        tokens = _tokens(req.text)
+        if self.semantic is None:  # the trigram cosines, summed per word (see _approximate_similarities)
+            floor = c.min_similarity
+            sims, tolerance = _approximate_similarities(tokens[2], self.words, floor)
+        else:
+            floor = c.semantic_min_similarity
+            sims, tolerance = await self._similarities(req.text), 0.0
+        n = req.max_tags if c.mode == "builtin" else len(c.expertise)
+        base = _analyse(req.text, tokens, self.table, n, c.similarity_weight, floor, sims, tolerance)
+        if base is None:  # a decision within rounding error of a sum: the sums in analyse()'s order decide
+            sims = _index_similarities(tokens[2], self.index)
+            base = _analyse(req.text, tokens, self.table, n, c.similarity_weight, floor, sims)
+            assert base is not None
         if c.mode == "builtin":
-            return analyse(req.text, c.expertise, req.max_tags, self.vectors, c.similarity_weight, floor, sims)
-        base = analyse(req.text, c.expertise, len(c.expertise), self.vectors, c.similarity_weight, floor, sims)
+            return base
         tags = ", ".join(sorted(c.expertise))
         ask = Reason(
             role="request router", task=f"Which of these expertise tags does this request need: {tags}? Request: {req.text}"
@@ -183,8 +212,13 @@ class PerceptionPlugin(Plugin):
 
 def trigram_vector(text: str) -> dict[int, float]:
     """A unit-length sparse vector of hashed character trigrams of the words of ``text``."""
+    return _unit_vector(_tokens(text)[2])
+
+
+def _unit_vector(words: list[str]) -> dict[int, float]:
+    """:func:`trigram_vector` of the text whose stripped lower-case words are ``words``."""
     vec: dict[int, float] = {}
-    for w in _WORD.findall(text.lower()):
+    for w in words:
         for h in _word_trigrams(w):
             vec[h] = vec.get(h, 0.0) + 1.0
     norm = math.sqrt(sum(v * v for v in vec.values()))
@@ -193,12 +227,24 @@ def trigram_vector(text: str) -> dict[int, float]:
 
 @functools.lru_cache(maxsize=1 << 16)
 def _word_trigrams(word: str) -> tuple[int, ...]:
-    """The hashed trigrams of one lower-cased word (cached: hashing was most of perceive's CPU)."""
-    padded = f"#{word.strip('.')}#"
+    """The hashed trigrams of one lower-cased word, its dots stripped (cached, bounded:
+    hashing was most of perceive's CPU)."""
+    padded = f"#{word}#"
     return tuple(
         int.from_bytes(hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "little")
         for i in range(len(padded) - 2)
     )
+
+
+def _tokens(text: str) -> tuple[list[str], list[str], list[str]]:
+    """The words of ``text``; the same lower-cased with dots stripped (keywords, stopwords,
+    intent); and the words of ``text.lower()`` with dots stripped (trigrams) — the previous
+    list itself unless the text holds a character of ``_LOWER_JOINS``."""
+    words = _WORD.findall(text)
+    lower = [w.lower().strip(".") for w in words]
+    if text.isascii() or not _LOWER_JOINS.search(text):
+        return words, lower, lower
+    return words, lower, [w.strip(".") for w in _WORD.findall(text.lower())]
 
 
 def trigram_index(vectors: dict[str, dict[int, float]]) -> dict[int, tuple[tuple[str, float], ...]]:
@@ -215,17 +261,117 @@ def trigram_index(vectors: dict[str, dict[int, float]]) -> dict[int, tuple[tuple
 def trigram_similarities(text: str, index: dict[int, tuple[tuple[str, float], ...]]) -> dict[str, float]:
     """The cosine of ``text``'s trigram vector to each tag vector of ``index`` that shares a
     trigram with it (the others are 0 and left out): the same values as :func:`_cosine`."""
+    return _index_similarities(_tokens(text)[2], index)
+
+
+def _index_similarities(words: list[str], index: dict[int, tuple[tuple[str, float], ...]]) -> dict[str, float]:
+    """:func:`trigram_similarities` of the text whose stripped lower-case words are ``words``.
+
+    Bit for bit the sums the text's :func:`trigram_vector` would give, without building it:
+    the trigram counts (a Counter keeps first-seen order, the vector's order), the norm from
+    the sum of their squares in integers (the vector's float sum of the same integers is exact
+    too below 2**53, i.e. for any text under ~10**8 trigrams), then each shared trigram's
+    ``count / norm * weight`` added per tag in that same order."""
+    counts = Counter(chain.from_iterable(map(_word_trigrams, words)))
+    if not counts:
+        return {}
+    values = counts.values()
+    norm = math.sqrt(sum(map(mul, values, values)))
     sims: dict[str, float] = {}
-    for h, v in trigram_vector(text).items():
-        for tag, w in index.get(h, ()):
-            sims[tag] = sims.get(tag, 0.0) + v * w
+    get = index.get
+    for h, n in counts.items():
+        entries = get(h)
+        if entries:
+            v = n / norm
+            for tag, w in entries:
+                sims[tag] = sims.get(tag, 0.0) + v * w
     return sims
+
+
+_WordInfo = tuple[tuple[int, ...], tuple[tuple[str, float], ...]]
+
+
+def _word_info(index: dict[int, tuple[tuple[str, float], ...]]) -> Callable[[str], _WordInfo]:
+    """word → (its hashed trigrams, and (tag, the sum of the tag's weights over those trigrams)
+    for each tag of ``index`` sharing one), cached per index (bounded: clients choose words)."""
+
+    @functools.lru_cache(maxsize=1 << 15)
+    def info(word: str) -> _WordInfo:
+        trigrams = _word_trigrams(word)
+        sums: dict[str, float] = {}
+        for h in trigrams:
+            for tag, w in index.get(h, ()):
+                sums[tag] = sums.get(tag, 0.0) + w
+        return trigrams, tuple(sums.items())
+
+    return info
+
+
+_first = itemgetter(0)
+
+
+def _approximate_similarities(words: list[str], info: Callable[[str], _WordInfo], floor: float) -> tuple[dict[str, float], float]:
+    """:func:`_index_similarities` of ``words`` summed in another order, for the tags that can
+    reach ``floor``, and a bound on how far each value can be from that function's (so
+    :func:`_analyse` can tell when the difference matters).
+
+    The cosine to a tag is Σ_trigrams count·weight / norm = Σ_words partial(word) / norm, so
+    a call adds a few cached per-word sums instead of a product per shared trigram and tag;
+    the norm still needs the text's combined trigram counts. Each order adds at most T
+    positive terms (T = the text's trigrams; weights and counts are positive), so each result
+    is within about (T + 3)·2⁻⁵³ times the true cosine (at most 1) of it, and the two differ
+    by less than the returned tolerance 1e-12 + T·1e-15 (over four times that). Tags below
+    ``floor`` minus the tolerance are left out (:func:`_analyse` would ignore them)."""
+    infos = list(map(info, words))
+    counts = Counter(chain.from_iterable(map(_first, infos)))
+    if not counts:
+        return {}, 0.0
+    values = counts.values()
+    norm = math.sqrt(sum(map(mul, values, values)))
+    tolerance = 1e-12 + sum(values) * 1e-15
+    sums: dict[str, float] = {}
+    for _, partials in infos:
+        for tag, w in partials:
+            sums[tag] = sums.get(tag, 0.0) + w
+    lowest = floor - tolerance
+    return {tag: sim for tag, a in sums.items() if (sim := a / norm) >= lowest}, tolerance
+
+
+def _unsure(sim: float, floor: float, weight: float, tolerance: float) -> bool:
+    """Whether moving ``sim`` by up to ``tolerance`` could change what :func:`_analyse` makes of
+    it: the ``sim >= floor`` test, the sign of ``weight·sim``, or its rounding to 4 decimals
+    (a boundary k·10⁻⁴ ± ½·10⁻⁴ within reach). Generous margins: a false alarm costs only the
+    exact sums."""
+    if sim < floor + tolerance:
+        return True
+    x = abs(weight * sim) * 1e4
+    reach = (abs(weight) * tolerance * max(1.0, abs(sim)) + 1e-15 * abs(weight * sim)) * 2e4 + 1e-9
+    return x <= reach or abs(x % 1.0 - 0.5) <= reach
 
 
 def _cosine(a: dict[int, float], b: dict[int, float]) -> float:
     if len(a) > len(b):
         a, b = b, a
     return sum(v * b.get(k, 0.0) for k, v in a.items())
+
+
+class _Table:
+    """What analysing a text needs from an expertise table, computed once per table: each
+    lower-cased keyword or stopword → the tags it is a keyword of (once per listing) and the
+    languages it is a stopword of; each tag's keyword divisor ``min(3, len(keywords))``."""
+
+    __slots__ = ("divisors", "roles")
+
+    def __init__(self, expertise: dict[str, list[str]]) -> None:
+        self.divisors = {tag: min(3, len(keywords)) for tag, keywords in expertise.items() if keywords}
+        roles: dict[str, tuple[list[str], list[str]]] = {}
+        for tag, keywords in expertise.items():
+            for k in keywords:
+                roles.setdefault(k.lower(), ([], []))[0].append(tag)
+        for lang, stopwords in _STOPWORDS.items():
+            for w in stopwords:
+                roles.setdefault(w, ([], []))[1].append(lang)
+        self.roles = {w: (tuple(tags), tuple(langs)) for w, (tags, langs) in roles.items()}
 
 
 def analyse(
@@ -240,41 +386,80 @@ def analyse(
     """Pure function behind the built-in mode of :meth:`PerceptionPlugin.perceive`.
 
     ``vectors`` are the tags' description vectors (:func:`trigram_vector`); without them
-    only keywords count. ``similarities`` (tag → cosine, from a semantic embedder), when
-    given, replace the trigram similarities.
+    only keywords count. ``similarities`` (tag → cosine, from a semantic embedder or
+    :func:`trigram_similarities`), when given, replace the trigram similarities. (perceive
+    itself calls :func:`_analyse` with its precomputed :class:`_Table`.)
     """
-    words = _WORD.findall(text)
-    lower = [w.lower().strip(".") for w in words]
-    bag = set(lower)
-    stripped = text.strip()
-    if stripped.endswith("?") or (
-        lower and lower[0] in {"what", "how", "why", "when", "where", "who", "which", "can", "is", "are"}
-    ):
+    tokens = _tokens(text)
+    if similarities is not None:
+        sims = {tag: sim for tag, sim in similarities.items() if sim is not None and tag in expertise}
+    elif vectors:
+        text_vec = _unit_vector(tokens[2])
+        sims = {tag: _cosine(text_vec, vectors[tag]) for tag in expertise if tag in vectors}
+    else:
+        sims = {}
+    perception = _analyse(text, tokens, _Table(expertise), max_tags, similarity_weight, min_similarity, sims)
+    assert perception is not None  # None only with a tolerance
+    return perception
+
+
+def _analyse(
+    text: str,
+    tokens: tuple[list[str], list[str], list[str]],
+    table: _Table,
+    max_tags: int,
+    similarity_weight: float,
+    min_similarity: float,
+    similarities: dict[str, float],
+    tolerance: float = 0.0,
+) -> Perception | None:
+    """:func:`analyse` of ``text`` (``tokens`` = :func:`_tokens` of it) with the table of its
+    expertise and tag → similarity for the tags of that expertise that have one.
+
+    A tag scores the higher of ``min(1, hits / min(3, len(keywords)))`` (hits: its keywords
+    among the words) and, when its similarity reaches ``min_similarity``, ``similarity_weight
+    × similarity``; tags scoring 0 are left out. Looks up each distinct word once in the
+    table instead of every keyword in the words.
+
+    With ``tolerance`` > 0 (``similarities`` are only that close to analyse()'s), None when
+    a similarity is close enough to a decision (:func:`_unsure`) that the answer could
+    differ: the caller then passes the exact ones."""
+    words, lower, _ = tokens
+    first = lower[0] if lower else ""
+    if text.rstrip().endswith("?") or first in _QUESTION:
         intent = "question"
-    elif lower and lower[0] in _COMMAND:
+    elif first in _COMMAND:
         intent = "command"
     else:
         intent = "statement"
-    language = max(_STOPWORDS, key=lambda lang: (len(bag & _STOPWORDS[lang]), lang == "en"))
+    hits: dict[str, int] = {}
+    langs: dict[str, int] = {}
+    for keyword_of, stopword_of in filter(None, map(table.roles.get, set(lower))):
+        for tag in keyword_of:
+            hits[tag] = hits.get(tag, 0) + 1
+        for lang in stopword_of:
+            langs[lang] = langs.get(lang, 0) + 1
+    # the language with the most stopwords among the words, English on a tie with it, else the first
+    if len(langs) <= 1:
+        language = next(iter(langs), "en")
+    else:
+        language = max(_STOPWORDS, key=lambda lang: (langs.get(lang, 0), lang == "en"))
     entities: list[str] = []
-    for i, w in enumerate(words):
-        if (w[:1].isupper() and i > 0 and words[i - 1][-1:] not in ".!?") or w.isdigit():
+    previous = "."  # the first word counts as following a sentence's end
+    for w in words:
+        if (w[:1].isupper() and previous[-1:] not in ".!?") or w.isdigit():
             if w not in entities:
                 entities.append(w.strip("."))
-    scores = []
-    text_vec = trigram_vector(text) if vectors and similarities is None else {}
-    for tag, keywords in expertise.items():
-        hits = sum(1 for k in keywords if k.lower() in bag)
-        score = min(1.0, hits / min(3, len(keywords))) if keywords else 0.0
-        sim = None
-        if similarities is not None:
-            sim = similarities.get(tag)
-        elif vectors and tag in vectors:
-            sim = _cosine(text_vec, vectors[tag])
-        if sim is not None:
+        previous = w
+    divisors = table.divisors
+    scores = {tag: min(1.0, n / divisors[tag]) for tag, n in hits.items()}
+    lowest = min_similarity - tolerance
+    for tag, sim in similarities.items():
+        if sim >= lowest:
+            if tolerance and _unsure(sim, min_similarity, similarity_weight, tolerance):
+                return None
             if sim >= min_similarity:
-                score = max(score, similarity_weight * sim)
-        if score > 0:
-            scores.append(ExpertiseScore(tag=tag, score=round(score, 4)))
-    scores.sort(key=lambda s: (-s.score, s.tag))
-    return Perception(intent=intent, language=language, entities=entities, expertise=scores[: max(0, max_tags)])
+                scores[tag] = max(scores.get(tag, 0.0), similarity_weight * sim)
+    ranked = sorted((-round(score, 4), tag) for tag, score in scores.items() if score > 0)
+    expertise = [ExpertiseScore(tag=tag, score=-neg) for neg, tag in ranked[: max(0, max_tags)]]
+    return Perception(intent=intent, language=language, entities=entities, expertise=expertise)
