@@ -20,7 +20,8 @@ Processes: ``--replicas`` servers (default 2, the consolidated manifest's ``min_
 for the gateway pod), each a gateway + auth pod on a private nats-server and Valkey,
 sharing one port with ``SO_REUSEPORT`` so that the kernel spreads the connections as a
 Service spreads them over pods (database from ``DATABASE_URL`` in a schema of its own,
-else an embedded PostgreSQL), and ``--clients`` load generators. ``pool_max_in_use`` is the
+else an embedded PostgreSQL), and ``--clients`` load generators (:class:`~aiwfe.bench._ws_client.LeanWs` sockets and bare
+keep-alive HTTP for the logins, so that they take little of the shared cores). ``pool_max_in_use`` is the
 highest of any replica (each has its own pool of ``pool_max``). Last line: one JSON object.
 """
 
@@ -42,8 +43,10 @@ from typing import Any
 
 import msgspec
 
+from ._load_http import RawHttp
 from ._support import emit, nats_server, percentile
-from .ws import RawWs, load_avg_1m, open_timed, raise_nofile
+from ._ws_client import LeanWs
+from .ws import load_avg_1m, raise_nofile
 
 __all__ = ["main"]
 
@@ -123,11 +126,9 @@ async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: s
 
 
 async def _client(url: str, connects: int, logins: int, users: list[str], window_s: float, start_at: float) -> dict[str, Any]:
-    import httpx
-
     ws_url = url.replace("http://", "ws://") + "/v1/ws"
     tokens = [make_token(f"burst-{os.getpid()}-{i}") for i in range(connects)]
-    opened: list[RawWs] = []
+    opened: list[LeanWs] = []
     connect_ms: list[float] = []
     failures: list[str] = []
     login_ok = 0
@@ -138,32 +139,41 @@ async def _client(url: str, connects: int, logins: int, users: list[str], window
 
     async def connect(i: int) -> None:
         await asyncio.sleep(max(0.0, t_start + window_s * i / max(1, connects) - loop.time()))
-        await open_timed(ws_url, {"Authorization": f"Bearer {tokens[i]}"}, opened, connect_ms, failures)
+        t0 = time.perf_counter()
+        try:  # LeanWs: a protocol, not streams; the load generator shares the cores it measures
+            ws = await LeanWs.connect(ws_url, {"Authorization": f"Bearer {tokens[i]}"})
+        except Exception as e:
+            failures.append(f"{type(e).__name__}: {e}"[:120])
+            return
+        connect_ms.append((time.perf_counter() - t0) * 1000)
+        opened.append(ws)
 
-    async def login(c: httpx.AsyncClient, j: int) -> None:
+    async def login(j: int) -> None:
         nonlocal login_ok, retries
         await asyncio.sleep(max(0.0, t_start + window_s * j / max(1, logins) - loop.time()))
         body = {"username": users[j % len(users)], "password": PASSWORD}
         give_up = loop.time() + 60
-        while True:
-            try:
-                r = await c.post("/v1/auth/login", json=body)
-            except httpx.HTTPError as e:
-                login_failed.append(type(e).__name__)
+        http = RawHttp(url)  # a bare keep-alive client: httpx cost ~1 ms of CPU a request on the shared cores
+        try:
+            while True:
+                try:
+                    r = await http.request("POST", "/v1/auth/login", json_body=body, timeout_s=60)
+                except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+                    login_failed.append(type(e).__name__)
+                    return
+                if r.status_code == 200:
+                    login_ok += 1
+                    return
+                if r.status_code == 503 and loop.time() < give_up:
+                    retries += 1
+                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+                    continue
+                login_failed.append(f"{r.status_code} {r.text[:80]}")
                 return
-            if r.status_code == 200:
-                login_ok += 1
-                return
-            if r.status_code == 503 and loop.time() < give_up:
-                retries += 1
-                await asyncio.sleep(float(r.headers.get("retry-after", "1")))
-                continue
-            login_failed.append(f"{r.status_code} {r.text[:80]}")
-            return
+        finally:
+            http.close()
 
-    limits = httpx.Limits(max_connections=logins + 10, max_keepalive_connections=logins + 10)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
-        await asyncio.gather(*(connect(i) for i in range(connects)), *(login(c, j) for j in range(logins)))
+    await asyncio.gather(*(connect(i) for i in range(connects)), *(login(j) for j in range(logins)))
     await asyncio.sleep(0.5)  # every socket stays open until the whole burst is over
     for ws in opened:
         ws.close()

@@ -6,15 +6,24 @@ and measures the round trip. The baseline, in the same run and at the same N, is
 Litestar WebSocket echo under the same ASGI server and garbage-collector settings.
 
 Processes (so that the load generator does not starve the server on a small machine):
-the gateway pod and the worker pod (perception) each in its own process, as deployed
-(on a private embedded nats-server unless ``--url``; ``--local`` puts perception in the
-gateway's pod instead), and ``--clients`` load-generator processes that open
-``N / clients`` sockets each. Every process raises its open-file limit to the hard limit.
-Sends follow a fixed schedule (one per second per socket, phases spread over the
-second), so a slow reply does not reduce the offered load.
+``--replicas`` gateway pod processes sharing one port with ``SO_REUSEPORT`` (default 2, the
+consolidated manifest's ``min_replicas`` for the gateway pod, as ``auth-burst`` runs it) and
+the worker pod (perception) in its own process, as deployed (on a private embedded
+nats-server unless ``--url``; ``--local`` puts perception in the gateway's pods instead);
+the echo baseline runs as many processes on one port. ``--clients`` load-generator
+processes open ``N / clients`` sockets each (:class:`~aiwfe.bench._ws_client.LeanWs`: a
+bare protocol, one scheduler task). Every process raises its open-file limit to the hard
+limit. Sends follow a fixed schedule (one per second per socket, phases spread over the
+second), so a slow reply does not reduce the offered load; a socket has at most one frame
+outstanding.
+
+CPU: ``cpu_us_per_frame`` (and ``echo_cpu_us_per_frame``) give each server process's CPU
+time (``/proc``, user + system) from GO until the last reply, and the load generators'
+together, in µs per frame sent: unlike the latencies, these hardly depend on other work on
+the machine.
 
 Last line: ``{"connections", "connected_pct", "p50_ms", "p99_ms", "echo_p50_ms",
-"echo_p99_ms", ...}``.
+"echo_p99_ms", "cpu_us_per_frame", "echo_cpu_us_per_frame", "replicas", ...}``.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -42,7 +52,7 @@ from aiwfe.kernel import Plugin, serves
 from aiwfe.plugins.auth.contract import Claims, Verify
 
 from ._support import emit, nats_server, percentile
-from ._ws_client import HandshakeRefused, RawWs, open_timed  # the client side, re-exported
+from ._ws_client import HandshakeRefused, LeanWs, RawWs, open_timed  # the client side, re-exported
 
 __all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "load_avg_1m", "main", "open_timed", "raise_nofile"]
 
@@ -96,7 +106,7 @@ def make_token(sub: str) -> str:
 # -- server processes -----------------------------------------------------------------
 
 
-def _manifest(prefix: str, local: bool, server: str) -> Any:
+def _manifest(prefix: str, local: bool, server: str, port: int = 0) -> Any:
     from aiwfe.kernel.manifest import parse_manifest
 
     worker_plugins = "" if local else '[pods.work]\nplugins = ["perception"]'
@@ -110,7 +120,8 @@ def _manifest(prefix: str, local: bool, server: str) -> Any:
         plugins = [{gw_plugins}]
         {worker_plugins}
         [plugins.gateway]
-        port = 0
+        port = {port}
+        reuse_port = true
         server = "{server}"
         rate_per_s = 100.0
         rate_burst = 200
@@ -120,12 +131,13 @@ def _manifest(prefix: str, local: bool, server: str) -> Any:
     )
 
 
-async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool, server: str) -> None:
-    """Run one pod of the benchmark's manifest until stdin closes (``gw`` prints its URL)."""
+async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool, server: str, port: int) -> None:
+    """Run one pod of the benchmark's manifest until stdin closes (``gw`` prints its URL;
+    its replicas bind the same ``port`` with ``SO_REUSEPORT``)."""
     from aiwfe.bus.nats import NatsBus
     from aiwfe.kernel.pod import PodRunner
 
-    m = _manifest(prefix, local, server)
+    m = _manifest(prefix, local, server, port)
     async with PodRunner(m, pod, NatsBus(nats_url, prefix, name=pod), ops_port=0) as runner:
         if pod == "gw":
             url = runner.plugins["gateway"].public_url  # type: ignore[attr-defined]
@@ -135,7 +147,7 @@ async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool, server: 
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
-async def _serve_echo(server_name: str) -> None:
+async def _serve_echo(server_name: str, port: int) -> None:
     from litestar import Litestar, WebSocket, websocket
 
     from aiwfe.kernel.manifest import System
@@ -152,7 +164,8 @@ async def _serve_echo(server_name: str) -> None:
     server = server_cls(
         Litestar(route_handlers=[echo]),
         host="127.0.0.1",
-        port=0,
+        port=port,
+        reuse_port=True,
         max_frame_bytes=65536,
         ping_interval_s=20,
         ping_timeout_s=20,
@@ -172,7 +185,18 @@ async def _serve_echo(server_name: str) -> None:
 
 
 async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup: int) -> dict[str, Any]:
-    conns: list[RawWs] = []
+    """One load generator: open ``n`` sockets (at most ``ramp`` handshakes at once), wait for
+    GO on stdin, then send one frame a second on each socket for ``seconds``.
+
+    Open loop on a fixed schedule: socket *i* sends at ``start + phase_i + k`` (phases spread
+    over the second), whatever the replies do, except that a socket has at most one frame
+    outstanding: a send that falls due before the previous reply has come goes out when that
+    reply arrives (then its latency counts from that moment, as with the former per-socket
+    task). One scheduler task and :class:`LeanWs` protocols: no task, timer or stream read
+    per frame, so that the load generator takes as little as possible of the cores it shares
+    with the servers it measures.
+    """
+    conns: list[LeanWs] = []
     failures: list[str] = []
     connect_ms: list[float] = []
     sem = asyncio.Semaphore(ramp)
@@ -180,49 +204,111 @@ async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup
     async def open_one(i: int) -> None:
         headers = {"Authorization": f"Bearer {make_token(f'u{os.getpid()}-{i}')}"} if mode == "gateway" else {}
         async with sem:
-            await open_timed(url, headers, conns, connect_ms, failures, timeout_s=60)
+            t0 = time.perf_counter()
+            try:
+                ws = await LeanWs.connect(url, headers, timeout_s=60)
+            except Exception as e:
+                failures.append(f"{type(e).__name__}: {e}"[:120])
+                return
+            connect_ms.append((time.perf_counter() - t0) * 1000)
+            conns.append(ws)
 
     await asyncio.gather(*(open_one(i) for i in range(n)))
     print(json.dumps({"connected": len(conns)}), flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # GO
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.readline)  # GO
 
+    text = "How fast is the database index on the orders table?"
+    if mode == "gateway":
+        body = {"type": "call", "contract": "perception.perceive", "input": {"text": text}, "id": ""}
+    else:
+        body = {"type": "echo", "input": {"text": text}, "id": ""}
+    prefix = json.dumps(body).encode()[: -len(b'""}')] + b'"'  # everything up to the id's value
+    decode = msgspec.json.Decoder(_Reply).decode
     lat_ms: list[float] = []
     errors = 0
     closed = 0
-    text = "How fast is the database index on the orders table?"
+    n_socks = len(conns)
+    sent = [0] * n_socks  # frames sent per socket
+    t_sent = [0.0] * n_socks  # perf_counter of the outstanding frame, 0.0: none outstanding
+    owed = [False] * n_socks  # a send fell due while a frame was outstanding
+    done = asyncio.Event()
+    outstanding = 0
+    finished = False
 
-    async def drive(ws: RawWs) -> None:
-        nonlocal errors, closed
-        loop = asyncio.get_running_loop()
-        start = loop.time() + random.random()
-        end = start + seconds
-        k = 0
-        while True:
-            at = start + k
-            if at >= end:
-                return
-            await asyncio.sleep(max(0.0, at - loop.time()))
-            k += 1
+    def send(i: int) -> None:
+        nonlocal outstanding
+        k = sent[i] + 1
+        sent[i] = k
+        t_sent[i] = time.perf_counter()
+        outstanding += 1
+        conns[i].send(prefix + str(k).encode() + b'"}')
+
+    def make_handlers(i: int) -> tuple[Any, Any]:
+        def on_text(payload: bytes) -> None:
+            nonlocal errors, outstanding
+            t0 = t_sent[i]
+            if not t0:
+                return  # nothing outstanding: not an answer to a frame of ours
+            now = time.perf_counter()
+            t_sent[i] = 0.0
+            outstanding -= 1
+            if sent[i] > warmup:
+                lat_ms.append((now - t0) * 1000)
             if mode == "gateway":
-                frame = json.dumps({"type": "call", "contract": "perception.perceive", "input": {"text": text}, "id": str(k)})
-            else:
-                frame = json.dumps({"type": "echo", "input": {"text": text}, "id": str(k)})
-            t0 = time.perf_counter()
-            try:
-                ws.send(frame)
-                reply = json.loads(await ws.recv())
-            except Exception:
-                closed += 1
-                return
-            if k > warmup:
-                lat_ms.append((time.perf_counter() - t0) * 1000)
-            if mode == "gateway" and reply.get("type") != "reply":
-                errors += 1
+                try:
+                    if decode(payload).type != "reply":
+                        errors += 1
+                except msgspec.DecodeError:
+                    errors += 1
+            if owed[i]:
+                owed[i] = False
+                send(i)
+            elif finished and not outstanding:
+                done.set()
 
-    await asyncio.gather(*(drive(ws) for ws in conns))
+        def on_close() -> None:
+            nonlocal closed, outstanding
+            closed += 1
+            if t_sent[i]:
+                t_sent[i] = 0.0
+                outstanding -= 1
+            owed[i] = False
+            if finished and not outstanding:
+                done.set()
+
+        return on_text, on_close
+
+    for i, ws in enumerate(conns):
+        ws.on_text, ws.on_close = make_handlers(i)
+    schedule = sorted((random.random(), i) for i in range(n_socks))
+    cpu0 = time.process_time()
+    start = loop.time()
+    for second in range(int(seconds)):
+        for phase, i in schedule:
+            at = start + second + phase
+            delay = at - loop.time()
+            if delay > 0.0005:
+                await asyncio.sleep(delay)
+            if conns[i].closed:
+                continue
+            if t_sent[i]:
+                owed[i] = True
+            else:
+                send(i)
+    finished = True
+    if outstanding:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 120)
+    errors += outstanding  # frames never answered
+    cpu_s = time.process_time() - cpu0
+    print(json.dumps({"done": True}), flush=True)  # the servers' CPU is read before the sockets close
+    await loop.run_in_executor(None, sys.stdin.readline)  # CLOSE
     for ws in conns:
         ws.close()
     return {
+        "frames": sum(sent),
+        "cpu_s": cpu_s,
         "connected": len(conns),
         "failures": failures,
         "errors": errors,
@@ -230,6 +316,10 @@ async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup
         "lat_ms": lat_ms,
         "connect_ms": connect_ms,
     }
+
+
+class _Reply(msgspec.Struct):
+    type: str = ""
 
 
 # -- orchestration --------------------------------------------------------------------
@@ -256,7 +346,20 @@ def _read_ready(p: subprocess.Popen[str]) -> str:
     raise RuntimeError("server process ended before it was ready")
 
 
-def _phase(url: str, mode: str, n: int, clients: int, seconds: float, ramp: int, warmup: int) -> dict[str, Any]:
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _phase(
+    url: str, mode: str, n: int, clients: int, seconds: float, ramp: int, warmup: int, servers: dict[str, int]
+) -> dict[str, Any]:
+    """Run one phase; ``servers`` (name → pid) are the server processes whose CPU seconds
+    during the load (from GO to the last reply) are reported as µs per frame sent."""
     share = [n // clients + (1 if i < n % clients else 0) for i in range(clients)]
     tmp = tempfile.mkdtemp(prefix="aiwfe-bench-ws-")
     outs = [os.path.join(tmp, f"client{i}.json") for i in range(len(share))]
@@ -268,12 +371,17 @@ def _phase(url: str, mode: str, n: int, clients: int, seconds: float, ramp: int,
         assert p.stdout is not None
         json.loads(p.stdout.readline())
     ramp_s = time.perf_counter() - t0
+    cpu0 = {name: cpu_s(pid) for name, pid in servers.items()}
     for p in procs:
         assert p.stdin is not None
         p.stdin.write("GO\n")
         p.stdin.flush()
     for p in procs:
-        p.communicate(timeout=seconds + 300)
+        assert p.stdout is not None
+        json.loads(p.stdout.readline())  # {"done"}: its load is over, its sockets still open
+    cpu1 = {name: cpu_s(pid) for name, pid in servers.items()}
+    for p in procs:
+        p.communicate("CLOSE\n", timeout=seconds + 300)
     results = [json.loads(Path(out).read_bytes()) for out, k in zip(outs, share, strict=True) if k]
     shutil.rmtree(tmp, ignore_errors=True)
     lat = [x for r in results for x in r["lat_ms"]]
@@ -288,7 +396,23 @@ def _phase(url: str, mode: str, n: int, clients: int, seconds: float, ramp: int,
         "samples": len(lat),
         "connect_p99_ms": round(percentile(conn_ms, 99), 1),
         "ramp_s": round(ramp_s, 2),
+        "cpu_us_per_frame": _per_frame(cpu0, cpu1, results),
     }
+
+
+def _per_frame(cpu0: dict[str, float | None], cpu1: dict[str, float | None], results: list[dict[str, Any]]) -> dict[str, float]:
+    """CPU µs per frame sent of each server process and of the load generators together
+    (robust to other work on the machine, unlike the latencies)."""
+    frames = sum(r["frames"] for r in results)
+    out: dict[str, float] = {}
+    if not frames:
+        return out
+    for name, before in cpu0.items():
+        after = cpu1.get(name)
+        if before is not None and after is not None:
+            out[name] = round((after - before) * 1e6 / frames, 1)
+    out["clients"] = round(sum(r["cpu_s"] for r in results) * 1e6 / frames, 1)
+    return out
 
 
 def _stop(p: subprocess.Popen[str]) -> None:
@@ -302,26 +426,53 @@ def _stop(p: subprocess.Popen[str]) -> None:
         p.wait()
 
 
+def _replicas(first: list[str], n: int) -> tuple[list[subprocess.Popen[str]], str]:
+    """Start ``n`` server processes: the first binds a free port, the others the same port
+    (``SO_REUSEPORT``: the kernel spreads connections over them, as a Service over pods).
+    Returns the processes and the URL the first printed."""
+    procs = [_spawn(*first, "--port", "0")]
+    try:
+        url = _read_ready(procs[0])
+        port = urlsplit(url).port
+        for _ in range(1, n):
+            procs.append(_spawn(*first, "--port", str(port)))
+            _read_ready(procs[-1])
+    except BaseException:
+        for p in procs:
+            _stop(p)
+        raise
+    return procs, url
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the echo baseline and the gateway phase; return the result object."""
     n = args.connections
+    if args.replicas > 1 and args.server != "uvicorn":
+        raise SystemExit("--replicas > 1 needs --server uvicorn (SO_REUSEPORT)")
     _UVLOOP[:] = ["--server", args.server, *(["--uvloop"] if args.uvloop else [])]
     with nats_server(args.url) as nats_url:
-        echo_srv = _spawn("--role", "echo")
+        echo_srvs, echo_url = _replicas(["--role", "echo"], args.replicas)
         try:
-            echo = _phase(_read_ready(echo_srv), "echo", n, args.clients, args.duration, args.ramp, args.warmup)
+            servers = {f"echo{i}": p.pid for i, p in enumerate(echo_srvs)}
+            echo = _phase(echo_url, "echo", n, args.clients, args.duration, args.ramp, args.warmup, servers)
         finally:
-            _stop(echo_srv)
+            for p in echo_srvs:
+                _stop(p)
         prefix = f"benchws{os.getpid()}"
         common = ["--nats", nats_url, "--prefix", prefix, *(["--local"] if args.local else [])]
-        worker = None if args.local else _spawn("--role", "pod", "--pod", "work", *common)
-        gw_srv = _spawn("--role", "pod", "--pod", "gw", *common)
+        worker = None if args.local else _spawn("--role", "pod", "--pod", "work", *common, "--port", "0")
+        gw_srvs: list[subprocess.Popen[str]] = []
         try:
             if worker is not None:
                 _read_ready(worker)
-            gw = _phase(_read_ready(gw_srv), "gateway", n, args.clients, args.duration, args.ramp, args.warmup)
+            gw_srvs, gw_url = _replicas(["--role", "pod", "--pod", "gw", *common], args.replicas)
+            servers = {f"gateway{i}": p.pid for i, p in enumerate(gw_srvs)}
+            if worker is not None:
+                servers["worker"] = worker.pid
+            gw = _phase(gw_url, "gateway", n, args.clients, args.duration, args.ramp, args.warmup, servers)
         finally:
-            _stop(gw_srv)
+            for p in gw_srvs:
+                _stop(p)
             if worker is not None:
                 _stop(worker)
     return {
@@ -339,7 +490,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "connect_failures": len(gw["failures"]),
         "connect_p99_ms": gw["connect_p99_ms"],
         "ramp_s": gw["ramp_s"],
+        "cpu_us_per_frame": gw["cpu_us_per_frame"],
+        "echo_cpu_us_per_frame": echo["cpu_us_per_frame"],
         "clients": args.clients,
+        "replicas": args.replicas,
         "duration_s": args.duration,
         "warmup_s": args.warmup,
         "call_path": "local" if args.local else "remote",
@@ -356,6 +510,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--connections", "-n", type=int, default=1000)
     p.add_argument("--duration", type=float, default=20.0, help="seconds of load per phase")
     p.add_argument("--clients", type=int, default=2, help="load-generator processes")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=2,
+        help="gateway pod processes sharing the port, and as many echo processes (default 2: the consolidated "
+        "manifest's min_replicas for the gateway pod, as in auth-burst)",
+    )
     p.add_argument("--ramp", type=int, default=200, help="concurrent handshakes per load generator")
     p.add_argument("--warmup", type=int, default=2, help="first sends per socket not counted (seconds of warm-up)")
     p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
@@ -369,6 +530,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--prefix", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     p.add_argument("--pod", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     raise_nofile()
     run_loop: Any = asyncio.run
@@ -377,9 +539,9 @@ def main(argv: list[str]) -> int:
 
         run_loop = uvloop.run
     if args.role == "pod":
-        run_loop(_serve_pod(args.nats, args.prefix, args.pod, args.local, args.server))
+        run_loop(_serve_pod(args.nats, args.prefix, args.pod, args.local, args.server, args.port))
     elif args.role == "echo":
-        run_loop(_serve_echo(args.server))
+        run_loop(_serve_echo(args.server, args.port))
     elif args.role == "client":
         out = run_loop(_client(args.target, args.connections, args.duration, args.mode, args.ramp, args.warmup))
         # The samples go to a file: a pipe left non-blocking by uvloop truncates a large line.

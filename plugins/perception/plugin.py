@@ -225,15 +225,29 @@ def _unit_vector(words: list[str]) -> dict[int, float]:
     return {k: v / norm for k, v in vec.items()} if norm else vec
 
 
-@functools.lru_cache(maxsize=1 << 16)
+#: Words longer than this are not cached: the caches are bounded by entries, and a client
+#: could otherwise fill them with very long words.
+CACHED_WORD_MAX = 64
+
+
 def _word_trigrams(word: str) -> tuple[int, ...]:
     """The hashed trigrams of one lower-cased word, its dots stripped (cached, bounded:
-    hashing was most of perceive's CPU)."""
+    hashing was most of perceive's CPU; words over :data:`CACHED_WORD_MAX` characters are
+    hashed each time)."""
+    if len(word) > CACHED_WORD_MAX:
+        return _hash_trigrams(word)
+    return _cached_trigrams(word)
+
+
+def _hash_trigrams(word: str) -> tuple[int, ...]:
     padded = f"#{word}#"
     return tuple(
         int.from_bytes(hashlib.blake2b(padded[i : i + 3].encode(), digest_size=4).digest(), "little")
         for i in range(len(padded) - 2)
     )
+
+
+_cached_trigrams = functools.lru_cache(maxsize=1 << 16)(_hash_trigrams)
 
 
 def _tokens(text: str) -> tuple[list[str], list[str], list[str]]:
@@ -295,8 +309,7 @@ def _word_info(index: dict[int, tuple[tuple[str, float], ...]]) -> Callable[[str
     """word → (its hashed trigrams, and (tag, the sum of the tag's weights over those trigrams)
     for each tag of ``index`` sharing one), cached per index (bounded: clients choose words)."""
 
-    @functools.lru_cache(maxsize=1 << 15)
-    def info(word: str) -> _WordInfo:
+    def compute(word: str) -> _WordInfo:
         trigrams = _word_trigrams(word)
         sums: dict[str, float] = {}
         for h in trigrams:
@@ -304,6 +317,12 @@ def _word_info(index: dict[int, tuple[tuple[str, float], ...]]) -> Callable[[str
                 sums[tag] = sums.get(tag, 0.0) + w
         return trigrams, tuple(sums.items())
 
+    cached = functools.lru_cache(maxsize=1 << 15)(compute)
+
+    def info(word: str) -> _WordInfo:
+        return compute(word) if len(word) > CACHED_WORD_MAX else cached(word)
+
+    info.cache_info = cached.cache_info  # type: ignore[attr-defined]
     return info
 
 

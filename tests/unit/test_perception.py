@@ -22,9 +22,11 @@ from aiwfe.plugins.perception.plugin import (
     _LOWER_JOINS,
     _STOPWORDS,
     _WORD,
+    CACHED_WORD_MAX,
     PerceptionPlugin,
     _analyse,
     _approximate_similarities,
+    _cached_trigrams,
     _cosine,
     _tokens,
     _word_trigrams,
@@ -335,5 +337,12 @@ def test_lower_casing_joins_words_only_at_the_listed_characters() -> None:
 
 def test_the_word_caches_are_bounded() -> None:
     p = PerceptionPlugin(PerceptionPlugin.Config(), None)  # type: ignore[arg-type]
-    assert 0 < (_word_trigrams.cache_info().maxsize or 0) <= 1 << 16
+    assert 0 < (_cached_trigrams.cache_info().maxsize or 0) <= 1 << 16
     assert 0 < (p.words.cache_info().maxsize or 0) <= 1 << 16  # type: ignore[attr-defined]
+    # long words are not cached at all: entries are bounded, their size must be too
+    before = (_cached_trigrams.cache_info().currsize, p.words.cache_info().currsize)  # type: ignore[attr-defined]
+    p.words("x" * (CACHED_WORD_MAX + 1))
+    assert _word_trigrams("y" * 1000) == _word_trigrams("y" * 1000)
+    assert (_cached_trigrams.cache_info().currsize, p.words.cache_info().currsize) == before  # type: ignore[attr-defined]
+    p.words("short")
+    assert p.words.cache_info().currsize == before[1] + 1  # type: ignore[attr-defined]
