@@ -41,7 +41,10 @@ def message_size(data: bytes, headers: Headers | None) -> int:
     """The size NATS counts against ``max_payload``: the payload plus the encoded header block."""
     if not headers:
         return len(data)
-    return len(data) + 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+    n = len(data) + 12
+    for k, v in headers.items():  # a loop, not a generator: it runs for every message sent
+        n += len(k) + (len(v) if v.isascii() else len(v.encode())) + 4
+    return n
 
 
 class Delivery(Protocol):
