@@ -182,6 +182,68 @@ class FastClient(_nc.Client):
                 fut.set_exception(CalleeLost(f"no reply and no heartbeat for {LIVENESS_WINDOW_S:g} s"))
         self._live_sweep = loop.call_at(now + _SWEEP_S, self._sweep, loop, now + _SWEEP_S) if live else None
 
+    async def _publish_call(self, subject: str, token: str, payload: bytes, headers: dict[str, str] | None) -> None:
+        """Publish a request whose reply comes to ``token`` on the mux: Client.publish's checks,
+        inline, without validating the reply subject (our own inbox)."""
+        if self.is_closed:
+            raise _nc.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise _nc.errors.ConnectionDrainingError
+        size = len(payload)
+        if not self.is_connected and (self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size):
+            raise _nc.errors.OutboundBufferLimitError
+        if size > self._max_payload:
+            raise _nc.errors.MaxPayloadError
+        if not self._skip_subject_validation:
+            _nc._validate_subject(subject)
+        await self._send_publish(subject, self._resp_prefix_str + token, payload, size, headers)
+
+    async def call_many(
+        self, subject: str, items: list[tuple[bytes, dict[str, str] | None]], timeout_s: float, wheel: DeadlineWheel
+    ) -> list[Msg]:
+        """Several requests to ``subject``, sent back to back in this order (one write), then
+        every reply awaited: one round trip where :meth:`call` in a loop takes ``len(items)``.
+
+        Raises:
+            nats.errors.TimeoutError: a reply did not come within ``timeout_s``.
+            nats.errors.NoRespondersError: nobody subscribes to ``subject``.
+        """
+        if not self._resp_prefix_str:
+            if not self._resp_sub_prefix:
+                await self._init_request_sub()
+            assert self._resp_sub_prefix is not None
+            self._resp_prefix_str = self._resp_sub_prefix.decode()
+        loop = asyncio.get_running_loop()
+        resp_map = self._resp_map
+        pending: list[tuple[str, asyncio.Future[Msg]]] = []
+        out: list[Msg] = []
+        try:
+            for payload, headers in items:
+                self._call_seq += 1
+                token = f"k{self._call_seq}"
+                fut: asyncio.Future[Msg] = loop.create_future()
+                resp_map[token] = fut
+                pending.append((token, fut))
+                await self._publish_call(subject, token, payload, headers)
+            deadline = loop.time() + timeout_s
+            for _, fut in pending:
+                timer = wheel.add(deadline, fut)
+                try:
+                    msg = await fut
+                except asyncio.CancelledError:
+                    if timer[1].expired:
+                        raise _nc.errors.TimeoutError from None
+                    raise
+                finally:
+                    wheel.remove(timer)
+                if msg.headers and msg.headers.get("Status") == "503":
+                    raise _nc.errors.NoRespondersError
+                out.append(msg)
+        finally:
+            for token, _ in pending:
+                resp_map.pop(token, None)
+        return out
+
     async def call(
         self,
         subject: str,
@@ -222,19 +284,7 @@ class FastClient(_nc.Client):
         resp_map = self._resp_map
         resp_map[token] = fut
         try:
-            # Client.publish's checks, inline, without validating the reply subject (our own inbox).
-            if self.is_closed:
-                raise _nc.errors.ConnectionClosedError
-            if self.is_draining_pubs:
-                raise _nc.errors.ConnectionDrainingError
-            size = len(payload)
-            if not self.is_connected and (self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size):
-                raise _nc.errors.OutboundBufferLimitError
-            if size > self._max_payload:
-                raise _nc.errors.MaxPayloadError
-            if not self._skip_subject_validation:
-                _nc._validate_subject(subject)
-            await self._send_publish(subject, self._resp_prefix_str + token, payload, size, headers)
+            await self._publish_call(subject, token, payload, headers)
             timer = wheel.add(loop.time() + timeout_s, fut)
             try:
                 msg = await fut

@@ -172,6 +172,11 @@ class Streams(Protocol):
         """Append; return the sequence. A repeated ``msg_id`` is dropped (the first one's
         sequence is returned). Raises NotAccepted."""
 
+    async def append_many(self, subject: str, items: list[tuple[bytes, Headers]]) -> list[int]:
+        """Append several messages to ``subject`` in this order (no ``msg_id``), sent back to
+        back and confirmed together; return their sequences once every one is confirmed.
+        Raises NotAccepted (then later ones may be stored too)."""
+
     def follow(self, subject: str, after_seq: int = 0) -> AsyncIterator[StreamMessage]:
         """Replay the messages on ``subject`` after ``after_seq``, then follow new ones."""
         ...
