@@ -31,6 +31,8 @@ import msgspec
 
 from ._support import emit, nats_server, percentile
 
+TERMINAL = ("job.done", "job.failed", "job.cancelled")  # aiwfe.kernel.jobs.TERMINAL (imported late there)
+
 ALL_TAGS = (
     "Review the architecture, security, database, performance, deploy pipeline, frontend page, backend api, "
     "data, model training, test coverage, user feature and docs of the system"
@@ -106,9 +108,10 @@ class _Tap:
         i = headers.find(b"Aiwfe-Type: job.")
         if i >= 0:
             typ = headers[i + 12 : headers.index(b"\r\n", i)].decode()
-            fut = self.waiter(job_id)
-            if not fut.done():
-                fut.set_result(typ)
+            if typ in TERMINAL:  # not job.retrying / job.replayed: the job goes on
+                fut = self.waiter(job_id)
+                if not fut.done():
+                    fut.set_result(typ)
 
 
 async def _job_time(k: Any, tap: _Tap, ask: Any) -> tuple[float, float, Any]:

@@ -312,7 +312,7 @@ class HeliosPlugin(Plugin):
             )
             for name, relevance in chosen
         }
-        await until_quorum(tasks, results, enough)
+        await until_quorum(tasks, results, enough if quorum else None)
         for name, _ in chosen:
             if name not in results:
                 reason = f"{quorum} experts had answered"
