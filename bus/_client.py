@@ -8,7 +8,8 @@ form of header names it has already validated and parses header blocks with byte
 operations. Replies on the request mux are handed straight to their futures instead of
 through the mux subscription's queue and task (a quarter of the client CPU of a JetStream
 round trip, ``aiwfe bench jobs``). It overrides private methods of nats-py
-(``_parse_header_lines``, ``_send_publish``, ``_init_request_sub``, ``_process_msg``), so
+(``_parse_header_lines``, ``_send_publish``, ``_init_request_sub``, ``_process_msg``,
+``_remove_sub``), so
 pyproject pins nats-py to the 2.x series these were read from;
 ``tests/unit/test_bus_client.py`` checks the header handling against nats-py's own
 implementation, ``tests/integration/test_nats_streams.py`` the reply path.
@@ -23,6 +24,7 @@ quarter second fails the ones heard of neither by reply nor by heartbeat for
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio import client as _nc
@@ -72,6 +74,8 @@ class FastClient(_nc.Client):
 
     def __init__(self) -> None:
         super().__init__()
+        # sid -> callback(subject, raw header block, payload) of subscribe_raw subscriptions
+        self._raw_subs: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
         # live call token -> loop time it was last heard of (sent, or named by a heartbeat)
         self._live: dict[str, float] = {}
         self._live_sweep: asyncio.TimerHandle | None = None
@@ -119,6 +123,12 @@ class FastClient(_nc.Client):
         # Replies on the request mux go straight to their future: nats-py would queue each one
         # for the mux subscription's task, which then calls back to resolve the same future.
         if sid != self._resp_sid:
+            raw = self._raw_subs.get(sid)
+            if raw is not None:
+                self.stats["in_msgs"] += 1
+                self.stats["in_bytes"] += len(data)
+                raw(subject, headers, data)
+                return None
             return await super()._process_msg(sid, subject, reply, data, headers)
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
@@ -130,11 +140,25 @@ class FastClient(_nc.Client):
             return None
         if fut.done():
             return None
-        hdr = await self._process_headers(headers)
+        # A JetStream ack (most replies here) has no header block: nothing to parse.
+        hdr = await self._process_headers(headers) if headers else None
         msg = self._build_message(sid, subject, reply, data, hdr)
         if msg is not None and not fut.done():
             fut.set_result(msg)
         return None
+
+    async def subscribe_raw(self, subject: str, cb: Callable[[bytes, bytes, bytes], None]) -> Any:
+        """Subscribe with a plain function called from the read loop with the message's subject,
+        raw header block (``b""`` without one) and payload: no Msg, header parsing, queue or task
+        per message. For a watcher of many small messages (``aiwfe bench helios`` follows every
+        job event this way); ``cb`` must not block. Returns the subscription (unsubscribe it)."""
+        sub = await self.subscribe(subject)
+        self._raw_subs[sub._id] = cb
+        return sub
+
+    def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self._raw_subs.pop(sid, None)
+        super()._remove_sub(sid, max_msgs)
 
     def _heard(self, data: bytes) -> None:
         """A heartbeat: the calls it names (space-separated tokens) are still running."""
@@ -157,6 +181,68 @@ class FastClient(_nc.Client):
             if fut is not None and not fut.done():
                 fut.set_exception(CalleeLost(f"no reply and no heartbeat for {LIVENESS_WINDOW_S:g} s"))
         self._live_sweep = loop.call_at(now + _SWEEP_S, self._sweep, loop, now + _SWEEP_S) if live else None
+
+    async def _publish_call(self, subject: str, token: str, payload: bytes, headers: dict[str, str] | None) -> None:
+        """Publish a request whose reply comes to ``token`` on the mux: Client.publish's checks,
+        inline, without validating the reply subject (our own inbox)."""
+        if self.is_closed:
+            raise _nc.errors.ConnectionClosedError
+        if self.is_draining_pubs:
+            raise _nc.errors.ConnectionDrainingError
+        size = len(payload)
+        if not self.is_connected and (self._max_pending_size <= 0 or size + self._pending_data_size > self._max_pending_size):
+            raise _nc.errors.OutboundBufferLimitError
+        if size > self._max_payload:
+            raise _nc.errors.MaxPayloadError
+        if not self._skip_subject_validation:
+            _nc._validate_subject(subject)
+        await self._send_publish(subject, self._resp_prefix_str + token, payload, size, headers)
+
+    async def call_many(
+        self, subject: str, items: list[tuple[bytes, dict[str, str] | None]], timeout_s: float, wheel: DeadlineWheel
+    ) -> list[Msg]:
+        """Several requests to ``subject``, sent back to back in this order (one write), then
+        every reply awaited: one round trip where :meth:`call` in a loop takes ``len(items)``.
+
+        Raises:
+            nats.errors.TimeoutError: a reply did not come within ``timeout_s``.
+            nats.errors.NoRespondersError: nobody subscribes to ``subject``.
+        """
+        if not self._resp_prefix_str:
+            if not self._resp_sub_prefix:
+                await self._init_request_sub()
+            assert self._resp_sub_prefix is not None
+            self._resp_prefix_str = self._resp_sub_prefix.decode()
+        loop = asyncio.get_running_loop()
+        resp_map = self._resp_map
+        pending: list[tuple[str, asyncio.Future[Msg]]] = []
+        out: list[Msg] = []
+        try:
+            for payload, headers in items:
+                self._call_seq += 1
+                token = f"k{self._call_seq}"
+                fut: asyncio.Future[Msg] = loop.create_future()
+                resp_map[token] = fut
+                pending.append((token, fut))
+                await self._publish_call(subject, token, payload, headers)
+            deadline = loop.time() + timeout_s
+            for _, fut in pending:
+                timer = wheel.add(deadline, fut)
+                try:
+                    msg = await fut
+                except asyncio.CancelledError:
+                    if timer[1].expired:
+                        raise _nc.errors.TimeoutError from None
+                    raise
+                finally:
+                    wheel.remove(timer)
+                if msg.headers and msg.headers.get("Status") == "503":
+                    raise _nc.errors.NoRespondersError
+                out.append(msg)
+        finally:
+            for token, _ in pending:
+                resp_map.pop(token, None)
+        return out
 
     async def call(
         self,
@@ -198,7 +284,7 @@ class FastClient(_nc.Client):
         resp_map = self._resp_map
         resp_map[token] = fut
         try:
-            await self.publish(subject, payload, reply=self._resp_prefix_str + token, headers=headers)
+            await self._publish_call(subject, token, payload, headers)
             timer = wheel.add(loop.time() + timeout_s, fut)
             try:
                 msg = await fut

@@ -41,7 +41,10 @@ def message_size(data: bytes, headers: Headers | None) -> int:
     """The size NATS counts against ``max_payload``: the payload plus the encoded header block."""
     if not headers:
         return len(data)
-    return len(data) + 12 + sum(len(k) + len(v.encode()) + 4 for k, v in headers.items())
+    n = len(data) + 12
+    for k, v in headers.items():  # a loop, not a generator: it runs for every message sent
+        n += len(k) + (len(v) if v.isascii() else len(v.encode())) + 4
+    return n
 
 
 class Delivery(Protocol):
@@ -168,6 +171,11 @@ class Streams(Protocol):
     async def append(self, subject: str, data: bytes, headers: Headers, msg_id: str | None = None) -> int:
         """Append; return the sequence. A repeated ``msg_id`` is dropped (the first one's
         sequence is returned). Raises NotAccepted."""
+
+    async def append_many(self, subject: str, items: list[tuple[bytes, Headers]]) -> list[int]:
+        """Append several messages to ``subject`` in this order (no ``msg_id``), sent back to
+        back and confirmed together; return their sequences once every one is confirmed.
+        Raises NotAccepted (then later ones may be stored too)."""
 
     def follow(self, subject: str, after_seq: int = 0) -> AsyncIterator[StreamMessage]:
         """Replay the messages on ``subject`` after ``after_seq``, then follow new ones."""

@@ -282,6 +282,10 @@ class LocalBus:
             self._appended.notify_all()
         return seq
 
+    async def append_many(self, subject: str, items: list[tuple[bytes, Headers]]) -> list[int]:
+        """Append each in order (see :meth:`aiwfe.bus.base.Streams.append_many`)."""
+        return [await self.append(subject, data, headers) for data, headers in items]
+
     def _has_after(self, subject: str, seq: int) -> bool:
         return bool(self._after(subject, seq))
 

@@ -145,6 +145,25 @@ class StreamsMixin:
             raise NotAccepted(f"{subject}: not accepted by JetStream: {ack.error.description}")
         return ack.seq
 
+    async def append_many(self, subject: str, items: list[tuple[bytes, Headers]], timeout_s: float = 5.0) -> list[int]:
+        """Publish each of ``items`` to the stream of ``subject`` in this order, back to back,
+        then wait for every ack; return the sequences (one round trip for all)."""
+        for data, headers in items:
+            self.check_size(subject, data, headers)
+        try:
+            msgs = await self.nc.call_many(subject, [(d, h or None) for d, h in items], timeout_s, self._wheel)
+            acks = [_puback.decode(m.data) for m in msgs]
+        except nats.errors.NoRespondersError:
+            raise NotAccepted(f"{subject}: no stream takes it") from None
+        except (TimeoutError, nats.errors.Error) as e:  # no answer: it may have been stored
+            raise NotAccepted(f"{subject}: not confirmed by JetStream: {e!r}", uncertain=True) from None
+        except msgspec.DecodeError as e:
+            raise NotAccepted(f"{subject}: not accepted by JetStream: {e!r}") from None
+        for ack in acks:
+            if ack.error is not None:
+                raise NotAccepted(f"{subject}: not accepted by JetStream: {ack.error.description}")
+        return [ack.seq for ack in acks]
+
     async def follow(self, subject: str, after_seq: int = 0) -> AsyncIterator[StreamMessage]:
         """Replay ``subject`` after ``after_seq`` (an ordered consumer), then follow it."""
         if after_seq > 0:

@@ -49,6 +49,10 @@ R = TypeVar("R")
 _enc = msgspec.msgpack.Encoder()
 #: The longest a call waits for a subject nobody serves to be served again (module docstring).
 NO_RESPONDERS_WAIT_S = 2.0
+#: After an optional call found no pod serving its contract, further optional calls to it fail
+#: at once for this long instead of asking the server again (helios asks memory and learning
+#: on every job: in a manifest without them that was two failed round trips per job).
+OPTIONAL_ABSENT_S = 1.0
 
 
 class Kernel:
@@ -72,6 +76,7 @@ class Kernel:
         self.events: dict[type, list[Endpoint]] = {}
         self._subjects: dict[type, str] = {}
         self._reply_decoders: dict[type, msgspec.msgpack.Decoder[Any]] = {}
+        self._absent: dict[type, tuple[float, str]] = {}  # contract -> (loop time, why): see OPTIONAL_ABSENT_S
         self._schemas: dict[type, bytes] = {}
         self.submissions = Submissions(self)
 
@@ -160,7 +165,9 @@ class Kernel:
         ``timeout_s`` caps it, and inside a handler so does the caller's own deadline.
         ``optional``: the caller does without the answer (helios's memory recall), so a call
         that reaches no pod fails at once with ``Unavailable`` instead of waiting for one to
-        come (a manifest without that plugin would otherwise pay the wait on every call).
+        come (a manifest without that plugin would otherwise pay the wait on every call); for
+        ``OPTIONAL_ABSENT_S`` after that, optional calls to the same contract fail so at once
+        without asking the server (a pod that starts serving it is used from then on).
 
         Raises:
             DeadlineExceeded, Unavailable, Overloaded, SchemaMismatch, BadMessage, RemoteError.
@@ -183,9 +190,16 @@ class Kernel:
         return await self._call_remote(req, contract, deadline, optional)  # type: ignore[no-any-return]
 
     async def _call_remote(self, req: Message, contract: type, deadline: float, optional: bool = False) -> Any:
-        remaining = deadline - asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        remaining = deadline - now
         if remaining <= 0:
             raise DeadlineExceeded(f"{address_of(contract)}: deadline passed before the call")
+        if optional and self._absent:
+            absent = self._absent.get(contract)
+            if absent is not None:
+                if now < absent[0] + OPTIONAL_ABSENT_S:
+                    raise Unavailable(absent[1])
+                del self._absent[contract]
         dec = self._reply_decoders.get(contract)
         if dec is None:
             if kind_of(contract) != "request":
@@ -200,6 +214,7 @@ class Kernel:
             data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
         except (NoResponders, CalleeLost) as e:
             if optional and isinstance(e, NoResponders):
+                self._absent[contract] = (asyncio.get_running_loop().time(), str(e))
                 raise Unavailable(str(e)) from None
             data, rh = await self._call_again(e, contract, body, tp, job.job_id if job else None, deadline)
         except BusTimeout as e:

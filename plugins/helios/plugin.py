@@ -66,6 +66,7 @@ from .synthesis import SENTENCE_BREAK, synthesise
 __all__ = ["ExpertsUnavailable", "HeliosPlugin", "NoAnswers", "synthesise"]
 
 log = logging.getLogger("aiwfe.helios")
+WARN_EVERY_S = 60.0  # a warning about an unavailable optional service, at most this often (per kind)
 JOB_SECONDS = Histogram(
     "aiwfe_helios_job_seconds",
     "Helios processing time per job, by outcome",
@@ -166,6 +167,7 @@ class HeliosPlugin(Plugin):
         self.index = ExpertIndex(config.experts)
         self.cache: AnswerCache | None = None
         self.store: RunStore | None = None
+        self._warned: dict[str, tuple[float, int]] = {}  # _warn: what -> (monotonic time logged, not logged since)
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -251,9 +253,23 @@ class HeliosPlugin(Plugin):
                 Recall(query=job.text, owner=job.owner, k=self.config.recall_k), timeout_s=timeout_s, optional=True
             )
         except AiwfeError as e:
-            log.warning("helios: memory recall failed (%s); experts answer without context", e)
+            self._warn("recall", "helios: memory recall failed (%s); experts answer without context", e)
             return []
         return [h.text for h in r.hits]
+
+    def _warn(self, what: str, msg: str, e: AiwfeError) -> None:
+        """Log a degraded job at most once per :data:`WARN_EVERY_S` per ``what``, with how many
+        more there were: a manifest without memory or learning meets this on every job (a log
+        line per job was ~3 % of the CPU of ``aiwfe bench helios --concurrent 1000``)."""
+        now = time.monotonic()
+        last, quiet = self._warned.get(what, (-WARN_EVERY_S, 0))
+        if now - last < WARN_EVERY_S:
+            self._warned[what] = (last, quiet + 1)
+            return
+        self._warned[what] = (now, 0)
+        if quiet:
+            msg += f" ({quiet} more since the last such warning)"
+        log.warning(msg, e)
 
     async def _quality(self, experts: list[str], expertise: list[str], deadline: float) -> dict[str, float]:
         """Learned quality per expert (empty when learning is unavailable: all count alike)."""
@@ -263,7 +279,7 @@ class HeliosPlugin(Plugin):
         try:
             r = await self.kernel.call(ExpertScores(experts=experts, expertise=expertise), timeout_s=timeout_s, optional=True)
         except AiwfeError as e:
-            log.warning("helios: expert scores unavailable (%s); experts weighted alike", e)
+            self._warn("scores", "helios: expert scores unavailable (%s); experts weighted alike", e)
             return {}
         return r.scores
 
@@ -296,7 +312,7 @@ class HeliosPlugin(Plugin):
             )
             for name, relevance in chosen
         }
-        await until_quorum(tasks, results, enough)
+        await until_quorum(tasks, results, enough if quorum else None)
         for name, _ in chosen:
             if name not in results:
                 reason = f"{quorum} experts had answered"
@@ -405,8 +421,8 @@ class HeliosPlugin(Plugin):
         ctx = current_job()
         assert ctx is not None
         text, confidence = synthesise(answers, self.config.max_synthesis_sentences)
-        for sentence in SENTENCE_BREAK.split(text) if text else ():
-            await ctx.emit(SynthesisDelta(text=sentence))
+        if text:  # the deltas in order, sent together and confirmed together (one round trip)
+            await ctx.emit_many([SynthesisDelta(text=sentence) for sentence in SENTENCE_BREAK.split(text)])
         return Synthesis(
             answer=text,
             confidence=confidence,

@@ -23,7 +23,10 @@ def synthesise(answers: list[ExpertAnswer], max_sentences: int) -> tuple[str, fl
     weighted = sorted(ok, key=lambda a: (-(a.weight * max(a.confidence, 0.05)), a.expert))
     seen: set[str] = set()
     sentences: list[str] = []
+    keep = max(1, max_sentences)
     for a in weighted:
+        if len(sentences) >= keep:  # later sentences would be cut off anyway
+            break
         for s in SENTENCE_BREAK.split(a.answer):
             norm = s.strip().lower()
             if norm and norm not in seen:
@@ -31,4 +34,4 @@ def synthesise(answers: list[ExpertAnswer], max_sentences: int) -> tuple[str, fl
                 sentences.append(s.strip())
     total = sum(a.weight * max(a.confidence, 0.05) for a in ok)
     confidence = sum(a.weight * max(a.confidence, 0.05) * a.confidence for a in ok) / total if total else 0.0
-    return " ".join(sentences[: max(1, max_sentences)]), round(confidence, 4)
+    return " ".join(sentences[:keep]), round(confidence, 4)

@@ -189,11 +189,20 @@ class ReasoningPlugin(Plugin):
             if req.latency_s is not None and req.latency_s > self.config.max_latency_s:
                 cap = self.config.max_latency_s
                 raise BadInput(f"reasoning.reason: latency_s = {req.latency_s:g} is over its cap ({cap:g}, max_latency_s)")
-            async with self._slot():
-                latency = self.config.latency_s if req.latency_s is None else req.latency_s
-                if latency > 0:
-                    await asyncio.sleep(latency)
-                answer, confidence = extract(req.role, req.task, req.context, req.max_sentences)
+            # the slot as in _slot(), without a generator-based context manager per call
+            slots, active = self._slots, self._active
+            await slots.acquire()
+            try:
+                active.inc()
+                try:
+                    latency = self.config.latency_s if req.latency_s is None else req.latency_s
+                    if latency > 0:
+                        await asyncio.sleep(latency)
+                    answer, confidence = extract(req.role, req.task, req.context, req.max_sentences)
+                finally:
+                    active.dec()
+            finally:
+                slots.release()
             if sink is not None:
                 await sink(answer, True, 1)
             prompt_tokens = sum(len(_WORD.findall(s.lower())) for s in [req.role, req.task, *req.context])
@@ -331,9 +340,11 @@ def _terms(text: str) -> set[str]:
 
 def extract(role: str, task: str, context: list[str], max_sentences: int) -> tuple[str, float]:
     """Rank context sentences by overlap with task and role; return (answer, confidence)."""
-    query = _terms(task) | _terms(role)
     sentences = [s.strip() for chunk in context for s in _SENT.split(chunk) if s.strip()]
-    if not sentences or not query:
+    if not sentences:  # nothing to rank: the query's terms are not needed
+        return (f"[{role}] No context to answer: {task}", 0.0)
+    query = _terms(task) | _terms(role)
+    if not query:
         return (f"[{role}] No context to answer: {task}", 0.0)
     scored = []
     for i, s in enumerate(sentences):

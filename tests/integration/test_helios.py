@@ -69,8 +69,15 @@ async def test_experts_answer_from_the_owners_memories(
         assert "email column" not in result["answer"]  # never another owner's memory
         assert result["confidence"] > 0
         # reasoning runs in another pod, yet its partial output lands in this job's events
-        streamed = [ev.data async for ev in k.job_events(job_id) if ev.type == "reasoning.answer_streamed"]
+        events = [ev async for ev in k.job_events(job_id)]
+        streamed = [ev.data for ev in events if ev.type == "reasoning.answer_streamed"]
         assert {d["label"] for d in streamed} == {e["expert"] for e in result["experts"]}
+        # the synthesis deltas (sent together, confirmed together) are one event each, in order,
+        # right before the terminal event
+        deltas = [ev for ev in events if ev.type == "helios.synthesis_delta"]
+        assert deltas and " ".join(ev.data["text"] for ev in deltas) == result["answer"]
+        assert [ev.seq for ev in events[-len(deltas) - 1 :]] == sorted(ev.seq for ev in events[-len(deltas) - 1 :])
+        assert events[-len(deltas) - 1 : -1] == deltas and events[-1].type == "job.done"
 
 
 async def test_learning_scores_steer_expert_selection(

@@ -172,3 +172,27 @@ async def test_a_first_delivery_of_a_cancelled_job(prefix: str) -> None:
         worker.stop()
     finally:
         await bus.close()
+
+
+async def test_events_sent_together_are_each_stored_in_order(start_pods: StartPods) -> None:
+    from aiwfe.kernel.jobs import JobContext
+    from tests.support.probe import Progressed
+
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        ctx = JobContext(k.jobs, "together1")
+        first = await ctx.emit(Progressed(n=0, step="s"))
+        seqs = await ctx.emit_many([Progressed(n=i, step="s") for i in range(1, 6)])
+        assert seqs == sorted(seqs) and len(set(seqs)) == 5 and seqs[0] > first
+        assert await ctx.emit_many([]) == []
+        stored = [m async for m in _first(k.jobs.events("together1"), 6)]
+        assert [ev.data["n"] for ev in stored] == list(range(6))
+        assert [ev.seq for ev in stored] == [first, *seqs] and {ev.type for ev in stored} == {"probe.progressed"}
+
+
+async def _first(events, n):  # type: ignore[no-untyped-def]
+    async for ev in events:
+        yield ev
+        n -= 1
+        if n == 0:
+            return

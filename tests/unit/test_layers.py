@@ -138,8 +138,11 @@ def test_the_kernel_core_is_small_and_no_file_is_large() -> None:
     # issue 13's liveness of calls (no-responders wait, idempotent contracts called again, PeerLost,
     # job.retrying before a redelivered job runs again), 1620 before the per-kind job limits of
     # fair share (System.jobs) and the plugins' details on /ready, 1640 before optional calls,
-    # job_last_seq (resume past a running job's end) and unconfirmed enqueues keeping their owner
-    assert core <= 1660, core
+    # job_last_seq (resume past a running job's end) and unconfirmed enqueues keeping their owner,
+    # 1660 before issue 13's per-job CPU cuts (events sent together and confirmed together:
+    # emit_many; the per-event path without a context manager, tags and headers cached; an optional
+    # call remembering for a second that nobody serves its contract)
+    assert core <= 1685, core
     for path in _modules().values():
         assert len(path.read_text().splitlines()) <= 450, path
 
