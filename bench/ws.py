@@ -34,7 +34,6 @@ import contextlib
 import gc
 import json
 import os
-import random
 import resource
 import shutil
 import subprocess
@@ -52,7 +51,7 @@ from aiwfe.kernel import Plugin, serves
 from aiwfe.plugins.auth.contract import Claims, Verify
 
 from ._support import emit, nats_server, percentile
-from ._ws_client import HandshakeRefused, LeanWs, RawWs, open_timed  # the client side, re-exported
+from ._ws_client import HandshakeRefused, RawWs, open_timed, run_load  # the client side, re-exported
 
 __all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "load_avg_1m", "main", "open_timed", "raise_nofile"]
 
@@ -179,147 +178,6 @@ async def _serve_echo(server_name: str, port: int) -> None:
     print(f"READY ws://127.0.0.1:{server.bound_port}/echo", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await server.stop()
-
-
-# -- a minimal client ------------------------------------------------------------------
-
-
-async def _client(url: str, n: int, seconds: float, mode: str, ramp: int, warmup: int) -> dict[str, Any]:
-    """One load generator: open ``n`` sockets (at most ``ramp`` handshakes at once), wait for
-    GO on stdin, then send one frame a second on each socket for ``seconds``.
-
-    Open loop on a fixed schedule: socket *i* sends at ``start + phase_i + k`` (phases spread
-    over the second), whatever the replies do, except that a socket has at most one frame
-    outstanding: a send that falls due before the previous reply has come goes out when that
-    reply arrives (then its latency counts from that moment, as with the former per-socket
-    task). One scheduler task and :class:`LeanWs` protocols: no task, timer or stream read
-    per frame, so that the load generator takes as little as possible of the cores it shares
-    with the servers it measures.
-    """
-    conns: list[LeanWs] = []
-    failures: list[str] = []
-    connect_ms: list[float] = []
-    sem = asyncio.Semaphore(ramp)
-
-    async def open_one(i: int) -> None:
-        headers = {"Authorization": f"Bearer {make_token(f'u{os.getpid()}-{i}')}"} if mode == "gateway" else {}
-        async with sem:
-            t0 = time.perf_counter()
-            try:
-                ws = await LeanWs.connect(url, headers, timeout_s=60)
-            except Exception as e:
-                failures.append(f"{type(e).__name__}: {e}"[:120])
-                return
-            connect_ms.append((time.perf_counter() - t0) * 1000)
-            conns.append(ws)
-
-    await asyncio.gather(*(open_one(i) for i in range(n)))
-    print(json.dumps({"connected": len(conns)}), flush=True)
-    loop = asyncio.get_running_loop()
-    await loop.run_in_executor(None, sys.stdin.readline)  # GO
-
-    text = "How fast is the database index on the orders table?"
-    if mode == "gateway":
-        body = {"type": "call", "contract": "perception.perceive", "input": {"text": text}, "id": ""}
-    else:
-        body = {"type": "echo", "input": {"text": text}, "id": ""}
-    prefix = json.dumps(body).encode()[: -len(b'""}')] + b'"'  # everything up to the id's value
-    decode = msgspec.json.Decoder(_Reply).decode
-    lat_ms: list[float] = []
-    errors = 0
-    closed = 0
-    n_socks = len(conns)
-    sent = [0] * n_socks  # frames sent per socket
-    t_sent = [0.0] * n_socks  # perf_counter of the outstanding frame, 0.0: none outstanding
-    owed = [False] * n_socks  # a send fell due while a frame was outstanding
-    done = asyncio.Event()
-    outstanding = 0
-    finished = False
-
-    def send(i: int) -> None:
-        nonlocal outstanding
-        k = sent[i] + 1
-        sent[i] = k
-        t_sent[i] = time.perf_counter()
-        outstanding += 1
-        conns[i].send(prefix + str(k).encode() + b'"}')
-
-    def make_handlers(i: int) -> tuple[Any, Any]:
-        def on_text(payload: bytes) -> None:
-            nonlocal errors, outstanding
-            t0 = t_sent[i]
-            if not t0:
-                return  # nothing outstanding: not an answer to a frame of ours
-            now = time.perf_counter()
-            t_sent[i] = 0.0
-            outstanding -= 1
-            if sent[i] > warmup:
-                lat_ms.append((now - t0) * 1000)
-            if mode == "gateway":
-                try:
-                    if decode(payload).type != "reply":
-                        errors += 1
-                except msgspec.DecodeError:
-                    errors += 1
-            if owed[i]:
-                owed[i] = False
-                send(i)
-            elif finished and not outstanding:
-                done.set()
-
-        def on_close() -> None:
-            nonlocal closed, outstanding
-            closed += 1
-            if t_sent[i]:
-                t_sent[i] = 0.0
-                outstanding -= 1
-            owed[i] = False
-            if finished and not outstanding:
-                done.set()
-
-        return on_text, on_close
-
-    for i, ws in enumerate(conns):
-        ws.on_text, ws.on_close = make_handlers(i)
-    schedule = sorted((random.random(), i) for i in range(n_socks))
-    cpu0 = time.process_time()
-    start = loop.time()
-    for second in range(int(seconds)):
-        for phase, i in schedule:
-            at = start + second + phase
-            delay = at - loop.time()
-            if delay > 0.0005:
-                await asyncio.sleep(delay)
-            if conns[i].closed:
-                continue
-            if t_sent[i]:
-                owed[i] = True
-            else:
-                send(i)
-    finished = True
-    if outstanding:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), 120)
-    errors += outstanding  # frames never answered
-    cpu_s = time.process_time() - cpu0
-    print(json.dumps({"done": True}), flush=True)  # the servers' CPU is read before the sockets close
-    await loop.run_in_executor(None, sys.stdin.readline)  # CLOSE
-    for ws in conns:
-        ws.close()
-    return {
-        "frames": sum(sent),
-        "cpu_s": cpu_s,
-        "connected": len(conns),
-        "failures": failures,
-        "errors": errors,
-        "closed": closed,
-        "lat_ms": lat_ms,
-        "connect_ms": connect_ms,
-    }
-
-
-class _Reply(msgspec.Struct):
-    type: str = ""
 
 
 # -- orchestration --------------------------------------------------------------------
@@ -543,7 +401,7 @@ def main(argv: list[str]) -> int:
     elif args.role == "echo":
         run_loop(_serve_echo(args.server, args.port))
     elif args.role == "client":
-        out = run_loop(_client(args.target, args.connections, args.duration, args.mode, args.ramp, args.warmup))
+        out = run_loop(run_load(args.target, args.connections, args.duration, args.mode, args.ramp, args.warmup, make_token))
         # The samples go to a file: a pipe left non-blocking by uvloop truncates a large line.
         Path(args.out).write_bytes(msgspec.json.encode(out))
     else:

@@ -11,7 +11,9 @@ import struct
 from typing import Any
 
 import httpx
+import pytest
 
+from aiwfe.plugins.gateway.server import WsProtocol
 from tests.support.gateway import raw_ws_open
 from tests.unit.test_gateway_http import StartGateway, login
 from tests.unit.test_gateway_http import gateway as gateway  # the fixture
@@ -59,4 +61,70 @@ async def test_a_text_frame_that_is_not_utf8_closes_1007(gateway: StartGateway) 
         async with asyncio.timeout(10):
             op, payload = await _read(reader)
         assert op == 0x8 and struct.unpack("!H", payload[:2])[0] == 1007
+        writer.close()
+
+
+async def test_the_one_frame_fast_path_and_the_general_parser_take_turns(
+    gateway: StartGateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """WsProtocol unmasks a read that is exactly one whole text frame itself; split frames,
+    fragments, control frames and long frames go through websockets, and the two never
+    disagree about where a frame starts."""
+    fast: list[bool] = []
+    one_frame = WsProtocol._one_text_frame
+
+    def counted(self: WsProtocol, data: bytes) -> bool:
+        fast.append(one_frame(self, data))
+        return fast[-1]
+
+    monkeypatch.setattr(WsProtocol, "_one_text_frame", counted)
+
+    def ping(i: str) -> bytes:
+        return _frame(0x1, json.dumps({"type": "ping", "id": i}).encode())
+
+    def fragment(payload: bytes, opcode: int, fin: bool) -> bytes:
+        mask = os.urandom(4)
+        head = struct.pack("!BB", (0x80 if fin else 0) | opcode, 0x80 | len(payload))
+        return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+    async with gateway("rate_burst = 200\nmax_frame_bytes = 1000") as s, httpx.AsyncClient(base_url=s.url) as c:
+        reader, writer = await raw_ws_open(s.ws_url, await login(c), rcvbuf_bytes=1 << 16)
+
+        async def send(*parts: bytes) -> None:
+            for part in parts:  # each part its own read on the server
+                writer.write(part)
+                await writer.drain()
+                await asyncio.sleep(0.05)
+
+        b, d = ping("b"), ping("d" * 60)
+        whole = json.dumps({"type": "ping", "id": "frag"}).encode()
+        await send(ping("a"))  # fast path
+        await send(b[:3], b[3:])  # split inside the header
+        await send(ping("c"))  # fast path again
+        await send(d[:6], d[6:])  # header and mask alone: the parser waits mid-frame with nothing buffered
+        await send(fragment(whole[:10], 0x1, False), fragment(whole[10:], 0x0, True))  # a fragmented message
+        await send(fragment(b"hb", 0x9, True))  # a ping control frame: answered with a pong
+        await send(ping("L" * 200))  # a 126-length frame
+        await send(ping("e") + ping("f"))  # two frames in one read
+        seen: list[str] = []
+        pongs = []
+        async with asyncio.timeout(10):
+            while len(seen) < 8:
+                op, payload = await _read(reader)
+                if op == 0xA:
+                    pongs.append(payload)
+                    continue
+                assert op == 0x1
+                seen.append(json.loads(payload)["id"])
+        assert seen == ["a", "b", "c", "d" * 60, "frag", "L" * 200, "e", "f"]
+        assert pongs == [b"hb"]
+        # a, c and the long frame took the fast path; the first part of b, the payload of d,
+        # the fragments, the control frame and the two-frame read did not
+        assert fast.count(True) == 3, fast
+        # a frame over the size limit still closes 1009, through the fast path's size check
+        big = _frame(0x1, b'{"type": "ping", "id": "' + b"x" * 2000 + b'"}')
+        writer.write(big)
+        async with asyncio.timeout(10):
+            op, payload = await _read(reader)
+        assert op == 0x8 and struct.unpack("!H", payload[:2])[0] == 1009
         writer.close()
