@@ -76,6 +76,8 @@ class FastClient(_nc.Client):
         super().__init__()
         # sid -> callback(subject, raw header block, payload) of subscribe_raw subscriptions
         self._raw_subs: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
+        # sid -> callback(reply, raw header block, payload) of subscribe_requests subscriptions
+        self._request_subs: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
         # live call token -> loop time it was last heard of (sent, or named by a heartbeat)
         self._live: dict[str, float] = {}
         self._live_sweep: asyncio.TimerHandle | None = None
@@ -129,6 +131,12 @@ class FastClient(_nc.Client):
                 self.stats["in_bytes"] += len(data)
                 raw(subject, headers, data)
                 return None
+            serve = self._request_subs.get(sid)
+            if serve is not None:
+                self.stats["in_msgs"] += 1
+                self.stats["in_bytes"] += len(data)
+                serve(reply, headers, data)
+                return None
             return await super()._process_msg(sid, subject, reply, data, headers)
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
@@ -156,7 +164,21 @@ class FastClient(_nc.Client):
         self._raw_subs[sub._id] = cb
         return sub
 
+    async def subscribe_requests(self, subject: str, queue: str, cb: Callable[[bytes, bytes, bytes], None]) -> Any:
+        """Subscribe a request server (queue group ``queue``, ``""``: none) with a plain function
+        called from the read loop with the request's reply subject, raw header block (``b""``
+        without one; :meth:`parse_headers` reads it) and payload: no Msg, queue and task
+        wake-up per request before the server's own task. ``cb`` must not block or raise."""
+        sub = await self.subscribe(subject, queue=queue)
+        self._request_subs[sub._id] = cb
+        return sub
+
+    async def parse_headers(self, raw: bytes) -> dict[str, str] | None:
+        """The headers of a raw header block, as a subscription's Msg would carry them."""
+        return await self._process_headers(raw) if raw else None
+
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
+        self._request_subs.pop(sid, None)
         self._raw_subs.pop(sid, None)
         super()._remove_sub(sid, max_msgs)
 

@@ -290,20 +290,23 @@ class NatsBus(QueueMixin, StreamsMixin):
 
     async def serve(self, subject: str, handler: RemoteHandler, *, queue: bool = True) -> None:
         """Subscribe ``subject`` (queue group = subject unless ``queue`` is False); each
-        request runs in its own task."""
+        request runs in its own task, started straight from the client's read loop
+        (``FastClient.subscribe_requests``: no Msg, queue or extra task wake-up per request)."""
         nc = self._conn()
         loop = asyncio.get_running_loop()
         inflight = self._inflight
         beating = self._beating
         current_task = asyncio.current_task
 
-        async def respond(msg: Msg) -> None:
+        parse_headers = nc.parse_headers
+
+        async def respond(reply: str, raw_headers: bytes, payload: bytes) -> None:
             # The task removes itself: a done-callback would cost one more loop turn per request.
             try:
-                data, headers = await handler(msg.data, msg.headers)
-                if msg.reply:
+                data, headers = await handler(payload, await parse_headers(raw_headers))
+                if reply:
                     try:
-                        await nc.publish(msg.reply, data, headers=headers)
+                        await nc.publish(reply, data, headers=headers)
                     except Exception as e:
                         log.warning("reply on %s lost: %r", subject, e)
             finally:
@@ -311,22 +314,26 @@ class NatsBus(QueueMixin, StreamsMixin):
                 inflight.discard(task)  # type: ignore[arg-type]
                 beating.pop(task, None)  # type: ignore[arg-type]
 
-        async def on_msg(msg: Msg) -> None:
-            reply = msg.reply
+        def on_request(raw_reply: bytes, raw_headers: bytes, payload: bytes) -> None:
+            # Called from the client's read loop (FastClient.subscribe_requests): it must not raise.
+            try:
+                reply = raw_reply.decode()
+            except UnicodeDecodeError:
+                reply = "\ufffd"  # refused just below, as any reply subject that is not an inbox
             if reply and not is_reply_inbox(reply):
                 # A reply subject that is not an inbox would be written with this pod's
                 # permissions (codec.is_reply_inbox): the request is dropped unanswered.
                 self.refused_replies += 1
                 log.debug("%s: request with reply subject %r dropped (not an inbox)", subject, reply[:80])
                 return
-            task = loop.create_task(respond(msg))
+            task = loop.create_task(respond(reply, raw_headers, payload))
             inflight.add(task)
             if reply and reply.rpartition(".")[2][:1] == LIVE_MARK:
                 beating[task] = (reply, loop.time())
                 if self._beater is None:
                     self._beater = loop.create_task(self._beat())
 
-        self._subs.append(await nc.subscribe(subject, queue=subject if queue else "", cb=on_msg))
+        self._subs.append(await nc.subscribe_requests(subject, subject if queue else "", on_request))
 
     async def _beat(self) -> None:
         """Every HEARTBEAT_S until close: one heartbeat per caller inbox naming its calls

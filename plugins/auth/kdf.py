@@ -3,11 +3,14 @@ at a lowered CPU priority (``kdf_priority``), so a login burst never slows token
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
+import math
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 from aiwfe.kernel.errors import Overloaded
@@ -44,15 +47,28 @@ class KdfGate:
     average is a moving one of measured hash times (queue wait excluded). A slot is
     held from admission to the end of the hash (a login's user lookup included), so
     the estimate counts everyone already admitted.
+
+    **Staggered retries.** Callers refused together must not all come back together (a
+    burst of 200 logins, each told "1 s", came back ~9 times each: 1,744 refused requests
+    whose handling took the CPU the burst's handshakes needed). The gate remembers when it
+    told refused callers to come back (at most :attr:`MAX_PROMISED`, for at most
+    :attr:`PROMISE_S`); a caller refused now is told to come back after those, one hash
+    time per ``workers`` of them, so each retry is likely to be admitted.
     """
 
-    __slots__ = ("avg_s", "max_wait_s", "pending", "workers")
+    __slots__ = ("avg_s", "max_wait_s", "pending", "promised", "workers")
+
+    #: Remembered retry times (beyond them, a caller gets the latest one).
+    MAX_PROMISED = 10_000
+    #: A retry hint is never longer than this (seconds); clients may retry sooner anyway.
+    PROMISE_S = 60.0
 
     def __init__(self, workers: int, max_wait_s: float, avg_s: float = 0.1) -> None:
         self.workers = workers
         self.max_wait_s = max_wait_s
         self.avg_s = avg_s
         self.pending = 0
+        self.promised: list[float] = []  # sorted monotonic times refused callers were told to retry at
 
     def expected_wait_s(self) -> float:
         """Seconds until a hash admitted now would finish."""
@@ -67,16 +83,29 @@ class KdfGate:
         """
         wait_s = self.expected_wait_s()
         if self.pending and wait_s > self.max_wait_s:
-            # The hint: when the work queued now would let a new hash start within max_wait_s.
             raise Overloaded(
                 f"auth: password hashing saturated (~{wait_s:.1f} s of work queued); retry later",
-                retry_after_s=round(max(1.0, wait_s - self.max_wait_s), 1),
+                retry_after_s=self._promise(wait_s),
             )
         self.pending += 1
         try:
             yield
         finally:
             self.pending -= 1
+
+    def _promise(self, wait_s: float) -> float:
+        """The retry hint for a caller refused now: when the work queued now would let a new
+        hash start within ``max_wait_s``, after the callers already told to come back earlier
+        (one hash time per ``workers`` of them); at least 1 s, at most :attr:`PROMISE_S`."""
+        now = time.monotonic()
+        promised = self.promised
+        del promised[: bisect.bisect_right(promised, now)]  # those times have come
+        ahead = len(promised)
+        after_s = max(1.0, wait_s - self.max_wait_s + math.ceil(ahead / self.workers) * self.avg_s)
+        after_s = round(min(after_s, self.PROMISE_S), 1)
+        if ahead < self.MAX_PROMISED:
+            bisect.insort(promised, now + after_s)
+        return after_s
 
     def observe(self, seconds: float) -> None:
         """Record the duration of one hash."""

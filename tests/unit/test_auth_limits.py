@@ -57,3 +57,26 @@ def test_kdf_gate_always_admits_one_and_learns_the_hash_time() -> None:
     for _ in range(30):
         gate.observe(0.001)
     assert gate.avg_s < 0.01
+
+
+def test_kdf_gate_staggers_the_retries_of_callers_refused_together() -> None:
+    gate = KdfGate(workers=2, max_wait_s=1.0, avg_s=0.5)
+    held = [gate.slot() for _ in range(4)]  # ceil(5 / 2) * 0.5 = 1.5 s > 1 s: the 5th is refused
+    for cm in held:
+        cm.__enter__()
+    hints = []
+    for _ in range(10):
+        with pytest.raises(Overloaded) as e:
+            with gate.slot():
+                pass
+        hints.append(e.value.retry_after_s)
+    # two workers: every second refused caller is told to come one hash time (0.5 s) later
+    assert hints == [1.0, 1.0, 1.0, 1.5, 1.5, 2.0, 2.0, 2.5, 2.5, 3.0], hints
+    assert len(gate.promised) == 10 and gate.pending == 4
+    gate.promised[:] = [t - 100 for t in gate.promised]  # those times have come: forgotten
+    with pytest.raises(Overloaded) as e:
+        with gate.slot():
+            pass
+    assert e.value.retry_after_s == 1.0 and len(gate.promised) == 1
+    for cm in held:
+        cm.__exit__(None, None, None)
