@@ -3,16 +3,25 @@
 The pool is bounded (``aiwfe.kernel.pg``): a full pool answers :class:`aiwfe.kernel.errors.Overloaded`
 at once, an unreachable server :class:`aiwfe.kernel.errors.Unavailable`. No connection is held
 while experts run: the store is touched once, after synthesis.
+
+A save waits its turn: at most ``pool_max`` saves use the pool at once and the others wait in
+this process, first come first served, for up to ``queue_s`` (then ``Overloaded``). A save is
+the end of a finished job, whose experts' work is lost if it fails: 1,000 jobs finishing
+together used to meet the pool's own queue limit (100 waiting) at once, and 110 of them were
+dead-lettered after three attempts of the whole job each (``aiwfe bench helios --concurrent
+1000`` with ``DATABASE_URL`` set).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 from psycopg_pool import AsyncConnectionPool
 
 from aiwfe.kernel import pg
+from aiwfe.kernel.errors import Overloaded
 
 from .contract import Synthesis
 
@@ -24,12 +33,16 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 class RunStore:
     """Runs and expert answers in PostgreSQL at ``url``."""
 
-    def __init__(self, url: str, *, pool_max: int = 10, timeout_s: float = 2.0, max_waiting: int = 100) -> None:
+    def __init__(
+        self, url: str, *, pool_max: int = 10, timeout_s: float = 2.0, max_waiting: int = 100, queue_s: float = 60.0
+    ) -> None:
         self.url = url
         self.pool_max = pool_max
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
+        self.queue_s = queue_s
         self.pool: AsyncConnectionPool | None = None
+        self._turns = asyncio.Semaphore(pool_max)  # saves using the pool; the rest wait here (module doc)
 
     async def open(self) -> None:
         """Open the pool and apply migrations (under an advisory lock: replicas never race).
@@ -51,10 +64,22 @@ class RunStore:
         """Store the run and every expert answer in one transaction; False if already stored.
 
         Raises:
-            Overloaded: the pool is exhausted (retryable).
+            Overloaded: no turn within ``queue_s``, or the pool is exhausted (retryable).
             Unavailable: the database cannot be reached (retryable).
         """
         assert self.pool is not None, "RunStore.open() first"
+        try:
+            async with asyncio.timeout(self.queue_s):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise Overloaded(f"helios: no turn at the run store within {self.queue_s:g} s", retry_after_s=5.0) from None
+        try:
+            return await self._save(job_id, owner, question, result)
+        finally:
+            self._turns.release()
+
+    async def _save(self, job_id: str, owner: str, question: str, result: Synthesis) -> bool:
+        assert self.pool is not None
         async with pg.connection(self.pool) as conn, conn.transaction():
             with pg.QUERY_SECONDS.labels("helios").time():
                 cur = await conn.execute(
