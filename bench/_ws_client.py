@@ -16,7 +16,19 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-__all__ = ["HandshakeRefused", "LeanWs", "RawWs", "open_timed", "run_load"]
+__all__ = ["HandshakeRefused", "LeanWs", "RawWs", "load_runner", "open_timed", "run_load"]
+
+
+def load_runner() -> tuple[Any, str]:
+    """``(run, name)``: how a load-generator process runs its loop — uvloop's when installed
+    (extra ``aiwfe[bench]``; about a quarter less CPU per frame for the load, which shares the
+    cores with the servers it measures), else asyncio's. Servers keep asyncio's loop unless
+    asked otherwise (``bench ws --uvloop``)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run, "asyncio"
+    return uvloop.run, "uvloop"
 
 
 class HandshakeRefused(Exception):

@@ -51,7 +51,7 @@ from aiwfe.kernel import Plugin, serves
 from aiwfe.plugins.auth.contract import Claims, Verify
 
 from ._support import emit, nats_server, percentile
-from ._ws_client import HandshakeRefused, RawWs, open_timed, run_load  # the client side, re-exported
+from ._ws_client import HandshakeRefused, RawWs, load_runner, open_timed, run_load  # the client side, re-exported
 
 __all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "load_avg_1m", "main", "open_timed", "raise_nofile"]
 
@@ -284,6 +284,20 @@ def _stop(p: subprocess.Popen[str]) -> None:
         p.wait()
 
 
+def _nats_pid(url: str) -> int | None:
+    """The pid of the nats-server listening on ``url``'s port on this machine (its CPU is part
+    of every frame's cost), or None."""
+    port = str(urlsplit(url).port)
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"nats-server") and port.encode() in args:
+            return int(proc.name)
+    return None
+
+
 def _replicas(first: list[str], n: int) -> tuple[list[subprocess.Popen[str]], str]:
     """Start ``n`` server processes: the first binds a free port, the others the same port
     (``SO_REUSEPORT``: the kernel spreads connections over them, as a Service over pods).
@@ -327,6 +341,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             servers = {f"gateway{i}": p.pid for i, p in enumerate(gw_srvs)}
             if worker is not None:
                 servers["worker"] = worker.pid
+            if (nats_pid := _nats_pid(nats_url)) is not None:
+                servers["nats"] = nats_pid
             gw = _phase(gw_url, "gateway", n, args.clients, args.duration, args.ramp, args.warmup, servers)
         finally:
             for p in gw_srvs:
@@ -356,6 +372,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_s": args.warmup,
         "call_path": "local" if args.local else "remote",
         "loop": "uvloop" if args.uvloop else "asyncio",
+        "client_loop": "uvloop" if args.uvloop else load_runner()[1],
         "server": args.server,
         "load_avg_1m": load_avg_1m(),
         "cpus": os.cpu_count(),
@@ -391,7 +408,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     raise_nofile()
-    run_loop: Any = asyncio.run
+    run_loop: Any = load_runner()[0] if args.role == "client" else asyncio.run
     if args.uvloop and args.role != "main":
         import uvloop
 
