@@ -383,11 +383,12 @@ async def run_load(
                 done.set()
 
         def on_close() -> None:
-            nonlocal closed, outstanding
+            nonlocal closed, outstanding, errors
             closed += 1
-            if t_sent[i]:
+            if t_sent[i]:  # its frame will never be answered: an error, besides the closed socket
                 t_sent[i] = 0.0
                 outstanding -= 1
+                errors += 1
             owed[i] = False
             if finished and not outstanding:
                 done.set()

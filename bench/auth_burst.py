@@ -158,7 +158,7 @@ async def _client(url: str, connects: int, logins: int, users: list[str], window
             while True:
                 try:
                     r = await http.request("POST", "/v1/auth/login", json_body=body, timeout_s=60)
-                except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
                     login_failed.append(type(e).__name__)
                     return
                 if r.status_code == 200:

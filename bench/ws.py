@@ -224,22 +224,34 @@ def _phase(
     procs = [_spawn("--role", "client", "--target", url, "--mode", mode, "-n", str(k), "--duration", str(seconds),
                     "--ramp", str(ramp), "--warmup", str(warmup), "--out", out)
              for k, out in zip(share, outs, strict=True) if k]  # fmt: skip
-    t0 = time.perf_counter()
-    for p in procs:  # each prints {"connected"} once its sockets are open
+
+    def line(p: subprocess.Popen[str], what: str) -> Any:
         assert p.stdout is not None
-        json.loads(p.stdout.readline())
-    ramp_s = time.perf_counter() - t0
-    cpu0 = {name: cpu_s(pid) for name, pid in servers.items()}
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("GO\n")
-        p.stdin.flush()
-    for p in procs:
-        assert p.stdout is not None
-        json.loads(p.stdout.readline())  # {"done"}: its load is over, its sockets still open
-    cpu1 = {name: cpu_s(pid) for name, pid in servers.items()}
-    for p in procs:
-        p.communicate("CLOSE\n", timeout=seconds + 300)
+        text = p.stdout.readline()
+        if not text:
+            raise RuntimeError(f"a load generator ended before {what} (exit status {p.poll()})")
+        return json.loads(text)
+
+    try:
+        t0 = time.perf_counter()
+        for p in procs:  # each prints {"connected"} once its sockets are open
+            line(p, "its sockets were open")
+        ramp_s = time.perf_counter() - t0
+        cpu0 = {name: cpu_s(pid) for name, pid in servers.items()}
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("GO\n")
+            p.stdin.flush()
+        for p in procs:
+            line(p, "its load was over")  # {"done"}: its load is over, its sockets still open
+        cpu1 = {name: cpu_s(pid) for name, pid in servers.items()}
+        for p in procs:
+            p.communicate("CLOSE\n", timeout=seconds + 300)
+    finally:
+        for p in procs:  # a failed phase leaves no load generator behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     results = [json.loads(Path(out).read_bytes()) for out, k in zip(outs, share, strict=True) if k]
     shutil.rmtree(tmp, ignore_errors=True)
     lat = [x for r in results for x in r["lat_ms"]]

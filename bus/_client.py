@@ -24,6 +24,7 @@ quarter second fails the ones heard of neither by reply nor by heartbeat for
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +65,10 @@ def _encode_headers(headers: dict[str, Any]) -> bytes:
         parts.append(_CRLF)
     parts.append(_CRLF)
     return b"".join(parts)
+
+
+log = logging.getLogger("aiwfe.bus")
+_RawCb = Callable[[bytes, bytes, bytes], None]
 
 
 class FastClient(_nc.Client):
@@ -126,16 +131,17 @@ class FastClient(_nc.Client):
         # for the mux subscription's task, which then calls back to resolve the same future.
         if sid != self._resp_sid:
             raw = self._raw_subs.get(sid)
-            if raw is not None:
+            serve = self._request_subs.get(sid) if raw is None else None
+            if raw is not None or serve is not None:
                 self.stats["in_msgs"] += 1
                 self.stats["in_bytes"] += len(data)
-                raw(subject, headers, data)
-                return None
-            serve = self._request_subs.get(sid)
-            if serve is not None:
-                self.stats["in_msgs"] += 1
-                self.stats["in_bytes"] += len(data)
-                serve(reply, headers, data)
+                try:  # an exception here would end nats-py's read loop: nothing read until a stale ping
+                    if raw is not None:
+                        raw(subject, headers or b"", data)
+                    elif serve is not None:
+                        serve(reply, headers or b"", data)
+                except Exception:
+                    log.exception("NATS: callback of subscription %d failed; message dropped", sid)
                 return None
             return await super()._process_msg(sid, subject, reply, data, headers)
         self.stats["in_msgs"] += 1
@@ -160,17 +166,32 @@ class FastClient(_nc.Client):
         raw header block (``b""`` without one) and payload: no Msg, header parsing, queue or task
         per message. For a watcher of many small messages (``aiwfe bench helios`` follows every
         job event this way); ``cb`` must not block. Returns the subscription (unsubscribe it)."""
-        sub = await self.subscribe(subject)
-        self._raw_subs[sub._id] = cb
-        return sub
+        return await self._subscribe_with(self._raw_subs, cb, subject, "")
 
     async def subscribe_requests(self, subject: str, queue: str, cb: Callable[[bytes, bytes, bytes], None]) -> Any:
         """Subscribe a request server (queue group ``queue``, ``""``: none) with a plain function
         called from the read loop with the request's reply subject, raw header block (``b""``
         without one; :meth:`parse_headers` reads it) and payload: no Msg, queue and task
         wake-up per request before the server's own task. ``cb`` must not block or raise."""
-        sub = await self.subscribe(subject, queue=queue)
-        self._request_subs[sub._id] = cb
+        return await self._subscribe_with(self._request_subs, cb, subject, queue)
+
+    async def _subscribe_with(
+        self,
+        table: dict[int, Callable[[bytes, bytes, bytes], None]],
+        cb: Callable[[bytes, bytes, bytes], None],
+        subject: str,
+        queue: str,
+    ) -> Any:
+        # Registered before the SUB goes out: subscribe() takes the next sid before its first
+        # await, so no message of the new subscription can arrive before its callback is known.
+        sid = self._sid + 1
+        table[sid] = cb
+        try:
+            sub = await self.subscribe(subject, queue=queue)
+        except BaseException:
+            table.pop(sid, None)
+            raise
+        assert sub._id == sid, "nats-py assigned an unexpected sid"
         return sub
 
     async def parse_headers(self, raw: bytes) -> dict[str, str] | None:

@@ -303,7 +303,12 @@ class NatsBus(QueueMixin, StreamsMixin):
         async def respond(reply: str, raw_headers: bytes, payload: bytes) -> None:
             # The task removes itself: a done-callback would cost one more loop turn per request.
             try:
-                data, headers = await handler(payload, await parse_headers(raw_headers))
+                try:
+                    request_headers = await parse_headers(raw_headers)
+                except Exception as e:  # a header block nats-py cannot read: nothing to answer to
+                    log.debug("%s: request with unreadable headers dropped: %r", subject, e)
+                    return
+                data, headers = await handler(payload, request_headers)
                 if reply:
                     try:
                         await nc.publish(reply, data, headers=headers)

@@ -53,7 +53,8 @@ class KdfGate:
     whose handling took the CPU the burst's handshakes needed). The gate remembers when it
     told refused callers to come back (at most :attr:`MAX_PROMISED`, for at most
     :attr:`PROMISE_S`); a caller refused now is told to come back after those, one hash
-    time per ``workers`` of them, so each retry is likely to be admitted.
+    time per ``workers`` of them (rounded up to whole seconds, as ``Retry-After``), so each retry
+    is likely to be admitted.
     """
 
     __slots__ = ("avg_s", "max_wait_s", "pending", "promised", "workers")
@@ -94,15 +95,17 @@ class KdfGate:
             self.pending -= 1
 
     def _promise(self, wait_s: float) -> float:
-        """The retry hint for a caller refused now: when the work queued now would let a new
-        hash start within ``max_wait_s``, after the callers already told to come back earlier
-        (one hash time per ``workers`` of them); at least 1 s, at most :attr:`PROMISE_S`."""
+        """The retry hint for a caller refused now, in whole seconds: when the work queued now
+        would let a new hash start within ``max_wait_s``, after the callers already told to come
+        back earlier (one hash time per ``workers`` of them); at least 1 s, at most :attr:`PROMISE_S`."""
         now = time.monotonic()
         promised = self.promised
         del promised[: bisect.bisect_right(promised, now)]  # those times have come
         ahead = len(promised)
-        after_s = max(1.0, wait_s - self.max_wait_s + math.ceil(ahead / self.workers) * self.avg_s)
-        after_s = round(min(after_s, self.PROMISE_S), 1)
+        after_s = max(1.0, wait_s - self.max_wait_s + (ahead // self.workers) * self.avg_s)
+        # Whole seconds: HTTP's Retry-After is, and a hint the client rounds up would otherwise
+        # be booked here for a moment before the caller actually returns.
+        after_s = float(min(math.ceil(after_s), self.PROMISE_S))
         if ahead < self.MAX_PROMISED:
             bisect.insort(promised, now + after_s)
         return after_s

@@ -42,9 +42,9 @@ def _unit_vector(words: list[str]) -> dict[int, float]:
     return {k: v / norm for k, v in vec.items()} if norm else vec
 
 
-#: Words longer than this are not cached: the caches are bounded by entries, and a client
-#: could otherwise fill them with very long words.
-CACHED_WORD_MAX = 64
+#: Words longer than this are not cached: the caches are bounded by entries (2^14 each), and
+#: a client could otherwise fill them with very long words (worst case now ≈ 20 MB each).
+CACHED_WORD_MAX = 32
 
 
 def _word_trigrams(word: str) -> tuple[int, ...]:
@@ -64,7 +64,7 @@ def _hash_trigrams(word: str) -> tuple[int, ...]:
     )
 
 
-_cached_trigrams = functools.lru_cache(maxsize=1 << 16)(_hash_trigrams)
+_cached_trigrams = functools.lru_cache(maxsize=1 << 14)(_hash_trigrams)
 
 
 def _tokens(text: str) -> tuple[list[str], list[str], list[str]]:
@@ -134,7 +134,7 @@ def _word_info(index: dict[int, tuple[tuple[str, float], ...]]) -> Callable[[str
                 sums[tag] = sums.get(tag, 0.0) + w
         return trigrams, tuple(sums.items())
 
-    cached = functools.lru_cache(maxsize=1 << 15)(compute)
+    cached = functools.lru_cache(maxsize=1 << 14)(compute)
 
     def info(word: str) -> _WordInfo:
         return compute(word) if len(word) > CACHED_WORD_MAX else cached(word)

@@ -70,8 +70,9 @@ def test_kdf_gate_staggers_the_retries_of_callers_refused_together() -> None:
             with gate.slot():
                 pass
         hints.append(e.value.retry_after_s)
-    # two workers: every second refused caller is told to come one hash time (0.5 s) later
-    assert hints == [1.0, 1.0, 1.0, 1.5, 1.5, 2.0, 2.0, 2.5, 2.5, 3.0], hints
+    # two workers: every second refused caller is told to come one hash time (0.5 s) later,
+    # in whole seconds (Retry-After's unit): 1, 1, 1.5, 1.5, 2, 2, 2.5, 2.5, 3, 3 rounded up
+    assert hints == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 3.0, 3.0], hints
     assert len(gate.promised) == 10 and gate.pending == 4
     gate.promised[:] = [t - 100 for t in gate.promised]  # those times have come: forgotten
     with pytest.raises(Overloaded) as e:
