@@ -18,10 +18,10 @@ import asyncio
 import os
 from pathlib import Path
 
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolClosed
 
 from aiwfe.kernel import pg
-from aiwfe.kernel.errors import Overloaded
+from aiwfe.kernel.errors import Overloaded, Unavailable
 
 from .contract import Synthesis
 
@@ -65,7 +65,7 @@ class RunStore:
 
         Raises:
             Overloaded: no turn within ``queue_s``, or the pool is exhausted (retryable).
-            Unavailable: the database cannot be reached (retryable).
+            Unavailable: the database cannot be reached, or the store is closing (retryable).
         """
         assert self.pool is not None, "RunStore.open() first"
         try:
@@ -75,6 +75,8 @@ class RunStore:
             raise Overloaded(f"helios: no turn at the run store within {self.queue_s:g} s", retry_after_s=5.0) from None
         try:
             return await self._save(job_id, owner, question, result)
+        except PoolClosed:  # the pod is stopping: another replica (or this one restarted) saves it
+            raise Unavailable("helios: the run store is closing") from None
         finally:
             self._turns.release()
 

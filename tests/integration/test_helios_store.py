@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from aiwfe.kernel.errors import Overloaded
+from aiwfe.kernel.errors import Overloaded, Unavailable
 from aiwfe.plugins.helios.contract import ExpertAnswer, Synthesis
 from aiwfe.plugins.helios.store import RunStore
 
@@ -49,3 +49,6 @@ async def test_a_save_that_gets_no_turn_in_time_is_overloaded_and_retryable(pg_u
         assert await store.save("late", "u", "q", RESULT) is True
     finally:
         await store.close()
+    with pytest.raises(Unavailable, match="closing") as closed:  # a save after close: retryable, not a crash
+        await store.save("after", "u", "q", RESULT)
+    assert closed.value.retryable
