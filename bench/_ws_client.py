@@ -31,6 +31,18 @@ def load_runner() -> tuple[Any, str]:
     return uvloop.run, "uvloop"
 
 
+def _upgrade_request(url: str, headers: dict[str, str] | None) -> bytes:
+    """The opening handshake for ``ws://host:port/path`` with extra ``headers`` (a fixed key:
+    the load generators do not check the server's accept value)."""
+    u = urlsplit(url)
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    path = u.path + (f"?{u.query}" if u.query else "")
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    ).encode()
+
+
 class HandshakeRefused(Exception):
     """The server answered the upgrade with something other than 101."""
 
@@ -61,12 +73,7 @@ class RawWs:
         u = urlsplit(url)
         async with asyncio.timeout(timeout_s):
             reader, writer = await asyncio.open_connection(u.hostname, u.port)
-            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-            path = u.path + (f"?{u.query}" if u.query else "")
-            writer.write(
-                f"GET {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n".encode()
-            )
+            writer.write(_upgrade_request(url, headers))
             head = await reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 101"):
             writer.close()
@@ -175,12 +182,7 @@ class LeanWs(asyncio.Protocol):
             HandshakeRefused: a status other than 101; OSError, TimeoutError: network.
         """
         u = urlsplit(url)
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        path = u.path + (f"?{u.query}" if u.query else "")
-        request = (
-            f"GET {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
-        ).encode()
+        request = _upgrade_request(url, headers)
         loop = asyncio.get_running_loop()
         handshake: asyncio.Future[None] = loop.create_future()
         transport = None

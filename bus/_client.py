@@ -270,18 +270,7 @@ class FastClient(_nc.Client):
                 await self._publish_call(subject, token, payload, headers)
             deadline = loop.time() + timeout_s
             for _, fut in pending:
-                timer = wheel.add(deadline, fut)
-                try:
-                    msg = await fut
-                except asyncio.CancelledError:
-                    if timer[1].expired:
-                        raise _nc.errors.TimeoutError from None
-                    raise
-                finally:
-                    wheel.remove(timer)
-                if msg.headers and msg.headers.get("Status") == "503":
-                    raise _nc.errors.NoRespondersError
-                out.append(msg)
+                out.append(await _reply(fut, deadline, wheel))
         finally:
             for token, _ in pending:
                 resp_map.pop(token, None)
@@ -328,19 +317,30 @@ class FastClient(_nc.Client):
         resp_map[token] = fut
         try:
             await self._publish_call(subject, token, payload, headers)
-            timer = wheel.add(loop.time() + timeout_s, fut)
-            try:
-                msg = await fut
-            except asyncio.CancelledError:
-                if timer[1].expired:
-                    raise _nc.errors.TimeoutError from None
-                raise
-            finally:
-                wheel.remove(timer)
+            msg = await _reply(fut, loop.time() + timeout_s, wheel)
         finally:
             resp_map.pop(token, None)
             if live:
                 self._live.pop(token, None)
-        if msg.headers and msg.headers.get("Status") == "503":
-            raise _nc.errors.NoRespondersError
         return msg
+
+
+async def _reply(fut: asyncio.Future[Msg], deadline: float, wheel: DeadlineWheel) -> Msg:
+    """Await a reply future until ``deadline`` (loop time, on ``wheel``).
+
+    Raises:
+        nats.errors.TimeoutError: no reply by ``deadline``.
+        nats.errors.NoRespondersError: the server's 503 status: nobody subscribes.
+    """
+    timer = wheel.add(deadline, fut)
+    try:
+        msg = await fut
+    except asyncio.CancelledError:
+        if timer[1].expired:
+            raise _nc.errors.TimeoutError from None
+        raise
+    finally:
+        wheel.remove(timer)
+    if msg.headers and msg.headers.get("Status") == "503":
+        raise _nc.errors.NoRespondersError
+    return msg

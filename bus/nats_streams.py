@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
@@ -119,15 +119,9 @@ class StreamsMixin:
             NotAccepted: no stream takes ``subject`` (``no_stream`` says so), no answer in
                 time, a malformed ack.
         """
-        try:
+        with _ack_errors(subject, no_stream):
             msg = await self.nc.call(subject, data, timeout_s, self._wheel, headers=headers or None)
             return _puback.decode(msg.data)
-        except nats.errors.NoRespondersError:
-            raise NotAccepted(f"{subject}: {no_stream}") from None
-        except (TimeoutError, nats.errors.Error) as e:  # no answer: it may have been stored
-            raise NotAccepted(f"{subject}: not confirmed by JetStream: {e!r}", uncertain=True) from None
-        except msgspec.DecodeError as e:
-            raise NotAccepted(f"{subject}: not accepted by JetStream: {e!r}") from None
 
     def _stream_of(self, subject: str) -> str:
         role = subject[len(self.prefix) + 1 :].split(".", 1)[0]
@@ -150,15 +144,9 @@ class StreamsMixin:
         then wait for every ack; return the sequences (one round trip for all)."""
         for data, headers in items:
             self.check_size(subject, data, headers)
-        try:
+        with _ack_errors(subject, "no stream takes it"):
             msgs = await self.nc.call_many(subject, [(d, h or None) for d, h in items], timeout_s, self._wheel)
             acks = [_puback.decode(m.data) for m in msgs]
-        except nats.errors.NoRespondersError:
-            raise NotAccepted(f"{subject}: no stream takes it") from None
-        except (TimeoutError, nats.errors.Error) as e:  # no answer: it may have been stored
-            raise NotAccepted(f"{subject}: not confirmed by JetStream: {e!r}", uncertain=True) from None
-        except msgspec.DecodeError as e:
-            raise NotAccepted(f"{subject}: not accepted by JetStream: {e!r}") from None
         for ack in acks:
             if ack.error is not None:
                 raise NotAccepted(f"{subject}: not accepted by JetStream: {ack.error.description}")
@@ -280,3 +268,17 @@ class StreamsMixin:
         """Remove ``key``."""
         with contextlib.suppress(*_MISSING):
             await self._kv.delete(key)
+
+
+@contextlib.contextmanager
+def _ack_errors(subject: str, no_stream: str) -> Iterator[None]:
+    """Map a JetStream publish's failures to NotAccepted (``uncertain`` when no answer came:
+    the message may have been stored)."""
+    try:
+        yield
+    except nats.errors.NoRespondersError:
+        raise NotAccepted(f"{subject}: {no_stream}") from None
+    except (TimeoutError, nats.errors.Error) as e:
+        raise NotAccepted(f"{subject}: not confirmed by JetStream: {e!r}", uncertain=True) from None
+    except msgspec.DecodeError as e:
+        raise NotAccepted(f"{subject}: not accepted by JetStream: {e!r}") from None
