@@ -14,7 +14,12 @@ real auth plugin (PostgreSQL pool, Redis claim cache), and reports:
   5 ms in the server process during the burst (the pool cannot exceed ``pool_max`` by
   construction; the sample shows how close the burst came);
 * ``redis_down_failures``: the same burst (fresh tokens) after the benchmark's own
-  Valkey has been stopped (the system Redis is never touched).
+  Valkey has been stopped (the system Redis is never touched);
+* ``echo_p99_connect_ms`` and ``p99_ratio`` (gateway over echo): the baseline, run first in
+  the same process run — the same connect burst from the same load generators against
+  ``aiwfe bench ws``'s bare Litestar echo on the same ASGI server, as many replicas on one
+  port. It is what the framework and the machine cost per handshake before any gateway
+  work; a target below it is a target on the server, not on the gateway.
 
 Processes: ``--replicas`` servers (default 2, the consolidated manifest's ``min_replicas``
 for the gateway pod), each a gateway + auth pod on a private nats-server and Valkey,
@@ -126,7 +131,8 @@ async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: s
 
 
 async def _client(url: str, connects: int, logins: int, users: list[str], window_s: float, start_at: float) -> dict[str, Any]:
-    ws_url = url.replace("http://", "ws://") + "/v1/ws"
+    # A gateway's base URL, or (baseline) the bare echo's WebSocket URL as it printed it.
+    ws_url = url if url.startswith("ws://") else url.replace("http://", "ws://") + "/v1/ws"
     tokens = [make_token(f"burst-{os.getpid()}-{i}") for i in range(connects)]
     opened: list[LeanWs] = []
     connect_ms: list[float] = []
@@ -284,9 +290,26 @@ def _register(url: str, n: int) -> list[str]:
     return users
 
 
+def _baseline(args: argparse.Namespace) -> dict[str, Any]:
+    """The same connect burst (no logins) against the bare Litestar echo of ``aiwfe bench
+    ws`` on the same server and as many replicas on one port: what the framework and this
+    machine cost per handshake before any gateway work (no token check, no limits)."""
+    from .ws import _replicas, _stop
+
+    procs, url = _replicas(["--role", "echo", "--server", args.server], args.replicas)
+    try:
+        return _burst(url, argparse.Namespace(**{**vars(args), "logins": 0}), [])
+    finally:
+        for p in procs:
+            _stop(p)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Both bursts (Redis up, then the benchmark's Valkey stopped); return the result object."""
+    """The baseline burst, then both bursts (Redis up, then the benchmark's Valkey stopped);
+    return the result object."""
     from aiwfe.kernel.tools.embedded_db import EmbeddedValkey
+
+    echo = _baseline(args)
 
     kdf = ""
     if args.kdf_time_cost:
@@ -347,6 +370,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Redis up over Redis down: token checks that never wait for Redis keep this near 1.
         "redis_up_down_p99_ratio": round(up["p99_connect_ms"] / down["p99_connect_ms"], 2) if down["p99_connect_ms"] else None,
         "redis_down_login_retries": down["login_retries"],
+        # The bare framework under the same burst and load generator (see _baseline).
+        "echo_p50_connect_ms": echo["p50_connect_ms"],
+        "echo_p99_connect_ms": echo["p99_connect_ms"],
+        "echo_failures": len(echo["connect_failures"]),
+        "p99_ratio": round(up["p99_connect_ms"] / echo["p99_connect_ms"], 2) if echo["p99_connect_ms"] else None,
         "window_s": args.window,
         "replicas": args.replicas,
         "server": args.server,

@@ -7,6 +7,7 @@ as JSON instead (external publishers), and its reply is JSON too (the kernel dec
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import struct
@@ -222,57 +223,84 @@ def stream_names(prefix: str) -> dict[str, str]:
 # -- the RPC preamble ----------------------------------------------------------------
 #
 # Kernel-to-kernel requests carry their call metadata (deadline, schema hash, traceparent,
-# the caller's job id) in a binary preamble in front of the msgpack body instead of in NATS
-# headers: 16 fixed bytes (magic, version, deadline in ms, 8-byte schema hash, the two
-# lengths), then the traceparent and the job id. nats-py's header encoding and parsing cost
-# ~30 % of request/reply throughput (`aiwfe bench rpc` measures both). The first byte 0xC1
+# the caller's job id and its owner) in a binary preamble in front of the msgpack body
+# instead of in NATS headers: 17 fixed bytes (magic, version, deadline in ms, 8-byte schema
+# hash, the three lengths), then the traceparent, the job id and the owner. nats-py's header
+# encoding and parsing cost ~30 % of request/reply throughput (`aiwfe bench rpc` measures both). The first byte 0xC1
 # is never produced by msgpack and is not JSON, so a payload without a preamble (an
 # external publisher's JSON or msgpack, described by headers) is recognised at once. Jobs
 # and events keep NATS headers: JetStream needs Nats-Msg-Id, and neither is on the RPC hot
 # path.
 
 PREAMBLE_MAGIC = 0xC1
-PREAMBLE_VERSION = 2
-_PRE = struct.Struct("!BBI8sBB")
+PREAMBLE_VERSION = 3  # 3: the owner of the caller's job (fair queueing)
+_PRE = struct.Struct("!BBI8sBBB")
 PREAMBLE_SIZE = _PRE.size
+MAX_OWNER_LEN = 128
+_OWNER_B = re.compile(rb"[\x21-\x7e]{1,%d}" % MAX_OWNER_LEN)
 
 
-def pack_call(deadline_ms: int, schema: bytes, traceparent: str | None, body: bytes, job_id: str | None = None) -> bytes:
+def owner_key(owner: str) -> bytes:
+    """``owner`` as the preamble carries it: itself when it is 1 to 128 printable ASCII
+    characters, else a digest of it (a stable key of the same owner)."""
+    raw = owner.encode()
+    if _OWNER_B.fullmatch(raw):
+        return raw
+    return b"#" + hashlib.blake2b(raw, digest_size=16).hexdigest().encode()
+
+
+def pack_call(
+    deadline_ms: int, schema: bytes, traceparent: str | None, body: bytes, job_id: str | None = None, owner: str | None = None
+) -> bytes:
     """Prefix ``body`` with the call preamble.
 
     ``schema`` is the 8-byte raw schema hash; ``job_id`` names the job the caller runs
-    inside (so the callee can add events to it: partial LLM output streams from any pod).
+    inside (so the callee can add events to it: partial LLM output streams from any pod);
+    ``owner`` is whom that job acts for (:func:`owner_key`; the callee's queues are fair
+    between owners).
     """
     tp = traceparent.encode() if traceparent and len(traceparent) <= MAX_TRACEPARENT_LEN else b""
     jid = job_id.encode() if job_id and len(job_id) <= MAX_JOB_ID_LEN else b""
+    own = owner_key(owner) if owner and jid else b""
     # A call with less than 1 ms left still has time left: 0 is refused as malformed.
-    head = _PRE.pack(PREAMBLE_MAGIC, PREAMBLE_VERSION, min(max(deadline_ms, 1), 0xFFFFFFFF), schema, len(tp), len(jid))
-    return head + tp + jid + body
+    deadline_ms = min(max(deadline_ms, 1), 0xFFFFFFFF)
+    head = _PRE.pack(PREAMBLE_MAGIC, PREAMBLE_VERSION, deadline_ms, schema, len(tp), len(jid), len(own))
+    return head + tp + jid + own + body
 
 
-def unpack_call(data: bytes) -> tuple[int, bytes, str | None, str | None, memoryview] | None:
-    """Split a preambled request into (deadline_ms, schema, traceparent, job_id, body); None without one.
+def unpack_call(data: bytes) -> tuple[int, bytes, str | None, str | None, str | None, memoryview] | None:
+    """Split a preambled request into (deadline_ms, schema, traceparent, job_id, owner,
+    body); None without one.
 
     The deadline is > 0; an invalid traceparent comes back as None (ignored).
 
     Raises:
         BadField: a preamble that is truncated or of an unknown version, a deadline of 0,
-        a job id that is not one (:func:`is_job_id`).
+        a job id that is not one (:func:`is_job_id`), an owner that is not 1 to 128
+        printable ASCII characters or comes without a job id.
     """
     if not data or data[0] != PREAMBLE_MAGIC:
         return None
     if len(data) < PREAMBLE_SIZE:
         raise BadField("call preamble", f"truncated ({len(data)} bytes, the fixed part is {PREAMBLE_SIZE})")
-    _, version, deadline_ms, schema, tl, jl = _PRE.unpack_from(data)
+    _, version, deadline_ms, schema, tl, jl, ol = _PRE.unpack_from(data)
     if version != PREAMBLE_VERSION:
         raise BadField("call preamble", f"version {version}; this pod speaks {PREAMBLE_VERSION}")
     if deadline_ms == 0:
         raise BadField("call preamble deadline", "0 ms: the time remaining must be > 0")
     tp_end = PREAMBLE_SIZE + tl
-    end = tp_end + jl
+    jid_end = tp_end + jl
+    end = jid_end + ol
     if len(data) < end:
         raise BadField("call preamble", f"truncated (its lengths say {end} bytes, the message has {len(data)})")
-    tp = jid = None
+    tp = jid = owner = None
+    if ol:
+        raw = data[jid_end:end]
+        if not jl or _OWNER_B.fullmatch(raw) is None:
+            raise BadField(
+                "call preamble owner", f"{show(raw)} is not an owner key (1 to {MAX_OWNER_LEN} printable ASCII, with a job id)"
+            )
+        owner = raw.decode()
     if tl:
         raw = data[PREAMBLE_SIZE:tp_end]
         if tl == 55 and _TP00_B.fullmatch(raw) and raw[3:35] != _ZEROS and raw[36:52] != _ZEROS[:16]:
@@ -280,8 +308,8 @@ def unpack_call(data: bytes) -> tuple[int, bytes, str | None, str | None, memory
         else:
             tp = valid_traceparent(raw.decode("ascii", "replace"))
     if jl:
-        raw = data[tp_end:end]
+        raw = data[tp_end:jid_end]
         if _JOB_ID_B.fullmatch(raw) is None:
             raise BadField("call preamble job id", f"{show(raw)} is not a job id (1 to {MAX_JOB_ID_LEN} of A-Z a-z 0-9 _ -)")
         jid = raw.decode()
-    return deadline_ms, schema, tp, jid, memoryview(data)[end:]
+    return deadline_ms, schema, tp, jid, owner, memoryview(data)[end:]

@@ -128,7 +128,11 @@ class Kernel:
 
         async def run(call: JobCall) -> bytes:
             msg, _ = ep.decode(call.data, call.headers)
-            token = _job.set(JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver))
+            owner = getattr(msg, "owner", None)  # whom the job acts for: its calls queue fairly by it
+            ctx = JobContext(
+                self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver, owner if isinstance(owner, str) else None
+            )
+            token = _job.set(ctx)
             deadline = asyncio.get_running_loop().time() + ep.timeout_s
             tp = codec.valid_traceparent(call.headers.get(H_TRACE))
             try:
@@ -209,14 +213,16 @@ class Kernel:
         tp = tracing.current_traceparent() if tracing.STATE.enabled else _trace.get()
         job = _job.get()
         body = _enc.encode(req)
-        payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, body, job.job_id if job else None)
+        payload = pack_call(
+            int(remaining * 1000), self._schemas[contract], tp, body, job.job_id if job else None, job.owner if job else None
+        )
         try:
             data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
         except (NoResponders, CalleeLost) as e:
             if optional and isinstance(e, NoResponders):
                 self._absent[contract] = (asyncio.get_running_loop().time(), str(e))
                 raise Unavailable(str(e)) from None
-            data, rh = await self._call_again(e, contract, body, tp, job.job_id if job else None, deadline)
+            data, rh = await self._call_again(e, contract, body, tp, job, deadline)
         except BusTimeout as e:
             raise DeadlineExceeded(str(e)) from None
         except BusError as e:
@@ -231,7 +237,7 @@ class Kernel:
             raise BadMessage(f"{address_of(contract)}: reply does not decode: {e}") from None
 
     async def _call_again(
-        self, err: BusError, contract: type, body: bytes, tp: str | None, job_id: str | None, deadline: float
+        self, err: BusError, contract: type, body: bytes, tp: str | None, job: JobContext | None, deadline: float
     ) -> tuple[bytes, Headers | None]:
         """Send a call again after no responders or a lost callee (module docstring).
         Raises Unavailable (no responders), PeerLost, DeadlineExceeded."""
@@ -261,7 +267,9 @@ class Kernel:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise DeadlineExceeded(f"{address_of(contract)}: deadline passed while calling again ({err})")
-            payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, body, job_id)
+            payload = pack_call(
+                int(remaining * 1000), self._schemas[contract], tp, body, *((job.job_id, job.owner) if job else ())
+            )
             try:
                 return await self.bus.request(subject, payload, None, remaining)
             except BusError as e:

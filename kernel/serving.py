@@ -46,53 +46,97 @@ def current_deadline() -> float | None:
 
 
 class Limiter:
-    """A concurrency limit with a bounded queue that answers Overloaded when full.
+    """A concurrency limit with a bounded queue that answers Overloaded when full, fair
+    between the keys its callers give.
 
-    ``enter`` takes a slot, waits in the queue, or raises :class:`Overloaded` at once.
-    A released slot is handed straight to the oldest waiter (first come, first served);
-    a cancelled waiter leaves the queue or passes on a slot handed to it meanwhile.
+    ``enter(key)`` takes a slot, waits in the queue, or raises :class:`Overloaded`. The key
+    is the owner of the job a call serves (:attr:`JobContext.owner`; None for calls made
+    outside a job). Waiters queue per key; a released slot goes to the keys with waiters in
+    turn (round robin), to the oldest waiter of that key: one owner's many queued calls delay
+    another owner's call by at most one call of each other waiting key, not by all of them.
+    When the queue is full, an arrival whose key has fewer waiters than the key with the most
+    takes the place of that key's newest waiter (which gets Overloaded): a flood cannot fill
+    the queue against everyone else. Otherwise the arrival gets Overloaded at once. A
+    cancelled waiter leaves the queue or passes on a slot handed to it meanwhile.
     """
 
-    __slots__ = ("_waiters", "active", "limit", "max_queue", "name")
+    __slots__ = ("_queues", "_turn", "active", "limit", "max_queue", "name", "waiting")
 
     def __init__(self, name: str, limit: int, max_queue: int) -> None:
         self.name = name
         self.limit = limit
         self.max_queue = max_queue
         self.active = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        #: Callers queued for a slot (all keys).
+        self.waiting = 0
+        self._queues: dict[Any, collections.deque[asyncio.Future[None]]] = {}
+        self._turn: collections.deque[Any] = collections.deque()  # keys with waiters, next first
 
-    @property
-    def waiting(self) -> int:
-        """Callers queued for a slot."""
-        return len(self._waiters)
-
-    async def enter(self) -> None:
-        """Take a slot. Raises Overloaded when the queue is full."""
-        if self.active < self.limit and not self._waiters:
+    async def enter(self, key: Any = None) -> None:
+        """Take a slot for ``key``. Raises Overloaded when the queue is full (see the class)."""
+        if self.active < self.limit and not self.waiting:
             self.active += 1
             return
-        if len(self._waiters) >= self.max_queue:
-            raise Overloaded(f"{self.name}: {self.active} running and {len(self._waiters)} queued; retry later")
+        if self.waiting >= self.max_queue:
+            self._make_room(key)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
+        q = self._queues.get(key)
+        if q is None:
+            q = self._queues[key] = collections.deque()
+            self._turn.append(key)
+        q.append(fut)
+        self.waiting += 1
         try:
             await fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self.leave()  # the slot was handed to us as we were cancelled: pass it on
-            elif fut in self._waiters:  # leave() may have dropped it already (cancelled futures are skipped)
-                self._waiters.remove(fut)
+            else:
+                self._drop(key, fut)  # leave() may have dropped it already (cancelled futures are skipped)
             raise
 
     def leave(self) -> None:
-        """Release a slot (to the oldest waiter when there is one)."""
-        while self._waiters:
-            fut = self._waiters.popleft()
+        """Release a slot (to the oldest waiter of the next key in turn when there is one)."""
+        turn, queues = self._turn, self._queues
+        while turn:
+            key = turn.popleft()
+            q = queues[key]
+            fut = q.popleft()
+            self.waiting -= 1
+            if q:
+                turn.append(key)
+            else:
+                del queues[key]
             if not fut.done():
                 fut.set_result(None)
                 return
         self.active -= 1
+
+    def _drop(self, key: Any, fut: asyncio.Future[None]) -> None:
+        q = self._queues.get(key)
+        if q is not None and fut in q:
+            q.remove(fut)
+            self.waiting -= 1
+            if not q:
+                del self._queues[key]
+                self._turn.remove(key)
+
+    def _make_room(self, key: Any) -> None:
+        """The queue is full: refuse the newest waiter of the longest queue when ``key`` has
+        fewer waiters than it by more than one, else raise Overloaded."""
+        if not self._queues:  # max_queue 0: no queue at all
+            raise Overloaded(f"{self.name}: {self.active} running, no queue; retry later")
+        own = len(self._queues.get(key, ()))
+        longest = max(self._queues, key=lambda k: len(self._queues[k]))
+        q = self._queues[longest]
+        if longest == key or len(q) <= own + 1:
+            raise Overloaded(f"{self.name}: {self.active} running and {self.waiting} queued; retry later")
+        fut = q.pop()  # stays non-empty: it was longer than own + 1 >= 1
+        self.waiting -= 1
+        if not fut.done():
+            fut.set_exception(
+                Overloaded(f"{self.name}: {self.active} running and {self.waiting} queued, a caller with fewer came; retry later")
+            )
 
 
 class Endpoint:
@@ -145,9 +189,10 @@ class Endpoint:
         # queue), and take the slot inside the try whose finally releases it.
         timer = self.wheel.add(deadline, task, self.overdue)
         token = _deadline.set(deadline)
+        job = _job.get()
         entered = False
         try:
-            await lim.enter()
+            await lim.enter(job.owner if job is not None else None)
             entered = True
             return await self.fn(msg)
         except asyncio.CancelledError:
@@ -207,12 +252,12 @@ class Endpoint:
         try:
             pre = unpack_call(data)
             if pre is not None:
-                deadline_ms, schema, tp, job_id, body = pre
+                deadline_ms, schema, tp, job_id, owner, body = pre
                 if schema != self.schema_raw:
                     raise self._mismatch(schema.hex())
                 msg, json = self._decode(self.decoder, body), False
                 if job_id and self.jobs is not None:
-                    job_token = _job.set(JobContext(self.jobs, job_id))
+                    job_token = _job.set(JobContext(self.jobs, job_id, owner=owner))
             else:
                 deadline_ms, tp, _, _ = read_headers(headers)
                 msg, json = self.decode(data, headers)

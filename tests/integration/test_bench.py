@@ -36,7 +36,8 @@ BENCHES = {
     "auth-burst": (
         ["--connects", "20", "--logins", "4", "--users", "2", "--window", "0.5", "--clients", "1", "--replicas", "1",
          "--kdf-time-cost", "1", "--kdf-memory-kib", "8192"],
-        ["connects", "logins", "failures", "p99_connect_ms", "redis_down_failures", "pool_max_in_use"],
+        ["connects", "logins", "failures", "p99_connect_ms", "redis_down_failures", "pool_max_in_use", "echo_p99_connect_ms",
+         "p99_ratio"],
     ),
     "jobs": (
         ["--jobs", "50", "--rounds", "1", "--inflight", "8"],

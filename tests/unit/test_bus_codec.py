@@ -25,17 +25,18 @@ TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
 def preamble(
-    version: int = 2,
+    version: int = 3,
     deadline_ms: int = 5000,
     schema: bytes = b"\0" * 8,
     tp: bytes = b"",
     jid: bytes = b"",
     tl: int = -1,
     jl: int = -1,
+    owner: bytes = b"",
 ) -> bytes:
     tl = len(tp) if tl < 0 else tl
     jl = len(jid) if jl < 0 else jl
-    return struct.pack("!BBI8sBB", 0xC1, version, deadline_ms, schema, tl, jl) + tp + jid
+    return struct.pack("!BBI8sBBB", 0xC1, version, deadline_ms, schema, tl, jl, len(owner)) + tp + jid + owner
 
 
 @pytest.mark.parametrize("text", ["inf", "-inf", "Infinity", "nan", "-1", "0", "-0", "1e400", "abc", "", " ", "1" * 40, "0x10"])
@@ -102,6 +103,12 @@ def test_content_types_and_schema_hashes() -> None:
         (b"\xc1", "call preamble"),
         (preamble()[:10], "call preamble"),
         (preamble(version=1), "call preamble"),
+        (preamble(version=2), "call preamble"),
+        (preamble(jid=b"j", owner=b"a b"), "call preamble owner"),
+        (preamble(jid=b"j", owner=b"\xff"), "call preamble owner"),
+        (preamble(jid=b"j", owner=b"x" * 129), "call preamble owner"),
+        (preamble(owner=b"alice"), "call preamble owner"),  # an owner without a job
+        (preamble(jid=b"j", owner=b"alice")[:-2], "call preamble"),
         (preamble(version=255), "call preamble"),
         (preamble(deadline_ms=0), "call preamble deadline"),
         (preamble(tl=200), "call preamble"),  # lengths beyond the message
@@ -122,9 +129,26 @@ def test_bad_preambles_are_refused_naming_the_field(data: bytes, field: str) -> 
 
 def test_preamble_with_garbage_traceparent_is_accepted_without_it() -> None:
     pre = unpack_call(preamble(tp=b"\xff" * 255, jid=b"job-1") + b"\x80")
-    assert pre is not None and pre[2] is None and pre[3] == "job-1" and bytes(pre[4]) == b"\x80"
+    assert pre is not None and pre[2] is None and pre[3] == "job-1" and pre[4] is None and bytes(pre[5]) == b"\x80"
     pre = unpack_call(pack_call(0, b"\0" * 8, TP, b"", "j"))  # less than 1 ms left is still time left
     assert pre is not None and pre[0] == 1 and pre[2] == TP
+
+
+def test_the_owner_of_the_callers_job_travels_in_the_preamble() -> None:
+    """Printable ASCII owners as they are; any other owner as a stable digest (the same
+    owner, the same key); no owner without a job id."""
+    pre = unpack_call(pack_call(500, b"\0" * 8, None, b"\x80", "job-1", "user-7f3a"))
+    assert pre is not None and pre[3:5] == ("job-1", "user-7f3a") and bytes(pre[5]) == b"\x80"
+    odd = ["Zoë", "a b", "x" * 200, "\x00"]
+    keys = []
+    for owner in odd:
+        pre = unpack_call(pack_call(500, b"\0" * 8, None, b"", "job-1", owner))
+        assert pre is not None and pre[4] is not None and pre[4].startswith("#") and len(pre[4]) == 33
+        keys.append(pre[4])
+    assert len(set(keys)) == len(odd)
+    assert keys[0] == unpack_call(pack_call(500, b"\0" * 8, None, b"", "j2", "Zoë"))[4]  # type: ignore[index]
+    pre = unpack_call(pack_call(500, b"\0" * 8, None, b"", None, "alice"))
+    assert pre is not None and pre[3] is None and pre[4] is None
 
 
 def test_only_inboxes_are_reply_subjects() -> None:

@@ -266,3 +266,94 @@ async def test_a_waiter_cancelled_after_leave_skipped_it_stays_cancelled() -> No
     with pytest.raises(asyncio.CancelledError):
         await waiter
     assert lim.active == 0 and lim.waiting == 0
+
+
+async def test_queued_callers_are_served_by_owner_in_turn() -> None:
+    """A released slot goes to the owners with waiters in turn: one owner's queued calls
+    delay another owner's by one call each, not by all of them (FIFO within an owner)."""
+    import asyncio
+
+    from aiwfe.kernel.serving import Limiter
+
+    lim = Limiter("t", 1, 16)
+    await lim.enter("A")
+    order: list[str] = []
+
+    async def wait(name: str, key: str | None) -> None:
+        await lim.enter(key)
+        order.append(name)
+
+    tasks = [asyncio.ensure_future(wait(f"A{i}", "A")) for i in range(1, 5)]
+    tasks += [asyncio.ensure_future(wait("B1", "B")), asyncio.ensure_future(wait("N1", None))]
+    await asyncio.sleep(0)
+    assert lim.waiting == 6
+    for _ in range(6):
+        lim.leave()
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
+    assert order == ["A1", "B1", "N1", "A2", "A3", "A4"]
+    lim.leave()
+    assert lim.active == 0 and lim.waiting == 0
+
+
+async def test_a_full_queue_refuses_the_owner_with_the_most_waiters() -> None:
+    """When the queue is full, an arrival with fewer waiters takes the place of the newest
+    waiter of the longest queue (which gets Overloaded); otherwise the arrival is refused."""
+    import asyncio
+
+    from aiwfe.kernel.errors import Overloaded
+    from aiwfe.kernel.serving import Limiter
+
+    lim = Limiter("t", 1, 3)
+    await lim.enter("A")
+    a = [asyncio.ensure_future(lim.enter("A")) for _ in range(3)]
+    await asyncio.sleep(0)
+    b = asyncio.ensure_future(lim.enter("B"))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="fewer came"):
+        await a[2]  # the newest of the longest queue made room
+    assert lim.waiting == 3
+    with pytest.raises(Overloaded, match="retry later"):
+        await lim.enter("A")  # A has the most waiters: refused itself
+    c = asyncio.ensure_future(lim.enter("C"))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await a[1]
+    with pytest.raises(Overloaded):
+        await lim.enter("D")  # every key has one waiter: no one to refuse in its place
+    for fut in (a[0], b, c):
+        lim.leave()
+        await fut
+    lim.leave()
+    assert lim.active == 0 and lim.waiting == 0
+    none = Limiter("t", 1, 0)
+    await none.enter()
+    with pytest.raises(Overloaded, match="no queue"):
+        await none.enter("A")
+
+
+async def test_a_cancelled_owner_leaves_the_turn() -> None:
+    """A cancelled waiter leaves its owner's queue (and the owner the turn when it was its
+    last); a slot handed to a waiter cancelled meanwhile is passed on."""
+    import asyncio
+
+    from aiwfe.kernel.serving import Limiter
+
+    lim = Limiter("t", 1, 8)
+    await lim.enter()
+    b = asyncio.ensure_future(lim.enter("B"))
+    a = asyncio.ensure_future(lim.enter("A"))
+    await asyncio.sleep(0)
+    b.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await b
+    assert lim.waiting == 1 and list(lim._turn) == ["A"]
+    c = asyncio.ensure_future(lim.enter("C"))
+    await asyncio.sleep(0)
+    lim.leave()  # to A
+    a.cancel()  # cancelled after the slot was handed over: A passes it on to C
+    with pytest.raises(asyncio.CancelledError):
+        await a
+    await c
+    lim.leave()
+    assert lim.active == 0 and lim.waiting == 0 and not lim._turn
