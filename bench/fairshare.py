@@ -8,10 +8,17 @@ client may ask for is allowed here (cap ``--flood-latency``).
 
 1. unloaded: ``--jobs`` ordinary helios jobs of user ``other``, one after another, each
    timed from its WebSocket submit frame to its result frame;
-2. loaded: ``--flooders`` loops of user ``flooder`` submit jobs at the caps (6 experts,
+2. loaded: ``--flooders`` loops of user ``flooder0`` submit jobs at the caps (6 experts,
    ``--flood-latency`` s per expert call, no cache) over HTTP as fast as they are answered,
    pausing ``--flood-pause`` s after a 429; once the flooder holds all its slots, the same
    ``--jobs`` of ``other`` again, while the flood goes on.
+
+``--accounts N``: the flood loops act for N accounts, each at its job limit (two accounts
+of one person: 16 jobs × 6 experts, more calls than reasoning's 64 provider slots).
+``--without-fairness`` runs the same on a second system whose queues are first come, first
+served (the owner keys dropped in this process) and whose reasoning keeps no slots back
+(``reserved_slots = 0``), with at most 5 jobs of ``other``, and adds ``unfair_loaded_p50_ms``,
+``unfair_ratio`` and ``unfair_loaded_max_ms``: what fair queueing and the reserve change.
 
 The issue this answers: without limits, six jobs with 12 experts and 40 s each filled
 reasoning's 64 slots and another user's job failed after 30 s. ``--without-limits`` repeats
@@ -22,7 +29,7 @@ Pods run in this process on a private embedded nats-server (or ``--url``); the l
 generator shares the cores. Last line, one JSON object: ``jobs``, ``limit``,
 ``unloaded_p50_ms``, ``loaded_p50_ms``, ``ratio`` (loaded p50 / unloaded p50),
 ``unloaded_p95_ms``, ``loaded_p95_ms``, ``p95_ratio``, ``other_failed``, ``flood_accepted``,
-``flood_refused`` (429s), ``flood_errors`` (any other answer).
+``loaded_max_ms``, ``flood_refused`` (429s), ``flood_errors`` (any other answer).
 """
 
 from __future__ import annotations
@@ -60,16 +67,18 @@ plugins = ["helios", "perception", "reasoning", "aiwfe.bench.ws:BenchAuthPlugin"
 [plugins.gateway]
 port = 0
 job_kinds = {{ helios = "helios.ask" }}
+[plugins.reasoning]
+{reasoning}
 """
 
 
 @contextlib.asynccontextmanager
-async def _system(url: str, prefix: str, limits: str) -> AsyncIterator[Any]:
+async def _system(url: str, prefix: str, limits: str, reasoning: str = "") -> AsyncIterator[Any]:
     from aiwfe.bus.nats import NatsBus
     from aiwfe.kernel.manifest import parse_manifest
     from aiwfe.kernel.pod import PodRunner
 
-    m = parse_manifest(MANIFEST.format(prefix=prefix, limits=limits), env={})
+    m = parse_manifest(MANIFEST.format(prefix=prefix, limits=limits, reasoning=reasoning), env={})
     async with PodRunner(m, "all", NatsBus(url, prefix, name="bench-fairshare"), ops_port=0) as pod:
         yield pod
 
@@ -95,11 +104,13 @@ async def _other_jobs(ws_url: str, token: str, n: int, tag: str) -> tuple[list[f
 
 
 class _Flood:
-    """The flooder's submit loops and what they were answered."""
+    """The flooders' submit loops (loop k acts for account k mod the number of tokens) and
+    what they were answered."""
 
-    def __init__(self, url: str, token: str, latency_s: float, pause_s: float) -> None:
-        self.url, self.token, self.latency_s, self.pause_s = url, token, latency_s, pause_s
+    def __init__(self, url: str, tokens: list[str], latency_s: float, pause_s: float) -> None:
+        self.url, self.tokens, self.latency_s, self.pause_s = url, tokens, latency_s, pause_s
         self.accepted = self.refused = self.errors = 0
+        self.full: set[int] = set()  # accounts answered 429 at least once: their slots are full
         self.stop = asyncio.Event()
 
     async def loop(self, k: int) -> None:
@@ -107,7 +118,8 @@ class _Flood:
 
         job = {"text": FLOOD_QUESTION, "max_experts": 6, "deadline_s": 120.0, "expert_timeout_s": 30.0}
         job |= {"latency_s": self.latency_s, "use_cache": False}
-        headers = {"Authorization": f"Bearer {self.token}"}
+        account = k % len(self.tokens)
+        headers = {"Authorization": f"Bearer {self.tokens[account]}"}
         async with httpx.AsyncClient(base_url=self.url, timeout=30) as c:
             i = 0
             while not self.stop.is_set():
@@ -119,6 +131,7 @@ class _Flood:
                     continue
                 if r.status_code == 429:
                     self.refused += 1
+                    self.full.add(account)
                 else:
                     self.errors += 1
                 await asyncio.sleep(self.pause_s)
@@ -145,46 +158,99 @@ async def _unprotected(url: str) -> tuple[float, str]:
                 r.raise_for_status()
         slots = pod.plugins["reasoning"]._slots  # the flood's expert calls take every one of them
         async with asyncio.timeout(20):
-            while not slots.locked():
+            while slots.active < slots.limit:
                 await asyncio.sleep(0.05)
         ws_url = http_url.replace("http://", "ws://") + "/v1/ws"
         times, failed = await _other_jobs(ws_url, make_token("other"), 1, "unprotected ")
     return times[0], "failed" if failed else "done"
 
 
-async def run(
-    url: str, jobs: int, flooders: int, flood_latency_s: float, pause_s: float, without_limits: bool = False
+@contextlib.contextmanager
+def _fifo_queues() -> Any:
+    """Every handler and provider queue in this process first come, first served (the
+    owner keys dropped): the same system without fair queueing, for the comparison."""
+    from aiwfe.kernel.serving import Limiter
+
+    enter, leave = Limiter.enter, Limiter.leave
+    Limiter.enter = lambda self, key=None: enter(self, None)  # type: ignore[method-assign]
+    Limiter.leave = lambda self, key=None: leave(self, None)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        Limiter.enter, Limiter.leave = enter, leave  # type: ignore[method-assign]
+
+
+async def _loaded(
+    url: str, jobs: int, flooders: int, accounts: int, flood_latency_s: float, pause_s: float, fair: bool
 ) -> dict[str, Any]:
+    """A fresh system: ``jobs`` of user ``other`` unloaded, then while ``accounts`` flood
+    (``fair``: as shipped; else FIFO queues and no reserved provider slots)."""
     from aiwfe.bench.ws import make_token
 
     prefix = "bfair" + uuid.uuid4().hex[:8]
-    async with _system(url, prefix, f"caps = {{ latency_s = {flood_latency_s} }}") as pod:
+    limits = f"caps = {{ latency_s = {flood_latency_s} }}"
+    async with _system(url, prefix, limits, "" if fair else "reserved_slots = 0") as pod:
         http_url = pod.plugins["gateway"].public_url
         ws_url = http_url.replace("http://", "ws://") + "/v1/ws"
         other = make_token("other")
         await _other_jobs(ws_url, other, 3, "warm-up ")  # connections, decoders, the expert index
-        unloaded, failed_unloaded = await _other_jobs(ws_url, other, jobs, "unloaded ")
+        # the texts differ between the systems too: a shared answer cache (Redis) must miss
+        unloaded, failed_unloaded = await _other_jobs(ws_url, other, jobs, f"unloaded {prefix} ")
 
-        flood = _Flood(http_url, make_token("flooder"), flood_latency_s, pause_s)
-        loops = [asyncio.create_task(flood.loop(k)) for k in range(flooders)]
+        flood = _Flood(http_url, [make_token(f"flooder{a}") for a in range(accounts)], flood_latency_s, pause_s)
+        loops = [asyncio.create_task(flood.loop(k)) for k in range(max(flooders, accounts))]
         try:
             async with asyncio.timeout(60):
-                while flood.refused == 0:  # its slots are full: the flood is at its limit
+                while len(flood.full) < accounts:  # every account is at its limit
                     await asyncio.sleep(0.05)
-            loaded, failed_loaded = await _other_jobs(ws_url, other, jobs, "loaded ")
+            await asyncio.sleep(0.5)  # their experts' calls reach reasoning
+            loaded, failed_loaded = await _other_jobs(ws_url, other, jobs, f"loaded {prefix} ")
         finally:
             flood.stop.set()
             await asyncio.gather(*loops, return_exceptions=True)
+    return {
+        "unloaded": unloaded,
+        "loaded": loaded,
+        "failed": failed_unloaded + failed_loaded,
+        "flood": flood,
+    }
+
+
+async def run(
+    url: str,
+    jobs: int,
+    flooders: int,
+    flood_latency_s: float,
+    pause_s: float,
+    without_limits: bool = False,
+    accounts: int = 1,
+    without_fairness: bool = False,
+) -> dict[str, Any]:
+    got = await _loaded(url, jobs, flooders, accounts, flood_latency_s, pause_s, True)
+    unloaded, loaded, flood = got["unloaded"], got["loaded"], got["flood"]
     extra: dict[str, Any] = {}
+    if without_fairness:
+        with _fifo_queues():
+            unfair = await _loaded(url, min(jobs, 5), flooders, accounts, flood_latency_s, pause_s, False)
+        ul50, ll50 = percentile(unfair["unloaded"], 50), percentile(unfair["loaded"], 50)
+        extra |= {
+            "unfair_loaded_p50_ms": round(ll50, 2),
+            "unfair_ratio": round(ll50 / ul50, 3),
+            # the first of the other user's jobs waits for a flood call to end; later ones may
+            # find slots freed by the flood's batch ending together: the worst job tells
+            "unfair_loaded_max_ms": round(max(unfair["loaded"]), 2),
+            "unfair_other_failed": unfair["failed"],
+        }
     if without_limits:
         ms, status = await _unprotected(url)
-        extra = {"unprotected_other_ms": round(ms, 1), "unprotected_other_status": status}
+        extra |= {"unprotected_other_ms": round(ms, 1), "unprotected_other_status": status}
     u50, l50 = percentile(unloaded, 50), percentile(loaded, 50)
     u95, l95 = percentile(unloaded, 95), percentile(loaded, 95)
     return {
         "jobs": jobs,
         "limit": LIMIT,
         "flooders": flooders,
+        "accounts": accounts,
         "flood_latency_s": flood_latency_s,
         "unloaded_p50_ms": round(u50, 2),
         "loaded_p50_ms": round(l50, 2),
@@ -192,7 +258,8 @@ async def run(
         "unloaded_p95_ms": round(u95, 2),
         "loaded_p95_ms": round(l95, 2),
         "p95_ratio": round(l95 / u95, 3),
-        "other_failed": failed_unloaded + failed_loaded,
+        "loaded_max_ms": round(max(loaded), 2),
+        "other_failed": got["failed"],
         "flood_accepted": flood.accepted,
         "flood_refused": flood.refused,
         "flood_errors": flood.errors,
@@ -211,12 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flood-latency", type=float, default=20.0, help="latency per expert call of the flood's jobs (default 20)")
     p.add_argument("--flood-pause", type=float, default=0.05, help="a flood loop's pause after a 429, seconds (default 0.05)")
     p.add_argument("--without-limits", action="store_true", help="also measure the same flood with no fair share")
+    p.add_argument("--accounts", type=int, default=1, help="flooder accounts, each at its job limit (default 1)")
+    p.add_argument(
+        "--without-fairness",
+        action="store_true",
+        help="also measure the same flood with FIFO queues and no reserved provider slots (at most 5 jobs)",
+    )
     a = p.parse_args(argv)
+    if a.accounts < 1 or a.jobs < 1:
+        p.error("--accounts and --jobs must be at least 1")
     # one line per request or per job without memory/learning pods would drown the result
     for name, level in (("httpx", logging.WARNING), ("aiwfe.helios", logging.ERROR)):
         logging.getLogger(name).setLevel(level)
     with nats_server(a.url) as url:
-        result = asyncio.run(run(url, a.jobs, a.flooders, a.flood_latency, a.flood_pause, a.without_limits))
+        result = asyncio.run(
+            run(url, a.jobs, a.flooders, a.flood_latency, a.flood_pause, a.without_limits, a.accounts, a.without_fairness)
+        )
     emit(result)
     return 0
 

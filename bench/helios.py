@@ -53,6 +53,7 @@ max_queue = 65536
 concurrency = 1024
 [plugins.reasoning]
 max_concurrency = 8192
+reserved_slots = 0  # one owner's jobs here: no slots kept back for light owners
 [plugins.gateway]
 port = 0
 job_kinds = {{ helios = "helios.ask" }}

@@ -41,7 +41,7 @@ _EXPORTS = {
     "plugin": ("HandlerOptions", "Plugin", "serves"),
     "routing": ("Caller", "Kernel"),
     "jobs": ("JobContext", "JobEvent", "JobRecord", "current_job"),
-    "serving": ("current_deadline",),
+    "serving": ("Limiter", "current_deadline"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "JobEvent",
     "JobRecord",
     "Kernel",
+    "Limiter",
     "Manifest",
     "Message",
     "Overloaded",
@@ -100,7 +101,7 @@ if TYPE_CHECKING:
     from .manifest import Manifest, load_manifest, parse_manifest
     from .plugin import HandlerOptions, Plugin, serves
     from .routing import Caller, Kernel
-    from .serving import current_deadline
+    from .serving import Limiter, current_deadline
 
 
 def __getattr__(name: str) -> Any:

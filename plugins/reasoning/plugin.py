@@ -7,7 +7,10 @@ timing tests are meaningful), ``ollama`` and ``openai`` (any OpenAI-compatible s
 see :mod:`aiwfe.plugins.reasoning.providers`.
 
 Every provider call holds one of ``max_concurrency`` slots (exported as the
-``aiwfe_active_llm_requests{provider}`` gauge) and is retried on retryable errors, up to
+``aiwfe_active_llm_requests{provider}`` gauge); calls waiting for one are served by the
+owner of their job in turn, and the last ``reserved_slots`` free slots are kept for owners
+running fewer calls than that (:class:`aiwfe.kernel.Limiter`): accounts flooding with long
+calls do not hold up another user's call. A call is retried on retryable errors, up to
 ``max_attempts`` calls, after ``backoff_s[attempt - 1]`` seconds (+ up to 25 % jitter;
 the last value repeats), never past the caller's deadline.
 
@@ -31,7 +34,7 @@ from typing import Any
 import msgspec
 from prometheus_client import Gauge
 
-from aiwfe.kernel import ConfigError, Plugin, current_deadline, current_job, serves
+from aiwfe.kernel import ConfigError, Limiter, Plugin, current_deadline, current_job, serves
 from aiwfe.kernel.config_check import one_of, problem_text
 from aiwfe.kernel.errors import BadInput
 from aiwfe.kernel.metrics import REGISTRY
@@ -56,6 +59,12 @@ _URL_ENV = {"ollama": "OLLAMA_URL", "openai": "OPENAI_BASE_URL"}
 Sink = Callable[[str, bool, int], Awaitable[None]]
 
 
+def _owner() -> str | None:
+    """Whom the current call's job acts for: the key that shares the provider slots fairly."""
+    job = current_job()
+    return job.owner if job is not None else None
+
+
 class ReasoningPlugin(Plugin):
     """Serves ``reasoning.reason``."""
 
@@ -69,6 +78,8 @@ class ReasoningPlugin(Plugin):
         may ask for (a longer one is refused with ``BadInput``: a sleep holds a provider slot).
         Clients reach it only through helios, whose edge refuses ``latency_s`` unless the
         manifest raises its cap (README "Limits and fair share"). ``max_concurrency``: provider calls in flight per pod.
+        ``reserved_slots``: of those, the last free ones kept for owners running fewer calls
+        than that (-1: ``max_concurrency // 8``; 0: none; :class:`aiwfe.kernel.Limiter`).
         ``base_url`` (empty: ``OLLAMA_URL`` / ``OPENAI_BASE_URL``, else the provider's
         default), ``model``, ``api_key`` (empty: ``OPENAI_API_KEY``). ``connect_timeout_s``,
         ``read_timeout_s`` (per chunk). ``max_attempts`` and ``backoff_s``: retries.
@@ -81,6 +92,7 @@ class ReasoningPlugin(Plugin):
         latency_s: float = 0.0
         max_latency_s: float = 60.0
         max_concurrency: int = 64
+        reserved_slots: int = -1
         base_url: str = ""
         model: str = ""
         api_key: str = ""
@@ -108,6 +120,8 @@ class ReasoningPlugin(Plugin):
         for field in ("max_concurrency", "max_attempts", "max_tokens"):
             if getattr(config, field) < 1:
                 problems.append(f"{field}: must be at least 1, not {getattr(config, field)}")
+        if not -1 <= config.reserved_slots < max(1, config.max_concurrency):
+            problems.append(f"reserved_slots: -1 (default), 0 or below max_concurrency, not {config.reserved_slots}")
         if any(b < 0 for b in config.backoff_s):
             problems.append(f"backoff_s: delays must not be negative, not {list(config.backoff_s)}")
         return problems
@@ -117,7 +131,10 @@ class ReasoningPlugin(Plugin):
         if problems:
             raise ConfigError("reasoning: " + "; ".join(map(problem_text, problems)))
         super().__init__(config, kernel)  # type: ignore[arg-type]
-        self._slots = asyncio.Semaphore(config.max_concurrency)
+        # Fair between the owners of the jobs the calls serve (aiwfe.kernel.Limiter); the queue
+        # holds at most the endpoint's concurrency less these slots, never refused here.
+        reserve = config.max_concurrency // 8 if config.reserved_slots < 0 else config.reserved_slots
+        self._slots = Limiter("reasoning provider slots", config.max_concurrency, 1 << 20, reserve)
         self._active = ACTIVE_LLM_REQUESTS.labels(config.provider)
         self._client: OllamaProvider | OpenAIProvider | None = None
 
@@ -191,7 +208,8 @@ class ReasoningPlugin(Plugin):
                 raise BadInput(f"reasoning.reason: latency_s = {req.latency_s:g} is over its cap ({cap:g}, max_latency_s)")
             # the slot as in _slot(), without a generator-based context manager per call
             slots, active = self._slots, self._active
-            await slots.acquire()
+            owner = _owner()
+            await slots.enter(owner)
             try:
                 active.inc()
                 try:
@@ -202,7 +220,7 @@ class ReasoningPlugin(Plugin):
                 finally:
                     active.dec()
             finally:
-                slots.release()
+                slots.leave(owner)
             if sink is not None:
                 await sink(answer, True, 1)
             prompt_tokens = sum(len(_WORD.findall(s.lower())) for s in [req.role, req.task, *req.context])
@@ -230,12 +248,16 @@ class ReasoningPlugin(Plugin):
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
-        async with self._slots:
+        owner = _owner()
+        await self._slots.enter(owner)
+        try:
             self._active.inc()
             try:
                 yield
             finally:
                 self._active.dec()
+        finally:
+            self._slots.leave(owner)
 
     def messages(self, req: Reason) -> list[dict[str, str]]:
         """The chat messages sent for ``req``: a system prompt and one user message."""

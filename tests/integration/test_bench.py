@@ -49,8 +49,9 @@ BENCHES = {
          "semantic_one_p50_ms"],
     ),
     "fairshare": (
-        ["--jobs", "3", "--flooders", "1", "--flood-latency", "2"],
-        ["jobs", "limit", "unloaded_p50_ms", "loaded_p50_ms", "ratio", "other_failed", "flood_accepted", "flood_refused"],
+        ["--jobs", "3", "--flooders", "1", "--flood-latency", "2", "--accounts", "2", "--without-fairness"],
+        ["jobs", "limit", "unloaded_p50_ms", "loaded_p50_ms", "ratio", "other_failed", "flood_accepted", "flood_refused",
+         "accounts", "loaded_max_ms", "unfair_ratio", "unfair_loaded_max_ms"],
     ),
     "startup": (
         ["--runs", "1", "--no-up"],

@@ -357,3 +357,33 @@ async def test_a_cancelled_owner_leaves_the_turn() -> None:
     await c
     lim.leave()
     assert lim.active == 0 and lim.waiting == 0 and not lim._turn
+
+
+async def test_the_reserve_keeps_the_last_free_slots_for_light_owners() -> None:
+    """With ``reserve`` r, an owner holding r or more slots waits while r or fewer are free;
+    an owner holding fewer takes them at once, also while heavy owners wait."""
+    import asyncio
+
+    from aiwfe.kernel.serving import Limiter
+
+    with pytest.raises(ValueError, match="reserve"):
+        Limiter("t", 4, 8, reserve=4)
+    lim = Limiter("t", 8, 64, reserve=2)
+    for key in ("A", "A", "A", "B", "B", "B"):
+        await lim.enter(key)  # 6 of 8 taken: 2 free, the reserve
+    heavy = asyncio.ensure_future(lim.enter("A"))
+    await asyncio.sleep(0)
+    assert not heavy.done() and lim.waiting == 1 and lim.active == 6
+    await lim.enter("C")  # a light owner runs at once although A waits
+    await lim.enter("C")
+    assert lim.active == 8
+    lim.leave("C")  # 1 free: A still may not take it
+    await asyncio.sleep(0)
+    assert not heavy.done() and lim.active == 7
+    lim.leave("B")
+    lim.leave("B")  # 3 free: more than the reserve, A's waiter goes
+    await asyncio.sleep(0)
+    assert heavy.done() and lim.active == 6 and lim.waiting == 0
+    for key in ("A", "A", "A", "A", "B", "C"):
+        lim.leave(key)
+    assert lim.active == 0 and not lim._running
