@@ -169,7 +169,7 @@ async def _unprotected(url: str) -> tuple[float, str]:
 def _fifo_queues() -> Any:
     """Every handler and provider queue in this process first come, first served (the
     owner keys dropped): the same system without fair queueing, for the comparison."""
-    from aiwfe.kernel.serving import Limiter
+    from aiwfe.kernel.limiter import Limiter
 
     enter, leave = Limiter.enter, Limiter.leave
     Limiter.enter = lambda self, key=None: enter(self, None)  # type: ignore[method-assign]

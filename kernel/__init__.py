@@ -41,7 +41,8 @@ _EXPORTS = {
     "plugin": ("HandlerOptions", "Plugin", "serves"),
     "routing": ("Caller", "Kernel"),
     "jobs": ("JobContext", "JobEvent", "JobRecord", "current_job"),
-    "serving": ("Limiter", "current_deadline"),
+    "limiter": ("Limiter",),
+    "serving": ("current_deadline",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
@@ -98,10 +99,11 @@ if TYPE_CHECKING:
         UndeclaredCall,
     )
     from .jobs import JobContext, JobEvent, JobRecord, current_job
+    from .limiter import Limiter
     from .manifest import Manifest, load_manifest, parse_manifest
     from .plugin import HandlerOptions, Plugin, serves
     from .routing import Caller, Kernel
-    from .serving import Limiter, current_deadline
+    from .serving import current_deadline
 
 
 def __getattr__(name: str) -> Any:

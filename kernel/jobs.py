@@ -118,7 +118,7 @@ class JobContext:
 
     A handler serving a call made from inside a job in another pod gets a borrowed context
     (``kind`` empty, ``attempt`` 0): it may add events to that job. ``owner`` (whom the job acts
-    for) goes with its calls: handler queues are fair between owners (``serving.Limiter``)."""
+    for) goes with its calls: handler queues are fair between owners (``kernel.Limiter``)."""
 
     __slots__ = ("_jobs", "attempt", "job_id", "kind", "max_deliver", "owner")
 

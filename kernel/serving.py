@@ -12,7 +12,6 @@ taken; a deadline is capped at the handler's ``timeout_s`` and also bounds the w
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import logging
 import time
@@ -26,11 +25,12 @@ from aiwfe.bus.wheel import DeadlineWheel
 
 from . import metrics, tracing
 from .contract import schema_hash
-from .errors import AiwfeError, BadMessage, DeadlineExceeded, Overloaded, RemoteError, SchemaMismatch, as_remote, to_wire
+from .errors import AiwfeError, BadMessage, DeadlineExceeded, RemoteError, SchemaMismatch, as_remote, to_wire
 from .jobs import JobContext, Jobs, _job
+from .limiter import Limiter
 from .plugin import HandlerSpec, Plugin
 
-__all__ = ["Endpoint", "Limiter", "current_deadline"]
+__all__ = ["Endpoint", "Limiter", "current_deadline"]  # Limiter: re-exported from .limiter
 
 log = logging.getLogger("aiwfe.kernel")
 
@@ -43,136 +43,6 @@ _json_enc = msgspec.json.Encoder()
 def current_deadline() -> float | None:
     """The running handler's deadline (``loop.time()`` seconds), or None outside one."""
     return _deadline.get()
-
-
-class Limiter:
-    """A concurrency limit with a bounded queue that answers Overloaded when full, fair
-    between the keys its callers give.
-
-    ``enter(key)`` takes a slot, waits in the queue, or raises :class:`Overloaded`;
-    ``leave(key)`` gives it back. The key is the owner of the job a call serves
-    (:attr:`JobContext.owner`; None for calls made outside a job). Waiters queue per key; a
-    released slot goes to the keys with waiters in turn (round robin), to the oldest waiter
-    of that key: one owner's many queued calls delay another owner's call by at most one
-    call of each other waiting key, not by all of them. When the queue is full, an arrival
-    whose key has fewer waiters than the key with the most takes the place of that key's
-    newest waiter (which gets Overloaded): a flood cannot fill the queue against everyone
-    else. Otherwise the arrival gets Overloaded at once. A cancelled waiter leaves the queue
-    or passes on a slot handed to it meanwhile.
-
-    ``reserve`` (default 0): the last ``reserve`` free slots are kept for keys holding fewer
-    than ``reserve`` slots. A key holding ``reserve`` or more waits while no more than
-    ``reserve`` are free, so owners who already run many long calls (together, too) cannot
-    take the slots a light owner's call needs. Running slots are never taken back; the cost
-    is that one heavy owner alone can use ``limit - reserve`` slots.
-    """
-
-    __slots__ = ("_queues", "_running", "_turn", "active", "limit", "max_queue", "name", "reserve", "waiting")
-
-    def __init__(self, name: str, limit: int, max_queue: int, reserve: int = 0) -> None:
-        if not 0 <= reserve < limit:
-            raise ValueError(f"{name}: reserve {reserve} must be at least 0 and below the limit {limit}")
-        self.name = name
-        self.limit = limit
-        self.max_queue = max_queue
-        self.reserve = reserve
-        self.active = 0
-        #: Callers queued for a slot (all keys).
-        self.waiting = 0
-        self._queues: dict[Any, collections.deque[asyncio.Future[None]]] = {}
-        self._turn: collections.deque[Any] = collections.deque()  # keys with waiters, next first
-        self._running: dict[Any, int] = {}  # slots held per key (kept only with a reserve)
-
-    def _may_take(self, key: Any) -> bool:
-        """Whether ``key`` may take a free slot now (always, without a reserve)."""
-        return not self.reserve or self.limit - self.active > self.reserve or self._running.get(key, 0) < self.reserve
-
-    def _take(self, key: Any) -> None:
-        self.active += 1
-        if self.reserve:
-            self._running[key] = self._running.get(key, 0) + 1
-
-    async def enter(self, key: Any = None) -> None:
-        """Take a slot for ``key``. Raises Overloaded when the queue is full (see the class)."""
-        # Without a reserve a free slot means nobody waits; with one, whoever waits may not
-        # take the free slots, and an arrival that may runs at once.
-        if self.active < self.limit and self._may_take(key):
-            self._take(key)
-            return
-        if self.waiting >= self.max_queue:
-            self._make_room(key)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        q = self._queues.get(key)
-        if q is None:
-            q = self._queues[key] = collections.deque()
-            self._turn.append(key)
-        q.append(fut)
-        self.waiting += 1
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                self.leave(key)  # the slot was handed to us as we were cancelled: pass it on
-            else:
-                self._drop(key, fut)  # leave() may have dropped it already (cancelled futures are skipped)
-            raise
-
-    def leave(self, key: Any = None) -> None:
-        """Release ``key``'s slot: to the oldest waiter of the next key in turn that may take it."""
-        self.active -= 1
-        if self.reserve:
-            held = self._running[key] - 1
-            if held:
-                self._running[key] = held
-            else:
-                del self._running[key]
-        turn, queues = self._turn, self._queues
-        skipped = 0
-        while skipped < len(turn):
-            k = turn[0]
-            if not self._may_take(k):
-                turn.rotate(-1)
-                skipped += 1
-                continue
-            turn.popleft()
-            q = queues[k]
-            fut = q.popleft()
-            self.waiting -= 1
-            if q:
-                turn.append(k)
-            else:
-                del queues[k]
-            if not fut.done():
-                self._take(k)
-                fut.set_result(None)
-                return
-            skipped = 0
-
-    def _drop(self, key: Any, fut: asyncio.Future[None]) -> None:
-        q = self._queues.get(key)
-        if q is not None and fut in q:
-            q.remove(fut)
-            self.waiting -= 1
-            if not q:
-                del self._queues[key]
-                self._turn.remove(key)
-
-    def _make_room(self, key: Any) -> None:
-        """The queue is full: refuse the newest waiter of the longest queue when ``key`` has
-        fewer waiters than it by more than one, else raise Overloaded."""
-        if not self._queues:  # max_queue 0: no queue at all
-            raise Overloaded(f"{self.name}: {self.active} running, no queue; retry later")
-        own = len(self._queues.get(key, ()))
-        longest = max(self._queues, key=lambda k: len(self._queues[k]))
-        q = self._queues[longest]
-        if longest == key or len(q) <= own + 1:
-            raise Overloaded(f"{self.name}: {self.active} running and {self.waiting} queued; retry later")
-        fut = q.pop()  # stays non-empty: it was longer than own + 1 >= 1
-        self.waiting -= 1
-        if not fut.done():
-            fut.set_exception(
-                Overloaded(f"{self.name}: {self.active} running and {self.waiting} queued, a caller with fewer came; retry later")
-            )
 
 
 class Endpoint:

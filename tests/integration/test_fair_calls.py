@@ -1,7 +1,7 @@
 """Fair queueing between owners across pods, over a real NATS server.
 
 A job's owner travels with every call made inside it (the call preamble) and the serving
-pod's handler queue takes owners in turn (:class:`aiwfe.kernel.serving.Limiter`): a user
+pod's handler queue takes owners in turn (:class:`aiwfe.kernel.Limiter`): a user
 with many queued calls to a busy contract delays another user's call by one call, not by
 the whole queue. Here the contract serves one call at a time in its own pod; one owner's 8
 jobs queue their calls before another owner submits 2.

@@ -255,7 +255,7 @@ async def test_a_waiter_cancelled_after_leave_skipped_it_stays_cancelled() -> No
     ran again, still ends with CancelledError (not ValueError) and the count stays right."""
     import asyncio
 
-    from aiwfe.kernel.serving import Limiter
+    from aiwfe.kernel.limiter import Limiter
 
     lim = Limiter("t", 1, 4)
     await lim.enter()
@@ -273,7 +273,7 @@ async def test_queued_callers_are_served_by_owner_in_turn() -> None:
     delay another owner's by one call each, not by all of them (FIFO within an owner)."""
     import asyncio
 
-    from aiwfe.kernel.serving import Limiter
+    from aiwfe.kernel.limiter import Limiter
 
     lim = Limiter("t", 1, 16)
     await lim.enter("A")
@@ -302,7 +302,7 @@ async def test_a_full_queue_refuses_the_owner_with_the_most_waiters() -> None:
     import asyncio
 
     from aiwfe.kernel.errors import Overloaded
-    from aiwfe.kernel.serving import Limiter
+    from aiwfe.kernel.limiter import Limiter
 
     lim = Limiter("t", 1, 3)
     await lim.enter("A")
@@ -337,7 +337,7 @@ async def test_a_cancelled_owner_leaves_the_turn() -> None:
     last); a slot handed to a waiter cancelled meanwhile is passed on."""
     import asyncio
 
-    from aiwfe.kernel.serving import Limiter
+    from aiwfe.kernel.limiter import Limiter
 
     lim = Limiter("t", 1, 8)
     await lim.enter()
@@ -364,7 +364,7 @@ async def test_the_reserve_keeps_the_last_free_slots_for_light_owners() -> None:
     an owner holding fewer takes them at once, also while heavy owners wait."""
     import asyncio
 
-    from aiwfe.kernel.serving import Limiter
+    from aiwfe.kernel.limiter import Limiter
 
     with pytest.raises(ValueError, match="reserve"):
         Limiter("t", 4, 8, reserve=4)
