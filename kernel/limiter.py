@@ -67,7 +67,7 @@ class Limiter:
         """Take a slot for ``key``. Raises Overloaded when the queue is full (see the class)."""
         # Without a reserve a free slot means nobody waits; with one, whoever waits may not
         # take the free slots, and an arrival that may runs at once.
-        if self.active < self.limit and self._may_take(key):
+        if self.active < self.limit and (not self.reserve or self._may_take(key)):
             self._take(key)
             return
         if self.waiting >= self.max_queue:
@@ -91,13 +91,15 @@ class Limiter:
     def leave(self, key: Any = None) -> None:
         """Release ``key``'s slot: to the oldest waiter of the next key in turn that may take it."""
         self.active -= 1
-        if self.reserve:
-            held = self._running[key] - 1
-            if held:
-                self._running[key] = held
-            else:
-                del self._running[key]
-        turn, queues = self._turn, self._queues
+        turn = self._turn
+        if not self.reserve:
+            if not turn:
+                return
+        elif held := self._running[key] - 1:
+            self._running[key] = held
+        else:
+            del self._running[key]
+        queues = self._queues
         skipped = 0
         while skipped < len(turn):
             k = turn[0]
