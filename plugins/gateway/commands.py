@@ -40,6 +40,7 @@ log = logging.getLogger("aiwfe.gateway.ws")
 
 MAX_CALLS_IN_FLIGHT = 16
 MAX_FOLLOWED_JOBS = 64
+_input_decoders: dict[type, msgspec.json.Decoder[Any]] = {}  # per call contract: a frame's raw input → the request
 
 
 class FrameSink(Protocol):
@@ -188,9 +189,11 @@ class Commands:
             )
             return
         try:
-            req: Any = msgspec.convert(f.input, contract)
+            if (decoder := _input_decoders.get(contract)) is None:
+                decoder = _input_decoders[contract] = msgspec.json.Decoder(contract)
+            req: Any = decoder.decode(f.input)
             check_ranges(f.contract, req)
-        except (msgspec.ValidationError, ValueError) as e:
+        except (msgspec.DecodeError, ValueError) as e:  # ValidationError is a DecodeError
             self.out.push({"type": "error", "code": "bad_frame", "message": f"{f.contract}: {e}", "id": f.id})
             return
         try:
@@ -198,7 +201,7 @@ class Commands:
         except AiwfeError as e:
             self.out.push(self._error(e, f.id))
             return
-        self.out.push({"type": "reply", "id": f.id, "result": msgspec.to_builtins(reply)})
+        self.out.push({"type": "reply", "id": f.id, "result": reply})  # the JSON encoder takes the Struct as it is
 
     def _follow(self, job_id: str, after_seq: int) -> None:
         old = self.followers.pop(job_id, None)

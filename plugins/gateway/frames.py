@@ -83,10 +83,13 @@ class Ping(_Frame, tag="ping"):
 
 
 class Call(_Frame, tag="call"):
-    """A synchronous call of a request contract the gateway allows (``ws_calls``)."""
+    """A synchronous call of a request contract the gateway allows (``ws_calls``).
+
+    ``input`` stays raw JSON here: it is decoded once, straight into the contract (no
+    intermediate dict), by the command that knows which contract it is."""
 
     contract: str
-    input: dict[str, Any] = {}
+    input: msgspec.Raw = msgspec.Raw(b"{}")
     id: str = ""
 
 
