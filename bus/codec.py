@@ -226,11 +226,11 @@ def stream_names(prefix: str) -> dict[str, str]:
 # the caller's job id and its owner) in a binary preamble in front of the msgpack body
 # instead of in NATS headers: 17 fixed bytes (magic, version, deadline in ms, 8-byte schema
 # hash, the three lengths), then the traceparent, the job id and the owner. nats-py's header
-# encoding and parsing cost ~30 % of request/reply throughput (`aiwfe bench rpc` measures both). The first byte 0xC1
-# is never produced by msgpack and is not JSON, so a payload without a preamble (an
-# external publisher's JSON or msgpack, described by headers) is recognised at once. Jobs
-# and events keep NATS headers: JetStream needs Nats-Msg-Id, and neither is on the RPC hot
-# path.
+# encoding and parsing cost ~30 % of request/reply throughput (`aiwfe bench rpc` measures
+# both). The first byte 0xC1 is never produced by msgpack and is not JSON, so a payload
+# without a preamble (an external publisher's JSON or msgpack, described by headers) is
+# recognised at once. Jobs and events keep NATS headers: JetStream needs Nats-Msg-Id, and
+# neither is on the RPC hot path.
 
 PREAMBLE_MAGIC = 0xC1
 PREAMBLE_VERSION = 3  # 3: the owner of the caller's job (fair queueing)
@@ -256,12 +256,12 @@ def pack_call(
 
     ``schema`` is the 8-byte raw schema hash; ``job_id`` names the job the caller runs
     inside (so the callee can add events to it: partial LLM output streams from any pod);
-    ``owner`` is whom that job acts for (:func:`owner_key`; the callee's queues are fair
+    ``owner`` is whom the call acts for (:func:`owner_key`; the callee's queues are fair
     between owners).
     """
     tp = traceparent.encode() if traceparent and len(traceparent) <= MAX_TRACEPARENT_LEN else b""
     jid = job_id.encode() if job_id and len(job_id) <= MAX_JOB_ID_LEN else b""
-    own = owner_key(owner) if owner and jid else b""
+    own = owner_key(owner) if owner else b""
     # A call with less than 1 ms left still has time left: 0 is refused as malformed.
     deadline_ms = min(max(deadline_ms, 1), 0xFFFFFFFF)
     head = _PRE.pack(PREAMBLE_MAGIC, PREAMBLE_VERSION, deadline_ms, schema, len(tp), len(jid), len(own))
@@ -277,7 +277,7 @@ def unpack_call(data: bytes) -> tuple[int, bytes, str | None, str | None, str | 
     Raises:
         BadField: a preamble that is truncated or of an unknown version, a deadline of 0,
         a job id that is not one (:func:`is_job_id`), an owner that is not 1 to 128
-        printable ASCII characters or comes without a job id.
+        printable ASCII characters.
     """
     if not data or data[0] != PREAMBLE_MAGIC:
         return None
@@ -296,10 +296,8 @@ def unpack_call(data: bytes) -> tuple[int, bytes, str | None, str | None, str | 
     tp = jid = owner = None
     if ol:
         raw = data[jid_end:end]
-        if not jl or _OWNER_B.fullmatch(raw) is None:
-            raise BadField(
-                "call preamble owner", f"{show(raw)} is not an owner key (1 to {MAX_OWNER_LEN} printable ASCII, with a job id)"
-            )
+        if _OWNER_B.fullmatch(raw) is None:
+            raise BadField("call preamble owner", f"{show(raw)} is not an owner key (1 to {MAX_OWNER_LEN} printable ASCII)")
         owner = raw.decode()
     if tl:
         raw = data[PREAMBLE_SIZE:tp_end]

@@ -42,7 +42,7 @@ _EXPORTS = {
     "routing": ("Caller", "Kernel"),
     "jobs": ("JobContext", "JobEvent", "JobRecord", "current_job"),
     "limiter": ("Limiter",),
-    "serving": ("current_deadline",),
+    "serving": ("acting_for", "current_deadline", "current_owner"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
@@ -72,9 +72,11 @@ __all__ = [
     "SchemaMismatch",
     "Unavailable",
     "UndeclaredCall",
+    "acting_for",
     "address_of",
     "current_deadline",
     "current_job",
+    "current_owner",
     "kind_of",
     "load_manifest",
     "parse_manifest",
@@ -103,7 +105,7 @@ if TYPE_CHECKING:
     from .manifest import Manifest, load_manifest, parse_manifest
     from .plugin import HandlerOptions, Plugin, serves
     from .routing import Caller, Kernel
-    from .serving import current_deadline
+    from .serving import acting_for, current_deadline, current_owner
 
 
 def __getattr__(name: str) -> Any:

@@ -39,7 +39,7 @@ from .contract import Event, Idempotent, Job, Message, Request, address_of, kind
 from .errors import AiwfeError, BadMessage, DeadlineExceeded, PeerLost, Unavailable, UndeclaredCall, from_wire
 from .jobs import JobCall, JobContext, JobRecord, Jobs, _job, _unavailable
 from .plugin import HandlerSpec, Plugin
-from .serving import Endpoint, _deadline, _trace
+from .serving import Endpoint, _deadline, _owner, _trace
 from .submitting import Submissions
 
 __all__ = ["Caller", "Kernel"]
@@ -129,10 +129,9 @@ class Kernel:
         async def run(call: JobCall) -> bytes:
             msg, _ = ep.decode(call.data, call.headers)
             owner = getattr(msg, "owner", None)  # whom the job acts for: its calls queue fairly by it
-            ctx = JobContext(
-                self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver, owner if isinstance(owner, str) else None
-            )
-            token = _job.set(ctx)
+            owner = owner if isinstance(owner, str) and owner else None
+            ctx = JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver, owner)
+            token, owner_token = _job.set(ctx), _owner.set(owner)
             deadline = asyncio.get_running_loop().time() + ep.timeout_s
             tp = codec.valid_traceparent(call.headers.get(H_TRACE))
             try:
@@ -144,6 +143,7 @@ class Kernel:
                     result = await ep.invoke(msg, deadline, tp)
             finally:
                 _job.reset(token)
+                _owner.reset(owner_token)
             if rt is not None and not isinstance(result, rt):
                 raise TypeError(f"{ep.spec.address}: handler returned {type(result).__name__}, expected {rt.__name__}")
             return _enc.encode(result)
@@ -213,16 +213,15 @@ class Kernel:
         tp = tracing.current_traceparent() if tracing.STATE.enabled else _trace.get()
         job = _job.get()
         body = _enc.encode(req)
-        payload = pack_call(
-            int(remaining * 1000), self._schemas[contract], tp, body, job.job_id if job else None, job.owner if job else None
-        )
+        owner = _owner.get()
+        payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, body, job.job_id if job else None, owner)
         try:
             data, rh = await self.bus.request(self.subject(contract), payload, None, remaining)
         except (NoResponders, CalleeLost) as e:
             if optional and isinstance(e, NoResponders):
                 self._absent[contract] = (asyncio.get_running_loop().time(), str(e))
                 raise Unavailable(str(e)) from None
-            data, rh = await self._call_again(e, contract, body, tp, job, deadline)
+            data, rh = await self._call_again(e, contract, body, tp, job.job_id if job else None, owner, deadline)
         except BusTimeout as e:
             raise DeadlineExceeded(str(e)) from None
         except BusError as e:
@@ -237,7 +236,14 @@ class Kernel:
             raise BadMessage(f"{address_of(contract)}: reply does not decode: {e}") from None
 
     async def _call_again(
-        self, err: BusError, contract: type, body: bytes, tp: str | None, job: JobContext | None, deadline: float
+        self,
+        err: BusError,
+        contract: type,
+        body: bytes,
+        tp: str | None,
+        job_id: str | None,
+        owner: str | None,
+        deadline: float,
     ) -> tuple[bytes, Headers | None]:
         """Send a call again after no responders or a lost callee (module docstring).
         Raises Unavailable (no responders), PeerLost, DeadlineExceeded."""
@@ -267,9 +273,7 @@ class Kernel:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise DeadlineExceeded(f"{address_of(contract)}: deadline passed while calling again ({err})")
-            payload = pack_call(
-                int(remaining * 1000), self._schemas[contract], tp, body, *((job.job_id, job.owner) if job else ())
-            )
+            payload = pack_call(int(remaining * 1000), self._schemas[contract], tp, body, job_id, owner)
             try:
                 return await self.bus.request(subject, payload, None, remaining)
             except BusError as e:

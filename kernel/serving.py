@@ -12,9 +12,11 @@ taken; a deadline is capped at the handler's ``timeout_s`` and also bounds the w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -30,12 +32,16 @@ from .jobs import JobContext, Jobs, _job
 from .limiter import Limiter
 from .plugin import HandlerSpec, Plugin
 
-__all__ = ["Endpoint", "Limiter", "current_deadline"]  # Limiter: re-exported from .limiter
+__all__ = ["Endpoint", "Limiter", "acting_for", "current_deadline", "current_owner"]  # Limiter: re-exported from .limiter
 
 log = logging.getLogger("aiwfe.kernel")
 
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("aiwfe_deadline", default=None)
 _trace: contextvars.ContextVar[str | None] = contextvars.ContextVar("aiwfe_traceparent", default=None)
+#: Whom the current work acts for: the key of fair queueing (:class:`Limiter`). Set from a
+#: job's ``owner`` by the job runner, from the call preamble by the serving side, by
+#: :func:`acting_for` (the gateway, for its users' direct calls); calls made under it carry it.
+_owner: contextvars.ContextVar[str | None] = contextvars.ContextVar("aiwfe_owner", default=None)
 _enc = msgspec.msgpack.Encoder()
 _json_enc = msgspec.json.Encoder()
 
@@ -43,6 +49,22 @@ _json_enc = msgspec.json.Encoder()
 def current_deadline() -> float | None:
     """The running handler's deadline (``loop.time()`` seconds), or None outside one."""
     return _deadline.get()
+
+
+def current_owner() -> str | None:
+    """Whom the current work acts for (the key of fair queueing), or None."""
+    return _owner.get()
+
+
+@contextlib.contextmanager
+def acting_for(owner: str | None) -> Iterator[None]:
+    """Calls made inside act for ``owner``: every handler queue they reach takes them in that
+    owner's turn (:class:`Limiter`). Inside a job, its owner applies without this."""
+    token = _owner.set(owner or None)
+    try:
+        yield
+    finally:
+        _owner.reset(token)
 
 
 class Endpoint:
@@ -95,8 +117,7 @@ class Endpoint:
         # queue), and take the slot inside the try whose finally releases it.
         timer = self.wheel.add(deadline, task, self.overdue)
         token = _deadline.set(deadline)
-        job = _job.get()
-        key = job.owner if job is not None else None
+        key = _owner.get()
         entered = False
         try:
             await lim.enter(key)
@@ -154,7 +175,7 @@ class Endpoint:
         Never raises (but CancelledError): every request gets a reply.
         """
         t0 = time.perf_counter()
-        trace_token = job_token = None
+        trace_token = job_token = owner_token = None
         deadline_ms: float | None
         try:
             pre = unpack_call(data)
@@ -165,6 +186,8 @@ class Endpoint:
                 msg, json = self._decode(self.decoder, body), False
                 if job_id and self.jobs is not None:
                     job_token = _job.set(JobContext(self.jobs, job_id, owner=owner))
+                if owner:
+                    owner_token = _owner.set(owner)
             else:
                 deadline_ms, tp, _, _ = read_headers(headers)
                 msg, json = self.decode(data, headers)
@@ -189,3 +212,5 @@ class Endpoint:
                 _trace.reset(trace_token)
             if job_token is not None:
                 _job.reset(job_token)
+            if owner_token is not None:
+                _owner.reset(owner_token)

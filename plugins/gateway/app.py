@@ -47,7 +47,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from aiwfe.kernel import AiwfeError, Forbidden, RemoteError, metrics
+from aiwfe.kernel import AiwfeError, Forbidden, RemoteError, acting_for, metrics
 from aiwfe.kernel.errors import BadInput, TooLarge
 from aiwfe.kernel.quotas import TooManyJobs
 from aiwfe.plugins.auth.contract import Claims, LoggedOut, Login, Logout, Register, Registered, Token
@@ -312,14 +312,16 @@ async def job_events(
 @post("/v1/memory", status_code=201, tags=["memory"], responses=errors(400, 413, 502, 503))
 async def remember(svc: Services, claims: CallerClaims, data: JSONBody[MemoryIn]) -> MemoryStored:
     """Store a memory for the calling user (the owner is always the token's subject)."""
-    r: RememberResult = await svc.kernel.call(Remember(text=data.text, owner=claims.sub, metadata=data.metadata))
+    with acting_for(claims.sub):
+        r: RememberResult = await svc.kernel.call(Remember(text=data.text, owner=claims.sub, metadata=data.metadata))
     return MemoryStored(id=r.id)
 
 
 @post("/v1/memory/recall", status_code=200, tags=["memory"], responses=errors(400, 413, 502, 503))
 async def recall(svc: Services, claims: CallerClaims, data: JSONBody[RecallIn]) -> RecallResult:
     """The calling user's memories closest to ``query`` (never another user's)."""
-    r: RecallResult = await svc.kernel.call(Recall(query=data.query, owner=claims.sub, k=data.k, filters=data.filters))
+    with acting_for(claims.sub):
+        r: RecallResult = await svc.kernel.call(Recall(query=data.query, owner=claims.sub, k=data.k, filters=data.filters))
     return r
 
 

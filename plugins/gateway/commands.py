@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from aiwfe.kernel import AiwfeError, RemoteError
+from aiwfe.kernel import AiwfeError, RemoteError, acting_for
 
 from . import frames
 from .frames import TERMINAL
@@ -197,7 +197,8 @@ class Commands:
             self.out.push({"type": "error", "code": "bad_frame", "message": f"{f.contract}: {e}", "id": f.id})
             return
         try:
-            reply: Any = await self.kernel.call(req, timeout_s=self.services.config.call_timeout_s)
+            with acting_for(self.sub):  # queued fairly with this user's other work, wherever it lands
+                reply: Any = await self.kernel.call(req, timeout_s=self.services.config.call_timeout_s)
         except AiwfeError as e:
             self.out.push(self._error(e, f.id))
             return

@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 from prometheus_client import Gauge
 
-from aiwfe.kernel import ConfigError, Limiter, Plugin, current_deadline, current_job, serves
+from aiwfe.kernel import ConfigError, Limiter, Plugin, current_deadline, current_job, current_owner, serves
 from aiwfe.kernel.config_check import one_of, problem_text
 from aiwfe.kernel.errors import BadInput
 from aiwfe.kernel.metrics import REGISTRY
@@ -57,12 +57,6 @@ _DEFAULT_URL = {"ollama": "http://127.0.0.1:11434", "openai": "https://api.opena
 _URL_ENV = {"ollama": "OLLAMA_URL", "openai": "OPENAI_BASE_URL"}
 
 Sink = Callable[[str, bool, int], Awaitable[None]]
-
-
-def _owner() -> str | None:
-    """Whom the current call's job acts for: the key that shares the provider slots fairly."""
-    job = current_job()
-    return job.owner if job is not None else None
 
 
 class ReasoningPlugin(Plugin):
@@ -208,7 +202,7 @@ class ReasoningPlugin(Plugin):
                 raise BadInput(f"reasoning.reason: latency_s = {req.latency_s:g} is over its cap ({cap:g}, max_latency_s)")
             # the slot as in _slot(), without a generator-based context manager per call
             slots, active = self._slots, self._active
-            owner = _owner()
+            owner = current_owner()  # whom the call acts for: the provider slots are shared fairly by it
             await slots.enter(owner)
             try:
                 active.inc()
@@ -248,7 +242,7 @@ class ReasoningPlugin(Plugin):
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
-        owner = _owner()
+        owner = current_owner()  # whom the call acts for: the provider slots are shared fairly by it
         await self._slots.enter(owner)
         try:
             self._active.inc()

@@ -1,7 +1,8 @@
 """Fair queueing between owners across pods, over a real NATS server.
 
 A job's owner travels with every call made inside it (the call preamble) and the serving
-pod's handler queue takes owners in turn (:class:`aiwfe.kernel.Limiter`): a user
+pod's handler queue takes owners in turn (:class:`aiwfe.kernel.Limiter`); a direct call
+carries whom :func:`aiwfe.kernel.acting_for` names (the gateway: its user). A user
 with many queued calls to a busy contract delays another user's call by one call, not by
 the whole queue. Here the contract serves one call at a time in its own pod; one owner's 8
 jobs queue their calls before another owner submits 2.
@@ -14,7 +15,7 @@ import asyncio
 import pytest
 
 from aiwfe.bus.nats import NatsBus
-from aiwfe.kernel import Job, Plugin, Reply, Request, current_job, serves
+from aiwfe.kernel import Job, Plugin, Reply, Request, acting_for, current_job, current_owner, serves
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from tests.support.pods import dump_toml
@@ -45,7 +46,8 @@ class BackPlugin(Plugin):
     @serves(Slot, concurrency=1, max_queue=64, timeout_s=60)
     async def slot(self, req: Slot) -> Served:
         ctx = current_job()
-        owner = ctx.owner if ctx is not None and ctx.owner is not None else "?"
+        owner = current_owner() or "?"
+        assert ctx is None or ctx.owner == current_owner()  # a borrowed job context names it too
         BackPlugin.served.append((owner, req.n))
         await asyncio.sleep(0.1)
         return Served(owner=owner, n=req.n)
@@ -97,3 +99,7 @@ async def test_a_second_owner_is_served_in_turn_not_after_the_first_owners_queue
         # job reaches its call).
         bob_at = [i for i, owner in enumerate(order) if owner == "bob"]
         assert bob_at[0] <= k + 2 < 8 and bob_at[1] - bob_at[0] <= 2, (k, order)
+        # A direct call outside any job acts for whom the caller names (the gateway: its user).
+        with acting_for("carol"):
+            assert (await kernel.call(Slot(n=7))).owner == "carol"
+        assert (await kernel.call(Slot(n=8))).owner == "?"

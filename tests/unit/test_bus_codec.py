@@ -107,7 +107,6 @@ def test_content_types_and_schema_hashes() -> None:
         (preamble(jid=b"j", owner=b"a b"), "call preamble owner"),
         (preamble(jid=b"j", owner=b"\xff"), "call preamble owner"),
         (preamble(jid=b"j", owner=b"x" * 129), "call preamble owner"),
-        (preamble(owner=b"alice"), "call preamble owner"),  # an owner without a job
         (preamble(jid=b"j", owner=b"alice")[:-2], "call preamble"),
         (preamble(version=255), "call preamble"),
         (preamble(deadline_ms=0), "call preamble deadline"),
@@ -136,7 +135,7 @@ def test_preamble_with_garbage_traceparent_is_accepted_without_it() -> None:
 
 def test_the_owner_of_the_callers_job_travels_in_the_preamble() -> None:
     """Printable ASCII owners as they are; any other owner as a stable digest (the same
-    owner, the same key); no owner without a job id."""
+    owner, the same key); with or without a job id."""
     pre = unpack_call(pack_call(500, b"\0" * 8, None, b"\x80", "job-1", "user-7f3a"))
     assert pre is not None and pre[3:5] == ("job-1", "user-7f3a") and bytes(pre[5]) == b"\x80"
     odd = ["Zoë", "a b", "x" * 200, "\x00"]
@@ -147,8 +146,8 @@ def test_the_owner_of_the_callers_job_travels_in_the_preamble() -> None:
         keys.append(pre[4])
     assert len(set(keys)) == len(odd)
     assert keys[0] == unpack_call(pack_call(500, b"\0" * 8, None, b"", "j2", "Zoë"))[4]  # type: ignore[index]
-    pre = unpack_call(pack_call(500, b"\0" * 8, None, b"", None, "alice"))
-    assert pre is not None and pre[3] is None and pre[4] is None
+    pre = unpack_call(pack_call(500, b"\0" * 8, None, b"", None, "alice"))  # a direct call acting for a user
+    assert pre is not None and pre[3] is None and pre[4] == "alice"
 
 
 def test_only_inboxes_are_reply_subjects() -> None:

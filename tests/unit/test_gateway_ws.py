@@ -255,6 +255,10 @@ async def test_bad_frames_unknown_kinds_and_calls(gateway: StartGateway) -> None
             assert (await recv_json(ws))["code"] == "unknown_contract"
             await ws.send(json.dumps({"type": "call", "contract": "perception.perceive", "input": {"txt": 1}, "id": "c"}))
             assert (await recv_json(ws))["code"] == "bad_frame"
+            for bad_input in (5, None, [], "text"):  # the input is decoded straight into the contract: an object only
+                await ws.send(json.dumps({"type": "call", "contract": "perception.perceive", "input": bad_input, "id": "e"}))
+                f = await recv_json(ws)
+                assert f["code"] == "bad_frame" and f["id"] == "e" and "Expected `object`" in f["message"], f
             await ws.send(
                 json.dumps({"type": "call", "contract": "perception.perceive", "input": {"text": "Deploy it"}, "id": "d"})
             )
