@@ -145,30 +145,32 @@ class _Flood:
 
 
 async def _unprotected(url: str) -> tuple[float, str]:
-    """The issue's measurement without fair share: six jobs of 12 experts at 40 s each, then
-    one ordinary job of another user: (its ms from submit to result, its status)."""
+    """The issue's measurement without fair share (no limits, no reserved provider slots,
+    first-come queues): six jobs of 12 experts at 40 s each, then one ordinary job of
+    another user: (its ms from submit to result, its status)."""
     import httpx
 
     from aiwfe.bench.ws import make_token
 
     limits = "max_per_owner = 0\ncaps = { max_experts = 12, latency_s = 40 }"
-    async with _system(url, "bfair" + uuid.uuid4().hex[:8], limits) as pod:
-        http_url = pod.plugins["gateway"].public_url
-        job = {"text": FLOOD_QUESTION, "max_experts": 12, "latency_s": 40.0, "use_cache": False}
-        async with httpx.AsyncClient(base_url=http_url, timeout=30) as c:
-            for i in range(6):
-                r = await c.post(
-                    "/v1/jobs",
-                    json={"kind": "helios", "input": {**job, "text": f"{FLOOD_QUESTION} {i}"}},
-                    headers={"Authorization": f"Bearer {make_token('flooder')}"},
-                )
-                r.raise_for_status()
-        slots = pod.plugins["reasoning"]._slots  # the flood's expert calls take every one of them
-        async with asyncio.timeout(20):
-            while slots.active < slots.limit:
-                await asyncio.sleep(0.05)
-        ws_url = http_url.replace("http://", "ws://") + "/v1/ws"
-        times, failed = await _other_jobs(ws_url, make_token("other"), 1, "unprotected ")
+    with _fifo_queues():
+        async with _system(url, "bfair" + uuid.uuid4().hex[:8], limits, "reserved_slots = 0") as pod:
+            http_url = pod.plugins["gateway"].public_url
+            job = {"text": FLOOD_QUESTION, "max_experts": 12, "latency_s": 40.0, "use_cache": False}
+            async with httpx.AsyncClient(base_url=http_url, timeout=30) as c:
+                for i in range(6):
+                    r = await c.post(
+                        "/v1/jobs",
+                        json={"kind": "helios", "input": {**job, "text": f"{FLOOD_QUESTION} {i}"}},
+                        headers={"Authorization": f"Bearer {make_token('flooder')}"},
+                    )
+                    r.raise_for_status()
+            slots = pod.plugins["reasoning"]._slots  # the flood's expert calls take every one of them
+            async with asyncio.timeout(20):
+                while slots.active < slots.limit:
+                    await asyncio.sleep(0.05)
+            ws_url = http_url.replace("http://", "ws://") + "/v1/ws"
+            times, failed = await _other_jobs(ws_url, make_token("other"), 1, "unprotected ")
     return times[0], "failed" if failed else "done"
 
 

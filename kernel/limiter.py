@@ -26,9 +26,10 @@ class Limiter:
     released slot goes to the keys with waiters in turn (round robin), to the oldest waiter
     of that key: one owner's many queued calls delay another owner's call by at most one
     call of each other waiting key, not by all of them. When the queue is full, an arrival
-    whose key has fewer waiters than the key with the most takes the place of that key's
-    newest waiter (which gets Overloaded): a flood cannot fill the queue against everyone
-    else. Otherwise the arrival gets Overloaded at once. A cancelled waiter leaves the queue
+    whose key has at least two fewer waiters than the key with the most takes the place of
+    that key's newest waiter (which gets Overloaded): a flood cannot fill the queue against
+    everyone else (with a queue of one, the first waiter keeps it). Otherwise the arrival
+    gets Overloaded at once. A cancelled waiter leaves the queue
     or passes on a slot handed to it meanwhile.
 
     ``reserve`` (default 0): the last ``reserve`` free slots are kept for keys holding fewer
@@ -41,6 +42,8 @@ class Limiter:
     __slots__ = ("_queues", "_running", "_turn", "active", "limit", "max_queue", "name", "reserve", "waiting")
 
     def __init__(self, name: str, limit: int, max_queue: int, reserve: int = 0) -> None:
+        if limit < 1:
+            raise ValueError(f"{name}: a limit (concurrency) of {limit}: at least 1 must be able to run")
         if not 0 <= reserve < limit:
             raise ValueError(f"{name}: reserve {reserve} must be at least 0 and below the limit {limit}")
         self.name = name
@@ -89,19 +92,21 @@ class Limiter:
             raise
 
     def leave(self, key: Any = None) -> None:
-        """Release ``key``'s slot: to the oldest waiter of the next key in turn that may take it."""
+        """Release ``key``'s slot: to the oldest waiter of the next key in turn that may take
+        it. With a reserve, the release may let more than one waiting key take a free slot
+        (the leaving key may have dropped below the reserve): each that may, does."""
         self.active -= 1
         turn = self._turn
         if not self.reserve:
             if not turn:
                 return
-        elif held := self._running[key] - 1:
+        elif (held := self._running.get(key, 0) - 1) > 0:
             self._running[key] = held
         else:
-            del self._running[key]
+            self._running.pop(key, None)
         queues = self._queues
         skipped = 0
-        while skipped < len(turn):
+        while skipped < len(turn) and self.active < self.limit:
             k = turn[0]
             if not self._may_take(k):
                 turn.rotate(-1)
@@ -115,11 +120,12 @@ class Limiter:
                 turn.append(k)
             else:
                 del queues[k]
+            skipped = 0
             if not fut.done():
                 self._take(k)
                 fut.set_result(None)
-                return
-            skipped = 0
+                if not self.reserve:
+                    return  # one slot was freed, one taken
 
     def _drop(self, key: Any, fut: asyncio.Future[None]) -> None:
         q = self._queues.get(key)

@@ -39,7 +39,7 @@ from .contract import Event, Idempotent, Job, Message, Request, address_of, kind
 from .errors import AiwfeError, BadMessage, DeadlineExceeded, PeerLost, Unavailable, UndeclaredCall, from_wire
 from .jobs import JobCall, JobContext, JobRecord, Jobs, _job, _unavailable
 from .plugin import HandlerSpec, Plugin
-from .serving import Endpoint, _deadline, _owner, _trace
+from .serving import Endpoint, _deadline, _owner, _trace, owner_of
 from .submitting import Submissions
 
 __all__ = ["Caller", "Kernel"]
@@ -129,7 +129,7 @@ class Kernel:
         async def run(call: JobCall) -> bytes:
             msg, _ = ep.decode(call.data, call.headers)
             owner = getattr(msg, "owner", None)  # whom the job acts for: its calls queue fairly by it
-            owner = owner if isinstance(owner, str) and owner else None
+            owner = owner_of(owner) if isinstance(owner, str) else None
             ctx = JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver, owner)
             token, owner_token = _job.set(ctx), _owner.set(owner)
             deadline = asyncio.get_running_loop().time() + ep.timeout_s

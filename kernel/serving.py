@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 
 from aiwfe.bus.base import Headers
-from aiwfe.bus.codec import H_ERROR, BadField, read_headers, unpack_call
+from aiwfe.bus.codec import H_ERROR, BadField, owner_key, read_headers, unpack_call
 from aiwfe.bus.wheel import DeadlineWheel
 
 from . import metrics, tracing
@@ -52,15 +52,21 @@ def current_deadline() -> float | None:
 
 
 def current_owner() -> str | None:
-    """Whom the current work acts for (the key of fair queueing), or None."""
+    """Whom the current work acts for, as the key of fair queueing (the owner itself when it
+    is 1–128 printable ASCII, else a stable digest: :func:`aiwfe.bus.codec.owner_key`), or None."""
     return _owner.get()
+
+
+def owner_of(owner: str | None) -> str | None:
+    """``owner`` as :func:`current_owner` gives it (the same key in every pod)."""
+    return owner_key(owner).decode() if owner else None
 
 
 @contextlib.contextmanager
 def acting_for(owner: str | None) -> Iterator[None]:
     """Calls made inside act for ``owner``: every handler queue they reach takes them in that
     owner's turn (:class:`Limiter`). Inside a job, its owner applies without this."""
-    token = _owner.set(owner or None)
+    token = _owner.set(owner_of(owner))
     try:
         yield
     finally:
@@ -186,11 +192,11 @@ class Endpoint:
                 msg, json = self._decode(self.decoder, body), False
                 if job_id and self.jobs is not None:
                     job_token = _job.set(JobContext(self.jobs, job_id, owner=owner))
-                if owner:
-                    owner_token = _owner.set(owner)
             else:
                 deadline_ms, tp, _, _ = read_headers(headers)
                 msg, json = self.decode(data, headers)
+                owner = None  # an external publisher's request acts for nobody
+            owner_token = _owner.set(owner)  # never the serving task's own
             remaining_s = self.timeout_s if deadline_ms is None or deadline_ms >= self.timeout_s * 1e3 else deadline_ms / 1e3
             if tp:
                 trace_token = _trace.set(tp)

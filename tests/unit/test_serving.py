@@ -387,3 +387,29 @@ async def test_the_reserve_keeps_the_last_free_slots_for_light_owners() -> None:
     for key in ("A", "A", "A", "A", "B", "C"):
         lim.leave(key)
     assert lim.active == 0 and not lim._running
+
+
+async def test_a_release_lets_every_waiting_owner_that_may_take_a_slot_take_one() -> None:
+    """With a reserve, one release can make two owners eligible (the next in turn, and the
+    leaving owner, now below the reserve): both run, none waits while a slot it may take is
+    free, and a new call of an owner does not overtake its own queued one."""
+    import asyncio
+
+    from aiwfe.kernel.limiter import Limiter
+
+    lim = Limiter("t", 6, 64, reserve=2)
+    for key in ("X", "X", "Y", "Y"):
+        await lim.enter(key)  # 2 free: the reserve; X and Y are heavy
+    y = asyncio.ensure_future(lim.enter("Y"))
+    x = asyncio.ensure_future(lim.enter("X"))
+    await asyncio.sleep(0)
+    assert not x.done() and not y.done() and lim.waiting == 2
+    lim.leave("X")  # 3 free: Y's waiter runs; then X holds 1 (light) and takes one of the 2 left
+    await asyncio.sleep(0)
+    assert y.done() and x.done() and lim.active == 5 and lim.waiting == 0
+    assert lim._running == {"X": 2, "Y": 3}
+    for key in ("X", "X", "Y", "Y", "Y"):
+        lim.leave(key)
+    assert lim.active == 0 and not lim._running
+    with pytest.raises(ValueError, match="at least 1"):
+        Limiter("t", 0, 8)
