@@ -1,8 +1,8 @@
 """A concurrency limit with a bounded queue, fair between owners (:class:`Limiter`).
 
-Every handler's limit (:class:`~aiwfe.kernel.serving.Endpoint`) is one, keyed by the owner of
-the job a call serves; plugins use it for their own scarce slots (reasoning's provider calls,
-with a reserve). It lives apart from the serving path because plugins use it too.
+Every handler's limit (:class:`~aiwfe.kernel.serving.Endpoint`) is one, keyed by whom a call
+acts for; plugins use it for their own scarce slots (reasoning's provider calls, with a
+reserve). It lives apart from the serving path because plugins use it too.
 """
 
 from __future__ import annotations
@@ -21,16 +21,16 @@ class Limiter:
     between the keys its callers give.
 
     ``enter(key)`` takes a slot, waits in the queue, or raises :class:`Overloaded`;
-    ``leave(key)`` gives it back. The key is the owner of the job a call serves
-    (:attr:`JobContext.owner`; None for calls made outside a job). Waiters queue per key; a
+    ``leave(key)`` gives it back. The key is whom the call acts for
+    (:func:`~aiwfe.kernel.serving.current_owner`; None for nobody). Waiters queue per key; a
     released slot goes to the keys with waiters in turn (round robin), to the oldest waiter
     of that key: one owner's many queued calls delay another owner's call by at most one
     call of each other waiting key, not by all of them. When the queue is full, an arrival
     whose key has at least two fewer waiters than the key with the most takes the place of
     that key's newest waiter (which gets Overloaded): a flood cannot fill the queue against
     everyone else (with a queue of one, the first waiter keeps it). Otherwise the arrival
-    gets Overloaded at once. A cancelled waiter leaves the queue
-    or passes on a slot handed to it meanwhile.
+    gets Overloaded at once. A cancelled waiter leaves the queue or passes on a slot handed
+    to it meanwhile.
 
     ``reserve`` (default 0): the last ``reserve`` free slots are kept for keys holding fewer
     than ``reserve`` slots. A key holding ``reserve`` or more waits while no more than

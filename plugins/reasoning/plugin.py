@@ -7,9 +7,9 @@ timing tests are meaningful), ``ollama`` and ``openai`` (any OpenAI-compatible s
 see :mod:`aiwfe.plugins.reasoning.providers`.
 
 Every provider call holds one of ``max_concurrency`` slots (exported as the
-``aiwfe_active_llm_requests{provider}`` gauge); calls waiting for one are served by the
-owner of their job in turn, and the last ``reserved_slots`` free slots are kept for owners
-running fewer calls than that (:class:`aiwfe.kernel.Limiter`): accounts flooding with long
+``aiwfe_active_llm_requests{provider}`` gauge); calls waiting for one are served by whom
+they act for in turn (a job's owner, a gateway user), and the last ``reserved_slots`` free
+slots are kept for owners running fewer calls than that (:class:`aiwfe.kernel.Limiter`): accounts flooding with long
 calls do not hold up another user's call. A call is retried on retryable errors, up to
 ``max_attempts`` calls, after ``backoff_s[attempt - 1]`` seconds (+ up to 25 % jitter;
 the last value repeats), never past the caller's deadline.
@@ -125,8 +125,8 @@ class ReasoningPlugin(Plugin):
         if problems:
             raise ConfigError("reasoning: " + "; ".join(map(problem_text, problems)))
         super().__init__(config, kernel)  # type: ignore[arg-type]
-        # Fair between the owners of the jobs the calls serve (aiwfe.kernel.Limiter); the queue
-        # holds at most the endpoint's concurrency less these slots, never refused here.
+        # Fair between whom the calls act for (aiwfe.kernel.Limiter); the queue holds at most
+        # the endpoint's concurrency less these slots, so it is never refused here.
         reserve = config.max_concurrency // 8 if config.reserved_slots < 0 else config.reserved_slots
         self._slots = Limiter("reasoning provider slots", config.max_concurrency, 1 << 20, reserve)
         self._active = ACTIVE_LLM_REQUESTS.labels(config.provider)
