@@ -153,6 +153,10 @@ class WorkQueue(Protocol):
     async def job_kinds(self) -> list[str]:
         """The kinds the queue takes now, sorted."""
 
+    async def retire_kind(self, kind: str) -> None:
+        """Stop taking ``kind`` (an operator's step once no pod serves it). Raises NotAccepted
+        while jobs of it are queued or a pod still takes them."""
+
     async def enqueue(self, kind: str, data: bytes, headers: Headers, msg_id: str) -> bool:
         """Durably enqueue; False when ``msg_id`` was enqueued before (dedupe).
 

@@ -206,6 +206,13 @@ class LocalBus:
         """The kinds taken now."""
         return sorted(self._kinds)
 
+    async def retire_kind(self, kind: str) -> None:
+        """Stop taking ``kind``; NotAccepted while jobs of it are queued."""
+        q = self._queues.get(kind)
+        if q is not None and (q.qsize() or self._pending.get(kind)):
+            raise NotAccepted(f"{kind}: jobs still queued; let a pod serving it finish them first")
+        self._kinds.discard(kind)
+
     async def enqueue(self, kind: str, data: bytes, headers: Headers, msg_id: str) -> bool:
         """Queue a message of an accepted kind unless ``msg_id`` was seen before."""
         subject = f"{self.prefix}.jobs.{kind}"

@@ -136,6 +136,44 @@ class QueueMixin:
             raise NotAccepted(f"stream {name}: kinds {', '.join(sorted(kinds))} not added: {e!r}") from None
         raise NotAccepted(f"stream {name}: kinds {', '.join(sorted(kinds))} did not stay in its subjects")
 
+    async def retire_kind(self, kind: str) -> None:
+        """Stop taking ``kind``: delete its consumer and remove it from the jobs stream's
+        subjects. An operator's step once no pod serves the kind any more; a pod that serves
+        it again adds it back when it starts.
+
+        Raises:
+            NotAccepted: jobs of ``kind`` are still queued, a pod is still pulling them, it is
+                the stream's only kind (a stream keeps a subject; streams are never deleted),
+                or the server could not be asked.
+        """
+        name, subject, durable = self.names["jobs"], self._subject(kind), "jobs_" + kind.replace(".", "_")
+        try:
+            try:
+                info = await self.js.stream_info(name, subjects_filter=subject)
+            except nats.js.errors.NotFoundError:
+                return
+            queued = (info.state.subjects or {}).get(subject, 0)
+            if queued:
+                raise NotAccepted(f"{kind}: {queued} job(s) still queued; let a pod serving it finish them first")
+            try:
+                if (await self.js.consumer_info(name, durable)).num_waiting:
+                    raise NotAccepted(f"{kind}: a pod is still pulling its jobs (consumer {durable}); stop it first")
+                await self.js.delete_consumer(name, durable)
+            except nats.js.errors.NotFoundError:
+                pass
+            for _ in range(10):
+                have = set(info.config.subjects or ())
+                if subject not in have:
+                    return
+                if not have - {subject}:  # a stream keeps a subject, and no NATS user may delete streams
+                    raise NotAccepted(f"{kind}: the jobs stream's only kind stays (a stream keeps at least one subject)")
+                await self.js.update_stream(self._jobs_stream(sorted(have - {subject})))
+                await asyncio.sleep(0.05 + random.random() * 0.1)  # then check that no pod put it back meanwhile
+                info = await self.js.stream_info(name)
+        except (TimeoutError, nats.errors.Error) as e:
+            raise NotAccepted(f"stream {name}: kind {kind} not retired: {e!r}") from None
+        raise NotAccepted(f"stream {name}: kind {kind} came back (a pod serving it is running)")
+
     async def job_kinds(self) -> list[str]:
         """The kinds the jobs stream takes (none before any pod accepted one)."""
         try:

@@ -82,6 +82,12 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     return asyncio.run(dead_letters(t.url, t.prefix, args.action, kind=args.kind, job_id=args.job_id, source=t.source))
 
 
+def cmd_retire_kind(args: argparse.Namespace) -> int:
+    from .publish import retire_kinds, target
+
+    return asyncio.run(retire_kinds(target(args.url, args.prefix, args.data_dir), args.kinds))
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from .publish import publish, target
 
@@ -223,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--job-id", help="only this job")
     _target_args(s)
     s.set_defaults(fn=cmd_dlq)
+
+    s = sub.add_parser(
+        "retire-kind",
+        help="stop the jobs stream taking job kinds no pod serves any more (refused while jobs of them are queued "
+        "or a pod still pulls them); one JSON line per kind",
+    )
+    s.add_argument("kinds", nargs="+", metavar="KIND", help="a job address, e.g. helios.ask")
+    _target_args(s)
+    s.set_defaults(fn=cmd_retire_kind)
 
     s = sub.add_parser("loadtest", help="run a load scenario (normal, peak, stress, websocket); a table, then one JSON line")
     s.add_argument("scenario", help="normal | peak | stress | websocket")

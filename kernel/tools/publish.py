@@ -176,3 +176,39 @@ async def dead_letters(url: str, prefix: str, action: str, *, kind: str | None, 
         return 0
     finally:
         await bus.close()
+
+
+async def retire_kinds(t: Target, kinds: list[str]) -> int:
+    """``aiwfe retire-kind``: stop the jobs stream taking ``kinds`` (see
+    :meth:`aiwfe.bus.nats_queue.QueueMixin.retire_kind`); one line per kind.
+
+    Returns the exit status: 2 for a name that is no job address, 1 when NATS cannot be
+    reached or a kind could not be retired (jobs still queued, a pod still pulling them).
+    """
+    from aiwfe.bus.errors import BusError
+    from aiwfe.kernel.contract import ADDRESS_RE
+
+    bad = [k for k in kinds if not ADDRESS_RE.match(k) or len(k) > 128]
+    if bad:
+        print(f"error: not a job address (e.g. helios.ask): {', '.join(map(repr, bad))}", file=sys.stderr)
+        return 2
+    bus = await _connect(t, "aiwfe-retire-kind")
+    if bus is None:
+        return 1
+    status = 0
+    try:
+        before = set(await bus.job_kinds())
+        for kind in kinds:
+            if kind not in before:
+                print(json.dumps({"kind": kind, "retired": False, "why": "the jobs stream does not take it"}))
+                continue
+            try:
+                await bus.retire_kind(kind)
+            except BusError as e:
+                status = 1
+                print(json.dumps({"kind": kind, "retired": False, "why": str(e)}))
+                continue
+            print(json.dumps({"kind": kind, "retired": True}))
+        return status
+    finally:
+        await bus.close()

@@ -149,6 +149,13 @@ async def test_pods_work_and_the_publisher_may_use_its_subjects(secured: Secured
         await nc.close()
     assert len([r for r in refused if "permissions violation for subscription" in r]) == 3, refused
 
+    # the operator retires a job kind no pod serves (aiwfe retire-kind) within its permissions;
+    # the kinds the pods serve stay
+    bus: Any = secured.admin.bus
+    await bus.accept_kinds(["spare.run"])
+    await bus.retire_kind("spare.run")
+    assert "spare.run" not in await bus.job_kinds() and "helios.ask" in await bus.job_kinds()
+
 
 @pytest.mark.parametrize("who", ["anonymous", "wrong password", "unknown user", "pod"])
 async def test_unauthenticated_clients_are_refused(secured: Secured, who: str) -> None:

@@ -5,6 +5,7 @@ by pods starting at once, narrowed from the old catch-all."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import nats
 import pytest
@@ -46,3 +47,54 @@ async def test_the_old_catch_all_subject_is_narrowed_to_the_kinds(nats_url: str,
             await bus.close()
     finally:
         await nc.close()
+
+
+async def test_a_kind_no_pod_serves_any_more_can_be_retired(nats_url: str, prefix: str) -> None:
+    """`aiwfe retire-kind`: refused while jobs of the kind are queued; an empty kind leaves the
+    stream's subjects (its consumer deleted) and is then refused at submit like any unknown
+    kind; the stream's only kind stays; a pod serving the kind adds it back."""
+    import json
+    import subprocess
+    import sys
+
+    bus = NatsBus(nats_url, prefix, name="retire")
+    await bus.start()
+    try:
+        await bus.accept_kinds(["keep.run", "gone.run", "busy.run"])
+        assert await bus.enqueue("busy.run", b"x", {}, "m1")
+        with pytest.raises(NotAccepted, match="1 job\\(s\\) still queued"):
+            await bus.retire_kind("busy.run")
+
+        def cli(*kinds: str) -> tuple[int, list[dict[str, object]]]:
+            cmd = [sys.executable, "-m", "aiwfe.kernel.tools.cli", "retire-kind", *kinds, "--url", nats_url, "--prefix", prefix]
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            return p.returncode, [json.loads(line) for line in p.stdout.splitlines()]
+
+        code, lines = await asyncio.to_thread(cli, "gone.run", "busy.run", "never.run")
+        assert code == 1, lines
+        assert lines[0] == {"kind": "gone.run", "retired": True}
+        assert lines[1]["kind"] == "busy.run" and lines[1]["retired"] is False and "still queued" in str(lines[1]["why"])
+        assert lines[2] == {"kind": "never.run", "retired": False, "why": "the jobs stream does not take it"}
+        assert await bus.job_kinds() == ["busy.run", "keep.run"]
+        with pytest.raises(NotAccepted, match="no stream takes this kind"):
+            await bus.enqueue("gone.run", b"x", {}, "m2")
+        code, _ = await asyncio.to_thread(cli, "Not A Kind")
+        assert code == 2
+        await bus.accept_kinds(["gone.run"])  # a pod serving it again adds it back
+        assert await bus.job_kinds() == ["busy.run", "gone.run", "keep.run"]
+
+        other = NatsBus(nats_url, prefix + "x", name="retire-last")  # a stream with one kind
+        await other.start()
+        try:
+            await other.accept_kinds(["only.run"])
+            with pytest.raises(NotAccepted, match="only kind stays"):
+                await other.retire_kind("only.run")
+            assert await other.job_kinds() == ["only.run"]
+        finally:
+            names = stream_names(prefix + "x")  # this bus's own streams: the fixture cleans only the test's prefix
+            for stream in (names["jobs"], names["events"], names["dlq"], f"KV_{names['results']}"):
+                with contextlib.suppress(Exception):
+                    await other.js.delete_stream(stream)
+            await other.close()
+    finally:
+        await bus.close()

@@ -196,3 +196,20 @@ async def _first(events, n):  # type: ignore[no-untyped-def]
         n -= 1
         if n == 0:
             return
+
+
+async def test_the_in_process_queue_retires_a_kind_only_when_empty() -> None:
+    """LocalBus.retire_kind, as the NATS one (tests/integration/test_submitting.py): refused while
+    a job of the kind is queued; afterwards a submit of it is refused like any unknown kind."""
+    from aiwfe.bus.errors import NotAccepted
+    from aiwfe.bus.local import LocalBus
+
+    bus = LocalBus("retire")
+    await bus.accept_kinds(["a.run", "b.run"])
+    assert await bus.enqueue("b.run", b"x", {}, "m1")
+    with pytest.raises(NotAccepted, match="still queued"):
+        await bus.retire_kind("b.run")
+    await bus.retire_kind("a.run")
+    assert await bus.job_kinds() == ["b.run"]
+    with pytest.raises(NotAccepted, match="no stream takes this kind"):
+        await bus.enqueue("a.run", b"x", {}, "m2")
