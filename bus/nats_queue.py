@@ -137,42 +137,48 @@ class QueueMixin:
         raise NotAccepted(f"stream {name}: kinds {', '.join(sorted(kinds))} did not stay in its subjects")
 
     async def retire_kind(self, kind: str) -> None:
-        """Stop taking ``kind``: delete its consumer and remove it from the jobs stream's
-        subjects. An operator's step once no pod serves the kind any more; a pod that serves
-        it again adds it back when it starts.
+        """Stop taking ``kind``: remove it from the jobs stream's subjects, then delete its
+        consumer. An operator's step once no pod serves the kind any more; a pod that serves
+        it again adds it back when it starts. A job enqueued while this runs is not stranded:
+        the subject goes back and the call is refused.
 
         Raises:
-            NotAccepted: jobs of ``kind`` are still queued, a pod is still pulling them, it is
-                the stream's only kind (a stream keeps a subject; streams are never deleted),
-                or the server could not be asked.
+            NotAccepted: jobs of ``kind`` are queued, a pod is still pulling them, it is the
+                stream's only kind (a stream keeps a subject; streams are never deleted), or
+                the server could not be asked.
         """
         name, subject, durable = self.names["jobs"], self._subject(kind), "jobs_" + kind.replace(".", "_")
+
+        async def queued() -> int:
+            info = await self.js.stream_info(name, subjects_filter=subject)
+            return int((info.state.subjects or {}).get(subject, 0))
+
         try:
             try:
-                info = await self.js.stream_info(name, subjects_filter=subject)
+                if n := await queued():
+                    raise NotAccepted(f"{kind}: {n} job(s) still queued; let a pod serving it finish them first")
             except nats.js.errors.NotFoundError:
                 return
-            queued = (info.state.subjects or {}).get(subject, 0)
-            if queued:
-                raise NotAccepted(f"{kind}: {queued} job(s) still queued; let a pod serving it finish them first")
-            try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
                 if (await self.js.consumer_info(name, durable)).num_waiting:
                     raise NotAccepted(f"{kind}: a pod is still pulling its jobs (consumer {durable}); stop it first")
-                await self.js.delete_consumer(name, durable)
-            except nats.js.errors.NotFoundError:
-                pass
-            for _ in range(10):
-                have = set(info.config.subjects or ())
+            for attempt in range(11):
+                have = set((await self.js.stream_info(name)).config.subjects or ())
                 if subject not in have:
-                    return
+                    break
+                if attempt == 10:
+                    raise NotAccepted(f"stream {name}: kind {kind} came back (a pod serving it is running)")
                 if not have - {subject}:  # a stream keeps a subject, and no NATS user may delete streams
                     raise NotAccepted(f"{kind}: the jobs stream's only kind stays (a stream keeps at least one subject)")
                 await self.js.update_stream(self._jobs_stream(sorted(have - {subject})))
                 await asyncio.sleep(0.05 + random.random() * 0.1)  # then check that no pod put it back meanwhile
-                info = await self.js.stream_info(name)
+            if n := await queued():  # enqueued before the subject went: its consumer must stay for it
+                await self.accept_kinds([kind])
+                raise NotAccepted(f"{kind}: {n} job(s) arrived while retiring it; it stays")
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_consumer(name, durable)
         except (TimeoutError, nats.errors.Error) as e:
             raise NotAccepted(f"stream {name}: kind {kind} not retired: {e!r}") from None
-        raise NotAccepted(f"stream {name}: kind {kind} came back (a pod serving it is running)")
 
     async def job_kinds(self) -> list[str]:
         """The kinds the jobs stream takes (none before any pod accepted one)."""
