@@ -117,15 +117,13 @@ class JobContext:
     """What a job handler can see of its job: id, attempt, and ``emit`` for progress events.
 
     A handler serving a call made from inside a job in another pod gets a borrowed context
-    (``kind`` empty, ``attempt`` 0): it may add events to that job. ``owner`` (whom the job acts
-    for) goes with its calls: handler queues are fair between owners (``kernel.Limiter``)."""
+    (``kind`` empty, ``attempt`` 0): it may add events to that job.
+    """
 
-    __slots__ = ("_jobs", "attempt", "job_id", "kind", "max_deliver", "owner")
+    __slots__ = ("_jobs", "attempt", "job_id", "kind", "max_deliver")
 
-    def __init__(self, jobs: Jobs, job_id: str, kind: str = "", attempt: int = 0, max_deliver: int = 0,
-                 owner: str | None = None) -> None:  # fmt: skip
-        self._jobs, self.job_id, self.kind, self.attempt = jobs, job_id, kind, attempt
-        self.max_deliver, self.owner = max_deliver, owner
+    def __init__(self, jobs: Jobs, job_id: str, kind: str = "", attempt: int = 0, max_deliver: int = 0) -> None:
+        self._jobs, self.job_id, self.kind, self.attempt, self.max_deliver = jobs, job_id, kind, attempt, max_deliver
 
     async def emit(self, event: msgspec.Struct) -> int:
         """Append ``event`` (an Event Struct) to this job's event stream; return its sequence."""

@@ -129,9 +129,8 @@ class Kernel:
         async def run(call: JobCall) -> bytes:
             msg, _ = ep.decode(call.data, call.headers)
             owner = getattr(msg, "owner", None)  # whom the job acts for: its calls queue fairly by it
-            owner = owner_of(owner) if isinstance(owner, str) else None
-            ctx = JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver, owner)
-            token, owner_token = _job.set(ctx), _owner.set(owner)
+            ctx = JobContext(self.jobs, call.job_id, call.kind, call.attempt, call.max_deliver)
+            token, owner_token = _job.set(ctx), _owner.set(owner_of(owner) if isinstance(owner, str) else None)
             deadline = asyncio.get_running_loop().time() + ep.timeout_s
             tp = codec.valid_traceparent(call.headers.get(H_TRACE))
             try:

@@ -32,7 +32,7 @@ from .jobs import JobContext, Jobs, _job
 from .limiter import Limiter
 from .plugin import HandlerSpec, Plugin
 
-__all__ = ["Endpoint", "Limiter", "acting_for", "current_deadline", "current_owner"]  # Limiter: re-exported from .limiter
+__all__ = ["Endpoint", "acting_for", "current_deadline", "current_owner"]
 
 log = logging.getLogger("aiwfe.kernel")
 
@@ -191,7 +191,7 @@ class Endpoint:
                     raise self._mismatch(schema.hex())
                 msg, json = self._decode(self.decoder, body), False
                 if job_id and self.jobs is not None:
-                    job_token = _job.set(JobContext(self.jobs, job_id, owner=owner))
+                    job_token = _job.set(JobContext(self.jobs, job_id))
             else:
                 deadline_ms, tp, _, _ = read_headers(headers)
                 msg, json = self.decode(data, headers)

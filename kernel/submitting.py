@@ -54,8 +54,9 @@ from .contract import address_of, kind_of
 from .errors import AiwfeError, BadInput, BadMessage, DeadlineExceeded, Forbidden, Overloaded, TooLarge, Unavailable, from_wire
 from .job_status import JobStatus
 from .jobs import _unavailable
+from .limiter import Limiter
 from .quotas import JobQuotas, TooManyJobs, caps_of, check_caps
-from .serving import Endpoint, Limiter, _trace
+from .serving import Endpoint, _trace
 
 __all__ = ["H_IDEMPOTENCY", "H_VALIDATE_ONLY", "MAX_KEY_CHARS", "OWNER_FIELD", "Submissions"]
 
