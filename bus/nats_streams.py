@@ -13,6 +13,7 @@ without direct reads) takes nats-py's own path.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator, Iterator
@@ -22,6 +23,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 from nats.js import api
+from nats.js.kv import KeyValue
 
 from .base import Headers, StreamMessage
 from .errors import BusError, NotAccepted
@@ -96,19 +98,35 @@ class StreamsMixin:
                 await self.js.add_stream(cfg)
             except nats.js.errors.BadRequestError:
                 await self.js.update_stream(cfg)
-        try:
-            self._kv = await self.js.key_value(n["results"])
-        except nats.js.errors.BucketNotFoundError:
-            # direct: reads are answered as raw messages (no JSON API envelope, no base64),
-            # a jobs worker reads the record of every delivery (aiwfe bench jobs).
-            self._kv = await self.js.create_key_value(
-                bucket=n["results"],
-                history=1,
-                ttl=self.result_ttl_s,
-                storage=api.StorageType.FILE,
-                replicas=self.replicas,
-                direct=True,
-            )
+        self._kv = await self._results_bucket(n["results"])
+
+    async def _results_bucket(self, bucket: str) -> KeyValue:
+        """Bind the results bucket, creating it if it does not exist.
+
+        Pods starting at once race to create it; the loser's create is refused ("subjects
+        overlap with an existing stream" on 2.9), and it binds the winner's bucket instead.
+        """
+        for attempt in range(3):
+            try:
+                return await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                pass
+            try:
+                # direct: reads are answered as raw messages (no JSON API envelope, no base64),
+                # a jobs worker reads the record of every delivery (aiwfe bench jobs).
+                return await self.js.create_key_value(
+                    bucket=bucket,
+                    history=1,
+                    ttl=self.result_ttl_s,
+                    storage=api.StorageType.FILE,
+                    replicas=self.replicas,
+                    direct=True,
+                )
+            except nats.js.errors.BadRequestError:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))  # another pod is creating it
+        raise AssertionError("unreachable")
 
     async def _js_publish(
         self, subject: str, data: bytes, headers: Headers, timeout_s: float = 5.0, *, no_stream: str = "no stream takes it"

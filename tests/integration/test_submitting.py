@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 
 import nats
+import nats.js.errors
 import pytest
 from nats.js import api
 
@@ -30,6 +31,34 @@ async def test_pods_starting_at_once_all_get_their_kinds_in_the_stream(nats_url:
             await buses[1].enqueue("k9.run", b"x", {}, "m2")
     finally:
         await asyncio.gather(*(b.close() for b in buses))
+
+
+async def test_a_pod_losing_the_race_to_create_the_results_bucket_binds_the_winners(nats_url: str, prefix: str) -> None:
+    """The loser of the race looked the bucket up before the winner created it; its own create
+    is then refused (on 2.9 "subjects overlap", here a different TTL), and it binds the winner's."""
+    winner = NatsBus(nats_url, prefix, name="winner")
+    await winner.start()
+    loser = NatsBus(nats_url, prefix, name="loser", result_ttl_s=123.0)
+    await loser.start()
+    try:
+        looked_up = loser.js.key_value
+        calls = []
+
+        async def first_lookup_misses(bucket: str):  # the lookup that ran before the winner's create
+            calls.append(bucket)
+            if len(calls) == 1:
+                raise nats.js.errors.BucketNotFoundError
+            return await looked_up(bucket)
+
+        loser.js.key_value = first_lookup_misses  # type: ignore[method-assign]
+        bucket = stream_names(prefix)["results"]
+        kv = await loser._results_bucket(bucket)
+        assert calls == [bucket, bucket]
+        assert (await kv.status()).ttl == winner.result_ttl_s  # the winner's bucket, not a second one
+        assert await winner.kv_create("j1", b"done")
+        assert await loser.kv_get("j1") == b"done"
+    finally:
+        await asyncio.gather(winner.close(), loser.close())
 
 
 async def test_the_old_catch_all_subject_is_narrowed_to_the_kinds(nats_url: str, prefix: str) -> None:

@@ -30,6 +30,7 @@ from aiwfe.plugins.reasoning.plugin import extract
 from aiwfe.testing import Placement, SystemSpec, start_system
 from aiwfe.testing.plugin import seeds
 from tests.conftest import wait_until
+from tests.support.gateway import register_and_login
 from tests.support.probe import Ask, Boom, Crunch, Sleep, Tally
 from tests.unit.test_routing import Unserved
 
@@ -180,11 +181,7 @@ async def test_helios_over_the_websocket(system: System) -> None:
     from tests.support.gateway import recv_json, ws_connect
 
     async with httpx.AsyncClient(base_url=system.gateway_url, timeout=30) as c:
-        creds = {"username": "wendy", "password": "correct horse battery"}
-        assert (await c.post("/v1/auth/register", json=creds)).status_code == 201
-        r = await c.post("/v1/auth/login", json=creds)
-        assert r.status_code == 200, r.text
-        token = r.json()["access_token"]
+        token = await register_and_login(c, "wendy", "correct horse battery")
     from aiwfe.plugins.auth.contract import Verify
 
     claims = await system.kernel.call(Verify(token=token))
@@ -234,9 +231,7 @@ async def test_memory_over_http_is_per_user(system: System) -> None:
     async with httpx.AsyncClient(base_url=system.gateway_url, timeout=30) as c:
         tokens = {}
         for user in ("ann", "ben"):
-            creds = {"username": user, "password": "correct horse battery"}
-            assert (await c.post("/v1/auth/register", json=creds)).status_code == 201
-            tokens[user] = {"Authorization": f"Bearer {(await c.post('/v1/auth/login', json=creds)).json()['access_token']}"}
+            tokens[user] = {"Authorization": f"Bearer {await register_and_login(c, user, 'correct horse battery')}"}
         r = await c.post("/v1/memory", json={"text": "Ann's favourite database is PostgreSQL."}, headers=tokens["ann"])
         assert r.status_code == 201 and r.json()["id"]
         r = await c.post("/v1/memory/recall", json={"query": "favourite database"}, headers=tokens["ann"])

@@ -14,7 +14,17 @@ from aiwfe.bus.base import Bus
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 
-__all__ = ["AUTH_DOUBLE", "PROBE", "GatewaySystem", "gateway_manifest", "recv_json", "run_system", "ws_connect"]
+__all__ = [
+    "AUTH_DOUBLE",
+    "PROBE",
+    "GatewaySystem",
+    "gateway_manifest",
+    "post_retrying",
+    "recv_json",
+    "register_and_login",
+    "run_system",
+    "ws_connect",
+]
 
 PROBE = "tests.support.probe:ProbePlugin"
 AUTH_DOUBLE = "tests.support.auth_double:AuthDoublePlugin"
@@ -174,3 +184,27 @@ def real_auth_tokens() -> dict[str, str]:
         "wrong_audience": tok(aud="somebody-else"),
         "garbage": "not-a-jwt",
     }
+
+
+async def post_retrying(client: Any, path: str, body: dict[str, Any], *, attempts: int = 5, **kw: Any) -> Any:
+    """POST as a well-behaved client does: a 503 is retried after its ``Retry-After`` (its
+    documented meaning: a transient condition, such as a database connection not free within
+    its wait on a loaded machine), at most ``attempts`` times; any other answer is returned."""
+    import asyncio
+
+    for _ in range(attempts - 1):
+        r = await client.post(path, json=body, **kw)
+        if r.status_code != 503:
+            return r
+        await asyncio.sleep(float(r.headers.get("retry-after", "1")))
+    return await client.post(path, json=body, **kw)
+
+
+async def register_and_login(client: Any, username: str, password: str) -> str:
+    """Register ``username`` and log in through the gateway's HTTP routes; its access token."""
+    creds = {"username": username, "password": password}
+    r = await post_retrying(client, "/v1/auth/register", creds)
+    assert r.status_code == 201, r.text
+    r = await post_retrying(client, "/v1/auth/login", creds)
+    assert r.status_code == 200, r.text
+    return str(r.json()["access_token"])
