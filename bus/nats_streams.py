@@ -94,10 +94,18 @@ class StreamsMixin:
             ),
         ]
         for cfg in configs:
-            try:
-                await self.js.add_stream(cfg)
-            except nats.js.errors.BadRequestError:
-                await self.js.update_stream(cfg)
+            for attempt in range(3):
+                try:
+                    await self.js.add_stream(cfg)
+                    break
+                except nats.js.errors.BadRequestError:  # it exists: another pod's, or an older config
+                    try:
+                        await self.js.update_stream(cfg)
+                        break
+                    except nats.js.errors.NotFoundError:  # refused as overlapping while another pod creates it
+                        if attempt == 2:
+                            raise
+                        await asyncio.sleep(0.05 * (attempt + 1))
         self._kv = await self._results_bucket(n["results"])
 
     async def _results_bucket(self, bucket: str) -> KeyValue:
