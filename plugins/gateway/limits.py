@@ -1,8 +1,8 @@
 """Limits the gateway enforces where input enters, before any handler runs.
 
 * **Header size**: requests (HTTP and the WebSocket handshake) whose headers exceed
-  ``max_header_bytes`` in total are answered 431 at once. uvicorn's WebSocket protocol
-  (:class:`~aiwfe.plugins.gateway.server.WsProtocol`) refuses them before the app sees them;
+  ``max_header_bytes`` in total are answered 431 at once. The gateway's uvicorn protocol
+  (:class:`~aiwfe.plugins.gateway.server.LeanHttp`) refuses them before the app sees them;
   :func:`guard` repeats the check in ASGI for HTTP and for servers that lack it.
 * **JSON bodies**: a POST/PUT/PATCH with a body must say ``Content-Type: application/json``
   (or ``…+json``); anything else is 415, so a cross-site ``text/plain`` form post never

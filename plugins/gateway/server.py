@@ -1,8 +1,9 @@
 """The ASGI server embedded in the gateway pod's own event loop.
 
-**Default: uvicorn** (``websockets-sansio`` protocol, see :class:`WsProtocol`; ``httptools``
-for HTTP, since h11's pure-Python parser was ≈ 15 % of the gateway's CPU in a handshake
-burst), run as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
+**Default: uvicorn** with the gateway's own protocols (:mod:`~aiwfe.plugins.gateway.wsproto`:
+httptools for HTTP, since h11's pure-Python parser was ≈ 15 % of the gateway's CPU in a
+handshake burst, and a WebSocket protocol that takes the parsed request as it is), run as
+``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
 
 * port 0 gives the exact bound port at once (no probe-then-bind race), which is what
   ``public_url`` and ``aiwfe up`` print;
@@ -37,7 +38,7 @@ same cores; ``aiwfe bench ws`` and ``aiwfe bench auth-burst``):
 
 * through the gateway (``call`` frame → NATS → perception pod → back), uvicorn: 1,000
   sockets × 1 msg/s p99 ≈ 2.4 ms, 5,000 sockets p99 ≈ 21 ms (bare echo 0.7 / 1.4 ms).
-  Before :class:`WsProtocol`, the pod's garbage-collector thresholds (``kernel.pod``) and
+  Before the direct paths (:mod:`~aiwfe.plugins.gateway.wsproto`), the pod's garbage-collector thresholds (``kernel.pod``) and
   the perception plugin's trigram cache, 5,000 sockets saturated the gateway (p99 ≈ 2 s);
 * 2,000 handshakes with token checks plus 200 logins offered within one second: connect
   p99 71–291 ms with one gateway process, depending on what else the machine runs (its
@@ -57,21 +58,15 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.exceptions import InvalidState
-from websockets.protocol import State
-from websockets.streams import StreamReader
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-try:
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover - websockets without its C extension
-    from websockets.utils import apply_mask
+from .wsproto import LeanWs, http_response
 
-__all__ = ["EmbeddedGranian", "EmbeddedServer", "WsProtocol", "bind_socket", "granian_log_config"]
+__all__ = ["EmbeddedGranian", "EmbeddedServer", "LeanHttp", "bind_socket", "granian_log_config"]
 
 log = logging.getLogger("aiwfe.gateway.server")
 
@@ -111,144 +106,52 @@ def bind_socket(host: str, port: int, backlog: int, *, reuse_port: bool = False)
     return sock
 
 
-class WsProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's sans-I/O WebSocket protocol, pausing reads at a high-water mark.
+class LeanHttp(HttpToolsProtocol):
+    """uvicorn's httptools protocol, bounding request heads and upgrading to :class:`LeanWs`
+    without a second parse (see the module doc)."""
 
-    Upstream pauses the socket's reading after **every** message handed to the app and
-    resumes it on the app's next ``receive``: two ``epoll_ctl`` calls (unregister, then a
-    failed lookup and register) per message, measured at ≈ 30 % of the gateway's CPU with
-    5,000 sockets at 1 message/s each. Here reading pauses only once ``high_water``
-    messages wait for the app (the base class resumes when the app has drained them all),
-    so backpressure still holds: at most ``high_water`` messages of at most
-    ``ws_max_size`` bytes, plus what one read returned, are buffered per socket.
-    """
-
-    high_water = 16
-    #: Largest opening handshake (request line and headers, in bytes); past it 431 at once.
+    #: Largest request head (request line and headers, bytes); past it 431 at once.
     max_header_bytes = 16_384
-    _hs_done = False
-    _hs_bytes = 0
+    #: Largest single line of a request head (bytes); past it 431 at once.
+    max_line_bytes = 8_192
+    _head_open = True
+    _head_bytes = 0
+    _line_bytes = 0  # the current head line's bytes so far (a line may span reads)
+    _tail = b""  # the last bytes of the previous read (a head's end may span reads)
 
     def data_received(self, data: bytes) -> None:
-        """Answer a handshake that is too large or that websockets refuses at once (431/400)
-        and close; upstream never writes websockets' refusal, leaving the client hanging.
-
-        Fast path (:meth:`_one_text_frame`): a read that is exactly one complete, final,
-        masked text frame, arriving while the connection is open, nothing is buffered and
-        websockets' parser waits at a frame boundary, is unmasked here and handed to
-        :attr:`on_message` without websockets' generator parser and uvicorn's event loop
-        (≈ 10 % of the gateway's CPU per message). Anything else goes the general way."""
-        if self.on_message is not None and self._one_text_frame(data):
+        if self._head_open and self._head_too_big(data):
+            self._head_open = False
+            self.transport.write(http_response(431, [], b"request headers too large\n"))
+            self.transport.close()
             return
-        if not self._hs_done:
-            self._hs_bytes += len(data)
-            if self._hs_bytes > self.max_header_bytes:
-                self._refuse_handshake(431, "Request Header Fields Too Large", "handshake headers too large")
-                return
         super().data_received(data)
-        if not self._hs_done and self.conn.handshake_exc is not None and not self.transport.is_closing():
-            out = b"".join(self.conn.data_to_send())
-            if out:
-                self.transport.write(out)
-                self.transport.close()
-            else:
-                self._refuse_handshake(400, "Bad Request", "invalid WebSocket handshake")
 
-    def _refuse_handshake(self, status: int, phrase: str, text: str) -> None:
-        body = text.encode() + b"\n"
-        head = f"HTTP/1.1 {status} {phrase}\r\ncontent-type: text/plain\r\ncontent-length: {len(body)}\r\n"
-        head += "connection: close\r\n\r\n"
-        self._hs_done = True
-        self.transport.write(head.encode() + body)
-        self.transport.close()
+    def _head_too_big(self, data: bytes) -> bool:
+        """Count the head's bytes in ``data`` (not a body that follows it in the same read)."""
+        probe = self._tail + data
+        end = probe.find(b"\r\n\r\n")
+        head = data if end < 0 else data[: max(0, end + 4 - len(self._tail))]
+        self._tail = probe[-3:]
+        self._head_bytes += len(head)
+        lines = head.split(b"\n")
+        longest = max(self._line_bytes + len(lines[0]), *map(len, lines[1:])) if len(lines) > 1 else 0
+        self._line_bytes = len(lines[-1]) if len(lines) > 1 else self._line_bytes + len(head)
+        return self._head_bytes > self.max_header_bytes or max(longest, self._line_bytes) > self.max_line_bytes
 
-    def handle_connect(self, event: Any) -> None:
-        """The handshake parsed: from here on, bytes are frames."""
-        self._hs_done = True
-        super().handle_connect(event)
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        super().on_headers_complete()
 
-    #: Set by the app (:class:`~aiwfe.plugins.gateway.ws.Connection`): called with each
-    #: message's bytes and whether it is text, in place of queueing it for ``receive``.
-    on_message: Callable[[bytes, bool], None] | None = None
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._head_open, self._head_bytes, self._line_bytes, self._tail = True, 0, 0, b""  # the next request
 
-    def send_receive_event_to_app(self) -> None:
-        """Hand the message to the app: to :attr:`on_message` at once when the app set it
-        (no queue, no task switch), else through ``receive``, pausing reading only at the
-        high-water mark."""
-        handler = self.on_message
-        if handler is not None and not self.close_sent:
-            data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
-            self.frames = []
-            handler(bytes(data), self.curr_msg_data_type == "text")
-            return
-        below = not self.read_paused and self.queue.qsize() + 1 < self.high_water
-        if below:
-            self.read_paused = True  # the base class pauses only when this is False
-        try:
-            super().send_receive_event_to_app()
-        finally:
-            if below:
-                self.read_paused = False
-
-    def _one_text_frame(self, data: bytes) -> bool:
-        """Handle ``data`` when it is exactly one complete final masked text frame (RSV bits
-        clear, so no extension applies) within the size limit and websockets' parser sits at a
-        frame boundary with nothing buffered; False (nothing done) otherwise."""
-        size = len(data)
-        if size < 6 or data[0] != 0x81 or not data[1] & 0x80:
-            return False
-        n = data[1] & 0x7F
-        head = 6
-        if n == 126:
-            if size < 8:
-                return False
-            n = int.from_bytes(data[2:4], "big")
-            head = 8
-        elif n == 127:
-            return False
-        conn = self.conn
-        max_size = conn.max_message_size
-        if size != head + n or (max_size is not None and n > max_size) or self.frames or self.close_sent:
-            return False
-        if conn.state is not State.OPEN or conn.reader.buffer or conn.current_size is not None:
-            return False
-        waiting = conn.parser  # the server's parse() delegates to the frame loop, which waits in at_eof()
-        while waiting.gi_yieldfrom is not None:  # type: ignore[attr-defined]
-            waiting = waiting.gi_yieldfrom  # type: ignore[attr-defined]
-        if waiting.gi_code is not _AT_EOF_CODE:  # type: ignore[attr-defined]
-            return False  # mid-frame (a header already consumed): only websockets knows the rest
-        handler = self.on_message
-        assert handler is not None
-        handler(apply_mask(data[head:], data[head - 4 : head]), True)
-        return True
-
-    def write_text_nowait(self, text: bytes) -> bool:
-        """Write one text frame (UTF-8 ``text``) now if the transport takes it without waiting;
-        False when the caller must go through ``send`` (handshake pending, closing, or writing
-        paused by backpressure). Without extensions the frame header is built here
-        (websockets' ``Frame.serialize`` is the same bytes, at several times the cost)."""
-        if self.disconnected or self.close_sent or not self.handshake_complete or not self.writable.is_set():
-            return False
-        conn = self.conn
-        if conn.state is State.OPEN and not conn.extensions and not conn.expect_continuation_frame:
-            n = len(text)
-            if n < 126:
-                head = bytes((0x81, n))
-            elif n < 65536:
-                head = b"\x81\x7e" + n.to_bytes(2, "big")
-            else:
-                head = b"\x81\x7f" + n.to_bytes(8, "big")
-            self.transport.write(head + text)
-            return True
-        try:
-            self.conn.send_text(text)
-        except InvalidState:
-            return False
-        self.transport.write(b"".join(self.conn.data_to_send()))
-        return True
-
-
-_AT_EOF_CODE = StreamReader.at_eof.__code__  # websockets' parser waits here between frames
+    def handle_websocket_upgrade(self) -> None:
+        self.connections.discard(self)
+        proto = LeanWs(self.config, self.server_state, self.app_state, dict(self.scope), self.url)
+        self.transport.set_protocol(proto)
+        proto.connection_made(self.transport)
 
 
 class _Server(uvicorn.Server):
@@ -286,8 +189,8 @@ class EmbeddedServer:
         self.config = uvicorn.Config(
             app,
             lifespan="off",
-            http="httptools",
-            ws=type("WsProtocol", (WsProtocol,), {"max_header_bytes": max_header_bytes}),
+            http=type("LeanHttp", (LeanHttp,), {"max_header_bytes": max_header_bytes}),
+            ws=LeanWs,
             ws_max_size=max_frame_bytes,
             ws_ping_interval=ping_interval_s if ping_interval_s > 0 else None,
             ws_ping_timeout=ping_timeout_s if ping_timeout_s > 0 else None,

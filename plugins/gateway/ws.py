@@ -25,7 +25,7 @@ Per connection:
   enforces the same limit at the protocol level).
 * no client frame for ``idle_timeout_s`` closes it with 1000; the server's protocol
   pings (``ping_interval_s``) find dead peers.
-* **Direct paths** (uvicorn with :class:`~aiwfe.plugins.gateway.server.WsProtocol`, the
+* **Direct paths** (uvicorn with :class:`~aiwfe.plugins.gateway.wsproto.LeanWs`, the
   default): the protocol hands each client frame to the connection by a plain call
   (``on_message``) instead of queueing it for ``receive`` and waking the reader task, and a
   frame for the client is written at once when nothing is queued before it and the
@@ -55,8 +55,8 @@ from aiwfe.kernel import AiwfeError, Overloaded, RemoteError
 from ._metrics import WS_CLOSED, WS_CONNECT_FAILURES, WS_CONNECT_SECONDS, WS_CONNECTIONS
 from .commands import Commands
 from .frames import CLOSE_BAD_DATA, CLOSE_ERROR, CLOSE_IDLE, CLOSE_POLICY, CLOSE_REVOKED, CLOSE_SLOW, CLOSE_TOO_BIG
-from .server import WsProtocol
 from .services import GatewayServices
+from .wsproto import LeanWs
 
 __all__ = ["Connection", "Receive", "Scope", "Send", "WebSocketEndpoint", "token_from_scope"]
 
@@ -140,7 +140,7 @@ class Connection:
         self._idle: asyncio.TimerHandle | None = None
         self._sending = False  # the writer task is inside send(): nothing may overtake its frame
         proto = getattr(send, "__self__", None)
-        self._proto = proto if isinstance(proto, WsProtocol) else None  # the direct paths (module doc)
+        self._proto = proto if isinstance(proto, LeanWs) else None  # the direct paths (module doc)
 
     # -- sending --------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ class Connection:
 
     def _write_now(self, data: bytes) -> bool:
         """Write a frame at once when nothing queued must go before it and the transport takes
-        it without waiting (uvicorn with :class:`WsProtocol`); False: queue it."""
+        it without waiting (uvicorn with :class:`~aiwfe.plugins.gateway.wsproto.LeanWs`); False: queue it."""
         proto = self._proto
         return proto is not None and not self._sending and self.out.empty() and proto.write_text_nowait(data)
 
@@ -282,7 +282,7 @@ class Connection:
                 return
 
     def _on_message(self, data: bytes, text: bool) -> None:
-        """A client frame straight from :class:`WsProtocol` (no queue, no task switch)."""
+        """A client frame straight from :class:`~aiwfe.plugins.gateway.wsproto.LeanWs` (no queue, no task switch)."""
         if self.closing:
             return
         if text:

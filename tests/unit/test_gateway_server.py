@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiwfe.plugins.gateway.server import EmbeddedServer, WsProtocol
+from aiwfe.plugins.gateway.server import EmbeddedServer
+from aiwfe.plugins.gateway.wsproto import LeanWs
 from tests.support.gateway import raw_ws_open, raw_ws_send_text
 
 
@@ -28,16 +29,16 @@ async def test_reading_pauses_only_at_the_high_water_mark_and_resumes_when_drain
     try:
         _reader, writer = await raw_ws_open(f"ws://127.0.0.1:{server.bound_port}/", "unused")
         (proto,) = server.server.server_state.connections
-        assert isinstance(proto, WsProtocol)
-        for i in range(WsProtocol.high_water - 2):  # below the mark: reading goes on
+        assert isinstance(proto, LeanWs)
+        for i in range(LeanWs.high_water - 2):  # below the mark: reading goes on
             raw_ws_send_text(writer, f"m{i}")
         await writer.drain()
         for _ in range(100):
-            if proto.queue.qsize() == WsProtocol.high_water - 2:
+            if proto.queue.qsize() == LeanWs.high_water - 2:
                 break
             await asyncio.sleep(0.01)
         assert not proto.read_paused
-        for i in range(WsProtocol.high_water - 2, 200):  # past it: the socket stops being read
+        for i in range(LeanWs.high_water - 2, 200):  # past it: the socket stops being read
             raw_ws_send_text(writer, f"m{i}")
         await writer.drain()
         for _ in range(100):

@@ -1,0 +1,111 @@
+"""The bytes of the gateway's WebSocket protocol (:mod:`~aiwfe.plugins.gateway.wsproto`):
+server frames, close frames, HTTP answers in place of an upgrade, and the handshake check.
+
+The handshake: ``GET``, ``Sec-WebSocket-Key`` the base64 of 16 bytes (and only one), else
+400; ``Sec-WebSocket-Version`` 13, else 426 naming it. No extension is negotiated (a client
+offering permessage-deflate gets plain frames, as RFC 6455 allows).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Any, cast
+from urllib.parse import unquote
+
+import httptools
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets without its C extension
+    from websockets.utils import apply_mask
+
+__all__ = ["Refusal", "apply_mask", "close_frame", "frame_bytes", "handshake", "http_response"]
+
+#: An HTTP answer in place of the upgrade: status, body, extra headers.
+Refusal = tuple[int, bytes, list[tuple[bytes, bytes]]]
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_PHRASES = {400: b"Bad Request", 403: b"Forbidden", 426: b"Upgrade Required", 431: b"Request Header Fields Too Large"}
+_PHRASES[500] = b"Internal Server Error"
+
+
+def frame_bytes(first: int, payload: bytes) -> bytes:
+    """One unmasked (server) frame: ``first`` is the FIN bit and opcode byte (0x81 text)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((first, n)) + payload
+    if n < 65536:
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
+
+
+def close_frame(code: int | None, reason: str = "") -> bytes:
+    """A close frame with ``code`` (None: no code) and ``reason`` cut to fit 125 bytes."""
+    if code is None:
+        return b"\x88\x00"
+    text = reason.encode()[:123].decode(errors="ignore").encode()  # a control frame holds ≤ 125 bytes
+    return frame_bytes(0x88, code.to_bytes(2, "big") + text)
+
+
+def http_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 answer that closes the connection (plain text unless ``headers`` say)."""
+    phrase = _PHRASES.get(status, b"")
+    lines = [b"HTTP/1.1 %d %s" % (status, phrase)]
+    names = {k.lower() for k, _ in headers}
+    lines += [k + b": " + v for k, v in headers]
+    if b"content-type" not in names:
+        lines.append(b"content-type: text/plain; charset=utf-8")
+    if b"content-length" not in names:
+        lines.append(b"content-length: %d" % len(body))
+    lines.append(b"connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def handshake(http: dict[str, Any], url: bytes, root: str) -> tuple[dict[str, Any], bytes, Refusal | None]:
+    """The ASGI scope of an upgrade request httptools parsed (``http``: uvicorn's HTTP scope,
+    ``url`` the request target), the ``Sec-WebSocket-Accept`` value, and the refusal
+    (status, body, headers) when the request is no valid handshake (see the module doc)."""
+    headers: list[tuple[bytes, bytes]] = http["headers"]
+    key = version = None
+    accept, refusal = b"", cast(Refusal | None, None)
+    protocols: list[str] = []
+    for name, value in headers:
+        if name == b"sec-websocket-key":
+            key = value if key is None else b""  # two keys: invalid
+        elif name == b"sec-websocket-version":
+            version = value
+        elif name == b"sec-websocket-protocol":
+            protocols += [p.strip() for p in value.decode("latin-1").split(",")]
+    try:
+        valid_key = key is not None and len(base64.b64decode(key, validate=True)) == 16
+        parsed = httptools.parse_url(url)
+    except (binascii.Error, httptools.HttpParserInvalidURLError):
+        valid_key, parsed = False, None
+    if http.get("method") != "GET" or not valid_key or parsed is None:
+        refusal = (400, b"invalid WebSocket handshake\n", [])
+    elif version != b"13":
+        refusal = (426, b"unsupported WebSocket version\n", [(b"sec-websocket-version", b"13")])
+    else:
+        assert key is not None
+        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())
+    raw_path = parsed.path if parsed is not None else b"/"
+    path = raw_path.decode("latin-1")
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "server": http.get("server"),
+        "client": http.get("client"),
+        "root_path": root,
+        "path": root + (unquote(path) if "%" in path else path),
+        "raw_path": root.encode("ascii") + raw_path,
+        "query_string": (parsed.query or b"") if parsed is not None else b"",
+        "headers": headers,
+        "subprotocols": [p for p in protocols if p],
+        "state": http.get("state", {}),
+        "extensions": {"websocket.http.response": {}},
+    }
+    return scope, accept, refusal
