@@ -122,6 +122,10 @@ class Plugin:
     name: ClassVar[str] = ""
     Config: ClassVar[type[msgspec.Struct]]
     calls: ClassVar[tuple[type, ...]] = ()
+    #: Parts of the kernel beyond contracts that the plugin's handle may reach (least privilege:
+    #: none by default). The only one is ``"jobs"``, the pod's :class:`~aiwfe.kernel.jobs.Jobs`
+    #: (dead letters, the results bucket), which the gateway's admin and console routes use.
+    privileges: ClassVar[frozenset[str]] = frozenset()
     #: External services the plugin needs besides NATS: any of "postgres", "redis".
     #: ``aiwfe up`` starts an embedded one for each that has no URL in the environment.
     services: ClassVar[tuple[str, ...]] = ()

@@ -81,7 +81,7 @@ class PodRunner:
             if bad or cfg is None:
                 problems.extend(f"[plugins.{name}]: {what} ({hint})" for what, hint in bad)
                 continue
-            plugin = cls(cfg, self.kernel.caller_for(cls.name, cls.calls))
+            plugin = cls(cfg, self.kernel.caller_for(cls.name, cls.calls, cls.privileges))
             self.plugins[name] = plugin
             for spec in handlers_of(cls):
                 override = self.pod.handlers.get(spec.address)

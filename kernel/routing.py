@@ -367,10 +367,11 @@ class Kernel:
 
         return await cluster_status(self.bus, timeout_s)
 
-    def caller_for(self, plugin_name: str, allowed: tuple[type, ...]) -> Caller:
-        """A :class:`Caller` restricted to the contracts a plugin declared in ``calls``."""
+    def caller_for(self, plugin_name: str, allowed: tuple[type, ...], granted: frozenset[str] = frozenset()) -> Caller:
+        """A :class:`Caller` restricted to the contracts a plugin declared in ``calls`` and the
+        ``privileges`` it was granted."""
         self.submissions.declare(allowed)
-        return Caller(self, plugin_name, frozenset(allowed))
+        return Caller(self, plugin_name, frozenset(allowed), granted)
 
 
 class Caller:
@@ -378,17 +379,22 @@ class Caller:
     are checked against the contracts the plugin declared in ``calls`` (UndeclaredCall
     otherwise); the job and status methods (``submit_json``, ``job_record``, ``job_owner``,
     ``wait_job``, ``job_events``, ``job_last_seq``, ``cancel_job``, ``cluster_status``) take ids and
-    addresses as data and pass through. Nothing else of the kernel is visible."""
+    addresses as data and pass through, and so do the kernel attributes the plugin was granted in
+    ``privileges`` (see :attr:`aiwfe.kernel.plugin.Plugin.privileges`). Nothing else is visible."""
 
-    __slots__ = ("_allowed", "_kernel", "_plugin")
+    __slots__ = ("_allowed", "_granted", "_kernel", "_plugin")
     _PASS_THROUGH = frozenset(
         {"submit_json", "job_record", "job_owner", "wait_job", "job_events", "job_last_seq", "cancel_job", "cluster_status"}
     )
+    PRIVILEGES = frozenset({"jobs"})
 
-    def __init__(self, kernel: Kernel, plugin: str, allowed: frozenset[type]) -> None:
+    def __init__(self, kernel: Kernel, plugin: str, allowed: frozenset[type], granted: frozenset[str] = frozenset()) -> None:
+        if unknown := granted - Caller.PRIVILEGES:
+            raise ValueError(f"plugin {plugin} asks for unknown privileges {sorted(unknown)}; known: {sorted(Caller.PRIVILEGES)}")
         self._kernel = kernel
         self._plugin = plugin
         self._allowed = allowed
+        self._granted = Caller._PASS_THROUGH | granted
 
     def _check(self, contract: type) -> None:
         if contract not in self._allowed:
@@ -413,6 +419,6 @@ class Caller:
         return await self._kernel.submit(job, job_id=job_id, idempotency_key=idempotency_key)
 
     def __getattr__(self, name: str) -> Any:
-        if name in Caller._PASS_THROUGH:
+        if name[0] != "_" and name in self._granted:
             return getattr(self._kernel, name)
         raise AttributeError(f"a plugin's kernel handle has no {name!r} (see aiwfe.kernel.routing.Caller)")

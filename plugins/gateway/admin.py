@@ -63,14 +63,11 @@ class Replayed(msgspec.Struct, frozen=True):
 
 
 def job_store(kernel: KernelHandle) -> Jobs:
-    """The pod's job store behind the gateway's kernel handle.
-
-    The handle (:class:`aiwfe.kernel.routing.Caller`) passes through job records, owners and
-    events but not dead letters or the bucket, which only the admin and console routes need;
-    they reach the kernel's :class:`~aiwfe.kernel.jobs.Jobs` here, in one place.
+    """The pod's job store, which the gateway's kernel handle passes through because the plugin
+    is granted the ``"jobs"`` privilege (:attr:`GatewayPlugin.privileges`): dead letters and the
+    results bucket, which only the admin and console routes need, are reached here, in one place.
     """
-    inner: Any = getattr(kernel, "_kernel", kernel)
-    jobs: Jobs = inner.jobs
+    jobs: Jobs = getattr(kernel, "jobs")  # noqa: B009 - a granted privilege, not in KernelHandle
     return jobs
 
 

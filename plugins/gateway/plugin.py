@@ -55,6 +55,8 @@ class GatewayPlugin(Plugin):
 
     name = "gateway"
     calls = (Register, Login, Verify, Logout, WhoAmI, DisableUser, DeleteUser, Perceive, Remember, Recall)
+    #: The admin and console routes read dead letters and the results bucket (admin.job_store).
+    privileges = frozenset({"jobs"})
     Config = GatewayConfig
     #: ``job_kinds`` values must be jobs some pod of the manifest consumes (``aiwfe check``).
     config_addresses = {"job_kinds": "job"}

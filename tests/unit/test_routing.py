@@ -126,6 +126,18 @@ async def test_plugin_may_only_call_declared_contracts(start_pods: StartPods) ->
             await probe.kernel.call(WhoAmI())
 
 
+async def test_a_plugin_reaches_kernel_parts_only_through_granted_privileges(start_pods: StartPods) -> None:
+    async with start_pods(TWO_PODS) as pods:
+        probe = pods["front"].plugins[PROBE]
+        for hidden in ("jobs", "bus", "submissions", "_anything"):
+            with pytest.raises(AttributeError, match="kernel handle has no"):
+                getattr(probe.kernel, hidden)
+        granted = pods["front"].kernel.caller_for("probe", (), frozenset({"jobs"}))
+        assert granted.jobs is pods["front"].kernel.jobs
+        with pytest.raises(ValueError, match="unknown privileges \\['bus'\\]"):
+            pods["front"].kernel.caller_for("probe", (), frozenset({"bus"}))
+
+
 async def test_schema_mismatch_is_a_clear_error(start_pods: StartPods) -> None:
     class Sleep(Request[Nobody], tag="probe.sleep"):  # same address, different schema
         seconds: float
