@@ -15,11 +15,21 @@ real auth plugin (PostgreSQL pool, Redis claim cache), and reports:
   construction; the sample shows how close the burst came);
 * ``redis_down_failures``: the same burst (fresh tokens) after the benchmark's own
   Valkey has been stopped (the system Redis is never touched);
+* ``cpu_us_per_connect``: CPU time of the servers, of the load generators and of the whole
+  machine (``/proc/stat``, kernel network work included) over the connects offered, from just
+  before the burst to the end of the last generator (closing the sockets included; with
+  logins, their argon2 hashing and retries too: ``--logins 0`` gives the handshake's cost);
+  ``machine_busy_cores``: the machine's busy time over that wall time. When the machine
+  figure times the connects offered per second nears the number of cores, handshakes queue,
+  and the p99 is mostly that queue;
 * ``echo_p99_connect_ms`` and ``p99_ratio`` (gateway over echo): the baseline, run first in
   the same process run — the same connect burst from the same load generators against
   ``aiwfe bench ws``'s bare Litestar echo on the same ASGI server, as many replicas on one
   port. It is what the framework and the machine cost per handshake before any gateway
   work; a target below it is a target on the server, not on the gateway.
+* ``floor_p99_connect_ms``, ``floor_cpu_us_per_connect``: a second baseline, run first — the
+  same burst against :class:`_Floor`, a bare asyncio protocol that answers each request head
+  with a 101 and nothing else: what Python's event loop and the kernel cost per handshake.
 
 Processes: ``--replicas`` servers (default 2, the consolidated manifest's ``min_replicas``
 for the gateway pod), each a gateway + auth pod on a private nats-server and Valkey,
@@ -34,9 +44,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -44,18 +57,20 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
 from ._load_http import RawHttp
 from ._support import emit, nats_server, percentile
 from ._ws_client import LeanWs, load_runner
-from .ws import load_avg_1m, raise_nofile
+from .ws import cpu_s, load_avg_1m, raise_nofile
 
 __all__ = ["main"]
 
 SECRET = "bench-burst-secret-0123456789abcdef0123456789"
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_FLOOR_101 = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n"
 PASSWORD = "correct horse battery staple"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,6 +142,40 @@ async def _serve(nats_url: str, db_url: str, redis_url: str, kdf: str, server: s
         await sampler
 
 
+class _Floor(asyncio.Protocol):
+    """The least a Python asyncio server does per handshake (``--role floor``): find the end of
+    the request head, answer 101 with the accept key, keep the socket until the client closes.
+    No HTTP parser, no ASGI, no token check: what asyncio and the kernel cost alone."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.head = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is None:
+            return
+        self.head += data
+        if b"\r\n\r\n" in self.head:
+            key = re.search(rb"(?im)^sec-websocket-key:[ \t]*(\S+)", self.head)
+            accept = base64.b64encode(hashlib.sha1((key.group(1) if key else b"") + _GUID).digest())
+            self.transport.write(_FLOOR_101 % accept)
+            self.head = None
+
+    def eof_received(self) -> None:
+        return None
+
+
+async def _serve_floor(port: int) -> None:
+    from aiwfe.plugins.gateway.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", port, 8192, reuse_port=True)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Floor, sock=sock, backlog=8192)
+    print(f"READY ws://127.0.0.1:{sock.getsockname()[1]}/v1/ws", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)
+    server.close()
+
+
 # -- load generator -------------------------------------------------------------------
 
 
@@ -179,7 +228,9 @@ async def _client(url: str, connects: int, logins: int, users: list[str], window
         finally:
             http.close()
 
+    cpu0 = time.process_time()
     await asyncio.gather(*(connect(i) for i in range(connects)), *(login(j) for j in range(logins)))
+    used_cpu_s = time.process_time() - cpu0
     await asyncio.sleep(0.5)  # every socket stays open until the whole burst is over
     for ws in opened:
         ws.close()
@@ -190,6 +241,7 @@ async def _client(url: str, connects: int, logins: int, users: list[str], window
         "logins_ok": login_ok,
         "login_failures": login_failed,
         "login_retries": retries,
+        "cpu_s": used_cpu_s,
     }
 
 
@@ -239,7 +291,16 @@ def _database() -> Iterator[str]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-def _burst(url: str, args: argparse.Namespace, users: list[str]) -> dict[str, Any]:
+def _machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (``/proc/stat``: all but idle and iowait)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _burst(url: str, args: argparse.Namespace, users: list[str], servers: list[int]) -> dict[str, Any]:
+    """One burst from ``args.clients`` load generators against ``url``; ``servers``: the pids
+    whose CPU time is charged to the burst (from 3 s before it starts, while every generator
+    makes its tokens, to the end of the last generator)."""
     k = args.clients
     start_at = time.time() + 3.0  # every generator is up and has made its tokens by then
     procs = []
@@ -248,10 +309,18 @@ def _burst(url: str, args: argparse.Namespace, users: list[str]) -> dict[str, An
         n_login = args.logins // k + (1 if i < args.logins % k else 0)
         cfg = {"url": url, "connects": n_conn, "logins": n_login, "users": users, "window_s": args.window, "start_at": start_at}
         procs.append(_spawn("--role", "client", "--config", json.dumps(cfg)))
+    time.sleep(max(0.0, start_at - 0.2 - time.time()))
+    server_cpu0, busy0, t0 = sum(cpu_s(pid) or 0.0 for pid in servers), _machine_busy_s(), time.monotonic()
     results = []
     for p in procs:
         out, _ = p.communicate(timeout=600)
         results.append(json.loads(out.strip().splitlines()[-1]))
+    server_cpu, busy, wall = (
+        sum(cpu_s(pid) or 0.0 for pid in servers) - server_cpu0,
+        _machine_busy_s() - busy0,
+        time.monotonic() - t0,
+    )
+    n = max(1, args.connects)
     conn_ms = [x for r in results for x in r["connect_ms"]]
     connect_failures = [f for r in results for f in r["connect_failures"]]
     login_failures = [f for r in results for f in r["login_failures"]]
@@ -263,6 +332,15 @@ def _burst(url: str, args: argparse.Namespace, users: list[str]) -> dict[str, An
         "login_retries": sum(r["login_retries"] for r in results),
         "p50_connect_ms": round(percentile(conn_ms, 50), 1),
         "p99_connect_ms": round(percentile(conn_ms, 99), 1),
+        # CPU per connect from just before the burst to the end of the last generator (its
+        # 0.5 s linger and the closes included): servers, load generators, whole machine. The
+        # logins' hashing, when there are logins, is in it too.
+        "cpu_us_per_connect": {
+            "servers": round(server_cpu / n * 1e6),
+            "load_generators": round(sum(r["cpu_s"] for r in results) / n * 1e6),
+            "machine": round(busy / n * 1e6),
+        },
+        "machine_busy_cores": round(busy / wall, 2),
     }
 
 
@@ -296,12 +374,33 @@ def _baseline(args: argparse.Namespace) -> dict[str, Any]:
     machine cost per handshake before any gateway work (no token check, no limits)."""
     from .ws import _replicas, _stop
 
-    procs, url = _replicas(["--role", "echo", "--server", args.server], args.replicas)
+    procs, url = _replicas(["--role", "echo", "--server", args.server, *(["--uvloop"] if args.uvloop else [])], args.replicas)
     try:
-        return _burst(url, argparse.Namespace(**{**vars(args), "logins": 0}), [])
+        return _burst(url, argparse.Namespace(**{**vars(args), "logins": 0}), [], [p.pid for p in procs])
     finally:
         for p in procs:
             _stop(p)
+
+
+def _floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The same connect burst against ``--replicas`` :class:`_Floor` processes on one port."""
+    procs = [_spawn("--role", "floor", "--port", "0")]
+    try:
+        url = _ready_url(procs[0])
+        port = url.rsplit(":", 1)[1].split("/", 1)[0]
+        for _ in range(1, args.replicas):
+            procs.append(_spawn("--role", "floor", "--port", port))
+            _ready_url(procs[-1])
+        return _burst(url, argparse.Namespace(**{**vars(args), "logins": 0}), [], [p.pid for p in procs])
+    finally:
+        for p in procs:
+            with contextlib.suppress(Exception):
+                assert p.stdin is not None
+                p.stdin.close()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -309,6 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return the result object."""
     from aiwfe.kernel.tools.embedded_db import EmbeddedValkey
 
+    floor = _floor(args)
     echo = _baseline(args)
 
     kdf = ""
@@ -325,7 +425,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         EmbeddedValkey(os.path.join(tmp, "valkey")) as valkey,
     ):
         common = ["--role", "server", "--nats", nats_url, "--db", db_url, "--redis", valkey.url, "--kdf", kdf,
-                  "--server", args.server]  # fmt: skip
+                  "--server", args.server, *(["--uvloop"] if args.uvloop else [])]  # fmt: skip
         servers: list[subprocess.Popen[str]] = []
         try:
             # Replica 1 binds a free port; the others bind the same one (SO_REUSEPORT), and
@@ -339,10 +439,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             users = _register(url, args.users)
             for s in servers:
                 _ask(s, "STATS")  # reset the pool peak after registration
-            up = _burst(url, args, users)
+            up = _burst(url, args, users, [p.pid for p in servers])
             pool = [_ask(s, "STATS") for s in servers]
             valkey.stop()
-            down = _burst(url, args, users)
+            down = _burst(url, args, users, [p.pid for p in servers])
             pool_down = [_ask(s, "STATS") for s in servers]
         finally:
             for server in servers:
@@ -375,9 +475,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "echo_p99_connect_ms": echo["p99_connect_ms"],
         "echo_failures": len(echo["connect_failures"]),
         "p99_ratio": round(up["p99_connect_ms"] / echo["p99_connect_ms"], 2) if echo["p99_connect_ms"] else None,
+        "cpu_us_per_connect": up["cpu_us_per_connect"],
+        "machine_busy_cores": up["machine_busy_cores"],
+        "redis_down_cpu_us_per_connect": down["cpu_us_per_connect"],
+        "echo_cpu_us_per_connect": echo["cpu_us_per_connect"],
+        "echo_machine_busy_cores": echo["machine_busy_cores"],
+        "floor_p50_connect_ms": floor["p50_connect_ms"],
+        "floor_p99_connect_ms": floor["p99_connect_ms"],
+        "floor_failures": len(floor["connect_failures"]),
+        "floor_cpu_us_per_connect": floor["cpu_us_per_connect"],
         "window_s": args.window,
         "replicas": args.replicas,
         "server": args.server,
+        "loop": "uvloop" if args.uvloop else "asyncio",
         "failure_samples": (up["connect_failures"] + up["login_failures"] + down["connect_failures"] + down["login_failures"])[
             :5
         ],
@@ -407,6 +517,7 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--url", help="NATS URL (default: a private embedded nats-server)")
     p.add_argument("--server", default="uvicorn", choices=["uvicorn", "granian"], help="the gateway's ASGI server")
+    p.add_argument("--uvloop", action="store_true", help="gateway and echo servers on uvloop instead of asyncio's loop")
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--nats", help=argparse.SUPPRESS)
@@ -418,7 +529,15 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     raise_nofile()
     if args.role == "server":
-        asyncio.run(_serve(args.nats, args.db, args.redis, args.kdf, args.server, args.port, args.pod_name))
+        serve = _serve(args.nats, args.db, args.redis, args.kdf, args.server, args.port, args.pod_name)
+        if args.uvloop:
+            import uvloop
+
+            uvloop.run(serve)
+        else:
+            asyncio.run(serve)
+    elif args.role == "floor":
+        asyncio.run(_serve_floor(args.port))
     elif args.role == "client":
         c = json.loads(args.config)
         run_loop = load_runner()[0]  # uvloop when installed: the load shares the cores it measures

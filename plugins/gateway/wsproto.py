@@ -4,10 +4,10 @@ small class, with no second parse of the request.
 uvicorn's own WebSocket protocols get the upgrade request as bytes again, re-serialised
 from what its HTTP parser already read, and parse it a second time (websockets' Python
 generator parser), build a response object, and run every frame through websockets'
-parser. In a connect burst that path cost ≈ 10× a handshake written directly: 5,000
-handshakes offered in one second against two echo processes gave p99 ≈ 1.3–1.5 s through
-uvicorn's sans-I/O protocol and 28–100 ms with this one (``aiwfe bench auth-burst``,
-PERFORMANCE.md "Fourth pass").
+parser. With this protocol instead, 5,000 handshakes with token checks offered in one
+second against two gateway processes went from p99 661–920 ms to 230–540 ms, and with
+200 logins in the same second from 1,039–1,381 ms to 617–648 ms (``aiwfe bench
+auth-burst``, old and new code alternating; PERFORMANCE.md "Fourth pass").
 
 :class:`~aiwfe.plugins.gateway.server.LeanHttp` hands it the request it parsed.
 
