@@ -149,7 +149,7 @@ class _Floor(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.head = b""
+        self.head: bytes | None = b""
 
     def data_received(self, data: bytes) -> None:
         if self.head is None:
@@ -160,6 +160,8 @@ class _Floor(asyncio.Protocol):
             accept = base64.b64encode(hashlib.sha1((key.group(1) if key else b"") + _GUID).digest())
             self.transport.write(_FLOOR_101 % accept)
             self.head = None
+        elif len(self.head) > 16_384:  # the gateway's own bound on a request head
+            self.transport.close()
 
     def eof_received(self) -> None:
         return None
