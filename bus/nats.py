@@ -291,7 +291,14 @@ class NatsBus(QueueMixin, StreamsMixin):
     async def serve(self, subject: str, handler: RemoteHandler, *, queue: bool = True) -> None:
         """Subscribe ``subject`` (queue group = subject unless ``queue`` is False); each
         request runs in its own task, started straight from the client's read loop
-        (``FastClient.subscribe_requests``: no Msg, queue or extra task wake-up per request)."""
+        (``FastClient.subscribe_requests``: no Msg, queue or extra task wake-up per request).
+
+        What bounds the tasks (nats-py's pending-message limit no longer applies on this
+        path): each task runs before the read loop reads again, and the first thing it does
+        is the handler's admission (``aiwfe.kernel.limiter``): past a contract's
+        ``concurrency`` + ``max_queue`` it answers ``Overloaded`` at once and ends. So the
+        tasks alive at a time are at most the handlers' slots and queues plus one read's
+        worth of requests."""
         nc = self._conn()
         loop = asyncio.get_running_loop()
         inflight = self._inflight
