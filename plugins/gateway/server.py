@@ -61,6 +61,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -108,11 +109,17 @@ def bind_socket(host: str, port: int, backlog: int, *, reuse_port: bool = False)
 
 class LeanHttp(HttpToolsProtocol):
     """uvicorn's httptools protocol, bounding request heads and upgrading to :class:`LeanWs`
-    without a second parse (see the module doc)."""
+    without a second parse (see the module doc); bytes read with the upgrade request, after
+    its head, go to the :class:`LeanWs` (frames a client sent without waiting for the 101).
 
-    #: Largest request head (request line and headers, bytes); past it 431 at once.
+    The head count starts again with each request. A pipelined request that begins in the
+    read in which the previous one ends is counted from its next read on: its head may
+    exceed the limit by that one read (asyncio reads at most 256 KiB), a bounded overshoot
+    kept so that no request pays for counting header by header."""
+
+    #: Largest request head (request line and headers, their CRLFs and the blank line, bytes); past it 431 at once.
     max_header_bytes = 16_384
-    #: Largest single line of a request head (bytes); past it 431 at once.
+    #: Largest single line of a request head (bytes before its LF: the CR counts); past it 431 at once.
     max_line_bytes = 8_192
     _head_open = True
     _head_bytes = 0
@@ -125,7 +132,18 @@ class LeanHttp(HttpToolsProtocol):
             self.transport.write(http_response(431, [], b"request headers too large\n"))
             self.transport.close()
             return
-        super().data_received(data)
+        # uvicorn's data_received, keeping what follows an upgrade request's head
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+        except httptools.HttpParserUpgrade as upgrade:
+            if self._should_upgrade():
+                self._upgrade(data[upgrade.args[0] :])
+            else:
+                self._unsupported_upgrade_warning()
 
     def _head_too_big(self, data: bytes) -> bool:
         """Count the head's bytes in ``data`` (not a body that follows it in the same read)."""
@@ -148,10 +166,15 @@ class LeanHttp(HttpToolsProtocol):
         self._head_open, self._head_bytes, self._line_bytes, self._tail = True, 0, 0, b""  # the next request
 
     def handle_websocket_upgrade(self) -> None:
+        self._upgrade(b"")
+
+    def _upgrade(self, rest: bytes) -> None:
         self.connections.discard(self)
         proto = LeanWs(self.config, self.server_state, self.app_state, dict(self.scope), self.url)
         self.transport.set_protocol(proto)
         proto.connection_made(self.transport)
+        if rest:
+            proto.data_received(rest)
 
 
 class _Server(uvicorn.Server):

@@ -16,18 +16,21 @@ auth-burst``, old and new code alternating; PERFORMANCE.md "Fourth pass").
 gateway's connections, two direct paths: :attr:`LeanWs.on_message` (each client message
 by a plain call, no queue) and :meth:`LeanWs.write_text_nowait`. What it enforces:
 
-* the handshake (:func:`~aiwfe.plugins.gateway.wswire.handshake`): else 400 or 426;
-* frames: masked, RSV bits clear, known opcodes, control frames final and ≤ 125 bytes,
-  continuations only inside a fragmented message (else close 1002); a message over
-  ``ws_max_size`` closes 1009 before it is buffered; a text message that is not UTF-8
-  closes 1007;
+* the handshake (:func:`~aiwfe.plugins.gateway.wswire.handshake`): else 400 or 426; frames
+  sent with the request wait for the 101 (dropped when refused);
+* frames: masked, RSV bits clear, known opcodes, lengths under 2⁶³, control frames final and
+  ≤ 125 bytes, continuations only inside a fragmented message (else close 1002); a message
+  over ``ws_max_size`` closes 1009 before it is buffered; a text message that is not UTF-8
+  closes 1007; a close frame as :func:`~aiwfe.plugins.gateway.wswire.parse_close` says;
 * keepalive: a ping every ``ws_ping_interval``; no matching pong within
   ``ws_ping_timeout`` closes the connection (1011);
-* backpressure: ``send`` waits while the transport's write buffer is over its mark;
+* backpressure: ``send`` waits while the transport's write buffer is over its mark (and
+  only the client's last ping is answered, once it is not);
   reading pauses while :attr:`LeanWs.high_water` messages wait for the app's ``receive``;
 * close: a client's close frame is answered with the same code and the socket closed;
   after the app's close, the client has ``close_timeout_s`` to answer before the socket
-  is closed anyway; server shutdown sends 1012.
+  is aborted, as is a closed socket that cannot flush (the client does not read) after
+  ``close_timeout_s``; server shutdown sends 1012 (aborts a socket that cannot take it).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected, is_ssl
 
-from .wswire import apply_mask, close_frame, frame_bytes, handshake, http_response
+from . import wswire
+from .wswire import ProtocolError, apply_mask, close_frame, frame_bytes, http_response
 
 __all__ = ["LeanWs"]
 
@@ -75,7 +79,11 @@ class LeanWs(asyncio.Protocol):
         #: queueing it for ``receive`` (the text is not checked for UTF-8: the callee does it).
         self.on_message: Any = None
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        self._buf = b""
+        self._accepted = False  # frames are parsed only after the 101 went out (before: kept)
+        self._buf: list[bytes] | None = None  # the bytes of an unfinished frame, as read
+        self._have = 0  # their length
+        self._need = 0  # the length of the frame they start, when known (else 0)
+        self._pong: bytes | None = None  # a ping's payload, to answer when writing resumes
         self._frags: list[bytes] | None = None  # a fragmented message's parts so far
         self._frag_text = False
         self._frag_size = 0
@@ -84,7 +92,7 @@ class LeanWs(asyncio.Protocol):
         self._pong_timer: asyncio.TimerHandle | None = None
         self._ping_payload: bytes | None = None
         self._close_timer: asyncio.TimerHandle | None = None
-        self.scope, self._accept, self._refusal = handshake(http_scope, url, config.root_path)
+        self.scope, self._accept, self._refusal = wswire.handshake(http_scope, url, config.root_path)
 
     # -- transport events ------------------------------------------------------------------
 
@@ -120,26 +128,53 @@ class LeanWs(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.writable.set()
+        if self._pong is not None and not self.close_sent:
+            self.transport.write(frame_bytes(0x8A, self._pong))
+        self._pong = None
 
     def shutdown(self) -> None:
-        """Server shutdown: close 1012 (service restart), or 500 before the handshake."""
+        """Server shutdown: close 1012 (service restart), or 500 before the handshake; the app
+        hears the disconnect (1012, or 1006 before the handshake) and its sends raise
+        ``ClientDisconnected``. A client whose socket holds back our writes is aborted."""
         self._stop_keepalive()
-        if self.handshake_complete and self._denial is None and not self.close_sent:
-            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1012})
+        if not self.handshake_complete:
+            self._answer(http_response(500, [], b"server shutting down\n"))
+            return
+        if self._denial is None and not self.close_sent:
             self.transport.write(close_frame(1012, "server shutting down"))
-        elif not self.handshake_complete:
-            self.transport.write(http_response(500, [], b"server shutting down\n"))
-        self.close_sent = True
+        if not self.disconnected:
+            self.queue.put_nowait({"type": "websocket.disconnect", "code": 1012})
+        self.close_sent = self.disconnected = True
+        if self.writable.is_set():
+            self._close()
+        else:  # the client does not read: the close frame would not reach it
+            self.transport.abort()
+
+    def _close(self) -> None:
+        """Close the transport; abort it after ``close_timeout_s`` if it cannot flush by then."""
         self.transport.close()
+        if self._close_timer is None and self.transport.get_write_buffer_size():
+            self._close_timer = self.loop.call_later(self.close_timeout_s, self.transport.abort)
 
     # -- frames ------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf + data if self._buf else data
+        if not self._accepted:
+            self._early(data)
+            return
+        if self._buf is None:
+            buf = data
+        else:  # the rest of a frame: joined once it is all here, not again at each read
+            self._buf.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            buf = b"".join(self._buf)
+            self._buf = None
         size = len(buf)
-        pos = 0
+        pos = need = 0
         max_size = self.max_size
-        while size - pos >= 6:
+        while size - pos >= 2:
             b0, b1 = buf[pos], buf[pos + 1]
             if b0 & 0x70 or not b1 & 0x80:
                 self._fail(1002, "unmasked frame or reserved bits set")
@@ -148,7 +183,7 @@ class LeanWs(asyncio.Protocol):
             n = b1 & 0x7F
             head = pos + 2
             if n == 126:
-                if size - pos < 8:
+                if size - pos < 4:
                     break
                 n = int.from_bytes(buf[head : head + 2], "big")
                 head += 2
@@ -157,21 +192,38 @@ class LeanWs(asyncio.Protocol):
                     break
                 n = int.from_bytes(buf[head : head + 8], "big")
                 head += 8
+                if n >> 63:
+                    self._fail(1002, "frame length with its top bit set")
+                    return
             if op >= 8 and (n > 125 or not b0 & 0x80):
                 self._fail(1002, "control frame fragmented or over 125 bytes")
                 return
             if op < 8 and max_size is not None and n + (self._frag_size if op == 0 else 0) > max_size:
-                self._fail(1009, f"message over {max_size} bytes")
+                self._fail(1009 if op < 3 else 1002, f"message over {max_size} bytes" if op < 3 else f"unknown opcode {op}")
                 return
             end = head + 4 + n
             if end > size:
+                need = end - pos
                 break
             payload = apply_mask(buf[head + 4 : end], buf[head : head + 4]) if n else b""
             pos = end
             if not self._frame(b0 & 0x80, op, payload) or self.transport.is_closing():
-                self._buf = b""
                 return
-        self._buf = buf[pos:] if pos else buf
+        if pos < size:
+            self._buf, self._have, self._need = [buf[pos:] if pos else buf], size - pos, need
+
+    def _early(self, data: bytes) -> None:
+        """Bytes before the 101 (a client must wait for it): kept for after it, reading paused
+        past 64 KiB; dropped once the upgrade was refused."""
+        if self.close_sent:
+            return
+        if self._buf is None:
+            self._buf, self._have = [], 0
+        self._buf.append(data)
+        self._have += len(data)
+        if self._have > 65_536 and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def _frame(self, fin: int, op: int, payload: bytes) -> bool:
         """Handle one frame; False when it failed the connection."""
@@ -192,9 +244,14 @@ class LeanWs(asyncio.Protocol):
                 self._frags, self._frag_size = None, 0
                 self._deliver(data, self._frag_text)
         elif op == 8:
-            self._on_close(payload)
+            try:
+                self._on_close(*wswire.parse_close(payload))
+            except ProtocolError as e:
+                return self._fail(e.code, str(e))
         elif op == 9:
-            if not self.close_sent:
+            if not self.writable.is_set():  # the client does not read: only its last ping is answered, on resume
+                self._pong = payload
+            elif not self.close_sent:
                 self.transport.write(frame_bytes(0x8A, payload))
         elif op == 10:
             if self._ping_payload is not None and payload == self._ping_payload:
@@ -227,18 +284,15 @@ class LeanWs(asyncio.Protocol):
             self.read_paused = True
             self.transport.pause_reading()
 
-    def _on_close(self, payload: bytes) -> None:
+    def _on_close(self, code: int, reason: str) -> None:
         if self.close_sent:  # the client answered our close: the closing handshake is done
-            self.transport.close()
+            self._close()
             return
-        code, reason = 1005, ""
-        if len(payload) >= 2:
-            code, reason = int.from_bytes(payload[:2], "big"), payload[2:].decode(errors="replace")
         self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
         self.disconnected = True
         self.close_sent = True
         self.transport.write(close_frame(None if code == 1005 else code))
-        self.transport.close()
+        self._close()
 
     def _fail(self, code: int, reason: str) -> bool:
         log.debug("ws %s: closing %d: %s", self.scope.get("client"), code, reason)
@@ -248,7 +302,7 @@ class LeanWs(asyncio.Protocol):
         if not self.disconnected:
             self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
             self.disconnected = True
-        self.transport.close()
+        self._close()
         return False
 
     # -- keepalive ------------------------------------------------------------------------
@@ -290,16 +344,17 @@ class LeanWs(asyncio.Protocol):
                 log.error("ws %s: the ASGI application returned without completing the handshake", self.scope.get("path"))
                 self._answer(http_response(500, [], b"internal server error\n"))
         if self._close_timer is None:
-            self.transport.close()
+            self._close()
 
     def _answer(self, response: bytes) -> None:
         """An HTTP answer in place of the upgrade; the connection ends."""
         if not self.disconnected:
             self.queue.put_nowait({"type": "websocket.disconnect", "code": 1006})
         self.handshake_complete = self.close_sent = self.disconnected = True
+        self._buf = None  # frames sent before the answer: never read
         if not self.transport.is_closing():
             self.transport.write(response)
-            self.transport.close()
+            self._close()
 
     async def receive(self) -> dict[str, Any]:
         """ASGI ``receive``: the connect event, then messages, then the disconnect."""
@@ -361,25 +416,24 @@ class LeanWs(asyncio.Protocol):
             if self.read_paused:
                 self.read_paused = False
                 self.transport.resume_reading()
-            self._close_timer = self.loop.call_later(self.close_timeout_s, self.transport.close)
+            self._close_timer = self.loop.call_later(self.close_timeout_s, self.transport.abort)
         else:
             raise RuntimeError(f"expected websocket.send or websocket.close, got {kind}")
 
     def _accept_now(self, message: dict[str, Any]) -> None:
         if self.transport.is_closing():
             return
-        lines = [b"HTTP/1.1 101 Switching Protocols", b"upgrade: websocket", b"connection: Upgrade"]
-        lines.append(b"sec-websocket-accept: " + self._accept)
-        protocol = message.get("subprotocol")
-        if protocol:
-            lines.append(b"sec-websocket-protocol: " + protocol.encode())
-        for name, value in (*self.default_headers, *message.get("headers", ())):
-            if b"\r" in value or b"\n" in value or b"\r" in name or b"\n" in name:
-                raise RuntimeError("a header of websocket.accept holds a line break")
-            lines.append(name + b": " + value)
-        self.handshake_complete = True
-        self.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        response = wswire.switching_response(
+            self._accept, message.get("subprotocol"), (*self.default_headers, *message.get("headers", ()))
+        )
+        self.handshake_complete = self._accepted = True
+        self.transport.write(response)
         self._schedule_ping()
+        if self._buf is not None:  # frames sent with the request, before the 101
+            self.data_received(b"")
+            if self.read_paused and self.queue.qsize() < self.high_water and not self.transport.is_closing():
+                self.read_paused = False
+                self.transport.resume_reading()
 
     def write_text_nowait(self, text: bytes) -> bool:
         """Write one text frame (UTF-8 ``text``) now if the transport takes it without waiting;
