@@ -74,6 +74,20 @@ _enc = msgspec.msgpack.Encoder()
 log = logging.getLogger("aiwfe.jobs")
 
 
+def _wide_int(value: Any, path: str) -> str:
+    """Where in ``value`` (builtins) an integer lies outside msgpack's −2^63..2^64−1."""
+    stack = [(path, value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((f"{where}.{str(k)[:40]}", item) for k, item in reversed(v.items()))
+        elif isinstance(v, list):
+            stack.extend((f"{where}[{i}]", item) for i, item in reversed(list(enumerate(v))))
+        elif isinstance(v, int) and not -(2**63) <= v <= 2**64 - 1:
+            return f"{where}: integers must be from -2^63 to 2^64-1"
+    return f"{path}: an integer does not fit 64 bits"
+
+
 @functools.cache
 def _owner_field(contract: type) -> str | None:
     """``"str"`` when the contract has a plain ``owner: str`` (set by the edge), ``"other"``
@@ -150,6 +164,10 @@ class Submissions:
             job = ep.decode(data, _JSON_HEADERS if as_json else None)[0]
         except BadMessage as e:
             raise BadInput(e.message) from None
+        try:  # JSON integers have no bound; the bus's msgpack carries 64 bits (a job would fail later)
+            _enc.encode(job)
+        except OverflowError:
+            raise BadInput(f"{ep.spec.address}: {_wide_int(msgspec.to_builtins(job), 'input')}") from None
         address = ep.spec.address
         caps = self._caps.get(address)
         if caps is None:

@@ -260,6 +260,8 @@ class UserStore:
         Raises:
             Overloaded, Unavailable: see :meth:`connection`.
         """
+        if "\x00" in username:  # no user's name (registration allows none); PostgreSQL text cannot hold it
+            return None
         async with self.connection() as conn:
             with self._m_query.time():
                 cur = await conn.execute(
@@ -278,6 +280,8 @@ class UserStore:
         Raises:
             Overloaded, Unavailable: see :meth:`connection`.
         """
+        if "\x00" in username:  # no user's name (registration allows none); PostgreSQL text cannot hold it
+            return None
         async with self.connection() as conn:
             with self._m_query.time():
                 cur = await conn.execute(
@@ -294,6 +298,8 @@ class UserStore:
         Raises:
             Overloaded, Unavailable: see :meth:`connection`.
         """
+        if "\x00" in username:  # no user's name (registration allows none); PostgreSQL text cannot hold it
+            return None
         async with self.connection() as conn:
             with self._m_query.time():
                 cur = await conn.execute(

@@ -108,6 +108,12 @@ async def test_submit_json_job_bad_json_refused_and_bad_payload_dead_lettered(st
         assert rec.status == "done" and msgspec.msgpack.decode(rec.result)["square"] == 144
         with pytest.raises(BadInput, match=r"\$\.n"):  # validated by the consumer's pod before queueing
             await k.submit_json("probe.crunch", b'{"n": "twelve"}')
+        for kernel in (k, pods["front"].kernel):  # validated by the other pod, then in-process
+            for n in (2**64, -(2**63) - 1):  # JSON has no bound, the bus's msgpack 64 bits
+                with pytest.raises(BadInput, match=r"input\.n: integers must be from -2\^63 to 2\^64-1"):
+                    await kernel.submit_json("probe.crunch", b'{"n": %d}' % n)
+        top = await k.submit_json("probe.crunch", b'{"n": %d}' % (2**31))  # its square still fits
+        assert (await k.wait_job(top, timeout_s=10)).status == "done"
         bad = "bad-payload-job"  # a payload that got past validation is dead-lettered by the consumer
         await k.jobs.submit("probe.crunch", b'{"n": "twelve"}', {"Nats-Msg-Id": bad, "Content-Type": "application/json"}, bad)
         rec = await k.wait_job(bad, timeout_s=10)
