@@ -6,7 +6,8 @@ enabled user; see :mod:`aiwfe.plugins.auth.admin`), checked server-side on every
 from the caller's bearer token: the user routes pass the token to the auth plugin, the
 dead-letter routes ask it first with ``auth.whoami`` (:func:`whoami`, never cached here, so
 a disabled admin loses its rights at once: its token answers 401, and 403 should a pod have
-missed the token cut-off). A non-admin gets 403, an unknown user 404.
+missed the token cut-off). A non-admin gets 403, an unknown user 404 (also a name no user can
+have, with a NUL character: the auth plugin's store answers it without asking the database).
 
 Dead letters: ``GET /v1/admin/dead-letters`` (``?kind=`` one job kind's address) lists the
 newest :data:`MAX_DEAD_LETTERS` with the reason of their last attempt, their attempts and
@@ -21,7 +22,7 @@ import re
 from typing import Any
 
 import msgspec
-from litestar import delete, get, post
+from litestar import Request, delete, get, post
 from litestar.di import NamedDependency
 from litestar.exceptions import HTTPException
 from litestar.params import FromPath, FromQuery
@@ -34,6 +35,7 @@ from aiwfe.kernel.jobs import Jobs
 from aiwfe.kernel.plugin import KernelHandle
 from aiwfe.plugins.auth.contract import DeleteUser, DisableUser, Identity, UserUpdated, WhoAmI
 
+from .limits import once
 from .openapi import errors
 from .services import GatewayServices
 
@@ -132,13 +134,19 @@ async def delete_user(svc: Services, bearer: BearerToken, username: FromPath[str
 
 
 @get("/v1/admin/dead-letters", tags=["admin"], responses=errors(400, 403, 502, 503))
-async def list_dead_letters(svc: Services, bearer: BearerToken, kind: FromQuery[str | None] = None) -> list[DeadLetter]:
+async def list_dead_letters(
+    request: Request[Any, Any, Any], svc: Services, bearer: BearerToken, kind: FromQuery[str | None] = None
+) -> list[DeadLetter]:
     """The newest dead-lettered jobs with the reason of their last attempt; admins only.
 
     Only the dead-letter stream's newest 200 messages are read (``?kind=``, a job address such
     as ``helios.ask``, filters among them): a page load never pulls the whole stream, whose
     letters may each be as large as NATS' ``max_payload``. Older ones: ``aiwfe dlq list``.
-    Replay (below) looks among the same 200."""
+    Replay (below) looks among the same 200. ``?kind=`` given twice: 400."""
+    try:
+        kind = once(request.query_params.getall("kind", []), "kind")
+    except ValueError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from None
     if kind is not None and not _ADDRESS.fullmatch(kind):
         raise HTTPException(status_code=400, detail=f"kind: not a job address: {kind[:100]!r}")
     await _require_admin(svc, bearer)

@@ -24,9 +24,14 @@ input that does not fit its contract, the field named) → 400; ``TooLarge`` →
 kind are all taken, :mod:`aiwfe.kernel.quotas`) → 429 with ``Retry-After``; ``Forbidden`` → 403;
 ``UnknownUser`` → 404; other
 retryable errors (``Overloaded``, ``Unavailable``, ...) → 503 with ``Retry-After`` at once;
-the rest → 502. Unknown job kinds → 400; malformed bodies → 400 (Litestar's validation
-message); bodies over ``max_body_bytes`` → 413 before any handler runs. Bodies are
-Litestar's ``{"status_code", "detail"}``.
+the rest → 502 (a remote error's type, not its message: that is the plugin's internal detail,
+a database's error text for one). Unknown job kinds → 400; malformed bodies → 400 (Litestar's
+validation message); body values the bus or a plugin's database cannot hold (integers past
+64 bits, NUL characters in text: :func:`~aiwfe.plugins.gateway.limits.check_values`), an
+empty memory text → 400 naming the field; bodies over ``max_body_bytes`` → 413 before any
+handler runs. Bodies are Litestar's ``{"status_code", "detail"}``. HEAD is answered as GET
+without the body, OPTIONS with every method of the path
+(:func:`~aiwfe.plugins.gateway.limits.methods`).
 
 The app leaves logging alone (``logging_config=None``): the pod configures it once.
 """
@@ -44,9 +49,10 @@ from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException
 from litestar.exceptions.responses import create_exception_response
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, JSONBody, Parameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from aiwfe.bus.codec import is_job_id
 from aiwfe.kernel import AiwfeError, Forbidden, RemoteError, acting_for, metrics
 from aiwfe.kernel.errors import BadInput, TooLarge
 from aiwfe.kernel.quotas import TooManyJobs
@@ -57,7 +63,7 @@ from .admin import ADMIN_ROUTES
 from .busdoc import BusDocument, asyncapi_route
 from .console_api import CONSOLE_ROUTES
 from .frames import TERMINAL
-from .limits import finished_last_seq, guard, parse_seq, past_end, running_past_end
+from .limits import MAX_SEQ, check_values, finished_last_seq, guard, methods, once, parse_seq, past_end, running_past_end
 from .openapi import (
     SSE_RESPONSE,
     Health,
@@ -176,6 +182,8 @@ def http_error(e: AiwfeError, retry_after_s: float) -> HTTPException:
     if e.retryable:
         retry = str(max(1, math.ceil(retry_after_s)))
         return HTTPException(status_code=503, detail=f"{e.code}: {e.message}", headers={"Retry-After": retry})
+    if isinstance(e, RemoteError):  # its message is the plugin's internal detail (a database's error text...)
+        return HTTPException(status_code=502, detail=f"{e.code}: {e.type}")
     return HTTPException(status_code=502, detail=f"{e.code}: {e}")
 
 
@@ -204,9 +212,17 @@ async def _claims(svc: Services, bearer: BearerToken) -> Claims:
 
 
 async def _owned_job(svc: Services, claims: CallerClaims, job_id: FromPath[str]) -> str:
-    if not await svc.owns(job_id, claims.sub):
+    if not is_job_id(job_id) or not await svc.owns(job_id, claims.sub):
         raise HTTPException(status_code=404, detail=f"no job {job_id}")
     return job_id
+
+
+def _check(value: Any, field: str, *, text: bool = False) -> None:
+    """400 naming the field for a body value the bus or a database cannot hold (:func:`check_values`)."""
+    try:
+        check_values(value, field, text=text)
+    except ValueError as e:
+        raise HTTPException(status_code=400, detail=str(e)) from None
 
 
 # -- routes ----------------------------------------------------------------------------
@@ -275,18 +291,24 @@ async def get_job(svc: Services, owned_job: OwnedJob) -> JobView:
     },
 )
 async def job_events(
-    request: Request[Any, Any, Any], svc: Services, owned_job: OwnedJob, after_seq: FromQuery[int] = 0
+    request: Request[Any, Any, Any],
+    svc: Services,
+    owned_job: OwnedJob,
+    after_seq: Annotated[
+        str | None, Parameter(description="Resume after this sequence", schema_extra={"type": "integer", "maximum": MAX_SEQ})
+    ] = None,
 ) -> ServerSentEvent:
     """Server-Sent Events of a job (replay, then live) until it ends.
 
     Each event's ``id`` is its sequence; a reconnecting EventSource sends
     ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same). Sequences are
-    range-checked (400); past a job's last event (finished or not): 400; at a finished job's
-    last event: 204 (no more events).
+    range-checked (400; also when either is given twice); past a job's last event (finished
+    or not): 400; at a finished job's last event: 204 (no more events).
     """
     try:
-        seq = parse_seq(after_seq, "after_seq")
-        last = request.headers.get("last-event-id")
+        query = once(request.query_params.getall("after_seq", []), "after_seq")
+        last = once(request.headers.getall("last-event-id", []), "Last-Event-ID")
+        seq = parse_seq(query, "after_seq") if query is not None else 0
         if last:
             seq = max(seq, parse_seq(last, "Last-Event-ID"))
     except ValueError as e:
@@ -312,6 +334,10 @@ async def job_events(
 @post("/v1/memory", status_code=201, tags=["memory"], responses=errors(400, 413, 502, 503))
 async def remember(svc: Services, claims: CallerClaims, data: JSONBody[MemoryIn]) -> MemoryStored:
     """Store a memory for the calling user (the owner is always the token's subject)."""
+    if not data.text.strip():
+        raise HTTPException(status_code=400, detail="text: must not be empty")
+    _check(data.text, "text", text=True)
+    _check(data.metadata, "metadata", text=True)
     with acting_for(claims.sub):
         r: RememberResult = await svc.kernel.call(Remember(text=data.text, owner=claims.sub, metadata=data.metadata))
     return MemoryStored(id=r.id)
@@ -320,6 +346,8 @@ async def remember(svc: Services, claims: CallerClaims, data: JSONBody[MemoryIn]
 @post("/v1/memory/recall", status_code=200, tags=["memory"], responses=errors(400, 413, 502, 503))
 async def recall(svc: Services, claims: CallerClaims, data: JSONBody[RecallIn]) -> RecallResult:
     """The calling user's memories closest to ``query`` (never another user's)."""
+    _check(data.query, "query", text=True)
+    _check(data.filters, "filters", text=True)
     with acting_for(claims.sub):
         r: RecallResult = await svc.kernel.call(Recall(query=data.query, owner=claims.sub, k=data.k, filters=data.filters))
     return r
@@ -397,7 +425,8 @@ def build_app(services: GatewayServices) -> Litestar:
 
 def build_asgi(services: GatewayServices) -> Any:
     """The gateway's ASGI app: ``/v1/ws`` goes to the WebSocket endpoint, the rest to Litestar;
-    both behind :func:`~aiwfe.plugins.gateway.limits.guard` (header size, JSON content type)."""
+    both behind :func:`~aiwfe.plugins.gateway.limits.guard` (header size, JSON content type, body
+    size); HEAD and OPTIONS through :func:`~aiwfe.plugins.gateway.limits.methods`."""
     app = build_app(services)
     ws = WebSocketEndpoint(services)
 
@@ -411,4 +440,4 @@ def build_asgi(services: GatewayServices) -> Any:
             return
         await app(scope, receive, send)  # type: ignore[arg-type]
 
-    return guard(asgi, services.config.max_header_bytes)
+    return guard(methods(asgi), services.config.max_header_bytes, services.config.max_body_bytes)
