@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,7 +36,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from aiwfe.kernel import Plugin, pg, serves
 from aiwfe.kernel.config_check import one_of
-from aiwfe.kernel.errors import AiwfeError, ConfigError
+from aiwfe.kernel.errors import AiwfeError, BadInput, ConfigError
 from aiwfe.kernel.metrics import REGISTRY
 
 from ._batch import GroupCommit
@@ -73,6 +74,29 @@ SELECT m.id::text, m.text, m.metadata, m.created_at, fts.rank
 FROM ids JOIN memories m ON m.id = ids.id LEFT JOIN fts ON fts.id = m.id
 WHERE m.owner = %(owner)s AND m.state = 1 AND m.metadata @> %(filters)s
 """
+
+
+#: Metadata keys a recall may filter on: the same key to PostgreSQL (``@>``) and Qdrant (``meta.<key>``).
+FILTER_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _no_nul(where: str, **fields: Any) -> None:
+    """BadInput naming the first field whose text (or any key or string inside it) holds NUL."""
+    for name, value in fields.items():
+        stack = [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                bad = "\x00" in v
+            elif isinstance(v, dict):
+                bad = any("\x00" in k for k in v if isinstance(k, str))
+                stack.extend(v.values())
+            else:
+                bad = False
+                if isinstance(v, list):
+                    stack.extend(v)
+            if bad:
+                raise BadInput(f"{where}: {name} must not contain NUL characters")
 
 
 class MemoryPlugin(Plugin):
@@ -240,11 +264,14 @@ class MemoryPlugin(Plugin):
         """Store a memory in PostgreSQL and Qdrant (see the module docstring for the order).
 
         Raises:
-            ValueError: empty text or owner, or an id that is not a UUID.
+            BadInput: empty text or owner, a NUL character in the text or the metadata
+                (PostgreSQL text cannot hold one).
+            ValueError: an id that is not a UUID.
             Overloaded: the database pool is exhausted.
         """
         if not req.text.strip() or not req.owner:
-            raise ValueError("memory.remember: text and owner must not be empty")
+            raise BadInput("memory.remember: text and owner must not be empty")
+        _no_nul("memory.remember", text=req.text, metadata=req.metadata)
         mid = str(uuid.UUID(req.id)) if req.id else str(uuid.uuid4())
         (vector,) = await self._embed([req.text])
         if not await self._inserts.submit((mid, req.owner, req.text, req.metadata)):
@@ -284,8 +311,18 @@ class MemoryPlugin(Plugin):
 
     @serves(Recall, concurrency=128, max_queue=4096)
     async def recall(self, req: Recall) -> RecallResult:
-        """Full text and vectors for ``req.owner``, fused by reciprocal rank (best first)."""
+        """Full text and vectors for ``req.owner``, fused by reciprocal rank (best first).
+
+        Raises:
+            BadInput: a filter key that is not :data:`FILTER_KEY` (a dot would mean a nested
+                field to Qdrant and a top-level key to PostgreSQL), a NUL character in the
+                query or the filters.
+        """
         t0 = time.perf_counter()
+        for key in req.filters:
+            if not FILTER_KEY.fullmatch(key):
+                raise BadInput(f"memory.recall: filters: key {key[:40]!r} is not 1-64 letters, digits, '_' or '-'")
+        _no_nul("memory.recall", query=req.query, filters=req.filters)
         k = min(max(0, req.k), self.config.max_k)
         if k == 0 or not req.owner:
             return RecallResult(hits=[], took_ms=0.0)

@@ -21,6 +21,7 @@ import pytest
 
 from aiwfe.bus.local import LocalBus
 from aiwfe.kernel import ConfigError, Overloaded, RemoteError, pg
+from aiwfe.kernel.errors import BadInput
 from aiwfe.kernel.manifest import parse_manifest
 from aiwfe.kernel.pod import PodRunner
 from aiwfe.plugins.memory.contract import Forget, Recall, Remember
@@ -140,6 +141,26 @@ async def test_filters_forget_and_idempotent_ids(start: Start) -> None:
             assert (await cur.fetchone()) == (0,)
         r = await k.call(Recall(query="Redis", owner="alice", k=5))
         assert fixed not in [h.id for h in r.hits]
+
+
+async def test_input_neither_index_can_take_is_bad_input_for_any_caller(start: Start) -> None:
+    """A filter key with a dot is a nested field to Qdrant and a top-level key to PostgreSQL;
+    PostgreSQL text cannot hold NUL. Refused as BadInput (before: ValueError or DataError)."""
+    async with start(split=True) as pods:
+        k = pods["client"].kernel
+        for key in ("a.b", "a'; drop", "", "k" * 65):
+            with pytest.raises(BadInput, match="filters: key"):
+                await k.call(Recall(query="q", owner="alice", filters={key: "x"}))
+        with pytest.raises(BadInput, match="query must not contain NUL"):
+            await k.call(Recall(query="a\x00", owner="alice"))
+        for bad in (Remember(text="a\x00b", owner="alice"), Remember(text="ab", owner="alice", metadata={"k": [{"\x00": 1}]})):
+            with pytest.raises(BadInput, match="must not contain NUL"):
+                await k.call(bad)
+        with pytest.raises(BadInput, match="must not be empty"):
+            await k.call(Remember(text="  ", owner="alice"))
+        ok = await k.call(Remember(text="a literal \\u0000 is text", owner="alice", metadata={"k_1-x": "v"}))
+        r = await k.call(Recall(query="literal", owner="alice", filters={"k_1-x": "v"}))
+        assert [h.id for h in r.hits] == [ok.id]
 
 
 async def test_pool_exhaustion_answers_overloaded(start: Start) -> None:

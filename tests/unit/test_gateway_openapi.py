@@ -108,6 +108,9 @@ def test_errors_map_to_the_documented_statuses() -> None:
     assert busy.status_code == 503 and busy.headers == {"Retry-After": "1"}
     bad = http_error(RemoteError("InvalidToken", "expired"), 1.0)
     assert bad.status_code == 401 and bad.headers == {"WWW-Authenticate": "Bearer"}
+    # another plugin error: its type only, never its message (a database's error text, say)
+    leak = http_error(RemoteError("DataError", 'PostgreSQL text fields cannot contain NUL (0x00) bytes, table "x"'), 1.0)
+    assert leak.status_code == 502 and leak.detail == "remote_error: DataError"
 
 
 async def test_the_gateway_serves_the_running_systems_asyncapi_document() -> None:
