@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import Iterator
@@ -115,7 +116,17 @@ class LeanHttp(HttpToolsProtocol):
     The head count starts again with each request. A pipelined request that begins in the
     read in which the previous one ends is counted from its next read on: its head may
     exceed the limit by that one read (asyncio reads at most 256 KiB), a bounded overshoot
-    kept so that no request pays for counting header by header."""
+    kept so that no request pays for counting header by header.
+
+    A client has :attr:`request_read_s` to send a whole request, head and body, counted from
+    its connect or from the first byte of the request: past it 408 (the connection closed; a
+    response already under way is cut). uvicorn itself has no such timer, so a client that
+    connected and sent nothing, half a head or half a body held its socket for ever. The
+    time between requests is uvicorn's keep-alive timeout; an upgraded WebSocket has its own
+    pings and idle timeout."""
+
+    #: Seconds to send one whole request (head and body); past it 408.
+    request_read_s = 30.0
 
     #: Largest request head (request line and headers, their CRLFs and the blank line, bytes); past it 431 at once.
     max_header_bytes = 16_384
@@ -125,13 +136,40 @@ class LeanHttp(HttpToolsProtocol):
     _head_bytes = 0
     _line_bytes = 0  # the current head line's bytes so far (a line may span reads)
     _tail = b""  # the last bytes of the previous read (a head's end may span reads)
+    _read_timer: asyncio.TimerHandle | None = None  # armed while a request is being read
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._read_timer = self.loop.call_later(self.request_read_s, self._read_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _disarm(self) -> None:
+        if self._read_timer is not None:
+            self._read_timer.cancel()
+            self._read_timer = None
+
+    def _read_timeout(self) -> None:
+        self._read_timer = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle  # the request being read, or (its head not read yet) the one before
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            self.transport.write(_json_answer(408, f"the request was not sent within {self.request_read_s:g} s"))
+        self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_open and self._head_too_big(data):
-            self._head_open = False
-            self.transport.write(http_response(431, [], b"request headers too large\n"))
-            self.transport.close()
-            return
+        if self._head_open:
+            if self._read_timer is None:  # a new request begins
+                self._read_timer = self.loop.call_later(self.request_read_s, self._read_timeout)
+            if self._head_too_big(data):
+                self._head_open = False
+                self._disarm()
+                self.transport.write(_json_answer(431, "request headers too large"))
+                self.transport.close()
+                return
         # uvicorn's data_received, keeping what follows an upgrade request's head
         self._unset_keepalive_if_required()
         try:
@@ -162,6 +200,7 @@ class LeanHttp(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        self._disarm()  # read whole: what remains is the app's to answer
         super().on_message_complete()
         self._head_open, self._head_bytes, self._line_bytes, self._tail = True, 0, 0, b""  # the next request
 
@@ -169,12 +208,20 @@ class LeanHttp(HttpToolsProtocol):
         self._upgrade(b"")
 
     def _upgrade(self, rest: bytes) -> None:
+        self._disarm()
         self.connections.discard(self)
         proto = LeanWs(self.config, self.server_state, self.app_state, dict(self.scope), self.url)
         self.transport.set_protocol(proto)
         proto.connection_made(self.transport)
         if rest:
             proto.data_received(rest)
+
+
+def _json_answer(status: int, detail: str) -> bytes:
+    """An answer in the gateway's error shape (Litestar's ``{"status_code", "detail"}``) that
+    closes the connection."""
+    body = json.dumps({"status_code": status, "detail": detail}).encode()
+    return http_response(status, [(b"content-type", b"application/json")], body)
 
 
 class _Server(uvicorn.Server):

@@ -43,7 +43,7 @@ Refusal = tuple[int, bytes, list[tuple[bytes, bytes]]]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _PHRASES = {400: b"Bad Request", 403: b"Forbidden", 426: b"Upgrade Required", 431: b"Request Header Fields Too Large"}
-_PHRASES[500] = b"Internal Server Error"
+_PHRASES |= {408: b"Request Timeout", 500: b"Internal Server Error"}
 #: Close codes a client may send (RFC 6455 7.4; 1012–1014 registered with IANA since).
 _CLIENT_CODES = frozenset((*range(1000, 1004), *range(1007, 1015), *range(3000, 5000)))
 

@@ -156,11 +156,17 @@ class RawClient:
 
 
 async def echo_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Plain HTTP: 200. WebSocket, by path: ``/`` accept and echo each message ("close:<code>"
-    closes with that code); ``/flood`` send 16 KiB frames until a send waits over 0.3 s or
-    the client is gone; ``/tick`` a text every 10 ms until the client is gone; ``/never``
-    wait for the disconnect without accepting. Every disconnect goes to ``DISCONNECTS``."""
+    """Plain HTTP: 200 (``/read``: after reading the whole body; ``/slow``: after 0.6 s).
+    WebSocket, by path: ``/`` accept and echo each message ("close:<code>" closes with that
+    code); ``/flood`` send 16 KiB frames until a send waits over 0.3 s or the client is gone;
+    ``/tick`` a text every 10 ms until the client is gone; ``/never`` wait for the disconnect
+    without accepting. Every disconnect goes to ``DISCONNECTS``."""
     if scope["type"] != "websocket":
+        if scope["path"] == "/read":
+            while (await receive()).get("more_body"):
+                pass
+        elif scope["path"] == "/slow":
+            await asyncio.sleep(0.6)
         body = b"plain http\n"
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
