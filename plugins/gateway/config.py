@@ -47,6 +47,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     frame; deeper frames get ``bad_frame`` (the socket stays open).
     ``keep_alive_s``: idle HTTP keep-alive before the server closes a connection; longer
     than clients' pools keep idle connections, so a reused one is not closed under a request.
+    ``max_sockets_per_user``: WebSockets one user may hold open at once on this gateway
+    process (handshakes under way count); past it the handshake is answered 429 with
+    ``Retry-After``, so one token holder cannot take every socket the process can open.
     """
 
     host: str = "127.0.0.1"
@@ -74,3 +77,4 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     reuse_port: bool = False
     max_header_bytes: int = 16_384
     max_frame_depth: int = 32
+    max_sockets_per_user: int = 256

@@ -28,6 +28,23 @@ class Hub:
     def __init__(self) -> None:
         self.by_jti: dict[str, set[Socket]] = {}
         self.revoked: dict[str, float] = {}  # jti → exp (epoch seconds); pruned as they expire
+        self.per_sub: dict[str, int] = {}  # sockets per user, handshakes under way included
+
+    def hold(self, sub: str, limit: int) -> bool:
+        """Take one of user ``sub``'s ``limit`` sockets (False: all are taken); :meth:`release` gives it back."""
+        n = self.per_sub.get(sub, 0)
+        if n >= limit:
+            return False
+        self.per_sub[sub] = n + 1
+        return True
+
+    def release(self, sub: str) -> None:
+        """Give back a socket :meth:`hold` took."""
+        n = self.per_sub.get(sub, 0) - 1
+        if n > 0:
+            self.per_sub[sub] = n
+        else:
+            self.per_sub.pop(sub, None)
 
     def add(self, conn: Socket) -> None:
         """Register an accepted connection."""

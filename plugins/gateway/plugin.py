@@ -71,6 +71,8 @@ class GatewayPlugin(Plugin):
             problems.append("max_header_bytes: must be at least 1024")
         if config.max_frame_depth < 1:
             problems.append("max_frame_depth: must be at least 1")
+        if config.max_sockets_per_user < 1:
+            problems.append("max_sockets_per_user: must be at least 1")
         declared = sorted(address_of(c) for c in cls.calls)
         unknown = [a for a in config.ws_calls if a not in declared]
         if unknown:

@@ -367,6 +367,18 @@ class WebSocketEndpoint:
         WS_CONNECT_FAILURES.labels(reason).inc()
         await send({"type": "websocket.close", "code": CLOSE_POLICY})
 
+    async def _deny(self, scope: Scope, send: Send, status: int, reason: str, detail: str) -> None:
+        """Refuse the handshake with an HTTP answer (``status``, the JSON error shape,
+        ``Retry-After``) where the server has ASGI's denial response, else as :meth:`_refuse`."""
+        if "websocket.http.response" not in scope.get("extensions", {}):
+            await self._refuse(send, reason)
+            return
+        WS_CONNECT_FAILURES.labels(reason).inc()
+        retry = b"%d" % max(1, round(self.services.config.retry_after_s))
+        headers = [(b"content-type", b"application/json"), (b"retry-after", retry)]
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": _enc.encode({"status_code": status, "detail": detail})})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve one WebSocket (ASGI)."""
         t0 = time.perf_counter()
@@ -396,13 +408,20 @@ class WebSocketEndpoint:
         if hub.is_revoked(claims.jti):
             await self._refuse(send, "revoked")
             return
-        await send({"type": "websocket.accept", "subprotocol": "bearer" if via_proto else None})
-        WS_CONNECT_SECONDS.observe(time.perf_counter() - t0)
-        conn = Connection(self.services, send, receive, claims.jti, float(claims.exp), claims.sub)
-        hub.add(conn)
-        WS_CONNECTIONS.inc()
+        limit = self.services.config.max_sockets_per_user
+        if not hub.hold(claims.sub, limit):
+            await self._deny(scope, send, 429, "too_many_sockets", f"at most {limit} WebSockets per user are open at once")
+            return
         try:
-            await conn.run()
+            await send({"type": "websocket.accept", "subprotocol": "bearer" if via_proto else None})
+            WS_CONNECT_SECONDS.observe(time.perf_counter() - t0)
+            conn = Connection(self.services, send, receive, claims.jti, float(claims.exp), claims.sub)
+            hub.add(conn)
+            WS_CONNECTIONS.inc()
+            try:
+                await conn.run()
+            finally:
+                hub.remove(conn)
+                WS_CONNECTIONS.dec()
         finally:
-            hub.remove(conn)
-            WS_CONNECTIONS.dec()
+            hub.release(claims.sub)

@@ -219,3 +219,25 @@ async def test_deeply_nested_json_body_is_400(gateway: StartGateway) -> None:
             r = await c.post(path, content=body, headers=h)
             assert r.status_code == 400 and "nested too deeply" in r.text, (path, r.status_code, r.text[:200])
         assert (await c.get("/health")).status_code == 200
+
+
+async def test_one_user_holds_at_most_max_sockets_per_user(gateway: StartGateway) -> None:
+    async with gateway("max_sockets_per_user = 2") as s, httpx.AsyncClient(base_url=s.url) as c:
+        alice, bob = await login(c), await login(c, "bob")
+        async with ws_connect(s.ws_url, alice), ws_connect(s.ws_url, alice) as second:
+            answer = await _raw_request(s.url, _handshake(alice, 10))
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 429") and b"retry-after: " in head.lower(), answer
+            assert b"at most 2 WebSockets per user" in body
+            async with ws_connect(s.ws_url, bob) as other:  # another user is not affected
+                await other.send(json.dumps({"type": "ping", "id": "b"}))
+                assert await recv_json(other) == {"type": "pong", "id": "b"}
+            await second.close()
+            hub = s.gateway.handles.hub
+            for _ in range(100):  # its slot is given back once its handler ends (bob's went already)
+                if sum(hub.per_sub.values()) < 2:
+                    break
+                await asyncio.sleep(0.02)
+            async with ws_connect(s.ws_url, alice) as third:
+                await third.send(json.dumps({"type": "ping", "id": "a"}))
+                assert await recv_json(third) == {"type": "pong", "id": "a"}
