@@ -6,7 +6,9 @@ This module is the connection layer; what client frames do is
 Handshake: the Origin is checked against the allowlist and the token (``Authorization:
 Bearer``, ``?token=``, or ``Sec-WebSocket-Protocol: bearer, <token>``) is verified with
 ``auth.verify`` **before** the socket is accepted; a refusal is an ASGI close before
-accept, which the server answers with HTTP 403.
+accept, which the server answers with HTTP 403. A user who already holds
+``max_sockets_per_user`` sockets on this process (handshakes under way count) is answered
+429 with ``Retry-After`` instead (ASGI's denial response; 403 on a server without it).
 
 Per connection:
 
