@@ -60,7 +60,7 @@ import msgspec
 from ._burst_roles import PASSWORD, client, serve, serve_floor
 from ._support import emit, nats_server, percentile
 from ._ws_client import load_runner
-from .ws import cpu_s, load_avg_1m, raise_nofile
+from .ws import _stop, cpu_s, load_avg_1m, raise_nofile
 
 __all__ = ["main"]
 
@@ -194,7 +194,7 @@ def _baseline(args: argparse.Namespace) -> dict[str, Any]:
     """The same connect burst (no logins) against the bare Litestar echo of ``aiwfe bench
     ws`` on the same server and as many replicas on one port: what the framework and this
     machine cost per handshake before any gateway work (no token check, no limits)."""
-    from .ws import _replicas, _stop
+    from .ws import _replicas
 
     procs, url = _replicas(["--role", "echo", "--server", args.server, *(["--uvloop"] if args.uvloop else [])], args.replicas)
     try:
@@ -216,13 +216,7 @@ def _floor(args: argparse.Namespace) -> dict[str, Any]:
         return _burst(url, argparse.Namespace(**{**vars(args), "logins": 0}), [], [p.pid for p in procs])
     finally:
         for p in procs:
-            with contextlib.suppress(Exception):
-                assert p.stdin is not None
-                p.stdin.close()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            _stop(p)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
