@@ -1,9 +1,11 @@
 """The ASGI server embedded in the gateway pod's own event loop.
 
-**Default: uvicorn** with the gateway's own protocols (:mod:`~aiwfe.plugins.gateway.wsproto`:
-httptools for HTTP, since h11's pure-Python parser was ≈ 15 % of the gateway's CPU in a
-handshake burst, and a WebSocket protocol that takes the parsed request as it is), run as
-``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds itself:
+**Default: uvicorn** with the gateway's own protocols: :class:`~aiwfe.plugins.gateway.front.Front`
+first (a WebSocket handshake that arrives whole goes straight to the WebSocket protocol),
+:class:`LeanHttp` for everything else (httptools, since h11's pure-Python parser was ≈ 15 %
+of the gateway's CPU in a handshake burst) and :mod:`~aiwfe.plugins.gateway.wsproto` for
+WebSockets, run as ``uvicorn.Server.serve(sockets=[...])`` on a socket this module binds
+itself:
 
 * port 0 gives the exact bound port at once (no probe-then-bind race), which is what
   ``public_url`` and ``aiwfe up`` print;
@@ -68,7 +70,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .wsproto import LeanWs, http_response
 
-__all__ = ["EmbeddedGranian", "EmbeddedServer", "LeanHttp", "bind_socket", "granian_log_config"]
+__all__ = ["EmbeddedGranian", "EmbeddedServer", "LeanHttp", "bind_socket", "granian_log_config", "json_answer"]
 
 log = logging.getLogger("aiwfe.gateway.server")
 
@@ -146,6 +148,12 @@ class LeanHttp(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def keep_deadline(self, deadline: float) -> None:
+        """Count the first request's time from ``deadline - request_read_s`` (loop time), the
+        connect that :class:`~aiwfe.plugins.gateway.front.Front` saw, not the hand-over."""
+        self._disarm()
+        self._read_timer = self.loop.call_at(deadline, self._read_timeout)
+
     def _disarm(self) -> None:
         if self._read_timer is not None:
             self._read_timer.cancel()
@@ -157,7 +165,7 @@ class LeanHttp(HttpToolsProtocol):
             return
         cycle = self.cycle  # the request being read, or (its head not read yet) the one before
         if cycle is None or cycle.response_complete or not cycle.response_started:
-            self.transport.write(_json_answer(408, f"the request was not sent within {self.request_read_s:g} s"))
+            self.transport.write(json_answer(408, f"the request was not sent within {self.request_read_s:g} s"))
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -167,7 +175,7 @@ class LeanHttp(HttpToolsProtocol):
             if self._head_too_big(data):
                 self._head_open = False
                 self._disarm()
-                self.transport.write(_json_answer(431, "request headers too large"))
+                self.transport.write(json_answer(431, "request headers too large"))
                 self.transport.close()
                 return
         # uvicorn's data_received, keeping what follows an upgrade request's head
@@ -217,7 +225,7 @@ class LeanHttp(HttpToolsProtocol):
             proto.data_received(rest)
 
 
-def _json_answer(status: int, detail: str) -> bytes:
+def json_answer(status: int, detail: str) -> bytes:
     """An answer in the gateway's error shape (Litestar's ``{"status_code", "detail"}``) that
     closes the connection."""
     body = json.dumps({"status_code": status, "detail": detail}).encode()
@@ -256,10 +264,13 @@ class EmbeddedServer:
         self.port = port
         self.backlog = backlog
         self.reuse_port = reuse_port
+        from .front import Front  # it imports this module
+
+        http = type("LeanHttp", (LeanHttp,), {"max_header_bytes": max_header_bytes})
         self.config = uvicorn.Config(
             app,
             lifespan="off",
-            http=type("LeanHttp", (LeanHttp,), {"max_header_bytes": max_header_bytes}),
+            http=type("Front", (Front,), {"http": http}),
             ws=LeanWs,
             ws_max_size=max_frame_bytes,
             ws_ping_interval=ping_interval_s if ping_interval_s > 0 else None,

@@ -9,7 +9,8 @@ second against two gateway processes went from p99 661–920 ms to 230–540 ms,
 200 logins in the same second from 1,039–1,381 ms to 617–648 ms (``aiwfe bench
 auth-burst``, old and new code alternating; PERFORMANCE.md "Fourth pass").
 
-:class:`~aiwfe.plugins.gateway.server.LeanHttp` hands it the request it parsed.
+:class:`~aiwfe.plugins.gateway.front.Front` (a handshake that arrived whole) or
+:class:`~aiwfe.plugins.gateway.server.LeanHttp` (any other) hands it the request it parsed.
 
 :class:`LeanWs` serves the ASGI WebSocket interface (``websocket.accept``/``send``/
 ``close``, the ``websocket.http.response`` denial extension, ``receive``) and, for the
