@@ -36,8 +36,8 @@ import asyncio
 import re
 from typing import Any
 
-from .server import LeanHttp, json_answer
 from .wsproto import LeanWs
+from .wswire import json_answer
 
 __all__ = ["Front"]
 
@@ -50,11 +50,12 @@ _HEAD = re.compile(
 
 class Front(asyncio.Protocol):
     """One connection until its first read (see the module doc). :attr:`http` is the
-    :class:`LeanHttp` class requests are handed to (``EmbeddedServer`` sets it)."""
+    :class:`~aiwfe.plugins.gateway.server.LeanHttp` class requests are handed to (set by
+    ``EmbeddedServer``, which subclasses this one)."""
 
     __slots__ = ("_deadline", "_timer", "app_state", "config", "server_state", "transport")
 
-    http: type[LeanHttp] = LeanHttp
+    http: Any  # type[LeanHttp]: not imported, server.py imports this module
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: Any = None) -> None:
         self.config = config

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 from collections.abc import Iterator
@@ -68,9 +67,11 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .wsproto import LeanWs, http_response
+from .front import Front
+from .wsproto import LeanWs
+from .wswire import json_answer
 
-__all__ = ["EmbeddedGranian", "EmbeddedServer", "LeanHttp", "bind_socket", "granian_log_config", "json_answer"]
+__all__ = ["EmbeddedGranian", "EmbeddedServer", "LeanHttp", "bind_socket", "granian_log_config"]
 
 log = logging.getLogger("aiwfe.gateway.server")
 
@@ -225,13 +226,6 @@ class LeanHttp(HttpToolsProtocol):
             proto.data_received(rest)
 
 
-def json_answer(status: int, detail: str) -> bytes:
-    """An answer in the gateway's error shape (Litestar's ``{"status_code", "detail"}``) that
-    closes the connection."""
-    body = json.dumps({"status_code": status, "detail": detail}).encode()
-    return http_response(status, [(b"content-type", b"application/json")], body)
-
-
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -264,8 +258,6 @@ class EmbeddedServer:
         self.port = port
         self.backlog = backlog
         self.reuse_port = reuse_port
-        from .front import Front  # it imports this module
-
         http = type("LeanHttp", (LeanHttp,), {"max_header_bytes": max_header_bytes})
         self.config = uvicorn.Config(
             app,

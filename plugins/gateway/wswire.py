@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 from collections.abc import Iterable
 from typing import Any, cast
 from urllib.parse import unquote
@@ -34,6 +35,7 @@ __all__ = [
     "frame_bytes",
     "handshake",
     "http_response",
+    "json_answer",
     "parse_close",
     "switching_response",
 ]
@@ -104,6 +106,13 @@ def http_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes =
         lines.append(b"content-length: %d" % len(body))
     lines.append(b"connection: close")
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def json_answer(status: int, detail: str) -> bytes:
+    """An answer in the gateway's error shape (Litestar's ``{"status_code", "detail"}``) that
+    closes the connection."""
+    body = json.dumps({"status_code": status, "detail": detail}).encode()
+    return http_response(status, [(b"content-type", b"application/json")], body)
 
 
 def switching_response(accept: bytes, subprotocol: str | None, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
