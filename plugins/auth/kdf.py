@@ -75,9 +75,9 @@ class KdfGate:
         """Seconds until a hash admitted now would finish."""
         return -(-(self.pending + 1) // self.workers) * self.avg_s
 
-    @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one admitted hash.
+    def check(self) -> None:
+        """Refuse now if a hash asked for now would not be admitted (:meth:`slot` decides again
+        when it is taken).
 
         Raises:
             Overloaded: the hash would not finish within ``max_wait_s``.
@@ -88,6 +88,15 @@ class KdfGate:
                 f"auth: password hashing saturated (~{wait_s:.1f} s of work queued); retry later",
                 retry_after_s=self._promise(wait_s),
             )
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one admitted hash.
+
+        Raises:
+            Overloaded: the hash would not finish within ``max_wait_s``.
+        """
+        self.check()
         self.pending += 1
         try:
             yield

@@ -346,6 +346,10 @@ class AuthPlugin(AdminOps, Plugin):
         assert self.throttle is not None
         if not req.username or len(req.username) > 256:
             raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
+        # Refused at once, before the throttle's Redis round trips, when hashing is saturated: in
+        # a burst most refused requests are retries, and counting each cost two scripts (PERFORMANCE.md
+        # "Fifth pass"). The attempt is not counted then: nothing was checked.
+        self._gate.check()
         try:
             await self.throttle.admit(req.username, req.client)  # counts this attempt
         except TooManyAttempts as e:
@@ -357,7 +361,7 @@ class AuthPlugin(AdminOps, Plugin):
                 await self.throttle.failed(req.username, req.client)
                 raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
             hasher = self._hasher
-            with self._gate.slot():  # refuse at once, before touching the database, when hashing is saturated
+            with self._gate.slot():  # saturated meanwhile: refused here (the attempt released below)
                 user = await self.store.find_user(req.username)  # the connection is back in the pool here
                 stored = user.password_hash if user is not None else self._dummy_hash
                 try:
