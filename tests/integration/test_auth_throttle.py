@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from aiwfe.bus.nats import NatsBus
-from aiwfe.kernel.errors import Forbidden, RemoteError
+from aiwfe.kernel.errors import Forbidden, Overloaded, RemoteError
 from aiwfe.kernel.tools.embedded_db import EmbeddedValkey
 from aiwfe.plugins.auth.contract import DeleteUser, DisableUser, Login, Register, Verify
 from aiwfe.plugins.auth.errors import TooManyAttempts
@@ -300,3 +300,37 @@ async def test_a_pod_that_missed_the_event_catches_up_from_redis(
         assert cutoffs is not None and claims.sub in cutoffs and "long-gone" not in cutoffs
         assert not await r.hexists(f"{prefix}:subjects", "long-gone")
         await r.aclose()
+
+
+@pytest.mark.parametrize("bus_kind", ["local"])
+async def test_a_login_refused_for_saturated_hashing_costs_no_throttle_call_nor_an_attempt(
+    start_auth: StartAuth, pg_url: str, redis_url: str, prefix: str
+) -> None:
+    """A burst's refused logins are mostly retries: each is refused (Overloaded, retryable, with a
+    hint) before the throttle's Redis scripts run, and counts as no attempt."""
+    cfg = auth_config(pg_url, redis_url, prefix, login_user_attempts=2, login_backoff_s=60.0, login_addr_attempts=1000)
+    async with start_auth(cfg) as pods:
+        k = pods["client"].kernel
+        plugin = plugin_of(pods["auth"])
+        await k.call(Register(username="sam", password=PASSWORD))
+        calls = 0
+        admit = plugin.throttle.admit
+
+        async def counting(*args: object) -> None:
+            nonlocal calls
+            calls += 1
+            await admit(*args)
+
+        plugin.throttle.admit = counting
+        gate = plugin._gate
+        saved = gate.pending, gate.avg_s
+        gate.pending, gate.avg_s = 1000, 1.0  # a thousand hashes of a second each are queued
+        for _ in range(5):  # more than the username's allowance of 2
+            with pytest.raises(Overloaded) as e:
+                await k.call(Login(username="sam", password=WRONG))
+            assert e.value.retryable and e.value.retry_after_s is not None and e.value.retry_after_s >= 1
+        assert calls == 0
+        gate.pending, gate.avg_s = saved
+        assert await _fails(k, "sam", 1) == ["InvalidCredentials: wrong username or password"]  # attempt 1 of 2
+        assert (await k.call(Login(username="sam", password=PASSWORD))).access_token  # not locked out
+        assert calls == 2
