@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from typing import Any
 
@@ -176,3 +177,67 @@ async def test_a_connection_that_sent_nothing_is_closed_at_shutdown() -> None:
         assert time.monotonic() - t0 < 2.0  # nothing to wait for: not the graceful period (5 s)
         assert await client.eof()
         assert not server.server.server_state.connections
+
+
+def _mutants(n: int, seed: int = 13) -> list[bytes]:
+    """``n`` heads made from the valid ones by one to three random edits (insert, delete,
+    replace a byte, or repeat a line) with bytes that matter to a parser; each keeps a
+    blank line, so the front sees a whole head and must decide."""
+    rng = random.Random(seed)
+    alphabet = b" \t\r\n\x00\x01\x7f\x80\xff:;,/?%Aa0-_."
+    out: list[bytes] = []
+    bases = list(FAST.values())
+    while len(out) < n:
+        data = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(data) - 4)  # the final blank line stays
+            edit = rng.randrange(4)
+            if edit == 0:
+                data[at:at] = bytes([rng.choice(alphabet)])
+            elif edit == 1:
+                del data[at]
+            elif edit == 2:
+                data[at] = rng.choice(alphabet)
+            else:
+                lines = bytes(data).split(b"\r\n")
+                i = rng.randrange(len(lines) - 2)
+                lines.insert(i, lines[i])
+                data = bytearray(b"\r\n".join(lines))
+        if b"\r\n\r\n" in data:
+            out.append(bytes(data))
+    return out
+
+
+async def _answer(port: int, data: bytes) -> tuple[int | str, Any]:
+    """As :func:`_outcome`, but a request the server keeps waiting on (it wants more bytes)
+    is ``"waits"`` after 0.5 s, and one it closes unanswered is ``"closed"``."""
+    SCOPES.clear()
+    client = await RawClient.connect(port)
+    try:
+        await client.send(data)
+        try:
+            async with asyncio.timeout(0.5):
+                status, _ = await client.http()
+        except TimeoutError:
+            return "waits", None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return "closed", None
+        if status == 101:
+            await until(lambda: bool(SCOPES))
+            return status, SCOPES[0]
+        return status, None
+    finally:
+        await client.aclose()
+
+
+async def test_mutated_heads_get_the_same_outcome_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fuzz of the fast path's boundary: 150 randomly edited handshakes (fixed seed), each
+    answered by the front and by the hand-over path; every answer and scope must agree."""
+    heads = _mutants(150)
+    async with serving(scope_app) as server:
+        new = [await _answer(server.bound_port, h) for h in heads]
+        monkeypatch.setattr(Front, "_websocket_head", lambda self, data: None)
+        old = [await _answer(server.bound_port, h) for h in heads]
+    differ = [(h, a, b) for h, a, b in zip(heads, new, old, strict=True) if a != b]
+    assert not differ, differ[:3]
+    assert {a[0] for a in new} >= {101, 400}  # the fuzz reached both sides of the boundary
