@@ -37,7 +37,6 @@ import re
 from typing import Any
 
 from .wsproto import LeanWs
-from .wswire import json_answer
 
 __all__ = ["Front"]
 
@@ -92,7 +91,7 @@ class Front(asyncio.Protocol):
     def _timeout(self) -> None:
         self._timer = None
         if not self.transport.is_closing():
-            self.transport.write(json_answer(408, f"the request was not sent within {self.http.request_read_s:g} s"))
+            self.transport.write(self.http.timeout_answer())
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:

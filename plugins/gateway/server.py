@@ -166,8 +166,13 @@ class LeanHttp(HttpToolsProtocol):
             return
         cycle = self.cycle  # the request being read, or (its head not read yet) the one before
         if cycle is None or cycle.response_complete or not cycle.response_started:
-            self.transport.write(json_answer(408, f"the request was not sent within {self.request_read_s:g} s"))
+            self.transport.write(self.timeout_answer())
         self.transport.close()
+
+    @classmethod
+    def timeout_answer(cls) -> bytes:
+        """The 408 for a request not sent within :attr:`request_read_s`."""
+        return json_answer(408, f"the request was not sent within {cls.request_read_s:g} s")
 
     def data_received(self, data: bytes) -> None:
         if self._head_open:
