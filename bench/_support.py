@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["emit", "nats_server", "percentile"]
+__all__ = ["cpu_s", "emit", "load_avg_1m", "nats_pid", "nats_server", "percentile", "raise_nofile"]
 
 
 @contextlib.contextmanager
@@ -40,3 +43,39 @@ def percentile(values: list[float], pct: float) -> float:
 def emit(result: dict[str, Any]) -> None:
     """Print the benchmark's final JSON line."""
     print(json.dumps(result), flush=True)
+
+
+def load_avg_1m() -> float:
+    """The machine's 1-minute load average (other work skews every figure; reported with them)."""
+    return round(os.getloadavg()[0], 2)
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to its hard limit; return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process ``pid`` has used so far; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def nats_pid(url: str) -> int | None:
+    """The pid of the nats-server listening on ``url``'s port on this machine (its CPU is part
+    of every frame's cost), or None."""
+    port = str(urlsplit(url).port)
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"nats-server") and port.encode() in args:
+            return int(proc.name)
+    return None

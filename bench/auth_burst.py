@@ -58,9 +58,9 @@ from typing import Any
 import msgspec
 
 from ._burst_roles import PASSWORD, client, serve, serve_floor
-from ._support import emit, nats_server, percentile
+from ._support import cpu_s, emit, load_avg_1m, nats_server, percentile, raise_nofile
 from ._ws_client import load_runner
-from .ws import _stop, cpu_s, load_avg_1m, raise_nofile
+from .ws import _stop
 
 __all__ = ["main"]
 

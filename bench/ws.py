@@ -10,7 +10,12 @@ Processes (so that the load generator does not starve the server on a small mach
 consolidated manifest's ``min_replicas`` for the gateway pod, as ``auth-burst`` runs it) and
 the worker pod (perception) in its own process, as deployed (on a private embedded
 nats-server unless ``--url``; ``--local`` puts perception in the gateway's pods instead);
-the echo baseline runs as many processes on one port. ``--clients`` load-generator
+the echo baseline runs as many processes on one port. Each pod's processes run at the CPU
+weight of its pod's CPU request in ``manifests/consolidated.toml``, as ``aiwfe up`` runs
+them (:mod:`aiwfe.kernel.tools.cpu_share`: the gateway's 500m at nice +3, the worker's 1000m
+at 0; the echo at the gateway's); ``--equal-weights`` runs every process at the same weight,
+where the single worker process gets the same CPU slice as each of the other busy processes
+and queues (PERFORMANCE.md, stop 23). ``--clients`` load-generator
 processes open ``N / clients`` sockets each (:class:`~aiwfe.bench._ws_client.LeanWs`: a
 bare protocol, one scheduler task). Every process raises its open-file limit to the hard
 limit. Sends follow a fixed schedule (one per second per socket, phases spread over the
@@ -23,7 +28,7 @@ together, in µs per frame sent: unlike the latencies, these hardly depend on ot
 the machine.
 
 Last line: ``{"connections", "connected_pct", "p50_ms", "p99_ms", "echo_p50_ms",
-"echo_p99_ms", "cpu_us_per_frame", "echo_cpu_us_per_frame", "replicas", ...}``.
+"echo_p99_ms", "cpu_us_per_frame", "echo_cpu_us_per_frame", "replicas", "niceness", ...}``.
 """
 
 from __future__ import annotations
@@ -34,7 +39,6 @@ import contextlib
 import gc
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,30 +52,18 @@ from urllib.parse import urlsplit
 import msgspec
 
 from aiwfe.kernel import Plugin, serves
+from aiwfe.kernel.tools.cpu_share import lower_priority, pod_niceness
 from aiwfe.plugins.auth.contract import Claims, Verify
 
-from ._support import emit, nats_server, percentile
+from ._support import cpu_s, emit, load_avg_1m, nats_pid, nats_server, percentile, raise_nofile
 from ._ws_client import HandshakeRefused, RawWs, load_runner, open_timed, run_load  # the client side, re-exported
 
-__all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "load_avg_1m", "main", "open_timed", "raise_nofile"]
+__all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "cpu_s", "load_avg_1m", "main", "open_timed", "raise_nofile"]
 
 
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"
 AUDIENCE = "aiwfe"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_avg_1m() -> float:
-    """The machine's 1-minute load average (other work skews every figure; reported with them)."""
-    return round(os.getloadavg()[0], 2)
-
-
-def raise_nofile() -> int:
-    """Raise this process's open-file soft limit to its hard limit; return the new limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class InvalidToken(Exception):
@@ -105,10 +97,24 @@ def make_token(sub: str) -> str:
 # -- server processes -----------------------------------------------------------------
 
 
+def _deployed_cpu_requests() -> tuple[str, str]:
+    """The CPU requests of the consolidated manifest's pods that run the gateway and perception."""
+    from aiwfe.kernel.manifest import load_manifest
+
+    m = load_manifest(ROOT / "manifests" / "consolidated.toml")
+    gw, work = m.pod_of("gateway"), m.pod_of("perception")
+    assert gw is not None and work is not None, "manifests/consolidated.toml runs the gateway and perception"
+    return m.pods[gw].resources.cpu_request, m.pods[work].resources.cpu_request
+
+
 def _manifest(prefix: str, local: bool, server: str, port: int = 0) -> Any:
+    """The benchmark's manifest: pod ``gw`` (gateway and the bench's auth, and perception with
+    ``local``) and pod ``work`` (perception), each with the CPU request of the consolidated
+    manifest's pod that runs it."""
     from aiwfe.kernel.manifest import parse_manifest
 
-    worker_plugins = "" if local else '[pods.work]\nplugins = ["perception"]'
+    gw_cpu, work_cpu = _deployed_cpu_requests()
+    worker_pod = "" if local else f'[pods.work]\nplugins = ["perception"]\nresources = {{ cpu_request = "{work_cpu}" }}'
     gw_plugins = '"gateway", "aiwfe.bench.ws:BenchAuthPlugin"' + (', "perception"' if local else "")
     return parse_manifest(
         f"""
@@ -117,7 +123,8 @@ def _manifest(prefix: str, local: bool, server: str, port: int = 0) -> Any:
         drain_timeout_s = 2
         [pods.gw]
         plugins = [{gw_plugins}]
-        {worker_plugins}
+        resources = {{ cpu_request = "{gw_cpu}" }}
+        {worker_pod}
         [plugins.gateway]
         port = {port}
         reuse_port = true
@@ -186,13 +193,16 @@ async def _serve_echo(server_name: str, port: int) -> None:
 _UVLOOP: list[str] = []
 
 
-def _spawn(*args: str) -> subprocess.Popen[str]:
+def _spawn(*args: str, nice: int = 0) -> subprocess.Popen[str]:
+    """A process of this module (``--role`` in ``args``) ``nice`` steps above this one's
+    niceness (:func:`~aiwfe.kernel.tools.cpu_share.lower_priority`)."""
     return subprocess.Popen(
         [sys.executable, "-m", "aiwfe.bench.ws", *args, *_UVLOOP],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
+        preexec_fn=lower_priority(nice),
     )
 
 
@@ -202,15 +212,6 @@ def _read_ready(p: subprocess.Popen[str]) -> str:
         if line.startswith("READY "):
             return line.split()[1]
     raise RuntimeError("server process ended before it was ready")
-
-
-def cpu_s(pid: int) -> float | None:
-    """CPU seconds (user + system) process ``pid`` has used so far; None off Linux."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _phase(
@@ -296,30 +297,16 @@ def _stop(p: subprocess.Popen[str]) -> None:
         p.wait()
 
 
-def _nats_pid(url: str) -> int | None:
-    """The pid of the nats-server listening on ``url``'s port on this machine (its CPU is part
-    of every frame's cost), or None."""
-    port = str(urlsplit(url).port)
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            args = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if args and args[0].endswith(b"nats-server") and port.encode() in args:
-            return int(proc.name)
-    return None
-
-
-def _replicas(first: list[str], n: int) -> tuple[list[subprocess.Popen[str]], str]:
+def _replicas(first: list[str], n: int, nice: int = 0) -> tuple[list[subprocess.Popen[str]], str]:
     """Start ``n`` server processes: the first binds a free port, the others the same port
     (``SO_REUSEPORT``: the kernel spreads connections over them, as a Service over pods).
     Returns the processes and the URL the first printed."""
-    procs = [_spawn(*first, "--port", "0")]
+    procs = [_spawn(*first, "--port", "0", nice=nice)]
     try:
         url = _read_ready(procs[0])
         port = urlsplit(url).port
         for _ in range(1, n):
-            procs.append(_spawn(*first, "--port", str(port)))
+            procs.append(_spawn(*first, "--port", str(port), nice=nice))
             _read_ready(procs[-1])
     except BaseException:
         for p in procs:
@@ -334,8 +321,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.replicas > 1 and args.server != "uvicorn":
         raise SystemExit("--replicas > 1 needs --server uvicorn (SO_REUSEPORT)")
     _UVLOOP[:] = ["--server", args.server, *(["--uvloop"] if args.uvloop else [])]
+    # Each pod's CPU request as its CPU weight (as Kubernetes gives it); the echo stands in for
+    # the gateway's pod and gets its weight. --equal-weights: every process at this one's.
+    nice = {pod: 0 if args.equal_weights else n for pod, n in pod_niceness(_manifest("x", args.local, args.server)).items()}
     with nats_server(args.url) as nats_url:
-        echo_srvs, echo_url = _replicas(["--role", "echo"], args.replicas)
+        echo_srvs, echo_url = _replicas(["--role", "echo"], args.replicas, nice["gw"])
         try:
             servers = {f"echo{i}": p.pid for i, p in enumerate(echo_srvs)}
             echo = _phase(echo_url, "echo", n, args.clients, args.duration, args.ramp, args.warmup, servers)
@@ -344,17 +334,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 _stop(p)
         prefix = f"benchws{os.getpid()}"
         common = ["--nats", nats_url, "--prefix", prefix, *(["--local"] if args.local else [])]
-        worker = None if args.local else _spawn("--role", "pod", "--pod", "work", *common, "--port", "0")
+        worker = None if args.local else _spawn("--role", "pod", "--pod", "work", *common, "--port", "0", nice=nice["work"])
         gw_srvs: list[subprocess.Popen[str]] = []
         try:
             if worker is not None:
                 _read_ready(worker)
-            gw_srvs, gw_url = _replicas(["--role", "pod", "--pod", "gw", *common], args.replicas)
+            gw_srvs, gw_url = _replicas(["--role", "pod", "--pod", "gw", *common], args.replicas, nice["gw"])
             servers = {f"gateway{i}": p.pid for i, p in enumerate(gw_srvs)}
             if worker is not None:
                 servers["worker"] = worker.pid
-            if (nats_pid := _nats_pid(nats_url)) is not None:
-                servers["nats"] = nats_pid
+            if (nats := nats_pid(nats_url)) is not None:
+                servers["nats"] = nats
             gw = _phase(gw_url, "gateway", n, args.clients, args.duration, args.ramp, args.warmup, servers)
         finally:
             for p in gw_srvs:
@@ -386,6 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loop": "uvloop" if args.uvloop else "asyncio",
         "client_loop": "uvloop" if args.uvloop else load_runner()[1],
         "server": args.server,
+        "niceness": nice,
         "load_avg_1m": load_avg_1m(),
         "cpus": os.cpu_count(),
     }
@@ -410,6 +401,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--local", action="store_true", help="perception in the gateway's pod (in-process call)")
     p.add_argument("--server", default="uvicorn", choices=["uvicorn", "granian"], help="ASGI server of gateway and echo")
     p.add_argument("--uvloop", action="store_true", help="every process (servers and load) on uvloop instead of asyncio's loop")
+    p.add_argument(
+        "--equal-weights",
+        action="store_true",
+        help="every process at the same CPU weight (default: each pod's CPU request as its weight, as aiwfe up runs pods)",
+    )
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)

@@ -7,7 +7,8 @@ fit a plugin's ``Config`` or its own :meth:`~aiwfe.kernel.plugin.Plugin.validate
 config values naming contracts no pod serves (:attr:`~aiwfe.kernel.plugin.Plugin.config_addresses`,
 e.g. the gateway's ``job_kinds``), empty pods, a subject served twice in one pod, handler
 overrides for contracts the pod does not serve, contracts called but served by no pod,
-``[system.jobs."<address>"]`` for a job no pod serves or caps naming no field of its contract.
+``[system.jobs."<address>"]`` for a job no pod serves or caps naming no field of its contract,
+pods' CPU requests and limits that are not CPU quantities or whose request exceeds the limit.
 A pod checks its own plugins again, with the same messages, when it starts.
 """
 
@@ -28,6 +29,7 @@ from ..manifest import Manifest, interpolate
 from ..plugin import Plugin, config_type, handlers_of, validate_plugin_class
 from ..quotas import caps_of
 from ..registry import discover, resolve
+from .cpu_share import resource_problems
 
 __all__ = ["Problem", "check_manifests", "load_for_check"]
 
@@ -199,4 +201,5 @@ def check_manifests(manifests: Iterable[Manifest]) -> list[Problem]:
         _check_pods(m, src, classes, problems)
         _check_calls(src, classes, served, problems)
         _check_job_limits(m, src, classes, problems)
+        problems.extend(Problem(f"{src}: {where}", what, hint) for where, what, hint in resource_problems(m))
     return problems

@@ -13,8 +13,9 @@ Embedded servers listen on 127.0.0.1 on free ports, never the standard ones. Wit
 ``JWT_SECRET`` a development secret is created once in ``<data_dir>/jwt-secret``. Then it runs
 every pod of the manifest: in this process for a one-pod manifest, otherwise one supervised child
 process per pod replica (``aiwfe run``); everything logs in one format with the pod's name
-(:mod:`aiwfe.kernel.tools.logs`). A child
-that dies is restarted after a short backoff. Ctrl-C / SIGTERM stops the pods (each
+(:mod:`aiwfe.kernel.tools.logs`). A child runs at the niceness that gives it its pod's
+``resources.cpu_request`` as CPU weight, as Kubernetes does (:mod:`aiwfe.kernel.tools.cpu_share`);
+a child that dies is restarted after a short backoff. Ctrl-C / SIGTERM stops the pods (each
 drains) and then the embedded services. What it started, with the ``admin`` and
 ``publisher`` credentials, goes to ``<data_dir>/system.json`` (mode 0600; :func:`write_system`).
 ``--llm URL [--model M]`` points reasoning at a real LLM server (:mod:`aiwfe.kernel.tools.llm`).
@@ -39,6 +40,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..manifest import Manifest, load_manifest
 from . import logs, natsauth
+from .cpu_share import lower_priority, pod_niceness
 from .natsauth import ADMIN, PUBLISHER, pod_user
 
 __all__ = ["SYSTEM_FILE", "up", "write_system"]
@@ -70,6 +72,7 @@ def up(manifest_path: str, *, data_dir: Path, llm: str = "", model: str = "") ->
     elif model:
         raise ConfigError("--model needs --llm URL (the server to ask)")
     manifest = load_manifest(manifest_path)
+    pod_niceness(manifest)  # a pod's CPU request that is no quantity fails before anything starts
     if target is not None:
         from .llm import check_manifest_takes
 
@@ -273,6 +276,7 @@ async def _supervise(
     manifest_path: str, env: dict[str, str], pod_urls: dict[str, str], gateway_at: Callable[[str], None] | None = None
 ) -> int:
     manifest = load_manifest(manifest_path)
+    niceness = pod_niceness(manifest)  # each pod's CPU request as its weight, as Kubernetes gives it
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -294,6 +298,7 @@ async def _supervise(
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "aiwfe.kernel.tools.cli", "run", "-m", manifest_path, "--pod", pod,
                 env=_pod_env(env, pod, label, pod_urls), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                preexec_fn=lower_priority(niceness[pod]),
             )  # fmt: skip
             procs[label] = proc
             assert proc.stdout is not None

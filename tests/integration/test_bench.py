@@ -31,7 +31,7 @@ BENCHES = {
     ),
     "ws": (
         ["-n", "20", "--duration", "1", "--clients", "1", "--warmup", "0"],
-        ["connections", "connected_pct", "p50_ms", "p99_ms", "echo_p99_ms", "p99_ratio", "reply_errors"],
+        ["connections", "connected_pct", "p50_ms", "p99_ms", "echo_p99_ms", "p99_ratio", "reply_errors", "niceness"],
     ),
     "auth-burst": (
         ["--connects", "20", "--logins", "4", "--users", "2", "--window", "0.5", "--clients", "1", "--replicas", "1",

@@ -163,3 +163,56 @@ def test_shell_tools_name_an_unreachable_server_in_one_line(tmp_path: Path) -> N
     env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "AIWFE_DATA_DIR")}
     r = subprocess.run([*AIWFE, "dlq", "list"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "start `aiwfe up`" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def _nice_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the children's niceness from /proc")
+def test_up_runs_each_pod_at_the_cpu_weight_of_its_request(tmp_path: Path, nats_url: str) -> None:
+    """A pod requesting a quarter of the largest request runs 6 nice steps above it (CFS
+    weight ≈ 1/4), every thread of it; the largest request at the supervisor's own niceness."""
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(
+        f'[system]\nsubject_prefix = "upnice{os.getpid()}"\n'
+        '[pods.heavy]\nplugins = ["perception"]\nresources = { cpu_request = "1" }\n'
+        '[pods.light]\nplugins = ["perception"]\nresources = { cpu_request = "250m" }\n'
+    )
+    env = {**os.environ, "NATS_URL": nats_url}
+    proc = subprocess.Popen(
+        [*AIWFE, "up", "-m", str(manifest), "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        while not {"heavy", "light"} <= {m.group(1).rstrip(";") for line in lines if (m := re.search(r"pod (\S+) ready", line))}:
+            line = proc.stdout.readline()
+            assert line, "".join(lines[-40:])
+            lines.append(line)
+        pods: dict[str, int] = {}
+        for status in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                pid = int(status.parent.name)
+                ppid = int(status.read_text().rsplit(")", 1)[1].split()[1])
+                args = (status.parent / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if ppid == proc.pid and b"--pod" in args:
+                pods[args[args.index(b"--pod") + 1].decode()] = pid
+        assert set(pods) == {"heavy", "light"}, pods
+        base = _nice_of(proc.pid)
+        assert _nice_of(pods["heavy"]) == base
+        assert _nice_of(pods["light"]) == min(19, base + 6)
+        threads = list(Path(f"/proc/{pods['light']}/task").iterdir())
+        assert {_nice_of(int(t.name)) for t in threads} == {min(19, base + 6)}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
