@@ -2,8 +2,12 @@
 
 Every connection sends one ``call`` frame per second (``perception.perceive``) that goes
 gateway → kernel → NATS → the perception plugin in another pod → back on the socket,
-and measures the round trip. The baseline, in the same run and at the same N, is a bare
-Litestar WebSocket echo under the same ASGI server and garbage-collector settings.
+and measures the round trip. Two baselines run in the same run, at the same N and from the
+same load generators (:mod:`aiwfe.bench._ws_servers`): a bare Litestar WebSocket **echo**
+under the same ASGI server and garbage-collector settings, and the **relay**: the same
+work (the frame decoded, a NATS request to a process running perception's ``perceive``, the
+reply frame) with bare Litestar and nats-py and nothing of AIWFE, the floor under the
+gateway phase (``--no-relay`` skips it).
 
 Processes (so that the load generator does not starve the server on a small machine):
 ``--replicas`` gateway pod processes sharing one port with ``SO_REUSEPORT`` (default 2, the
@@ -28,7 +32,8 @@ together, in µs per frame sent: unlike the latencies, these hardly depend on ot
 the machine.
 
 Last line: ``{"connections", "connected_pct", "p50_ms", "p99_ms", "echo_p50_ms",
-"echo_p99_ms", "cpu_us_per_frame", "echo_cpu_us_per_frame", "replicas", "niceness", ...}``.
+"echo_p99_ms", "cpu_us_per_frame", "echo_cpu_us_per_frame", "relay_p50_ms", "relay_p99_ms",
+"relay_cpu_us_per_frame", "cpu_ratio_to_relay", "replicas", "niceness", ...}``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import shutil
@@ -57,6 +61,7 @@ from aiwfe.plugins.auth.contract import Claims, Verify
 
 from ._support import cpu_s, emit, load_avg_1m, nats_pid, nats_server, percentile, raise_nofile
 from ._ws_client import HandshakeRefused, RawWs, load_runner, open_timed, run_load  # the client side, re-exported
+from ._ws_servers import serve_echo, serve_responder
 
 __all__ = ["BenchAuthPlugin", "HandshakeRefused", "RawWs", "cpu_s", "load_avg_1m", "main", "open_timed", "raise_nofile"]
 
@@ -151,40 +156,6 @@ async def _serve_pod(nats_url: str, prefix: str, pod: str, local: bool, server: 
         else:
             print("READY -", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-
-async def _serve_echo(server_name: str, port: int) -> None:
-    from litestar import Litestar, WebSocket, websocket
-
-    from aiwfe.kernel.manifest import System
-    from aiwfe.plugins.gateway.server import EmbeddedGranian, EmbeddedServer
-
-    @websocket("/echo")
-    async def echo(socket: WebSocket[Any, Any, Any]) -> None:
-        await socket.accept()
-        with contextlib.suppress(Exception):
-            while True:
-                await socket.send_text(await socket.receive_text())
-
-    server_cls: Any = EmbeddedGranian if server_name == "granian" else EmbeddedServer
-    server = server_cls(
-        Litestar(route_handlers=[echo]),
-        host="127.0.0.1",
-        port=port,
-        reuse_port=True,
-        max_frame_bytes=65536,
-        ping_interval_s=20,
-        ping_timeout_s=20,
-        backlog=8192,
-    )
-    await server.start()
-    # The same collector settings as a pod (kernel.pod), so that the baseline differs from
-    # the gateway only by the gateway's own work.
-    gc.set_threshold(*System().gc_thresholds)
-    gc.freeze()
-    print(f"READY ws://127.0.0.1:{server.bound_port}/echo", flush=True)
-    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-    await server.stop()
 
 
 # -- orchestration --------------------------------------------------------------------
@@ -315,6 +286,37 @@ def _replicas(first: list[str], n: int, nice: int = 0) -> tuple[list[subprocess.
     return procs, url
 
 
+def _relay_phase(nats_url: str, args: argparse.Namespace, nice: dict[str, int]) -> dict[str, Any]:
+    """The relay phase (:mod:`aiwfe.bench._ws_servers`): the relays at the gateway pod's
+    weight, the responder at the worker pod's."""
+    common = ["--nats", nats_url, "--prefix", f"benchrelay{os.getpid()}"]
+    responder = _spawn("--role", "responder", *common, nice=nice.get("work", 0))
+    srvs: list[subprocess.Popen[str]] = []
+    try:
+        _read_ready(responder)
+        srvs, url = _replicas(["--role", "echo", *common], args.replicas, nice["gw"])
+        servers = {f"relay{i}": p.pid for i, p in enumerate(srvs)} | {"responder": responder.pid}
+        if (nats := nats_pid(nats_url)) is not None:
+            servers["nats"] = nats
+        return _phase(url, "gateway", args.connections, args.clients, args.duration, args.ramp, args.warmup, servers)
+    finally:
+        for p in [*srvs, responder]:
+            _stop(p)
+
+
+def _relay_figures(relay: dict[str, Any] | None, gw: dict[str, Any]) -> dict[str, Any]:
+    if relay is None:
+        return {}
+    total = sum(relay["cpu_us_per_frame"].values())
+    return {
+        "relay_p50_ms": relay["p50_ms"],
+        "relay_p99_ms": relay["p99_ms"],
+        "relay_reply_errors": relay["errors"],
+        "relay_cpu_us_per_frame": relay["cpu_us_per_frame"],
+        "cpu_ratio_to_relay": round(sum(gw["cpu_us_per_frame"].values()) / total, 3) if total else None,
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the echo baseline and the gateway phase; return the result object."""
     n = args.connections
@@ -332,6 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for p in echo_srvs:
                 _stop(p)
+        relay = _relay_phase(nats_url, args, nice) if args.relay else None
         prefix = f"benchws{os.getpid()}"
         common = ["--nats", nats_url, "--prefix", prefix, *(["--local"] if args.local else [])]
         worker = None if args.local else _spawn("--role", "pod", "--pod", "work", *common, "--port", "0", nice=nice["work"])
@@ -368,6 +371,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ramp_s": gw["ramp_s"],
         "cpu_us_per_frame": gw["cpu_us_per_frame"],
         "echo_cpu_us_per_frame": echo["cpu_us_per_frame"],
+        **_relay_figures(relay, gw),
         "clients": args.clients,
         "replicas": args.replicas,
         "duration_s": args.duration,
@@ -406,6 +410,12 @@ def main(argv: list[str]) -> int:
         action="store_true",
         help="every process at the same CPU weight (default: each pod's CPU request as its weight, as aiwfe up runs pods)",
     )
+    p.add_argument(
+        "--no-relay",
+        dest="relay",
+        action="store_false",
+        help="skip the relay phase (the same work with bare Litestar, nats-py and perceive: AIWFE's floor)",
+    )
     p.add_argument("--role", default="main", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -424,7 +434,9 @@ def main(argv: list[str]) -> int:
     if args.role == "pod":
         run_loop(_serve_pod(args.nats, args.prefix, args.pod, args.local, args.server, args.port))
     elif args.role == "echo":
-        run_loop(_serve_echo(args.server, args.port))
+        run_loop(serve_echo(args.server, args.port, args.nats or "", f"{args.prefix}.perceive"))
+    elif args.role == "responder":
+        run_loop(serve_responder(args.nats, f"{args.prefix}.perceive"))
     elif args.role == "client":
         out = run_loop(run_load(args.target, args.connections, args.duration, args.mode, args.ramp, args.warmup, make_token))
         # The samples go to a file: a pipe left non-blocking by uvloop truncates a large line.

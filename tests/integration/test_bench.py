@@ -31,7 +31,8 @@ BENCHES = {
     ),
     "ws": (
         ["-n", "20", "--duration", "1", "--clients", "1", "--warmup", "0"],
-        ["connections", "connected_pct", "p50_ms", "p99_ms", "echo_p99_ms", "p99_ratio", "reply_errors", "niceness"],
+        ["connections", "connected_pct", "p50_ms", "p99_ms", "echo_p99_ms", "p99_ratio", "reply_errors", "niceness",
+         "relay_p99_ms", "relay_reply_errors", "cpu_ratio_to_relay"],
     ),
     "auth-burst": (
         ["--connects", "20", "--logins", "4", "--users", "2", "--window", "0.5", "--clients", "1", "--replicas", "1",
@@ -90,6 +91,8 @@ def test_benchmark_smoke(name: str, nats_url: str, database_url: str, redis_url:
     assert [k for k in keys if k not in result] == []
     if name == "auth-burst":  # a burst of 20 has nothing to fail on, through the gateway or the floor server
         assert result["failures"] == result["floor_failures"] == result["echo_failures"] == 0, result
+    if name == "ws":  # every frame answered, through the gateway and through the relay
+        assert result["reply_errors"] == result["relay_reply_errors"] == 0, result
 
 
 @pytest.mark.timeout(150)
