@@ -228,6 +228,14 @@ class FastClient(_nc.Client):
     async def _publish_call(self, subject: str, token: str, payload: bytes, headers: dict[str, str] | None) -> None:
         """Publish a request whose reply comes to ``token`` on the mux: Client.publish's checks,
         inline, without validating the reply subject (our own inbox)."""
+        if not self._skip_subject_validation:
+            _nc._validate_subject(subject)
+        await self.publish_checked(subject, self._resp_prefix_str + token, payload, headers)
+
+    async def publish_checked(self, subject: str, reply: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        """Client.publish without validating ``subject`` and ``reply`` (the caller has: a reply
+        to a request whose reply subject :func:`~aiwfe.bus.codec.is_reply_inbox` accepted, or a
+        request to a subject it built); the connection and size checks are Client.publish's."""
         if self.is_closed:
             raise _nc.errors.ConnectionClosedError
         if self.is_draining_pubs:
@@ -237,9 +245,7 @@ class FastClient(_nc.Client):
             raise _nc.errors.OutboundBufferLimitError
         if size > self._max_payload:
             raise _nc.errors.MaxPayloadError
-        if not self._skip_subject_validation:
-            _nc._validate_subject(subject)
-        await self._send_publish(subject, self._resp_prefix_str + token, payload, size, headers)
+        await self._send_publish(subject, reply, payload, size, headers)
 
     async def call_many(
         self, subject: str, items: list[tuple[bytes, dict[str, str] | None]], timeout_s: float, wheel: DeadlineWheel

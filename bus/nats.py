@@ -306,19 +306,20 @@ class NatsBus(QueueMixin, StreamsMixin):
         current_task = asyncio.current_task
 
         parse_headers = nc.parse_headers
+        publish = nc.publish_checked  # the reply subject is checked below (is_reply_inbox)
 
         async def respond(reply: str, raw_headers: bytes, payload: bytes) -> None:
             # The task removes itself: a done-callback would cost one more loop turn per request.
             try:
                 try:
-                    request_headers = await parse_headers(raw_headers)
+                    request_headers = await parse_headers(raw_headers) if raw_headers else None
                 except Exception as e:  # a header block nats-py cannot read: nothing to answer to
                     log.debug("%s: request with unreadable headers dropped: %r", subject, e)
                     return
                 data, headers = await handler(payload, request_headers)
                 if reply:
                     try:
-                        await nc.publish(reply, data, headers=headers)
+                        await publish(reply, "", data, headers)
                     except Exception as e:
                         log.warning("reply on %s lost: %r", subject, e)
             finally:
