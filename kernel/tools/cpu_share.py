@@ -37,7 +37,7 @@ def cpu_millicores(value: str) -> int:
     Raises:
         ValueError: not such a quantity, or zero (the message says which forms are accepted).
     """
-    m = _QUANTITY.fullmatch(value.strip()) if isinstance(value, str) else None
+    m = _QUANTITY.fullmatch(value) if isinstance(value, str) else None  # as Kubernetes reads it: no spaces
     if m is None:
         raise ValueError(f'{value!r} is not a CPU quantity; write millicores like "500m" or cores like "1" or "1.5"')
     milli = int(m.group(1)) if m.group(1) is not None else round(float(m.group(2)) * 1000)
@@ -83,8 +83,9 @@ def pod_niceness(manifest: Manifest) -> dict[str, int]:
 
 def lower_priority(increment: int) -> Callable[[], None] | None:
     """A ``preexec_fn`` that raises the child's niceness by ``increment`` before it runs (so
-    every thread it starts inherits it), or None for 0."""
-    if increment <= 0:
+    every thread it starts inherits it), or None for 0 and where there is no ``os.nice``
+    (Windows: children run at the parent's priority)."""
+    if increment <= 0 or not hasattr(os, "nice"):
         return None
 
     def lower() -> None:

@@ -26,13 +26,15 @@ def _manifest(**requests: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("text", "milli"), [("500m", 500), ("1", 1000), ("1.5", 1500), ("0.25", 250), (" 2 ", 2000), ("1m", 1), ("2000m", 2000)]
+    ("text", "milli"), [("500m", 500), ("1", 1000), ("1.5", 1500), ("0.25", 250), ("2", 2000), ("1m", 1), ("2000m", 2000)]
 )
 def test_kubernetes_cpu_quantities_in_millicores(text: str, milli: int) -> None:
     assert cpu_millicores(text) == milli
 
 
-@pytest.mark.parametrize("text", ["", "0", "0m", "0.0", "abc", "1.2345", "-1", "1e3", "500M", "1 cpu", "5000000000m", "1.5m"])
+@pytest.mark.parametrize(
+    "text", ["", " 2 ", "0", "0m", "0.0", "abc", "1.2345", "-1", "1e3", "500M", "1 cpu", "5000000000m", "1.5m", "2\n"]
+)
 def test_anything_else_is_refused_with_the_forms_it_takes(text: str) -> None:
     with pytest.raises(ValueError, match="CPU"):
         cpu_millicores(text)
