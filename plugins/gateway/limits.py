@@ -19,7 +19,11 @@
   client can read the answer), and the rest is never parsed as a request of its own.
 * **Body values** (:func:`check_values`): integers of free-form JSON fields must fit the bus's
   64 bits (msgpack carries no more; a bigger one failed later, as a 500 or a dead letter), and
-  text bound for PostgreSQL may not hold NUL characters; 400 naming the field.
+  text bound for PostgreSQL may not hold NUL characters; 400 naming the field. The kernel's
+  submit path checks job input for wide integers too (``kernel.submitting``) and the memory
+  plugin refuses NUL itself, for every caller; this edge check stays beside them on purpose:
+  a call to a plugin in the gateway's own pod is never encoded, so nothing else would see a
+  wide integer before the plugin does, and only here is the exact path (``metadata.k[0]``) known.
 * **HEAD and OPTIONS** (:func:`methods`): HEAD is answered as GET without the body, OPTIONS
   with the ``Allow`` header of the path's 405 (Litestar's own OPTIONS answer lists only the
   methods of the first handler registered on a path).
