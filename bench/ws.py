@@ -1,4 +1,4 @@
-"""``aiwfe bench ws``: N authenticated WebSockets through the gateway against a bare echo.
+"""``aiwfe bench ws``: N authenticated WebSockets through the gateway against a bare echo and a relay.
 
 Every connection sends one ``call`` frame per second (``perception.perceive``) that goes
 gateway → kernel → NATS → the perception plugin in another pod → back on the socket,
@@ -17,10 +17,9 @@ nats-server unless ``--url``; ``--local`` puts perception in the gateway's pods 
 the echo baseline runs as many processes on one port. Each pod's processes run at the CPU
 weight of its pod's CPU request in ``manifests/consolidated.toml``, as ``aiwfe up`` runs
 them (:mod:`aiwfe.kernel.tools.cpu_share`: the gateway's 500m at nice +3, the worker's 1000m
-at 0; the echo at the gateway's); ``--equal-weights`` runs every process at the same weight,
-where the single worker process gets the same CPU slice as each of the other busy processes
-and queues (PERFORMANCE.md, stop 23). ``--clients`` load-generator
-processes open ``N / clients`` sockets each (:class:`~aiwfe.bench._ws_client.LeanWs`: a
+at 0; the echo and the relay at the gateway's); ``--equal-weights`` runs every process at the
+same weight (no difference beyond the noise so far: PERFORMANCE.md "Sixth pass").
+``--clients`` load-generator processes open ``N / clients`` sockets each (:class:`~aiwfe.bench._ws_client.LeanWs`: a
 bare protocol, one scheduler task). Every process raises its open-file limit to the hard
 limit. Sends follow a fixed schedule (one per second per socket, phases spread over the
 second), so a slow reply does not reduce the offered load; a socket has at most one frame

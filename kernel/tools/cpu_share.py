@@ -11,7 +11,9 @@ needed, and a pod never takes CPU from processes outside the manifest.
 
 Without contention nice changes nothing. With it, it decides who waits: with equal weights a
 single process of the manifest's heaviest pod gets the same slice as each replica of a light
-pod and each other busy process on the machine, and queues (PERFORMANCE.md, stop 23).
+pod and each other busy process on the machine. Under the full load of ``bench ws`` the
+weights made no difference beyond the run-to-run noise (PERFORMANCE.md, "Sixth pass"): they
+are here because the manifest declares them, not as a speed-up.
 """
 
 from __future__ import annotations
