@@ -52,3 +52,54 @@ async def test_a_save_that_gets_no_turn_in_time_is_overloaded_and_retryable(pg_u
     with pytest.raises(Unavailable, match="closing") as closed:  # a save after close: retryable, not a crash
         await store.save("after", "u", "q", RESULT)
     assert closed.value.retryable
+
+
+async def test_a_saved_run_reads_back_field_for_field_and_no_experts_is_a_run_without_answers(pg_url: str) -> None:
+    """The run and its answers are written by one statement (columns travel as arrays):
+    every value comes back as it was given, of every column type."""
+    experts = [
+        ExpertAnswer(
+            expert="security",
+            status="answered",
+            answer="Ünïcode ✓ 'q'",
+            confidence=0.875,
+            weight=1.25,
+            latency_ms=12.5,
+            cached=True,
+            tokens=2**31 - 1,
+        ),
+        ExpertAnswer(expert="database", status="timed_out", error="budget 2 s", tokens=0),
+        ExpertAnswer(expert="deploy", status="skipped"),
+    ]
+    full = Synthesis(
+        answer="A", confidence=0.25, experts=experts, elapsed_ms=9.5, min_answers=2, token_budget=700, tokens_spent=123
+    )
+    store = RunStore(pg_url, pool_max=1)
+    await store.open()
+    try:
+        assert await store.save("full", "alice", "why?", full) is True
+        assert await store.save("empty", "bob", "q", Synthesis(answer="", confidence=0.0)) is True
+        assert await store.save("full", "mallory", "other", RESULT) is False  # written once: nothing replaced or added
+        assert store.pool is not None
+        async with store.pool.connection() as conn:
+            run = await (
+                await conn.execute(
+                    "SELECT owner, question, answer, confidence, elapsed_ms, min_answers, token_budget, tokens_spent"
+                    " FROM helios_runs WHERE job_id = 'full'"
+                )
+            ).fetchone()
+            rows = await (
+                await conn.execute(
+                    "SELECT expert, status, answer, confidence, weight, latency_ms, cached, error, tokens"
+                    " FROM helios_answers WHERE job_id = 'full' ORDER BY expert"
+                )
+            ).fetchall()
+            empty = await (await conn.execute("SELECT count(*) FROM helios_answers WHERE job_id = 'empty'")).fetchone()
+            runs = await (await conn.execute("SELECT count(*) FROM helios_runs WHERE job_id = 'empty'")).fetchone()
+        assert run == ("alice", "why?", "A", 0.25, 9.5, 2, 700, 123)
+        assert rows == sorted(
+            (e.expert, e.status, e.answer, e.confidence, e.weight, e.latency_ms, e.cached, e.error, e.tokens) for e in experts
+        )
+        assert empty == (0,) and runs == (1,)
+    finally:
+        await store.close()
