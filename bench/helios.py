@@ -10,9 +10,18 @@ With the extractive provider and a simulated latency L per expert call:
 * the same job again with a warm answer cache (``cached_ms``; needs Redis: ``REDIS_URL``,
   else an embedded Valkey when available);
 * ``--concurrent`` jobs at once with latency ``--concurrent-latency`` (goal: all complete,
-  p95 ≤ 2·L; ``concurrent_p95_per_latency`` is p95 / L).
+  p95 ≤ 2·L; ``concurrent_p95_per_latency`` is p95 / L), with the CPU they cost: the pod
+  processes' (``concurrent_cpu_ms_per_job``) and nats-server's (``concurrent_nats_cpu_ms_per_job``).
 
-Pods run in this process on a private embedded nats-server (or ``--url``).
+The bench's pod runs as ``--processes`` replicas: one in this process and the others as
+child processes, on a private embedded nats-server (or ``--url``). A pod replica is a
+process, as in a deployment, and one process uses one core: the default is one replica per
+core, up to 2 (the consolidated manifest serves ``helios.ask`` from two pods); ``--processes
+1`` runs every job in this process, the shape before. The jobs are shared by the replicas'
+consumers of the jobs stream; an expert call is served in its job's own process.
+The concurrent phase learns that a job ended from its one record in the results bucket
+(a core subscription to the bucket's subjects), not from every event of every job, so the
+measurement costs the pods' cores as little as it can; the single-job phases follow events.
 Last line: one JSON object.
 """
 
@@ -22,6 +31,8 @@ import argparse
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -29,7 +40,7 @@ from typing import Any
 
 import msgspec
 
-from ._support import emit, nats_server, percentile
+from ._support import cpu_s, emit, nats_pid, nats_server, percentile
 
 TERMINAL = ("job.done", "job.failed", "job.cancelled")  # aiwfe.kernel.jobs.TERMINAL (imported late there)
 
@@ -115,6 +126,25 @@ class _Tap:
                     fut.set_result(typ)
 
 
+class _Records:
+    """Watches the results bucket's subjects: one message per job, its record (module doc)."""
+
+    def __init__(self) -> None:
+        from aiwfe.kernel.jobs import JobRecord
+
+        self._dec = msgspec.msgpack.Decoder(JobRecord)
+        self.done: dict[str, asyncio.Future[Any]] = {}
+
+    def waiter(self, job_id: str) -> asyncio.Future[Any]:
+        fut = self.done[job_id] = asyncio.get_running_loop().create_future()
+        return fut
+
+    def on_msg(self, subject: bytes, headers: bytes, data: bytes) -> None:
+        fut = self.done.pop(subject.rsplit(b".", 1)[1].decode(), None)
+        if fut is not None and not fut.done() and data:
+            fut.set_result(self._dec.decode(data))
+
+
 async def _job_time(k: Any, tap: _Tap, ask: Any) -> tuple[float, float, Any]:
     """(seconds from submit to done, ms from submit to the first event, record)."""
     import uuid
@@ -129,12 +159,14 @@ async def _job_time(k: Any, tap: _Tap, ask: Any) -> tuple[float, float, Any]:
     return t1 - t0, (tap.first[job_id] - t0) * 1000, rec
 
 
-async def run(url: str, latency_s: float, concurrent: int, concurrent_latency_s: float, redis: str) -> dict[str, Any]:
+async def run(
+    url: str, prefix: str, latency_s: float, concurrent: int, concurrent_latency_s: float, redis: str, replicas: list[int]
+) -> dict[str, Any]:
+    """Every phase; ``replicas``: the pids of the pod's other replicas (already serving)."""
     from aiwfe.plugins.helios.contract import Ask
     from aiwfe.plugins.helios.experts import DEFAULT_EXPERTS
     from aiwfe.plugins.reasoning.contract import Reason
 
-    prefix = f"benchh{int(time.time() * 1000) % 10**8}"
     question = f"{ALL_TAGS} ({prefix})"  # a question no earlier run has cached
     async with _system(url, prefix, redis) as pod:
         k = pod.kernel
@@ -155,14 +187,27 @@ async def run(url: str, latency_s: float, concurrent: int, concurrent_latency_s:
         cached_s, _, cached_rec = await _job_time(k, tap, Ask(text=question, max_experts=12, latency_s=latency_s))
         cached_all = all(e["cached"] for e in msgspec.msgpack.decode(cached_rec.result)["experts"]) if redis else False
 
+        import uuid
+
+        records = _Records()
+        await k.bus.nc.subscribe_raw(f"$KV.{k.bus.names['results']}.>", records.on_msg)
+
         async def one(i: int) -> float | None:
             ask = Ask(text=f"{question} #{i}", max_experts=12, latency_s=concurrent_latency_s, use_cache=False)
-            s, _, r = await _job_time(k, tap, ask)
-            return s if r is not None and r.status == "done" else None
+            job_id = uuid.uuid4().hex
+            fut = records.waiter(job_id)
+            t0 = time.perf_counter()
+            await k.submit(ask, job_id=job_id)
+            r = await asyncio.wait_for(fut, 600)
+            return time.perf_counter() - t0 if r.status == "done" else None
 
-        cpu0 = time.process_time()
+        pids = [os.getpid(), *replicas]
+        nats = nats_pid(url)
+        cpu0 = [cpu_s(p) or 0.0 for p in pids]
+        nats0 = cpu_s(nats) if nats else None
         times = await asyncio.gather(*(one(i) for i in range(concurrent)))
-        cpu_s = time.process_time() - cpu0  # every pod and the tap: all run in this process
+        pods_cpu = sum((cpu_s(p) or 0.0) - c for p, c in zip(pids, cpu0, strict=True))  # every pod replica and the taps
+        nats_cpu = (cpu_s(nats) or 0.0) - nats0 if nats and nats0 is not None else None
         done = [t for t in times if t is not None]
     p95 = percentile(done, 95) if done else None
     return {
@@ -179,8 +224,10 @@ async def run(url: str, latency_s: float, concurrent: int, concurrent_latency_s:
         "concurrent_p95_s": round(p95, 3) if p95 else None,
         "concurrent_latency_s": concurrent_latency_s,
         "concurrent_p95_per_latency": round(p95 / concurrent_latency_s, 2) if p95 and concurrent_latency_s else None,
-        # CPU of this process (pods, bench client and its event tap) per concurrent job
-        "concurrent_cpu_ms_per_job": round(cpu_s * 1000 / concurrent, 2) if concurrent else None,
+        "processes": len(replicas) + 1,
+        # CPU of the pod replicas (this one with the bench's client and taps, and the others) per job
+        "concurrent_cpu_ms_per_job": round(pods_cpu * 1000 / concurrent, 2) if concurrent else None,
+        "concurrent_nats_cpu_ms_per_job": round(nats_cpu * 1000 / concurrent, 2) if concurrent and nats_cpu is not None else None,
     }
 
 
@@ -211,6 +258,40 @@ async def _ws_first_event_ms(pod: Any, question: str, latency_s: float, rounds: 
     return statistics.median(samples) if samples else float("nan")
 
 
+async def _serve_replica(url: str, prefix: str, redis: str) -> None:
+    """One more replica of the bench's pod (``--role replica``): READY, then serve until stdin closes."""
+    async with _system(url, prefix, redis):
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+@contextlib.contextmanager
+def _replicas(n: int, url: str, prefix: str, redis: str) -> Any:
+    """Start ``n`` replica processes and wait until each serves; yield their pids."""
+    argv = [sys.executable, "-m", "aiwfe.bench.helios", "--role", "replica", "--url", url, "--prefix", prefix]
+    procs = [
+        subprocess.Popen([*argv, "--redis-url", redis], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            if p.stdout.readline().strip() != "READY":
+                raise RuntimeError(f"a replica of the bench's pod did not start (exit {p.wait()})")
+        yield [p.pid for p in procs]
+    finally:
+        for p in procs:
+            with contextlib.suppress(Exception):
+                assert p.stdin is not None
+                p.stdin.close()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print the JSON line."""
     p = argparse.ArgumentParser(
@@ -225,8 +306,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--concurrent-latency", type=float, default=1.0, help="latency per expert call in the concurrent run (default 1)"
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=max(1, min(2, os.cpu_count() or 1)),
+        help="replicas of the bench's pod, one process each (default: one per core, up to 2; 1: all in this process)",
+    )
+    p.add_argument("--role", choices=["replica"], help=argparse.SUPPRESS)  # a child of this benchmark
+    p.add_argument("--prefix", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    with nats_server(a.url) as url, _redis(a.redis_url) as redis:
-        result = asyncio.run(run(url, a.latency, a.concurrent, a.concurrent_latency, redis))
+    if a.processes < 1:
+        p.error("--processes must be at least 1")
+    if a.role == "replica":
+        asyncio.run(_serve_replica(a.url, a.prefix, a.redis_url or ""))
+        return 0
+    prefix = f"benchh{int(time.time() * 1000) % 10**8}"
+    with nats_server(a.url) as url, _redis(a.redis_url) as redis, _replicas(a.processes - 1, url, prefix, redis) as pids:
+        result = asyncio.run(run(url, prefix, a.latency, a.concurrent, a.concurrent_latency, redis, pids))
     emit(result)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -27,7 +27,8 @@ BENCHES = {
     ),
     "helios": (
         ["--latency", "0.05", "--concurrent", "5", "--concurrent-latency", "0.05"],
-        ["experts", "job_s", "sequential_s", "first_event_ms", "cached_ms", "concurrent_completed", "concurrent_p95_s"],
+        ["experts", "job_s", "sequential_s", "first_event_ms", "cached_ms", "concurrent_completed", "concurrent_p95_s",
+         "processes", "concurrent_cpu_ms_per_job", "concurrent_nats_cpu_ms_per_job"],
     ),
     "ws": (
         ["-n", "20", "--duration", "1", "--clients", "1", "--warmup", "0"],
@@ -91,6 +92,8 @@ def test_benchmark_smoke(name: str, nats_url: str, database_url: str, redis_url:
     assert [k for k in keys if k not in result] == []
     if name == "auth-burst":  # a burst of 20 has nothing to fail on, through the gateway or the floor server
         assert result["failures"] == result["floor_failures"] == result["echo_failures"] == 0, result
+    if name == "helios":  # every job of the concurrent phase done, on the replicas the bench started
+        assert result["concurrent_completed"] == 5 and result["processes"] == min(2, os.cpu_count() or 1), result
     if name == "ws":  # every frame answered, through the gateway and through the relay
         assert result["reply_errors"] == result["relay_reply_errors"] == 0, result
 
