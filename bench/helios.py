@@ -172,7 +172,8 @@ async def run(
         k = pod.kernel
         tap = _Tap()
         await k.bus.nc.subscribe_raw(f"{prefix}.events.*", tap.on_msg)
-        await _job_time(k, tap, Ask(text="warm-up: connections and decoders", max_experts=12, latency_s=0.0))
+        for i in range(2 * (len(replicas) + 1)):  # one after another: the replicas' waiting fetches take turns
+            await _job_time(k, tap, Ask(text=f"warm-up {i}: connections and decoders", max_experts=12, latency_s=0.0))
         job_s, first_ms, rec = await _job_time(k, tap, Ask(text=question, max_experts=12, latency_s=latency_s))
         result = msgspec.msgpack.decode(rec.result)
         experts = len([e for e in result["experts"] if e["status"] == "answered"])
