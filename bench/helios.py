@@ -171,7 +171,7 @@ async def run(
     async with _system(url, prefix, redis) as pod:
         k = pod.kernel
         tap = _Tap()
-        await k.bus.nc.subscribe_raw(f"{prefix}.events.*", tap.on_msg)
+        events_sub = await k.bus.nc.subscribe_raw(f"{prefix}.events.*", tap.on_msg)
         for i in range(2 * (len(replicas) + 1)):  # one after another: the replicas' waiting fetches take turns
             await _job_time(k, tap, Ask(text=f"warm-up {i}: connections and decoders", max_experts=12, latency_s=0.0))
         job_s, first_ms, rec = await _job_time(k, tap, Ask(text=question, max_experts=12, latency_s=latency_s))
@@ -191,6 +191,7 @@ async def run(
         import uuid
 
         records = _Records()
+        await events_sub.unsubscribe()  # the concurrent phase watches records only (module doc)
         await k.bus.nc.subscribe_raw(f"$KV.{k.bus.names['results']}.>", records.on_msg)
 
         async def one(i: int) -> float | None:
