@@ -320,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.processes < 1:
         p.error("--processes must be at least 1")
     if a.role == "replica":
+        if not a.url or not a.prefix:
+            p.error("--role replica needs --url and --prefix")
         asyncio.run(_serve_replica(a.url, a.prefix, a.redis_url or ""))
         return 0
     prefix = f"benchh{int(time.time() * 1000) % 10**8}"

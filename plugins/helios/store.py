@@ -24,7 +24,7 @@ from psycopg_pool import AsyncConnectionPool, PoolClosed
 from aiwfe.kernel import pg
 from aiwfe.kernel.errors import Overloaded, Unavailable
 
-from .contract import Synthesis
+from .contract import ExpertAnswer, Synthesis
 
 __all__ = ["RunStore", "database_url"]
 
@@ -95,8 +95,8 @@ class RunStore:
         """
         assert self.pool is not None
         answers = _answers_json.encode(result.experts)
-        if b"\\u0000" in answers:
-            answers = answers.replace(b"\\u0000", b"\\ufffd")
+        if b"\\u0000" in answers:  # a NUL (or a text that spells one out: then nothing changes)
+            answers = _answers_json.encode([_without_nul(a) for a in result.experts])
         async with pg.connection(self.pool) as conn:
             with pg.QUERY_SECONDS.labels("helios").time():
                 cur = await conn.execute(
@@ -119,6 +119,16 @@ class RunStore:
 
 
 _answers_json = msgspec.json.Encoder()
+
+
+def _without_nul(a: ExpertAnswer) -> ExpertAnswer:
+    def clean(t: str) -> str:
+        return t.replace("\x00", "\ufffd")
+
+    return msgspec.structs.replace(
+        a, expert=clean(a.expert), status=clean(a.status), answer=clean(a.answer), error=clean(a.error)
+    )
+
 
 _SAVE = (
     "WITH run AS ("

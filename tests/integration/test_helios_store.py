@@ -103,3 +103,28 @@ async def test_a_saved_run_reads_back_field_for_field_and_no_experts_is_a_run_wi
         assert empty == (0,) and runs == (1,)
     finally:
         await store.close()
+
+
+async def test_a_nul_is_stored_as_u_fffd_and_a_text_spelling_one_out_is_kept(pg_url: str) -> None:
+    """PostgreSQL text cannot hold NUL: a model's answer with one must not fail the finished
+    job. A text that merely contains the six characters backslash-u0000 is stored as is."""
+    spelled = "the escape \\u0000 in JSON"
+    experts = [
+        ExpertAnswer(expert="a", status="answered", answer="x\x00y", error="e\x00"),
+        ExpertAnswer(expert="b", status="answered", answer=spelled),
+    ]
+    store = RunStore(pg_url, pool_max=1)
+    await store.open()
+    try:
+        assert await store.save("nul", "u", "q\x00?", Synthesis(answer="s\x00", confidence=0.1, experts=experts)) is True
+        assert await store.save("spelled", "u", "q", Synthesis(answer="s", confidence=0.1, experts=experts[1:])) is True
+        assert store.pool is not None
+        async with store.pool.connection() as conn:
+            run = await (await conn.execute("SELECT question, answer FROM helios_runs WHERE job_id = 'nul'")).fetchone()
+            rows = await (
+                await conn.execute("SELECT job_id, expert, answer, error FROM helios_answers ORDER BY job_id, expert")
+            ).fetchall()
+        assert run == ("q\ufffd?", "s\ufffd")
+        assert rows == [("nul", "a", "x\ufffdy", "e\ufffd"), ("nul", "b", spelled, ""), ("spelled", "b", spelled, "")]
+    finally:
+        await store.close()
