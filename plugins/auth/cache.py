@@ -38,9 +38,9 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry  # the asyncio one: redis-py 8.2 warns when given the sync class
 from redis.backoff import NoBackoff
 from redis.exceptions import MaxConnectionsError, RedisError
-from redis.retry import Retry
 
 from .store import Breaker
 
