@@ -6,13 +6,14 @@ import contextlib
 import json
 import os
 import resource
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["cpu_s", "emit", "load_avg_1m", "nats_pid", "nats_server", "percentile", "raise_nofile"]
+__all__ = ["cpu_s", "emit", "load_avg_1m", "nats_pid", "nats_server", "percentile", "raise_nofile", "stop_children"]
 
 
 @contextlib.contextmanager
@@ -79,3 +80,20 @@ def nats_pid(url: str) -> int | None:
         if args and args[0].endswith(b"nats-server") and port.encode() in args:
             return int(proc.name)
     return None
+
+
+def stop_children(procs: list[subprocess.Popen[str]], quit_line: str | None = None, timeout_s: float = 30.0) -> None:
+    """Ask each child to stop (``quit_line`` on its stdin, then stdin closed), wait for each,
+    and kill one that has not ended within ``timeout_s``."""
+    for p in procs:
+        with contextlib.suppress(Exception):
+            assert p.stdin is not None
+            if quit_line is not None:
+                p.stdin.write(quit_line)
+            p.stdin.close()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

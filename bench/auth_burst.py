@@ -58,7 +58,7 @@ from typing import Any
 import msgspec
 
 from ._burst_roles import PASSWORD, client, serve, serve_floor
-from ._support import cpu_s, emit, load_avg_1m, nats_server, percentile, raise_nofile
+from ._support import cpu_s, emit, load_avg_1m, nats_server, percentile, raise_nofile, stop_children
 from ._ws_client import load_runner
 from .ws import _stop
 
@@ -261,16 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             down = _burst(url, args, users, [p.pid for p in servers])
             pool_down = [_ask(s, "STATS") for s in servers]
         finally:
-            for server in servers:
-                with contextlib.suppress(Exception):
-                    assert server.stdin is not None
-                    server.stdin.write("QUIT\n")
-                    server.stdin.close()
-            for server in servers:
-                try:
-                    server.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+            stop_children(servers, "QUIT\n")
     failures = len(up["connect_failures"]) + len(up["login_failures"])
     return {
         "connects": args.connects,

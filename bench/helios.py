@@ -40,7 +40,7 @@ from typing import Any
 
 import msgspec
 
-from ._support import cpu_s, emit, nats_pid, nats_server, percentile
+from ._support import cpu_s, emit, nats_pid, nats_server, percentile, stop_children
 
 TERMINAL = ("job.done", "job.failed", "job.cancelled")  # aiwfe.kernel.jobs.TERMINAL (imported late there)
 
@@ -282,16 +282,7 @@ def _replicas(n: int, url: str, prefix: str, redis: str) -> Any:
                 raise RuntimeError(f"a replica of the bench's pod did not start (exit {p.wait()})")
         yield [p.pid for p in procs]
     finally:
-        for p in procs:
-            with contextlib.suppress(Exception):
-                assert p.stdin is not None
-                p.stdin.close()
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_children(procs)
 
 
 def main(argv: list[str] | None = None) -> int:
