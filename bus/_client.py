@@ -9,7 +9,7 @@ operations. Replies on the request mux are handed straight to their futures inst
 through the mux subscription's queue and task (a quarter of the client CPU of a JetStream
 round trip, ``aiwfe bench jobs``). It overrides private methods of nats-py
 (``_parse_header_lines``, ``_send_publish``, ``_init_request_sub``, ``_process_msg``,
-``_remove_sub``), so
+``_remove_sub``, ``_send_ping``: it also fixes nats-py's ``flush()``, see there), so
 pyproject pins nats-py to the 2.x series these were read from;
 ``tests/unit/test_bus_client.py`` checks the header handling against nats-py's own
 implementation, ``tests/integration/test_nats_streams.py`` the reply path.
@@ -40,6 +40,7 @@ __all__ = ["FastClient"]
 
 _CRLF = b"\r\n"
 _HDR_START = b"NATS/1.0\r\n"
+_PING = b"PING\r\n"
 _key_cache: dict[str, bytes] = {}
 _SWEEP_S = 0.25
 
@@ -118,6 +119,28 @@ class FastClient(_nc.Client):
         await self._send_command(pub_cmd)
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
+        """Send a PING behind every command queued before it, so its PONG means the server has them.
+
+        nats-py 2.16 writes the PING straight to the transport while SUB and PUB commands wait
+        in its pending buffer for the flusher task, so ``flush()`` could return before the server
+        had seen a subscription made just before it: a pod said ready (``Pod.start``) with a
+        subscription not yet in place, and a request right after got "no responders" (in
+        up to one in a hundred subscribe-flush-publish cycles, ``tests/integration/test_bus_client_flush.py``).
+        The pending commands are written first, as the flusher would write them."""
+        transport = self._transport
+        assert transport, "Client.connect must be called first"
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+        if self._pending_data_size > 0 and self.is_connected:
+            transport.writelines(self._pending)
+            self._pending = []
+            self._pending_data_size = 0
+        self._pongs.append(future)
+        transport.write(_PING)
+        self._pending_data_size += len(_PING)  # as nats-py does: the flusher then drains the transport
+        await self._flush_pending()
 
     _resp_sid = -1
 
