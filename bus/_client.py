@@ -9,7 +9,9 @@ operations. Replies on the request mux are handed straight to their futures inst
 through the mux subscription's queue and task (a quarter of the client CPU of a JetStream
 round trip, ``aiwfe bench jobs``). It overrides private methods of nats-py
 (``_parse_header_lines``, ``_send_publish``, ``_init_request_sub``, ``_process_msg``,
-``_remove_sub``, ``_send_ping``: it also fixes nats-py's ``flush()``, see there), so
+``_remove_sub``, ``_send_unsubscribe``, ``_send_command``, ``_send_ping``, ``_process_pong``:
+these also fix nats-py's ``flush()``, a flush given up on, the unsubscribe of a request
+server and a cancellation while the outbound buffer is full), so
 pyproject pins nats-py to the 2.x series these were read from;
 ``tests/unit/test_bus_client.py`` checks the header handling against nats-py's own
 implementation, ``tests/integration/test_nats_streams.py`` the reply path.
@@ -43,6 +45,7 @@ _HDR_START = b"NATS/1.0\r\n"
 _PING = b"PING\r\n"
 _key_cache: dict[str, bytes] = {}
 _SWEEP_S = 0.25
+_UNSUB_CONFIRM_S = 1  # how long a request server's unsubscribe waits for the server to confirm it
 
 
 def _encode_headers(headers: dict[str, Any]) -> bytes:
@@ -84,6 +87,8 @@ class FastClient(_nc.Client):
         self._raw_subs: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
         # sid -> callback(reply, raw header block, payload) of subscribe_requests subscriptions
         self._request_subs: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
+        # sids of request subscriptions unsubscribed, still served until the server confirms it
+        self._unsubscribing: set[int] = set()
         # live call token -> loop time it was last heard of (sent, or named by a heartbeat)
         self._live: dict[str, float] = {}
         self._live_sweep: asyncio.TimerHandle | None = None
@@ -120,6 +125,31 @@ class FastClient(_nc.Client):
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
 
+    async def _send_command(self, cmd: bytes, priority: bool = False) -> None:
+        """Queue a command; past ``max_pending_size`` (the server reads slower than we write),
+        wait for the flusher, as nats-py does, but let a cancellation through.
+
+        nats-py 2.16 waits inside ``_flush_pending``, which swallows CancelledError: a task
+        cancelled there (``asyncio.timeout``, ``wait_for``, ``NatsBus.wait_idle``) went on as if
+        nothing had happened, so a timeout around a publish to a stalled server never fired."""
+        if priority:
+            self._pending.insert(0, cmd)
+        else:
+            self._pending.append(cmd)
+        self._pending_data_size += len(cmd)
+        if self._max_pending_size <= 0 or self._pending_data_size <= self._max_pending_size:
+            return
+        flusher, queue = self._flusher_task, self._flush_queue
+        if not self.is_connected or flusher is None or flusher.done() or queue is None:
+            await self._flush_pending()  # nothing to wait for (nats-py writes inline or keeps it)
+            return
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await queue.put(future)
+        try:
+            await asyncio.wait_for(future, self._flush_timeout)
+        except TimeoutError:
+            await self._error_cb(_nc.errors.FlushTimeoutError())
+
     async def _send_ping(self, future: asyncio.Future[Any] | None = None) -> None:
         """Send a PING behind every command queued before it, so its PONG means the server has them.
 
@@ -141,6 +171,20 @@ class FastClient(_nc.Client):
         transport.write(_PING)
         self._pending_data_size += len(_PING)  # as nats-py does: the flusher then drains the transport
         await self._flush_pending()
+
+    async def _process_pong(self) -> None:
+        """A PONG answers the oldest PING; a flush given up on (timed out or cancelled) is skipped.
+
+        nats-py 2.16 sets the result of that PING's future even when ``flush()`` has cancelled
+        it: the InvalidStateError ends the read loop, and the connection reads nothing more
+        (``flush()`` then "succeeds" without a round trip) until the stale-connection check
+        reconnects it, ``max_outstanding_pings`` ping intervals later (15 to 20 s here)."""
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
 
     _resp_sid = -1
 
@@ -222,9 +266,34 @@ class FastClient(_nc.Client):
         return await self._process_headers(raw) if raw else None
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
-        self._request_subs.pop(sid, None)
         self._raw_subs.pop(sid, None)
+        sub = self._subs.get(sid)
+        if sid in self._request_subs and sub is not None and sub._closed and self.is_connected:
+            self._unsubscribing.add(sid)  # Subscription.unsubscribe: its _send_unsubscribe removes it
+        else:
+            self._request_subs.pop(sid, None)
         super()._remove_sub(sid, max_msgs)
+
+    async def _send_unsubscribe(self, sid: int, limit: int = 0) -> None:
+        """A request server's subscription is served until the server has its UNSUB.
+
+        nats-py's ``unsubscribe()`` forgets the subscription before the UNSUB is even sent, so
+        the requests the server routed to it meanwhile (in the socket, or on the way) were
+        dropped: their callers waited for CalleeLost or their deadline while a peer of the
+        queue group could have answered (several per stop under load, ``Pod.stop``). Now the
+        unsubscribe returns after a PING/PONG behind the UNSUB, the requests before it served
+        (so ``NatsBus.wait_idle`` waits for them too); no request for it can come after."""
+        if sid not in self._unsubscribing:
+            await super()._send_unsubscribe(sid, limit)
+            return
+        try:
+            await super()._send_unsubscribe(sid, limit)
+            await self.flush(timeout=_UNSUB_CONFIRM_S)
+        except Exception as e:  # lost or slow connection: the server drops the interest with it
+            log.debug("NATS: unsubscribe of %d not confirmed: %r", sid, e)
+        finally:
+            self._unsubscribing.discard(sid)
+            self._request_subs.pop(sid, None)
 
     def _heard(self, data: bytes) -> None:
         """A heartbeat: the calls it names (space-separated tokens) are still running."""

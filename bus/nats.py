@@ -202,9 +202,8 @@ class NatsBus(QueueMixin, StreamsMixin):
         """Unsubscribe request and message handlers and stop fetching deliveries."""
         self._stopping = True
         await self._stop_fetching()
-        for sub in self._subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        # together: a request server's unsubscribe waits for the server to confirm it (FastClient)
+        await asyncio.gather(*(sub.unsubscribe() for sub in self._subs), return_exceptions=True)
         self._subs.clear()
 
     async def wait_idle(self, timeout_s: float) -> bool:

@@ -1,0 +1,144 @@
+"""FastClient against nats-py 2.16's races around PONGs and unsubscribing (an audit after the
+flush fix of ``test_bus_client_flush.py``).
+
+* A flush given up on (timed out, or its task cancelled) left its future in nats-py's PONG
+  list; the late PONG set the result of the cancelled future, the InvalidStateError ended the
+  read loop, and the connection read nothing more until the stale-connection check (15 to 20 s
+  with NatsBus's settings): every message lost, every call timed out. It failed every time.
+* ``unsubscribe()`` of a request server (``subscribe_requests``, what ``NatsBus.serve`` uses and
+  ``stop_taking_work`` unsubscribes) forgot the subscription before the server had the UNSUB:
+  requests already routed to it were dropped, their callers waited out their deadline while
+  the other member of the queue group was there. Under load most stops lost requests (up to
+  13 each); every run of the test failed.
+* Past ``max_pending_size`` (a server that reads slower than we write) a publish waits for
+  the flusher inside nats-py's ``_flush_pending``, which swallowed CancelledError: an
+  ``asyncio.timeout`` around a publish to a stalled server never fired. It failed every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import nats.errors
+import pytest
+
+from aiwfe.bus._client import FastClient
+from aiwfe.bus.wheel import DeadlineWheel
+from aiwfe.kernel.tools.embedded import EmbeddedNats
+
+pytestmark = pytest.mark.integration
+
+STOPS = 8
+
+
+async def _connect(url: str) -> FastClient:
+    nc = FastClient()
+    await nc.connect(servers=[url])
+    return nc
+
+
+async def test_a_flush_given_up_on_leaves_the_connection_reading(nats_url: str, prefix: str) -> None:
+    nc = await _connect(nats_url)
+    other = await _connect(nats_url)
+    got: list[bytes] = []
+    try:
+        await nc.subscribe_raw(f"{prefix}.x", lambda s, h, d: got.append(d))
+        await nc.flush()
+        flush = asyncio.get_running_loop().create_task(nc.flush(timeout=5))
+        await asyncio.sleep(0)  # its PING is sent; cancelled before the PONG comes back
+        flush.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await flush
+        await nc.flush(timeout=2)  # the late PONG comes first, then this one's (before the fix: no reader)
+        assert nc._reading_task is not None and not nc._reading_task.done()
+        await other.publish(f"{prefix}.x", b"after")
+        await other.flush()
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.01)
+        assert got == [b"after"]
+    finally:
+        await nc.close()
+        await other.close()
+
+
+async def _stop_under_load(url: str, subject: str) -> tuple[int, int]:
+    """Two request servers in a queue group, 20 callers; one server unsubscribes. (lost, calls)"""
+    a, b, caller = await _connect(url), await _connect(url), await _connect(url)
+
+    def server(nc: FastClient) -> object:
+        def on_request(reply: bytes, headers: bytes, data: bytes) -> None:
+            asyncio.get_running_loop().create_task(nc.publish_checked(reply.decode(), "", data))
+
+        return on_request
+
+    sub_a = await a.subscribe_requests(subject, "q", server(a))  # type: ignore[arg-type]
+    await b.subscribe_requests(subject, "q", server(b))  # type: ignore[arg-type]
+    await a.flush()
+    await b.flush()
+    wheel = DeadlineWheel()
+    lost = calls = 0
+    stop = False
+
+    async def load() -> None:
+        nonlocal lost, calls
+        while not stop:
+            try:
+                await caller.call(subject, b"x", 1.0, wheel)
+            except nats.errors.TimeoutError:
+                lost += 1
+            calls += 1
+
+    try:
+        tasks = [asyncio.get_running_loop().create_task(load()) for _ in range(20)]
+        await asyncio.sleep(0.1)
+        await sub_a.unsubscribe()
+        assert a._request_subs == {}  # nothing left of it once unsubscribe returns
+        await asyncio.sleep(0.1)
+        stop = True
+        await asyncio.gather(*tasks)
+    finally:
+        for nc in (a, b, caller):
+            await nc.close()
+    return lost, calls
+
+
+async def test_a_request_server_answers_what_reached_it_before_its_unsubscribe(nats_url: str, prefix: str) -> None:
+    lost = [await _stop_under_load(nats_url, f"{prefix}.r{i}") for i in range(STOPS)]
+    assert all(n > 0 for _, n in lost)
+    assert [n for n, _ in lost] == [0] * STOPS
+
+
+async def test_a_timeout_fires_while_a_publish_waits_for_a_stalled_server(tmp_path: Path) -> None:
+    server = EmbeddedNats(tmp_path / "nats").start()  # the test's own: it is stopped (SIGSTOP)
+    nc = FastClient()
+
+    async def quiet(e: Exception) -> None:
+        pass
+
+    await nc.connect(servers=[server.url], error_cb=quiet, pending_size=256 * 1024)
+
+    async def publish_for_half_a_second() -> None:
+        async with asyncio.timeout(0.5):
+            for _ in range(200):  # 12 MB: far past the buffer, and an end once the server reads again
+                await nc.publish("audit.stalled", b"x" * 60_000)
+
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    task = asyncio.get_running_loop().create_task(publish_for_half_a_second())
+    try:
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert task in done, "the timeout did not fire: the cancellation was swallowed"
+        assert isinstance(task.exception(), TimeoutError)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+        task.cancel()  # before the fix the cancellation is swallowed too: the loop ends on its own
+        await asyncio.wait({task}, timeout=10)
+        try:
+            await nc.close()
+        finally:
+            server.kill()
