@@ -74,6 +74,11 @@ def user_inbox(url: str, options: NatsConnectOptions | None = None) -> str:
     return "_INBOX"
 
 
+#: nats-py's errors for a connection that cannot take a message now: closed, draining, or
+#: lost with the buffer it keeps meanwhile full (a bus error, so callers see Unavailable).
+_UNUSABLE = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError, nats.errors.OutboundBufferLimitError)
+
+
 class NatsBus(QueueMixin, StreamsMixin):
     """A bus over NATS at ``url`` (several servers: comma-separated); subjects under ``prefix``.
 
@@ -247,8 +252,8 @@ class NatsBus(QueueMixin, StreamsMixin):
         preamble) and follows the callee's heartbeats (module docstring).
 
         Raises:
-            BusTimeout, NoResponders, NotConnected, CalleeLost (no reply nor heartbeat
-            within the liveness window).
+            BusTimeout, NoResponders, NotConnected (also: lost with the outbound buffer full),
+            CalleeLost (no reply nor heartbeat within the liveness window).
         """
         nc = self._conn()
         try:
@@ -262,7 +267,7 @@ class NatsBus(QueueMixin, StreamsMixin):
             raise NoResponders(f"no pod serves {subject}") from None
         except nats.errors.TimeoutError:
             raise BusTimeout(f"{subject}: no reply within {timeout_s * 1000:.0f} ms") from None
-        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError) as e:
+        except _UNUSABLE as e:
             raise NotConnected(f"{subject}: NATS connection unusable ({e!r})") from None
         return msg.data, msg.headers
 
@@ -284,8 +289,16 @@ class NatsBus(QueueMixin, StreamsMixin):
         return out
 
     async def publish(self, subject: str, data: bytes, headers: Headers | None = None) -> None:
-        """Core NATS publish."""
-        await self._conn().publish(subject, data, headers=headers)
+        """Core NATS publish.
+
+        Raises:
+            NotConnected: the connection is closed, draining, or lost with its outbound
+                buffer full (nats-py's ``OutboundBufferLimitError``).
+        """
+        try:
+            await self._conn().publish(subject, data, headers=headers)
+        except _UNUSABLE as e:
+            raise NotConnected(f"{subject}: NATS connection unusable ({e!r})") from None
 
     async def serve(self, subject: str, handler: RemoteHandler, *, queue: bool = True) -> None:
         """Subscribe ``subject`` (queue group = subject unless ``queue`` is False); each

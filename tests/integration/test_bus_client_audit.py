@@ -13,6 +13,10 @@ flush fix of ``test_bus_client_flush.py``).
 * Past ``max_pending_size`` (a server that reads slower than we write) a publish waits for
   the flusher inside nats-py's ``_flush_pending``, which swallowed CancelledError: an
   ``asyncio.timeout`` around a publish to a stalled server never fired. It failed every time.
+* While reconnecting, nats-py keeps what is published in a bounded buffer and raises its own
+  OutboundBufferLimitError once it is full; ``NatsBus.publish`` and ``request`` let it through
+  (a foreign error for the kernel's callers, a revocation or a cancel, not the retryable
+  Unavailable a lost connection is).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import nats.errors
 import pytest
 
 from aiwfe.bus._client import FastClient
+from aiwfe.bus.errors import NotConnected
+from aiwfe.bus.nats import NatsBus
 from aiwfe.bus.wheel import DeadlineWheel
 from aiwfe.kernel.tools.embedded import EmbeddedNats
 
@@ -142,3 +148,28 @@ async def test_a_timeout_fires_while_a_publish_waits_for_a_stalled_server(tmp_pa
             await nc.close()
         finally:
             server.kill()
+
+
+async def test_a_lost_connection_with_its_buffer_full_is_a_bus_error(tmp_path: Path) -> None:
+    """nats-py raises OutboundBufferLimitError once the buffer it keeps while reconnecting is
+    full; NatsBus turns it into NotConnected (Unavailable for the kernel's callers), like a
+    closed connection, instead of letting a client library's error through."""
+    server = EmbeddedNats(tmp_path / "nats").start()
+    bus = NatsBus(server.url, "lost", connect_timeout_s=5, manage_streams=False)
+    await bus.start()
+    try:
+        server.kill()
+        async with asyncio.timeout(10):
+            while bus._conn().is_connected:
+                await asyncio.sleep(0.01)
+        chunk = b"x" * 500_000
+        with pytest.raises(NotConnected, match="unusable"):
+            for _ in range(10):  # 5 MB against nats-py's 2 MiB buffer
+                await bus.publish("lost.x", chunk)
+        with pytest.raises(NotConnected, match="unusable"):
+            await bus.request("lost.call", chunk, None, 1.0)  # a kernel call: FastClient.call
+        with pytest.raises(NotConnected, match="unusable"):
+            await bus.request("lost.req", chunk, {"A": "b"}, 1.0)  # with headers: nats-py's request
+    finally:
+        await bus.close()
+        server.kill()
