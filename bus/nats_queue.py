@@ -280,6 +280,15 @@ class QueueMixin:
                 if self.nc is not None and self.nc.is_connected:
                     with contextlib.suppress(Exception):
                         await self._ensure_consumer(cfg)
+            if len(msgs) > free:
+                # nats-py's fetch also hands over what an abandoned pull request (a fetch cut off
+                # by the wait_for above) left queued, whatever the batch: past the free slots
+                # they are given back at once, so the concurrency bound holds and no slot is
+                # released twice.
+                for m in msgs[free:]:
+                    with contextlib.suppress(Exception):
+                        await m.nak()
+                msgs = msgs[:free]
             if self._stopping:  # fetched while stopping: give them back at once
                 for m in msgs:
                     with contextlib.suppress(Exception):

@@ -1,5 +1,5 @@
-"""FastClient against nats-py 2.16's races around PONGs and unsubscribing (an audit after the
-flush fix of ``test_bus_client_flush.py``).
+"""The bus against nats-py 2.16's races around PONGs, unsubscribing, its buffer and its fetch
+(an audit after the flush fix of ``test_bus_client_flush.py``).
 
 * A flush given up on (timed out, or its task cancelled) left its future in nats-py's PONG
   list; the late PONG set the result of the cancelled future, the InvalidStateError ended the
@@ -17,6 +17,9 @@ flush fix of ``test_bus_client_flush.py``).
   OutboundBufferLimitError once it is full; ``NatsBus.publish`` and ``request`` let it through
   (a foreign error for the kernel's callers, a revocation or a cancel, not the retryable
   Unavailable a lost connection is).
+* nats-py's fetch first empties its queue whatever the batch, so messages an abandoned pull
+  request left there came with the next fetch: the job consumer ran more deliveries than its
+  concurrency and released slots it never took (peak 6 against 2 in the test, every run).
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 import pytest
 
 from aiwfe.bus._client import FastClient
+from aiwfe.bus.base import ConsumerOptions
 from aiwfe.bus.errors import NotConnected
 from aiwfe.bus.nats import NatsBus
 from aiwfe.bus.wheel import DeadlineWheel
@@ -173,3 +178,53 @@ async def test_a_lost_connection_with_its_buffer_full_is_a_bus_error(tmp_path: P
     finally:
         await bus.close()
         server.kill()
+
+
+async def test_a_fetch_that_hands_over_more_than_asked_never_runs_more_than_the_concurrency(nats_url: str, prefix: str) -> None:
+    """nats-py's fetch first empties the pull subscription's queue, whatever the batch: what a
+    fetch cut off by the loop's wait_for left behind comes with the next one. The fetch here
+    asks the server for 4 more than the loop asked for, as such leftovers would add."""
+    bus = NatsBus(nats_url, prefix, name="greedy")
+    await bus.start()
+    bind = bus.js.pull_subscribe_bind
+    first = True
+
+    async def greedy_bind(*args: Any, **kwargs: Any) -> Any:
+        psub = await bind(*args, **kwargs)
+        fetch = psub.fetch
+
+        async def fetch_more(batch: int = 1, timeout: float = 5.0, **rest: Any) -> Any:
+            nonlocal first
+            extra, first = (4 if first else 0), False
+            return await fetch(batch + extra, timeout=timeout, **rest)
+
+        psub.fetch = fetch_more
+        return psub
+
+    bus.js.pull_subscribe_bind = greedy_bind
+    running = peak = 0
+    done: set[bytes] = set()
+
+    async def handler(d: Any) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(0.05)
+            done.add(d.data)
+            await d.ack()
+        finally:
+            running -= 1
+
+    try:
+        await bus.accept_kinds(["greedy"])
+        for i in range(6):
+            assert await bus.enqueue("greedy", b"%d" % i, {}, f"{prefix}-{i}")
+        await bus.consume("greedy", ConsumerOptions(concurrency=2, ack_wait_s=30), handler)
+        async with asyncio.timeout(10):
+            while len(done) < 6:
+                await asyncio.sleep(0.02)
+        assert not first  # the greedy fetch ran
+        assert peak <= 2
+    finally:
+        await bus.close()
