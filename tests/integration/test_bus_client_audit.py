@@ -19,7 +19,7 @@
   Unavailable a lost connection is).
 * nats-py's fetch first empties its queue whatever the batch, so messages an abandoned pull
   request left there came with the next fetch: the job consumer ran more deliveries than its
-  concurrency and released slots it never took (peak 6 against 2 in the test, every run).
+  concurrency and released slots it never took (peak 5 against 2 in the test, every run).
 """
 
 from __future__ import annotations
@@ -181,27 +181,25 @@ async def test_a_lost_connection_with_its_buffer_full_is_a_bus_error(tmp_path: P
 
 
 async def test_a_fetch_that_hands_over_more_than_asked_never_runs_more_than_the_concurrency(nats_url: str, prefix: str) -> None:
-    """nats-py's fetch first empties the pull subscription's queue, whatever the batch: what a
-    fetch cut off by the loop's wait_for left behind comes with the next one. The fetch here
-    asks the server for 4 more than the loop asked for, as such leftovers would add."""
+    """nats-py's fetch first empties the pull subscription's queue, whatever the batch, then asks
+    the server for ``batch - taken`` more (at least one, the server makes a batch under 1 one).
+    The queue holds what a pull request left open (a fetch cut off by the loop's wait_for)
+    delivered after its fetch: here such a request is made by hand before the loop's first fetch."""
     bus = NatsBus(nats_url, prefix, name="greedy")
     await bus.start()
     bind = bus.js.pull_subscribe_bind
-    first = True
+    left: list[int] = []
 
-    async def greedy_bind(*args: Any, **kwargs: Any) -> Any:
+    async def bind_with_leftovers(*args: Any, **kwargs: Any) -> Any:
         psub = await bind(*args, **kwargs)
-        fetch = psub.fetch
-
-        async def fetch_more(batch: int = 1, timeout: float = 5.0, **rest: Any) -> Any:
-            nonlocal first
-            extra, first = (4 if first else 0), False
-            return await fetch(batch + extra, timeout=timeout, **rest)
-
-        psub.fetch = fetch_more
+        await bus._conn().publish(psub._nms, b'{"batch": 4, "no_wait": true}', reply=psub._deliver)
+        async with asyncio.timeout(5):
+            while psub._sub._pending_queue.qsize() < 4:
+                await asyncio.sleep(0.01)
+        left.append(psub._sub._pending_queue.qsize())
         return psub
 
-    bus.js.pull_subscribe_bind = greedy_bind
+    bus.js.pull_subscribe_bind = bind_with_leftovers
     running = peak = 0
     done: set[bytes] = set()
 
@@ -224,7 +222,7 @@ async def test_a_fetch_that_hands_over_more_than_asked_never_runs_more_than_the_
         async with asyncio.timeout(10):
             while len(done) < 6:
                 await asyncio.sleep(0.02)
-        assert not first  # the greedy fetch ran
+        assert left == [4]  # the loop's first fetch found 4 deliveries queued, asking for 2
         assert peak <= 2
     finally:
         await bus.close()
