@@ -18,6 +18,7 @@ transaction-scoped advisory lock so that replicas starting together apply them o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
@@ -42,6 +43,7 @@ __all__ = [
     "database_url",
     "migrate",
     "open_pool",
+    "pooled",
     "read_scripts",
     "watch",
 ]
@@ -158,7 +160,7 @@ async def connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCo
         Unavailable: the server does not accept connections or dropped one (both retryable).
     """
     try:
-        cm = pool.connection()
+        cm = pooled(pool)
         conn = await cm.__aenter__()
     except TooManyRequests as e:
         raise Overloaded(f"{pool.name}: database pool exhausted ({e})") from None
@@ -178,6 +180,25 @@ async def connection(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncCo
     else:
         _used[conn] = time.monotonic()
         await cm.__aexit__(None, None, None)
+
+
+@contextlib.asynccontextmanager
+async def pooled(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnection]:
+    """``pool.connection()``, except that a cancellation during the checkout is never lost.
+
+    A caller waiting for a connection waits in psycopg_pool's ``WaitingClient.wait``, an
+    ``asyncio.wait_for``; on Python 3.11 (the images' Python) that returns the result and drops
+    the cancellation when the task is cancelled (job cancel, deadline) just as the connection
+    is handed to it, so the cancelled task went on to run its statements (every time, tested).
+    A cancellation counted during the checkout is honoured here instead: the connection goes
+    back to the pool unused and ``CancelledError`` is raised.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    async with pool.connection() as conn:
+        if task is not None and task.cancelling() > before:
+            raise asyncio.CancelledError
+        yield conn
 
 
 def read_scripts(folder: Path) -> list[tuple[str, str]]:

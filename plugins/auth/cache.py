@@ -147,22 +147,35 @@ class ClaimCache:
             await self.client.aclose()
 
     async def _run(self, op: Any) -> tuple[bool, Any]:
-        """Run one Redis coroutine factory under the breaker; (ok, result)."""
+        """Run one Redis coroutine factory under the breaker; (ok, result).
+
+        redis-py writes each command under ``asyncio.wait_for`` (a socket timeout is set),
+        which on Python 3.11 (the images' Python) drops a cancellation that arrives during the
+        write: the command then returns normally, and a cancelled login went on to hash the
+        password and issue a token (nine cancellations in ten at that point, tested). So a
+        cancellation counted while ``op`` ran raises ``CancelledError`` here, whatever ``op``
+        returned, and never counts against the breaker.
+        """
         if self.client is None or self._inflight >= self.max_connections or not self.breaker.allow():
             return False, None
+        task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         self._inflight += 1
         try:
             async with asyncio.timeout(self.timeout_s * 2):
                 result = await op()
         except MaxConnectionsError:
+            _raise_if_cancelled(task, cancelling)
             return False, None  # our own pool is saturated; Redis itself is fine
         except (RedisError, OSError, TimeoutError) as e:
+            _raise_if_cancelled(task, cancelling)
             if self.breaker.closed:
                 log.warning("auth: redis failed (%s); bypassing it for %.1f s at a time", type(e).__name__, self.breaker.open_s)
             self.breaker.failure(e if str(e) else type(e).__name__)
             return False, None
         finally:
             self._inflight -= 1
+        _raise_if_cancelled(task, cancelling)
         self.breaker.success()
         return True, result
 
@@ -244,3 +257,10 @@ class ClaimCache:
         for jti, exp in revoked or ():
             into.add(jti, exp)
         return revoked is not None
+
+
+def _raise_if_cancelled(task: asyncio.Task[Any] | None, cancelling: int) -> None:
+    """Raise the cancellation redis-py lost (:meth:`ClaimCache._run`): ``task`` was cancelled
+    more times than the ``cancelling`` it had before the command."""
+    if task is not None and task.cancelling() > cancelling:
+        raise asyncio.CancelledError

@@ -191,7 +191,7 @@ class UserStore:
         if not self.breaker.allow():
             raise Unavailable(f"auth: database unavailable ({self.breaker.last_error}); retry shortly")
         try:
-            async with pool.connection() as conn:
+            async with pg.pooled(pool) as conn:  # not pool.connection(): it can lose a cancellation
                 yield conn
         except TooManyRequests:
             raise Overloaded("auth: too many requests waiting for a database connection; retry later") from None

@@ -28,6 +28,7 @@ script each, atomic) **and** in this pod's memory; an attempt must pass both. Wi
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import time
@@ -223,7 +224,15 @@ class LoginThrottle:
             raise self._refusal(wait)
         cache = self._redis()
         if cache is not None:
-            ok, res = await self._script(cache, "admit", _ADMIT, *self._script_args(keys))
+            try:
+                ok, res = await self._script(cache, "admit", _ADMIT, *self._script_args(keys))
+            except asyncio.CancelledError:
+                # Redis runs the script once the command is written, so a cancellation while
+                # waiting for its reply (or one redis-py lost during the write, re-raised by the
+                # cache) left this attempt counted, and login() gives back only attempts that
+                # admit() returned: give it back here, like any attempt not settled by a password.
+                await self._script(cache, "uncount", _UNCOUNT, [k for _, k in keys], [])
+                raise
             if ok and int(res[0]) == 0:
                 raise self._refusal(int(res[1]) / 1000)
         for kind, k in keys:  # this pod's own count: the limit when Redis is down
