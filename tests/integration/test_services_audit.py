@@ -22,6 +22,16 @@ async def _turns(j: int) -> None:
         await asyncio.sleep(0)
 
 
+async def _cancel(task: asyncio.Task[Any]) -> int:
+    """Cancel ``task`` and wait for it: 1 when the cancellation was lost (it ended normally)."""
+    assert task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return 0
+    return 1
+
+
 async def test_a_task_cancelled_as_the_pool_hands_it_a_connection_is_cancelled(database_url: str) -> None:
     from aiwfe.kernel import pg
 
@@ -41,12 +51,7 @@ async def test_a_task_cancelled_as_the_pool_hands_it_a_connection_is_cancelled(d
                     task = asyncio.create_task(waiter((rnd, j)))
                     await asyncio.sleep(0.005)
                 await _turns(j)  # the connection is being handed to the waiter
-                assert task.cancel()
-                try:
-                    await task
-                    lost += 1
-                except asyncio.CancelledError:
-                    pass
+                lost += await _cancel(task)
         assert (lost, ran) == (0, [])
         async with pg.connection(pool) as conn:  # the pool is whole and serves
             assert await (await conn.execute("SELECT 7")).fetchone() == (7,)
@@ -73,12 +78,7 @@ async def test_the_auth_user_store_keeps_a_cancellation_during_checkout(pg_url: 
                 task = asyncio.create_task(find(k))
                 await asyncio.sleep(0.005)
             await _turns(k % 3)
-            assert task.cancel()
-            try:
-                await task
-                lost += 1
-            except asyncio.CancelledError:
-                pass
+            lost += await _cancel(task)
         assert (lost, found) == (0, [])
         assert await store.find_user("nobody") is None
         assert store.breaker.closed
@@ -97,12 +97,7 @@ async def test_a_claim_cache_command_cancelled_while_written_is_cancelled(redis_
         for i in range(30):
             task = asyncio.create_task(cache.execute(lambda i=i: cache.client.set(key, str(i))))
             await _turns(1 + i % 3)  # inside redis-py's write
-            assert task.cancel()
-            try:
-                await task
-                lost += 1
-            except asyncio.CancelledError:
-                pass
+            lost += await _cancel(task)
         assert lost == 0
         assert cache.breaker.closed and cache.breaker.failures == 0  # a cancellation is no Redis failure
         ok, value = await cache.execute(lambda: cache.client.get(key))
