@@ -39,21 +39,16 @@ from aiwfe.bus.errors import NotConnected
 from aiwfe.bus.nats import NatsBus
 from aiwfe.bus.wheel import DeadlineWheel
 from aiwfe.kernel.tools.embedded import EmbeddedNats
+from tests.support.fastclient import connect_fast
 
 pytestmark = pytest.mark.integration
 
 STOPS = 8
 
 
-async def _connect(url: str) -> FastClient:
-    nc = FastClient()
-    await nc.connect(servers=[url])
-    return nc
-
-
 async def test_a_flush_given_up_on_leaves_the_connection_reading(nats_url: str, prefix: str) -> None:
-    nc = await _connect(nats_url)
-    other = await _connect(nats_url)
+    nc = await connect_fast(nats_url)
+    other = await connect_fast(nats_url)
     got: list[bytes] = []
     try:
         await nc.subscribe_raw(f"{prefix}.x", lambda s, h, d: got.append(d))
@@ -79,7 +74,7 @@ async def test_a_flush_given_up_on_leaves_the_connection_reading(nats_url: str, 
 
 async def _stop_under_load(url: str, subject: str) -> tuple[int, int]:
     """Two request servers in a queue group, 20 callers; one server unsubscribes. (lost, calls)"""
-    a, b, caller = await _connect(url), await _connect(url), await _connect(url)
+    a, b, caller = await connect_fast(url), await connect_fast(url), await connect_fast(url)
 
     def server(nc: FastClient) -> object:
         def on_request(reply: bytes, headers: bytes, data: bytes) -> None:

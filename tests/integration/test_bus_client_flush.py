@@ -14,21 +14,15 @@ import asyncio
 
 import pytest
 
-from aiwfe.bus._client import FastClient
+from tests.support.fastclient import connect_fast
 
 pytestmark = pytest.mark.integration
 
 CYCLES = 400
 
 
-async def _connect(url: str) -> FastClient:
-    nc = FastClient()
-    await nc.connect(servers=[url])
-    return nc
-
-
 async def test_the_ping_of_a_flush_goes_after_the_commands_queued_before_it(nats_url: str, prefix: str) -> None:
-    nc = await _connect(nats_url)
+    nc = await connect_fast(nats_url)
     written: list[bytes] = []
     transport = nc._transport
     assert transport is not None
@@ -47,8 +41,8 @@ async def test_the_ping_of_a_flush_goes_after_the_commands_queued_before_it(nats
 
 
 async def test_a_subscription_is_in_place_when_flush_returns(nats_url: str, prefix: str) -> None:
-    sub_side = await _connect(nats_url)
-    pub_side = await _connect(nats_url)
+    sub_side = await connect_fast(nats_url)
+    pub_side = await connect_fast(nats_url)
     missed: list[int] = []
     try:
         for i in range(CYCLES):
@@ -69,8 +63,8 @@ async def test_a_subscription_is_in_place_when_flush_returns(nats_url: str, pref
 
 
 async def test_a_responder_answers_the_first_request_after_its_flush(nats_url: str, prefix: str) -> None:
-    responder = await _connect(nats_url)
-    caller = await _connect(nats_url)
+    responder = await connect_fast(nats_url)
+    caller = await connect_fast(nats_url)
     refused: list[int] = []
 
     async def echo(msg: object) -> None:

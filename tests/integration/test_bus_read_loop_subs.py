@@ -9,22 +9,16 @@ import asyncio
 import nats.aio.msg
 import pytest
 
-from aiwfe.bus._client import FastClient
+from tests.support.fastclient import connect_fast
 
 pytestmark = pytest.mark.integration
 
 
-async def _connect(url: str) -> FastClient:
-    nc = FastClient()
-    await nc.connect(servers=[url])
-    return nc
-
-
 async def test_callbacks_get_reply_raw_headers_and_payload_and_a_raising_one_stops_nothing(nats_url: str, prefix: str) -> None:
-    nc = await _connect(nats_url)
+    nc = await connect_fast(nats_url)
     # a FastClient too: plain nats-py's flush() can return before its SUB reached the server
     # (tests/integration/test_bus_client_flush.py), and the echo below subscribes then flushes
-    other = await _connect(nats_url)
+    other = await connect_fast(nats_url)
     got: list[tuple[bytes, bytes, bytes]] = []
     raw: list[tuple[bytes, bytes, bytes]] = []
 
