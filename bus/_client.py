@@ -145,8 +145,9 @@ class FastClient(_nc.Client):
             return
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await queue.put(future)
-        try:
-            await asyncio.wait_for(future, self._flush_timeout)
+        try:  # asyncio.timeout, not wait_for: on 3.11 wait_for can lose a cancellation itself
+            async with asyncio.timeout(self._flush_timeout):
+                await future
         except TimeoutError:
             await self._error_cb(_nc.errors.FlushTimeoutError())
 
