@@ -158,7 +158,7 @@ class FastClient(_nc.Client):
         in its pending buffer for the flusher task, so ``flush()`` could return before the server
         had seen a subscription made just before it: a pod said ready (``Pod.start``) with a
         subscription not yet in place, and a request right after got "no responders" (in
-        up to one in a hundred subscribe-flush-publish cycles, ``tests/integration/test_bus_client_flush.py``).
+        about one in a hundred subscribe-flush-publish cycles, ``tests/integration/test_bus_client_flush.py``).
         The pending commands are written first, as the flusher would write them."""
         transport = self._transport
         assert transport, "Client.connect must be called first"

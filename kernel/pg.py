@@ -18,7 +18,6 @@ transaction-scoped advisory lock so that replicas starting together apply them o
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
@@ -33,6 +32,7 @@ from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from aiwfe.kernel import metrics
+from aiwfe.kernel.cancels import cancellations, raise_if_cancelled_since
 from aiwfe.kernel.errors import ConfigError, Overloaded, Unavailable
 
 __all__ = [
@@ -193,11 +193,9 @@ async def pooled(pool: AsyncConnectionPool) -> AsyncIterator[psycopg.AsyncConnec
     A cancellation counted during the checkout is honoured here instead: the connection goes
     back to the pool unused and ``CancelledError`` is raised.
     """
-    task = asyncio.current_task()
-    before = task.cancelling() if task is not None else 0
+    before = cancellations()
     async with pool.connection() as conn:
-        if task is not None and task.cancelling() > before:
-            raise asyncio.CancelledError
+        raise_if_cancelled_since(before)
         yield conn
 
 

@@ -42,6 +42,8 @@ from redis.asyncio.retry import Retry  # the asyncio one: redis-py 8.2 warns whe
 from redis.backoff import NoBackoff
 from redis.exceptions import MaxConnectionsError, RedisError
 
+from aiwfe.kernel.cancels import cancellations, raise_if_cancelled_since
+
 from .store import Breaker
 
 __all__ = ["ClaimCache", "Denylist"]
@@ -158,24 +160,23 @@ class ClaimCache:
         """
         if self.client is None or self._inflight >= self.max_connections or not self.breaker.allow():
             return False, None
-        task = asyncio.current_task()
-        cancelling = task.cancelling() if task is not None else 0
+        before = cancellations()
         self._inflight += 1
         try:
             async with asyncio.timeout(self.timeout_s * 2):
                 result = await op()
         except MaxConnectionsError:
-            _raise_if_cancelled(task, cancelling)
+            raise_if_cancelled_since(before)
             return False, None  # our own pool is saturated; Redis itself is fine
         except (RedisError, OSError, TimeoutError) as e:
-            _raise_if_cancelled(task, cancelling)
+            raise_if_cancelled_since(before)
             if self.breaker.closed:
                 log.warning("auth: redis failed (%s); bypassing it for %.1f s at a time", type(e).__name__, self.breaker.open_s)
             self.breaker.failure(e if str(e) else type(e).__name__)
             return False, None
         finally:
             self._inflight -= 1
-        _raise_if_cancelled(task, cancelling)
+        raise_if_cancelled_since(before)
         self.breaker.success()
         return True, result
 
@@ -257,10 +258,3 @@ class ClaimCache:
         for jti, exp in revoked or ():
             into.add(jti, exp)
         return revoked is not None
-
-
-def _raise_if_cancelled(task: asyncio.Task[Any] | None, cancelling: int) -> None:
-    """Raise the cancellation redis-py lost (:meth:`ClaimCache._run`): ``task`` was cancelled
-    more times than the ``cancelling`` it had before the command."""
-    if task is not None and task.cancelling() > cancelling:
-        raise asyncio.CancelledError

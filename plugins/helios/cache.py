@@ -7,7 +7,6 @@ timeout and a circuit breaker skips Redis for ``open_s`` after a failure.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import time
 
@@ -15,6 +14,7 @@ import msgspec
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from aiwfe.kernel.cancels import raise_if_cancelled_since
 from aiwfe.kernel.metrics import REGISTRY
 
 __all__ = ["CACHE", "AnswerCache"]
@@ -96,7 +96,5 @@ def _reraise_cancel() -> None:
     """Raise CancelledError when this task is being cancelled: redis-py can lose a
     cancellation that arrives mid-command (seen: the command returns normally, or fails
     with a connection error), and the expert would then go on to call its model after the
-    job was cancelled. Checked after every Redis await."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
+    job was cancelled. Checked after every Redis await (:mod:`aiwfe.kernel.cancels`)."""
+    raise_if_cancelled_since(0)
