@@ -245,64 +245,80 @@ class QueueMixin:
         slots = asyncio.Semaphore(options.concurrency)
         psub: Any = None
         failures = 0
-        while not self._stopping:
-            await slots.acquire()
-            free = 1
-            while free < 64 and not slots.locked():
-                await slots.acquire()
-                free += 1
-            me = asyncio.current_task()
-            try:
-                if psub is None:
-                    psub = await self.js.pull_subscribe_bind(durable=cfg.durable_name, stream=self.names["jobs"])
-                # wait_for guards against fetches that never return after a server restart.
-                self._fetching.add(me)  # type: ignore[arg-type]
-                try:
-                    msgs = await asyncio.wait_for(psub.fetch(batch=free, timeout=1.0), timeout=6.0)
-                finally:
-                    self._fetching.discard(me)  # type: ignore[arg-type]
-                failures = 0
-            except (TimeoutError, nats.errors.TimeoutError):
-                msgs = []
-            except asyncio.CancelledError:
-                for _ in range(free):
+        held: list[Msg] = []
+        try:
+            while not self._stopping:
+                await _take_slot(slots, held, psub, options.ack_wait_s / 3)
+                free = 1
+                while free < 64 and not slots.locked():
+                    await slots.acquire()
+                    free += 1
+                if held:  # what an earlier fetch handed over beyond its free slots runs first
+                    msgs, held[:] = held[:free], held[free:]
+                else:
+                    psub, failures, msgs = await self._fetch(kind, cfg, psub, failures, free, slots)
+                    msgs += _queued(psub)
+                if len(msgs) > free:
+                    # A pull request left open after its fetch returned (the server's expiry and
+                    # the client's timer race) delivers into nats-py's queue; its fetch hands all
+                    # of it over whatever the batch (a fetch of one takes one and leaves the rest
+                    # queued). Everything past the free slots is held here and run as slots free,
+                    # its ack wait kept alive meanwhile: the concurrency bound holds, no slot is
+                    # released twice, no delivery expires in a queue nobody heartbeats, and none
+                    # is counted as an attempt it never had (a nak would count it).
+                    held.extend(msgs[free:])
+                    msgs = msgs[:free]
+                if self._stopping:  # fetched while stopping: give them back at once
+                    held.extend(msgs)
+                    msgs = []
+                for _ in range(free - len(msgs)):
                     slots.release()
-                raise
-            except Exception as e:
-                msgs = []
-                failures += 1
-                log.warning("fetch %s failed (%r); re-creating the pull subscription", kind, e)
-                with contextlib.suppress(Exception):
-                    if psub is not None:
-                        await psub.unsubscribe()
-                psub = None
-                await asyncio.sleep(min(0.2 * failures, 2.0))
-                if self.nc is not None and self.nc.is_connected:
-                    with contextlib.suppress(Exception):
-                        await self._ensure_consumer(cfg)
-            if len(msgs) > free:
-                # nats-py's fetch also hands over what an abandoned pull request (a fetch cut off
-                # by the wait_for above) left queued, whatever the batch: past the free slots
-                # they are given back at once, so the concurrency bound holds and no slot is
-                # released twice.
-                for m in msgs[free:]:
-                    with contextlib.suppress(Exception):
-                        await m.nak()
-                msgs = msgs[:free]
-            if self._stopping:  # fetched while stopping: give them back at once
                 for m in msgs:
-                    with contextlib.suppress(Exception):
-                        await m.nak()
-                msgs = []
-            for _ in range(free - len(msgs)):
+                    t = loop.create_task(self._run(NatsDelivery(m), handler, slots))
+                    self._delivery_tasks.add(t)
+                    t.add_done_callback(self._delivery_tasks.discard)
+        finally:
+            for m in held:  # a stopping pod gives back what it held
+                with contextlib.suppress(Exception):
+                    await m.nak()
+            if psub is not None:
+                with contextlib.suppress(Exception):
+                    await psub.unsubscribe()
+
+    async def _fetch(
+        self, kind: str, cfg: api.ConsumerConfig, psub: Any, failures: int, free: int, slots: asyncio.Semaphore
+    ) -> tuple[Any, int, list[Msg]]:
+        """One fetch of up to ``free`` deliveries (nats-py may hand over more, see the caller).
+        Returns the pull subscription (None after an error: re-created next time), the count of
+        failures in a row, and the deliveries."""
+        me = asyncio.current_task()
+        try:
+            if psub is None:
+                psub = await self.js.pull_subscribe_bind(durable=cfg.durable_name, stream=self.names["jobs"])
+            # wait_for guards against fetches that never return after a server restart.
+            self._fetching.add(me)  # type: ignore[arg-type]
+            try:
+                msgs: list[Msg] = await asyncio.wait_for(psub.fetch(batch=free, timeout=1.0), timeout=6.0)
+            finally:
+                self._fetching.discard(me)  # type: ignore[arg-type]
+            return psub, 0, msgs
+        except (TimeoutError, nats.errors.TimeoutError):
+            return psub, 0, []
+        except asyncio.CancelledError:
+            for _ in range(free):
                 slots.release()
-            for m in msgs:
-                t = loop.create_task(self._run(NatsDelivery(m), handler, slots))
-                self._delivery_tasks.add(t)
-                t.add_done_callback(self._delivery_tasks.discard)
-        if psub is not None:
+            raise
+        except Exception as e:
+            failures += 1
+            log.warning("fetch %s failed (%r); re-creating the pull subscription", kind, e)
             with contextlib.suppress(Exception):
-                await psub.unsubscribe()
+                if psub is not None:
+                    await psub.unsubscribe()
+            await asyncio.sleep(min(0.2 * failures, 2.0))
+            if self.nc is not None and self.nc.is_connected:
+                with contextlib.suppress(Exception):
+                    await self._ensure_consumer(cfg)
+            return None, failures, []
 
     async def _run(self, d: NatsDelivery, handler: DeliveryHandler, slots: asyncio.Semaphore) -> None:
         key = id(d)
@@ -340,3 +356,33 @@ class QueueMixin:
                 with contextlib.suppress(Exception):
                     await d.msg.nak()
         self._unsettled.clear()
+
+
+def _queued(psub: Any) -> list[Msg]:
+    """Take the deliveries nats-py's pull subscription has queued (status messages meant for
+    pull requests already answered are dropped, as nats-py's fetch drops them)."""
+    if psub is None:
+        return []
+    sub, out = psub._sub, []
+    while not sub._pending_queue.empty():
+        m = sub._pending_queue.get_nowait()
+        sub._pending_size -= len(m.data)
+        if not (m.headers and m.headers.get(api.Header.STATUS)):
+            out.append(m)
+    return out
+
+
+async def _take_slot(slots: asyncio.Semaphore, held: list[Msg], psub: Any, every_s: float) -> None:
+    """Take one of the consumer's slots. While waiting, every ``every_s``, take over what
+    arrived in nats-py's queue and tell the server every delivery held is in progress, so no
+    ack wait runs out (handing it to another replica) while this one holds it."""
+    while True:
+        try:
+            async with asyncio.timeout(every_s if psub is not None else None):
+                await slots.acquire()
+            return
+        except TimeoutError:
+            held += _queued(psub)
+            for m in held:
+                with contextlib.suppress(Exception):
+                    await m.in_progress()
