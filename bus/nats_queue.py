@@ -246,9 +246,10 @@ class QueueMixin:
         psub: Any = None
         failures = 0
         held: list[Msg] = []
+        beat_at = loop.time()  # when the deliveries held are next told in progress
         try:
             while not self._stopping:
-                await _take_slot(slots, held, psub, options.ack_wait_s / 3)
+                beat_at = await _take_slot(slots, held, psub, options.ack_wait_s / 3, beat_at)
                 free = 1
                 while free < 64 and not slots.locked():
                     await slots.acquire()
@@ -268,9 +269,8 @@ class QueueMixin:
                     # is counted as an attempt it never had (a nak would count it).
                     held.extend(msgs[free:])
                     msgs = msgs[:free]
-                if self._stopping:  # fetched while stopping: give them back at once
-                    held.extend(msgs)
-                    msgs = []
+                # Fetched while stopping (the open fetch is let finish): they run, and the pod
+                # drains them; a nak would count an attempt the job never had.
                 for _ in range(free - len(msgs)):
                     slots.release()
                 for m in msgs:
@@ -372,17 +372,21 @@ def _queued(psub: Any) -> list[Msg]:
     return out
 
 
-async def _take_slot(slots: asyncio.Semaphore, held: list[Msg], psub: Any, every_s: float) -> None:
-    """Take one of the consumer's slots. While waiting, every ``every_s``, take over what
-    arrived in nats-py's queue and tell the server every delivery held is in progress, so no
-    ack wait runs out (handing it to another replica) while this one holds it."""
+async def _take_slot(slots: asyncio.Semaphore, held: list[Msg], psub: Any, every_s: float, beat_at: float) -> float:
+    """Take one of the consumer's slots. While waiting, at ``beat_at`` (loop time) and every
+    ``every_s`` after, take over what arrived in nats-py's queue and tell the server every
+    delivery held is in progress, so no ack wait runs out (handing it to another replica) while
+    this one holds it. Returns when that is next due: the period runs across calls, because
+    slots that free sooner than ``every_s`` would otherwise restart it before it ever ends."""
+    loop = asyncio.get_running_loop()
     while True:
         try:
-            async with asyncio.timeout(every_s if psub is not None else None):
+            async with asyncio.timeout_at(beat_at if psub is not None else None):
                 await slots.acquire()
-            return
+            return beat_at
         except TimeoutError:
             held += _queued(psub)
+            beat_at = loop.time() + every_s
             for m in held:
                 with contextlib.suppress(Exception):
                     await m.in_progress()

@@ -443,6 +443,6 @@ class Jobs:
         headers = {k: v for k, v in call.headers.items() if not k.startswith("Nats-")}
         headers.update({H_JOB_ID: call.job_id, H_REASON: msgspec.json.encode(reason).decode(), H_ATTEMPTS: str(call.attempt)})
         with _unavailable():
-            await self.bus.append(f"{self.prefix}.dlq.{call.kind}", call.data, headers, msg_id=f"dlq-{call.job_id}")
+            await self.bus.append(f"{self.prefix}.dlq.{call.kind}", call.data, headers, msg_id=f"dlq-{call.job_id}.{call.seq}")
         metrics.DEAD_LETTERS.labels(call.kind).inc()
         await self._record(JobRecord(job_id=call.job_id, kind=call.kind, status="failed", error=reason, attempts=call.attempt))
