@@ -431,11 +431,13 @@ async def _reply(fut: asyncio.Future[Msg], deadline: float, wheel: DeadlineWheel
         nats.errors.TimeoutError: no reply by ``deadline``.
         nats.errors.NoRespondersError: the server's 503 status: nobody subscribes.
     """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
     timer = wheel.add(deadline, fut)
     try:
         msg = await fut
-    except asyncio.CancelledError:
-        if timer[1].expired:
+    except asyncio.CancelledError:  # a cancellation of the task that came with the deadline goes on
+        if timer[1].expired and (task is None or task.cancelling() == before):
             raise _nc.errors.TimeoutError from None
         raise
     finally:

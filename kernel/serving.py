@@ -119,6 +119,7 @@ class Endpoint:
         lim = self.limiter
         task = asyncio.current_task()
         assert task is not None
+        before = task.cancelling()
         # Ordering rule: arm the deadline before taking a slot (so it bounds the wait in the
         # queue), and take the slot inside the try whose finally releases it.
         timer = self.wheel.add(deadline, task, self.overdue)
@@ -130,8 +131,8 @@ class Endpoint:
             entered = True
             return await self.fn(msg)
         except asyncio.CancelledError:
-            if timer[1].expired:
-                task.uncancel()
+            # The wheel's cancellation is taken back; one that came with it (a stop) goes on.
+            if timer[1].expired and task.uncancel() == before:
                 raise DeadlineExceeded(f"{self.spec.address}: deadline exceeded") from None
             raise
         except Exception as e:
