@@ -385,7 +385,6 @@ class Jobs:
         except asyncio.CancelledError:
             if call.job_id not in self._cancelled:
                 raise  # the pod is stopping: the job goes back to the queue
-            self._cancelled.discard(call.job_id)
             task.uncancel()
             metrics.JOBS.labels(kind, "cancelled").inc()
             return "term", 0.0
@@ -405,6 +404,7 @@ class Jobs:
             return "nak", backoff_for(options, call.attempt)
         finally:
             self._running.pop(call.job_id, None)
+            self._cancelled.discard(call.job_id)  # also when the handler swallowed its cancellation
         await self._record(JobRecord(job_id=call.job_id, kind=kind, status="done", result=result, attempts=call.attempt))
         return "ack", 0.0
 

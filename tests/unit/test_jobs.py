@@ -180,6 +180,39 @@ async def test_a_first_delivery_of_a_cancelled_job(prefix: str) -> None:
         await bus.close()
 
 
+async def test_a_handler_that_swallows_its_cancellation_leaves_nothing_behind(prefix: str) -> None:
+    """A job cancelled while it runs is marked so that its CancelledError reads as the client's
+    cancel, not a stopping pod. A handler that caught the cancellation and returned left its
+    mark for good: one job id more in memory per such cancel, for the life of the pod."""
+    from aiwfe.bus.local import LocalBus
+    from aiwfe.kernel.jobs import JobCall, Jobs
+    from aiwfe.kernel.plugin import HandlerOptions
+
+    bus = LocalBus(prefix)
+    await bus.start()
+    worker = Jobs(bus)
+    try:
+        started = asyncio.Event()
+
+        async def stubborn(call: JobCall) -> bytes:
+            started.set()
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                pass  # swallowed: the handler's choice
+            return msgspec.msgpack.encode({"square": 4})
+
+        call = JobCall(job_id="stubborn", kind="probe.crunch", data=b"", headers={}, attempt=1, max_deliver=3)
+        run = asyncio.get_running_loop().create_task(worker.process(call, HandlerOptions(), stubborn))
+        await started.wait()
+        worker._stop_running("stubborn")  # what the cancel broadcast does in the running pod
+        assert await run == ("ack", 0.0)
+        assert worker._cancelled == set()
+    finally:
+        worker.stop()
+        await bus.close()
+
+
 async def test_events_sent_together_are_each_stored_in_order(start_pods: StartPods) -> None:
     from aiwfe.kernel.jobs import JobContext
     from tests.support.probe import Progressed
