@@ -44,6 +44,7 @@ that would let each pod admit the limit on its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import random
@@ -207,12 +208,12 @@ class JobQuotas:
         lease = _lease_enc.encode(_Lease(job_id, time.time() + hold_s))
         keys = [f"{base}.{i}" for i in range(limit)]
         first = keys[random.randrange(limit)]  # a user below the limit: usually one round trip
-        if await self.bus.kv_create(first, lease):
+        if await self._take(first, lease):
             return first
         for _ in range(3):
             free = await self._free(keys)
             for key in free:
-                if await self.bus.kv_create(key, lease):
+                if await self._take(key, lease):
                     return key
             if not free:
                 break
@@ -228,6 +229,18 @@ class JobQuotas:
             f"too many jobs: {limit} {address} jobs of this {who} are not finished (limit {limit}); retry when one has finished",
             retry_after_s=lim.retry_after_s,
         )
+
+    async def _take(self, key: str, lease: bytes) -> bool:
+        """Create slot ``key`` holding ``lease``. Cancelled on the way (the caller left), the
+        slot is given back if the create went through: it would stay held for the whole lease
+        by a job that is never queued."""
+        try:
+            return await self.bus.kv_create(key, lease)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                if await self.bus.kv_get(key) == lease:
+                    await self.bus.kv_delete(key)
+            raise
 
     async def release(self, key: str) -> None:
         """Give back a slot taken by :meth:`acquire` whose job was not queued after all."""

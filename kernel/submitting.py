@@ -240,8 +240,9 @@ class Submissions:
         owner's job slots for ``hold_s`` seconds when the job is new (``hold_s`` None: no slot;
         ``declared``: the contract's ``max_jobs_per_owner``) and queue the job; when queueing
         was refused, give back what this call took and re-raise. When it was not confirmed
-        (``DeadlineExceeded``) or the caller was cancelled, the job may be queued: its owner
-        entry and slot stay (a job without its owner would answer 404 to that owner).
+        (``DeadlineExceeded``) or the caller was cancelled while queueing, the job may be queued:
+        its owner entry and slot stay (a job without its owner would answer 404 to that owner). A
+        caller cancelled before queueing gives both back (the slot was held until its lease ended).
 
         Raises:
             TooLarge, Forbidden, TooManyJobs, Unavailable, DeadlineExceeded.
@@ -253,16 +254,18 @@ class Submissions:
                 created = await self.bus.kv_create(key, owner.encode())
             if not created and await self.kernel.jobs.owner(job_id) != owner:
                 raise Forbidden(f"job {job_id} belongs to someone else")
+        queueing = False
         try:
             if created and owner is not None and hold_s is not None:  # a resubmission holds its first slot
                 with _unavailable():
                     slot = await self.quotas.acquire(
                         address, owner, job_id, hold_s, submitted=owner == SUBMITTED, declared=declared
                     )
+            queueing = True
             await self.kernel._submit(address, data, headers, job_id)
-        except (DeadlineExceeded, asyncio.CancelledError):
-            raise  # not confirmed, or the caller left: the job may be queued, its owner and slot stay
-        except BaseException:
+        except BaseException as e:
+            if queueing and isinstance(e, (DeadlineExceeded, asyncio.CancelledError)):
+                raise  # not confirmed, or the caller left while queueing: the job may be queued, its owner and slot stay
             with contextlib.suppress(Exception):
                 if slot is not None:
                     await self.quotas.release(slot)

@@ -4,6 +4,7 @@ runs these bodies over a real NATS server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -149,6 +150,41 @@ async def test_an_unconfirmed_enqueue_keeps_the_owner_entry(start_pods: StartPod
             await k.submit_json("probe.crunch", b'{"n": 1}', owner="alice", idempotency_key="y")
         # the job may have been stored: its owner must still find it (a resubmission is deduplicated)
         assert await k.job_owner(k._job_id("probe.crunch", None, "y")) == "alice"
+
+
+async def test_a_caller_cancelled_before_queueing_gives_back_its_slot_and_owner_entry(
+    start_pods: StartPods, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submission cancelled as it took one of the user's job slots (the create done in the
+    bucket, its answer not yet read), before it queued the job, kept both the slot and the owner
+    entry, as if the job might be queued: the slot stayed held for its whole lease (1800 s and
+    grace) by a job that never existed. A gateway socket closed mid-submit did this
+    (tests/integration/test_gateway_leaks.py). Failed every run before."""
+    async with start_pods(TWO_PODS) as pods:
+        k = pods["back"].kernel
+        real_create = k.bus.kv_create
+        taken: list[str] = []
+        stalled = asyncio.Event()
+
+        async def create_then_stall(key: str, value: bytes) -> bool:
+            created = await real_create(key, value)
+            if key.startswith("quota."):  # the slot is taken; its answer comes late
+                taken.append(key)
+                stalled.set()
+                await asyncio.sleep(30)
+            return created
+
+        monkeypatch.setattr(k.bus, "kv_create", create_then_stall)
+        submit = asyncio.get_running_loop().create_task(
+            k.submit_json("probe.crunch", b'{"n": 1}', owner="alice", idempotency_key="gone")
+        )
+        await stalled.wait()
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+        assert len(taken) == 1
+        assert await k.bus.kv_get(taken[0]) is None  # the slot is free again
+        assert await k.job_owner(k._job_id("probe.crunch", None, "gone")) is None
 
 
 async def test_jobs_of_a_kind_no_pod_takes_are_refused(start_pods: StartPods) -> None:
