@@ -63,6 +63,7 @@ from .admin import ADMIN_ROUTES
 from .busdoc import BusDocument, asyncapi_route
 from .console_api import CONSOLE_ROUTES
 from .frames import TERMINAL
+from .hub import Held
 from .limits import MAX_SEQ, check_values, finished_last_seq, guard, methods, once, parse_seq, past_end, running_past_end
 from .openapi import (
     SSE_RESPONSE,
@@ -287,12 +288,13 @@ async def get_job(svc: Services, owned_job: OwnedJob) -> JobView:
     responses={
         200: SSE_RESPONSE,
         204: ResponseSpec(None, description="The client has seen the job's last event: nothing more to stream."),
-        **errors(400, 404, 502, 503),
+        **errors(400, 404, 429, 502, 503),
     },
 )
 async def job_events(
     request: Request[Any, Any, Any],
     svc: Services,
+    claims: CallerClaims,
     owned_job: OwnedJob,
     after_seq: Annotated[
         str | None, Parameter(description="Resume after this sequence", schema_extra={"type": "integer", "maximum": MAX_SEQ})
@@ -303,7 +305,8 @@ async def job_events(
     Each event's ``id`` is its sequence; a reconnecting EventSource sends
     ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same). Sequences are
     range-checked (400; also when either is given twice); past a job's last event (finished
-    or not): 400; at a finished job's last event: 204 (no more events).
+    or not): 400; at a finished job's last event: 204 (no more events). A stream is one of the
+    user's ``max_sockets_per_user`` long-lived connections, as a WebSocket is: past them, 429.
     """
     try:
         query = once(request.query_params.getall("after_seq", []), "after_seq")
@@ -328,7 +331,11 @@ async def job_events(
                 payload["status"] = TERMINAL[ev.type]
             yield ServerSentEventMessage(data=msgspec.json.encode(payload).decode(), event=ev.type, id=str(ev.seq))
 
-    return ServerSentEvent(stream())
+    limit = svc.config.max_sockets_per_user  # an event stream counts as one of the user's long-lived connections
+    if not svc.hub.hold(claims.sub, limit):
+        retry = {"Retry-After": str(max(1, math.ceil(svc.config.retry_after_s)))}
+        raise HTTPException(status_code=429, detail=f"at most {limit} WebSockets and event streams per user", headers=retry)
+    return ServerSentEvent(Held(svc.hub, claims.sub, stream()))
 
 
 @post("/v1/memory", status_code=201, tags=["memory"], responses=errors(400, 413, 502, 503))

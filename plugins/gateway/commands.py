@@ -129,8 +129,19 @@ class Commands:
                 {"type": "error", "code": "unknown_kind", "message": f"unknown job kind {f.kind!r}; known: {known}", "id": f.id}
             )
             return
+        submitting = asyncio.ensure_future(self.services.submit(address, f.input, self.sub, f.idempotency_key))
         try:
-            job_id = await self.services.submit(address, f.input, self.sub, f.idempotency_key)
+            job_id = await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            # The socket closed mid-submit. A submission cut short may leave its job queued, or
+            # one of the user's job slots held until its lease ends for a job never queued
+            # (kernel.submitting): it runs to its end, so that a cancel_on_disconnect job is
+            # cancelled with the socket's others (close() waits for this task).
+            with contextlib.suppress(BaseException):
+                job_id = await asyncio.shield(submitting)
+                if f.cancel_on_disconnect:
+                    self.cancel_on_disconnect.add(job_id)
+            raise
         except AiwfeError as e:
             self.out.push(self._error(e, f.id))
             return

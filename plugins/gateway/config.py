@@ -47,9 +47,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     frame; deeper frames get ``bad_frame`` (the socket stays open).
     ``keep_alive_s``: idle HTTP keep-alive before the server closes a connection; longer
     than clients' pools keep idle connections, so a reused one is not closed under a request.
-    ``max_sockets_per_user``: WebSockets one user may hold open at once on this gateway
-    process (handshakes under way count); past it the handshake is answered 429 with
-    ``Retry-After``, so one token holder cannot take every socket the process can open.
+    ``max_sockets_per_user``: WebSockets and event streams one user may hold open at once on
+    this gateway process (handshakes under way count); past it the handshake or the stream is
+    answered 429 with ``Retry-After``, so one token holder cannot take every socket the process can open.
     """
 
     host: str = "127.0.0.1"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from .frames import CLOSE_GOING_AWAY, CLOSE_REVOKED
 
-__all__ = ["Hub", "Socket"]
+__all__ = ["Held", "Hub", "Socket"]
 
 
 class Socket(Protocol):
@@ -92,3 +93,33 @@ class Hub:
             c.close_soon(code, reason)
         if conns:
             await asyncio.wait([asyncio.ensure_future(c.finished.wait()) for c in conns], timeout=5.0)
+
+
+class Held:
+    """An event stream that holds one of its user's long-lived connections (:meth:`Hub.hold`,
+    as a WebSocket does) and gives it back once, however it ends: exhausted, failed, cancelled
+    by a disconnect, or dropped before it was ever iterated (its response never sent)."""
+
+    __slots__ = ("_hub", "_it", "_sub")
+
+    def __init__(self, hub: Hub, sub: str, it: AsyncIterator[Any]) -> None:
+        self._hub, self._sub, self._it = hub, sub, it
+
+    def __aiter__(self) -> Held:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self._it.__anext__()
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Give the connection back (idempotent)."""
+        hub, self._hub = self._hub, None  # type: ignore[assignment]
+        if hub is not None:
+            hub.release(self._sub)
+
+    def __del__(self) -> None:
+        self.release()

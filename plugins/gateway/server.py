@@ -126,10 +126,17 @@ class LeanHttp(HttpToolsProtocol):
     response already under way is cut). uvicorn itself has no such timer, so a client that
     connected and sent nothing, half a head or half a body held its socket for ever. The
     time between requests is uvicorn's keep-alive timeout; an upgraded WebSocket has its own
-    pings and idle timeout."""
+    pings and idle timeout.
+
+    A response the client does not read (writing paused for :attr:`write_stall_s` on end)
+    aborts the connection. uvicorn's ``send`` waits for a paused transport for ever:
+    an event stream to a client that kept its socket but stopped reading held its task and
+    JetStream consumer as long as the client liked (tests/integration/test_gateway_leaks.py)."""
 
     #: Seconds to send one whole request (head and body); past it 408.
     request_read_s = 30.0
+    #: Seconds a response may wait, writing paused, for a client that does not read; past it the connection is aborted.
+    write_stall_s = 30.0
 
     #: Largest request head (request line and headers, their CRLFs and the blank line, bytes); past it 431 at once.
     max_header_bytes = 16_384
@@ -140,6 +147,7 @@ class LeanHttp(HttpToolsProtocol):
     _line_bytes = 0  # the current head line's bytes so far (a line may span reads)
     _tail = b""  # the last bytes of the previous read (a head's end may span reads)
     _read_timer: asyncio.TimerHandle | None = None  # armed while a request is being read
+    _stall_timer: asyncio.TimerHandle | None = None  # armed while writing is paused
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -147,7 +155,27 @@ class LeanHttp(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unstall()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.write_stall_s, self._write_stalled)
+
+    def resume_writing(self) -> None:
+        self._unstall()
+        super().resume_writing()
+
+    def _unstall(self) -> None:
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    def _write_stalled(self) -> None:
+        self._stall_timer = None
+        log.info("http %s: the client read nothing for %g s; connection aborted", self.client, self.write_stall_s)
+        self.transport.abort()
 
     def keep_deadline(self, deadline: float) -> None:
         """Count the first request's time from ``deadline - request_read_s`` (loop time), the
