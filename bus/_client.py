@@ -191,7 +191,8 @@ class FastClient(_nc.Client):
 
     async def _init_request_sub(self) -> None:
         await super()._init_request_sub()
-        mux = bytes(self._resp_sub_prefix or b"").decode() + "*"
+        self._resp_prefix_str = bytes(self._resp_sub_prefix or b"").decode()  # call() and call_many() init it so
+        mux = self._resp_prefix_str + "*"
         self._resp_sid = next((sid for sid, sub in self._subs.items() if sub.subject == mux), -1)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
@@ -318,12 +319,19 @@ class FastClient(_nc.Client):
                 fut.set_exception(CalleeLost(f"no reply and no heartbeat for {LIVENESS_WINDOW_S:g} s"))
         self._live_sweep = loop.call_at(now + _SWEEP_S, self._sweep, loop, now + _SWEEP_S) if live else None
 
-    async def _publish_call(self, subject: str, token: str, payload: bytes, headers: dict[str, str] | None) -> None:
-        """Publish a request whose reply comes to ``token`` on the mux: Client.publish's checks,
-        inline, without validating the reply subject (our own inbox)."""
+    async def _publish_call(self, subject: str, token: str, payload: bytes, headers: dict[str, str] | None, end: float) -> None:
+        """Publish a request whose reply comes to ``token`` on the mux (Client.publish's checks, inline).
+        One that may wait for the flusher (a stalled server) waits until ``end`` (loop time) at most:
+        a call's deadline holds before its reply is awaited (a timeout per call would cost ~4 µs)."""
         if not self._skip_subject_validation:
             _nc._validate_subject(subject)
-        await self.publish_checked(subject, self._resp_prefix_str + token, payload, headers)
+        if self._pending_data_size + len(payload) + 65536 <= self._max_pending_size or self._max_pending_size <= 0:
+            return await self.publish_checked(subject, self._resp_prefix_str + token, payload, headers)
+        try:
+            async with asyncio.timeout_at(end):
+                await self.publish_checked(subject, self._resp_prefix_str + token, payload, headers)
+        except TimeoutError:
+            raise _nc.errors.TimeoutError from None
 
     async def publish_checked(self, subject: str, reply: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         """Client.publish without validating ``subject`` and ``reply`` (the caller has: a reply
@@ -351,14 +359,12 @@ class FastClient(_nc.Client):
             nats.errors.NoRespondersError: nobody subscribes to ``subject``.
         """
         if not self._resp_prefix_str:
-            if not self._resp_sub_prefix:
-                await self._init_request_sub()
-            assert self._resp_sub_prefix is not None
-            self._resp_prefix_str = self._resp_sub_prefix.decode()
+            await self._init_request_sub()
         loop = asyncio.get_running_loop()
         resp_map = self._resp_map
         pending: list[tuple[str, asyncio.Future[Msg]]] = []
         out: list[Msg] = []
+        deadline = loop.time() + timeout_s
         try:
             for payload, headers in items:
                 self._call_seq += 1
@@ -366,8 +372,7 @@ class FastClient(_nc.Client):
                 fut: asyncio.Future[Msg] = loop.create_future()
                 resp_map[token] = fut
                 pending.append((token, fut))
-                await self._publish_call(subject, token, payload, headers)
-            deadline = loop.time() + timeout_s
+                await self._publish_call(subject, token, payload, headers, deadline)
             for _, fut in pending:
                 out.append(await _reply(fut, deadline, wheel))
         finally:
@@ -387,10 +392,9 @@ class FastClient(_nc.Client):
     ) -> Msg:
         """Request/reply on nats-py's response mux, with less per-call work than ``request``.
 
-        ``request`` draws random bytes for every token and wraps the reply future in
-        ``asyncio.wait_for``; here tokens come from a counter and the timeout from the
-        caller's deadline wheel. ``headers``: NATS headers of the request (JetStream publishes).
-        ``live``: follow the callee's liveness heartbeats (a kernel call to a kernel pod).
+        Tokens come from a counter and the timeout from the caller's deadline wheel, not
+        ``asyncio.wait_for`` (on 3.11 it drops a cancellation that lands as the reply does).
+        ``headers``: of the request. ``live``: follow the callee's heartbeats (a kernel call).
 
         Raises:
             nats.errors.TimeoutError: no reply within ``timeout_s``.
@@ -398,25 +402,21 @@ class FastClient(_nc.Client):
             CalleeLost: ``live`` and neither reply nor heartbeat within the liveness window.
         """
         if not self._resp_prefix_str:
-            if not self._resp_sub_prefix:
-                await self._init_request_sub()
-            assert self._resp_sub_prefix is not None
-            self._resp_prefix_str = self._resp_sub_prefix.decode()
+            await self._init_request_sub()
         self._call_seq += 1
         loop = asyncio.get_running_loop()
-        if live:
-            token = f"{LIVE_MARK}{self._call_seq}"
-            self._live[token] = loop.time()
-            if self._live_sweep is None:
-                self._live_sweep = loop.call_at(loop.time() + _SWEEP_S, self._sweep, loop, loop.time() + _SWEEP_S)
-        else:
-            token = f"k{self._call_seq}"
+        deadline = loop.time() + timeout_s
+        token = f"{LIVE_MARK if live else 'k'}{self._call_seq}"
         fut: asyncio.Future[Msg] = loop.create_future()
         resp_map = self._resp_map
         resp_map[token] = fut
         try:
-            await self._publish_call(subject, token, payload, headers)
-            msg = await _reply(fut, loop.time() + timeout_s, wheel)
+            await self._publish_call(subject, token, payload, headers, deadline)
+            if live:  # followed from when the request has left (its publish may have waited for the server)
+                self._live[token] = now = loop.time()
+                if self._live_sweep is None:
+                    self._live_sweep = loop.call_at(now + _SWEEP_S, self._sweep, loop, now + _SWEEP_S)
+            msg = await _reply(fut, deadline, wheel)
         finally:
             resp_map.pop(token, None)
             if live:

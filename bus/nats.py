@@ -200,8 +200,13 @@ class NatsBus(QueueMixin, StreamsMixin):
         return None
 
     async def flush(self) -> None:
-        """PING/PONG round trip: the server has processed our subscriptions."""
+        """PING/PONG round trip: the server has processed our subscriptions. nats-py waits with
+        ``asyncio.wait_for``, which on 3.11 drops a cancellation landing with the PONG: raised here."""
+        task = asyncio.current_task()
+        before = task.cancelling() if task is not None else 0
         await self._conn().flush(timeout=5)
+        if task is not None and task.cancelling() > before:
+            raise asyncio.CancelledError
 
     async def stop_taking_work(self) -> None:
         """Unsubscribe request and message handlers and stop fetching deliveries."""
@@ -257,10 +262,8 @@ class NatsBus(QueueMixin, StreamsMixin):
         """
         nc = self._conn()
         try:
-            if headers is None:
-                msg = await nc.call(subject, data, timeout_s, self._wheel, live=True)
-            else:
-                msg = await nc.request(subject, data, timeout=timeout_s, headers=headers)
+            # not nats-py's request: its asyncio.wait_for drops a cancellation that lands with the reply (3.11)
+            msg = await nc.call(subject, data, timeout_s, self._wheel, headers, live=headers is None)
         except CalleeLost as e:
             raise CalleeLost(f"{subject}: the pod serving the call went silent ({e})") from None
         except nats.errors.NoRespondersError:
