@@ -104,6 +104,7 @@ class Kernel:
         await self.jobs.start()
         await self.submissions.start()  # before the consumers: the jobs stream must take their kinds
         for contract, ep in self.endpoints.items():
+            ep.max_reply = self.bus.max_payload()
             await self.bus.serve(self.subject(contract), ep.handle_remote)
         for contract, eps in self.events.items():
             for ep in eps:

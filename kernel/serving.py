@@ -27,7 +27,7 @@ from aiwfe.bus.wheel import DeadlineWheel
 
 from . import metrics, tracing
 from .contract import schema_hash
-from .errors import AiwfeError, BadMessage, DeadlineExceeded, RemoteError, SchemaMismatch, as_remote, to_wire
+from .errors import AiwfeError, BadMessage, DeadlineExceeded, RemoteError, SchemaMismatch, TooLarge, as_remote, to_wire
 from .jobs import JobContext, Jobs, _job
 from .limiter import Limiter
 from .plugin import HandlerSpec, Plugin
@@ -78,7 +78,7 @@ class Endpoint:
 
     # fmt: off
     __slots__ = ("__weakref__", "contract", "decoder", "fn", "jobs", "json_decoder", "limiter", "m_local", "m_remote",
-                 "overdue", "schema", "schema_raw", "spec", "timeout_s", "wheel")
+                 "max_reply", "overdue", "schema", "schema_raw", "spec", "timeout_s", "wheel")
     # fmt: on
 
     def __init__(self, spec: HandlerSpec, plugin: Plugin, wheel: DeadlineWheel, jobs: Jobs | None = None) -> None:
@@ -93,6 +93,7 @@ class Endpoint:
         self.decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(spec.contract)
         self.json_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(spec.contract)
         self.timeout_s = spec.options.timeout_s
+        self.max_reply = 1 << 62  # the bus's max_payload, set when the kernel serves it on a bus
         self.m_local = metrics.handled(spec.address, "local")
         self.m_remote = metrics.handled(spec.address, "remote")
         # Timers fired while their work still runs → time.monotonic() when they fired.
@@ -203,7 +204,10 @@ class Endpoint:
                 trace_token = _trace.set(tp)
             reply = await self.invoke(msg, asyncio.get_running_loop().time() + remaining_s, tp)
             self.m_remote.observe(time.perf_counter() - t0)
-            return (_json_enc.encode(reply) if json else _enc.encode(reply)), None
+            out = _json_enc.encode(reply) if json else _enc.encode(reply)
+            if len(out) > self.max_reply:  # NATS would refuse it and the caller would hear nothing
+                raise TooLarge(f"{self.spec.address}: a reply of {len(out)} bytes, over the bus's max_payload {self.max_reply}")
+            return out, None
         except AiwfeError as e:
             metrics.failed(self.spec.address, "remote", e.code)
             return b"", {H_ERROR: to_wire(e).decode()}
