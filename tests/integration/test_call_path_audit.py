@@ -6,7 +6,7 @@ deadline (and its liveness window) started only once its publish returned, so a 
 held calls past their deadline and failed live ones as CalleeLost although the callee answered;
 nats-py's ``request`` and ``flush`` (``asyncio.wait_for``) dropped a cancellation landing with the
 reply or PONG. The storm of cancelled and timed-out calls is a guard (it passed before too), and
-the oversized reply is a known failure whose fix belongs to ``kernel/serving.py``.
+a reply over the server's max_payload was lost (now answered TooLarge by ``kernel/serving.py``).
 """
 
 from __future__ import annotations
