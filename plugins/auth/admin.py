@@ -52,12 +52,18 @@ def admin_names(configured: list[str]) -> frozenset[str]:
 
 
 class SubjectDenylist:
-    """Per-user token cut-offs held in memory until the last affected token expires."""
+    """Per-user token cut-offs held in memory until the last affected token expires.
 
-    __slots__ = ("_d",)
+    Each change gets a sequence number (:attr:`seq` is the latest), so a login can ask for the
+    cut-offs it knew when it read the user's row (:meth:`before`): one that arrived later must
+    not date its token after itself.
+    """
+
+    __slots__ = ("_d", "seq")
 
     def __init__(self) -> None:
-        self._d: dict[str, tuple[int, int]] = {}  # sub → (before, exp)
+        self._d: dict[str, tuple[int, int, int]] = {}  # sub → (before, exp, seq of the last change)
+        self.seq = 0
 
     def __len__(self) -> int:
         return len(self._d)
@@ -69,12 +75,16 @@ class SubjectDenylist:
             self._d = {s: v for s, v in self._d.items() if v[1] > now}
         old = self._d.get(sub)
         if exp > now and (old is None or old[0] < before or old[1] < exp):
-            self._d[sub] = (max(before, old[0] if old else 0), max(exp, old[1] if old else 0))
+            self.seq += 1
+            self._d[sub] = (max(before, old[0] if old else 0), max(exp, old[1] if old else 0), self.seq)
 
-    def before(self, sub: str) -> int | None:
-        """The cut-off of ``sub`` (epoch seconds), or None."""
+    def before(self, sub: str, known_by: int | None = None) -> int | None:
+        """The cut-off of ``sub`` (epoch seconds), or None; with ``known_by`` (a past :attr:`seq`),
+        None also when the cut-off changed after it."""
         v = self._d.get(sub)
-        return v[0] if v is not None and v[1] > time.time() else None
+        if v is None or v[1] <= time.time() or (known_by is not None and v[2] > known_by):
+            return None
+        return v[0]
 
     def denies(self, sub: str, iat: int) -> bool:
         """True when a token of ``sub`` issued at ``iat`` is cut off."""

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,7 @@ from .contract import Claims, LoggedOut, Login, Logout, Register, Registered, Su
 from .errors import InvalidCredentials, InvalidInput, InvalidToken, TooManyAttempts, UserExists
 from .kdf import KdfGate, _lower_thread_priority
 from .keys import JwtKey, _material
-from .store import UserStore
+from .store import USERNAME_RE, UserStore
 from .throttle import LoginThrottle
 from .tokens import ALGORITHMS, MIN_SECRET_BYTES, KeyRing, TokenService
 
@@ -49,7 +48,6 @@ __all__ = ["AuthPlugin", "JwtKey", "KdfGate"]
 
 log = logging.getLogger("aiwfe.auth")
 
-_USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{3,64}$")
 _MIN_PASSWORD, _MAX_PASSWORD = 8, 256
 
 
@@ -320,7 +318,7 @@ class AuthPlugin(AdminOps, Plugin):
             InvalidInput, UserExists, Overloaded, Unavailable.
         """
         assert self.store is not None and self._hasher is not None
-        if not _USERNAME_RE.match(req.username):
+        if not USERNAME_RE.fullmatch(req.username):
             raise self._fail("invalid_input", InvalidInput("username must be 3 to 64 characters of A-Z a-z 0-9 _ . @ -"))
         if not _MIN_PASSWORD <= len(req.password) <= _MAX_PASSWORD:
             raise self._fail("invalid_input", InvalidInput(f"password must be {_MIN_PASSWORD} to {_MAX_PASSWORD} characters"))
@@ -362,6 +360,8 @@ class AuthPlugin(AdminOps, Plugin):
                 raise self._fail("invalid_credentials", InvalidCredentials("wrong username or password"))
             hasher = self._hasher
             with self._gate.slot():  # saturated meanwhile: refused here (the attempt released below)
+                # Dated when the row is read: a disable landing during the hash (any pod) cuts the token off.
+                known, read_at = self.subjects.seq, time.time()
                 user = await self.store.find_user(req.username)  # the connection is back in the pool here
                 stored = user.password_hash if user is not None else self._dummy_hash
                 try:
@@ -384,8 +384,8 @@ class AuthPlugin(AdminOps, Plugin):
             except (Overloaded, Unavailable) as e:  # the login itself succeeded; upgrade next time
                 log.info("auth: password hash upgrade for user %s postponed: %s", user.id, e)
         await self.throttle.succeeded(req.username, req.client)
-        cut = self.subjects.before(user.id)  # re-enabled after a disable: date the token after the cut-off
-        now = max(time.time(), cut + 1) if cut is not None else None
+        cut = self.subjects.before(user.id, known_by=known)  # re-enabled after a disable: date it after the cut-off
+        now = max(read_at, cut + 1) if cut is not None else read_at
         token, _claims = self.tokens.issue(user.id, user.username, user.scopes, now=now)
         return Token(access_token=token, token_type="bearer", expires_in=self.config.access_ttl_s)
 

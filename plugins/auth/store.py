@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -32,7 +33,10 @@ from aiwfe.kernel.errors import Overloaded, Unavailable
 
 from .errors import UserExists
 
-__all__ = ["Breaker", "User", "UserStore", "migrations"]
+__all__ = ["USERNAME_RE", "Breaker", "User", "UserStore", "migrations"]
+
+#: What registration allows (use ``fullmatch``: ``$`` would also pass "alice\n" beside "alice").
+USERNAME_RE = re.compile(r"[A-Za-z0-9_.@-]{3,64}")
 
 log = logging.getLogger("aiwfe.auth.store")
 
@@ -260,7 +264,9 @@ class UserStore:
         Raises:
             Overloaded, Unavailable: see :meth:`connection`.
         """
-        if "\x00" in username:  # no user's name (registration allows none); PostgreSQL text cannot hold it
+        if not USERNAME_RE.fullmatch(username):
+            # No user's name (registration refuses it). Looked up, PostgreSQL's lower() could still match
+            # one ("İvan" → "ivan") that login throttles under another key (str.lower gives "i̇van").
             return None
         async with self.connection() as conn:
             with self._m_query.time():

@@ -51,7 +51,8 @@ class _Entry:
 
 
 class MemoryCounts:
-    """Attempt counts, dirty flags and lock expiries in memory, bounded to ``max_keys`` (oldest out)."""
+    """Attempt counts, dirty flags and lock expiries in memory, bounded to ``max_keys`` (oldest
+    unlocked key out)."""
 
     __slots__ = ("_d", "max_keys", "window_s")
 
@@ -66,8 +67,19 @@ class MemoryCounts:
             e = _Entry(now)
         self._d[key] = e
         while len(self._d) > self.max_keys:
-            self._d.popitem(last=False)
+            self._evict(now)
         return e
+
+    def _evict(self, now: float) -> None:
+        """Drop the oldest key, passing over (to the newest end) up to 8 that are still locked: a
+        flood of new names must not unlock a name while Redis is down (it did: one entry per name)."""
+        d = self._d
+        for _ in range(8):
+            key, e = d.popitem(last=False)
+            if e.until <= now:
+                return
+            d[key] = e
+        d.popitem(last=False)
 
     def locked_for(self, key: str, now: float) -> float:
         """Seconds ``key`` stays locked (0 when it is not)."""

@@ -82,7 +82,7 @@ def _b64url(segment: str, what: str) -> bytes:
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = _json.decode(data)
-    except msgspec.DecodeError as e:
+    except (msgspec.DecodeError, RecursionError) as e:  # nesting ~1,000 deep fits in a token: msgspec's depth limit
         raise InvalidToken("malformed", f"malformed: invalid {what} JSON: {e}") from None
     if not isinstance(obj, dict):
         raise InvalidToken("malformed", f"malformed: the {what} must be a JSON object")
