@@ -307,6 +307,7 @@ class EmbeddedServer:
             timeout_keep_alive=int(max(1, keep_alive_s)),
             timeout_graceful_shutdown=int(max(1, graceful_s)),
             loop="none",
+            proxy_headers=False,  # X-Forwarded-For would choose the address the login throttle counts (uvicorn trusts loopback)
         )
         self.server = _Server(self.config)
         self.sock: socket.socket | None = None

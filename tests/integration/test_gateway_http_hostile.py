@@ -338,3 +338,21 @@ async def test_bodies_over_the_limit_are_413_before_they_are_read(system: Any) -
         # Just under the limit is read and validated as usual.
         r = await c.post("/v1/jobs", content=b'{"kind":"' + b"a" * (limit - 100) + b'"}', headers={**bearer(token), **JSON})
         error(r, 400, "unknown job kind")
+
+
+async def test_x_forwarded_for_does_not_choose_the_client_address(
+    prefix: str, nats_url: str, pg_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The login throttle counts attempts per client address, the TCP peer (README: the header
+    is not trusted). uvicorn trusts ``X-Forwarded-For`` by default from loopback (and from the
+    addresses ``FORWARDED_ALLOW_IPS`` names): a client there sent a new address with each
+    guess and was never locked (10 of 10 wrong logins answered 401 with a limit of 2)."""
+    auth = real_auth_config(pg_url, redis_url, prefix) + "login_addr_attempts = 2\n"
+    text = gateway_manifest(prefix, auth="auth", auth_config=auth)
+    async with run_system(text, NatsBus(nats_url, prefix, name="edge")) as s, httpx.AsyncClient(base_url=s.url, timeout=20) as c:
+        statuses = []
+        for i in range(6):
+            body = {"username": f"nobody{i}", "password": "not the password"}
+            r = await c.post("/v1/auth/login", json=body, headers={"X-Forwarded-For": f"198.51.100.{i}"})
+            statuses.append(r.status_code)
+        assert statuses[:2] == [401, 401] and set(statuses[2:]) == {429}, statuses
