@@ -302,11 +302,11 @@ async def job_events(
 ) -> ServerSentEvent:
     """Server-Sent Events of a job (replay, then live) until it ends.
 
-    Each event's ``id`` is its sequence; a reconnecting EventSource sends
-    ``Last-Event-ID`` and continues after it (``?after_seq=`` does the same). Sequences are
-    range-checked (400; also when either is given twice); past a job's last event (finished
-    or not): 400; at a finished job's last event: 204 (no more events). A stream is one of the
-    user's ``max_sockets_per_user`` long-lived connections, as a WebSocket is: past them, 429.
+    Each event's ``id`` is its sequence; a reconnecting EventSource sends ``Last-Event-ID`` and continues after it
+    (``?after_seq=`` does the same). Sequences are range-checked (400; also when either is given twice); past a
+    job's last event (finished or not): 400; at a finished job's last event: 204 (no more events). A stream is one of
+    the user's ``max_sockets_per_user`` long-lived connections, as a WebSocket is (past them, 429), and ends as one
+    closes: token revoked or expired, user disabled or deleted (:class:`~.hub.Held`).
     """
     try:
         query = once(request.query_params.getall("after_seq", []), "after_seq")
@@ -335,7 +335,7 @@ async def job_events(
     if not svc.hub.hold(claims.sub, limit):
         retry = {"Retry-After": str(max(1, math.ceil(svc.config.retry_after_s)))}
         raise HTTPException(status_code=429, detail=f"at most {limit} WebSockets and event streams per user", headers=retry)
-    return ServerSentEvent(Held(svc.hub, claims.sub, stream()))
+    return ServerSentEvent(Held(svc.hub, claims.sub, stream(), claims.jti, float(claims.exp)))
 
 
 @post("/v1/memory", status_code=201, tags=["memory"], responses=errors(400, 413, 502, 503))

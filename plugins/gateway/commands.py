@@ -3,7 +3,8 @@
 :class:`Commands` decodes each client frame (:mod:`~aiwfe.plugins.gateway.frames`) and
 dispatches it: ``ping`` → ``pong``; ``submit`` → ``accepted``, then the job's events and its
 ``result``; ``resume`` → the events of an own job after a sequence; ``cancel`` → ``cancelled``;
-``call`` → ``reply`` of an allowed request contract (``ws_calls``). Failures answer with an
+``call`` → ``reply`` of an allowed request contract (``ws_calls``; its ``owner`` field, if it has
+one, is the socket's user whatever the frame says). Failures answer with an
 ``error`` frame carrying ``code`` (the remote error's type, or the kernel error's code),
 ``message``, the frame's ``id`` and, for retryable errors, ``retry_after_s``.
 
@@ -40,6 +41,9 @@ log = logging.getLogger("aiwfe.gateway.ws")
 
 MAX_CALLS_IN_FLIGHT = 16
 MAX_FOLLOWED_JOBS = 64
+#: A ``call`` contract's field naming the user it acts for (``memory.recall``, ``memory.remember``):
+#: set to the socket's user, never taken from the frame, or one user could read and write another's memories.
+OWNER = "owner"
 _input_decoders: dict[type, msgspec.json.Decoder[Any]] = {}  # per call contract: a frame's raw input → the request
 
 
@@ -207,6 +211,8 @@ class Commands:
         except (msgspec.DecodeError, ValueError) as e:  # ValidationError is a DecodeError
             self.out.push({"type": "error", "code": "bad_frame", "message": f"{f.contract}: {e}", "id": f.id})
             return
+        if OWNER in getattr(contract, "__struct_fields__", ()):  # as the HTTP routes: the socket's user, whatever the frame said
+            req = msgspec.structs.replace(req, **{OWNER: self.sub})
         try:
             with acting_for(self.sub):  # queued fairly with this user's other work, wherever it lands
                 reply: Any = await self.kernel.call(req, timeout_s=self.services.config.call_timeout_s)
