@@ -41,6 +41,10 @@ log = logging.getLogger("aiwfe.gateway.ws")
 
 MAX_CALLS_IN_FLIGHT = 16
 MAX_FOLLOWED_JOBS = 64
+#: Jobs a socket remembers to cancel when it closes, oldest out: a job not followed is never seen to
+#: end, so the list grew with the socket's life (and close() cancels each). Past the users' job limits
+#: (``max_per_owner`` per kind, 64 by default) the oldest have finished.
+MAX_CANCEL_ON_DISCONNECT = 1024
 #: A ``call`` contract's field naming the user it acts for (``memory.recall``, ``memory.remember``):
 #: set to the socket's user, never taken from the frame, or one user could read and write another's memories.
 OWNER = "owner"
@@ -67,7 +71,7 @@ class Commands:
         self.sub = sub
         self.followers: dict[str, asyncio.Task[None]] = {}
         self.calls: set[asyncio.Task[None]] = set()
-        self.cancel_on_disconnect: set[str] = set()
+        self.cancel_on_disconnect: dict[str, None] = {}  # in submission order (see MAX_CANCEL_ON_DISCONNECT)
 
     def dispatch(self, data: str | bytes) -> None:
         """Decode one client frame and start what it asks for (never blocks)."""
@@ -107,6 +111,12 @@ class Commands:
             except AiwfeError as e:
                 log.warning("ws: cancelling job %s on disconnect failed: %s", job_id, e)
 
+    def _cancel_later(self, job_id: str) -> None:
+        c = self.cancel_on_disconnect
+        c[job_id] = None
+        if len(c) > MAX_CANCEL_ON_DISCONNECT:
+            del c[next(iter(c))]
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         if len(self.calls) >= MAX_CALLS_IN_FLIGHT:
             coro.close()
@@ -144,13 +154,13 @@ class Commands:
             with contextlib.suppress(BaseException):
                 job_id = await asyncio.shield(submitting)
                 if f.cancel_on_disconnect:
-                    self.cancel_on_disconnect.add(job_id)
+                    self._cancel_later(job_id)
             raise
         except AiwfeError as e:
             self.out.push(self._error(e, f.id))
             return
         if f.cancel_on_disconnect:
-            self.cancel_on_disconnect.add(job_id)
+            self._cancel_later(job_id)
         self.out.push({"type": "accepted", "id": f.id, "job_id": job_id})
         self._follow(job_id, 0)
 
@@ -246,7 +256,7 @@ class Commands:
                 frame: dict[str, Any] = {"type": "result", "job_id": job_id, "seq": ev.seq, "status": status}
                 frame["result" if status == "done" else "error"] = ev.data
                 await self.out.put(frame)
-                self.cancel_on_disconnect.discard(job_id)
+                self.cancel_on_disconnect.pop(job_id, None)
                 return
         except AiwfeError as e:
             self.out.push(self._error(e, job_id=job_id))

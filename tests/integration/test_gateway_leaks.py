@@ -221,3 +221,33 @@ async def test_event_streams_count_as_the_users_long_lived_connections(prefix: s
         whole = await c.get(f"/v1/jobs/{done_id}/events", headers=h)  # read to its end
         assert whole.status_code == 200 and "job.done" in whole.text
         assert s.gateway.hub.per_sub == {}
+
+
+async def test_a_socket_remembers_a_bounded_number_of_jobs_to_cancel(
+    prefix: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs submitted with ``cancel_on_disconnect`` were kept in a set until their follower saw
+    them end; a job not followed (past ``MAX_FOLLOWED_JOBS``) stayed for the socket's life, so
+    the set grew with every submit and closing the socket cancelled each one. It is now bounded,
+    oldest out (here 3; past the users' job limits the oldest have finished)."""
+    from aiwfe.plugins.gateway import commands
+
+    monkeypatch.setattr(commands, "MAX_CANCEL_ON_DISCONNECT", 3, raising=False)
+    async with started(prefix, nats_url) as s:
+        _, writer = await raw_ws_open(s.ws_url, make_token("keeper"))
+        try:
+            for i in range(SLOTS):  # running jobs: each stays remembered until it ends
+                job = {"n": i, "delay_s": 20}
+                frame = {"type": "submit", "id": str(i), "kind": "crunch", "input": job, "cancel_on_disconnect": True}
+                raw_ws_send_text(writer, json.dumps(frame))
+
+            def socket_commands() -> list[Any]:
+                return [c.commands for cs in s.gateway.hub.by_jti.values() for c in cs]
+
+            async def all_accepted() -> bool:
+                return sum(len(c.followers) for c in socket_commands()) == SLOTS
+
+            assert await until(all_accepted, 10.0)
+            assert [len(c.cancel_on_disconnect) for c in socket_commands()] == [3]
+        finally:
+            reset(writer)
