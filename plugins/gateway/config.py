@@ -30,8 +30,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``rate_strikes``: consecutive over-limit frames answered with ``error`` before close 1008.
     ``ping_interval_s``/``ping_timeout_s``: protocol-level keepalive (0 = off).
     ``idle_timeout_s``: close a socket that sent nothing for this long (1000).
-    ``send_queue_size``: frames queued per socket; ``slow_reader_timeout_s``: how long job
-    events wait for space in a full queue before the slow reader is closed (1013).
+    ``send_queue_size``: frames queued per socket, ``send_queue_bytes``: their characters
+    (an empty queue takes any one frame); ``slow_reader_timeout_s``: how long job events wait
+    for space in a full queue before the slow reader is closed (1013).
     ``job_kinds``: job kind (HTTP/WS) → job contract address, e.g. ``{"helios": "helios.ask"}``.
     ``ws_calls``: request contract addresses a WebSocket ``call`` frame may use (each
     must be one of the gateway's declared ``calls``).
@@ -66,6 +67,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ping_timeout_s: float = 20.0
     idle_timeout_s: float = 300.0
     send_queue_size: int = 256
+    send_queue_bytes: int = 4 * 1024 * 1024
     slow_reader_timeout_s: float = 5.0
     job_kinds: dict[str, str] = {}
     ws_calls: list[str] = msgspec.field(default_factory=lambda: ["perception.perceive"])

@@ -73,6 +73,8 @@ class GatewayPlugin(Plugin):
             problems.append("max_frame_depth: must be at least 1")
         if config.max_sockets_per_user < 1:
             problems.append("max_sockets_per_user: must be at least 1")
+        if config.send_queue_size < 1 or config.send_queue_bytes < 1024:
+            problems.append("send_queue_size, send_queue_bytes: must be at least 1 and 1024")
         declared = sorted(address_of(c) for c in cls.calls)
         unknown = [a for a in config.ws_calls if a not in declared]
         if unknown:

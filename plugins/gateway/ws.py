@@ -13,7 +13,7 @@ accept, which the server answers with HTTP 403. A user who already holds
 Per connection:
 
 * every frame sent to the client that cannot be written at once (see "Direct paths") goes
-  through one bounded queue (``send_queue_size``) drained by one writer task, started when
+  through one bounded queue (``send_queue_size`` frames, ``send_queue_bytes``) drained by one writer task, started when
   first needed. **Slow-reader policy**: job events wait for queue space for
   at most ``slow_reader_timeout_s`` (a replay burst is paced, not dropped); a queue that
   stays full that long, or is full when a reply frame must go out, closes the connection
@@ -128,6 +128,8 @@ class Connection:
         self.exp = exp
         self.sub = sub
         self.out: asyncio.Queue[str | None] = asyncio.Queue(maxsize=cfg.send_queue_size)  # None: stop writing
+        self._queued = 0  # characters of the frames in ``out`` (bounded by send_queue_bytes)
+        self._room = asyncio.Event()  # set by the writer each time it takes a frame
         self.commands = Commands(services, self, sub)
         self.closing = False
         self.close_code: int | None = None
@@ -157,13 +159,25 @@ class Connection:
         if self._write_now(data):
             return True
         self._start_writer()
-        try:
-            self.out.put_nowait(data.decode())
+        text = data.decode()
+        if self._enqueue(text):
             return True
-        except asyncio.QueueFull:
-            log.info("ws %s: send queue full (%d frames); closing the slow reader", self.jti, self.out.maxsize)
-            self.close_soon(CLOSE_SLOW, "send queue full; reconnect and resume")
-            return False
+        log.info("ws %s: send queue full (%d frames, %d chars); closing a slow reader", self.jti, self.out.qsize(), self._queued)
+        self.close_soon(CLOSE_SLOW, "send queue full; reconnect and resume")
+        return False
+
+    def _fits(self, text: str) -> bool:
+        """The frame fits the queue's byte budget (an empty queue takes any one frame)."""
+        return self._queued + len(text) <= self.config.send_queue_bytes or self.out.empty()
+
+    def _enqueue(self, text: str) -> bool:
+        """Queue ``text`` at once if it fits, in frames and in bytes."""
+        if self._fits(text):
+            with contextlib.suppress(asyncio.QueueFull):
+                self.out.put_nowait(text)
+                self._queued += len(text)
+                return True
+        return False
 
     async def put(self, frame: dict[str, Any]) -> bool:
         """Queue a job event, waiting up to ``slow_reader_timeout_s`` for space (see module doc).
@@ -177,14 +191,19 @@ class Connection:
             return True
         self._start_writer()
         text = data.decode()
-        try:
-            self.out.put_nowait(text)
+        if self._enqueue(text):
             return True
-        except asyncio.QueueFull:
-            pass
         try:
             async with asyncio.timeout(self.config.slow_reader_timeout_s):
-                await self.out.put(text)
+                while not self._fits(text):  # frames and bytes are both bounded
+                    self._room.clear()
+                    await self._room.wait()
+                self._queued += len(text)  # counted before the put: the writer may take it at once
+                try:
+                    await self.out.put(text)
+                except BaseException:
+                    self._queued -= len(text)
+                    raise
             return not self.closing
         except TimeoutError:
             log.info("ws %s: send queue full for %.1f s; closing the slow reader", self.jti, self.config.slow_reader_timeout_s)
@@ -207,6 +226,8 @@ class Connection:
             text = await self.out.get()
             if text is None:
                 return
+            self._queued -= len(text)
+            self._room.set()
             self._sending = True
             try:
                 await self._send({"type": "websocket.send", "text": text})

@@ -151,8 +151,17 @@ async def test_flood_is_rate_limited_then_closed_1008(gateway: StartGateway) -> 
             assert (await recv_json(neighbour))["type"] == "pong"
 
 
-async def test_slow_reader_is_closed_1013_and_others_are_not_stalled(gateway: StartGateway) -> None:
-    cfg = "send_queue_size = 8\nslow_reader_timeout_s = 1.0"
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        "send_queue_size = 8\nslow_reader_timeout_s = 1.0",
+        # Bounded in bytes too: 4,000 frames of 4 KB fit 10,000 frames, not 64 KiB. Before the byte
+        # bound the whole job (16 MB) was queued for the reader and nothing closed it.
+        "send_queue_size = 10000\nsend_queue_bytes = 65536\nslow_reader_timeout_s = 1.0",
+    ],
+    ids=["frames", "bytes"],
+)
+async def test_slow_reader_is_closed_1013_and_others_are_not_stalled(gateway: StartGateway, cfg: str) -> None:
     async with gateway(cfg) as s, httpx.AsyncClient(base_url=s.url) as c:
         token = await login(c)
         # A reader with a tiny receive buffer that stops reading: the server's socket fills up.
