@@ -265,7 +265,7 @@ class MemoryPlugin(Plugin):
 
         Raises:
             BadInput: empty text or owner, a NUL character in the text or the metadata
-                (PostgreSQL text cannot hold one).
+                (PostgreSQL text cannot hold one), an id that holds another memory.
             ValueError: an id that is not a UUID.
             Overloaded: the database pool is exhausted.
         """
@@ -275,7 +275,11 @@ class MemoryPlugin(Plugin):
         mid = str(uuid.UUID(req.id)) if req.id else str(uuid.uuid4())
         (vector,) = await self._embed([req.text])
         if not await self._inserts.submit((mid, req.owner, req.text, req.metadata)):
-            return RememberResult(id=mid)  # already stored: idempotent
+            async with pg.connection(self.pool) as conn:  # already stored: idempotent when it is this memory
+                row = await (await conn.execute("SELECT owner, text, metadata FROM memories WHERE id = %s", (mid,))).fetchone()
+            if row is not None and tuple(row) != (req.owner, req.text, req.metadata):  # was answered "stored", storing nothing
+                raise BadInput(f"memory.remember: id {mid} already holds another memory; remember it under a new id")
+            return RememberResult(id=mid)
         try:
             await self._upserts.submit((mid, vector, payload_for(req.owner, req.metadata)))
         except BaseException:

@@ -130,6 +130,13 @@ async def test_filters_forget_and_idempotent_ids(start: Start) -> None:
         a = await k.call(Remember(text="Idempotent memory about Redis.", owner="alice", id=fixed))
         b = await k.call(Remember(text="Idempotent memory about Redis.", owner="alice", id=fixed))
         assert a.id == b.id == fixed
+        # The same id for another memory (another owner's, or other text) was answered "stored" and stored nothing.
+        for other in (
+            Remember(text="Idempotent memory about Redis.", owner="bob", id=fixed),
+            Remember(text="Other.", owner="alice", id=fixed),
+        ):
+            with pytest.raises(BadInput, match="already holds another memory"):
+                await k.call(other)
         assert (await k.call(Forget(id=fixed, owner="alice"))).forgotten
         assert not (await k.call(Forget(id=fixed, owner="alice"))).forgotten
         plugin = pods["mem"].plugins["memory"]
