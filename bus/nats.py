@@ -136,6 +136,7 @@ class NatsBus(QueueMixin, StreamsMixin):
         self._kv: Any = None
         self._wheel = DeadlineWheel()
         self._subs: list[Any] = []
+        self._followers: set[Any] = set()
         #: Requests dropped because their reply subject was not an inbox (codec.is_reply_inbox).
         self.refused_replies = 0
         self._inflight: set[asyncio.Task[Any]] = set()
@@ -168,6 +169,9 @@ class NatsBus(QueueMixin, StreamsMixin):
 
         async def on_reconnect() -> None:
             log.warning("nats: reconnected to %s", self.url)
+            t = asyncio.get_running_loop().create_task(self._refollow())
+            self._inflight.add(t)
+            t.add_done_callback(self._inflight.discard)
 
         nc = self.connect_options.client(self._url)
         await connect_first(

@@ -69,6 +69,7 @@ class StreamsMixin:
     dlq_ttl_s: float
     result_ttl_s: float
     _kv: Any
+    _followers: set[Any]  # the ordered consumers of follow() (re-created on reconnect: _refollow)
 
     def check_size(self, subject: str, data: bytes, headers: Headers | None) -> None:
         raise NotImplementedError
@@ -189,6 +190,7 @@ class StreamsMixin:
             )
         else:
             sub = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL)
+        self._followers.add(sub)
         try:
             while True:
                 try:
@@ -199,8 +201,29 @@ class StreamsMixin:
                 if seq > after_seq:
                     yield StreamMessage(seq, m.subject, dict(m.headers or {}), m.data)
         finally:
+            self._followers.discard(sub)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    async def _refollow(self) -> None:
+        """After a reconnect, re-create every follower's ordered consumer after the last
+        sequence it received. The consumers live in the server's memory: a restarted server
+        has lost them, and nats-py noticed only when two 5 s idle heartbeats were missed (a
+        follower stalled about 20 s). After a mere network blip the old one is dropped by the
+        server once idle; the new one starts where the follower was (no gap, no repeat). The
+        events stream is waited for first (up to 10 s): JetStream may need a moment after a
+        restart, and a consumer create it refused would be retried only by that check."""
+        for _ in range(100):
+            try:
+                await self.js.stream_info(self.names["events"])
+                break
+            except Exception:
+                await asyncio.sleep(0.1)
+        for sub in list(self._followers):
+            jsi = getattr(sub._sub, "_jsi", None)  # nats-py's state of the push subscription
+            if jsi is not None and jsi._ordered:
+                with contextlib.suppress(Exception):
+                    await jsi.reset_ordered_consumer(jsi._sseq + 1)
 
     async def last_seq(self, subject: str) -> int:
         """The sequence of the last message stored under ``subject``, 0 for none.
