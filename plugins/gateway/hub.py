@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -36,7 +37,9 @@ class Hub:
         self.by_jti: dict[str, set[Socket]] = {}
         self.revoked: dict[str, float] = {}  # jti → exp (epoch seconds); pruned as they expire
         self.per_sub: dict[str, int] = {}  # sockets per user, handshakes under way included
-        self.streams: set[Held] = set()  # event streams being sent (not counted by count(): no socket of /ready)
+        # Event streams being sent (not counted by count(): no socket of /ready). Weak: a stream whose
+        # task was cancelled outside its __anext__ is never told it ended; dropped, it gives its place back (__del__).
+        self.streams: weakref.WeakSet[Held] = weakref.WeakSet()
 
     def hold(self, sub: str, limit: int) -> bool:
         """Take one of user ``sub``'s ``limit`` sockets (False: all are taken); :meth:`release` gives it back."""
@@ -116,7 +119,7 @@ class Held:
     token's expiry ``exp`` (epoch seconds; 0: none) ends it at once, also while it waits for
     the job's next event; no event is sent after that."""
 
-    __slots__ = ("_closed", "_hub", "_it", "_sub", "_timer", "_waiting", "exp", "jti", "sub")
+    __slots__ = ("__weakref__", "_closed", "_hub", "_it", "_sub", "_timer", "_waiting", "exp", "jti", "sub")
 
     def __init__(self, hub: Hub, sub: str, it: AsyncIterator[Any], jti: str = "", exp: float = 0.0) -> None:
         self._hub, self._sub, self._it = hub, sub, it
@@ -135,7 +138,7 @@ class Held:
             self._closed = self._closed or hub.is_revoked(self.jti)
             if self.exp:
                 left_s = max(0.0, self.exp - time.time())
-                self._timer = asyncio.get_running_loop().call_later(left_s, self.close_soon, CLOSE_REVOKED, "token expired")
+                self._timer = asyncio.get_running_loop().call_later(left_s, _expire, weakref.ref(self))  # weak, as above
         if self._closed:
             await self._end()
         self._waiting = task = asyncio.current_task()
@@ -184,3 +187,9 @@ class Held:
 
     def __del__(self) -> None:
         self.release()
+
+
+def _expire(ref: weakref.ref[Held]) -> None:
+    held = ref()
+    if held is not None:
+        held.close_soon(CLOSE_REVOKED, "token expired")

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -251,3 +252,28 @@ async def test_a_socket_remembers_a_bounded_number_of_jobs_to_cancel(
             assert [len(c.cancel_on_disconnect) for c in socket_commands()] == [3]
         finally:
             reset(writer)
+
+
+async def test_an_event_stream_dropped_without_being_told_gives_its_place_back() -> None:
+    """Litestar stops iterating a stream whose task is cancelled outside the stream's own
+    ``__anext__`` (a disconnect while it waits in ``send``) and only drops it. The hub held each
+    stream being sent strongly (to end it on a revocation), so such a stream, its user's place
+    among ``max_sockets_per_user`` and its job's consumer were kept for good (so was any stream
+    until its token's expiry timer fired). Failed before: the user's count stayed at 1."""
+    import gc
+
+    from aiwfe.plugins.gateway.hub import Held, Hub
+
+    async def events() -> AsyncIterator[int]:
+        for i in range(10):
+            yield i
+            await asyncio.sleep(3600)
+
+    hub = Hub()
+    assert hub.hold("u1", 4)
+    stream = Held(hub, "u1", events(), "jti-1", time.time() + 600)
+    assert await stream.__anext__() == 0  # being sent: one of the hub's streams
+    assert len(hub.streams) == 1 and hub.per_sub == {"u1": 1}
+    del stream  # what Litestar does with a stream it stopped sending
+    gc.collect()
+    assert len(hub.streams) == 0 and hub.per_sub == {}
